@@ -1,0 +1,1 @@
+"""archiver part of ctrserve (see README)."""

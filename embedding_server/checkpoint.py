@@ -1,0 +1,168 @@
+"""Full sparse checkpoints: every shard's rows, with optimizer state, as Arrow IPC files.
+
+Layout under a checkpoint directory (any :mod:`~embedding_server.storage` URL)::
+
+    shard-00000-of-00002/<table>.arrow   columns id: uint64, weight: fixed_size_list<float32>[dim],
+                                         state: fixed_size_list<float32>[state width]
+    manifest.json                        written last: format, version, shard count, tables,
+                                         optimizer, files and row counts
+
+Arrow IPC is self-describing and readable by pyarrow, pandas, DuckDB or Spark; nothing is
+pickled. Loading reads every shard's files and keeps the rows that hash to the loading shard,
+so a checkpoint of 2 shards loads into 1 or 3 shards unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from embedding_server.errors import InvalidRequestError
+from embedding_server.optimizers import optimizer_from_dict
+from embedding_server.storage import Storage, open_storage
+from embedding_server.store import EmbeddingStore, TableRows
+
+FORMAT = "ctrserve-embedding-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def shard_dir(shard_index: int, num_shards: int) -> str:
+    return f"shard-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def dump_shard(store: EmbeddingStore, directory: str) -> tuple[list[str], int]:
+    """Write one store's tables under ``directory``; returns (relative file paths, rows)."""
+    storage = open_storage(directory)
+    files, total = [], 0
+    for rows in store.rows():
+        path = f"{shard_dir(store.shard_index, store.num_shards)}/{rows.table.name}.arrow"
+        storage.write_atomic(path, _encode(rows, store))
+        files.append(path)
+        total += rows.ids.shape[0]
+    return files, total
+
+
+def write_manifest(directory: str, num_shards: int, files: list[str], rows: int, config_dict: dict, optimizer_dict: dict) -> None:
+    """Publish the manifest that makes a checkpoint complete (always written last)."""
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "created": time.time(),
+        "num_shards": num_shards,
+        "rows": rows,
+        "files": sorted(files),
+        "optimizer": optimizer_dict,
+        "embedding_config": config_dict,
+    }
+    open_storage(directory).write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def dump_stores(stores: Sequence[EmbeddingStore], directory: str) -> None:
+    """Checkpoint in-process shards: each shard's files, then the manifest."""
+    files, rows = [], 0
+    for store in stores:
+        f, n = dump_shard(store, directory)
+        files += f
+        rows += n
+    first = stores[0]
+    write_manifest(directory, len(stores), files, rows, first.config.to_dict(), first.optimizer.to_dict())
+
+
+def read_manifest(storage: Storage) -> dict:
+    try:
+        manifest = json.loads(storage.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{storage.url}: no {MANIFEST}; not a complete checkpoint") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{storage.url}/{MANIFEST}: not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise InvalidRequestError(
+            f"{storage.url}: unsupported checkpoint format {manifest.get('format')!r} version {manifest.get('version')!r}"
+        )
+    return manifest
+
+
+def load_store(store: EmbeddingStore, directory: str) -> int:
+    """Replace ``store``'s rows with the checkpoint rows that belong to its shard.
+
+    In train mode the store adopts the checkpoint's optimizer (and its state); in infer mode only
+    the vectors are kept. Returns the number of rows loaded.
+
+    Raises:
+        InvalidRequestError: missing or foreign manifest, unknown table, dim mismatch, or more
+            rows than the shard's capacity.
+    """
+    storage = open_storage(directory)
+    manifest = read_manifest(storage)
+    optimizer = optimizer_from_dict(manifest["optimizer"], f"{directory}/{MANIFEST}", "optimizer")
+    decoded = [_decode(storage, path, store) for path in manifest["files"]]
+    store.clear()
+    if store.mode == "train":
+        store.set_optimizer(optimizer)
+    loaded = 0
+    for rows in decoded:
+        mine = store.owns(rows.ids, np.full(rows.ids.shape[0], rows.table.index, np.uint16))
+        width = store.optimizer.state_width(rows.table.dim)
+        state = rows.state[mine] if store.mode == "train" else np.zeros((int(mine.sum()), width), np.float32)
+        store.put(TableRows(rows.table, rows.ids[mine], rows.weights[mine], state))
+        loaded += int(mine.sum())
+    return loaded
+
+
+def _encode(rows: TableRows, store: EmbeddingStore) -> bytes:
+    dim = rows.table.dim
+    width = rows.state.shape[1]
+    columns = [
+        ("id", pa.array(rows.ids, pa.uint64())),
+        ("weight", pa.FixedSizeListArray.from_arrays(pa.array(rows.weights.reshape(-1), pa.float32()), dim)),
+    ]
+    if width:  # optimizer state (absent for SGD and in infer mode)
+        columns.append(("state", pa.FixedSizeListArray.from_arrays(pa.array(rows.state.reshape(-1), pa.float32()), width)))
+    metadata = {
+        "format": FORMAT,
+        "version": str(FORMAT_VERSION),
+        "table": rows.table.name,
+        "dim": str(dim),
+        "state_width": str(width),
+        "optimizer": json.dumps(store.optimizer.to_dict()),
+    }
+    batch = pa.RecordBatch.from_arrays([c for _, c in columns], names=[n for n, _ in columns])
+    batch = batch.replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def _decode(storage: Storage, path: str, store: EmbeddingStore) -> TableRows:
+    where = f"{storage.url}/{path}"
+    try:
+        table = pa.ipc.open_file(pa.BufferReader(storage.read_bytes(path))).read_all()
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{where}: listed in the manifest but missing") from None
+    except pa.ArrowInvalid as exc:
+        raise InvalidRequestError(f"{where}: not a readable Arrow file: {exc}") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    name = meta.get("table", "")
+    spec = store.config.tables.get(name)
+    if spec is None:
+        raise InvalidRequestError(f"{where}: table '{name}' is not in this server's embedding_config.yml")
+    dim = int(meta.get("dim", -1))
+    if dim != spec.dim:
+        raise InvalidRequestError(f"{where}: table '{name}' has dim {dim} in the checkpoint but {spec.dim} in the config")
+    width = int(meta.get("state_width", 0))
+    n = table.num_rows
+    ids = table.column("id").to_numpy().astype(np.uint64, copy=False)
+    weights = _fixed_list_to_numpy(table.column("weight"), dim, n)
+    state = _fixed_list_to_numpy(table.column("state"), width, n) if width else np.zeros((n, 0), np.float32)
+    return TableRows(spec, ids, weights, state)
+
+
+def _fixed_list_to_numpy(column: pa.ChunkedArray, width: int, n: int) -> np.ndarray:
+    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values.reshape(n, width), np.float32)

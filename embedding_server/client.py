@@ -1,0 +1,316 @@
+"""Embedding lookups for whole batches, against in-process stores or remote sharded servers.
+
+:class:`EmbeddingClient` turns a batch of named sparse features into tensors:
+
+1. hash stacking expands ids where a slot asks for it;
+2. keys of all features whose tables share a ``dim`` are deduplicated together;
+3. each distinct key is routed to its shard (a stable hash), shards are asked in parallel;
+4. the distinct rows are pooled per sample with ``embedding_bag`` (sum, mean or sqrt scaling), or
+   laid out as ``[batch, sample_fixed_size, dim]`` with a mask for raw slots.
+
+Step 4 runs on a tensor of distinct rows that can require grad: after ``loss.backward()``,
+:meth:`EmbeddingClient.push_gradients` sends each row's summed gradient to its shard. The
+transport (step 3) is the only difference between :class:`InProcessEmbeddingClient` and
+:class:`embedding_server.remote.RemoteEmbeddingClient`, so both give identical answers.
+
+Example:
+    >>> emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}}})
+    >>> client = InProcessEmbeddingClient(emb, GlobalConfig.from_dict({}), num_shards=2)
+    >>> out = client.lookup([SparseFeature.from_lists("user", [[1, 2], []])])
+    >>> out.embeddings["user"].shape
+    torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedding_server import kernels
+from embedding_server.batch import SparseFeature, check_batch
+from embedding_server.config import EmbeddingConfig, GlobalConfig, SlotConfig
+from embedding_server.errors import InvalidRequestError
+from embedding_server.optimizers import SparseOptimizer
+from embedding_server.store import EmbeddingStore, TableRows, unique_keys
+
+
+@dataclass(frozen=True)
+class RawEmbedding:
+    """A non-pooled slot: ``values [batch, sample_fixed_size, dim]``; ``mask`` is True where a
+    real id sits (padding positions hold zeros)."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class _KeyGroup:
+    """The distinct keys of one dim and the tensor holding their rows."""
+
+    ids: np.ndarray
+    tables: np.ndarray
+    rows: torch.Tensor
+
+
+@dataclass
+class LookupResult:
+    """Per feature, a pooled ``[batch, dim]`` tensor or a :class:`RawEmbedding`."""
+
+    embeddings: dict[str, torch.Tensor | RawEmbedding]
+    groups: list[_KeyGroup] = field(default_factory=list, repr=False)
+
+    def __getitem__(self, name: str) -> torch.Tensor | RawEmbedding:
+        return self.embeddings[name]
+
+
+class EmbeddingClient(abc.ABC):
+    """Batch lookups and gradient pushes over ``num_shards`` shards.
+
+    Subclasses provide the transport: :meth:`_lookup_shards` and :meth:`_push_shards`.
+    """
+
+    def __init__(self, config: EmbeddingConfig, num_shards: int):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self.config = config
+        self.num_shards = num_shards
+        tables = list(config.tables.values())
+        self._salts = np.array([t.salt for t in tables], np.uint64)
+
+    # ------------------------------------------------------------------ transport
+
+    @abc.abstractmethod
+    def _lookup_shards(self, requests: list[tuple[int, np.ndarray, np.ndarray]], dim: int) -> list[np.ndarray]:
+        """Vectors for each (shard, ids, tables) request, asked concurrently where possible."""
+
+    @abc.abstractmethod
+    def _push_shards(self, requests: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Apply each (shard, ids, tables, grads) request."""
+
+    # ------------------------------------------------------------------ keys → rows
+
+    def shard_of(self, ids: np.ndarray, tables: np.ndarray) -> np.ndarray:
+        """The shard owning each (table, id) key."""
+        out = np.empty(ids.shape[0], np.int64)
+        kernels.shard_of(ids, tables, self._salts, self.num_shards, out)
+        return out
+
+    def lookup_rows(self, ids: np.ndarray, tables: np.ndarray, dim: int) -> np.ndarray:
+        """Vectors of the given keys (all of tables with this ``dim``) as float32 ``[n, dim]``."""
+        if ids.shape[0] == 0:
+            return np.zeros((0, dim), np.float32)
+        if self.num_shards == 1:
+            return self._lookup_shards([(0, ids, tables)], dim)[0]
+        order, bounds = self._route(ids, tables)
+        shards = [s for s in range(self.num_shards) if bounds[s] < bounds[s + 1]]
+        parts = self._lookup_shards(
+            [(s, ids[order[bounds[s] : bounds[s + 1]]], tables[order[bounds[s] : bounds[s + 1]]]) for s in shards], dim
+        )
+        out = np.empty((ids.shape[0], dim), np.float32)
+        for s, part in zip(shards, parts):
+            out[order[bounds[s] : bounds[s + 1]]] = part
+        return out
+
+    def push_rows(self, ids: np.ndarray, tables: np.ndarray, grads: np.ndarray) -> None:
+        """Send one gradient per key to the key's shard (repeated keys are summed there)."""
+        if ids.shape[0] == 0:
+            return
+        if self.num_shards == 1:
+            self._push_shards([(0, ids, tables, grads)])
+            return
+        order, bounds = self._route(ids, tables)
+        self._push_shards(
+            [
+                (s, ids[sel], tables[sel], np.ascontiguousarray(grads[sel]))
+                for s in range(self.num_shards)
+                if bounds[s] < bounds[s + 1]
+                for sel in [order[bounds[s] : bounds[s + 1]]]
+            ]
+        )
+
+    def _route(self, ids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        owners = self.shard_of(ids, tables)
+        order = np.argsort(owners, kind="stable")
+        bounds = np.zeros(self.num_shards + 1, np.int64)
+        np.cumsum(np.bincount(owners, minlength=self.num_shards), out=bounds[1:])
+        return order, bounds
+
+    # ------------------------------------------------------------------ batches
+
+    def lookup(self, features: Sequence[SparseFeature], requires_grad: bool = False) -> LookupResult:
+        """Embeddings of a batch of named sparse features.
+
+        Args:
+            features: one :class:`SparseFeature` per feature, all of one batch size.
+            requires_grad: make the distinct rows a leaf tensor that collects gradients, for
+                :meth:`push_gradients` after ``backward()``.
+
+        Raises:
+            InvalidRequestError: unknown feature, disagreeing batch sizes, empty batch, or a
+                request a server refuses.
+        """
+        batch_size = check_batch(features, self.config)
+        by_dim: dict[int, list[tuple[SparseFeature, SlotConfig, int]]] = {}
+        for f in features:
+            slot = self.config.slot(f.name)
+            table = self.config.table_of(f.name)
+            by_dim.setdefault(table.dim, []).append((_hash_stacked(f, slot), slot, table.index))
+        result = LookupResult({})
+        for dim, members in by_dim.items():
+            ids = np.concatenate([f.ids for f, _, _ in members])
+            tables = np.concatenate([np.full(f.ids.shape[0], t, np.uint16) for f, _, t in members])
+            uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
+            rows = torch.from_numpy(self.lookup_rows(uniq_ids, uniq_tabs, dim))
+            if requires_grad:
+                rows.requires_grad_(True)
+            result.groups.append(_KeyGroup(uniq_ids, uniq_tabs, rows))
+            result.embeddings.update(_assemble(members, torch.from_numpy(inverse), rows, batch_size, dim))
+        return result
+
+    def push_gradients(self, result: LookupResult) -> None:
+        """Send the gradients collected on ``result``'s rows (after ``backward()``) to the servers."""
+        for group in result.groups:
+            if group.rows.grad is None:
+                continue
+            grads = group.rows.grad.detach().to("cpu", torch.float32).contiguous().numpy()
+            self.push_rows(group.ids, group.tables, grads)
+
+    # ------------------------------------------------------------------ administration
+
+    @abc.abstractmethod
+    def set_optimizer(self, optimizer: SparseOptimizer) -> None:
+        """Use ``optimizer`` on every shard."""
+
+    @abc.abstractmethod
+    def stats(self) -> list[dict]:
+        """One dict of counters per shard."""
+
+    @abc.abstractmethod
+    def dump(self, directory: str) -> None:
+        """Write every shard's rows (with optimizer state) as a checkpoint under ``directory``."""
+
+    @abc.abstractmethod
+    def load(self, directory: str) -> None:
+        """Replace every shard's rows with a checkpoint's (any shard count)."""
+
+
+def _hash_stacked(f: SparseFeature, slot: SlotConfig) -> SparseFeature:
+    """Expand each id into ``hash_stack_rounds`` ids in ``[round * size, (round + 1) * size)``."""
+    hs = slot.hash_stack_config
+    if hs is None:
+        return f
+    rounds = hs.hash_stack_rounds
+    size = np.uint64(hs.embedding_size)
+    salts = (np.arange(1, rounds + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))[None, :]
+    hashed = np.empty((f.ids.shape[0], rounds), np.uint64)
+    mixed = np.empty(f.ids.shape[0] * rounds, np.uint64)
+    kernels.mix_array((f.ids[:, None] ^ salts).reshape(-1), mixed)
+    hashed[:] = (mixed.reshape(-1, rounds) % size) + np.arange(rounds, dtype=np.uint64)[None, :] * size
+    return SparseFeature(f.name, hashed.reshape(-1), f.offsets * rounds)
+
+
+def _assemble(
+    members: list[tuple[SparseFeature, SlotConfig, int]], inverse: torch.Tensor, rows: torch.Tensor, batch_size: int, dim: int
+) -> dict[str, torch.Tensor | RawEmbedding]:
+    """Pool (or lay out) each feature's rows. All pooled features go through one embedding_bag."""
+    out: dict[str, torch.Tensor | RawEmbedding] = {}
+    pooled_idx, pooled_off, pooled_w, pooled_names = [], [], [], []
+    start = 0
+    total = 0
+    for f, slot, _ in members:
+        n = f.ids.shape[0]
+        idx = inverse[start : start + n]
+        start += n
+        offsets = torch.from_numpy(f.offsets)
+        if slot.embedding_summation:
+            pooled_idx.append(idx)
+            pooled_off.append(offsets[:-1] + total)
+            pooled_w.append(_bag_weights(f.lengths, slot))
+            pooled_names.append(f.name)
+            total += n
+        else:
+            out[f.name] = _raw(idx, offsets, rows, slot.sample_fixed_size, batch_size, dim)
+    if pooled_names:
+        bags = F.embedding_bag(
+            torch.cat(pooled_idx),
+            rows if rows.shape[0] else torch.zeros((1, dim), dtype=rows.dtype),
+            torch.cat(pooled_off),
+            mode="sum",
+            per_sample_weights=_fill_weights(pooled_w, pooled_idx),
+        )
+        for k, name in enumerate(pooled_names):
+            out[name] = bags[k * batch_size : (k + 1) * batch_size]
+    return out
+
+
+def _bag_weights(lengths: np.ndarray, slot: SlotConfig) -> torch.Tensor | None:
+    if not (slot.mean_scaling or slot.sqrt_scaling):
+        return None
+    n = np.maximum(lengths, 1).astype(np.float32)
+    scale = 1.0 / (n if slot.mean_scaling else np.sqrt(n))
+    return torch.from_numpy(np.repeat(scale, lengths).astype(np.float32))
+
+
+def _fill_weights(weights: list[torch.Tensor | None], idx: list[torch.Tensor]) -> torch.Tensor | None:
+    if all(w is None for w in weights):
+        return None
+    return torch.cat([w if w is not None else torch.ones(i.shape[0]) for w, i in zip(weights, idx)])
+
+
+def _raw(idx: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, fixed: int, batch_size: int, dim: int) -> RawEmbedding:
+    lengths = offsets[1:] - offsets[:-1]
+    pos = torch.arange(idx.shape[0]) - torch.repeat_interleave(offsets[:-1], lengths)
+    keep = pos < fixed
+    sample = torch.repeat_interleave(torch.arange(batch_size), lengths)[keep]
+    slot_pos = pos[keep]
+    values = torch.zeros((batch_size, fixed, dim), dtype=rows.dtype)
+    mask = torch.zeros((batch_size, fixed), dtype=torch.bool)
+    mask[sample, slot_pos] = True
+    if keep.any():
+        values = values.index_put((sample, slot_pos), rows[idx[keep]])
+    return RawEmbedding(values, mask)
+
+
+class InProcessEmbeddingClient(EmbeddingClient):
+    """Shards held as :class:`EmbeddingStore` objects in this process (training default).
+
+    Args:
+        config: features and tables.
+        global_config: capacity per shard, mode, optimizer, initialisation.
+        num_shards: how many stores the keys are split across (answers do not depend on it).
+    """
+
+    def __init__(self, config: EmbeddingConfig, global_config: GlobalConfig, num_shards: int = 1):
+        super().__init__(config, num_shards)
+        self.global_config = global_config
+        self.stores = [EmbeddingStore(config, global_config, i, num_shards) for i in range(num_shards)]
+
+    def _lookup_shards(self, requests, dim):
+        return [self.stores[s].lookup(ids, tables) for s, ids, tables in requests]
+
+    def _push_shards(self, requests):
+        for s, ids, tables, grads in requests:
+            self.stores[s].apply_gradients(ids, tables, grads)
+
+    def set_optimizer(self, optimizer: SparseOptimizer) -> None:
+        for store in self.stores:
+            store.set_optimizer(optimizer)
+
+    def stats(self) -> list[dict]:
+        return [store.counters() for store in self.stores]
+
+    def dump(self, directory: str) -> None:
+        from embedding_server import checkpoint
+
+        checkpoint.dump_stores(self.stores, directory)
+
+    def load(self, directory: str) -> None:
+        from embedding_server import checkpoint
+
+        for store in self.stores:
+            checkpoint.load_store(store, directory)

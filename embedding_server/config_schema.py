@@ -1,0 +1,154 @@
+"""Strict loading of YAML mappings into typed dataclasses.
+
+Config dataclasses declare each field with :func:`option`, which records the documentation
+shown by ``ctrserve config-reference`` and in the README. :func:`build` turns a mapping into a
+dataclass, refusing unknown keys (with a "did you mean" hint) and wrong types, and naming the
+file and dotted key path in every message. Range checks live in each dataclass's
+``__post_init__`` and raise :class:`ValueError`; :func:`build` re-raises them as
+:class:`ConfigError` with the key path attached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from embedding_server.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field carrying its documentation string."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"doc": doc})
+
+
+def read_yaml(path: str | Path) -> Mapping[str, Any]:
+    """Read a YAML file that must hold a mapping (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build(cls: type[T], data: Any, source: str, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, validating keys and types.
+
+    Args:
+        cls: the dataclass type.
+        data: a mapping (usually parsed YAML).
+        source: the file name (or other origin) used in error messages.
+        path: the dotted key path of ``data`` inside the file.
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type or a value the dataclass rejects.
+    """
+    where = f"{source}: " + (f"'{path}'" if path else "top level")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{_join(path, key)}'{hint}; known keys: {known}")
+        kwargs[key] = _convert(hints[key], value, source, _join(path, key))
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key '{_join(path, missing[0])}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, source, path)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, source, path)
+    if origin is dict:
+        key_tp, val_tp = args
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{path}' must be a mapping, got {type(value).__name__}")
+        return {
+            _convert(key_tp, k, source, path): _convert(val_tp, v, source, _join(path, k))
+            for k, v in value.items()
+        }
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{path}' must be a list, got {type(value).__name__}")
+        item_tp = args[0]
+        items = [_convert(item_tp, v, source, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{path}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{path}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{path}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{path}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {path}")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation) for every field of ``cls``, nested ones included."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.append((key, "(section)", f.metadata.get("doc", "")))
+            rows.extend(describe(tp, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((key, default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,368 @@
+"""Compiled kernels of the embedding store: hash index, LRU ticks, initialisation, optimizers.
+
+Why numba: a lookup must map ~100k uint64 ids per batch to rows at a rate close to a plain
+``numpy.take`` (tens of millions of keys/s). A Python dict does about 1M keys/s, and a
+vectorised numpy open-addressing table needs several passes over the batch. numba compiles
+these loops to machine code from plain Python (no C toolchain at install time, results cached
+on disk), releases the GIL so gRPC threads keep serving, and is a widely used dependency.
+
+Layout of one store (capacity ``C`` rows, ``S`` ~ C / 0.7 slots):
+
+* ``slots``    uint64[S, 2]  open addressing, linear probing. ``[s, 0]`` = id, ``[s, 1]`` =
+  ``(row + 1) << 16 | table`` (0 = empty). Key, table and row share one 16-byte record, so a
+  probe costs one cache miss.
+* ``row_slot`` int32[C]      where each row's key lives (for eviction and dumps).
+* ``row_tick`` uint32[C]     the request counter of the row's last use: LRU order.
+  ``FREE_TICK`` marks a row on the free list.
+* ``weights``  float32[C, D] the vectors; ``state`` float32[C, W] optimizer state.
+* ``meta``     int64[META_LEN] sizes, the tick, counters and the free-list cursor.
+
+Deletion uses backward-shift (no tombstones), so probe chains stay short under churn. An exact
+linked-list LRU was measured here at ~4x the cost per lookup (four scattered writes per hit);
+ticks cost one write and give the same order at request granularity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+(
+    META_SIZE,  # rows ever handed out (high-water mark); rows < SIZE are live or free
+    META_LIVE,  # rows holding a key
+    META_TICK,  # request counter
+    META_LOOKUPS,  # keys looked up (hits = lookups - misses)
+    META_MISSES,
+    META_EVICTIONS,
+    META_INSERTS,
+    META_FREE_POS,  # next entry of the free list to hand out
+    META_FREE_LEN,
+    META_SINK,  # receives a value derived from the warming loads so they are not optimised away
+) = range(10)
+META_LEN = 10
+LOAD_FACTOR = 0.7
+FREE_TICK = np.uint32(0xFFFFFFFF)
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_S11, _S16, _S27, _S30, _S31, _S32 = (np.uint64(k) for k in (11, 16, 27, 30, 31, 32))
+_TAB_MASK = np.uint64(0xFFFF)
+_ONE = np.uint64(1)
+
+
+@njit(cache=True, inline="always")
+def mix64(x):
+    """splitmix64's finaliser: a bijective, well-distributed 64-bit hash."""
+    x = np.uint64(x)
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    return x ^ (x >> _S31)
+
+
+@njit(cache=True, inline="always")
+def _home(h, num_slots):
+    # Lemire's multiply-shift range reduction on the high 32 bits: any slot count works.
+    return np.int64(((h >> _S32) * np.uint64(num_slots)) >> _S32)
+
+
+@njit(cache=True, nogil=True)
+def mix_array(values, out):
+    """out[i] = mix64(values[i])."""
+    for i in range(values.shape[0]):
+        out[i] = mix64(values[i])
+
+
+@njit(cache=True, nogil=True)
+def shard_of(ids, tables, salts, num_shards, out):
+    """out[i] = the shard that owns (tables[i], ids[i])."""
+    n = np.uint64(num_shards)
+    for i in range(ids.shape[0]):
+        out[i] = np.int64(mix64(ids[i] ^ salts[tables[i]] ^ _GOLDEN) % n)
+
+
+@njit(cache=True, nogil=True)
+def unique_keys(ids, tables, uniq_ids, uniq_tables, inverse):
+    """Deduplicate (table, id) pairs in first-seen order; returns the number of unique pairs.
+
+    ``inverse[i]`` is the position of pair ``i`` in the unique arrays.
+    """
+    n = ids.shape[0]
+    num_slots = 16
+    while num_slots < 2 * n:
+        num_slots *= 2
+    mask = np.uint64(num_slots - 1)
+    slots = np.full(num_slots, -1, np.int32)
+    count = 0
+    for i in range(n):
+        key = ids[i]
+        tab = tables[i]
+        s = mix64(key ^ (np.uint64(tab) * _GOLDEN)) & mask
+        while True:
+            u = slots[s]
+            if u < 0:
+                slots[s] = count
+                uniq_ids[count] = key
+                uniq_tables[count] = tab
+                inverse[i] = count
+                count += 1
+                break
+            if uniq_ids[u] == key and uniq_tables[u] == tab:
+                inverse[i] = u
+                break
+            s = (s + _ONE) & mask
+    return count
+
+
+@njit(cache=True, inline="always")
+def _find(slots, key, tab, h):
+    """(slot, row) of the key, or (first empty slot on its probe path, -1)."""
+    num_slots = slots.shape[0]
+    s = _home(h, num_slots)
+    want = np.uint64(tab)
+    while True:
+        info = slots[s, 1]
+        if info == 0:
+            return s, -1
+        if slots[s, 0] == key and (info & _TAB_MASK) == want:
+            return s, np.int64(info >> _S16) - 1
+        s += 1
+        if s == num_slots:
+            s = 0
+
+
+@njit(cache=True, inline="always")
+def _slot_delete(slots, row_slot, salts, s):
+    """Backward-shift deletion: pull later entries of the cluster into the hole."""
+    num_slots = slots.shape[0]
+    hole = s
+    j = s
+    while True:
+        j += 1
+        if j == num_slots:
+            j = 0
+        info = slots[j, 1]
+        if info == 0:
+            break
+        home = _home(mix64(slots[j, 0] ^ salts[info & _TAB_MASK]), num_slots)
+        # Move entry j into the hole unless its home lies cyclically in (hole, j].
+        if hole <= j:
+            stays = hole < home <= j
+        else:
+            stays = home > hole or home <= j
+        if not stays:
+            slots[hole, 0] = slots[j, 0]
+            slots[hole, 1] = info
+            row_slot[np.int64(info >> _S16) - 1] = hole
+            hole = j
+    slots[hole, 0] = 0
+    slots[hole, 1] = 0
+
+
+@njit(cache=True, inline="always")
+def _init_row(weights, state, r, key, salt, dim, init_kind, init_params, state_init):
+    # Counter-based generator: element j of a row depends only on (seed, table, id, j), so any
+    # shard or replica initialises an id identically, in any order.
+    base = mix64(key ^ salt ^ np.uint64(init_params[4]))
+    lo = init_params[0]
+    hi = init_params[1]
+    for j in range(dim):
+        x = mix64(base + np.uint64(j + 1) * _GOLDEN)
+        u = np.float64(x >> _S11) * (1.0 / 9007199254740992.0)
+        if init_kind == 0:
+            v = lo + (hi - lo) * u
+        else:
+            x2 = mix64(x ^ _M2)
+            u2 = np.float64(x2 >> _S11) * (1.0 / 9007199254740992.0)
+            z = np.sqrt(-2.0 * np.log(1.0 - u)) * np.cos(2.0 * np.pi * u2)
+            v = min(max(init_params[2] + init_params[3] * z, lo), hi)
+        weights[r, j] = np.float32(v)
+    for j in range(state_init.shape[0]):
+        state[r, j] = state_init[j]
+
+
+@njit(cache=True, inline="always")
+def _new_row(meta, free, capacity):
+    """A row for a new key: never-used rows first, then the free list; -1 when none is left."""
+    if meta[META_SIZE] < capacity:
+        r = meta[META_SIZE]
+        meta[META_SIZE] += 1
+        return r
+    if meta[META_FREE_POS] < meta[META_FREE_LEN]:
+        r = free[meta[META_FREE_POS]]
+        meta[META_FREE_POS] += 1
+        return r
+    return -1
+
+
+@njit(cache=True, inline="always")
+def _claim(slots, row_slot, row_tick, meta, s, r, key, tab, tick):
+    slots[s, 0] = key
+    slots[s, 1] = (np.uint64(r + 1) << _S16) | np.uint64(tab)
+    row_slot[r] = s
+    row_tick[r] = tick
+    meta[META_LIVE] += 1
+    meta[META_INSERTS] += 1
+
+
+_GROUP = 64
+
+
+@njit(cache=True, nogil=True)
+def lookup(
+    slots, row_slot, row_tick, weights, state, meta, free, salts, dims,
+    ids, tables, start, insert, init_kind, init_params, state_init, rows,
+):
+    """Find the row of every (tables[i], ids[i]), i >= start, and write it to rows[i].
+
+    With ``insert``: unseen ids are added and initialised. Without: they get the row index
+    ``capacity``, which the store keeps as an all-zero row, and nothing is inserted. Returns
+    ``len(ids)`` when done, or the index of the first id for which no free row was left: the
+    caller evicts (see :func:`evict_rows`) and calls again from there. The caller gathers the
+    vectors with ``numpy.take``, which is faster than a gather loop here.
+
+    Keys go in groups of ``_GROUP``: first every key's home slot is loaded (independent loads
+    the CPU overlaps), then the probes run on warm cache lines. Measured here: 2.4x faster than
+    probing one key at a time, where each cache miss waits for the previous one.
+    """
+    capacity = row_slot.shape[0]
+    num_slots = slots.shape[0]
+    tick = np.uint32(meta[META_TICK])
+    n = ids.shape[0]
+    hashes = np.empty(_GROUP, np.uint64)
+    warm = np.uint64(0)
+    for base in range(start, n, _GROUP):
+        end = min(base + _GROUP, n)
+        for i in range(base, end):
+            h = mix64(ids[i] ^ salts[tables[i]])
+            hashes[i - base] = h
+            warm += slots[_home(h, num_slots), 1]
+        for i in range(base, end):
+            key = ids[i]
+            tab = tables[i]
+            s, r = _find(slots, key, tab, hashes[i - base])
+            if r >= 0:
+                row_tick[r] = tick
+            elif insert:
+                r = _new_row(meta, free, capacity)
+                if r < 0:
+                    meta[META_SINK] = np.int64(warm & np.uint64(0x7FFFFFFF))
+                    return i
+                meta[META_MISSES] += 1
+                _claim(slots, row_slot, row_tick, meta, s, r, key, tab, tick)
+                _init_row(weights, state, r, key, salts[tab], dims[tab], init_kind, init_params, state_init[tab])
+            else:
+                meta[META_MISSES] += 1
+                r = capacity
+            rows[i] = r
+    # Keep the warming loads observable so the compiler cannot drop them.
+    meta[META_SINK] = np.int64(warm & np.uint64(0x7FFFFFFF))
+    return n
+
+
+@njit(cache=True, nogil=True)
+def evict_rows(slots, row_slot, row_tick, meta, salts, rows):
+    """Remove the given rows' keys from the index and mark the rows free."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        _slot_delete(slots, row_slot, salts, row_slot[r])
+        row_tick[r] = FREE_TICK
+    meta[META_LIVE] -= rows.shape[0]
+    meta[META_EVICTIONS] += rows.shape[0]
+
+
+@njit(cache=True, nogil=True)
+def find_rows(slots, salts, ids, tables, out_rows):
+    """Row index of each key, -1 when absent. Touches neither LRU order nor counters."""
+    for i in range(ids.shape[0]):
+        key = ids[i]
+        tab = tables[i]
+        _, r = _find(slots, key, tab, mix64(key ^ salts[tab]))
+        out_rows[i] = r
+
+
+@njit(cache=True, nogil=True)
+def put_rows(slots, row_slot, row_tick, weights, state, meta, free, salts, dims, state_widths, ids, tables, values, states):
+    """Insert or overwrite rows with given vectors and optimizer state (checkpoint loading).
+
+    The caller guarantees enough free rows; the rows count as used by the current request.
+    """
+    capacity = row_slot.shape[0]
+    tick = np.uint32(meta[META_TICK])
+    for i in range(ids.shape[0]):
+        key = ids[i]
+        tab = tables[i]
+        s, r = _find(slots, key, tab, mix64(key ^ salts[tab]))
+        if r < 0:
+            r = _new_row(meta, free, capacity)
+            _claim(slots, row_slot, row_tick, meta, s, r, key, tab, tick)
+        row_tick[r] = tick
+        for j in range(dims[tab]):
+            weights[r, j] = values[i, j]
+        for j in range(state_widths[tab]):
+            state[r, j] = states[i, j]
+
+
+@njit(cache=True, nogil=True)
+def row_keys(slots, row_slot, rows, out_ids, out_tables):
+    """The (id, table) held by each given live row."""
+    for i in range(rows.shape[0]):
+        s = row_slot[rows[i]]
+        out_ids[i] = slots[s, 0]
+        out_tables[i] = np.uint16(slots[s, 1] & _TAB_MASK)
+
+
+@njit(cache=True, nogil=True)
+def apply_gradients(weights, state, rows, dims, tabs, grads, kind, params, weight_bound):
+    """Run one optimizer step on each (unique) row with its summed gradient.
+
+    Arithmetic follows torch.optim's float32 formulas so results match it to ~1e-7.
+    """
+    lr = params[0]
+    wd = params[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        dim = dims[tabs[i]]
+        if kind == 0:  # SGD
+            for j in range(dim):
+                g = grads[i, j] + wd * weights[r, j]
+                weights[r, j] = weights[r, j] - lr * g
+        elif kind == 1:  # Adagrad
+            gsm = params[2]
+            eps = params[3]
+            if params[4] != 0.0:  # vectorwise_shared
+                sq = 0.0
+                for j in range(dim):
+                    g = grads[i, j] + wd * weights[r, j]
+                    sq += g * g
+                acc = np.float32(gsm * state[r, 0] + sq / dim)
+                state[r, 0] = acc
+                denom = np.sqrt(acc) + eps
+                for j in range(dim):
+                    g = grads[i, j] + wd * weights[r, j]
+                    weights[r, j] = weights[r, j] - lr * g / denom
+            else:
+                for j in range(dim):
+                    g = grads[i, j] + wd * weights[r, j]
+                    acc = np.float32(gsm * state[r, j] + g * g)
+                    state[r, j] = acc
+                    weights[r, j] = weights[r, j] - lr * g / (np.sqrt(acc) + eps)
+        else:  # Adam, with the row's own step count in its last state column
+            b1 = params[2]
+            b2 = params[3]
+            eps = params[4]
+            t = state[r, 2 * dim] + 1.0
+            state[r, 2 * dim] = t
+            bc1 = 1.0 - b1 ** t
+            bc2 = 1.0 - b2 ** t
+            for j in range(dim):
+                g = grads[i, j] + wd * weights[r, j]
+                m = np.float32(b1 * state[r, j] + (1.0 - b1) * g)
+                v = np.float32(b2 * state[r, dim + j] + (1.0 - b2) * g * g)
+                state[r, j] = m
+                state[r, dim + j] = v
+                denom = np.sqrt(v) / np.sqrt(bc2) + eps
+                weights[r, j] = weights[r, j] - (lr / bc1) * m / denom
+        if weight_bound > 0.0:
+            for j in range(dim):
+                weights[r, j] = min(max(weights[r, j], -weight_bound), weight_bound)

@@ -1,0 +1,359 @@
+"""One shard's embedding rows: bounded, LRU-evicting, thread-safe.
+
+An :class:`EmbeddingStore` holds the rows of every table of ``embedding_config.yml`` that hash to
+its shard. Keys are ``(table index, uint64 id)`` pairs given as two parallel arrays; all keys of
+one call must belong to tables of the same ``dim``. Every public method validates its input and
+raises :class:`~embedding_server.errors.InvalidRequestError` before touching any state, so a bad
+request never half-applies.
+
+Example:
+    >>> from embedding_server.config import EmbeddingConfig, GlobalConfig
+    >>> emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}}})
+    >>> store = EmbeddingStore(emb, GlobalConfig.from_dict({}))
+    >>> store.lookup(np.array([7], np.uint64), np.array([0], np.uint16)).shape
+    (1, 4)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from embedding_server import kernels
+from embedding_server.config import EmbeddingConfig, GlobalConfig, TableSpec
+from embedding_server.errors import InvalidRequestError
+from embedding_server.optimizers import SGD, SparseOptimizer
+
+
+@dataclass
+class TableRows:
+    """All rows of one table held by a store (a checkpoint's unit)."""
+
+    table: TableSpec
+    ids: np.ndarray  # uint64 [n]
+    weights: np.ndarray  # float32 [n, dim]
+    state: np.ndarray  # float32 [n, state_width]
+
+
+class EmbeddingStore:
+    """The rows of one shard.
+
+    Args:
+        config: features and tables.
+        global_config: capacity, mode, optimizer, initialisation, limits.
+        shard_index: which shard this store is; ids routed elsewhere are refused.
+        num_shards: how many shards the tables are split across.
+
+    Raises:
+        InvalidRequestError: from every method, for malformed ids, tables or gradients.
+    """
+
+    def __init__(self, config: EmbeddingConfig, global_config: GlobalConfig, shard_index: int = 0, num_shards: int = 1):
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+        self.config = config
+        self.global_config = global_config
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.mode = global_config.mode
+        self.capacity = global_config.server.capacity
+        self._lock = threading.Lock()
+        tables = list(config.tables.values())
+        self._tables = tables
+        self._salts = np.array([t.salt for t in tables], np.uint64)
+        self._dims = np.array([t.dim for t in tables], np.int64)
+        self._single_dim = len(set(self._dims.tolist())) == 1
+        init = global_config.initialization
+        self._init_kind = 0 if init.method == "bounded_uniform" else 1
+        self._init_params = np.array([init.lower, init.upper, init.mean, init.std, float(init.seed)], np.float64)
+        if self.capacity >= 2**31 - 1:
+            raise ValueError(f"capacity {self.capacity} is too large for one shard; use more shards")
+        num_slots = max(16, int(self.capacity / kernels.LOAD_FACTOR) + 1)
+        max_dim = int(self._dims.max())
+        self._slots = np.zeros((num_slots, 2), np.uint64)
+        self._row_slot = np.zeros(self.capacity, np.int32)
+        self._row_tick = np.zeros(self.capacity, np.uint32)
+        # np.zeros maps pages lazily: memory is committed as rows are actually used.
+        # One extra all-zero row: the answer for ids an infer-mode store does not hold.
+        self._weights = np.zeros((self.capacity + 1, max_dim), np.float32)
+        self._meta = np.zeros(kernels.META_LEN, np.int64)
+        self._free = np.zeros(0, np.int64)
+        self.evictions_per_sweep = max(1, self.capacity // 64)
+        # Serving needs no optimizer state: an infer-mode store keeps none (SGD has none).
+        self._set_optimizer_locked(global_config.sparse_optimizer if self.mode == "train" else SGD())
+
+    # ------------------------------------------------------------------ optimizer
+
+    @property
+    def optimizer(self) -> SparseOptimizer:
+        return self._optimizer
+
+    def set_optimizer(self, optimizer: SparseOptimizer) -> None:
+        """Switch the sparse optimizer. Allowed only while the store is empty, or when the new
+        optimizer keeps the same per-row state layout (e.g. a new learning rate)."""
+        with self._lock:
+            if len(self) and any(
+                optimizer.state_width(t.dim) != self._optimizer.state_width(t.dim) or type(optimizer) is not type(self._optimizer)
+                for t in self._tables
+            ):
+                raise InvalidRequestError(
+                    f"cannot switch the sparse optimizer from {type(self._optimizer).__name__} to "
+                    f"{type(optimizer).__name__} on a store that already holds {len(self)} rows"
+                )
+            self._set_optimizer_locked(optimizer)
+
+    def _set_optimizer_locked(self, optimizer: SparseOptimizer) -> None:
+        self._optimizer = optimizer
+        self._kind, params = optimizer.params()
+        self._opt_params = np.array(params, np.float64)
+        self._state_widths = np.array([optimizer.state_width(t.dim) for t in self._tables], np.int64)
+        width = max(1, int(self._state_widths.max()))
+        if not hasattr(self, "_state") or self._state.shape[1] != width:
+            self._state = np.zeros((self.capacity, width), np.float32)
+        state_init = np.zeros((len(self._tables), width), np.float32)
+        for i, t in enumerate(self._tables):
+            init = optimizer.initial_state(t.dim)
+            state_init[i, : len(init)] = init
+        self._state_init = state_init
+
+    # ------------------------------------------------------------------ lookups and updates
+
+    def __len__(self) -> int:
+        return int(self._meta[kernels.META_LIVE])
+
+    def lookup(self, ids: np.ndarray, tables: np.ndarray) -> np.ndarray:
+        """Vectors of the given keys as float32 ``[n, dim]``.
+
+        In train mode unseen keys are inserted with their deterministic initial value (the
+        least recently used rows make room when the store is full); in infer mode they read as
+        zeros and are not inserted.
+        """
+        dim = self._check_keys(ids, tables)
+        out = np.empty((ids.shape[0], dim), np.float32)
+        insert = self.mode == "train"
+        if insert:
+            self._check_fits(ids, tables)
+        with self._lock:
+            self._lookup_locked(ids, tables, insert, out)
+        return out
+
+    def apply_gradients(self, ids: np.ndarray, tables: np.ndarray, grads: np.ndarray) -> None:
+        """One optimizer step for each key; gradients of repeated keys are summed first.
+
+        Keys that are not stored (never looked up, or evicted since) are inserted with their
+        initial value first, as a lookup would have done.
+        """
+        if self.mode != "train":
+            raise InvalidRequestError("this embedding server runs in infer mode and does not accept gradients")
+        dim = self._check_keys(ids, tables)
+        grads = np.asarray(grads)
+        if grads.dtype != np.float32:
+            raise InvalidRequestError(f"gradients must be float32, got {grads.dtype}")
+        if grads.shape != (ids.shape[0], dim):
+            raise InvalidRequestError(f"gradient shape {tuple(grads.shape)} does not match {ids.shape[0]} ids of dim {dim}")
+        if not np.isfinite(grads).all():
+            raise InvalidRequestError("gradients contain NaN or infinity")
+        uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
+        if uniq_ids.shape[0] != ids.shape[0]:
+            summed = np.zeros((uniq_ids.shape[0], dim), np.float32)
+            np.add.at(summed, inverse, grads)
+            ids, tables, grads = uniq_ids, uniq_tabs, summed
+        self._check_fits(ids, tables)
+        rows = np.empty(ids.shape[0], np.int64)
+        with self._lock:
+            kernels.find_rows(self._slots, self._salts, ids, tables, rows)
+            missing = rows < 0
+            if missing.any():
+                self._lookup_locked(ids[missing], tables[missing], True, None)
+                kernels.find_rows(self._slots, self._salts, ids, tables, rows)
+            kernels.apply_gradients(
+                self._weights, self._state, rows, self._dims, tables, np.ascontiguousarray(grads), self._kind,
+                self._opt_params, float(self.global_config.server.weight_bound),
+            )
+
+    def _lookup_locked(self, ids: np.ndarray, tables: np.ndarray, insert: bool, out: np.ndarray | None) -> None:
+        """Find (and in train mode insert) every key; gather their vectors into ``out``."""
+        self._meta[kernels.META_TICK] += 1
+        self._meta[kernels.META_LOOKUPS] += ids.shape[0]
+        rows = np.empty(ids.shape[0], np.int64)
+        start = 0
+        while True:
+            start = kernels.lookup(
+                self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
+                self._salts, self._dims, ids, tables, start, insert, self._init_kind, self._init_params,
+                self._state_init, rows,
+            )
+            if start == ids.shape[0]:
+                break
+            self._evict_locked()
+        if out is not None:
+            if out.shape[1] == self._weights.shape[1]:
+                np.take(self._weights, rows, axis=0, out=out)
+            else:
+                out[:] = self._weights[rows, : out.shape[1]]
+
+    def _evict_locked(self) -> None:
+        """Free the least recently used rows (a sweep of ``evictions_per_sweep``), sparing every
+        row the current request has used. Sweeping in bulk keeps the cost per insert small."""
+        ticks = self._row_tick
+        k = min(self.evictions_per_sweep, ticks.shape[0])
+        victims = np.argpartition(ticks, k - 1)[:k]
+        victims = victims[ticks[victims] < self._meta[kernels.META_TICK]].astype(np.int64)
+        if victims.shape[0] == 0:  # _check_fits makes this unreachable; keep the store consistent anyway
+            raise InvalidRequestError(f"no row can be evicted: the request uses all {self.capacity} rows")
+        kernels.evict_rows(self._slots, self._row_slot, self._row_tick, self._meta, self._salts, victims)
+        self._free = victims
+        self._meta[kernels.META_FREE_POS] = 0
+        self._meta[kernels.META_FREE_LEN] = victims.shape[0]
+
+    # ------------------------------------------------------------------ whole-table access
+
+    def rows(self) -> Iterator[TableRows]:
+        """A consistent copy of every table's rows, in least- to most-recently-used order."""
+        with self._lock:
+            size = int(self._meta[kernels.META_SIZE])
+            live = np.flatnonzero(self._row_tick[:size] != kernels.FREE_TICK)
+            order = live[np.argsort(self._row_tick[live], kind="stable")]
+            row_ids = np.empty(order.shape[0], np.uint64)
+            row_tabs = np.empty(order.shape[0], np.uint16)
+            kernels.row_keys(self._slots, self._row_slot, order, row_ids, row_tabs)
+            weights = self._weights[order]
+            state = self._state[order]
+        for i, table in enumerate(self._tables):
+            sel = row_tabs == i
+            yield TableRows(
+                table,
+                row_ids[sel],
+                np.ascontiguousarray(weights[sel, : table.dim]),
+                np.ascontiguousarray(state[sel, : self._state_widths[i]]),
+            )
+
+    def put(self, rows: TableRows) -> None:
+        """Insert or overwrite the given rows with their vectors and optimizer state.
+
+        Raises:
+            InvalidRequestError: wrong shapes, ids of another shard, or more rows than capacity.
+        """
+        table = self.config.tables.get(rows.table.name)
+        if table is None:
+            raise InvalidRequestError(f"unknown table '{rows.table.name}'")
+        n = rows.ids.shape[0]
+        width = int(self._state_widths[table.index])
+        if rows.weights.shape != (n, table.dim):
+            raise InvalidRequestError(f"table '{table.name}': weights shape {rows.weights.shape} != ({n}, {table.dim})")
+        if rows.state.shape != (n, width):
+            raise InvalidRequestError(
+                f"table '{table.name}': optimizer state shape {rows.state.shape} != ({n}, {width}) "
+                f"for {type(self._optimizer).__name__}"
+            )
+        tables = np.full(n, table.index, np.uint16)
+        ids = np.ascontiguousarray(rows.ids, np.uint64)
+        self._check_shard(ids, tables)
+        with self._lock:
+            existing = np.empty(n, np.int64)
+            kernels.find_rows(self._slots, self._salts, ids, tables, existing)
+            new = int((existing < 0).sum())
+            if len(self) + new > self.capacity:
+                raise InvalidRequestError(
+                    f"loading {new} new rows of table '{table.name}' would exceed this shard's capacity of "
+                    f"{self.capacity} rows ({len(self)} held); raise capacity or use more shards"
+                )
+            self._meta[kernels.META_TICK] += 1
+            kernels.put_rows(
+                self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
+                self._salts, self._dims, self._state_widths, ids, tables,
+                np.ascontiguousarray(rows.weights, np.float32), np.ascontiguousarray(rows.state, np.float32),
+            )
+
+    def clear(self) -> None:
+        """Drop every row (counters are kept)."""
+        with self._lock:
+            self._slots.fill(0)
+            for key in (kernels.META_SIZE, kernels.META_LIVE, kernels.META_FREE_POS, kernels.META_FREE_LEN):
+                self._meta[key] = 0
+
+    def counters(self) -> dict[str, int]:
+        """rows, capacity, hits, misses, evictions and inserts since start."""
+        m = self._meta
+        return {
+            "rows": int(m[kernels.META_LIVE]),
+            "capacity": self.capacity,
+            "hits": int(m[kernels.META_LOOKUPS] - m[kernels.META_MISSES]),
+            "misses": int(m[kernels.META_MISSES]),
+            "evictions": int(m[kernels.META_EVICTIONS]),
+            "inserts": int(m[kernels.META_INSERTS]),
+        }
+
+    def memory_bytes(self) -> int:
+        """Bytes of every array the store allocated (touched or not)."""
+        arrays = (self._slots, self._row_slot, self._row_tick, self._weights, self._state)
+        return sum(a.nbytes for a in arrays)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_keys(self, ids: np.ndarray, tables: np.ndarray) -> int:
+        if not isinstance(ids, np.ndarray) or ids.dtype != np.uint64 or ids.ndim != 1:
+            raise InvalidRequestError(f"ids must be a 1-D uint64 array, got {_describe(ids)}")
+        if not isinstance(tables, np.ndarray) or tables.dtype != np.uint16 or tables.shape != ids.shape:
+            raise InvalidRequestError(f"tables must be a uint16 array shaped like ids {ids.shape}, got {_describe(tables)}")
+        if ids.shape[0] == 0:
+            raise InvalidRequestError("empty request: no ids")
+        limit = self.global_config.server.max_ids_per_request
+        if ids.shape[0] > limit:
+            raise InvalidRequestError(f"request carries {ids.shape[0]} ids; the limit is {limit} (max_ids_per_request)")
+        if int(tables.max()) >= len(self._tables):
+            raise InvalidRequestError(f"table index {int(tables.max())} out of range: {len(self._tables)} tables configured")
+        if self._single_dim:
+            dim = int(self._dims[0])
+        else:
+            used = np.flatnonzero(np.bincount(tables, minlength=len(self._tables)))
+            dims = np.unique(self._dims[used])
+            if dims.shape[0] != 1:
+                raise InvalidRequestError(f"one request must address tables of one dim, got dims {dims.tolist()}")
+            dim = int(dims[0])
+        self._check_shard(ids, tables)
+        return dim
+
+    def owns(self, ids: np.ndarray, tables: np.ndarray) -> np.ndarray:
+        """Boolean mask of the keys that hash to this shard."""
+        owners = np.empty(ids.shape[0], np.int64)
+        kernels.shard_of(ids, tables, self._salts, self.num_shards, owners)
+        return owners == self.shard_index
+
+    def _check_shard(self, ids: np.ndarray, tables: np.ndarray) -> None:
+        if self.num_shards == 1:
+            return
+        wrong = np.flatnonzero(~self.owns(ids, tables))
+        if wrong.size:
+            i = int(wrong[0])
+            raise InvalidRequestError(
+                f"id {int(ids[i])} of table '{self._tables[int(tables[i])].name}' does not belong to "
+                f"shard {self.shard_index} of {self.num_shards}; the client's shard list is wrong"
+            )
+
+    def _check_fits(self, ids: np.ndarray, tables: np.ndarray) -> None:
+        # Rows touched by one request move to the LRU head, so eviction only takes rows this
+        # request does not use, as long as its distinct keys fit in the store.
+        if ids.shape[0] > self.capacity and unique_keys(ids, tables)[0].shape[0] > self.capacity:
+            raise InvalidRequestError(
+                f"request has more distinct ids than this shard's capacity of {self.capacity} rows"
+            )
+
+
+def unique_keys(ids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (table, id) pairs in first-seen order, and each input's position among them."""
+    n = ids.shape[0]
+    uniq_ids = np.empty(n, np.uint64)
+    uniq_tabs = np.empty(n, np.uint16)
+    inverse = np.empty(n, np.int64)
+    count = kernels.unique_keys(ids, tables, uniq_ids, uniq_tabs, inverse)
+    return uniq_ids[:count], uniq_tabs[:count], inverse
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array of shape {x.shape}"
+    return type(x).__name__

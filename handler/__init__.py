@@ -1,0 +1,1 @@
+"""handler part of ctrserve (see README)."""

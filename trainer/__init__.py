@@ -1,0 +1,1 @@
+"""trainer part of ctrserve (see README)."""
