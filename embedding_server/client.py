@@ -165,7 +165,9 @@ class EmbeddingClient(abc.ABC):
             ids = np.concatenate([f.ids for f, _, _ in members])
             tables = np.concatenate([np.full(f.ids.shape[0], t, np.uint16) for f, _, t in members])
             uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
-            rows = torch.from_numpy(self.lookup_rows(uniq_ids, uniq_tabs, dim))
+            values = self.lookup_rows(uniq_ids, uniq_tabs, dim)
+            # Rows decoded straight from a gRPC buffer are read-only; torch needs its own copy.
+            rows = torch.from_numpy(values if values.flags.writeable else values.copy())
             if requires_grad:
                 rows.requires_grad_(True)
             result.groups.append(_KeyGroup(uniq_ids, uniq_tabs, rows))

@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +166,12 @@ class EmbeddingConfig:
 
     def _unknown_feature(self, feature: str) -> str:
         return f"unknown feature '{feature}'; embedding_config.yml defines: {', '.join(self.slots_config)}"
+
+    def fingerprint(self) -> str:
+        """A short digest of the table layout (names, order, dims) that clients and servers
+        compare, so a client never addresses a server configured with other tables."""
+        layout = [[t.name, t.index, t.dim] for t in self.tables.values()]
+        return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping that :meth:`from_dict` turns back into an equal config."""

@@ -138,6 +138,8 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
         key = _join(prefix, f.name)
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):

@@ -1,0 +1,5 @@
+import sys
+
+from ctrserve.cli import main
+
+sys.exit(main())

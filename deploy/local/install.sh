@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install ctrserve with its test dependencies.
+# torch is installed first as the pinned CPU build: a bare `torch` requirement could pull a
+# multi-GB CUDA build. Idempotent: re-running only installs what changed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m protos.generate
+.venv/bin/python -c "import torch, numba, grpc, pyarrow; print(f'installed: torch {torch.__version__}, numba {numba.__version__}, grpcio {grpc.__version__}, pyarrow {pyarrow.__version__}')"

@@ -1,0 +1,95 @@
+"""Command-line jobs of the embedding servers: serve a shard, and administer running shards."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embedding-server",
+        help="serve one shard of the embedding tables over gRPC",
+        description="Serve one shard of the embedding tables over gRPC until SIGTERM or Ctrl-C.",
+    )
+    p.add_argument("--embedding-config", required=True, help="embedding_config.yml (features and tables)")
+    p.add_argument("--global-config", required=True, help="global_config.yml (capacity, optimizer, job type)")
+    p.add_argument("--shard-index", type=int, default=0, help="this server's shard (default 0)")
+    p.add_argument("--num-shards", type=int, default=1, help="number of shards (default 1)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (default 0: pick a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--mode", choices=["train", "infer"], help="override common_config.job_type")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: pick one)")
+    p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
+    p.add_argument("--load", metavar="CHECKPOINT", help="load this checkpoint directory before serving")
+    p.add_argument("--ready-file", help="write {address, port, metrics_port, pid} as JSON here once serving")
+    p.set_defaults(func=run_server)
+
+    a = sub.add_parser(
+        "embedding-admin",
+        help="stats, dump or load of running embedding servers",
+        description="Administer a running set of embedding servers (addresses in shard order).",
+    )
+    a.add_argument("action", choices=["stats", "dump", "load"], help="what to do")
+    a.add_argument("--servers", required=True, help="comma-separated host:port of shard 0, 1, ...")
+    a.add_argument("--embedding-config", required=True, help="embedding_config.yml the servers run with")
+    a.add_argument("--directory", help="checkpoint directory for dump and load")
+    a.set_defaults(func=run_admin)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from embedding_server.service import start_server
+
+    emb = EmbeddingConfig.load(args.embedding_config)
+    glob = GlobalConfig.load(args.global_config)
+    if args.mode:
+        glob = dataclasses.replace(glob, common_config=CommonConfig(job_type=args.mode))
+    server = start_server(emb, glob, args.shard_index, args.num_shards, args.port, args.host, args.metrics_port, args.workers)
+    if args.load:
+        from embedding_server.checkpoint import load_store
+
+        rows = load_store(server.store, args.load)
+        logging.getLogger("ctrserve.embedding_server").info("loaded %d rows from %s", rows, args.load)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        logging.getLogger("ctrserve.embedding_server").info("received %s, draining", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.ready_file:
+        info = {"address": server.address, "port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}
+        tmp = Path(args.ready_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, args.ready_file)
+    stopping.wait()
+    server.stop()
+    logging.getLogger("ctrserve.embedding_server").info("stopped")
+    return 0
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    from embedding_server.remote import RemoteEmbeddingClient
+
+    emb = EmbeddingConfig.load(args.embedding_config)
+    with RemoteEmbeddingClient(emb, [s.strip() for s in args.servers.split(",") if s.strip()]) as client:
+        if args.action == "stats":
+            json.dump(client.stats(), sys.stdout, indent=2)
+            print()
+            return 0
+        if not args.directory:
+            print(f"embedding-admin {args.action}: --directory is required", file=sys.stderr)
+            return 2
+        (client.dump if args.action == "dump" else client.load)(args.directory)
+        print(f"{args.action} of {client.num_shards} shard(s) {'to' if args.action == 'dump' else 'from'} {args.directory}: done")
+    return 0

@@ -1,0 +1,113 @@
+"""Request statistics of an embedding server, for its Stats RPC and for Prometheus.
+
+Each server owns a :class:`ServerMetrics` with its own Prometheus registry (several servers may
+share a process in tests), exported over HTTP by :meth:`ServerMetrics.serve_http`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_RECENT = 2048  # latencies kept per method for the p50/p99 in Stats
+
+
+class ServerMetrics:
+    """Counts requests, errors and latencies per RPC method; exports store counters.
+
+    Args:
+        labels: constant labels (e.g. shard index) added to every exported series.
+        store_counters: returns the store's counters (rows, capacity, hits, ...).
+    """
+
+    def __init__(self, labels: dict[str, str], store_counters: Callable[[], dict[str, int]]):
+        self.registry = CollectorRegistry()
+        names = list(labels)
+        self._labels = labels
+        self._requests = Counter("ctrserve_embedding_requests", "RPCs served", names + ["method"], registry=self.registry)
+        self._errors = Counter("ctrserve_embedding_errors", "RPCs that failed", names + ["method", "code"], registry=self.registry)
+        self._latency = Histogram(
+            "ctrserve_embedding_request_seconds", "RPC latency", names + ["method"], buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._keys = Counter("ctrserve_embedding_keys", "keys looked up or updated", names + ["method"], registry=self.registry)
+        self._recent: dict[str, deque] = {}
+        self._counts: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self.registry.register(_StoreCollector(labels, store_counters))
+
+    @contextmanager
+    def track(self, method: str, keys: int = 0) -> Iterator[None]:
+        """Time one request; an exception counts as an error (and is re-raised)."""
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except BaseException as exc:
+            code = type(exc).__name__
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            self._requests.labels(**self._labels, method=method).inc()
+            self._latency.labels(**self._labels, method=method).observe(elapsed)
+            if keys:
+                self._keys.labels(**self._labels, method=method).inc(keys)
+            with self._lock:
+                self._recent.setdefault(method, deque(maxlen=_RECENT)).append(elapsed)
+                counts = self._counts.setdefault(method, [0, 0])
+                counts[0] += 1
+                if code != "OK":
+                    counts[1] += 1
+            if code != "OK":
+                self._errors.labels(**self._labels, method=method, code=code).inc()
+
+    def method_stats(self) -> list[dict]:
+        """Per method: requests, errors, and p50/p99 latency (ms) of the recent requests."""
+        with self._lock:
+            out = []
+            for method, recent in sorted(self._recent.items()):
+                lat = np.array(recent) * 1000.0
+                requests, errors = self._counts[method]
+                out.append(
+                    {
+                        "method": method,
+                        "requests": requests,
+                        "errors": errors,
+                        "latency_p50_ms": float(np.percentile(lat, 50)),
+                        "latency_p99_ms": float(np.percentile(lat, 99)),
+                    }
+                )
+            return out
+
+    def serve_http(self, port: int, address: str = "127.0.0.1") -> None:
+        """Serve ``/metrics`` in Prometheus text format on a background thread."""
+        start_http_server(port, addr=address, registry=self.registry)
+
+
+class _StoreCollector:
+    def __init__(self, labels: dict[str, str], counters: Callable[[], dict[str, int]]):
+        self._labels = labels
+        self._counters = counters
+
+    def collect(self):
+        values = self._counters()
+        names, label_values = list(self._labels), list(self._labels.values())
+        for key, help_text in (
+            ("rows", "rows held"),
+            ("capacity", "row capacity"),
+            ("hits", "lookups that found their row"),
+            ("misses", "lookups of ids not held"),
+            ("evictions", "rows evicted to make room"),
+            ("inserts", "rows inserted"),
+        ):
+            family = GaugeMetricFamily(f"ctrserve_embedding_store_{key}", help_text, labels=names)
+            family.add_metric(label_values, values[key])
+            yield family

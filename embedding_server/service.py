@@ -1,0 +1,199 @@
+"""The embedding server: one shard's :class:`EmbeddingStore` behind gRPC.
+
+:func:`start_server` binds (127.0.0.1 by default), registers the standard gRPC health service
+(``SERVING`` once ready, ``NOT_SERVING`` while stopping) and, optionally, a Prometheus endpoint.
+Bad requests are answered ``INVALID_ARGUMENT`` with a message naming the problem; the server
+keeps serving.
+
+Example:
+    >>> server = start_server(emb_config, global_config, shard_index=0, num_shards=1, port=0)
+    >>> server.address
+    '127.0.0.1:40123'
+    >>> server.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from embedding_server import checkpoint, wire
+from embedding_server.config import EmbeddingConfig, GlobalConfig
+from embedding_server.errors import InvalidRequestError
+from embedding_server.metrics import ServerMetrics
+from embedding_server.optimizers import optimizer_from_dict
+from embedding_server.errors import ConfigError
+from embedding_server.storage import StorageError
+from embedding_server.store import EmbeddingStore
+from protos.embedding import pb, pb_grpc
+
+log = logging.getLogger("ctrserve.embedding_server")
+
+SERVICE_NAME = "ctrserve.embedding.v1.EmbeddingService"
+# Lookups of ~100k keys move several MB; gRPC's default 4 MB cap is too small.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    """RPC handlers; each validates, runs against the store and records metrics."""
+
+    def __init__(self, store: EmbeddingStore, metrics: ServerMetrics):
+        self.store = store
+        self.metrics = metrics
+
+    def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object], keys: int = 0):
+        with self.metrics.track(method, keys):
+            try:
+                return fn()
+            except (InvalidRequestError, ConfigError, StorageError) as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception as exc:  # a bug, not a bad request: log it with its traceback
+                log.exception("%s failed", method)
+                context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}")
+
+    def Lookup(self, request, context):
+        def run():
+            ids, tables = wire.decode_keys(request.ids, request.tables)
+            values = self.store.lookup(ids, tables)
+            return pb.LookupResponse(dim=values.shape[1], values=values.tobytes())
+
+        return self._call("Lookup", context, run, len(request.ids) // 8)
+
+    def PushGradients(self, request, context):
+        def run():
+            ids, tables = wire.decode_keys(request.ids, request.tables)
+            grads = wire.decode_matrix(request.grads, ids.shape[0], "grads")
+            self.store.apply_gradients(ids, tables, grads)
+            return pb.PushGradientsResponse()
+
+        return self._call("PushGradients", context, run, len(request.ids) // 8)
+
+    def SetOptimizer(self, request, context):
+        def run():
+            try:
+                data = json.loads(request.optimizer_json)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"optimizer_json is not valid JSON: {exc}") from None
+            self.store.set_optimizer(optimizer_from_dict(data, "SetOptimizer"))
+            return pb.SetOptimizerResponse()
+
+        return self._call("SetOptimizer", context, run)
+
+    def Info(self, request, context):
+        store = self.store
+        return pb.InfoResponse(
+            shard_index=store.shard_index,
+            num_shards=store.num_shards,
+            mode=store.mode,
+            config_fingerprint=store.config.fingerprint(),
+            optimizer_json=json.dumps(store.optimizer.to_dict()),
+            capacity=store.capacity,
+        )
+
+    def Stats(self, request, context):
+        counters = self.store.counters()
+        return pb.StatsResponse(
+            **counters, methods=[pb.MethodStats(**m) for m in self.metrics.method_stats()]
+        )
+
+    def Dump(self, request, context):
+        def run():
+            files, rows = checkpoint.dump_shard(self.store, request.directory)
+            return pb.DumpResponse(rows=rows, files=files)
+
+        return self._call("Dump", context, run)
+
+    def Load(self, request, context):
+        def run():
+            return pb.LoadResponse(rows=checkpoint.load_store(self.store, request.directory))
+
+        return self._call("Load", context, run)
+
+
+@dataclass
+class RunningServer:
+    """A started embedding server; :meth:`stop` drains in-flight requests."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    store: EmbeddingStore
+    metrics: ServerMetrics
+    host: str
+    port: int
+    metrics_port: int | None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start_server(
+    config: EmbeddingConfig,
+    global_config: GlobalConfig,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    metrics_port: int | None = None,
+    workers: int = 8,
+) -> RunningServer:
+    """Start serving one shard; returns once the port is bound and health says SERVING.
+
+    Args:
+        port: 0 picks a free port (see :attr:`RunningServer.port`).
+        metrics_port: serve Prometheus metrics on this port (0 picks one; None disables).
+
+    Raises:
+        RuntimeError: the port could not be bound.
+    """
+    store = EmbeddingStore(config, global_config, shard_index, num_shards)
+    metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(store, metrics), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot bind {host}:{port}: {exc}") from None
+    if bound == 0:
+        raise RuntimeError(f"cannot bind {host}:{port}: address in use or not available")
+    server.start()
+    bound_metrics = None
+    if metrics_port is not None:
+        bound_metrics = metrics_port or _free_port(host)
+        metrics.serve_http(bound_metrics, host)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "embedding server shard %d/%d (%s mode, capacity %d rows) listening on %s:%d%s",
+        shard_index, num_shards, store.mode, store.capacity, host, bound,
+        f", metrics on http://{host}:{bound_metrics}/metrics" if bound_metrics else "",
+    )
+    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

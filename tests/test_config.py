@@ -1,0 +1,720 @@
+"""Loading and validation of embedding_config.yml and global_config.yml from real YAML files."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from embedding_server.config import EmbeddingConfig, GlobalConfig, HashStackConfig, SlotConfig
+from embedding_server.errors import ConfigError
+from embedding_server.optimizers import SGD, Adagrad, Adam, optimizer_from_dict
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def load_embedding(tmp_path: Path, text: str) -> EmbeddingConfig:
+    return EmbeddingConfig.load(write(tmp_path, "embedding_config.yml", text))
+
+
+def load_global(tmp_path: Path, text: str) -> GlobalConfig:
+    return GlobalConfig.load(write(tmp_path, "global_config.yml", text))
+
+
+def embedding_error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, "embedding_config.yml", text)
+    with pytest.raises(ConfigError) as info:
+        EmbeddingConfig.load(path)
+    message = str(info.value)
+    assert str(path) in message, f"error does not name the file: {message}"
+    return message
+
+
+def global_error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, "global_config.yml", text)
+    with pytest.raises(ConfigError) as info:
+        GlobalConfig.load(path)
+    message = str(info.value)
+    assert str(path) in message, f"error does not name the file: {message}"
+    return message
+
+
+# --------------------------------------------------------------------------- embedding_config.yml
+
+
+def test_slot_defaults_apply_when_only_dim_is_given(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slots_config:
+          user:
+            dim: 8
+        """,
+    )
+    slot = cfg.slot("user")
+    assert slot == SlotConfig(dim=8)
+    assert (slot.embedding_summation, slot.sqrt_scaling, slot.mean_scaling) == (True, False, False)
+    assert slot.sample_fixed_size == 10
+    assert slot.hash_stack_config is None
+    assert cfg.feature_index_prefix_bit == 8
+    assert cfg.feature_groups == {}
+    assert cfg.feature_names == ["user"]
+
+
+def test_every_slot_option_is_read_from_yaml(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        feature_index_prefix_bit: 12
+        slots_config:
+          user:
+            dim: 16
+            embedding_summation: false
+            sample_fixed_size: 3
+          item:
+            dim: 4
+            sqrt_scaling: true
+            hash_stack_config:
+              hash_stack_rounds: 2
+              embedding_size: 1000
+          tag:
+            dim: 4
+            mean_scaling: true
+        """,
+    )
+    assert cfg.feature_index_prefix_bit == 12
+    assert cfg.slot("user") == SlotConfig(dim=16, embedding_summation=False, sample_fixed_size=3)
+    assert cfg.slot("item").sqrt_scaling is True
+    assert cfg.slot("item").hash_stack_config == HashStackConfig(hash_stack_rounds=2, embedding_size=1000)
+    assert cfg.slot("tag").mean_scaling is True
+    # One table per ungrouped feature, indexed in file order.
+    assert [(t.name, t.index, t.dim, t.features) for t in cfg.tables.values()] == [
+        ("user", 0, 16, ("user",)),
+        ("item", 1, 4, ("item",)),
+        ("tag", 2, 4, ("tag",)),
+    ]
+
+
+def test_slot_configs_alias_is_accepted(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slot_configs:
+          user:
+            dim: 8
+            mean_scaling: true
+        """,
+    )
+    assert cfg.slots_config == {"user": SlotConfig(dim=8, mean_scaling=True)}
+    assert cfg.table_of("user").dim == 8
+
+
+def test_slots_config_and_slot_configs_together_are_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user: {dim: 8}
+        slot_configs:
+          item: {dim: 8}
+        """,
+    )
+    assert "'slots_config' or 'slot_configs', not both" in message
+
+
+def test_misspelled_slot_key_names_file_dotted_key_and_suggestion(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user:
+            dim: 8
+            sqrt_scalng: true
+        """,
+    )
+    assert "unknown key 'slots_config.user.sqrt_scalng'" in message
+    assert "did you mean 'sqrt_scaling'?" in message
+
+
+def test_misspelled_hash_stack_key_names_nested_dotted_key(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user:
+            dim: 8
+            hash_stack_config:
+              hash_stack_round: 2
+              embedding_size: 100
+        """,
+    )
+    assert "unknown key 'slots_config.user.hash_stack_config.hash_stack_round'" in message
+    assert "did you mean 'hash_stack_rounds'?" in message
+
+
+def test_misspelled_server_key_names_file_dotted_key_and_suggestion(tmp_path):
+    message = global_error(
+        tmp_path,
+        """
+        embedding_parameter_server_config:
+          capcity: 1000
+        """,
+    )
+    assert "unknown key 'embedding_parameter_server_config.capcity'" in message
+    assert "did you mean 'capacity'?" in message
+
+
+def test_unknown_top_level_key_is_refused_with_suggestion(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user: {dim: 8}
+        feature_group:
+          g: [user]
+        """,
+    )
+    assert "unknown key 'feature_group'" in message
+    assert "did you mean 'feature_groups'?" in message
+
+
+def test_unrelated_unknown_top_level_key_lists_known_keys_without_guess(tmp_path):
+    message = global_error(
+        tmp_path,
+        """
+        zzz: 1
+        """,
+    )
+    assert "unknown key 'zzz'" in message
+    assert "did you mean" not in message
+    assert "common_config" in message and "embedding_parameter_server_config" in message
+
+
+@pytest.mark.parametrize("dim", [0, -3])
+def test_non_positive_dim_is_refused(tmp_path, dim):
+    message = embedding_error(
+        tmp_path,
+        f"""
+        slots_config:
+          user:
+            dim: {dim}
+        """,
+    )
+    assert "'slots_config.user'" in message
+    assert f"dim must be > 0, got {dim}" in message
+
+
+def test_non_positive_sample_fixed_size_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user: {dim: 4, embedding_summation: false, sample_fixed_size: 0}
+        """,
+    )
+    assert "sample_fixed_size must be > 0, got 0" in message
+
+
+def test_missing_dim_is_reported_as_required_key(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user:
+            sqrt_scaling: true
+        """,
+    )
+    assert "missing required key 'slots_config.user.dim'" in message
+
+
+def test_empty_embedding_config_file_misses_slots_config(tmp_path):
+    message = embedding_error(tmp_path, "")
+    assert "missing required key 'slots_config'" in message
+
+
+def test_empty_slots_config_is_refused(tmp_path):
+    message = embedding_error(tmp_path, "slots_config: {}\n")
+    assert "slots_config must name at least one feature" in message
+
+
+@pytest.mark.parametrize("bits", [-1, 64])
+def test_feature_index_prefix_bit_out_of_range_is_refused(tmp_path, bits):
+    message = embedding_error(
+        tmp_path,
+        f"""
+        feature_index_prefix_bit: {bits}
+        slots_config:
+          user: {{dim: 4}}
+        """,
+    )
+    assert f"feature_index_prefix_bit must be in [0, 63], got {bits}" in message
+
+
+def test_sqrt_and_mean_scaling_together_are_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          user:
+            dim: 8
+            sqrt_scaling: true
+            mean_scaling: true
+        """,
+    )
+    assert "'slots_config.user'" in message
+    assert "sqrt_scaling and mean_scaling are exclusive" in message
+
+
+@pytest.mark.parametrize(
+    "slot_yaml, fragment",
+    [
+        ('dim: "8"', "'slots_config.user.dim' must be an integer, got '8'"),
+        ("dim: 8.5", "'slots_config.user.dim' must be an integer, got 8.5"),
+        ("dim: true", "'slots_config.user.dim' must be an integer, got True"),
+        ("dim: 8, embedding_summation: 'yes'", "'slots_config.user.embedding_summation' must be true or false, got 'yes'"),
+        ("dim: 8, mean_scaling: 1", "'slots_config.user.mean_scaling' must be true or false, got 1"),
+        ("dim: 8, sample_fixed_size: [3]", "'slots_config.user.sample_fixed_size' must be an integer, got [3]"),
+        ("dim: 8, hash_stack_config: 5", "'slots_config.user.hash_stack_config' must be a mapping, got int"),
+    ],
+)
+def test_wrong_slot_value_types_are_refused(tmp_path, slot_yaml, fragment):
+    message = embedding_error(tmp_path, f"slots_config:\n  user: {{{slot_yaml}}}\n")
+    assert fragment in message
+
+
+def test_slots_config_as_list_is_refused(tmp_path):
+    message = embedding_error(tmp_path, "slots_config: [user, item]\n")
+    assert "'slots_config' must be a mapping, got list" in message
+
+
+def test_feature_group_members_as_string_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4}
+        feature_groups:
+          g: a
+        """,
+    )
+    assert "'feature_groups.g' must be a list, got str" in message
+
+
+@pytest.mark.parametrize(
+    "server_yaml, fragment",
+    [
+        ('capacity: "lots"', "'embedding_parameter_server_config.capacity' must be an integer, got 'lots'"),
+        ("capacity: 10.0", "'embedding_parameter_server_config.capacity' must be an integer, got 10.0"),
+        ('weight_bound: "high"', "'embedding_parameter_server_config.weight_bound' must be a number, got 'high'"),
+        ("weight_bound: false", "'embedding_parameter_server_config.weight_bound' must be a number, got False"),
+        ("incremental_dir: 3", "'embedding_parameter_server_config.incremental_dir' must be a string, got 3"),
+    ],
+)
+def test_wrong_server_value_types_are_refused(tmp_path, server_yaml, fragment):
+    message = global_error(tmp_path, f"embedding_parameter_server_config:\n  {server_yaml}\n")
+    assert fragment in message
+
+
+def test_section_given_as_scalar_is_refused(tmp_path):
+    message = global_error(tmp_path, "common_config: train\n")
+    assert "'common_config' must be a mapping, got str" in message
+
+
+def test_top_level_list_is_refused(tmp_path):
+    message = embedding_error(tmp_path, "- dim: 8\n")
+    assert "the top level must be a mapping, got list" in message
+
+
+def test_invalid_yaml_syntax_is_reported(tmp_path):
+    message = global_error(tmp_path, "common_config: {job_type: train\n")
+    assert "not valid YAML" in message
+
+
+def test_missing_embedding_config_file_is_reported(tmp_path):
+    path = tmp_path / "nowhere" / "embedding_config.yml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        EmbeddingConfig.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_global_config_file_is_reported(tmp_path):
+    path = tmp_path / "global_config.yml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        GlobalConfig.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_directory_instead_of_file_is_reported_as_not_found(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        GlobalConfig.load(tmp_path)
+
+
+# --------------------------------------------------------------------------- feature groups
+
+
+def test_feature_group_members_share_one_table(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slots_config:
+          user: {dim: 8}
+          clicked_item: {dim: 4}
+          candidate_item: {dim: 4}
+        feature_groups:
+          items: [clicked_item, candidate_item]
+        """,
+    )
+    shared = cfg.table_of("clicked_item")
+    assert cfg.table_of("candidate_item") is shared
+    assert shared.name == "items"
+    assert shared.dim == 4
+    assert shared.features == ("clicked_item", "candidate_item")
+    assert cfg.table_of("user").name == "user"
+    assert cfg.table_of("user").features == ("user",)
+    assert sorted(t.index for t in cfg.tables.values()) == [0, 1]
+    assert len(cfg.tables) == 2
+    assert cfg.table_of("user").salt != shared.salt
+
+
+def test_feature_group_with_unknown_member_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4}
+        feature_groups:
+          g: [a, b]
+        """,
+    )
+    assert "feature group 'g' names unknown feature 'b'" in message
+
+
+def test_feature_group_mixing_dims_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4}
+          b: {dim: 8}
+        feature_groups:
+          g: [a, b]
+        """,
+    )
+    assert "feature group 'g' mixes dims [4, 8]" in message
+
+
+def test_feature_in_two_groups_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4}
+          b: {dim: 4}
+          c: {dim: 4}
+        feature_groups:
+          g: [a, b]
+          h: [c, a]
+        """,
+    )
+    assert "feature 'a' is in two groups: 'g' and 'h'" in message
+
+
+def test_empty_feature_group_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4}
+        feature_groups:
+          g: []
+        """,
+    )
+    assert "feature group 'g' is empty" in message
+
+
+def test_feature_group_named_like_a_feature_is_refused(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4}
+          b: {dim: 4}
+        feature_groups:
+          a: [a, b]
+        """,
+    )
+    assert "feature group 'a' has the same name as a feature" in message
+
+
+def test_unknown_feature_lookup_in_config_names_known_features():
+    cfg = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}, "item": {"dim": 4}}})
+    with pytest.raises(ConfigError, match="unknown feature 'usr'; embedding_config.yml defines: user, item"):
+        cfg.table_of("usr")
+    with pytest.raises(ConfigError, match="unknown feature 'usr'"):
+        cfg.slot("usr")
+
+
+def test_embedding_config_round_trips_through_to_dict(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 4, sqrt_scaling: true}
+          b: {dim: 4, embedding_summation: false, sample_fixed_size: 2}
+          c: {dim: 8, hash_stack_config: {hash_stack_rounds: 3, embedding_size: 50}}
+        feature_groups:
+          g: [a, b]
+        """,
+    )
+    again = EmbeddingConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.fingerprint() == cfg.fingerprint()
+    assert list(again.tables) == list(cfg.tables) == ["g", "c"]
+
+
+# --------------------------------------------------------------------------- global_config.yml
+
+
+def test_global_defaults_from_empty_file(tmp_path):
+    cfg = load_global(tmp_path, "")
+    assert cfg.mode == "train"
+    assert cfg.server.capacity == 1_000_000
+    assert cfg.server.max_ids_per_request == 4_000_000
+    assert cfg.server.weight_bound == 0.0
+    assert cfg.server.enable_incremental_update is False
+    assert cfg.initialization.method == "bounded_uniform"
+    assert (cfg.initialization.lower, cfg.initialization.upper) == (-0.01, 0.01)
+    assert cfg.sparse_optimizer == Adagrad()
+    assert cfg == GlobalConfig.from_dict({})
+
+
+def test_global_values_are_read_from_yaml(tmp_path):
+    cfg = load_global(
+        tmp_path,
+        """
+        common_config:
+          job_type: infer
+        embedding_parameter_server_config:
+          capacity: 5000
+          max_ids_per_request: 100
+          weight_bound: 2
+        initialization:
+          method: bounded_normal
+          lower: -0.5
+          upper: 0.5
+          mean: 0.1
+          std: 0.2
+          seed: 7
+        """,
+    )
+    assert cfg.mode == "infer"
+    assert cfg.server.capacity == 5000
+    assert cfg.server.max_ids_per_request == 100
+    assert cfg.server.weight_bound == 2.0 and isinstance(cfg.server.weight_bound, float)
+    init = cfg.initialization
+    assert (init.method, init.lower, init.upper, init.mean, init.std, init.seed) == (
+        "bounded_normal", -0.5, 0.5, 0.1, 0.2, 7,
+    )
+
+
+@pytest.mark.parametrize("key", ["capacity", "max_ids_per_request", "incremental_buffer_size"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_non_positive_server_sizes_are_refused(tmp_path, key, value):
+    message = global_error(
+        tmp_path,
+        f"""
+        embedding_parameter_server_config:
+          {key}: {value}
+        """,
+    )
+    assert "'embedding_parameter_server_config'" in message
+    assert f"{key} must be > 0, got {value}" in message
+
+
+def test_negative_weight_bound_is_refused(tmp_path):
+    message = global_error(tmp_path, "embedding_parameter_server_config: {weight_bound: -1}\n")
+    assert "weight_bound must be >= 0, got -1.0" in message
+
+
+def test_incremental_update_is_refused_as_unavailable(tmp_path):
+    message = global_error(tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true}\n")
+    assert "enable_incremental_update" in message and "not available" in message
+
+
+@pytest.mark.parametrize("job_type, mode", [("train", "train"), ("infer", "infer"), ("INFER", "infer"), ("Train", "train")])
+def test_job_type_is_accepted_case_insensitively(tmp_path, job_type, mode):
+    cfg = load_global(tmp_path, f"common_config:\n  job_type: {job_type}\n")
+    assert cfg.mode == mode
+    assert cfg.common_config.job_type == mode
+
+
+@pytest.mark.parametrize("job_type", ["serve", "training", "''"])
+def test_unknown_job_type_is_refused(tmp_path, job_type):
+    message = global_error(tmp_path, f"common_config:\n  job_type: {job_type}\n")
+    assert "'common_config'" in message
+    assert "job_type must be 'train' or 'infer'" in message
+
+
+def test_job_type_of_wrong_type_is_refused(tmp_path):
+    message = global_error(tmp_path, "common_config:\n  job_type: 1\n")
+    assert "'common_config.job_type' must be a string, got 1" in message
+
+
+def test_unknown_initialization_method_is_refused(tmp_path):
+    message = global_error(tmp_path, "initialization: {method: gaussian}\n")
+    assert "'initialization'" in message
+    assert "method must be 'bounded_uniform' or 'bounded_normal', got 'gaussian'" in message
+
+
+@pytest.mark.parametrize(
+    "init_yaml, fragment",
+    [
+        ("{lower: 0.1, upper: 0.1}", "lower (0.1) must be < upper (0.1)"),
+        ("{std: 0}", "std must be > 0, got 0.0"),
+        ("{seed: -1}", "seed must be >= 0, got -1"),
+    ],
+)
+def test_initialization_ranges_are_checked(tmp_path, init_yaml, fragment):
+    message = global_error(tmp_path, f"initialization: {init_yaml}\n")
+    assert fragment in message
+
+
+# --------------------------------------------------------------------------- sparse_optimizer
+
+
+def test_missing_sparse_optimizer_defaults_to_adagrad(tmp_path):
+    assert load_global(tmp_path, "common_config: {job_type: train}\n").sparse_optimizer == Adagrad()
+    assert load_global(tmp_path, "sparse_optimizer:\n").sparse_optimizer == Adagrad()
+
+
+def test_sgd_optimizer_section(tmp_path):
+    cfg = load_global(
+        tmp_path,
+        """
+        sparse_optimizer:
+          type: sgd
+          lr: 0.5
+          weight_decay: 0.01
+        """,
+    )
+    assert cfg.sparse_optimizer == SGD(lr=0.5, weight_decay=0.01)
+
+
+def test_adagrad_optimizer_section(tmp_path):
+    cfg = load_global(
+        tmp_path,
+        """
+        sparse_optimizer:
+          type: adagrad
+          lr: 0.05
+          initial_accumulator_value: 0.1
+          weight_decay: 0.001
+          g_square_momentum: 0.9
+          eps: 0.001
+          vectorwise_shared: true
+        """,
+    )
+    assert cfg.sparse_optimizer == Adagrad(
+        lr=0.05, initial_accumulator_value=0.1, weight_decay=0.001, g_square_momentum=0.9, eps=0.001,
+        vectorwise_shared=True,
+    )
+    assert cfg.sparse_optimizer.state_width(16) == 1
+
+
+def test_adam_optimizer_section_reads_betas_list(tmp_path):
+    cfg = load_global(
+        tmp_path,
+        """
+        sparse_optimizer:
+          type: Adam
+          lr: 0.002
+          betas: [0.8, 0.99]
+          eps: 0.0001
+          weight_decay: 0.1
+        """,
+    )
+    opt = cfg.sparse_optimizer
+    assert opt == Adam(lr=0.002, betas=(0.8, 0.99), eps=0.0001, weight_decay=0.1)
+    assert opt.betas == (0.8, 0.99)
+    assert opt.state_width(4) == 9
+
+
+def test_unknown_optimizer_type_is_refused(tmp_path):
+    message = global_error(tmp_path, "sparse_optimizer: {type: rmsprop}\n")
+    assert "'sparse_optimizer.type' must be one of ['adagrad', 'adam', 'sgd'], got 'rmsprop'" in message
+
+
+def test_unknown_optimizer_key_is_refused_with_suggestion(tmp_path):
+    message = global_error(tmp_path, "sparse_optimizer: {type: adam, beta: [0.9, 0.99]}\n")
+    assert "unknown key 'sparse_optimizer.beta'" in message
+    assert "did you mean 'betas'?" in message
+
+
+def test_key_of_another_optimizer_is_refused(tmp_path):
+    message = global_error(tmp_path, "sparse_optimizer: {type: sgd, initial_accumulator_value: 0.1}\n")
+    assert "unknown key 'sparse_optimizer.initial_accumulator_value'" in message
+    assert "known keys: lr, weight_decay" in message
+
+
+@pytest.mark.parametrize(
+    "opt_yaml, fragment",
+    [
+        ("{type: sgd, lr: 0}", "lr must be > 0, got 0.0"),
+        ("{type: adagrad, lr: -1}", "lr must be > 0, got -1.0"),
+        ("{type: adagrad, g_square_momentum: 0}", "g_square_momentum must be in (0, 1], got 0.0"),
+        ("{type: adagrad, g_square_momentum: 1.5}", "g_square_momentum must be in (0, 1], got 1.5"),
+        ("{type: adagrad, initial_accumulator_value: -0.1}", "initial_accumulator_value must be >= 0, got -0.1"),
+        ("{type: adam, betas: [0.9, 1.0]}", "betas must be two numbers in [0, 1), got [0.9, 1.0]"),
+        ("{type: adam, betas: [0.9]}", "betas must be two numbers in [0, 1), got [0.9]"),
+        ("{type: adam, eps: 0}", "eps must be > 0, got 0.0"),
+        ("{type: sgd, weight_decay: -0.5}", "weight_decay must be >= 0, got -0.5"),
+    ],
+)
+def test_optimizer_values_out_of_range_are_refused(tmp_path, opt_yaml, fragment):
+    message = global_error(tmp_path, f"sparse_optimizer: {opt_yaml}\n")
+    assert "'sparse_optimizer'" in message
+    assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "opt_yaml, fragment",
+    [
+        ("{type: sgd, lr: fast}", "'sparse_optimizer.lr' must be a number, got 'fast'"),
+        ("{type: adagrad, vectorwise_shared: 1}", "'sparse_optimizer.vectorwise_shared' must be true or false, got 1"),
+        ("{type: adam, betas: 0.9}", "'sparse_optimizer.betas' must be a list, got float"),
+        ("{type: adam, betas: [0.9, x]}", "'sparse_optimizer.betas[1]' must be a number, got 'x'"),
+    ],
+)
+def test_optimizer_values_of_wrong_type_are_refused(tmp_path, opt_yaml, fragment):
+    message = global_error(tmp_path, f"sparse_optimizer: {opt_yaml}\n")
+    assert fragment in message
+
+
+def test_sparse_optimizer_as_list_is_refused(tmp_path):
+    message = global_error(tmp_path, "sparse_optimizer: [adam]\n")
+    assert "'sparse_optimizer' must be a mapping" in message
+
+
+@pytest.mark.parametrize("opt", [SGD(lr=0.3, weight_decay=0.1), Adagrad(lr=0.2, vectorwise_shared=True), Adam(betas=(0.5, 0.6))])
+def test_optimizer_round_trips_through_to_dict(opt):
+    assert optimizer_from_dict(opt.to_dict()) == opt
+
+
+def test_scientific_notation_floats_load_as_numbers(tmp_path):
+    # `ctrserve config-reference` prints float defaults with repr(), e.g. Adagrad's eps as
+    # "1e-10"; copying that value into global_config.yml must give the same number.
+    cfg = load_global(
+        tmp_path,
+        """
+        sparse_optimizer:
+          type: adagrad
+          lr: 1e-3
+          eps: 1e-10
+        """,
+    )
+    assert cfg.sparse_optimizer == Adagrad(lr=1e-3, eps=1e-10)
