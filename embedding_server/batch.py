@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import InvalidRequestError
+from embedding_server.errors import InvalidRequestError, describe_value
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class SparseFeature:
 
     def __post_init__(self) -> None:
         if not isinstance(self.ids, np.ndarray) or self.ids.dtype != np.uint64 or self.ids.ndim != 1:
-            raise InvalidRequestError(f"feature '{self.name}': ids must be a 1-D uint64 array, got {_describe(self.ids)}")
+            raise InvalidRequestError(f"feature '{self.name}': ids must be a 1-D uint64 array, got {describe_value(self.ids)}")
         off = self.offsets
         if not isinstance(off, np.ndarray) or off.dtype != np.int64 or off.ndim != 1 or off.shape[0] < 1:
             raise InvalidRequestError(f"feature '{self.name}': offsets must be a 1-D int64 array of batch_size + 1 entries")
@@ -115,8 +115,3 @@ def _as_ids(name: str, index: int, sample: object) -> np.ndarray:
         return np.array(sample, np.uint64)
     raise InvalidRequestError(f"feature '{name}', sample {index}: expected a uint64 array or a list, got {type(sample).__name__}")
 
-
-def _describe(x: object) -> str:
-    if isinstance(x, np.ndarray):
-        return f"{x.dtype} array of shape {x.shape}"
-    return type(x).__name__

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -123,8 +124,16 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             raise ConfigError(f"{source}: '{path}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string; accept what is plainly a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{path}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{path}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -16,3 +16,11 @@ class InvalidRequestError(ValueError):
 
 class ShardUnavailableError(RuntimeError):
     """An embedding server could not be reached or failed while serving a request."""
+
+
+def describe_value(x: object) -> str:
+    """"uint64 array of shape (3,)" or a type name, for error messages."""
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{dtype} array of shape {tuple(shape)}"
+    return type(x).__name__

@@ -87,9 +87,11 @@ class ServerMetrics:
                 )
             return out
 
-    def serve_http(self, port: int, address: str = "127.0.0.1") -> None:
-        """Serve ``/metrics`` in Prometheus text format on a background thread."""
-        start_http_server(port, addr=address, registry=self.registry)
+    def serve_http(self, port: int, address: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` in Prometheus text format on a background thread; returns the
+        bound port (``port=0`` picks a free one)."""
+        httpd, _ = start_http_server(port, addr=address, registry=self.registry)
+        return httpd.server_port
 
 
 class _StoreCollector:

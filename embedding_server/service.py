@@ -25,10 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from embedding_server import checkpoint, wire
 from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import InvalidRequestError
+from embedding_server.errors import ConfigError, InvalidRequestError
 from embedding_server.metrics import ServerMetrics
 from embedding_server.optimizers import optimizer_from_dict
-from embedding_server.errors import ConfigError
 from embedding_server.storage import StorageError
 from embedding_server.store import EmbeddingStore
 from protos.embedding import pb, pb_grpc
@@ -179,8 +178,7 @@ def start_server(
     server.start()
     bound_metrics = None
     if metrics_port is not None:
-        bound_metrics = metrics_port or _free_port(host)
-        metrics.serve_http(bound_metrics, host)
+        bound_metrics = metrics.serve_http(metrics_port, host)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -190,10 +188,3 @@ def start_server(
     )
     return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics)
 
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -24,7 +24,7 @@ import numpy as np
 
 from embedding_server import kernels
 from embedding_server.config import EmbeddingConfig, GlobalConfig, TableSpec
-from embedding_server.errors import InvalidRequestError
+from embedding_server.errors import InvalidRequestError, describe_value
 from embedding_server.optimizers import SGD, SparseOptimizer
 
 
@@ -296,9 +296,9 @@ class EmbeddingStore:
 
     def _check_keys(self, ids: np.ndarray, tables: np.ndarray) -> int:
         if not isinstance(ids, np.ndarray) or ids.dtype != np.uint64 or ids.ndim != 1:
-            raise InvalidRequestError(f"ids must be a 1-D uint64 array, got {_describe(ids)}")
+            raise InvalidRequestError(f"ids must be a 1-D uint64 array, got {describe_value(ids)}")
         if not isinstance(tables, np.ndarray) or tables.dtype != np.uint16 or tables.shape != ids.shape:
-            raise InvalidRequestError(f"tables must be a uint16 array shaped like ids {ids.shape}, got {_describe(tables)}")
+            raise InvalidRequestError(f"tables must be a uint16 array shaped like ids {ids.shape}, got {describe_value(tables)}")
         if ids.shape[0] == 0:
             raise InvalidRequestError("empty request: no ids")
         limit = self.global_config.server.max_ids_per_request
@@ -352,8 +352,3 @@ def unique_keys(ids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.nda
     count = kernels.unique_keys(ids, tables, uniq_ids, uniq_tabs, inverse)
     return uniq_ids[:count], uniq_tabs[:count], inverse
 
-
-def _describe(x: object) -> str:
-    if isinstance(x, np.ndarray):
-        return f"{x.dtype} array of shape {x.shape}"
-    return type(x).__name__
