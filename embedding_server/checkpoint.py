@@ -101,12 +101,18 @@ def load_store(store: EmbeddingStore, directory: str) -> int:
     manifest = read_manifest(storage)
     optimizer = optimizer_from_dict(manifest["optimizer"], f"{directory}/{MANIFEST}", "optimizer")
     decoded = [_decode(storage, path, store) for path in manifest["files"]]
+    masks = [store.owns(r.ids, np.full(r.ids.shape[0], r.table.index, np.uint16)) for r in decoded]
+    total = sum(int(m.sum()) for m in masks)
+    if total > store.capacity:  # refuse before clearing: a failed load keeps the current rows
+        raise InvalidRequestError(
+            f"{directory}: {total} rows belong to shard {store.shard_index} of {store.num_shards}, more than its "
+            f"capacity of {store.capacity} rows; raise capacity or use more shards"
+        )
     store.clear()
     if store.mode == "train":
         store.set_optimizer(optimizer)
     loaded = 0
-    for rows in decoded:
-        mine = store.owns(rows.ids, np.full(rows.ids.shape[0], rows.table.index, np.uint16))
+    for rows, mine in zip(decoded, masks):
         width = store.optimizer.state_width(rows.table.dim)
         state = rows.state[mine] if store.mode == "train" else np.zeros((int(mine.sum()), width), np.float32)
         store.put(TableRows(rows.table, rows.ids[mine], rows.weights[mine], state))

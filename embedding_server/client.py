@@ -232,7 +232,7 @@ def _assemble(
         if slot.embedding_summation:
             pooled_idx.append(idx)
             pooled_off.append(offsets[:-1] + total)
-            pooled_w.append(_bag_weights(f.lengths, slot))
+            pooled_w.append(_bag_weights(f.lengths, slot))  # f is hash-stacked: see _bag_weights
             pooled_names.append(f.name)
             total += n
         else:
@@ -240,7 +240,9 @@ def _assemble(
     if pooled_names:
         bags = F.embedding_bag(
             torch.cat(pooled_idx),
-            rows if rows.shape[0] else torch.zeros((1, dim), dtype=rows.dtype),
+            # embedding_bag needs a non-empty table even when every bag is empty; the extra zero
+            # row keeps the result attached to ``rows`` for autograd.
+            rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
             torch.cat(pooled_off),
             mode="sum",
             per_sample_weights=_fill_weights(pooled_w, pooled_idx),
@@ -251,9 +253,12 @@ def _assemble(
 
 
 def _bag_weights(lengths: np.ndarray, slot: SlotConfig) -> torch.Tensor | None:
+    """Per-id weights for mean or sqrt scaling. ``lengths`` count hash-stacked ids; the scale
+    uses the number of raw ids (the rounds of one raw id sum into that id's embedding)."""
     if not (slot.mean_scaling or slot.sqrt_scaling):
         return None
-    n = np.maximum(lengths, 1).astype(np.float32)
+    rounds = slot.hash_stack_config.hash_stack_rounds if slot.hash_stack_config else 1
+    n = np.maximum(lengths // rounds, 1).astype(np.float32)
     scale = 1.0 / (n if slot.mean_scaling else np.sqrt(n))
     return torch.from_numpy(np.repeat(scale, lengths).astype(np.float32))
 

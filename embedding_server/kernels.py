@@ -261,6 +261,19 @@ def lookup(
 
 
 @njit(cache=True, nogil=True)
+def touch_rows(slots, row_tick, meta, salts, ids, tables, start):
+    """Mark every stored key of ids[start:] as used by the current request, so that an eviction
+    sweep run in the middle of the request never takes a row the request still needs."""
+    tick = np.uint32(meta[META_TICK])
+    for i in range(start, ids.shape[0]):
+        key = ids[i]
+        tab = tables[i]
+        _, r = _find(slots, key, tab, mix64(key ^ salts[tab]))
+        if r >= 0:
+            row_tick[r] = tick
+
+
+@njit(cache=True, nogil=True)
 def evict_rows(slots, row_slot, row_tick, meta, salts, rows):
     """Remove the given rows' keys from the index and mark the rows free."""
     for i in range(rows.shape[0]):

@@ -164,11 +164,10 @@ class EmbeddingStore:
         self._check_fits(ids, tables)
         rows = np.empty(ids.shape[0], np.int64)
         with self._lock:
+            # Insert what is missing (marking every key as used, so none is evicted), then find rows.
+            self._lookup_locked(ids, tables, True, None)
             kernels.find_rows(self._slots, self._salts, ids, tables, rows)
-            missing = rows < 0
-            if missing.any():
-                self._lookup_locked(ids[missing], tables[missing], True, None)
-                kernels.find_rows(self._slots, self._salts, ids, tables, rows)
+            assert (rows >= 0).all(), "a key of this request was evicted by the same request"
             kernels.apply_gradients(
                 self._weights, self._state, rows, self._dims, tables, np.ascontiguousarray(grads), self._kind,
                 self._opt_params, float(self.global_config.server.weight_bound),
@@ -188,6 +187,7 @@ class EmbeddingStore:
             )
             if start == ids.shape[0]:
                 break
+            kernels.touch_rows(self._slots, self._row_tick, self._meta, self._salts, ids, tables, start)
             self._evict_locked()
         if out is not None:
             if out.shape[1] == self._weights.shape[1]:
@@ -197,7 +197,8 @@ class EmbeddingStore:
 
     def _evict_locked(self) -> None:
         """Free the least recently used rows (a sweep of ``evictions_per_sweep``), sparing every
-        row the current request has used. Sweeping in bulk keeps the cost per insert small."""
+        row the current request uses (the caller has touched them all with the current tick).
+        Sweeping in bulk keeps the cost per insert small."""
         ticks = self._row_tick
         k = min(self.evictions_per_sweep, ticks.shape[0])
         victims = np.argpartition(ticks, k - 1)[:k]
@@ -335,8 +336,8 @@ class EmbeddingStore:
             )
 
     def _check_fits(self, ids: np.ndarray, tables: np.ndarray) -> None:
-        # Rows touched by one request move to the LRU head, so eviction only takes rows this
-        # request does not use, as long as its distinct keys fit in the store.
+        # Before an eviction sweep every stored key of the request gets the current tick, so the
+        # sweep only takes rows this request does not use, as long as its distinct keys fit.
         if ids.shape[0] > self.capacity and unique_keys(ids, tables)[0].shape[0] > self.capacity:
             raise InvalidRequestError(
                 f"request has more distinct ids than this shard's capacity of {self.capacity} rows"

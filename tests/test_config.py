@@ -718,3 +718,14 @@ def test_scientific_notation_floats_load_as_numbers(tmp_path):
         """,
     )
     assert cfg.sparse_optimizer == Adagrad(lr=1e-3, eps=1e-10)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_floats_are_refused(tmp_path, value):
+    message = global_error(tmp_path, f"embedding_parameter_server_config:\n  weight_bound: {value}\n")
+    assert "'embedding_parameter_server_config.weight_bound' must be a finite number" in message
+
+
+def test_exponent_string_that_is_not_a_number_is_still_refused(tmp_path):
+    message = global_error(tmp_path, "sparse_optimizer: {type: sgd, lr: 1e-3x}\n")
+    assert "'sparse_optimizer.lr' must be a number, got '1e-3x'" in message

@@ -1,0 +1,448 @@
+"""Batch lookups through InProcessEmbeddingClient: pooling, raw slots, hash stacking, gradient
+pushes, request validation, and independence from the shard count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from embedding_server.batch import SparseFeature
+from embedding_server.client import InProcessEmbeddingClient, RawEmbedding
+from embedding_server.config import EmbeddingConfig, GlobalConfig
+from embedding_server.errors import InvalidRequestError
+
+EMB = EmbeddingConfig.from_dict(
+    {
+        "slots_config": {
+            "user": {"dim": 4},
+            "item": {"dim": 4, "mean_scaling": True},
+            "tag": {"dim": 4, "sqrt_scaling": True},
+            "hist": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 3},
+            "clicked": {"dim": 8},
+            "candidate": {"dim": 8},
+            "city": {"dim": 8, "hash_stack_config": {"hash_stack_rounds": 3, "embedding_size": 50}},
+        },
+        "feature_groups": {"items8": ["clicked", "candidate"]},
+    }
+)
+
+
+def glob(capacity: int = 512, optimizer=None, mode: str = "train") -> GlobalConfig:
+    return GlobalConfig.from_dict(
+        {
+            "common_config": {"job_type": mode},
+            "embedding_parameter_server_config": {"capacity": capacity},
+            "sparse_optimizer": optimizer or {"type": "sgd", "lr": 0.5},
+            "initialization": {"lower": -1.0, "upper": 1.0},
+        }
+    )
+
+
+def client(num_shards: int = 1, **kw) -> InProcessEmbeddingClient:
+    return InProcessEmbeddingClient(EMB, glob(**kw), num_shards=num_shards)
+
+
+def feat(name: str, samples) -> SparseFeature:
+    return SparseFeature.from_lists(name, samples)
+
+
+def row(c: InProcessEmbeddingClient, feature: str, i: int) -> np.ndarray:
+    """One id's vector, read straight from the store (independent of the client's pooling)."""
+    table = EMB.table_of(feature)
+    (store,) = c.stores
+    return store.lookup(np.array([i], np.uint64), np.array([table.index], np.uint16))[0].copy()
+
+
+def rows_of(c: InProcessEmbeddingClient, feature: str, ids) -> np.ndarray:
+    dim = EMB.table_of(feature).dim
+    return np.stack([row(c, feature, i) for i in ids]) if len(ids) else np.zeros((0, dim), np.float32)
+
+
+def all_rows(c: InProcessEmbeddingClient) -> dict[tuple[str, int], np.ndarray]:
+    out = {}
+    for store in c.stores:
+        for r in store.rows():
+            for i, w in zip(r.ids.tolist(), r.weights):
+                out[(r.table.name, i)] = w.copy()
+    return out
+
+
+def close(actual: torch.Tensor, expected: np.ndarray) -> None:
+    torch.testing.assert_close(actual, torch.from_numpy(np.asarray(expected, np.float32)), atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def test_pooled_sum_equals_sum_of_rows():
+    c = client()
+    samples = [[1, 2, 3], [2], [7, 7, 2**64 - 1]]
+    out = c.lookup([feat("user", samples)])["user"]
+    assert out.shape == (3, 4) and out.dtype == torch.float32
+    expected = np.stack([rows_of(c, "user", s).sum(axis=0) for s in samples])
+    close(out, expected)
+
+
+def test_mean_scaling_divides_by_number_of_ids():
+    c = client()
+    samples = [[1, 2, 3], [4], [5, 5]]
+    out = c.lookup([feat("item", samples)])["item"]
+    close(out, np.stack([rows_of(c, "item", s).mean(axis=0) for s in samples]))
+
+
+def test_sqrt_scaling_divides_by_sqrt_of_number_of_ids():
+    c = client()
+    samples = [[1, 2, 3, 4], [9], [5, 6]]
+    out = c.lookup([feat("tag", samples)])["tag"]
+    close(out, np.stack([rows_of(c, "tag", s).sum(axis=0) / np.sqrt(len(s)) for s in samples]))
+
+
+def test_features_with_different_pooling_in_one_batch_are_independent():
+    c = client()
+    batch = [feat("user", [[1, 2], [3]]), feat("item", [[1, 2], [3]]), feat("tag", [[1, 2], [3]])]
+    out = c.lookup(batch)
+    u = [rows_of(c, "user", s) for s in ([1, 2], [3])]
+    i = [rows_of(c, "item", s) for s in ([1, 2], [3])]
+    t = [rows_of(c, "tag", s) for s in ([1, 2], [3])]
+    close(out["user"], np.stack([x.sum(0) for x in u]))
+    close(out["item"], np.stack([x.mean(0) for x in i]))
+    close(out["tag"], np.stack([x.sum(0) / np.sqrt(x.shape[0]) for x in t]))
+    # Same ids in different tables are different rows.
+    assert not np.array_equal(row(c, "user", 1), row(c, "item", 1))
+
+
+@pytest.mark.parametrize("feature", ["user", "item", "tag"])
+def test_empty_samples_give_zero_vectors(feature):
+    c = client()
+    out = c.lookup([feat(feature, [[], [1, 2], []])])[feature]
+    assert torch.count_nonzero(out[0]) == 0 and torch.count_nonzero(out[2]) == 0
+    assert torch.count_nonzero(out[1]) > 0
+
+
+def test_batch_with_only_empty_samples_gives_zeros():
+    c = client()
+    out = c.lookup([feat("user", [[], []]), feat("hist", [[], []])])
+    torch.testing.assert_close(out["user"], torch.zeros(2, 4))
+    torch.testing.assert_close(out["hist"].values, torch.zeros(2, 3, 4))
+    assert not out["hist"].mask.any()
+    assert sum(s["rows"] for s in c.stats()) == 0
+
+
+def test_grouped_features_share_rows():
+    c = client()
+    out = c.lookup([feat("clicked", [[5, 6]]), feat("candidate", [[5, 6]])])
+    torch.testing.assert_close(out["clicked"], out["candidate"], atol=0, rtol=0)
+    assert sum(s["rows"] for s in c.stats()) == 2
+
+
+# --------------------------------------------------------------------------- raw slots
+
+
+def test_raw_slot_gives_values_and_mask():
+    c = client()
+    samples = [[1, 2], [], [3, 4, 5]]
+    out = c.lookup([feat("hist", samples)])["hist"]
+    assert isinstance(out, RawEmbedding)
+    assert out.values.shape == (3, 3, 4) and out.mask.shape == (3, 3)
+    assert out.mask.dtype == torch.bool
+    assert out.mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    expected = np.zeros((3, 3, 4), np.float32)
+    for b, s in enumerate(samples):
+        for p, i in enumerate(s):
+            expected[b, p] = row(c, "hist", i)
+    close(out.values, expected)
+
+
+def test_raw_slot_truncates_ids_beyond_sample_fixed_size():
+    c = client()
+    out = c.lookup([feat("hist", [[1, 2, 3, 4, 5], [6]])])["hist"]
+    assert out.values.shape == (2, 3, 4)
+    assert out.mask.tolist() == [[True, True, True], [True, False, False]]
+    close(out.values[0], rows_of(c, "hist", [1, 2, 3]))
+    close(out.values[1, 0], row(c, "hist", 6))
+    assert torch.count_nonzero(out.values[1, 1:]) == 0
+
+
+def test_raw_slot_keeps_repeated_ids_in_place():
+    c = client()
+    out = c.lookup([feat("hist", [[4, 9, 4]])])["hist"]
+    torch.testing.assert_close(out.values[0, 0], out.values[0, 2], atol=0, rtol=0)
+    assert not torch.equal(out.values[0, 0], out.values[0, 1])
+
+
+# --------------------------------------------------------------------------- hash stacking
+
+
+def test_hash_stacking_sums_one_row_per_round():
+    c = client()
+    out = c.lookup([feat("city", [[123456789]])])["city"]
+    (table_rows,) = [r for r in c.stores[0].rows() if r.table.name == "city"]
+    # One raw id became exactly `rounds` stored ids, one in each round's id range.
+    assert table_rows.ids.shape[0] == 3
+    rounds = sorted(int(i) // 50 for i in table_rows.ids)
+    assert rounds == [0, 1, 2]
+    close(out[0], table_rows.weights.sum(axis=0))
+
+
+def test_hash_stacking_maps_raw_ids_deterministically():
+    c = client()
+    out = c.lookup([feat("city", [[2**64 - 1], [77], [2**64 - 1], [77, 2**64 - 1]])])["city"]
+    torch.testing.assert_close(out[0], out[2], atol=0, rtol=0)
+    assert not torch.equal(out[0], out[1])
+    close(out[3], (out[0] + out[1]).numpy())
+    held = {int(i) for r in c.stores[0].rows() if r.table.name == "city" for i in r.ids}
+    assert len(held) <= 6
+    assert all(0 <= i < 150 for i in held)
+
+
+def test_hash_stacked_ids_stay_within_embedding_size_per_round():
+    c = client(capacity=1024)
+    c.lookup([feat("city", [list(range(1000, 1200))])])
+    held = np.array([int(i) for r in c.stores[0].rows() if r.table.name == "city" for i in r.ids])
+    assert held.max() < 150
+    # Every round's range is used (the hash spreads raw ids over it).
+    for r in range(3):
+        in_round = held[(held >= 50 * r) & (held < 50 * (r + 1))]
+        assert in_round.shape[0] > 40
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_push_gradients_changes_exactly_the_looked_up_rows():
+    c = client(optimizer={"type": "sgd", "lr": 0.5})
+    # Rows that exist but are not part of the batch must not move.
+    c.lookup([feat("user", [[100, 101]]), feat("item", [[100]]), feat("hist", [[100]])])
+    before = all_rows(c)
+    user = [[1, 2], [2]]
+    item = [[3, 4], []]
+    hist = [[5, 6, 7, 8], [5]]  # 8 is beyond sample_fixed_size: looked up, gets no gradient
+    batch = [feat("user", user), feat("item", item), feat("hist", hist)]
+    result = c.lookup(batch, requires_grad=True)
+    weights_u = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]])
+    weights_h = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10
+    loss = (result["user"] * weights_u).sum() + (result["item"] * weights_u).sum() + (result["hist"].values * weights_h).sum()
+    loss.backward()
+    looked_up = all_rows(c)  # the lookup itself inserted the new rows
+    c.push_gradients(result)
+    after = all_rows(c)
+
+    lr = 0.5
+    w = weights_u.numpy()
+    h = weights_h.numpy()
+    expected = dict(looked_up)
+    expected[("user", 1)] = looked_up[("user", 1)] - lr * w[0]
+    expected[("user", 2)] = looked_up[("user", 2)] - lr * (w[0] + w[1])
+    expected[("item", 3)] = looked_up[("item", 3)] - lr * w[0] / 2
+    expected[("item", 4)] = looked_up[("item", 4)] - lr * w[0] / 2
+    expected[("hist", 5)] = looked_up[("hist", 5)] - lr * (h[0, 0] + h[1, 0])
+    expected[("hist", 6)] = looked_up[("hist", 6)] - lr * h[0, 1]
+    expected[("hist", 7)] = looked_up[("hist", 7)] - lr * h[0, 2]
+    assert set(after) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(after[key], value, atol=1e-6, rtol=0, err_msg=str(key))
+    changed = {k for k in after if not np.array_equal(after[k], looked_up[k])}
+    assert changed == {("user", 1), ("user", 2), ("item", 3), ("item", 4), ("hist", 5), ("hist", 6), ("hist", 7)}
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+
+
+def test_push_gradients_without_backward_changes_nothing():
+    c = client(optimizer={"type": "sgd", "lr": 0.5})
+    result = c.lookup([feat("user", [[1, 2]])], requires_grad=True)
+    before = all_rows(c)
+    c.push_gradients(result)
+    after = all_rows(c)
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_lookup_without_requires_grad_gives_no_grad_tensors():
+    c = client()
+    result = c.lookup([feat("user", [[1]])])
+    assert not result["user"].requires_grad
+    result = c.lookup([feat("user", [[1]])], requires_grad=True)
+    assert result["user"].requires_grad
+
+
+def test_gradients_of_grouped_features_sum_into_shared_row():
+    c = client(optimizer={"type": "sgd", "lr": 1.0})
+    start = row(c, "clicked", 5)
+    result = c.lookup([feat("clicked", [[5]]), feat("candidate", [[5]])], requires_grad=True)
+    (result["clicked"].sum() + 2 * result["candidate"].sum()).backward()
+    c.push_gradients(result)
+    np.testing.assert_allclose(row(c, "clicked", 5), start - 3.0, atol=1e-6, rtol=0)
+
+
+def test_infer_mode_client_reads_zeros():
+    c = client(mode="infer")
+    out = c.lookup([feat("user", [[1, 2]]), feat("hist", [[3]])])
+    torch.testing.assert_close(out["user"], torch.zeros(1, 4))
+    torch.testing.assert_close(out["hist"].values, torch.zeros(1, 3, 4))
+    assert out["hist"].mask.tolist() == [[True, False, False]]
+
+
+# --------------------------------------------------------------------------- invalid requests
+
+
+def test_unknown_feature_is_refused():
+    c = client()
+    with pytest.raises(InvalidRequestError, match="unknown feature 'usr'; embedding_config.yml defines: user, item"):
+        c.lookup([feat("usr", [[1]])])
+
+
+def test_disagreeing_batch_sizes_are_refused():
+    c = client()
+    with pytest.raises(InvalidRequestError, match=r"features disagree on the batch size: \{'user': 2, 'item': 3\}"):
+        c.lookup([feat("user", [[1], [2]]), feat("item", [[1], [2], [3]])])
+    assert sum(s["rows"] for s in c.stats()) == 0
+
+
+def test_repeated_feature_is_refused():
+    c = client()
+    with pytest.raises(InvalidRequestError, match="feature 'user' appears twice in the batch"):
+        c.lookup([feat("user", [[1]]), feat("user", [[2]])])
+
+
+def test_empty_batch_is_refused():
+    c = client()
+    with pytest.raises(InvalidRequestError, match="empty batch: no sparse features given"):
+        c.lookup([])
+    with pytest.raises(InvalidRequestError, match="empty batch: batch size is 0"):
+        c.lookup([feat("user", [])])
+
+
+def test_uint32_ids_are_refused():
+    with pytest.raises(InvalidRequestError, match="feature 'user', sample 1: ids must be uint64, got uint32"):
+        SparseFeature.from_lists("user", [np.array([1], np.uint64), np.array([2], np.uint32)])
+    with pytest.raises(InvalidRequestError, match="feature 'user': ids must be a 1-D uint64 array, got uint32 array"):
+        SparseFeature("user", np.array([1, 2], np.uint32), np.array([0, 2], np.int64))
+
+
+def test_signed_int64_id_arrays_are_refused():
+    with pytest.raises(InvalidRequestError, match="ids must be uint64, got int64"):
+        SparseFeature.from_lists("user", [np.array([-1, 2], np.int64)])
+
+
+@pytest.mark.parametrize("sample", [[1, -2], [-(2**63)], [2**64]])
+def test_ids_outside_uint64_in_lists_are_refused(sample):
+    with pytest.raises(InvalidRequestError, match=r"feature 'user', sample 0: ids must be in \[0, 2\*\*64\)"):
+        SparseFeature.from_lists("user", [sample])
+
+
+@pytest.mark.parametrize("sample", [[1.5], [True], ["3"]])
+def test_non_integer_ids_in_lists_are_refused(sample):
+    with pytest.raises(InvalidRequestError, match="feature 'user', sample 0: ids must be integers"):
+        SparseFeature.from_lists("user", [sample])
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [np.array([0, 3], np.int64), np.array([1, 2], np.int64), np.array([0, 2, 1, 2], np.int64)],
+)
+def test_offsets_that_do_not_describe_ids_are_refused(offsets):
+    with pytest.raises(InvalidRequestError, match="offsets must rise from 0 to the number of ids"):
+        SparseFeature("user", np.array([1, 2], np.uint64), offsets)
+
+
+def test_offsets_of_wrong_dtype_are_refused():
+    with pytest.raises(InvalidRequestError, match="offsets must be a 1-D int64 array"):
+        SparseFeature("user", np.array([1, 2], np.uint64), np.array([0, 2], np.int32))
+
+
+def test_sparse_feature_from_lists_builds_csr_layout():
+    f = SparseFeature.from_lists("user", [[3, 5], [], np.array([7], np.uint64)])
+    assert f.batch_size == 3
+    assert f.ids.dtype == np.uint64 and f.ids.tolist() == [3, 5, 7]
+    assert f.offsets.tolist() == [0, 2, 2, 3]
+    assert f.lengths.tolist() == [2, 0, 1]
+
+
+def test_request_beyond_server_limit_is_refused_by_lookup():
+    g = GlobalConfig.from_dict({"embedding_parameter_server_config": {"capacity": 512, "max_ids_per_request": 5}})
+    c = InProcessEmbeddingClient(EMB, g)
+    with pytest.raises(InvalidRequestError, match="request carries 6 ids; the limit is 5"):
+        c.lookup([feat("user", [[1, 2, 3, 4, 5, 6]])])
+
+
+# --------------------------------------------------------------------------- shard count independence
+
+
+FEATURES = ["user", "item", "tag", "hist", "clicked", "candidate", "city"]
+ids_strategy = st.one_of(st.integers(0, 30), st.integers(0, 2**64 - 1))
+
+
+@st.composite
+def batches(draw):
+    batch_size = draw(st.integers(1, 4))
+    names = draw(st.lists(st.sampled_from(FEATURES), min_size=1, max_size=len(FEATURES), unique=True))
+    return [
+        (name, [draw(st.lists(ids_strategy, max_size=5)) for _ in range(batch_size)])
+        for name in names
+    ]
+
+
+def as_numpy(result) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in result.embeddings.items():
+        if isinstance(value, RawEmbedding):
+            out[name] = value.values.detach().numpy().copy()
+            out[name + ".mask"] = value.mask.numpy().copy()
+        else:
+            out[name] = value.detach().numpy().copy()
+    return out
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), grad_seed=st.integers(0, 2**31 - 1))
+def test_one_and_three_shards_give_identical_answers(batch, grad_seed):
+    clients = [client(1, optimizer={"type": "adagrad", "lr": 0.1}), client(3, optimizer={"type": "adagrad", "lr": 0.1})]
+    answers = []
+    for c in clients:
+        features = [SparseFeature.from_lists(name, samples) for name, samples in batch]
+        result = c.lookup(features, requires_grad=True)
+        first = as_numpy(result)
+        # A gradient step routed through the shards, then a second lookup of the same batch.
+        gen = torch.Generator().manual_seed(grad_seed)
+        loss = 0
+        for name in sorted(result.embeddings):
+            value = result.embeddings[name]
+            tensor = value.values if isinstance(value, RawEmbedding) else value
+            loss = loss + (tensor * torch.randn(tensor.shape, generator=gen)).sum()
+        if loss.requires_grad:  # false when every sample of the batch is empty
+            loss.backward()
+        c.push_gradients(result)
+        second = as_numpy(c.lookup(features))
+        answers.append((first, second, sum(s["rows"] for s in c.stats())))
+    (first1, second1, rows1), (first3, second3, rows3) = answers
+    assert first1.keys() == first3.keys() == {n for n, _ in batch} | {"hist.mask" for n, _ in batch if n == "hist"}
+    for name in first1:
+        np.testing.assert_array_equal(first1[name], first3[name], err_msg=name)
+        np.testing.assert_array_equal(second1[name], second3[name], err_msg=name)
+    assert rows1 == rows3
+
+
+def test_hash_stacked_mean_scaling_divides_by_number_of_raw_ids():
+    cfg = EmbeddingConfig.from_dict({"slots_config": {
+        "plain": {"dim": 4, "hash_stack_config": {"hash_stack_rounds": 2, "embedding_size": 100}},
+        "meaned": {"dim": 4, "mean_scaling": True, "hash_stack_config": {"hash_stack_rounds": 2, "embedding_size": 100}},
+    }, "feature_groups": {"shared": ["plain", "meaned"]}})
+    c = InProcessEmbeddingClient(cfg, glob())
+    samples = [[5, 9, 13], [7]]
+    out = c.lookup([feat("plain", samples), feat("meaned", samples)])
+    # Both features share one table, so the mean is the plain sum over 3 raw ids (not 6 hashed ids).
+    torch.testing.assert_close(out["meaned"][0], out["plain"][0] / 3, atol=1e-7, rtol=0)
+    torch.testing.assert_close(out["meaned"][1], out["plain"][1], atol=1e-7, rtol=0)
+
+
+def test_batch_of_only_empty_samples_still_backpropagates():
+    c = client()
+    result = c.lookup([feat("user", [[], []])], requires_grad=True)
+    assert result["user"].requires_grad
+    result["user"].sum().backward()
+    c.push_gradients(result)
+    assert sum(s["rows"] for s in c.stats()) == 0
