@@ -2,23 +2,27 @@
 """Lookup throughput of the embedding store, in keys/s, against a plain ``numpy.take``.
 
 Workload: batches of 4,096 samples x 26 single-id features (C1..C26, one table each, dim 16),
-over a table of 1M rows in total (``--quick``: 200k). The tables are filled first (train mode,
+over tables of 1M rows in total (``--quick``: 200k). The tables are filled first (train mode,
 every id looked up once), then every timed lookup asks for random *existing* ids, so every key is
-a hit (checked against the servers' miss counters).
+a hit (checked against the stores' miss counters).
 
 Paths measured, each as the median time per batch after warm-up:
 
-* ``numpy.take``  (baseline) the same number of rows gathered from a plain float32
-  ``[rows, 16]`` array of random values;
+* ``numpy.take``  (baseline) the same number of rows (106,496) gathered from a plain float32
+  ``[rows, 16]`` array of random values, at random positions;
 * ``store``       :meth:`EmbeddingStore.lookup` on the batch's precomputed (ids, tables) arrays;
-* ``in_process``  :meth:`InProcessEmbeddingClient.lookup` on ``SparseFeature`` objects
-  (dedup, store lookup, pooling with ``embedding_bag``);
+* ``in_process``  :meth:`InProcessEmbeddingClient.lookup` on ``SparseFeature`` objects (dedup,
+  store lookup, pooling with ``embedding_bag``);
 * ``grpc``        :class:`RemoteEmbeddingClient` against 1 embedding server process;
 * ``grpc_2shard`` the same against 2 shard processes.
 
-keys/s counts the batch's sample keys (4,096 x 26 = 106,496 per batch), duplicates included.
-The last line printed is one JSON object with every figure; ``ratio`` = ``in_process_ratio``
-(keys/s of the in-process client divided by keys/s of ``numpy.take``).
+The baseline runs interleaved with every path (one baseline batch, one path batch, ...), and each
+path's ratio is its keys/s over the keys/s of the baseline batches timed beside it: on a shared
+machine (caches, other processes) both then see the same conditions. keys/s counts the batch's
+sample keys (4,096 x 26 = 106,496), duplicates included.
+
+The last line printed is one JSON object with every figure: ``store_ratio``, ``in_process_ratio``,
+``grpc_ratio``, ``grpc_2shard_ratio`` and ``ratio`` = ``in_process_ratio``.
 """
 
 from __future__ import annotations
@@ -30,22 +34,42 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from embedding_server.batch import SparseFeature  # noqa: E402
-from embedding_server.client import InProcessEmbeddingClient  # noqa: E402
-from embedding_server.config import EmbeddingConfig, GlobalConfig  # noqa: E402
-
 BATCH = 4096
 NUM_FEATURES = 26
 DIM = 16
 FILL_CHUNK = 131_072
+
+
+class OtherLoad:
+    """CPU time that other processes used while this benchmark ran, as a share of the machine
+    (0 = a quiet machine; timings taken beside other work are noisier and slower)."""
+
+    def __init__(self) -> None:
+        self.start = (self._machine_busy(), self._own(), time.monotonic())
+
+    @staticmethod
+    def _machine_busy() -> float:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system  # children: reaped servers
+
+    def share(self) -> float:
+        busy0, own0, t0 = self.start
+        other = (self._machine_busy() - busy0) - (self._own() - own0)
+        return max(0.0, other) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,13 +77,15 @@ def parse_args() -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--quick", action="store_true", help="small run (200k rows, fewer batches): under 60 s")
     p.add_argument("--rows", type=int, help="rows in all tables together (default 1,000,000; quick 200,000)")
-    p.add_argument("--batches", type=int, help="timed batches per path (default 40; quick 12)")
+    p.add_argument("--batches", type=int, help="timed batches per path (default 40; quick 20)")
     p.add_argument("--warmup", type=int, help="untimed batches per path first (default 5; quick 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch intra-op threads in this process (default: torch's own default, one per core)")
     p.add_argument("--skip-grpc", action="store_true", help="measure only numpy.take, store and in-process")
     args = p.parse_args()
     args.rows = args.rows or (200_000 if args.quick else 1_000_000)
-    args.batches = args.batches or (12 if args.quick else 40)
+    args.batches = args.batches or (20 if args.quick else 40)
     args.warmup = args.warmup or (3 if args.quick else 5)
     return args
 
@@ -80,23 +106,41 @@ def global_config_dict(capacity: int) -> dict:
     }
 
 
-def median_seconds(fn, batches: list, warmup: int) -> float:
-    """Median wall time of fn(batch) over ``batches`` after ``warmup`` untimed calls."""
+class Baseline:
+    """numpy.take of ``keys`` random rows from a float32 [rows, DIM] array of random values."""
+
+    def __init__(self, rng: np.random.Generator, rows: int, keys: int, count: int):
+        self.table = rng.random((rows, DIM), dtype=np.float32)  # random values: every page really allocated
+        self.indexes = [rng.integers(0, rows, size=keys) for _ in range(count)]
+        self.samples: list[float] = []  # every timed baseline batch of the run
+
+    def __call__(self, k: int) -> None:
+        np.take(self.table, self.indexes[k % len(self.indexes)], axis=0)
+
+
+def measure(fn, items: list, warmup: int, baseline: Baseline) -> tuple[float, float]:
+    """Median seconds of fn(item) over ``items`` and of the baseline batches interleaved with
+    them (alternating which goes first), after ``warmup`` untimed rounds of both."""
     for i in range(warmup):
-        fn(batches[i % len(batches)])
-    times = []
-    for b in batches:
-        t0 = time.perf_counter()
-        fn(b)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn(items[i % len(items)])
+        baseline(i)
+    path_t, base_t = [], []
+    for k, item in enumerate(items):
+        for first in ((True, False) if k % 2 else (False, True)):
+            t0 = time.perf_counter()
+            baseline(k) if first else fn(item)
+            (base_t if first else path_t).append(time.perf_counter() - t0)
+    baseline.samples += base_t
+    return statistics.median(path_t), statistics.median(base_t)
 
 
-def report(name: str, seconds: float, keys: int, base: float | None) -> float:
-    rate = keys / seconds
-    ratio = f"  ({rate / base:.3f}x numpy.take)" if base else ""
-    print(f"  {name:<34} {seconds * 1e3:8.2f} ms/batch  {rate / 1e6:8.2f} M keys/s{ratio}", flush=True)
-    return rate
+def report(results: dict, key: str, name: str, times: tuple[float, float], keys: int) -> None:
+    path_s, base_s = times
+    rate, base_rate = keys / path_s, keys / base_s
+    results[f"{key}_keys_per_s"] = rate
+    results[f"{key}_ratio"] = rate / base_rate
+    print(f"  {name:<36} {path_s * 1e3:8.2f} ms/batch {rate / 1e6:7.2f} M keys/s = {rate / base_rate:.3f}x numpy.take "
+          f"(beside it: {base_s * 1e3:.2f} ms, {base_rate / 1e6:.1f} M keys/s)", flush=True)
 
 
 def fill(client, vocab: list[np.ndarray]) -> float:
@@ -115,6 +159,30 @@ def total_misses(client) -> int:
 
 def main() -> int:
     args = parse_args()
+    # Warnings the library raises while measuring are collected and printed before the JSON line
+    # (so the JSON object stays the last line even when stderr and stdout are merged).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run(args)
+    for w in caught:
+        print(f"library warning: {w.category.__name__} at {Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}")
+    summary["library_warnings"] = len(caught)
+    print(json.dumps(summary))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import yaml
+
+    from embedding_server.batch import SparseFeature
+    from embedding_server.client import InProcessEmbeddingClient
+    from embedding_server.config import EmbeddingConfig, GlobalConfig
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    load = OtherLoad()
     rng = np.random.default_rng(args.seed)
     per_table = args.rows // NUM_FEATURES
     rows = per_table * NUM_FEATURES
@@ -122,7 +190,7 @@ def main() -> int:
     mode = "quick" if args.quick else "full"
     print(f"bench_lookup ({mode}): {NUM_FEATURES} features x {BATCH} samples = {keys_per_batch} keys/batch, dim {DIM}, "
           f"{rows} rows ({per_table} per table), {args.batches} timed batches after {args.warmup} warm-up; "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
 
     # Distinct random 64-bit ids per table (hashed ids, as CTR data has).
     vocab = []
@@ -131,27 +199,20 @@ def main() -> int:
         vocab.append(rng.permutation(v)[:per_table])
     assert all(v.shape[0] == per_table for v in vocab)
 
-    # Batches of existing ids: positions into each table's vocabulary.
-    n_batches = args.batches
+    # Batches of existing ids: random positions into each table's vocabulary.
     batches = []
-    for _ in range(n_batches):
+    for _ in range(args.batches):
         pos = rng.integers(0, per_table, size=(NUM_FEATURES, BATCH))
         batches.append([vocab[t][pos[t]] for t in range(NUM_FEATURES)])
+    distinct = statistics.mean(sum(np.unique(col).shape[0] for col in b) for b in batches)
+    print(f"  (distinct keys per batch: {distinct:.0f} of {keys_per_batch}; the clients deduplicate before asking)", flush=True)
     offsets = np.arange(BATCH + 1, dtype=np.int64)
     feature_batches = [[SparseFeature(name, b[t], offsets) for t, name in enumerate(features())] for b in batches]
     tab_col = np.repeat(np.arange(NUM_FEATURES, dtype=np.uint16), BATCH)
     key_batches = [(np.concatenate(b), tab_col) for b in batches]
 
+    baseline = Baseline(rng, rows, keys_per_batch, args.batches)
     results: dict[str, float] = {}
-
-    # ---------------------------------------------------------------- baseline: numpy.take
-    table = rng.random((rows, DIM), dtype=np.float32)  # random values: every page really allocated
-    take_idx = [rng.integers(0, rows, size=keys_per_batch) for _ in range(n_batches)]
-    print("measuring:", flush=True)
-    t = median_seconds(lambda idx: np.take(table, idx, axis=0), take_idx, args.warmup)
-    base = report("numpy.take (baseline)", t, keys_per_batch, None)
-    results["numpy_take_keys_per_s"] = base
-    del table
 
     # ---------------------------------------------------------------- in-process
     emb = EmbeddingConfig.from_dict(embedding_config_dict())
@@ -162,20 +223,14 @@ def main() -> int:
     results["in_process_fill_rows_per_s"] = rows / fill_s
     store = client.stores[0]
     misses0 = total_misses(client)
-
-    t = median_seconds(lambda kb: store.lookup(*kb), key_batches, args.warmup)
-    rate = report("EmbeddingStore.lookup (kernel path)", t, keys_per_batch, base)
-    results["store_keys_per_s"] = rate
-    results["store_ratio"] = rate / base
-
-    t = median_seconds(client.lookup, feature_batches, args.warmup)
-    rate = report("InProcessEmbeddingClient.lookup", t, keys_per_batch, base)
-    results["in_process_keys_per_s"] = rate
-    results["in_process_ratio"] = rate / base
-    misses = total_misses(client) - misses0
-    if misses:
-        print(f"  WARNING: {misses} misses during in-process measurement (expected all hits)", flush=True)
-    results["in_process_misses"] = misses
+    print("measuring:", flush=True)
+    report(results, "store", "EmbeddingStore.lookup (kernel path)",
+           measure(lambda kb: store.lookup(*kb), key_batches, args.warmup, baseline), keys_per_batch)
+    report(results, "in_process", "InProcessEmbeddingClient.lookup",
+           measure(client.lookup, feature_batches, args.warmup, baseline), keys_per_batch)
+    results["in_process_misses"] = total_misses(client) - misses0
+    if results["in_process_misses"]:
+        print(f"  WARNING: {results['in_process_misses']} misses in-process (expected all hits)", flush=True)
     del client, store
 
     # ---------------------------------------------------------------- over gRPC
@@ -185,6 +240,7 @@ def main() -> int:
 
         with tempfile.TemporaryDirectory(prefix="bench_lookup_") as tmp:
             emb_path = Path(tmp) / "embedding_config.yml"
+            # sort_keys=False: the feature order defines the table indexes (and the config fingerprint).
             emb_path.write_text(yaml.safe_dump(embedding_config_dict(), sort_keys=False))
             for shards, key in ((1, "grpc"), (2, "grpc_2shard")):
                 # Headroom over rows / shards so that no shard evicts (hashing splits keys unevenly).
@@ -197,23 +253,26 @@ def main() -> int:
                     start_s = time.perf_counter() - t0
                     with RemoteEmbeddingClient(emb, group.addresses, timeout=120.0) as remote:
                         fill_s = fill(remote, vocab)
-                        print(f"  ({shards} server(s) ready in {start_s:.1f} s; fill of {rows} rows over gRPC: {fill_s:.2f} s)",
-                              flush=True)
+                        print(f"  ({shards} server process(es) serving after {start_s:.1f} s; fill of {rows} rows over gRPC: "
+                              f"{fill_s:.2f} s)", flush=True)
                         misses0 = total_misses(remote)
-                        t = median_seconds(remote.lookup, feature_batches, args.warmup)
-                        label = "RemoteEmbeddingClient, 1 server" if shards == 1 else f"RemoteEmbeddingClient, {shards} shards"
-                        rate = report(label, t, keys_per_batch, base)
-                        misses = total_misses(remote) - misses0
-                        if misses:
-                            print(f"  WARNING: {misses} misses during {key} measurement (expected all hits)", flush=True)
-                        results[f"{key}_keys_per_s"] = rate
-                        results[f"{key}_ratio"] = rate / base
-                        results[f"{key}_misses"] = misses
+                        name = "RemoteEmbeddingClient, 1 server" if shards == 1 else f"RemoteEmbeddingClient, {shards} shards"
+                        report(results, key, name, measure(remote.lookup, feature_batches, args.warmup, baseline), keys_per_batch)
+                        results[f"{key}_misses"] = total_misses(remote) - misses0
+                        if results[f"{key}_misses"]:
+                            print(f"  WARNING: {results[f'{key}_misses']} misses over gRPC (expected all hits)", flush=True)
                 finally:
                     group.stop()
 
+    base_rate = keys_per_batch / statistics.median(baseline.samples)
+    print(f"  numpy.take (baseline), all {len(baseline.samples)} batches: {keys_per_batch / base_rate * 1e3:.2f} ms/batch, "
+          f"{base_rate / 1e6:.2f} M keys/s", flush=True)
+    results["numpy_take_keys_per_s"] = base_rate
     results["ratio"] = results["in_process_ratio"]
-    summary = {
+    other = load.share()
+    print(f"  (other processes used {other:.0%} of the machine's CPU during this run; above ~10% the figures are noisy)",
+          flush=True)
+    return {
         "benchmark": "bench_lookup",
         "mode": mode,
         "rows": rows,
@@ -221,12 +280,15 @@ def main() -> int:
         "features": NUM_FEATURES,
         "dim": DIM,
         "keys_per_batch": keys_per_batch,
-        "timed_batches": n_batches,
+        "timed_batches": args.batches,
+        "distinct_keys_per_batch": round(distinct),
         "cpus": os.cpu_count(),
-        **{k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v)) for k, v in results.items()},
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "other_load": round(other, 3),
+        **{k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v))
+           for k, v in results.items()},
     }
-    print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":
