@@ -191,7 +191,7 @@ class EmbeddingStore:
             self._evict_locked()
         if out is not None:
             if out.shape[1] == self._weights.shape[1]:
-                np.take(self._weights, rows, axis=0, out=out)
+                np.take(self._weights, rows, axis=0, out=out, mode="clip")  # rows are valid; "raise" would gather via a temporary
             else:
                 out[:] = self._weights[rows, : out.shape[1]]
 
