@@ -162,19 +162,17 @@ class EmbeddingStore:
             np.add.at(summed, inverse, grads)
             ids, tables, grads = uniq_ids, uniq_tabs, summed
         self._check_fits(ids, tables)
-        rows = np.empty(ids.shape[0], np.int64)
         with self._lock:
-            # Insert what is missing (marking every key as used, so none is evicted), then find rows.
-            self._lookup_locked(ids, tables, True, None)
-            kernels.find_rows(self._slots, self._salts, ids, tables, rows)
-            assert (rows >= 0).all(), "a key of this request was evicted by the same request"
+            # Inserts what is missing; every key is marked as used first, so none is evicted.
+            rows = self._lookup_locked(ids, tables, True, None)
             kernels.apply_gradients(
                 self._weights, self._state, rows, self._dims, tables, np.ascontiguousarray(grads), self._kind,
                 self._opt_params, float(self.global_config.server.weight_bound),
             )
 
-    def _lookup_locked(self, ids: np.ndarray, tables: np.ndarray, insert: bool, out: np.ndarray | None) -> None:
-        """Find (and in train mode insert) every key; gather their vectors into ``out``."""
+    def _lookup_locked(self, ids: np.ndarray, tables: np.ndarray, insert: bool, out: np.ndarray | None) -> np.ndarray:
+        """Find (and in train mode insert) every key; gather their vectors into ``out``; returns
+        the row of each key."""
         self._meta[kernels.META_TICK] += 1
         self._meta[kernels.META_LOOKUPS] += ids.shape[0]
         rows = np.empty(ids.shape[0], np.int64)
@@ -194,6 +192,7 @@ class EmbeddingStore:
                 np.take(self._weights, rows, axis=0, out=out, mode="clip")  # rows are valid; "raise" would gather via a temporary
             else:
                 out[:] = self._weights[rows, : out.shape[1]]
+        return rows
 
     def _evict_locked(self) -> None:
         """Free the least recently used rows (a sweep of ``evictions_per_sweep``), sparing every
