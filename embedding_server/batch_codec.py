@@ -1,0 +1,237 @@
+"""The batch bytes clients send to a server: dense arrays, named sparse features and targets.
+
+One versioned binary layout, shared by the trainer (``PyPersiaBatchData.to_bytes``) and the
+TorchServe handler (which decodes what clients send). It is safe to decode untrusted bytes:
+nothing is unpickled or evaluated, every size is checked against the buffer before an array is
+made, and any inconsistency raises :class:`InvalidRequestError` naming the problem.
+
+Layout (all integers little-endian)::
+
+    magic   4 bytes  b"CTRB"
+    version u16      FORMAT_VERSION
+    flags   u16      0 (reserved)
+    hlen    u32      length of the header
+    header  hlen     UTF-8 JSON: {"batch_size": B,
+                                  "dense":   [{"dtype": "f32"|"f64"|"i32"|"i64", "width": w}, ...],
+                                  "sparse":  [{"name": str, "ids": n}, ...],
+                                  "targets": [{"width": t}, ...],
+                                  "meta":    {str: str|int|float}}
+    payload          for each dense part: B*w values of its dtype, row-major;
+                     for each sparse feature: int64 offsets [B+1], then uint64 ids [n];
+                     for each target: float32 [B, t]
+    crc32   u32      zlib.crc32 of header + payload
+
+Example:
+    >>> data = BatchData(dense=[np.ones((2, 3), np.float32)],
+    ...                  sparse=[SparseFeature.from_lists("user", [[1], [2, 3]])])
+    >>> decode_batch(encode_batch(data)).sparse[0].ids.tolist()
+    [1, 2, 3]
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedding_server.batch import SparseFeature
+from embedding_server.errors import InvalidRequestError, describe_value
+
+MAGIC = b"CTRB"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHHI")
+_CRC = struct.Struct("<I")
+MAX_HEADER_BYTES = 1 << 20
+DENSE_DTYPES = {"f32": np.dtype("<f4"), "f64": np.dtype("<f8"), "i32": np.dtype("<i4"), "i64": np.dtype("<i8")}
+_OFFSETS = np.dtype("<i8")
+_IDS = np.dtype("<u8")
+_TARGET = np.dtype("<f4")
+
+
+@dataclass
+class BatchData:
+    """A decoded batch.
+
+    Args:
+        dense: 2-D arrays ``[batch, width]`` (float32, float64, int32 or int64).
+        sparse: named sparse features, each of ``batch`` samples.
+        targets: float32 ``[batch, t]`` label arrays (training only; may be empty).
+        meta: small scalar annotations (a request id, a client name).
+    """
+
+    dense: list[np.ndarray] = field(default_factory=list)
+    sparse: list[SparseFeature] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+    meta: dict[str, str | int | float] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size all parts share (checked by :func:`check_parts`)."""
+        return check_parts(self)
+
+
+def check_parts(data: BatchData) -> int:
+    """Validate shapes and dtypes of every part; returns the shared batch size.
+
+    Raises:
+        InvalidRequestError: a part with the wrong rank or dtype, or parts disagreeing on the
+            batch size, or a batch with no parts at all.
+    """
+    sizes: dict[str, int] = {}
+    for i, d in enumerate(data.dense):
+        if not isinstance(d, np.ndarray) or d.ndim != 2:
+            raise InvalidRequestError(f"dense[{i}] must be a 2-D array [batch, width], got {describe_value(d)}")
+        if _dtype_code(d.dtype) is None:
+            raise InvalidRequestError(f"dense[{i}] has dtype {d.dtype}; use one of float32, float64, int32, int64")
+        sizes[f"dense[{i}]"] = d.shape[0]
+    for f in data.sparse:
+        sizes[f"sparse '{f.name}'"] = f.batch_size
+    for i, t in enumerate(data.targets):
+        if not isinstance(t, np.ndarray) or t.ndim != 2 or t.dtype != np.float32:
+            raise InvalidRequestError(f"target[{i}] must be a 2-D float32 array [batch, t], got {describe_value(t)}")
+        sizes[f"target[{i}]"] = t.shape[0]
+    if not sizes:
+        raise InvalidRequestError("empty batch: no dense, sparse or target parts")
+    if len(set(sizes.values())) != 1:
+        raise InvalidRequestError(f"batch parts disagree on the batch size: {sizes}")
+    names = [f.name for f in data.sparse]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"a sparse feature appears twice: {sorted(n for n in names if names.count(n) > 1)}")
+    return next(iter(sizes.values()))
+
+
+def encode_batch(data: BatchData) -> bytes:
+    """The bytes of ``data`` in the layout above.
+
+    Raises:
+        InvalidRequestError: the parts are inconsistent (see :func:`check_parts`).
+    """
+    batch_size = check_parts(data)
+    header = {
+        "batch_size": batch_size,
+        "dense": [{"dtype": _dtype_code(d.dtype), "width": int(d.shape[1])} for d in data.dense],
+        "sparse": [{"name": f.name, "ids": int(f.ids.shape[0])} for f in data.sparse],
+        "targets": [{"width": int(t.shape[1])} for t in data.targets],
+        "meta": data.meta,
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    parts = [header_bytes]
+    for d in data.dense:
+        parts.append(np.ascontiguousarray(d, DENSE_DTYPES[_dtype_code(d.dtype)]).tobytes())
+    for f in data.sparse:
+        parts.append(np.ascontiguousarray(f.offsets, _OFFSETS).tobytes())
+        parts.append(np.ascontiguousarray(f.ids, _IDS).tobytes())
+    for t in data.targets:
+        parts.append(np.ascontiguousarray(t, _TARGET).tobytes())
+    body = b"".join(parts)
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes))
+    return prefix + body + _CRC.pack(zlib.crc32(body))
+
+
+def decode_batch(buffer: bytes | bytearray | memoryview, max_bytes: int | None = None) -> BatchData:
+    """Decode bytes made by :func:`encode_batch`; arrays are read-only views of ``buffer``.
+
+    Args:
+        buffer: the received bytes.
+        max_bytes: refuse larger buffers before looking at them (``None``: no limit).
+
+    Raises:
+        InvalidRequestError: wrong magic or version, a size that disagrees with the buffer, a
+            checksum mismatch, a malformed header, or inconsistent parts.
+    """
+    view = memoryview(buffer).cast("B")
+    if max_bytes is not None and len(view) > max_bytes:
+        raise InvalidRequestError(f"batch of {len(view)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(view) < _PREFIX.size + _CRC.size:
+        raise InvalidRequestError(f"batch bytes too short ({len(view)} bytes): not a ctrserve batch")
+    magic, version, _flags, header_len = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise InvalidRequestError(f"not a ctrserve batch: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise InvalidRequestError(f"batch format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    body_end = len(view) - _CRC.size
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > body_end:
+        raise InvalidRequestError(f"batch header length {header_len} does not fit in {len(view)} bytes")
+    body = view[_PREFIX.size : body_end]
+    (crc,) = _CRC.unpack_from(view, body_end)
+    if zlib.crc32(body) != crc:
+        raise InvalidRequestError("batch checksum mismatch: the bytes were corrupted or truncated")
+    header = _parse_header(bytes(body[:header_len]))
+    return _read_payload(header, body[header_len:])
+
+
+def _parse_header(raw: bytes) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidRequestError(f"batch header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or set(header) != {"batch_size", "dense", "sparse", "targets", "meta"}:
+        raise InvalidRequestError("batch header must hold exactly batch_size, dense, sparse, targets and meta")
+    if not _is_count(header["batch_size"]):
+        raise InvalidRequestError(f"batch header: batch_size must be a non-negative integer, got {header['batch_size']!r}")
+    for key, fields in (("dense", {"dtype", "width"}), ("sparse", {"name", "ids"}), ("targets", {"width"})):
+        entries = header[key]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and set(e) == fields for e in entries):
+            raise InvalidRequestError(f"batch header: '{key}' must be a list of objects with keys {sorted(fields)}")
+    if not isinstance(header["meta"], dict) or not all(
+        isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in header["meta"].values()
+    ):
+        raise InvalidRequestError("batch header: 'meta' must map names to strings or numbers")
+    return header
+
+
+def _read_payload(header: dict, payload: memoryview) -> BatchData:
+    reader = _Reader(payload)
+    batch = header["batch_size"]
+    data = BatchData(meta=header["meta"])
+    for i, d in enumerate(header["dense"]):
+        dtype = DENSE_DTYPES.get(d["dtype"]) if isinstance(d["dtype"], str) else None
+        if dtype is None or not _is_count(d["width"]):
+            raise InvalidRequestError(f"batch header: dense[{i}] needs a dtype in {sorted(DENSE_DTYPES)} and a width >= 0")
+        data.dense.append(reader.take(dtype, batch * d["width"], f"dense[{i}]").reshape(batch, d["width"]))
+    for f in header["sparse"]:
+        if not isinstance(f["name"], str) or not f["name"] or not _is_count(f["ids"]):
+            raise InvalidRequestError("batch header: each sparse entry needs a non-empty name and an id count >= 0")
+        offsets = reader.take(_OFFSETS, batch + 1, f"sparse '{f['name']}' offsets")
+        ids = reader.take(_IDS, f["ids"], f"sparse '{f['name']}' ids")
+        data.sparse.append(SparseFeature(f["name"], ids, offsets))  # checks the offsets
+    for i, t in enumerate(header["targets"]):
+        if not _is_count(t["width"]):
+            raise InvalidRequestError(f"batch header: target[{i}] width must be >= 0")
+        data.targets.append(reader.take(_TARGET, batch * t["width"], f"target[{i}]").reshape(batch, t["width"]))
+    if reader.pos != len(payload):
+        raise InvalidRequestError(f"batch payload has {len(payload) - reader.pos} bytes beyond what its header describes")
+    check_parts(data)
+    return data
+
+
+class _Reader:
+    """Sequential typed views over the payload, each checked to fit before it is made."""
+
+    def __init__(self, payload: memoryview):
+        self.payload = payload
+        self.pos = 0
+
+    def take(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        nbytes = count * dtype.itemsize
+        if nbytes > len(self.payload) - self.pos:
+            raise InvalidRequestError(
+                f"batch payload too short for {what}: needs {nbytes} bytes, {len(self.payload) - self.pos} left"
+            )
+        array = np.frombuffer(self.payload, dtype=dtype, count=count, offset=self.pos)
+        self.pos += nbytes
+        return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40
+
+
+def _dtype_code(dtype: np.dtype) -> str | None:
+    for code, d in DENSE_DTYPES.items():
+        if np.dtype(dtype) == d.newbyteorder("="):
+            return code
+    return None
