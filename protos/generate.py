@@ -1,52 +1,110 @@
-"""Generate the Python gRPC stubs of ``protos/*.proto`` into ``protos/_generated``.
+"""Generate the Python gRPC stubs of the project's protos into ``protos/_generated``.
+
+Two sets of stubs are built:
+
+* the embedding service's own ``protos/*.proto`` (always);
+* TorchServe's inference and management APIs, compiled from the ``.proto`` files inside the
+  installed TorchServe's ``ts/frontend/model-server.jar`` (folder ``proto/``): they are read
+  from the jar at generate time into a temporary directory, so no TorchServe file is ever kept
+  in the repository. Skipped (with the embedding stubs still built) when TorchServe is not
+  installed; :mod:`protos.torchserve` then says how to fix it.
 
 Run ``python -m protos.generate`` (the install script does); importing :mod:`protos.embedding`
-also regenerates the stubs when they are missing or older than their ``.proto``, so a fresh
-checkout works without a build step. Generation writes to a temporary directory and renames
-it into place, so concurrent imports never see half-written modules.
+or :mod:`protos.torchserve` also regenerates the stubs when they are missing or older than their
+source, so a fresh checkout works without a build step. Generation writes to a temporary
+directory and renames it into place, so concurrent imports never see half-written modules.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "_generated"
 PROTOS = ("embedding_service.proto",)
+TORCHSERVE_PROTOS = ("inference.proto", "management.proto")
+_JAR_FOLDER = "proto/"
+
+
+def torchserve_jar() -> Path | None:
+    """The installed TorchServe's ``model-server.jar``, or None when TorchServe is absent."""
+    spec = importlib.util.find_spec("ts")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    jar = Path(list(spec.submodule_search_locations)[0]) / "frontend" / "model-server.jar"
+    return jar if jar.exists() else None
+
+
+def _older(stub: Path, source: Path) -> bool:
+    return not stub.exists() or stub.stat().st_mtime < source.stat().st_mtime
 
 
 def _stale() -> bool:
-    for name in PROTOS:
-        stub = OUT / (Path(name).stem + "_pb2.py")
-        if not stub.exists() or stub.stat().st_mtime < (HERE / name).stat().st_mtime:
-            return True
-    return False
+    if any(_older(OUT / (Path(name).stem + "_pb2.py"), HERE / name) for name in PROTOS):
+        return True
+    jar = torchserve_jar()
+    return jar is not None and any(_older(OUT / (Path(n).stem + "_pb2.py"), jar) for n in TORCHSERVE_PROTOS)
+
+
+def _compile(proto: Path, includes: list[Path], out: Path) -> None:
+    from grpc_tools import protoc  # imported lazily: only needed when stubs are (re)built
+
+    args = ["grpc_tools.protoc", *(f"-I{i}" for i in includes), f"--python_out={out}", f"--grpc_python_out={out}", str(proto)]
+    rc = protoc.main(args)
+    if rc != 0:
+        raise RuntimeError(f"protoc failed on {proto.name} (exit {rc})")
+    # Stubs import their siblings absolutely; make that a package-relative import.
+    stem = proto.stem
+    grpc_stub = out / f"{stem}_pb2_grpc.py"
+    grpc_stub.write_text(grpc_stub.read_text().replace(f"import {stem}_pb2 as", f"from . import {stem}_pb2 as"))
+
+
+def _googleapis_include() -> Path:
+    """The site-packages folder holding ``google/rpc/status.proto`` (googleapis-common-protos)."""
+    spec = importlib.util.find_spec("google.rpc")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "TorchServe's inference.proto imports google/rpc/status.proto: pip install googleapis-common-protos"
+        )
+    for location in spec.submodule_search_locations:
+        if (Path(location) / "status.proto").exists():
+            return Path(location).parent.parent
+    raise RuntimeError("googleapis-common-protos is installed without google/rpc/status.proto")
+
+
+def _compile_torchserve(jar: Path, out: Path, protoc_include: Path) -> None:
+    """Extract TorchServe's protos from ``jar`` into a temporary folder and compile them."""
+    with tempfile.TemporaryDirectory(prefix="ts-protos-") as tmp, zipfile.ZipFile(jar) as archive:
+        for name in TORCHSERVE_PROTOS:
+            member = _JAR_FOLDER + name
+            try:
+                (Path(tmp) / name).write_bytes(archive.read(member))
+            except KeyError:
+                raise RuntimeError(f"{jar} has no {member}: this TorchServe version is not supported") from None
+        for name in TORCHSERVE_PROTOS:
+            _compile(Path(tmp) / name, [Path(tmp), protoc_include, _googleapis_include()], out)
 
 
 def generate(force: bool = False) -> Path:
     """Compile the protos if needed; returns the output directory."""
     if not force and not _stale():
         return OUT
-    from grpc_tools import protoc  # imported lazily: only needed when stubs are (re)built
+    from grpc_tools import protoc
 
     tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=HERE))
     try:
         include = Path(protoc.__file__).parent / "_proto"
         for name in PROTOS:
-            rc = protoc.main(
-                ["grpc_tools.protoc", f"-I{HERE}", f"-I{include}", f"--python_out={tmp}", f"--grpc_python_out={tmp}", str(HERE / name)]
-            )
-            if rc != 0:
-                raise RuntimeError(f"protoc failed on {name} (exit {rc})")
-            # Stubs import their siblings absolutely; make that a package-relative import.
-            grpc_stub = tmp / (Path(name).stem + "_pb2_grpc.py")
-            text = grpc_stub.read_text()
-            stem = Path(name).stem
-            grpc_stub.write_text(text.replace(f"import {stem}_pb2 as", f"from . import {stem}_pb2 as"))
+            _compile(HERE / name, [HERE, include], tmp)
+        jar = torchserve_jar()
+        if jar is not None:
+            _compile_torchserve(jar, tmp, include)
         (tmp / "__init__.py").write_text('"""Generated by protos/generate.py; do not edit."""\n')
         old = HERE / f".old-{os.getpid()}"
         if OUT.exists():
