@@ -1,0 +1,274 @@
+"""TrainCtx: gradients against an independent computation, checkpoints, export, remote shards."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from embedding_server.config import EmbeddingConfig
+from embedding_server.errors import InvalidRequestError
+from embedding_server.launcher import ServerGroup
+from embedding_server.model_spec import DenseModelSpec
+from embedding_server.optimizers import SGD, Adam, Adagrad
+from trainer.batch import PyPersiaBatchData
+from trainer.ctx import TrainCtx
+from trainer.export import export_dense, latest_version
+from trainer.metrics import log_loss, roc_auc
+from trainer.models import DLRM, DeepCTR
+
+EMB = {
+    "slots_config": {
+        "user": {"dim": 4},
+        "item": {"dim": 4, "sqrt_scaling": True},
+        "history": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 3},
+    },
+    "feature_groups": {"items": ["item", "history"]},
+}
+CONFIG = EmbeddingConfig.from_dict(EMB)
+DENSE_WIDTH = 2
+
+
+def make_batch(rng: np.random.Generator, size: int = 16, vocab: int = 30) -> PyPersiaBatchData:
+    b = PyPersiaBatchData()
+    b.add_dense_f32(rng.standard_normal((size, DENSE_WIDTH), dtype=np.float32))
+    b.add_sparse([
+        (name, [rng.integers(0, vocab, rng.integers(lo, hi)).astype(np.uint64) for _ in range(size)])
+        for name, lo, hi in (("user", 1, 2), ("item", 0, 4), ("history", 0, 6))
+    ])
+    b.add_target(rng.integers(0, 2, (size, 1)).astype(np.float32))
+    return b
+
+
+def make_model(seed: int = 0) -> DeepCTR:
+    torch.manual_seed(seed)
+    return DeepCTR(DENSE_WIDTH, [4, 4, 4], hidden=(8,))
+
+
+def train(ctx: TrainCtx, batches) -> list[float]:
+    losses = []
+    for b in batches:
+        out, target = ctx.forward(b)
+        loss = F.binary_cross_entropy(out, target)
+        ctx.backward(loss)
+        losses.append(loss.item())
+    return losses
+
+
+def rows_of(ctx: TrainCtx, batches) -> dict[str, np.ndarray]:
+    """Current vectors of every id the batches use, per feature (keys sorted)."""
+    out = {}
+    for name in CONFIG.slots_config:
+        ids = np.unique(np.concatenate([next(f.ids for f in b.sparse if f.name == name) for b in batches]))
+        tables = np.full(ids.shape[0], CONFIG.table_of(name).index, np.uint16)
+        out[name] = ctx.client.lookup_rows(ids, tables, 4)
+    return out
+
+
+def reference_embeddings(batch: PyPersiaBatchData, rows: dict[tuple[str, int], torch.Tensor]) -> list[torch.Tensor]:
+    """The model's sparse inputs built sample by sample from per-id leaf tensors."""
+    inputs = []
+    for name in CONFIG.slots_config:
+        slot = CONFIG.slot(name)
+        table = CONFIG.table_of(name).name
+        f = next(f for f in batch.sparse if f.name == name)
+        per_sample = []
+        for i in range(batch.batch_size):
+            ids = f.ids[f.offsets[i] : f.offsets[i + 1]].tolist()
+            vectors = [rows[(table, x)] for x in ids]
+            if slot.embedding_summation:
+                total = sum(vectors, torch.zeros(4))
+                per_sample.append(total / (len(ids) ** 0.5) if slot.sqrt_scaling and ids else total)
+            else:
+                kept = vectors[: slot.sample_fixed_size]
+                per_sample.append(torch.stack(kept + [torch.zeros(4)] * (slot.sample_fixed_size - len(kept))))
+        inputs.append(torch.stack(per_sample))
+    return inputs
+
+
+def test_one_step_matches_an_independent_sgd_computation():
+    batch = make_batch(np.random.default_rng(3))
+    model = make_model()
+    reference_model = copy.deepcopy(model)
+    with TrainCtx(model=model, dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  sparse_optimizer=SGD(lr=0.5), embedding_config=CONFIG) as ctx:
+        before = rows_of(ctx, [batch])
+        leaves = {}
+        for name, vectors in before.items():
+            ids = np.unique(next(f.ids for f in batch.sparse if f.name == name))
+            for x, v in zip(ids.tolist(), vectors):
+                leaves[(CONFIG.table_of(name).name, x)] = torch.tensor(v, requires_grad=True)
+        expected_out = reference_model(torch.from_numpy(batch.dense_matrix()), reference_embeddings(batch, leaves))
+        out, target = ctx.forward(batch)
+        torch.testing.assert_close(out, expected_out, rtol=0, atol=1e-6)
+        ctx.backward(F.binary_cross_entropy(out, target))
+        F.binary_cross_entropy(expected_out, target).backward()
+
+        after = rows_of(ctx, [batch])
+        for name, vectors in after.items():
+            ids = np.unique(next(f.ids for f in batch.sparse if f.name == name)).tolist()
+            for x, got in zip(ids, vectors):
+                leaf = leaves[(CONFIG.table_of(name).name, x)]
+                grad = leaf.grad if leaf.grad is not None else torch.zeros(4)
+                np.testing.assert_allclose(got, (leaf - 0.5 * grad).detach().numpy(), rtol=0, atol=1e-6)
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            torch.testing.assert_close(p.detach(), (q - 0.1 * q.grad).detach(), rtol=0, atol=1e-6)
+    # Some row must have moved, or the comparison above proves nothing.
+    assert any(not np.allclose(before[n], after[n]) for n in before)
+
+
+def _ctx(model, sparse=None, **kwargs) -> TrainCtx:
+    return TrainCtx(model=model, dense_optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+                    sparse_optimizer=sparse or Adam(lr=0.05), embedding_config=CONFIG, **kwargs)
+
+
+def test_resuming_from_a_checkpoint_gives_identical_parameters(tmp_path):
+    rng = np.random.default_rng(7)
+    batches = [make_batch(rng) for _ in range(6)]
+    with _ctx(make_model()) as ctx:
+        train(ctx, batches[:3])
+        ctx.dump_checkpoint(tmp_path / "ckpt")
+        ctx.dump_checkpoint(tmp_path / "ckpt")  # dumping to the same directory again works
+        train(ctx, batches[3:])
+        expected_rows, expected_state = rows_of(ctx, batches), copy.deepcopy(ctx.model.state_dict())
+    # A different initial model and shard count: everything must come from the checkpoint.
+    with _ctx(make_model(seed=99), num_shards=3) as resumed:
+        resumed.load_checkpoint(tmp_path / "ckpt")
+        assert resumed.step == 3
+        train(resumed, batches[3:])
+        for key, value in resumed.model.state_dict().items():
+            assert torch.equal(value, expected_state[key]), key
+        for name, rows in rows_of(resumed, batches).items():
+            np.testing.assert_array_equal(rows, expected_rows[name])
+
+
+def test_training_on_a_learnable_signal_raises_auc():
+    rng = np.random.default_rng(11)
+    batches = []
+    for _ in range(60):
+        b = make_batch(rng, size=64)
+        user = b.sparse[0].ids
+        b.data.targets = [((user % 3) == 0).astype(np.float32).reshape(-1, 1)]
+        batches.append(b)
+    model = make_model()
+    with _ctx(model, sparse=Adagrad(lr=0.1)) as ctx:
+        losses = train(ctx, batches)
+        scores = np.concatenate([ctx.predict(b).numpy() for b in batches[-8:]])
+    labels = np.concatenate([b.targets[0] for b in batches[-8:]])
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1
+    assert roc_auc(labels, scores) > 0.9
+    assert log_loss(labels, scores) < 0.5
+
+
+def test_forward_refuses_batches_the_model_cannot_take():
+    with _ctx(make_model()) as ctx:
+        no_target = make_batch(np.random.default_rng(0))
+        no_target.data.targets = []
+        with pytest.raises(InvalidRequestError, match="needs a target"):
+            ctx.forward(no_target)
+        partial = PyPersiaBatchData()
+        partial.add_sparse([("user", [[1]])])
+        partial.add_target(np.zeros((1, 1), np.float32))
+        with pytest.raises(InvalidRequestError, match=r"lacks sparse features .*'item'"):
+            ctx.forward(partial)
+        unknown = make_batch(np.random.default_rng(0))
+        unknown.add_sparse([("ghost", [[1]] * unknown.batch_size)])
+        with pytest.raises(InvalidRequestError, match="unknown feature 'ghost'"):
+            ctx.forward(unknown)
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            ctx.backward(torch.zeros(()))
+
+
+def test_mixed_precision_is_off_on_the_cpu():
+    with _ctx(make_model(), mixed_precision=True) as ctx:
+        assert ctx.device.type == "cpu" and not ctx.mixed_precision
+        train(ctx, [make_batch(np.random.default_rng(0))])
+
+
+def test_data_parallel_without_shared_servers_is_refused():
+    with pytest.raises(ValueError, match="needs embedding servers"):
+        _ctx(make_model(), distributed=True)
+
+
+def test_export_writes_torchscript_and_spec_that_reproduce_the_model(tmp_path):
+    batch = make_batch(np.random.default_rng(5))
+    root = str(tmp_path / "root")
+    assert latest_version(root) == 0
+    with _ctx(make_model()) as ctx:
+        train(ctx, [batch])
+        v1 = export_dense(ctx.model, CONFIG, root, step=ctx.step, dense_width=DENSE_WIDTH)
+        v2 = export_dense(ctx.model, CONFIG, root, step=ctx.step, dense_width=DENSE_WIDTH, sparse_watermark={"0": 12})
+        with pytest.raises(ValueError, match="not above the newest"):
+            export_dense(ctx.model, CONFIG, root, step=ctx.step, dense_width=DENSE_WIDTH, version=2)
+        dense, sparse, _ = ctx.prepare(batch, requires_grad=False)
+        expected = ctx.model(dense, sparse)
+    assert (v1, v2) == (1, 2) and latest_version(root) == 2
+    spec = DenseModelSpec.from_json((tmp_path / "root/dense/v00000002/model.json").read_text())
+    assert (spec.version, spec.step, spec.dense_width, spec.sparse_watermark) == (2, 1, DENSE_WIDTH, {"0": 12})
+    assert [(f.name, f.dim, f.pooled, f.sample_fixed_size) for f in spec.features] == [
+        ("user", 4, True, 0), ("item", 4, True, 0), ("history", 4, False, 3)]
+    assert EmbeddingConfig.from_dict(spec.embedding_config).fingerprint() == CONFIG.fingerprint()
+    scripted = torch.jit.load(str(tmp_path / "root/dense/v00000002/model.pt"))
+    torch.testing.assert_close(scripted(dense, sparse), expected, rtol=0, atol=0)
+
+
+def test_an_incomplete_version_without_its_json_is_not_counted(tmp_path):
+    (tmp_path / "dense/v00000007").mkdir(parents=True)
+    (tmp_path / "dense/v00000007/model.pt").write_bytes(b"partial")
+    assert latest_version(str(tmp_path)) == 0
+
+
+def test_model_spec_rejects_malformed_json():
+    from embedding_server.errors import ConfigError
+
+    good = json.loads(DenseModelSpec.for_config(CONFIG, version=1, step=0, dense_width=2).to_json())
+    for bad, message in [({**good, "format_version": 9}, "format_version"), ({**good, "extra": 1}, "unknown keys"),
+                         ({**good, "version": -1}, "non-negative"), ({**good, "features": [{"name": "x"}]}, "dim")]:
+        with pytest.raises(ConfigError, match=message):
+            DenseModelSpec.from_json(json.dumps(bad))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        DenseModelSpec.from_json("{")
+
+
+@pytest.mark.parametrize("model", [DLRM(DENSE_WIDTH, 3, 4, bottom_mlp=(8,), top_mlp=(8,)), DeepCTR(DENSE_WIDTH, [4, 4, 4])])
+def test_ready_models_script_and_match_eager(model):
+    dense = torch.randn(5, DENSE_WIDTH)
+    sparse = [torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 3, 4)]
+    scripted = torch.jit.script(model)
+    out = model(dense, sparse)
+    assert out.shape == (5, 1) and bool(((out > 0) & (out < 1)).all())
+    torch.testing.assert_close(scripted(dense, sparse), out)
+
+
+def test_auc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.integers(0, 20, 200).astype(float)  # many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert roc_auc(labels, scores) == pytest.approx(pairwise, abs=1e-12)
+    assert np.isnan(roc_auc(np.ones(3), np.arange(3)))
+
+
+def test_remote_shards_train_exactly_like_the_in_process_store(tmp_path):
+    (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
+    (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 10_000}}))
+    rng = np.random.default_rng(21)
+    batches = [make_batch(rng) for _ in range(4)]
+    with _ctx(make_model(), num_shards=2) as local:
+        local_losses = train(local, batches)
+        local_rows = rows_of(local, batches)
+    with ServerGroup.start(tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv") as group:
+        with _ctx(make_model(), embedding_servers=group.addresses) as remote:
+            remote_losses = train(remote, batches)
+            remote_rows = rows_of(remote, batches)
+            stats = remote.client.stats()
+    assert remote_losses == local_losses
+    for name in local_rows:
+        np.testing.assert_array_equal(remote_rows[name], local_rows[name])
+    assert sum(s["rows"] for s in stats) > 0

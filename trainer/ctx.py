@@ -1,0 +1,240 @@
+"""The training context: PERSIA's ``TrainCtx``.
+
+Per batch, :meth:`TrainCtx.forward` looks the sparse features up in the embedding store (rows
+that collect gradients), runs the dense model, and :meth:`TrainCtx.backward` back-propagates,
+pushes each looked-up row's gradient to its shard, where the sparse optimizer runs, and steps
+the dense optimizer locally.
+
+Example:
+    >>> with TrainCtx(model=model, dense_optimizer=torch.optim.Adam(model.parameters(), 1e-3),
+    ...               sparse_optimizer=Adagrad(lr=0.05), embedding_config=emb) as ctx:
+    ...     for batch in loader:
+    ...         output, target = ctx.forward(batch)
+    ...         ctx.backward(F.binary_cross_entropy(output, target))
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from embedding_server.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
+from embedding_server.config import EmbeddingConfig, GlobalConfig
+from embedding_server.errors import InvalidRequestError
+from embedding_server.optimizers import SparseOptimizer
+from trainer.batch import PyPersiaBatchData
+
+log = logging.getLogger(__name__)
+
+DENSE_STATE_FILE = "dense.pt"
+SPARSE_DIR = "sparse"
+
+
+class TrainCtx:
+    """Trains a dense ``nn.Module`` together with the sparse embeddings of its features.
+
+    Args:
+        model: ``forward(dense, sparse: List[Tensor])`` (see :mod:`trainer.models`).
+        dense_optimizer: a ``torch.optim`` optimizer over ``model``'s parameters.
+        sparse_optimizer: SGD, Adagrad or Adam (PERSIA's names), run by the embedding store.
+        embedding_config: the features and tables (``EmbeddingConfig`` or a path to the YAML).
+        global_config: capacity and initialisation of the in-process store (default settings
+            when omitted); ignored with ``embedding_servers``.
+        embedding_servers: ``host:port`` of remote shards in order; ``None`` keeps the sparse
+            tables in this process (``num_shards`` stores).
+        num_shards: in-process shards (answers do not depend on it).
+        device_id: CUDA device index; ``None`` picks ``LOCAL_RANK`` (or 0) when CUDA is present,
+            else the CPU.
+        mixed_precision: ``torch.autocast`` with a gradient scaler on CUDA; ignored on the CPU.
+        distributed: wrap the model in ``DistributedDataParallel``; ``None`` means "when
+            ``WORLD_SIZE`` > 1" (torchrun sets it). Every rank must share remote embedding servers.
+
+    Raises:
+        ValueError: data-parallel training without remote embedding servers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dense_optimizer: torch.optim.Optimizer,
+        sparse_optimizer: SparseOptimizer,
+        embedding_config: EmbeddingConfig | str | Path,
+        global_config: GlobalConfig | str | Path | None = None,
+        embedding_servers: Sequence[str] | None = None,
+        num_shards: int = 1,
+        device_id: int | None = None,
+        mixed_precision: bool = False,
+        distributed: bool | None = None,
+    ):
+        self.config = embedding_config if isinstance(embedding_config, EmbeddingConfig) else EmbeddingConfig.load(embedding_config)
+        self.features = list(self.config.slots_config)
+        self.device = _pick_device(device_id)
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.distributed = self.world_size > 1 if distributed is None else distributed
+        if self.distributed and embedding_servers is None:
+            raise ValueError("data-parallel training needs embedding servers every rank shares: pass embedding_servers")
+        self.client = self._make_client(global_config, embedding_servers, num_shards)
+        self.client.set_optimizer(sparse_optimizer)
+        self.sparse_optimizer = sparse_optimizer
+        self.model = model.to(self.device)
+        self.dense_optimizer = dense_optimizer
+        self.mixed_precision = mixed_precision and self.device.type == "cuda"
+        if mixed_precision and not self.mixed_precision:
+            log.info("mixed precision is only used on CUDA; training in float32 on %s", self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.mixed_precision)
+        self.train_model: nn.Module = self._wrap_distributed(self.model) if self.distributed else self.model
+        self.step = 0
+        self._pending: LookupResult | None = None
+
+    def _make_client(self, global_config, servers: Sequence[str] | None, num_shards: int) -> EmbeddingClient:
+        if servers is not None:
+            from embedding_server.remote import RemoteEmbeddingClient
+
+            return RemoteEmbeddingClient(self.config, list(servers))
+        if global_config is None:
+            global_config = GlobalConfig.from_dict({})
+        elif not isinstance(global_config, GlobalConfig):
+            global_config = GlobalConfig.load(global_config)
+        if global_config.mode != "train":
+            raise ValueError("the trainer's in-process store needs common_config.job_type: train")
+        return InProcessEmbeddingClient(self.config, global_config, num_shards)
+
+    def _wrap_distributed(self, model: nn.Module) -> nn.Module:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> "TrainCtx":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the embedding client's connections (in-process tables stay in memory)."""
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()
+
+    # ------------------------------------------------------------------ training
+
+    def prepare(self, batch: PyPersiaBatchData, requires_grad: bool) -> tuple[Tensor, list[Tensor], LookupResult]:
+        """Dense matrix and sparse inputs of ``batch`` on the training device.
+
+        Raises:
+            InvalidRequestError: an unknown feature, or a feature of the model missing from the batch.
+        """
+        batch.validate(self.config)
+        by_name = {f.name: f for f in batch.sparse}
+        missing = [name for name in self.features if name not in by_name]
+        if missing:
+            raise InvalidRequestError(f"the batch lacks sparse features the model takes: {missing}")
+        result = self.client.lookup([by_name[name] for name in self.features], requires_grad=requires_grad)
+        sparse = [_as_tensor(result.embeddings[name]).to(self.device, non_blocking=True) for name in self.features]
+        dense = torch.from_numpy(batch.dense_matrix()).to(self.device, non_blocking=True)
+        return dense, sparse, result
+
+    def forward(self, batch: PyPersiaBatchData) -> tuple[Tensor, Tensor]:
+        """Look up, run the model; returns ``(output, target)``: the target parts side by side
+        (one column per task).
+
+        Raises:
+            InvalidRequestError: a malformed batch or one without targets.
+        """
+        if not batch.targets:
+            raise InvalidRequestError("a training batch needs a target (add_target)")
+        self.train_model.train()
+        dense, sparse, self._pending = self.prepare(batch, requires_grad=True)
+        target = torch.from_numpy(np.concatenate(batch.targets, axis=1))
+        with torch.autocast(self.device.type, enabled=self.mixed_precision):
+            output = self.train_model(dense, sparse)
+        return output.float(), target.to(self.device)
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss``, push sparse gradients to the store, step the dense optimizer."""
+        if self._pending is None:
+            raise RuntimeError("backward() needs a forward() first")
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.mixed_precision:
+            # The rows' gradients carry the loss scale; the sparse optimizer needs true gradients.
+            scale = self.scaler.get_scale()
+            for group in self._pending.groups:
+                if group.rows.grad is not None:
+                    group.rows.grad.div_(scale)
+        self.client.push_gradients(self._pending)
+        self._pending = None
+        self.scaler.step(self.dense_optimizer)
+        self.scaler.update()
+        self.step += 1
+
+    @torch.inference_mode()
+    def predict(self, batch: PyPersiaBatchData) -> Tensor:
+        """Model output for ``batch`` without training (rows are still inserted for unseen ids)."""
+        self.model.eval()
+        dense, sparse, _ = self.prepare(batch, requires_grad=False)
+        return self.model(dense, sparse).float().cpu()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def dump_checkpoint(self, directory: str | Path) -> None:
+        """Save the dense model, the dense optimizer and every sparse table with its optimizer
+        state under ``directory`` (overwriting an earlier checkpoint there). Data-parallel: rank 0
+        writes; every rank waits for it."""
+        directory = Path(directory)
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.client.dump(str(directory / SPARSE_DIR))
+            state = {"model": self.model.state_dict(), "optimizer": self.dense_optimizer.state_dict(), "step": self.step}
+            if self.mixed_precision:
+                state["scaler"] = self.scaler.state_dict()
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            tmp = directory / f".{DENSE_STATE_FILE}.tmp"
+            tmp.write_bytes(buffer.getvalue())
+            os.replace(tmp, directory / DENSE_STATE_FILE)
+        self._barrier()
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore what :meth:`dump_checkpoint` saved (sparse tables into any shard count)."""
+        directory = Path(directory)
+        state = torch.load(directory / DENSE_STATE_FILE, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.dense_optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.mixed_precision:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        if self.rank == 0:
+            self.client.load(str(directory / SPARSE_DIR))
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _as_tensor(embedding: Tensor | RawEmbedding) -> Tensor:
+    return embedding.values if isinstance(embedding, RawEmbedding) else embedding
+
+
+def _pick_device(device_id: int | None) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0")) if device_id is None else device_id
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
