@@ -30,7 +30,7 @@ from trainer.batch import PyPersiaBatchData
 if TYPE_CHECKING:  # re-exported lazily, see __getattr__ at the end
     from trainer.criteo import CriteoReader, read_criteo, write_criteo_tsv  # noqa: F401
     from trainer.loader import DataLoader  # noqa: F401
-    from trainer.synthetic import SyntheticCriteo, roc_auc  # noqa: F401
+    from trainer.synthetic import SyntheticCriteo  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ for _i, _c in enumerate(b"ABCDEF"):
 
 
 def parse_hex_ids(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Parse a string array of hexadecimal ids (no ``0x``, at most 16 digits) without a Python loop.
+    """Parse a string array of hexadecimal ids (no ``0x``, at most 16 digits), vectorised per width.
 
     Returns:
         ``(ids, present, bad)``: uint64 values (0 where not present), a bool mask of non-null,
@@ -265,20 +265,19 @@ def parse_hex_ids(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
         present &= strings.is_valid().to_numpy(zero_copy_only=False)
     ids = np.zeros(n, np.uint64)
     bad = present & (lengths > 16)
-    if offsets[-1] == offsets[0]:
-        return ids, present, bad
-    chars = np.frombuffer(data_buf, np.uint8)[offsets[0] : offsets[-1]]
-    nibbles = _HEX_VALUES[chars]
-    owner = np.repeat(np.arange(n), lengths)
-    bad |= np.bincount(owner, weights=(nibbles == 255), minlength=n) > 0
-    bad &= present
-    # Digit k of a string counts 16 ** (characters after it within the string).
-    after = offsets[owner + 1] - 1 - np.arange(offsets[0], offsets[-1])
-    shifts = (4 * np.minimum(after, 15)).astype(np.uint64)
-    digits = np.where(nibbles == 255, 0, nibbles).astype(np.uint64) << shifts
-    nonempty = np.flatnonzero(lengths > 0)
-    ids[nonempty] = np.bitwise_or.reduceat(digits, offsets[nonempty] - offsets[0])
-    ids[~present | bad] = 0
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    by_length = np.bincount(np.where(present & ~bad, lengths, 0), minlength=17)
+    for width in np.flatnonzero(by_length[1:17]) + 1:
+        rows = np.flatnonzero(present & (lengths == width))
+        # [rows, width] digit values, most significant first; 255 marks a non-hex character.
+        nibbles = _HEX_VALUES[data[offsets[rows, None] + np.arange(width)]]
+        bad[rows] = (nibbles == 255).any(axis=1)
+        value = np.zeros(rows.shape[0], np.uint64)
+        for k in range(width):
+            value <<= np.uint64(4)
+            value |= nibbles[:, k]
+        ids[rows] = value
+    ids[bad] = 0
     return ids, present, bad
 
 
@@ -326,6 +325,16 @@ class ColumnMapping:
     sparse: Mapping[str, str] = field(default_factory=dict)
     string_ids: StringIds = "hex"
     dense_transform: DenseTransform = "none"
+
+    @classmethod
+    def criteo(cls, dense_transform: DenseTransform = "log1p") -> "ColumnMapping":
+        """Criteo's columns by name: ``label``, ``I1..I13`` dense, ``C1..C26`` hex strings."""
+        return cls(
+            label="label",
+            dense=[f"I{i}" for i in range(1, 14)],
+            sparse={f"C{i}": f"C{i}" for i in range(1, 27)},
+            dense_transform=dense_transform,
+        )
 
     @property
     def label_columns(self) -> list[str]:
@@ -519,7 +528,6 @@ _LAZY = {
     "CriteoReader": "trainer.criteo",
     "write_criteo_tsv": "trainer.criteo",
     "SyntheticCriteo": "trainer.synthetic",
-    "roc_auc": "trainer.synthetic",
     "DataLoader": "trainer.loader",
 }
 
