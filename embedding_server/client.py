@@ -116,6 +116,15 @@ class EmbeddingClient(abc.ABC):
             out[order[bounds[s] : bounds[s + 1]]] = part
         return out
 
+    def _lookup_keys(self, ids: np.ndarray, tables: np.ndarray, dim: int) -> np.ndarray:
+        """Vectors of every key in order, repeated keys included, as a new writable float32
+        ``[n, dim]`` array. The shards are asked for each distinct key once (and count it once),
+        as :meth:`lookup` always does; a transport that can deduplicate more cheaply overrides
+        this."""
+        uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
+        values = self.lookup_rows(uniq_ids, uniq_tabs, dim)
+        return np.take(values, inverse, axis=0, mode="clip")  # inverse is valid; "raise" gathers via a temporary
+
     def push_rows(self, ids: np.ndarray, tables: np.ndarray, grads: np.ndarray) -> None:
         """Send one gradient per key to the key's shard (repeated keys are summed there)."""
         if ids.shape[0] == 0:
@@ -164,6 +173,14 @@ class EmbeddingClient(abc.ABC):
         for dim, members in by_dim.items():
             ids = np.concatenate([f.ids for f, _, _ in members])
             tables = np.concatenate([np.full(f.ids.shape[0], t, np.uint16) for f, _, t in members])
+            if not requires_grad and all(_one_id_per_bag(f, slot) for f, slot, _ in members):
+                # Every sample of every feature pools exactly one row: the pooled result is that
+                # row (sum of one; mean and sqrt scaling divide by 1), so key i's vector is row i
+                # of the answer and feature k is the k-th block of batch_size rows.
+                values = torch.from_numpy(self._lookup_keys(ids, tables, dim))
+                for k, (f, _, _) in enumerate(members):
+                    result.embeddings[f.name] = values[k * batch_size : (k + 1) * batch_size]
+                continue
             uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
             values = self.lookup_rows(uniq_ids, uniq_tabs, dim)
             # Rows decoded straight from a gRPC buffer are read-only; torch needs its own copy.
@@ -216,10 +233,20 @@ def _hash_stacked(f: SparseFeature, slot: SlotConfig) -> SparseFeature:
     return SparseFeature(f.name, hashed.reshape(-1), f.offsets * rounds)
 
 
+def _one_id_per_bag(f: SparseFeature, slot: SlotConfig) -> bool:
+    """A pooled feature (after hash stacking) with exactly one id in every sample."""
+    return bool(
+        slot.embedding_summation
+        and f.ids.shape[0] == f.batch_size
+        and (f.offsets.shape[0] < 2 or np.array_equal(f.offsets, np.arange(f.offsets.shape[0])))
+    )
+
+
 def _assemble(
     members: list[tuple[SparseFeature, SlotConfig, int]], inverse: torch.Tensor, rows: torch.Tensor, batch_size: int, dim: int
 ) -> dict[str, torch.Tensor | RawEmbedding]:
-    """Pool (or lay out) each feature's rows. All pooled features go through one embedding_bag."""
+    """Pool (or lay out) each feature's rows. All pooled features go through one embedding_bag
+    (or one index_select when every bag holds exactly one id)."""
     out: dict[str, torch.Tensor | RawEmbedding] = {}
     pooled_idx, pooled_off, pooled_w, pooled_names = [], [], [], []
     start = 0
@@ -238,15 +265,21 @@ def _assemble(
         else:
             out[f.name] = _raw(idx, offsets, rows, slot.sample_fixed_size, batch_size, dim)
     if pooled_names:
-        bags = F.embedding_bag(
-            torch.cat(pooled_idx),
-            # embedding_bag needs a non-empty table even when every bag is empty; the extra zero
-            # row keeps the result attached to ``rows`` for autograd.
-            rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
-            torch.cat(pooled_off),
-            mode="sum",
-            per_sample_weights=_fill_weights(pooled_w, pooled_idx),
-        )
+        if all(_one_id_per_bag(f, slot) for f, slot, _ in members if slot.embedding_summation):
+            # One id per bag: the pooled value is that id's row (its mean or sqrt weight is 1).
+            # index_select gives the same values without embedding_bag's intra-op threads (slow
+            # when another process keeps a core busy); its backward sums repeated rows' gradients.
+            bags = rows.index_select(0, torch.cat(pooled_idx))
+        else:
+            bags = F.embedding_bag(
+                torch.cat(pooled_idx),
+                # embedding_bag needs a non-empty table even when every bag is empty; the extra zero
+                # row keeps the result attached to ``rows`` for autograd.
+                rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
+                torch.cat(pooled_off),
+                mode="sum",
+                per_sample_weights=_fill_weights(pooled_w, pooled_idx),
+            )
         for k, name in enumerate(pooled_names):
             out[name] = bags[k * batch_size : (k + 1) * batch_size]
     return out
@@ -303,6 +336,15 @@ class InProcessEmbeddingClient(EmbeddingClient):
     def _push_shards(self, requests):
         for s, ids, tables, grads in requests:
             self.stores[s].apply_gradients(ids, tables, grads)
+
+    def _lookup_keys(self, ids, tables, dim):
+        # One store can take the keys as they are, repeats included: it counts each distinct key
+        # once and gathers straight into the answer, saving the deduplication and the expansion.
+        # (A request over the store's id limit goes the deduplicating way, which may fit under it.)
+        store = self.stores[0]
+        if self.num_shards == 1 and ids.shape[0] <= self.global_config.server.max_ids_per_request:
+            return store.lookup(ids, tables, count_repeats=False)
+        return super()._lookup_keys(ids, tables, dim)
 
     def set_optimizer(self, optimizer: SparseOptimizer) -> None:
         for store in self.stores:

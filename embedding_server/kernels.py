@@ -20,12 +20,20 @@ Layout of one store (capacity ``C`` rows, ``S`` ~ C / 0.7 slots):
 Deletion uses backward-shift (no tombstones), so probe chains stay short under churn. An exact
 linked-list LRU was measured here at ~4x the cost per lookup (four scattered writes per hit);
 ticks cost one write and give the same order at request granularity.
+
+A lookup of a large batch is bound by memory latency: every key costs a cache miss on its slot,
+one on its tick and one on its vector, each depending on the one before. :func:`gather_hits`
+therefore runs the keys through a software pipeline with explicit prefetches (numba has no
+prefetch of its own, so :func:`_prefetch` emits LLVM's), keeping dozens of misses in flight.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 (
     META_SIZE,  # rows ever handed out (high-water mark); rows < SIZE are live or free
@@ -203,6 +211,105 @@ def _claim(slots, row_slot, row_tick, meta, s, r, key, tab, tick):
     row_tick[r] = tick
     meta[META_LIVE] += 1
     meta[META_INSERTS] += 1
+
+
+def _prefetch_intrinsic(for_write: bool):
+    """A numba intrinsic ``f(array, i)`` that prefetches the cache line of ``array[i, 0, ...]``
+    (``llvm.prefetch``; ``for_write`` asks for the line in a writable state)."""
+
+    @intrinsic
+    def prefetch(typingctx, array, index):
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            array_struct = context.make_array(array_type)(context, builder, args[0])
+            zero = context.get_constant(types.intp, 0)
+            ptr = cgutils.get_item_pointer(
+                context, builder, array_type, array_struct, [args[1]] + [zero] * (array_type.ndim - 1), wraparound=False
+            )
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+            # (address, 0 = read / 1 = write, locality 3 = keep in all cache levels, 1 = data)
+            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, int(for_write)), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
+
+    return prefetch
+
+
+_prefetch = _prefetch_intrinsic(False)
+_prefetch_for_write = _prefetch_intrinsic(True)
+
+
+@intrinsic
+def _copy_row(typingctx, dst, j, src, r):
+    """``dst[j, :] = src[r, :dst.shape[1]]`` as one memcpy (C-contiguous rows): a loop of 16
+    float32 copies compiles to scalar moves, since numba cannot tell that the arrays never alias."""
+
+    def codegen(context, builder, signature, args):
+        dst_type, _, src_type, _ = signature.args
+        dst_struct = context.make_array(dst_type)(context, builder, args[0])
+        src_struct = context.make_array(src_type)(context, builder, args[2])
+        zero = context.get_constant(types.intp, 0)
+        dst_ptr = cgutils.get_item_pointer(context, builder, dst_type, dst_struct, [args[1], zero], wraparound=False)
+        src_ptr = cgutils.get_item_pointer(context, builder, src_type, src_struct, [args[3], zero], wraparound=False)
+        width = cgutils.unpack_tuple(builder, dst_struct.shape, 2)[1]
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(dst_type.dtype)))
+        cgutils.raw_memcpy(builder, dst_ptr, src_ptr, builder.mul(width, itemsize), 1)
+        return context.get_dummy_value()
+
+    return types.void(dst, j, src, r), codegen
+
+
+_AHEAD = 8  # keys between the stages of gather_hits' pipeline (measured best of 4..16 here)
+_RING = 32  # >= 2 * _AHEAD, a power of two
+
+
+@njit(cache=True, nogil=True)
+def gather_hits(slots, row_tick, weights, meta, salts, ids, tables, count_repeats, out, rows):
+    """Copy the vector of every stored key to ``out[i]`` and mark its row used; returns how
+    many keys are not stored (their ``rows[i]`` is -1 and ``out[i]`` is left as it was).
+
+    The caller handles the missing keys (insert, or the zero row) with :func:`lookup`, so this
+    loop stays free of inserts and evictions. Counts every found key in ``META_LOOKUPS``; with
+    ``count_repeats`` false a key repeated within the request counts once, as if the caller had
+    deduplicated the request first: its row already carries this request's tick.
+
+    Three stages, ``_AHEAD`` keys apart: hash the key and prefetch its home slot; probe the
+    (now cached) slots and prefetch the row's vector and tick; copy the vector and write the
+    tick. Measured here at 1M rows: about 1.7x faster than probing and gathering separately.
+    """
+    n = ids.shape[0]
+    num_slots = slots.shape[0]
+    tick = np.uint32(meta[META_TICK])
+    hashes = np.empty(_RING, np.uint64)
+    found = 0
+    missing = 0
+    for i in range(n + 2 * _AHEAD):
+        if i < n:
+            h = mix64(ids[i] ^ salts[tables[i]])
+            hashes[i & (_RING - 1)] = h
+            _prefetch(slots, _home(h, num_slots))
+        j = i - _AHEAD
+        if 0 <= j < n:
+            _, r = _find(slots, ids[j], tables[j], hashes[j & (_RING - 1)])
+            rows[j] = r
+            if r >= 0:
+                _prefetch(weights, r)
+                _prefetch_for_write(row_tick, r)
+        j = i - 2 * _AHEAD
+        if j >= 0:
+            r = rows[j]
+            if r < 0:
+                missing += 1
+                continue
+            if count_repeats or row_tick[r] != tick:
+                found += 1
+                row_tick[r] = tick
+            _copy_row(out, j, weights, r)
+    meta[META_LOOKUPS] += found
+    return missing
 
 
 _GROUP = 64
