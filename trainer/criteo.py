@@ -54,7 +54,7 @@ _LOGGED_SKIPS = 20
 
 
 class CriteoReader(Iterator[Chunk]):
-    """Iterator over the chunks of one Criteo file (use :func:`read_criteo` to make one).
+    """Iterator over the chunks of one Criteo file; ``read_criteo`` is another name for it.
 
     Args:
         path: a ``.tsv``/``.txt``/``.csv`` file, optionally compressed (``.gz``, ``.bz2``, ...,
@@ -256,37 +256,12 @@ class CriteoReader(Iterator[Chunk]):
                 log.warning("%s, line %d: skipped: %s", self.path, line, reason)
 
 
-def read_criteo(
-    path: str | Path,
-    *,
-    fmt: CriteoFormat = "auto",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    on_error: OnError = "raise",
-    dense_names: Sequence[str] = DENSE_NAMES,
-    sparse_names: Sequence[str] = SPARSE_NAMES,
-    dense_transform: DenseTransform = "log1p",
-) -> CriteoReader:
-    """Read a Criteo TSV or CSV-with-header file in chunks of at most ``chunk_rows`` rows.
-
-    See :class:`CriteoReader` for the arguments and errors.
-
-    Returns:
-        An iterator of :class:`~trainer.data.Chunk` with a ``skipped`` counter.
-
-    Example:
-        >>> chunk = next(read_criteo("/work/shared/data/criteo_sample.csv"))  # doctest: +SKIP
-        >>> chunk.dense.shape, len(chunk.sparse)  # doctest: +SKIP
-        ((200, 13), 26)
-    """
-    return CriteoReader(
-        path,
-        fmt=fmt,
-        chunk_rows=chunk_rows,
-        on_error=on_error,
-        dense_names=dense_names,
-        sparse_names=sparse_names,
-        dense_transform=dense_transform,
-    )
+read_criteo = CriteoReader
+"""``read_criteo(path, *, fmt="auto", chunk_rows=..., on_error="raise", dense_names=...,
+sparse_names=..., dense_transform="log1p")``: read a Criteo TSV or CSV-with-header file in
+chunks of at most ``chunk_rows`` rows; returns a :class:`CriteoReader` (an iterator of
+:class:`~trainer.data.Chunk` with a ``skipped`` counter). See :class:`CriteoReader` for the
+arguments and errors."""
 
 
 def _is_number(text: str) -> bool:

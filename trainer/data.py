@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Sequence
@@ -32,7 +31,6 @@ if TYPE_CHECKING:  # re-exported lazily, see __getattr__ at the end
     from trainer.loader import DataLoader  # noqa: F401
     from trainer.synthetic import SyntheticCriteo  # noqa: F401
 
-log = logging.getLogger(__name__)
 
 DenseTransform = Literal["log1p", "none"]
 DEFAULT_CHUNK_ROWS = 65536
