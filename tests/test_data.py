@@ -362,7 +362,7 @@ def test_prefetch_propagates_worker_errors(tmp_path, gen):
 
 
 def test_no_thread_left_after_close_exit_or_garbage(gen):
-    loader = DataLoader(gen, 100, prefetch=2)  # endless source: the thread would run forever
+    loader = DataLoader(gen, 100, prefetch=2, chunk_rows=1000)  # endless source: the thread would run forever
     it = iter(loader)
     next(it)
     assert len(_prefetch_threads()) == 1
@@ -371,12 +371,12 @@ def test_no_thread_left_after_close_exit_or_garbage(gen):
     with pytest.raises(StopIteration):
         next(it)
 
-    with DataLoader(gen, 100) as loader:
+    with DataLoader(gen, 100, chunk_rows=1000) as loader:
         for _ in zip(range(3), loader):
             pass
     assert not _prefetch_threads()
 
-    next(iter(DataLoader(gen, 100)))  # iterator and loader dropped at once
+    next(iter(DataLoader(gen, 100, chunk_rows=1000)))  # iterator and loader dropped at once
     gc.collect()
     deadline = time.monotonic() + 5
     while _prefetch_threads() and time.monotonic() < deadline:
