@@ -23,7 +23,7 @@ from embedding_server.client import EmbeddingClient
 from embedding_server.config import EmbeddingConfig
 from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 from embedding_server.optimizers import SparseOptimizer
-from embedding_server.service import CHANNEL_OPTIONS
+from embedding_server.service import CHANNEL_OPTIONS, SERVICE_NAME
 from protos.embedding import pb, pb_grpc
 
 
@@ -47,6 +47,8 @@ class RemoteEmbeddingClient(EmbeddingClient):
         self.timeout = timeout
         self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
+        # Lookup moves hand-encoded messages (see wire.py): no protobuf copies of the vectors.
+        self._raw_lookups = [c.unary_unary(f"/{SERVICE_NAME}/Lookup") for c in self._channels]
         self.infos = [self._call(i, "Info", pb.InfoRequest(), timeout=connect_timeout) for i in range(self.num_shards)]
         for i, info in enumerate(self.infos):
             if (info.shard_index, info.num_shards) != (i, self.num_shards):
@@ -74,19 +76,18 @@ class RemoteEmbeddingClient(EmbeddingClient):
 
     def _lookup_shards(self, requests, dim):
         calls = [
-            (s, self._stubs[s].Lookup.future(
-                pb.LookupRequest(ids=wire.encode(ids, wire.IDS), tables=wire.encode(tables, wire.TABLES)),
-                timeout=self.timeout,
-            ))
+            (s, self._raw_lookups[s].future(wire.encode_lookup_request(ids, tables), timeout=self.timeout))
             for s, ids, tables in requests
         ]
         out = []
         for (s, call), (_, ids, _) in zip(calls, requests):
-            response = self._result(s, call)
-            values = np.frombuffer(response.values, wire.VALUES)
-            if response.dim != dim or values.shape[0] != ids.shape[0] * dim:
+            try:
+                got_dim, values = wire.decode_lookup_response(self._result(s, call))
+            except ValueError as exc:
+                raise ShardUnavailableError(f"{self.addresses[s]}: {exc}") from None
+            if got_dim != dim or values.shape[0] != ids.shape[0] * dim:
                 raise ShardUnavailableError(
-                    f"{self.addresses[s]} answered {values.shape[0]} floats of dim {response.dim} for {ids.shape[0]} ids of dim {dim}"
+                    f"{self.addresses[s]} answered {values.shape[0]} floats of dim {got_dim} for {ids.shape[0]} ids of dim {dim}"
                 )
             out.append(values.reshape(ids.shape[0], dim))
         return out

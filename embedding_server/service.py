@@ -61,10 +61,20 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}")
 
     def Lookup(self, request, context):
+        """Returns the serialized LookupResponse (see :func:`add_servicer`): the store gathers the
+        vectors straight into the bytes gRPC sends."""
+
         def run():
             ids, tables = wire.decode_keys(request.ids, request.tables)
-            values = self.store.lookup(ids, tables)
-            return pb.LookupResponse(dim=values.shape[1], values=values.tobytes())
+            message = []
+
+            def response_values(dim: int):
+                buffer, values = wire.lookup_response(ids.shape[0], dim)
+                message.append(buffer)
+                return values
+
+            self.store.lookup(ids, tables, out=response_values)
+            return message[0]
 
         return self._call("Lookup", context, run, len(request.ids) // 8)
 
@@ -119,6 +129,20 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return self._call("Load", context, run)
 
 
+def add_servicer(servicer: EmbeddingServicer, server: grpc.Server) -> None:
+    """Register the service's methods: the generated (de)serializers for every method but
+    Lookup, whose handler returns its response already serialized (see :mod:`wire`)."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(pb, f"{name}Request").FromString,
+            response_serializer=None if name == "Lookup" else getattr(pb, f"{name}Response").SerializeToString,
+        )
+        for name in pb.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 @dataclass
 class RunningServer:
     """A started embedding server; :meth:`stop` drains in-flight requests."""
@@ -166,7 +190,7 @@ def start_server(
     store = EmbeddingStore(config, global_config, shard_index, num_shards)
     metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(store, metrics), server)
+    add_servicer(EmbeddingServicer(store, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -125,7 +125,11 @@ class EmbeddingStore:
         return int(self._meta[kernels.META_LIVE])
 
     def lookup(
-        self, ids: np.ndarray, tables: np.ndarray, out: np.ndarray | None = None, count_repeats: bool = True
+        self,
+        ids: np.ndarray,
+        tables: np.ndarray,
+        out: np.ndarray | Callable[[int], np.ndarray] | None = None,
+        count_repeats: bool = True,
     ) -> np.ndarray:
         """Vectors of the given keys as float32 ``[n, dim]``.
 
@@ -134,8 +138,9 @@ class EmbeddingStore:
         zeros and are not inserted.
 
         Args:
-            out: a C-contiguous float32 ``[n, dim]`` array to write the vectors into (for example
-                a view of a response buffer); a new array when not given.
+            out: a C-contiguous float32 ``[n, dim]`` array to write the vectors into, or a
+                function that returns one given ``dim``, called once the request is validated
+                (a server allocates its response buffer so); a new array when not given.
             count_repeats: count every key in the hit and miss counters (the default). When
                 false, a key repeated within the request counts once, as if the caller had
                 deduplicated the request first (what the batch clients do).
@@ -146,7 +151,9 @@ class EmbeddingStore:
         dim = self._check_keys(ids, tables)
         if out is None:
             out = np.empty((ids.shape[0], dim), np.float32)
-        elif out.dtype != np.float32 or out.shape != (ids.shape[0], dim) or not out.flags.c_contiguous or not out.flags.writeable:
+        elif callable(out):
+            out = out(dim)
+        if out.dtype != np.float32 or out.shape != (ids.shape[0], dim) or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"out must be a writable C-contiguous float32 array of shape {(ids.shape[0], dim)}, got {describe_value(out)}")
         insert = self.mode == "train"
         if insert:
@@ -326,18 +333,20 @@ class EmbeddingStore:
         limit = self.global_config.server.max_ids_per_request
         if ids.shape[0] > limit:
             raise InvalidRequestError(f"request carries {ids.shape[0]} ids; the limit is {limit} (max_ids_per_request)")
+        dim = self._request_dim(tables)
+        self._check_shard(ids, tables)
+        return dim
+
+    def _request_dim(self, tables: np.ndarray) -> int:
         if int(tables.max()) >= len(self._tables):
             raise InvalidRequestError(f"table index {int(tables.max())} out of range: {len(self._tables)} tables configured")
         if self._single_dim:
-            dim = int(self._dims[0])
-        else:
-            used = np.flatnonzero(np.bincount(tables, minlength=len(self._tables)))
-            dims = np.unique(self._dims[used])
-            if dims.shape[0] != 1:
-                raise InvalidRequestError(f"one request must address tables of one dim, got dims {dims.tolist()}")
-            dim = int(dims[0])
-        self._check_shard(ids, tables)
-        return dim
+            return int(self._dims[0])
+        used = np.flatnonzero(np.bincount(tables, minlength=len(self._tables)))
+        dims = np.unique(self._dims[used])
+        if dims.shape[0] != 1:
+            raise InvalidRequestError(f"one request must address tables of one dim, got dims {dims.tolist()}")
+        return int(dims[0])
 
     def owns(self, ids: np.ndarray, tables: np.ndarray) -> np.ndarray:
         """Boolean mask of the keys that hash to this shard."""

@@ -6,6 +6,8 @@ malformed request is refused before any state is touched.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from embedding_server.errors import InvalidRequestError
@@ -43,3 +45,106 @@ def decode_matrix(buffer: bytes, rows: int, field: str) -> np.ndarray:
     if rows == 0 or flat.shape[0] % rows:
         raise InvalidRequestError(f"'{field}' holds {flat.shape[0]} floats, not a whole row for each of {rows} ids")
     return flat.reshape(rows, flat.shape[0] // rows)
+
+
+# --------------------------------------------------------------------------- Lookup without protobuf copies
+#
+# A lookup answer is ~100k vectors (6.5 MB). Through protobuf objects it is copied four times
+# (array to bytes, into the message, serialized, parsed on the client). The Lookup RPC therefore
+# moves hand-encoded messages: the server gathers the vectors straight into the bytes it sends and
+# the client reads them in place. The bytes are ordinary protobuf encodings of LookupRequest and
+# LookupResponse (protos/embedding_service.proto), so any protobuf client still reads them.
+
+_LEN = 2  # protobuf wire type of bytes fields
+_VARINT = 0
+_REQUEST_IDS = 1 << 3 | _LEN  # LookupRequest.ids = 1
+_REQUEST_TABLES = 2 << 3 | _LEN  # LookupRequest.tables = 2
+_RESPONSE_DIM = 1 << 3 | _VARINT  # LookupResponse.dim = 1
+_RESPONSE_VALUES = 2 << 3 | _LEN  # LookupResponse.values = 2
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _read_varint(buffer: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buffer) or shift > 63:
+            raise ValueError("truncated or oversized varint")
+        byte = buffer[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def encode_lookup_request(ids: np.ndarray, tables: np.ndarray) -> bytes:
+    """A serialized LookupRequest, built with one copy of each array."""
+    id_array = np.ascontiguousarray(ids, dtype=IDS)
+    table_array = np.ascontiguousarray(tables, dtype=TABLES)
+    return b"".join(
+        (
+            bytes([_REQUEST_IDS]), _varint(id_array.nbytes), memoryview(id_array).cast("B"),
+            bytes([_REQUEST_TABLES]), _varint(table_array.nbytes), memoryview(table_array).cast("B"),
+        )
+    )
+
+
+def lookup_response(num_keys: int, dim: int) -> tuple[bytes, np.ndarray]:
+    """A serialized LookupResponse for ``num_keys`` vectors of ``dim``, and a writable float32
+    ``[num_keys, dim]`` view of its ``values`` for the caller to fill before sending the bytes.
+
+    The bytes object is created uninitialised (``PyBytes_FromStringAndSize(NULL, n)``) and only
+    written through the view while this process alone holds it; nothing may hash or share it
+    before the view is filled.
+    """
+    payload = num_keys * dim * VALUES.itemsize
+    header = bytes([_RESPONSE_DIM]) + _varint(dim) + bytes([_RESPONSE_VALUES]) + _varint(payload)
+    message = _new_bytes(None, len(header) + payload)
+    address = ctypes.cast(ctypes.c_char_p(message), ctypes.c_void_p).value
+    memory = (ctypes.c_char * len(message)).from_address(address)
+    memory[: len(header)] = header
+    values = np.frombuffer(memory, dtype=VALUES, count=num_keys * dim, offset=len(header))
+    return message, values.reshape(num_keys, dim)
+
+
+def decode_lookup_response(message: bytes) -> tuple[int, np.ndarray]:
+    """(dim, flat float32 values) of a serialized LookupResponse; the values are a read-only
+    view of ``message``, not a copy.
+
+    Raises:
+        ValueError: ``message`` is not a LookupResponse.
+    """
+    dim, start, size, pos = 0, 0, 0, 0
+    try:
+        while pos < len(message):
+            tag, pos = _read_varint(message, pos)
+            if tag & 7 == _VARINT:
+                value, pos = _read_varint(message, pos)
+                if tag == _RESPONSE_DIM:
+                    dim = value
+            elif tag & 7 == _LEN:
+                length, pos = _read_varint(message, pos)
+                if tag == _RESPONSE_VALUES:
+                    start, size = pos, length
+                pos += length
+            else:
+                raise ValueError(f"unexpected wire type {tag & 7}")
+        if pos != len(message) or size % VALUES.itemsize:
+            raise ValueError("truncated message")
+    except ValueError as exc:
+        raise ValueError(f"malformed LookupResponse: {exc}") from None
+    return dim, np.frombuffer(message, dtype=VALUES, count=size // VALUES.itemsize, offset=start)
