@@ -1,0 +1,260 @@
+"""TorchServe handler of a sparse CTR model: embedding lookups in preprocess, the dense model after.
+
+The ``.mar`` built by ``ctrserve archive`` holds this file as its handler, ``model.pt`` (the
+TorchScript dense model), ``model.json`` (:class:`~embedding_server.model_spec.DenseModelSpec`)
+and optionally ``serving.yml`` (:class:`~handler.serving_config.ServingConfig`). The worker's
+Python must have ctrserve installed (this module imports ``handler`` and ``embedding_server``).
+
+Per TorchServe batch (every request in ``data``): each request is decoded and validated on its
+own; the valid ones are concatenated, their embeddings looked up in ONE call to the embedding
+servers, the dense model runs once under ``torch.inference_mode`` on the GPU TorchServe assigned
+(else the CPU), and the scores are split back into one JSON result per request::
+
+    {"scores": [0.12, 0.87, ...],          # one per sample ([[...], ...] for several targets)
+     "model_version": 3, "model_step": 1200,
+     "sparse_watermark": {...},            # what the dense version was exported at
+     "embedding_watermark": {...},         # what the embedding servers report now
+     "batch_requests": 1}                  # requests TorchServe batched together with this one
+
+Bad requests: when the TorchServe batch holds one request (the usual case, and always without
+server-side batching) the handler raises ``PredictionException`` with a 4xx code: REST answers
+that status with ``{"code", "type", "message"}`` and gRPC answers ``INVALID_ARGUMENT`` with the
+message as details (every refusal is a 400; see :mod:`handler.request` for why not 413). When TorchServe batched several
+requests together, one bad request must not fail the others, so it gets a per-request status
+(``context.set_response_status``) and the body ``{"error": message, "code": code}``: REST
+answers it with that 4xx status, but TorchServe 0.12's gRPC frontend ignores per-request
+statuses and answers OK with that body, which :class:`handler.client.PredictionClient` turns
+into the same :class:`~handler.client.PredictionError`. The worker stays up in every case.
+
+Example (what TorchServe does with it)::
+
+    handler = PersiaHandler()
+    handler.initialize(context)            # context.system_properties["model_dir"], ["gpu_id"]
+    results = handler.handle([{"body": batch_bytes}], context)   # one JSON string per request
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+from embedding_server.client import RawEmbedding
+from embedding_server.config import EmbeddingConfig
+from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
+from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.remote import RemoteEmbeddingClient
+from handler.request import DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
+from handler.serving_config import SERVING_FILE, ServingConfig
+
+logger = logging.getLogger(__name__)
+JSON_CONTENT_TYPE = "application/json"
+
+
+class PersiaHandler(BaseHandler):
+    """Serves one exported dense version with embeddings from remote embedding servers.
+
+    Attributes set by :meth:`initialize`: ``spec`` (model.json), ``serving`` (serving config),
+    ``model`` (TorchScript module on ``device``), ``embeddings`` (remote lookup client) and
+    ``decoder`` (request validation).
+
+    Raises:
+        ConfigError: from :meth:`initialize` when model.json, serving.yml or the embedding
+            server list is missing or invalid (the worker does not start; TorchServe logs it).
+        PredictionException: from :meth:`handle` with a 4xx code for a bad lone request, 503
+            when the embedding servers cannot answer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec: DenseModelSpec | None = None
+        self.serving: ServingConfig | None = None
+        self.embeddings: RemoteEmbeddingClient | None = None
+        self.decoder: RequestDecoder | None = None
+        self._watermark: dict[str, Any] = {}
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def initialize(self, context: Any) -> None:
+        """Load model.pt, model.json and serving.yml from the model directory; connect to the shards."""
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        self.context = context
+        self.manifest = context.manifest
+        self.device = select_device(properties.get("gpu_id"))
+        self.spec = DenseModelSpec.from_json((model_dir / SPEC_FILE).read_text(), source=str(model_dir / SPEC_FILE))
+        self.serving = ServingConfig.load(model_dir / SERVING_FILE).with_environment()
+        if not self.serving.embedding_servers:
+            raise ConfigError(
+                f"no embedding servers: set embedding_servers in {SERVING_FILE} (ctrserve archive --serving-config) "
+                "or the environment variable CTRSERVE_EMBEDDING_SERVERS"
+            )
+        if not self.spec.embedding_config:
+            raise ConfigError(f"{model_dir / SPEC_FILE} has no embedding_config: re-export the model")
+        model = torch.jit.load(str(model_dir / MODEL_FILE), map_location=self.device).eval()
+        emb_config = EmbeddingConfig.from_dict(self.spec.embedding_config, source=f"{SPEC_FILE} embedding_config")
+        embeddings = RemoteEmbeddingClient(
+            emb_config,
+            list(self.serving.embedding_servers),
+            timeout=self.serving.embedding_timeout_s,
+            connect_timeout=self.serving.connect_timeout_s,
+        )
+        self.configure(self.spec, model, embeddings, self.serving, self.device)
+        self._start_watermark_refresh()
+        logger.info(
+            "serving dense version %d (step %d) on %s with %d embedding shards",
+            self.spec.version, self.spec.step, self.device, len(self.serving.embedding_servers),
+        )
+
+    def configure(
+        self, spec: DenseModelSpec, model: Any, embeddings: Any, serving: ServingConfig, device: torch.device
+    ) -> None:
+        """Use these parts (what :meth:`initialize` loads); tests pass an in-process embedding client.
+
+        Args:
+            spec: the model's model.json.
+            model: TorchScript (or any) module with ``forward(dense, sparse)`` on ``device``.
+            embeddings: an :class:`~embedding_server.client.EmbeddingClient` (lookup, stats).
+            serving: limits and timeouts.
+            device: where inputs are put.
+        """
+        self.spec, self.model, self.embeddings, self.serving, self.device = spec, model, embeddings, serving, device
+        self.decoder = RequestDecoder(spec, serving.max_batch_size, serving.max_request_bytes)
+        self.initialized = True
+
+    # ------------------------------------------------------------------ TorchServe entry point
+
+    def handle(self, data: list[dict], context: Any) -> list[str]:
+        """One JSON result per request of TorchServe's batch ``data``.
+
+        Raises:
+            PredictionException: a lone request is bad (4xx), or the lookup failed (503).
+        """
+        self.context = context
+        prepared = self.preprocess(data)
+        if len(prepared.outcomes) == 1 and isinstance(prepared.outcomes[0], RequestError):
+            error = prepared.outcomes[0]
+            raise PredictionException(error.message, error.code)
+        return self.postprocess(self.inference(prepared), prepared)
+
+    def preprocess(self, data: list[dict]) -> PreparedBatch:
+        """Decode every request, look up the embeddings of all valid ones at once, build tensors.
+
+        Raises:
+            PredictionException: 503 when the embedding servers cannot answer, 400 when they
+                refuse the merged lookup.
+        """
+        outcomes: list[DecodedRequest | RequestError] = []
+        for item in data:
+            try:
+                outcomes.append(self.decoder.decode(item))
+            except RequestError as error:
+                outcomes.append(error)
+        valid = [o for o in outcomes if isinstance(o, DecodedRequest)]
+        prepared = PreparedBatch(outcomes)
+        if not valid:
+            return prepared
+        dense, features, prepared.sizes = merge_requests(valid, self.decoder.feature_names)
+        started = time.perf_counter()
+        try:
+            looked_up = self.embeddings.lookup(features)
+        except ShardUnavailableError as exc:
+            raise PredictionException(f"embedding servers unavailable: {exc}", 503) from None
+        except InvalidRequestError as exc:
+            raise PredictionException(f"embedding lookup refused: {exc}", 400) from None
+        self._record_time("EmbeddingLookupTime", started)
+        prepared.dense = torch.from_numpy(dense).to(self.device)
+        prepared.sparse = [self._model_input(looked_up.embeddings[name]) for name in self.decoder.feature_names]
+        return prepared
+
+    def inference(self, prepared: PreparedBatch, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """Scores ``[samples, targets]`` (CPU, float32) of all valid requests; None if there are none."""
+        if prepared.dense is None:
+            return None
+        started = time.perf_counter()
+        with torch.inference_mode():
+            scores = self.model(prepared.dense, prepared.sparse)
+        scores = scores.detach().to("cpu", torch.float32)
+        self._record_time("DenseInferenceTime", started)
+        return scores.reshape(scores.shape[0], -1)
+
+    def postprocess(self, scores: torch.Tensor | None, prepared: PreparedBatch | None = None) -> list[str]:
+        """Split ``scores`` back into one JSON string per request (errors where a request was bad)."""
+        if prepared is None:
+            raise TypeError("PersiaHandler.postprocess needs the PreparedBatch its scores belong to")
+        per_request = iter(torch.split(scores, prepared.sizes) if scores is not None else ())
+        watermark = dict(self._watermark)
+        results = []
+        for idx, outcome in enumerate(prepared.outcomes):
+            self._set_content_type(idx)
+            if isinstance(outcome, RequestError):
+                self._set_status(idx, outcome)
+                results.append(json.dumps({"error": outcome.message, "code": outcome.code}))
+                continue
+            chunk = next(per_request)
+            results.append(json.dumps({
+                "scores": (chunk[:, 0] if chunk.shape[1] == 1 else chunk).tolist(),
+                "model_version": self.spec.version,
+                "model_step": self.spec.step,
+                "sparse_watermark": self.spec.sparse_watermark,
+                "embedding_watermark": watermark,
+                "batch_requests": len(prepared.outcomes),  # requests TorchServe batched with this one
+            }))
+        return results
+
+    # ------------------------------------------------------------------ helpers
+
+    def _model_input(self, embedding: torch.Tensor | RawEmbedding) -> torch.Tensor:
+        values = embedding.values if isinstance(embedding, RawEmbedding) else embedding
+        return values.to(self.device)
+
+    def _record_time(self, name: str, started: float) -> None:
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is not None:
+            metrics.add_time(name, round((time.perf_counter() - started) * 1000.0, 3), None, "ms")
+
+    def _set_content_type(self, idx: int) -> None:
+        if getattr(self.context, "request_processor", None):
+            self.context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+
+    def _set_status(self, idx: int, error: RequestError) -> None:
+        if getattr(self.context, "request_processor", None):
+            phrase = error.message.encode("ascii", "replace").decode()[:200].replace("\n", " ")
+            self.context.set_response_status(error.code, phrase, idx)
+
+    # ------------------------------------------------------------------ embedding watermark
+    # THE ONE PLACE that reads the embedding servers' watermark. The servers do not report one
+    # yet (incremental updates are being added to them): whatever their stats() give under
+    # "watermark" is reported per shard, else the result is an empty dict. It is re-read in a
+    # background thread every watermark_refresh_s so no request waits for the Stats RPCs.
+
+    def read_embedding_watermark(self) -> dict[str, Any]:
+        """``{shard index: watermark}`` for every shard whose stats carry a "watermark"."""
+        return {str(i): shard["watermark"] for i, shard in enumerate(self.embeddings.stats()) if "watermark" in shard}
+
+    def _start_watermark_refresh(self) -> None:
+        def refresh() -> None:
+            while True:
+                try:
+                    self._watermark = self.read_embedding_watermark()
+                except (ShardUnavailableError, InvalidRequestError) as exc:
+                    logger.warning("could not read the embedding watermark: %s", exc)
+                if self._stop.wait(self.serving.watermark_refresh_s):
+                    return
+
+        threading.Thread(target=refresh, name="embedding-watermark", daemon=True).start()
+
+
+def select_device(gpu_id: Any) -> torch.device:
+    """``cuda:<gpu_id>`` when CUDA is present and TorchServe assigned a GPU, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")

@@ -1,0 +1,265 @@
+"""Decoding and validating prediction requests, and merging a TorchServe batch of them.
+
+A request body is either the batch bytes clients build (``PyPersiaBatchData.to_bytes()``, see
+:mod:`embedding_server.batch_codec`) or JSON::
+
+    {"dense": [[0.1, 0.2, ...], ...],            # one row of dense_width numbers per sample
+     "sparse": {"C1": [[12, 7], [], ...], ...}}  # per feature, one id list per sample
+
+Every feature the model takes must be present (a sample may have no ids); features the model
+does not take, a dense width other than the model's, non-finite dense values, an empty body or
+batch, malformed bytes or JSON, and a request over the sample or byte limit are
+:class:`RequestError` (HTTP 400, gRPC INVALID_ARGUMENT). 413 would fit "too large" better, but
+TorchServe 0.12's REST frontend rewrites a handler's 413 into 507 "Insufficient Storage", which
+reads as a server fault. Nothing here imports TorchServe, so it is unit-testable on its own.
+
+Example:
+    >>> decoder = RequestDecoder(spec, max_batch_size=1024, max_request_bytes=1 << 20)
+    >>> request = decoder.decode({"body": batch.to_bytes()})
+    >>> dense, features, sizes = merge_requests([request], decoder.feature_names)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from embedding_server.batch import SparseFeature
+from embedding_server.batch_codec import MAGIC, BatchData, check_parts, decode_batch
+from embedding_server.errors import InvalidRequestError
+from embedding_server.model_spec import DenseModelSpec
+
+#: Keys of a TorchServe request item that may hold the body, in the order they are tried:
+#: ``batch`` (gRPC ``input`` map key clients use), ``body`` (REST raw body), ``data`` (form field).
+BODY_KEYS = ("batch", "body", "data")
+_JSON_KEYS = {"dense", "sparse"}
+
+
+class RequestError(Exception):
+    """A request the handler refuses; ``code`` is the HTTP status (4xx) it is answered with.
+
+    Args:
+        message: what is wrong, in words a client can act on.
+        code: HTTP status code (400 for every refusal the decoder makes).
+    """
+
+    def __init__(self, message: str, code: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """One validated request.
+
+    Args:
+        dense: float32 ``[batch, dense_width]``.
+        sparse: the model's features in the model's order, each of ``batch`` samples.
+    """
+
+    dense: np.ndarray
+    sparse: tuple[SparseFeature, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.dense.shape[0])
+
+
+class RequestDecoder:
+    """Turns TorchServe request items into :class:`DecodedRequest` for one dense model.
+
+    Args:
+        spec: the served model's ``model.json``.
+        max_batch_size: most samples per request.
+        max_request_bytes: most bytes per request body.
+    """
+
+    def __init__(self, spec: DenseModelSpec, max_batch_size: int, max_request_bytes: int):
+        self.spec = spec
+        self.feature_names = [f.name for f in spec.features]
+        self.max_batch_size = max_batch_size
+        self.max_request_bytes = max_request_bytes
+
+    def decode(self, item: Mapping[str, Any] | None) -> DecodedRequest:
+        """Decode one item of TorchServe's ``data`` list.
+
+        Raises:
+            RequestError: the request is empty, malformed, too large or does not fit the model.
+        """
+        body = request_body(item)
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            if len(body) > self.max_request_bytes:
+                raise RequestError(f"request of {len(body)} bytes exceeds the limit of {self.max_request_bytes} bytes")
+            if bytes(body[: len(MAGIC)]) == MAGIC:
+                return self._from_batch(_decode_bytes(body))
+            body = _json_from_bytes(body)
+        elif isinstance(body, str):
+            if len(body) > self.max_request_bytes:
+                raise RequestError(f"request of {len(body)} characters exceeds the limit of {self.max_request_bytes} bytes")
+            body = _json_from_bytes(body.encode("utf-8"))
+        return self._from_batch(_batch_from_json(body))
+
+    def _from_batch(self, data: BatchData) -> DecodedRequest:
+        try:
+            batch_size = check_parts(data)
+        except InvalidRequestError as exc:
+            raise RequestError(str(exc)) from None
+        if batch_size == 0:
+            raise RequestError("empty batch: the request holds 0 samples")
+        if batch_size > self.max_batch_size:
+            raise RequestError(f"batch of {batch_size} samples exceeds the limit of {self.max_batch_size} samples per request")
+        return DecodedRequest(self._dense(data, batch_size), self._features(data.sparse))
+
+    def _dense(self, data: BatchData, batch_size: int) -> np.ndarray:
+        parts = [d.astype(np.float32, copy=False) for d in data.dense]
+        dense = parts[0] if len(parts) == 1 else (np.concatenate(parts, axis=1) if parts else np.zeros((batch_size, 0), np.float32))
+        if dense.shape[1] != self.spec.dense_width:
+            raise RequestError(
+                f"dense width {dense.shape[1]} does not match the model's dense_width {self.spec.dense_width} "
+                f"(model version {self.spec.version})"
+            )
+        if dense.size and not np.isfinite(dense).all():
+            raise RequestError("dense values must be finite: the request holds NaN or infinity")
+        return dense
+
+    def _features(self, sparse: Sequence[SparseFeature]) -> tuple[SparseFeature, ...]:
+        given = {f.name: f for f in sparse}
+        unknown = [name for name in given if name not in self.feature_names]
+        if unknown:
+            raise RequestError(
+                f"unknown feature{'s' if len(unknown) > 1 else ''} {', '.join(repr(n) for n in unknown)}; "
+                f"the model takes: {', '.join(self.feature_names)}"
+            )
+        missing = [name for name in self.feature_names if name not in given]
+        if missing:
+            raise RequestError(
+                f"missing feature{'s' if len(missing) > 1 else ''} {', '.join(repr(n) for n in missing)}: every feature "
+                "the model takes must be sent (a sample may have an empty id list)"
+            )
+        return tuple(given[name] for name in self.feature_names)
+
+
+def request_body(item: Mapping[str, Any] | None) -> bytes | bytearray | str | dict:
+    """The body of one TorchServe request item (see :data:`BODY_KEYS`).
+
+    Raises:
+        RequestError: no body, or an empty one.
+    """
+    body = None
+    if isinstance(item, Mapping):
+        body = next((item[k] for k in BODY_KEYS if item.get(k) is not None), None)
+    if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
+        raise RequestError(
+            "empty request body: send ctrserve batch bytes (PyPersiaBatchData.to_bytes()) "
+            f"or JSON {{\"dense\": [[...]], \"sparse\": {{\"<feature>\": [[ids], ...]}}}} under one of {list(BODY_KEYS)}"
+        )
+    if not isinstance(body, (bytes, bytearray, str, dict)):
+        raise RequestError(f"request body must be bytes or a JSON object, got {type(body).__name__}")
+    return body
+
+
+def merge_requests(
+    requests: Sequence[DecodedRequest], feature_names: Sequence[str]
+) -> tuple[np.ndarray, list[SparseFeature], list[int]]:
+    """Concatenate requests into one batch for one lookup and one model call.
+
+    Args:
+        requests: decoded requests (at least one).
+        feature_names: the model's feature order (as in every request's ``sparse``).
+
+    Returns:
+        ``(dense [N, w], features, sizes)``: ``sizes[i]`` samples of the result belong to
+        request ``i``, in order.
+    """
+    sizes = [r.batch_size for r in requests]
+    if len(requests) == 1:
+        return requests[0].dense, list(requests[0].sparse), sizes
+    dense = np.concatenate([r.dense for r in requests], axis=0)
+    features = [_concat_feature(name, [r.sparse[i] for r in requests]) for i, name in enumerate(feature_names)]
+    return dense, features, sizes
+
+
+def _concat_feature(name: str, parts: Sequence[SparseFeature]) -> SparseFeature:
+    ids = np.concatenate([p.ids for p in parts])
+    offsets = np.empty(sum(p.batch_size for p in parts) + 1, np.int64)
+    offsets[0] = 0
+    row, base = 1, 0
+    for p in parts:
+        offsets[row : row + p.batch_size] = p.offsets[1:] + base
+        row += p.batch_size
+        base += int(p.offsets[-1])
+    return SparseFeature(name, ids, offsets)
+
+
+def _decode_bytes(body: bytes | bytearray | memoryview) -> BatchData:
+    try:
+        return decode_batch(body)
+    except InvalidRequestError as exc:
+        raise RequestError(f"undecodable batch bytes: {exc}") from None
+
+
+def _json_from_bytes(raw: bytes | bytearray | memoryview) -> Any:
+    text = bytes(raw)
+    if not text.lstrip()[:1] == b"{":
+        raise RequestError(
+            f"undecodable request: neither ctrserve batch bytes (magic {MAGIC!r}) nor a JSON object "
+            f"(starts with {text[:8]!r})"
+        )
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError(f"undecodable request: invalid JSON: {exc}") from None
+
+
+def _batch_from_json(body: Any) -> BatchData:
+    if not isinstance(body, dict):
+        raise RequestError(f"a JSON request must be an object with 'dense' and 'sparse', got {type(body).__name__}")
+    unknown = sorted(set(body) - _JSON_KEYS)
+    if unknown:
+        raise RequestError(f"unknown keys {unknown} in the JSON request; it may hold only 'dense' and 'sparse'")
+    sparse = body.get("sparse")
+    if not isinstance(sparse, dict):
+        raise RequestError("a JSON request needs 'sparse': an object mapping each feature to one id list per sample")
+    data = BatchData()
+    if body.get("dense") is not None:
+        data.dense.append(_json_dense(body["dense"]))
+    for name, samples in sparse.items():
+        if not isinstance(samples, list) or not all(isinstance(s, list) for s in samples):
+            raise RequestError(f"'sparse'.'{name}' must be a list with one list of ids per sample")
+        try:
+            data.sparse.append(SparseFeature.from_lists(name, samples))
+        except InvalidRequestError as exc:
+            raise RequestError(str(exc)) from None
+    return data
+
+
+def _json_dense(rows: Any) -> np.ndarray:
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise RequestError("'dense' must be a list with one list of numbers per sample")
+    widths = {len(r) for r in rows}
+    if len(widths) > 1:
+        raise RequestError(f"'dense' rows have different lengths {sorted(widths)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in rows for v in r):
+        raise RequestError("'dense' rows must hold only numbers")
+    return np.array(rows, np.float32).reshape(len(rows), widths.pop() if widths else 0)
+
+
+@dataclass
+class PreparedBatch:
+    """What ``preprocess`` hands to ``inference``: every request's outcome and the merged inputs.
+
+    Args:
+        outcomes: per TorchServe request, its :class:`DecodedRequest` or its :class:`RequestError`.
+        dense: merged dense input on the model's device (None when no request is valid).
+        sparse: merged embeddings, one tensor per model feature, on the model's device.
+        sizes: samples per valid request, in order.
+    """
+
+    outcomes: list[DecodedRequest | RequestError]
+    dense: Any = None
+    sparse: list[Any] | None = None
+    sizes: list[int] | None = None

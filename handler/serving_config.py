@@ -1,0 +1,129 @@
+"""``serving.yml``: what the TorchServe handler needs beyond the exported model.
+
+The file is optional and shipped inside the ``.mar`` (``ctrserve archive --serving-config``).
+Every key has a default; unknown keys and mistyped values are errors. The environment variable
+``CTRSERVE_EMBEDDING_SERVERS`` (comma-separated ``host:port`` of shard 0, 1, ...) overrides
+``embedding_servers``, so one archive can be served against different embedding clusters.
+
+Example ``serving.yml``::
+
+    embedding_servers: ["127.0.0.1:7001", "127.0.0.1:7002"]   # shard order
+    embedding_timeout_s: 5.0      # per lookup RPC
+    connect_timeout_s: 30.0       # worker start: wait this long for every shard
+    max_batch_size: 4096          # samples in one request
+    max_request_bytes: 67108864   # bytes of one request body
+    watermark_refresh_s: 1.0      # how often the embedding watermark is re-read
+
+Example:
+    >>> ServingConfig.from_dict({"embedding_servers": ["127.0.0.1:7001"]}).max_batch_size
+    4096
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from embedding_server.errors import ConfigError
+
+SERVING_FILE = "serving.yml"
+ENV_SERVERS = "CTRSERVE_EMBEDDING_SERVERS"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Validated handler settings (see the module docstring for the file form).
+
+    Args:
+        embedding_servers: ``host:port`` of embedding shard 0, 1, ... (infer mode).
+        embedding_timeout_s: seconds allowed per lookup RPC.
+        connect_timeout_s: seconds a starting worker waits for every shard to answer.
+        max_batch_size: largest number of samples in one request (larger: HTTP 400).
+        max_request_bytes: largest request body (larger: HTTP 400).
+        watermark_refresh_s: seconds between reads of the embedding servers' watermark.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range.
+    """
+
+    embedding_servers: tuple[str, ...] = field(default_factory=tuple)
+    embedding_timeout_s: float = 5.0
+    connect_timeout_s: float = 30.0
+    max_batch_size: int = 4096
+    max_request_bytes: int = 64 << 20
+    watermark_refresh_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        servers = self.embedding_servers
+        if not isinstance(servers, (list, tuple)) or not all(_is_address(a) for a in servers):
+            raise ConfigError(f"{SERVING_FILE}: 'embedding_servers' must be a list of 'host:port' strings, got {servers!r}")
+        object.__setattr__(self, "embedding_servers", tuple(servers))
+        for key in ("max_batch_size", "max_request_bytes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive integer, got {value!r}")
+        for key in ("embedding_timeout_s", "connect_timeout_s", "watermark_refresh_s"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = SERVING_FILE) -> "ServingConfig":
+        """Build from parsed YAML; ``None`` (an empty file) gives the defaults.
+
+        Raises:
+            ConfigError: not a mapping, an unknown key, or a bad value.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**dict(data))
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(SERVING_FILE, source, 1)) from None
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "ServingConfig":
+        """Read ``path`` (``None`` or a missing file: the defaults).
+
+        Raises:
+            ConfigError: the file is not valid YAML or not a valid config.
+        """
+        if path is None or not Path(path).exists():
+            return cls()
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def with_environment(self, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
+        """A copy with ``CTRSERVE_EMBEDDING_SERVERS`` (when set) replacing the addresses.
+
+        Raises:
+            ConfigError: the variable holds something other than comma-separated addresses.
+        """
+        value = environ.get(ENV_SERVERS, "").strip()
+        if not value:
+            return self
+        addresses = tuple(a.strip() for a in value.split(","))
+        if not all(_is_address(a) for a in addresses):
+            raise ConfigError(f"{ENV_SERVERS} must be comma-separated 'host:port' addresses, got {value!r}")
+        return dataclasses.replace(self, embedding_servers=addresses)
+
+
+def _is_address(value: object) -> bool:
+    if not isinstance(value, str) or ":" not in value:
+        return False
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
