@@ -17,10 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    from archiver import cli as archiver_cli
     from embedding_server import cli as embedding_cli
+    from handler import cli as handler_cli
     from ctrserve import demo, reference
 
     embedding_cli.add_parsers(sub)
+    archiver_cli.add_parsers(sub)
+    handler_cli.add_parsers(sub)
     demo.add_parser(sub)
     reference.add_parser(sub)
     return parser
