@@ -21,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     from embedding_server import cli as embedding_cli
     from handler import cli as handler_cli
     from ctrserve import demo, reference
+    from trainer import job
 
     embedding_cli.add_parsers(sub)
     archiver_cli.add_parsers(sub)
     handler_cli.add_parsers(sub)
+    job.add_parser(sub)
     demo.add_parser(sub)
     reference.add_parser(sub)
     return parser

@@ -7,11 +7,12 @@ import argparse
 from embedding_server.config import EmbeddingConfig, GlobalConfig, SlotConfig
 from embedding_server.config_schema import describe
 from embedding_server.optimizers import OPTIMIZERS
+from trainer.job import JobConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config-reference", help="print every config key with its default",
-                       description="Print every key of embedding_config.yml and global_config.yml with its default.")
+                       description="Print every key of embedding_config.yml, global_config.yml and job.yml with its default.")
     p.set_defaults(func=run)
 
 
@@ -30,6 +31,9 @@ def reference_markdown() -> str:
     for name, cls in OPTIMIZERS.items():
         for key, default, doc in describe(cls, "sparse_optimizer"):
             lines.append(f"| `{key}` ({name}) | `{default}` | {doc} |")
+    lines += ["", "### job.yml (`ctrserve train`)", "", "| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc in describe(JobConfig):
+        lines.append(f"| `{key}` | `{default}` | {doc} |")
     return "\n".join(lines)
 
 

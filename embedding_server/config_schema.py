@@ -92,6 +92,8 @@ def _join(path: str, key: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
+    if tp is Any:  # validated by the section's own loader (e.g. an optimizer's parameters)
+        return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:

@@ -1,0 +1,112 @@
+"""``ctrserve train --config job.yml``: whole jobs as real child processes, also under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from embedding_server.launcher import ServerGroup
+from embedding_server.model_spec import DenseModelSpec
+from embedding_server.remote import RemoteEmbeddingClient
+from embedding_server.config import EmbeddingConfig
+from trainer.job import JobConfig
+from embedding_server.errors import ConfigError
+
+FEATURES = [f"C{i}" for i in range(1, 27)]
+EMB = {"slots_config": {n: {"dim": 8} for n in FEATURES}}
+
+
+def write_job(tmp_path: Path, **overrides) -> Path:
+    (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
+    job = {
+        "embedding_config": "emb.yml",
+        "data": {"batch_size": 256, "synthetic": {"seed": 3}},
+        "model": {"type": "dlrm", "bottom_mlp": [16], "top_mlp": [16]},
+        "dense_optimizer": {"type": "adam", "lr": 0.01},
+        "sparse_optimizer": {"type": "adagrad", "lr": 0.1},
+        "train": {"steps": 40, "eval_every": 20, "eval_batches": 8, "log_every": 10},
+        "output": {"dir": "run", "model_root": "root", "export_every": 20},
+        **overrides,
+    }
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(job, sort_keys=False))
+    return tmp_path / "job.yml"
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctrserve", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
+    job = write_job(tmp_path)
+    proc = run_cli("train", "--config", str(job), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 40 and result["samples"] == 40 * 256
+    assert result["exported_versions"] == [1, 2]
+    # The planted model is learnable: after 40 small steps the held-out AUC is clearly above chance.
+    assert result["eval_auc"] > 0.55
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "step" in x] == [10, 20, 30, 40]
+    assert all(x["samples_per_s"] > 0 for x in lines if "step" in x)
+    assert lines[-1]["final"] is True
+    assert (tmp_path / "run/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run/checkpoint/sparse/manifest.json").is_file()
+    spec = DenseModelSpec.from_json((tmp_path / "root/dense/v00000002/model.json").read_text())
+    assert spec.step == 40 and spec.dense_width == 13 and [f.name for f in spec.features] == FEATURES
+    torch.jit.load(str(tmp_path / "root/dense/v00000002/model.pt"))
+
+    # Resuming continues from the checkpoint's step and exports the next version.
+    again = write_job(tmp_path, resume_from="run/checkpoint",
+                      train={"steps": 50, "eval_every": 0, "eval_batches": 4, "log_every": 10})
+    proc = run_cli("train", "--config", str(again), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert resumed["steps"] == 50 and resumed["samples"] == 10 * 256 and resumed["exported_versions"] == [3]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"trian": {}}, "unknown key 'trian' \\(did you mean 'train'\\?\\)"),
+        ({"model": {"type": "transformer"}}, "'model': type must be 'dlrm' or 'deepctr'"),
+        ({"data": {"batch_size": 0}}, "batch_size must be > 0"),
+        ({"sparse_optimizer": {"type": "adagrad", "lrr": 1}}, "unknown key 'sparse_optimizer.lrr'"),
+    ],
+)
+def test_bad_job_configs_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        JobConfig.load(write_job(tmp_path, **override))
+
+
+def test_bad_job_config_exits_2_with_the_message(tmp_path):
+    proc = run_cli("train", "--config", str(write_job(tmp_path, train={"stepz": 3})), cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown key 'train.stepz'" in proc.stderr
+
+
+def test_torchrun_two_ranks_share_the_embedding_servers(tmp_path):
+    (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
+    (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 500_000}}))
+    with ServerGroup.start(tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv") as group:
+        job = write_job(tmp_path, embedding_servers=group.addresses,
+                        train={"steps": 12, "eval_every": 0, "eval_batches": 2, "log_every": 4},
+                        output={"dir": "run", "model_root": "root"})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "ctrserve", "train", "--config", str(job), "--no-progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with RemoteEmbeddingClient(EmbeddingConfig.from_dict(EMB), group.addresses) as client:
+            stats = client.stats()
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 12 and result["exported_versions"] == [1]
+    # Both ranks pushed gradients for every step: 2 ranks x 12 steps per shard (plus rank 0's evaluation lookups).
+    pushes = [{m["method"]: m["requests"] for m in s["methods"]}.get("PushGradients") for s in stats]
+    assert pushes == [24, 24], stats

@@ -1,0 +1,404 @@
+"""``ctrserve train --config job.yml``: a whole training job from one validated YAML file.
+
+Trains a DLRM or DeepCTR model on Criteo-format files, Parquet/ORC files or generated
+Criteo-like data, with the sparse tables in this process or on remote embedding servers. Shows
+a progress bar (loss, AUC, samples/s), writes metrics as JSON lines, evaluates on held-out
+batches, checkpoints and exports TorchScript versions to a model root, and draws the loss and
+AUC curves as a PNG at the end. Runs data-parallel under ``torchrun`` (every rank shares the
+embedding servers; rank 0 writes).
+
+Every key of ``job.yml`` is listed by ``ctrserve config-reference``; an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from embedding_server.config import EmbeddingConfig
+from embedding_server.config_schema import build, option, read_yaml
+from embedding_server.errors import ConfigError
+from embedding_server.optimizers import SparseOptimizer, optimizer_from_dict
+from trainer.batch import PyPersiaBatchData
+from trainer.ctx import TrainCtx
+from trainer.export import export_dense
+from trainer.loader import DataLoader
+from trainer.metrics import log_loss, roc_auc
+from trainer.models import DLRM, DeepCTR
+from trainer.synthetic import SyntheticCriteo
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- job.yml
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    seed: int = option(0, doc="seed of the generated data and of its planted model")
+    rows: int = option(0, doc="rows to generate (0 = endless)")
+
+    def __post_init__(self) -> None:
+        if self.rows < 0:
+            raise ValueError(f"rows must be >= 0, got {self.rows}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_paths: list[str] = option(default_factory=list, doc="training files or globs (Criteo TSV/CSV, .parquet, .orc); empty = synthetic data")
+    eval_paths: list[str] = option(default_factory=list, doc="held-out files; empty = synthetic rows kept out of training, or (with train_paths) the first training batches")
+    format: str = option("auto", doc="auto (by extension and first line), tsv, csv, parquet or orc")
+    synthetic: SyntheticDataConfig = option(default_factory=SyntheticDataConfig, doc="generated Criteo-like data with a planted model")
+    batch_size: int = option(1024, doc="samples per step (per rank)")
+    prefetch: int = option(4, doc="batches prepared ahead in a background thread")
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.format not in ("auto", "tsv", "csv", "parquet", "orc"):
+            raise ValueError(f"format must be auto, tsv, csv, parquet or orc, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    type: str = option("dlrm", doc="dlrm or deepctr")
+    bottom_mlp: list[int] = option(default_factory=lambda: [64, 32], doc="dlrm: hidden sizes of the bottom MLP")
+    top_mlp: list[int] = option(default_factory=lambda: [64, 32], doc="dlrm: hidden sizes of the top MLP")
+    hidden: list[int] = option(default_factory=lambda: [256, 128], doc="deepctr: hidden sizes")
+
+    def __post_init__(self) -> None:
+        if self.type not in ("dlrm", "deepctr"):
+            raise ValueError(f"type must be 'dlrm' or 'deepctr', got {self.type!r}")
+        if any(s <= 0 for s in [*self.bottom_mlp, *self.top_mlp, *self.hidden]):
+            raise ValueError("layer sizes must be > 0")
+
+
+@dataclass(frozen=True)
+class DenseOptimizerConfig:
+    type: str = option("adam", doc="adam, adagrad or sgd (torch.optim)")
+    lr: float = option(1e-3, doc="learning rate")
+    weight_decay: float = option(0.0, doc="L2 penalty")
+
+    def __post_init__(self) -> None:
+        if self.type not in ("adam", "adagrad", "sgd"):
+            raise ValueError(f"type must be adam, adagrad or sgd, got {self.type!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = option(1000, doc="training steps (stops earlier when finite data runs out)")
+    eval_every: int = option(200, doc="evaluate every N steps (0 = only at the end)")
+    eval_batches: int = option(20, doc="held-out batches per evaluation")
+    log_every: int = option(20, doc="write a metrics line every N steps")
+    seed: int = option(0, doc="seed of the dense model's initialisation")
+    mixed_precision: bool = option(False, doc="torch.amp on CUDA (ignored on the CPU)")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = option("runs/job", doc="metrics.jsonl, curves.png and checkpoints go here (relative to job.yml)")
+    model_root: str = option("", doc="export TorchScript versions here (a path or storage URL; empty = no export)")
+    export_every: int = option(0, doc="export every N steps (0 = only at the end)")
+    checkpoint_every: int = option(0, doc="checkpoint every N steps (0 = only at the end)")
+
+    def __post_init__(self) -> None:
+        if self.export_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("export_every and checkpoint_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The contents of ``job.yml``. Paths are relative to the file."""
+
+    embedding_config: str = option(doc="path of embedding_config.yml")
+    global_config: str = option("", doc="path of global_config.yml for the in-process store (capacity, initialisation)")
+    embedding_servers: list[str] = option(default_factory=list, doc="host:port of remote shards in order; empty = in-process tables")
+    num_shards: int = option(1, doc="in-process shards")
+    resume_from: str = option("", doc="a checkpoint directory to start from")
+    data: DataConfig = option(default_factory=DataConfig, doc="training and evaluation data")
+    model: ModelConfig = option(default_factory=ModelConfig, doc="the dense model")
+    dense_optimizer: DenseOptimizerConfig = option(default_factory=DenseOptimizerConfig, doc="optimizer of the dense model")
+    sparse_optimizer: dict[str, Any] = option(
+        default_factory=lambda: {"type": "adagrad", "lr": 0.05}, doc="sparse optimizer: type (sgd, adagrad or adam) plus its parameters, as in global_config.yml"
+    )
+    train: TrainConfig = option(default_factory=TrainConfig, doc="the training loop")
+    output: OutputConfig = option(default_factory=OutputConfig, doc="where results go")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JobConfig":
+        """Read and validate ``job.yml``, resolving its paths against the file's folder.
+
+        Raises:
+            ConfigError: a missing file, an unknown key or a bad value (naming the key).
+        """
+        path = Path(path)
+        job = build(cls, read_yaml(path), str(path))
+        job.sparse()  # validate now, not at the first step
+        base = path.parent
+        return _with_paths(job, base)
+
+    def sparse(self) -> SparseOptimizer:
+        return optimizer_from_dict(self.sparse_optimizer, "job.yml", "sparse_optimizer")
+
+
+def _with_paths(job: JobConfig, base: Path) -> JobConfig:
+    def resolve(p: str) -> str:
+        return p if not p or "://" in p or os.path.isabs(p) else str(base / p)
+
+    data = job.data
+    data = DataConfig(
+        [resolve(p) for p in data.train_paths], [resolve(p) for p in data.eval_paths], data.format,
+        data.synthetic, data.batch_size, data.prefetch,
+    )
+    out = job.output
+    output = OutputConfig(resolve(out.dir), resolve(out.model_root), out.export_every, out.checkpoint_every)
+    return JobConfig(
+        resolve(job.embedding_config), resolve(job.global_config), job.embedding_servers, job.num_shards,
+        resolve(job.resume_from), data, job.model, job.dense_optimizer, job.sparse_optimizer, job.train, output,
+    )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+HELD_OUT_START = 1 << 40  # synthetic rows from here on are never trained on
+
+
+def job_sources(data: DataConfig, eval_batches: int) -> tuple[DataLoader, list[PyPersiaBatchData]]:
+    """The training loader (this rank's share) and the held-out batches every evaluation uses.
+
+    Raises:
+        FileNotFoundError: a path or glob matches no file.
+        ConfigError: the held-out data is empty.
+    """
+    fmt = None if data.format == "auto" else data.format
+    if data.train_paths:
+        train = DataLoader(data.train_paths, data.batch_size, prefetch=data.prefetch, fmt=fmt)
+        held_out = DataLoader(data.eval_paths or data.train_paths, data.batch_size, rank=0, world_size=1, fmt=fmt)
+    else:
+        generator = SyntheticCriteo(seed=data.synthetic.seed)
+        train = DataLoader(generator, data.batch_size, prefetch=data.prefetch, num_rows=data.synthetic.rows or None)
+        held_out = DataLoader(generator, data.batch_size, rank=0, world_size=1, start_row=HELD_OUT_START,
+                              num_rows=eval_batches * data.batch_size)
+    with held_out:
+        evals = list(itertools.islice(held_out, eval_batches))
+    if not evals:
+        raise ConfigError("data: the evaluation data holds no rows")
+    return train, evals
+
+
+def build_model(cfg: ModelConfig, config: EmbeddingConfig, dense_width: int) -> torch.nn.Module:
+    """The configured dense model for ``config``'s features.
+
+    Raises:
+        ConfigError: DLRM with features of different dims.
+    """
+    dims = [slot.dim for slot in config.slots_config.values()]
+    if cfg.type == "deepctr":
+        return DeepCTR(dense_width, dims, cfg.hidden)
+    if len(set(dims)) != 1:
+        raise ConfigError(f"model.type dlrm needs every feature to have the same dim, got {sorted(set(dims))}")
+    return DLRM(dense_width, len(dims), dims[0], cfg.bottom_mlp, cfg.top_mlp)
+
+
+def dense_optimizer(cfg: DenseOptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    kind = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[cfg.type]
+    return kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class JobResult:
+    """What a finished job reports (also the last line of ``metrics.jsonl``)."""
+
+    steps: int
+    samples: int
+    seconds: float
+    train_loss: float
+    eval_auc: float
+    eval_loss: float
+    exported_versions: list[int] = field(default_factory=list)
+    checkpoint: str = ""
+
+
+def run_job(job: JobConfig, progress: bool = True) -> JobResult:
+    """Train as ``job`` says; returns the final figures.
+
+    Raises:
+        ConfigError: inconsistent settings (for example data-parallel without servers).
+    """
+    config = EmbeddingConfig.load(job.embedding_config)
+    rank = int(os.environ.get("RANK", "0"))
+    out_dir = Path(job.output.dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    train_data, eval_data = job_sources(job.data, job.train.eval_batches)
+    dense_width = eval_data[0].dense_matrix().shape[1]
+    torch.manual_seed(job.train.seed)
+    model = build_model(job.model, config, dense_width)
+    with TrainCtx(
+        model=model,
+        dense_optimizer=dense_optimizer(job.dense_optimizer, model),
+        sparse_optimizer=job.sparse(),
+        embedding_config=config,
+        global_config=job.global_config or None,
+        embedding_servers=job.embedding_servers or None,
+        num_shards=job.num_shards,
+        mixed_precision=job.train.mixed_precision,
+    ) as ctx:
+        if job.resume_from:
+            ctx.load_checkpoint(job.resume_from)
+        return _loop(ctx, job, train_data, eval_data, dense_width, out_dir, rank, progress)
+
+
+def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list[PyPersiaBatchData], dense_width: int, out_dir: Path, rank: int, progress: bool) -> JobResult:
+    metrics = _MetricsWriter(out_dir / "metrics.jsonl" if rank == 0 else None)
+    versions: list[int] = []
+    start, samples, losses = time.perf_counter(), 0, []
+    last_eval = {"auc": float("nan"), "loss": float("nan")}
+    bar = tqdm(total=job.train.steps, desc="train", unit="step", disable=not progress or rank != 0, dynamic_ncols=True)
+    window_start, window_samples = start, 0
+    batches: Iterator[PyPersiaBatchData] = iter(train_data)
+    try:
+        for step in range(ctx.step + 1, job.train.steps + 1):
+            batch = next(batches, None)
+            if batch is None:
+                log.info("training data ran out after %d steps", step - 1)
+                break
+            output, target = ctx.forward(batch)
+            loss = F.binary_cross_entropy(output, target)
+            ctx.backward(loss)
+            losses.append(loss.item())
+            samples += batch.batch_size
+            window_samples += batch.batch_size
+            is_last = step == job.train.steps
+            if (job.train.eval_every and step % job.train.eval_every == 0) or is_last:
+                last_eval = evaluate(ctx, eval_data)
+            if step % job.train.log_every == 0 or is_last:
+                now = time.perf_counter()
+                rate = window_samples / max(now - window_start, 1e-9)
+                window_start, window_samples = now, 0
+                metrics.write(step=step, loss=float(np.mean(losses[-job.train.log_every :])), eval_auc=last_eval["auc"],
+                              eval_loss=last_eval["loss"], samples_per_s=rate, elapsed_s=now - start)
+                bar.set_postfix(loss=f"{np.mean(losses[-job.train.log_every:]):.4f}", auc=f"{last_eval['auc']:.4f}", samples_s=f"{rate:,.0f}")
+            if job.output.model_root and job.output.export_every and step % job.output.export_every == 0 and rank == 0:
+                versions.append(export_dense(ctx.model, ctx.config, job.output.model_root, step=step, dense_width=dense_width))
+            if job.output.checkpoint_every and step % job.output.checkpoint_every == 0:
+                ctx.dump_checkpoint(out_dir / "checkpoint")
+            bar.update(1)
+    finally:
+        bar.close()
+        _close(batches)
+    ctx.dump_checkpoint(out_dir / "checkpoint")
+    if job.output.model_root and rank == 0 and (not versions or job.output.export_every == 0 or ctx.step % job.output.export_every):
+        versions.append(export_dense(ctx.model, ctx.config, job.output.model_root, step=ctx.step, dense_width=dense_width))
+    result = JobResult(ctx.step, samples, time.perf_counter() - start, float(np.mean(losses[-job.train.log_every :])) if losses else float("nan"),
+                       last_eval["auc"], last_eval["loss"], versions, str(out_dir / "checkpoint"))
+    metrics.write(final=True, **result.__dict__)
+    metrics.close()
+    if rank == 0:
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    return result
+
+
+def evaluate(ctx: TrainCtx, batches: list[PyPersiaBatchData]) -> dict[str, float]:
+    """AUC and log loss over held-out batches."""
+    labels, scores = [], []
+    for batch in batches:
+        scores.append(ctx.predict(batch).numpy()[:, 0])
+        labels.append(batch.targets[0][:, 0])
+    if not labels:
+        return {"auc": float("nan"), "loss": float("nan")}
+    y, p = np.concatenate(labels), np.concatenate(scores)
+    return {"auc": roc_auc(y, p), "loss": log_loss(y, p)}
+
+
+class _MetricsWriter:
+    """JSON lines, one object per log step; NaN is written as null (valid JSON)."""
+
+    def __init__(self, path: Path | None):
+        self._file = open(path, "w") if path else None
+
+    def write(self, **values: Any) -> None:
+        if self._file is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Training loss and held-out AUC over steps, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = [r for r in rows if "step" in r and not r.get("final")]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue")
+    ax_loss.set(title="training loss", xlabel="step", ylabel="binary cross-entropy")
+    auc = [(r["step"], r["eval_auc"]) for r in rows if r.get("eval_auc") is not None]
+    if auc:
+        ax_auc.plot(*zip(*auc), marker="o", color="tab:green")
+    ax_auc.set(title="held-out AUC", xlabel="step", ylabel="AUC")
+    for ax in (ax_loss, ax_auc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _close(iterator: Any) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a job.yml", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="path of job.yml")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    job = JobConfig.load(args.config)
+    if args.steps is not None:
+        if args.steps <= 0:
+            raise ConfigError(f"--steps must be > 0, got {args.steps}")
+        job = JobConfig(**{**job.__dict__, "train": TrainConfig(**{**job.train.__dict__, "steps": args.steps})})
+    result = run_job(job, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.__dict__))
+    return 0
