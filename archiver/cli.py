@@ -5,9 +5,11 @@ list, publish. Management commands talk REST (``--management http://...``) or gR
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
+from typing import Callable
 
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 
@@ -60,6 +62,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_publish)
 
 
+def _reporting(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print TorchServe's refusals as one line (exit 1) instead of a traceback."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        from archiver.management import ManagementError
+
+        try:
+            return run(args)
+        except (ManagementError, TimeoutError) as exc:
+            print(f"ctrserve {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
 def _management_parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + " (TorchServe management API).")
     p.add_argument("--management", default=DEFAULT_MANAGEMENT,
@@ -82,6 +100,7 @@ def run_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reporting
 def run_register(args: argparse.Namespace) -> int:
     with _client(args) as mgmt:
         print(mgmt.register(args.url, args.name, args.initial_workers, args.batch_size, args.max_batch_delay_ms,
@@ -89,18 +108,21 @@ def run_register(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reporting
 def run_set_default(args: argparse.Namespace) -> int:
     with _client(args) as mgmt:
         print(mgmt.set_default(args.name, args.version))
     return 0
 
 
+@_reporting
 def run_unregister(args: argparse.Namespace) -> int:
     with _client(args) as mgmt:
         print(mgmt.unregister(args.name, args.version))
     return 0
 
 
+@_reporting
 def run_list(args: argparse.Namespace) -> int:
     with _client(args) as mgmt:
         result = mgmt.describe(args.name, "all") if args.name else mgmt.list_models()
@@ -109,6 +131,7 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reporting
 def run_publish(args: argparse.Namespace) -> int:
     from archiver.publish import Publisher, PublishSettings
 

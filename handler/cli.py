@@ -31,6 +31,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from handler.client import PredictionError
+
+    try:
+        return _predict(args)
+    except PredictionError as exc:
+        print(f"ctrserve predict: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _predict(args: argparse.Namespace) -> int:
     from handler.client import PredictionClient
     from trainer.criteo import read_criteo
     from trainer.data import to_batch

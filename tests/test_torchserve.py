@@ -23,11 +23,16 @@ from archiver.build import archive_model
 from archiver.management import ManagementClient, ManagementError
 from archiver.publish import Publisher, PublishSettings
 from archiver.torchserve import TorchServeProcess
+from ctrserve.cli import main
 from embedding_server.config import EmbeddingConfig
 from embedding_server.launcher import ServerGroup
 from embedding_server.remote import RemoteEmbeddingClient
 from handler.client import PredictionClient, PredictionError
-from torchserve_support import DENSE_WIDTH, as_json, expected_scores, export_version, random_batch, write_configs
+from torchserve_support import CRITEO_EMB, DENSE_WIDTH, as_json, expected_scores, export_version, random_batch, write_configs
+from trainer.criteo import read_criteo
+from trainer.data import concat_chunks, to_batch
+
+CRITEO_SAMPLE = Path("/work/shared/data/criteo_sample.csv")
 
 pytestmark = pytest.mark.timeout(240)
 TOL = 1e-6
@@ -214,3 +219,33 @@ def test_archive_register_set_default_unregister(serving, transport):
         with pytest.raises(ManagementError) as err:
             mgmt.describe("no-such-model")
         assert err.value.code == 404
+
+
+def ctrserve(capsys, *args: str) -> str:
+    """Run a ctrserve sub-command in this process (a fresh interpreter costs seconds here)."""
+    capsys.readouterr()
+    rc = main(["--log-level", "WARNING", *args])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return captured.out
+
+
+@pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason="needs the shared Criteo sample")
+def test_cli_archive_register_predict_a_criteo_file(serving, tmp_path, capsys):
+    """The commands a user runs: archive, register (gRPC management), predict (gRPC), unregister."""
+    emb_path, glob_path = write_configs(tmp_path / "cfg", CRITEO_EMB)
+    model_dir = export_version(tmp_path / "root", 1, seed=9, emb_config=CRITEO_EMB, dense_width=13)
+    with ServerGroup.start(emb_path, glob_path, num_shards=1, workdir=tmp_path / "embedding") as group:
+        (tmp_path / "serving.yml").write_text(json.dumps({"embedding_servers": group.addresses}))
+        ctrserve(capsys, "archive", "--model-dir", str(model_dir), "--out", str(serving.store), "--name", "criteo",
+                 "--serving-config", str(tmp_path / "serving.yml"))
+        ctrserve(capsys, "register", "criteo.mar", "--management", serving.ts.grpc_management_url)
+        ctrserve(capsys, "predict", "--input", str(CRITEO_SAMPLE), "--grpc", serving.ts.grpc_inference_url[len("grpc://"):],
+                 "--model", "criteo", "--batch-size", "50", "--limit", "120", "--output", str(tmp_path / "scores.txt"))
+        scores = np.loadtxt(tmp_path / "scores.txt")
+        batch = to_batch(concat_chunks(list(read_criteo(CRITEO_SAMPLE))).slice(0, 120))
+        with RemoteEmbeddingClient(EmbeddingConfig.load(emb_path), group.addresses) as lookups:
+            expected = expected_scores(model_dir, lookups, batch)
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
+        assert "criteo" in ctrserve(capsys, "list", "--management", serving.ts.management_url)
+        ctrserve(capsys, "unregister", "criteo", "1", "--management", serving.ts.management_url)

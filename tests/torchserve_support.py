@@ -30,6 +30,7 @@ EMB = {
         "H1": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 3},
     },
 }
+CRITEO_EMB = {"slots_config": {f"C{i}": {"dim": 4} for i in range(1, 27)}}
 GLOBAL = {
     "common_config": {"job_type": "train"},
     "embedding_parameter_server_config": {"capacity": 100_000},
@@ -52,19 +53,19 @@ class TinyCtr(torch.nn.Module):
         return torch.sigmoid(self.out(torch.relu(self.hidden(torch.cat(parts, 1)))))
 
 
-def write_configs(directory: Path) -> tuple[Path, Path]:
+def write_configs(directory: Path, emb_config: dict = EMB) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     emb, glob = directory / "embedding_config.yml", directory / "global_config.yml"
-    emb.write_text(yaml.safe_dump(EMB, sort_keys=False))
+    emb.write_text(yaml.safe_dump(emb_config, sort_keys=False))
     glob.write_text(yaml.safe_dump(GLOBAL))
     return emb, glob
 
 
-def export_version(model_root: Path, version: int, seed: int) -> Path:
+def export_version(model_root: Path, version: int, seed: int, emb_config: dict = EMB, dense_width: int = DENSE_WIDTH) -> Path:
     """Write ``<model_root>/dense/vN/{model.pt, model.json}`` (model.json last, as the trainer)."""
-    config = EmbeddingConfig.from_dict(EMB)
-    spec = DenseModelSpec.for_config(config, version=version, step=100 * version, dense_width=DENSE_WIDTH)
-    in_width = DENSE_WIDTH + sum(f.dim * (f.sample_fixed_size if not f.pooled else 1) for f in spec.features)
+    config = EmbeddingConfig.from_dict(emb_config)
+    spec = DenseModelSpec.for_config(config, version=version, step=100 * version, dense_width=dense_width)
+    in_width = dense_width + sum(f.dim * (f.sample_fixed_size if not f.pooled else 1) for f in spec.features)
     target = model_root / version_dir(version)
     target.mkdir(parents=True, exist_ok=True)
     torch.jit.script(TinyCtr(in_width, seed).eval()).save(str(target / MODEL_FILE))
