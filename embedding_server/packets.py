@@ -1,0 +1,206 @@
+"""Incremental embedding packets: the current values of rows a training shard changed.
+
+A packet is one Arrow IPC file, readable by pyarrow, pandas, DuckDB or Spark::
+
+    columns   table: dictionary<int16, string>   the embedding table of the row
+              id: uint64                          the row's id
+              weight: list<float32>               the row's current vector (len = the table's dim)
+    metadata  format "ctrserve-packet", format_version, shard, num_shards (of the training
+              servers), seq (per-shard, only grows), created_at (UNIX seconds), rows,
+              config_fingerprint, checksum (CRC-32 of the table indexes, ids and weights)
+
+Values, not deltas, so replaying a packet twice is harmless; no optimizer state (serving needs
+none). Under a model root, packets of training shard ``s`` of ``n`` live at
+``incremental/shard-0000s-of-0000n/<seq, 20 digits>.arrow``; full checkpoints at
+``checkpoints/<name>/`` record the last ``seq`` per shard they include (their watermark).
+
+Example:
+    >>> data = encode_packet([rows], shard=0, num_shards=1, seq=7, fingerprint=cfg.fingerprint())
+    >>> decode_packet(data, cfg).seq
+    7
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from embedding_server.checkpoint import shard_dir
+from embedding_server.config import EmbeddingConfig
+from embedding_server.errors import InvalidRequestError
+from embedding_server.store import TableRows
+
+FORMAT = "ctrserve-packet"
+FORMAT_VERSION = 1
+INCREMENTAL_DIR = "incremental"
+CHECKPOINTS_DIR = "checkpoints"
+_SEQ_DIGITS = 20
+_SUFFIX = ".arrow"
+
+
+class PacketError(InvalidRequestError):
+    """A packet is corrupt, truncated, foreign or inconsistent with the embedding config."""
+
+
+@dataclass
+class Packet:
+    """A decoded packet: which shard and sequence number, when it was made, and its rows
+    (``TableRows`` with an empty ``state``)."""
+
+    shard: int
+    num_shards: int
+    seq: int
+    created_at: float
+    tables: list[TableRows]
+
+    @property
+    def rows(self) -> int:
+        return sum(t.ids.shape[0] for t in self.tables)
+
+
+def packet_dir(shard: int, num_shards: int) -> str:
+    """``incremental/shard-00001-of-00002``, relative to the model root."""
+    return f"{INCREMENTAL_DIR}/{shard_dir(shard, num_shards)}"
+
+
+def packet_name(seq: int) -> str:
+    """``00000000000000000042.arrow``: zero-padded so names sort in sequence order."""
+    return f"{seq:0{_SEQ_DIGITS}d}{_SUFFIX}"
+
+
+def parse_packet_name(name: str) -> int | None:
+    """The sequence number of a packet file name, or None for any other name (temp files too)."""
+    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else ""
+    return int(stem) if len(stem) == _SEQ_DIGITS and stem.isdigit() else None
+
+
+def parse_shard_dir(name: str) -> tuple[int, int] | None:
+    """``(shard, num_shards)`` of a ``shard-00001-of-00002`` name, or None."""
+    parts = name.split("-")
+    if len(parts) == 4 and parts[0] == "shard" and parts[2] == "of" and parts[1].isdigit() and parts[3].isdigit():
+        shard, count = int(parts[1]), int(parts[3])
+        if 0 <= shard < count:
+            return shard, count
+    return None
+
+
+def encode_packet(
+    tables: Sequence[TableRows], *, shard: int, num_shards: int, seq: int, fingerprint: str, created_at: float | None = None
+) -> bytes:
+    """The bytes of one packet holding ``tables``' ids and weights (their ``state`` is ignored).
+
+    Raises:
+        ValueError: a negative sequence number or weights that disagree with their table's dim.
+    """
+    if seq < 0:
+        raise ValueError(f"seq must be >= 0, got {seq}")
+    names = [t.table.name for t in tables]
+    index = np.concatenate([np.full(t.ids.shape[0], i, np.int16) for i, t in enumerate(tables)]) if tables else np.zeros(0, np.int16)
+    ids = np.concatenate([t.ids for t in tables]).astype(np.uint64) if tables else np.zeros(0, np.uint64)
+    for t in tables:
+        if t.weights.ndim != 2 or t.weights.shape != (t.ids.shape[0], t.table.dim):
+            raise ValueError(f"table '{t.table.name}': weights {t.weights.shape} do not match {t.ids.shape[0]} ids of dim {t.table.dim}")
+    flat = np.concatenate([t.weights.reshape(-1) for t in tables]).astype(np.float32) if tables else np.zeros(0, np.float32)
+    lengths = np.concatenate([np.full(t.ids.shape[0], t.table.dim, np.int32) for t in tables]) if tables else np.zeros(0, np.int32)
+    offsets = np.zeros(lengths.shape[0] + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "shard": str(shard),
+        "num_shards": str(num_shards),
+        "seq": str(seq),
+        "created_at": repr(time.time() if created_at is None else created_at),
+        "rows": str(ids.shape[0]),
+        "config_fingerprint": fingerprint,
+        "checksum": str(_checksum(names, index, ids, flat)),
+    }
+    batch = pa.RecordBatch.from_arrays(
+        [
+            pa.DictionaryArray.from_arrays(pa.array(index, pa.int16()), pa.array(names, pa.string())),
+            pa.array(ids, pa.uint64()),
+            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float32())),
+        ],
+        names=["table", "id", "weight"],
+    ).replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_packet(data: bytes, config: EmbeddingConfig, where: str = "packet") -> Packet:
+    """Read and verify a packet.
+
+    Args:
+        data: the packet file's bytes.
+        config: the embedding config the reader serves (tables and dims are checked against it).
+        where: the packet's name or URL, for error messages.
+
+    Raises:
+        PacketError: not an Arrow file, a foreign or newer format, a checksum mismatch (corrupt or
+            truncated data), an unknown table, a vector of the wrong length, or a config
+            fingerprint other than ``config``'s.
+    """
+    try:
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise PacketError(f"{where}: not a readable Arrow file (truncated or corrupt?): {exc}") from None
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("format") != FORMAT:
+        raise PacketError(f"{where}: not a ctrserve packet (format {meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise PacketError(f"{where}: packet format version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+    if meta.get("config_fingerprint") != config.fingerprint():
+        raise PacketError(f"{where}: written for other tables (fingerprint {meta.get('config_fingerprint')} != {config.fingerprint()})")
+    if table.schema.names != ["table", "id", "weight"]:
+        raise PacketError(f"{where}: unexpected columns {table.schema.names}")
+    try:
+        shard, num_shards, seq, rows = (int(meta[k]) for k in ("shard", "num_shards", "seq", "rows"))
+        created_at, checksum = float(meta["created_at"]), int(meta["checksum"])
+        column = table.column("table").combine_chunks()
+        names = [str(x) for x in column.dictionary.to_pylist()] if table.num_rows else []
+        index = column.indices.to_numpy(zero_copy_only=False).astype(np.int16) if table.num_rows else np.zeros(0, np.int16)
+        ids = table.column("id").to_numpy().astype(np.uint64, copy=False)
+        weight = table.column("weight").combine_chunks()
+        flat = weight.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        lengths = weight.value_lengths().to_numpy(zero_copy_only=False)
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise PacketError(f"{where}: malformed packet: {exc}") from None
+    if rows != table.num_rows or _checksum(names, index, ids, flat) != checksum:
+        raise PacketError(f"{where}: checksum mismatch: the packet is corrupt or truncated")
+    return Packet(shard, num_shards, seq, created_at, _split_tables(names, index, ids, flat, lengths, config, where))
+
+
+def _split_tables(names, index, ids, flat, lengths, config: EmbeddingConfig, where: str) -> list[TableRows]:
+    tables = []
+    starts = np.zeros(ids.shape[0] + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    for i, name in enumerate(names):
+        spec = config.tables.get(name)
+        if spec is None:
+            raise PacketError(f"{where}: table '{name}' is not in this server's embedding_config.yml")
+        mine = np.flatnonzero(index == i)
+        if mine.size == 0:
+            continue
+        if (lengths[mine] != spec.dim).any():
+            raise PacketError(f"{where}: table '{name}' has vectors whose length is not its dim {spec.dim}")
+        # Rows of one table are contiguous (the writer concatenates table by table).
+        lo, hi = starts[mine[0]], starts[mine[-1] + 1]
+        if mine[-1] - mine[0] + 1 != mine.size:
+            raise PacketError(f"{where}: rows of table '{name}' are not contiguous")
+        weights = flat[lo:hi].reshape(mine.size, spec.dim)
+        tables.append(TableRows(spec, ids[mine], weights, np.zeros((mine.size, 0), np.float32)))
+    return tables
+
+
+def _checksum(names: list[str], index: np.ndarray, ids: np.ndarray, flat: np.ndarray) -> int:
+    crc = zlib.crc32("\0".join(names).encode())
+    for array in (index.astype("<i2"), ids.astype("<u8"), flat.astype("<f4")):
+        crc = zlib.crc32(np.ascontiguousarray(array).tobytes(), crc)
+    return crc
