@@ -31,38 +31,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import OtherLoad, measure, report, rounded  # noqa: E402
 
 
 BATCH = 4096
 NUM_FEATURES = 26
 DIM = 16
 FILL_CHUNK = 100_000
-
-
-class OtherLoad:
-    """CPU time that other processes used while this benchmark ran, as a share of the machine
-    (0 = a quiet machine; timings taken beside other work are noisier and slower)."""
-
-    def __init__(self) -> None:
-        self.start = (self._machine_busy(), self._own(), time.monotonic())
-
-    @staticmethod
-    def _machine_busy() -> float:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-        return busy / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system  # children: reaped servers
-
-    def share(self) -> float:
-        busy0, own0, t0 = self.start
-        other = (self._machine_busy() - busy0) - (self._own() - own0)
-        return max(0.0, other) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,32 +54,6 @@ def parse_args() -> argparse.Namespace:
     args.pushes = args.pushes or (20 if args.quick else 40)
     args.warmup = args.warmup or (3 if args.quick else 5)
     return args
-
-
-def measure(fn, items: list, warmup: int, baseline, samples: list) -> tuple[float, float]:
-    """Median seconds of fn(item) over ``items`` and of baseline(k) pushes interleaved with them
-    (alternating which goes first), after ``warmup`` untimed rounds of both. Every baseline time
-    is also appended to ``samples``."""
-    for i in range(warmup):
-        fn(items[i % len(items)])
-        baseline(i)
-    path_t, base_t = [], []
-    for k, item in enumerate(items):
-        for first in ((True, False) if k % 2 else (False, True)):
-            t0 = time.perf_counter()
-            baseline(k) if first else fn(item)
-            (base_t if first else path_t).append(time.perf_counter() - t0)
-    samples += base_t
-    return statistics.median(path_t), statistics.median(base_t)
-
-
-def report(results: dict, key: str, name: str, times: tuple[float, float], rows: int) -> None:
-    path_s, base_s = times
-    rate, base_rate = rows / path_s, rows / base_s
-    results[f"{key}_rows_per_s"] = rate
-    results[f"{key}_ratio"] = rate / base_rate
-    print(f"  {name:<40} {path_s * 1e3:8.2f} ms/push {rate / 1e6:6.2f} M rows/s = {rate / base_rate:.3f}x numpy "
-          f"(beside it: {base_s * 1e3:.2f} ms, {base_rate / 1e6:.2f} M rows/s)", flush=True)
 
 
 def numpy_adagrad(weights, state, rows, grads, opt: Adagrad) -> None:
@@ -191,7 +141,7 @@ def main() -> int:
     key_pushes = [(ids[sel], tables[sel], grads) for sel, grads in pushes]
     inserts0 = store.counters()["inserts"]
     report(results, "store", "EmbeddingStore.apply_gradients",
-           measure(lambda p: store.apply_gradients(*p), key_pushes, args.warmup, baseline, base_samples), n)
+           measure(lambda p: store.apply_gradients(*p), key_pushes, args.warmup, baseline, base_samples), n, "rows", "push", "numpy")
     results["inserted_during_pushes"] = store.counters()["inserts"] - inserts0
     if results["inserted_during_pushes"]:
         print(f"  WARNING: {results['inserted_during_pushes']} rows inserted during the pushes (expected all existing)",
@@ -213,7 +163,7 @@ def main() -> int:
             kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kind, params, 0.0)
 
         report(results, "kernel", "kernels.apply_gradients (rows resolved)",
-               measure(kernel, resolved, args.warmup, baseline, base_samples), n)
+               measure(kernel, resolved, args.warmup, baseline, base_samples), n, "rows", "push", "numpy")
     except (AttributeError, TypeError) as exc:
         print(f"  (kernel-only figure skipped: the store's internals changed: {exc})", flush=True)
 
@@ -237,7 +187,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "other_load": round(other, 3),
-        **{k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v)) for k, v in results.items()},
+        **rounded(results),
     }
     print(json.dumps(summary))
     return 0

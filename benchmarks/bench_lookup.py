@@ -40,36 +40,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import OtherLoad, measure, report, rounded  # noqa: E402
+
 BATCH = 4096
 NUM_FEATURES = 26
 DIM = 16
 FILL_CHUNK = 131_072
-
-
-class OtherLoad:
-    """CPU time that other processes used while this benchmark ran, as a share of the machine
-    (0 = a quiet machine; timings taken beside other work are noisier and slower)."""
-
-    def __init__(self) -> None:
-        self.start = (self._machine_busy(), self._own(), time.monotonic())
-
-    @staticmethod
-    def _machine_busy() -> float:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-        return busy / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system  # children: reaped servers
-
-    def share(self) -> float:
-        busy0, own0, t0 = self.start
-        other = (self._machine_busy() - busy0) - (self._own() - own0)
-        return max(0.0, other) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,31 +93,6 @@ class Baseline:
 
     def __call__(self, k: int) -> None:
         np.take(self.table, self.indexes[k % len(self.indexes)], axis=0)
-
-
-def measure(fn, items: list, warmup: int, baseline: Baseline) -> tuple[float, float]:
-    """Median seconds of fn(item) over ``items`` and of the baseline batches interleaved with
-    them (alternating which goes first), after ``warmup`` untimed rounds of both."""
-    for i in range(warmup):
-        fn(items[i % len(items)])
-        baseline(i)
-    path_t, base_t = [], []
-    for k, item in enumerate(items):
-        for first in ((True, False) if k % 2 else (False, True)):
-            t0 = time.perf_counter()
-            baseline(k) if first else fn(item)
-            (base_t if first else path_t).append(time.perf_counter() - t0)
-    baseline.samples += base_t
-    return statistics.median(path_t), statistics.median(base_t)
-
-
-def report(results: dict, key: str, name: str, times: tuple[float, float], keys: int) -> None:
-    path_s, base_s = times
-    rate, base_rate = keys / path_s, keys / base_s
-    results[f"{key}_keys_per_s"] = rate
-    results[f"{key}_ratio"] = rate / base_rate
-    print(f"  {name:<36} {path_s * 1e3:8.2f} ms/batch {rate / 1e6:7.2f} M keys/s = {rate / base_rate:.3f}x numpy.take "
-          f"(beside it: {base_s * 1e3:.2f} ms, {base_rate / 1e6:.1f} M keys/s)", flush=True)
 
 
 def fill(client, vocab: list[np.ndarray]) -> float:
@@ -212,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
     key_batches = [(np.concatenate(b), tab_col) for b in batches]
 
     baseline = Baseline(rng, rows, keys_per_batch, args.batches)
+    per_batch = (keys_per_batch, "keys", "batch", "numpy.take")  # report()'s unit arguments
     results: dict[str, float] = {}
 
     # ---------------------------------------------------------------- in-process
@@ -225,9 +178,9 @@ def run(args: argparse.Namespace) -> dict:
     misses0 = total_misses(client)
     print("measuring:", flush=True)
     report(results, "store", "EmbeddingStore.lookup (kernel path)",
-           measure(lambda kb: store.lookup(*kb), key_batches, args.warmup, baseline), keys_per_batch)
+           measure(lambda kb: store.lookup(*kb), key_batches, args.warmup, baseline, baseline.samples), *per_batch)
     report(results, "in_process", "InProcessEmbeddingClient.lookup",
-           measure(client.lookup, feature_batches, args.warmup, baseline), keys_per_batch)
+           measure(client.lookup, feature_batches, args.warmup, baseline, baseline.samples), *per_batch)
     results["in_process_misses"] = total_misses(client) - misses0
     if results["in_process_misses"]:
         print(f"  WARNING: {results['in_process_misses']} misses in-process (expected all hits)", flush=True)
@@ -257,7 +210,8 @@ def run(args: argparse.Namespace) -> dict:
                               f"{fill_s:.2f} s)", flush=True)
                         misses0 = total_misses(remote)
                         name = "RemoteEmbeddingClient, 1 server" if shards == 1 else f"RemoteEmbeddingClient, {shards} shards"
-                        report(results, key, name, measure(remote.lookup, feature_batches, args.warmup, baseline), keys_per_batch)
+                        report(results, key, name,
+                               measure(remote.lookup, feature_batches, args.warmup, baseline, baseline.samples), *per_batch)
                         results[f"{key}_misses"] = total_misses(remote) - misses0
                         if results[f"{key}_misses"]:
                             print(f"  WARNING: {results[f'{key}_misses']} misses over gRPC (expected all hits)", flush=True)
@@ -286,8 +240,7 @@ def run(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "other_load": round(other, 3),
-        **{k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v))
-           for k, v in results.items()},
+        **rounded(results),
     }
 
 
