@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -121,8 +122,20 @@ class TorchServeProcess:
         return server
 
     def management(self, grpc: bool = False) -> ManagementClient:
-        """A management client of this instance (REST, or gRPC when ``grpc``)."""
-        return ManagementClient(self.grpc_management_url if grpc else self.management_url)
+        """A management client of this instance (REST, or gRPC when ``grpc``), with the
+        management key when token authorization is on."""
+        return ManagementClient(self.grpc_management_url if grpc else self.management_url, token=self.key("management"))
+
+    def key(self, kind: str) -> str | None:
+        """The ``management`` or ``inference`` key TorchServe wrote to ``key_file.json`` in its
+        working directory (None when token authorization is off)."""
+        path = self.workdir / "key_file.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())[kind]["key"]
+        except (ValueError, KeyError, TypeError):
+            return None  # being written
 
     def wait_ready(self, models: list[str], timeout: float) -> None:
         """Block until the management API answers and every worker of ``models`` is READY.
@@ -131,23 +144,26 @@ class TorchServeProcess:
             RuntimeError: the process exited, failed to bind a port, or timed out.
         """
         deadline = time.monotonic() + timeout
-        # The REST API answers before the gRPC servers are up: wait for both.
-        with self.management() as rest, self.management(grpc=True) as grpc_client:
-            for client in (rest, grpc_client):
-                self._wait_answering(client, deadline, timeout)
+        # The REST API answers before the gRPC servers are up: wait for both. Clients are made
+        # per attempt because with token authorization the key file appears only after start.
+        for grpc in (False, True):
+            self._wait_answering(grpc, deadline, timeout)
+        with self.management() as rest:
             for name in models:
                 rest.wait_ready(name, None, max(1.0, deadline - time.monotonic()), alive=self._check_alive)
 
-    def _wait_answering(self, client: ManagementClient, deadline: float, timeout: float) -> None:
+    def _wait_answering(self, grpc: bool, deadline: float, timeout: float) -> None:
         while True:
             self._check_alive()
-            try:
-                client.list_models()
-                return
-            except ManagementError:
-                pass
+            with self.management(grpc) as client:
+                try:
+                    client.list_models()
+                    return
+                except ManagementError:
+                    pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"TorchServe {client.protocol} API not answering after {timeout:.0f} s:\n{self.log_tail()}")
+                api = "gRPC" if grpc else "REST"
+                raise RuntimeError(f"TorchServe {api} management API not answering after {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.1)
 
     def _check_alive(self) -> None:

@@ -50,7 +50,9 @@ class Serving:
         self.lookups = RemoteEmbeddingClient(self.emb, group.addresses)
 
     def version_dir(self, version: int) -> Path:
-        return self.model_root / "dense" / f"v{version:08d}"
+        """The exported version (exported now, with seed = version, when missing)."""
+        target = self.model_root / "dense" / f"v{version:08d}"
+        return target if (target / "model.json").exists() else export_version(self.model_root, version, seed=version)
 
     def client(self, transport: str, **kwargs) -> PredictionClient:
         return PredictionClient(self.ts.grpc_inference_url if transport == "grpc" else self.ts.inference_url, **kwargs)
@@ -192,33 +194,39 @@ def test_publish_rolls_new_version_without_failing_a_request(serving):
         np.testing.assert_allclose(client.predict(batch), expected_scores(serving.version_dir(3), serving.lookups, batch), atol=TOL)
 
 
-@pytest.mark.parametrize("transport", ["rest", "grpc"])
-def test_archive_register_set_default_unregister(serving, transport):
-    name = f"mgmt_{transport}"
+def test_archive_register_set_default_unregister_over_rest_and_grpc(serving):
+    """Every management call over both transports, on one model with two versions."""
+    name = "managed"
     for version in (1, 2):
         archive_model(serving.version_dir(version), serving.store, name=name, serving_config=serving.serving_yml,
                       file_name=f"{name}-{version}")
-    address = serving.ts.grpc_management_url if transport == "grpc" else serving.ts.management_url
     batch = random_batch(np.random.default_rng(3), 4)
-    with ManagementClient(address) as mgmt, serving.client(transport, model_name=name) as client:
-        mgmt.register(f"{name}-1.mar")
-        mgmt.register(f"{name}-2.mar")
-        assert sorted(mgmt.versions(name)) == ["1", "2"]
-        assert name in [m["modelName"] for m in mgmt.list_models()]
-        assert mgmt.default_version(name) == "1"
-        with pytest.raises(ManagementError) as err:
-            mgmt.register(f"{name}-1.mar")
+    with ManagementClient(serving.ts.management_url) as rest, ManagementClient(serving.ts.grpc_management_url) as grpc_mgmt, \
+            serving.client("grpc", model_name=name) as client:
+        both = (rest, grpc_mgmt)
+        rest.register(f"{name}-1.mar")
+        grpc_mgmt.register(f"{name}-2.mar")
+        for mgmt in both:
+            assert sorted(mgmt.versions(name)) == ["1", "2"]
+            assert name in [m["modelName"] for m in mgmt.list_models()]
+            assert mgmt.default_version(name) == "1"
         # REST says 409; TorchServe 0.12's gRPC API answers UNKNOWN without details here.
-        assert err.value.code == (409 if transport == "rest" else 500)
-        mgmt.set_default(name, "2")
-        assert client.predict_full(batch).model_version == 2
-        mgmt.unregister(name, "1")
-        assert mgmt.versions(name) == ["2"]
-        mgmt.unregister(name, "2")
-        assert mgmt.versions(name) == []
-        with pytest.raises(ManagementError) as err:
-            mgmt.describe("no-such-model")
-        assert err.value.code == 404
+        for mgmt, code in ((rest, 409), (grpc_mgmt, 500)):
+            with pytest.raises(ManagementError) as err:
+                mgmt.register(f"{name}-1.mar")
+            assert err.value.code == code
+        for mgmt, version in ((grpc_mgmt, "2"), (rest, "1"), (rest, "2")):
+            mgmt.set_default(name, version)
+            assert client.predict_full(batch).model_version == int(version)
+            assert grpc_mgmt.default_version(name) == version
+        rest.unregister(name, "1")
+        assert grpc_mgmt.versions(name) == ["2"]
+        grpc_mgmt.unregister(name, "2")
+        assert rest.versions(name) == [] and grpc_mgmt.versions(name) == []
+        for mgmt in both:
+            with pytest.raises(ManagementError) as err:
+                mgmt.describe("no-such-model")
+            assert err.value.code == 404
 
 
 def ctrserve(capsys, *args: str) -> str:
