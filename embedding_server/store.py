@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -234,9 +234,11 @@ class EmbeddingStore:
         if victims.shape[0] == 0:  # _check_fits makes this unreachable; keep the store consistent anyway
             raise InvalidRequestError(f"no row can be evicted: the request uses all {self.capacity} rows")
         kernels.evict_rows(self._slots, self._row_slot, self._row_tick, self._meta, self._salts, victims)
-        self._free = victims
+        # Rows still on the free list stay there (put_many may sweep before the list is used up).
+        rest = self._free[self._meta[kernels.META_FREE_POS] : self._meta[kernels.META_FREE_LEN]]
+        self._free = np.concatenate([rest, victims]) if rest.shape[0] else victims
         self._meta[kernels.META_FREE_POS] = 0
-        self._meta[kernels.META_FREE_LEN] = victims.shape[0]
+        self._meta[kernels.META_FREE_LEN] = self._free.shape[0]
 
     # ------------------------------------------------------------------ whole-table access
 
@@ -266,6 +268,66 @@ class EmbeddingStore:
         Raises:
             InvalidRequestError: wrong shapes, ids of another shard, or more rows than capacity.
         """
+        self.put_many([rows], evict=False)
+
+    def put_many(self, batch: Sequence[TableRows], evict: bool | None = None) -> int:
+        """Insert or overwrite the rows of several tables as one update: everything is validated
+        first, then written under one acquisition of the store lock, so a concurrent lookup sees
+        all of ``batch`` or none of it (how an incremental packet is applied).
+
+        Args:
+            batch: rows per table, with optimizer state of the store's width (width 0 in infer
+                mode; a table may appear more than once, later rows win).
+            evict: make room by evicting least recently used rows (never rows of ``batch``)
+                instead of refusing when the shard is full; default: in infer mode only.
+
+        Returns:
+            How many rows were evicted to make room.
+
+        Raises:
+            InvalidRequestError: an unknown table, wrong shapes, ids of another shard, more
+                distinct rows than capacity, or (without ``evict``) more new rows than free
+                rows. Nothing is written then.
+
+        Example:
+            >>> store.put_many(packet.tables)  # an infer-mode store: all rows or none visible
+            0
+        """
+        evict = self.mode == "infer" if evict is None else evict
+        parts = [part for part in map(self._checked_rows, batch) if part[0].shape[0]]
+        if not parts:
+            return 0
+        ids = np.concatenate([part[0] for part in parts])
+        tables = np.concatenate([part[1] for part in parts])
+        if ids.shape[0] > self.capacity and unique_keys(ids, tables)[0].shape[0] > self.capacity:
+            raise InvalidRequestError(f"{ids.shape[0]} rows: more distinct rows than this shard's capacity of {self.capacity}")
+        with self._lock:
+            existing = np.empty(ids.shape[0], np.int64)
+            kernels.find_rows(self._slots, self._salts, ids, tables, existing)
+            missing = existing < 0
+            new = unique_keys(ids[missing], tables[missing])[0].shape[0] if missing.any() else 0
+            if len(self) + new > self.capacity and not evict:
+                names = "', '".join(sorted({self._tables[int(t)].name for t in np.unique(tables)}))
+                raise InvalidRequestError(
+                    f"loading {new} new rows of table '{names}' would exceed this shard's capacity of "
+                    f"{self.capacity} rows ({len(self)} held); raise capacity or use more shards"
+                )
+            self._meta[kernels.META_TICK] += 1
+            evictions = int(self._meta[kernels.META_EVICTIONS])
+            if len(self) + new > self.capacity:
+                # Every stored row of the batch gets the current tick first, so no sweep takes one.
+                kernels.touch_rows(self._slots, self._row_tick, self._meta, self._salts, ids, tables, 0)
+                while len(self) + new > self.capacity:
+                    self._evict_locked()
+            for part_ids, part_tables, weights, state in parts:
+                kernels.put_rows(
+                    self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
+                    self._salts, self._dims, self._state_widths, part_ids, part_tables, weights, state,
+                )
+            return int(self._meta[kernels.META_EVICTIONS]) - evictions
+
+    def _checked_rows(self, rows: TableRows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``rows`` as contiguous (ids, table indexes, weights, state) arrays, validated."""
         table = self.config.tables.get(rows.table.name)
         if table is None:
             raise InvalidRequestError(f"unknown table '{rows.table.name}'")
@@ -281,21 +343,8 @@ class EmbeddingStore:
         tables = np.full(n, table.index, np.uint16)
         ids = np.ascontiguousarray(rows.ids, np.uint64)
         self._check_shard(ids, tables)
-        with self._lock:
-            existing = np.empty(n, np.int64)
-            kernels.find_rows(self._slots, self._salts, ids, tables, existing)
-            new = int((existing < 0).sum())
-            if len(self) + new > self.capacity:
-                raise InvalidRequestError(
-                    f"loading {new} new rows of table '{table.name}' would exceed this shard's capacity of "
-                    f"{self.capacity} rows ({len(self)} held); raise capacity or use more shards"
-                )
-            self._meta[kernels.META_TICK] += 1
-            kernels.put_rows(
-                self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
-                self._salts, self._dims, self._state_widths, ids, tables,
-                np.ascontiguousarray(rows.weights, np.float32), np.ascontiguousarray(rows.state, np.float32),
-            )
+        weights = np.ascontiguousarray(rows.weights, np.float32)
+        return ids, tables, weights, np.ascontiguousarray(rows.state, np.float32)
 
     def clear(self) -> None:
         """Drop every row (counters are kept)."""
