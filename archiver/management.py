@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import time
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import grpc
 import requests
 
-from handler.client import grpc_error_message, http_code
+from handler.client import TorchServeConnection, grpc_error_message, http_code
 
 class ManagementError(RuntimeError):
     """TorchServe refused a management call or could not be reached.
@@ -40,7 +39,7 @@ class ManagementError(RuntimeError):
         self.message = message
 
 
-class ManagementClient:
+class ManagementClient(TorchServeConnection):
     """TorchServe management calls.
 
     Args:
@@ -55,23 +54,14 @@ class ManagementClient:
     """
 
     def __init__(self, address: str, timeout: float = 30.0, token: str | None = None):
-        self.address = address
+        super().__init__(address)
         self.timeout = timeout
         self.token = token
-        parsed = urlparse(address)
-        if parsed.scheme == "grpc":
+        if self.protocol == "grpc":
             from protos.torchserve import management_pb2, management_pb2_grpc
 
-            self.protocol = "grpc"
             self._pb = management_pb2
-            self._channel = grpc.insecure_channel(parsed.netloc)
             self._stub = management_pb2_grpc.ManagementAPIsServiceStub(self._channel)
-        elif parsed.scheme in ("http", "https"):
-            self.protocol = "rest"
-            self._base = address.rstrip("/")
-            self._session = requests.Session()
-        else:
-            raise ValueError(f"management address must be http(s)://host:port or grpc://host:port, got {address!r}")
 
     # ------------------------------------------------------------------ calls
 
@@ -189,18 +179,6 @@ class ManagementClient:
                 states = [w.get("status") for w in (description or {}).get("workers", [])]
                 raise TimeoutError(f"{model_name} version {version or 'default'} not ready after {timeout:.0f} s (workers: {states})")
             time.sleep(0.1)
-
-    def close(self) -> None:
-        if self.protocol == "grpc":
-            self._channel.close()
-        else:
-            self._session.close()
-
-    def __enter__(self) -> "ManagementClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ transports
 

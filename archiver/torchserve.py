@@ -46,25 +46,17 @@ class TorchServeProcess:
     ports: dict[str, int]
     log_path: Path
 
-    @property
-    def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['inference']}"
+    def url(self, api: str) -> str:
+        """``http://127.0.0.1:<port>`` of ``inference``, ``management`` or ``metrics``;
+        ``grpc://127.0.0.1:<port>`` of ``grpc_inference`` or ``grpc_management``."""
+        scheme = "grpc" if api.startswith("grpc_") else "http"
+        return f"{scheme}://127.0.0.1:{self.ports[api]}"
 
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['management']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['metrics']}"
-
-    @property
-    def grpc_inference_url(self) -> str:
-        return f"grpc://127.0.0.1:{self.ports['grpc_inference']}"
-
-    @property
-    def grpc_management_url(self) -> str:
-        return f"grpc://127.0.0.1:{self.ports['grpc_management']}"
+    inference_url = property(lambda self: self.url("inference"), doc="REST inference address")
+    management_url = property(lambda self: self.url("management"), doc="REST management address")
+    metrics_url = property(lambda self: self.url("metrics"), doc="Prometheus metrics address")
+    grpc_inference_url = property(lambda self: self.url("grpc_inference"), doc="gRPC inference address")
+    grpc_management_url = property(lambda self: self.url("grpc_management"), doc="gRPC management address")
 
     @classmethod
     def start(

@@ -70,7 +70,44 @@ class Prediction:
     raw: dict = field(default_factory=dict)
 
 
-class PredictionClient:
+class TorchServeConnection:
+    """A REST session or a gRPC channel to one TorchServe API address (base of the clients).
+
+    Args:
+        address: ``grpc://host:port`` or ``http(s)://host:port``.
+        default_scheme: scheme assumed for a bare ``host:port`` (None: a scheme is required).
+
+    Raises:
+        ValueError: an address with another scheme.
+    """
+
+    def __init__(self, address: str, default_scheme: str | None = None):
+        self.address = address
+        parsed = urlparse(address if "://" in address or default_scheme is None else f"{default_scheme}://{address}")
+        if parsed.scheme == "grpc":
+            self.protocol = "grpc"
+            self._channel = grpc.insecure_channel(parsed.netloc)
+        elif parsed.scheme in ("http", "https"):
+            self.protocol = "rest"
+            self._base = address.rstrip("/")
+            self._session = requests.Session()
+        else:
+            raise ValueError(f"address must be grpc://host:port or http(s)://host:port, got {address!r}")
+
+    def close(self) -> None:
+        if self.protocol == "grpc":
+            self._channel.close()
+        else:
+            self._session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class PredictionClient(TorchServeConnection):
     """Sends batches to ``/predictions/<model>`` over REST or gRPC ``Predictions``.
 
     Args:
@@ -93,24 +130,16 @@ class PredictionClient:
         timeout: float = 30.0,
         token: str | None = None,
     ):
+        super().__init__(address, default_scheme="grpc")
         self.model_name = model_name
         self.model_version = "" if model_version is None else str(model_version)
         self.timeout = timeout
         self.token = token
-        parsed = urlparse(address if "://" in address else f"grpc://{address}")
-        if parsed.scheme == "grpc":
+        if self.protocol == "grpc":
             from protos.torchserve import inference_pb2, inference_pb2_grpc
 
-            self.protocol = "grpc"
             self._pb = inference_pb2
-            self._channel = grpc.insecure_channel(parsed.netloc)
             self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
-        elif parsed.scheme in ("http", "https"):
-            self.protocol = "rest"
-            self._base = address.rstrip("/")
-            self._session = requests.Session()
-        else:
-            raise ValueError(f"address must be grpc://host:port or http(s)://host:port, got {address!r}")
 
     def predict(self, batch: Any) -> np.ndarray:
         """Scores of ``batch`` (a PyPersiaBatchData-like object with ``to_bytes()``, batch bytes,
@@ -126,18 +155,6 @@ class PredictionClient:
         body, is_json = _encode(batch)
         text = self._send_grpc(body) if self.protocol == "grpc" else self._send_rest(body, is_json)
         return parse_response(text)
-
-    def close(self) -> None:
-        if self.protocol == "grpc":
-            self._channel.close()
-        else:
-            self._session.close()
-
-    def __enter__(self) -> "PredictionClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def _send_grpc(self, body: bytes) -> bytes:
         request = self._pb.PredictionsRequest(model_name=self.model_name, model_version=self.model_version, input={BATCH_KEY: body})
