@@ -11,8 +11,8 @@ Paths measured, each as the median time per batch after warm-up:
 * ``numpy.take``  (baseline) the same number of rows (106,496) gathered from a plain float32
   ``[rows, 16]`` array of random values, at random positions;
 * ``store``       :meth:`EmbeddingStore.lookup` on the batch's precomputed (ids, tables) arrays;
-* ``in_process``  :meth:`InProcessEmbeddingClient.lookup` on ``SparseFeature`` objects (dedup,
-  store lookup, pooling with ``embedding_bag``);
+* ``in_process``  :meth:`InProcessEmbeddingClient.lookup` on ``SparseFeature`` objects (every bag
+  holds one id, so the client asks the store for the keys as they are and slices the answer);
 * ``grpc``        :class:`RemoteEmbeddingClient` against 1 embedding server process;
 * ``grpc_2shard`` the same against 2 shard processes.
 

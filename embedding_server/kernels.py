@@ -325,8 +325,9 @@ def lookup(
     With ``insert``: unseen ids are added and initialised. Without: they get the row index
     ``capacity``, which the store keeps as an all-zero row, and nothing is inserted. Returns
     ``len(ids)`` when done, or the index of the first id for which no free row was left: the
-    caller evicts (see :func:`evict_rows`) and calls again from there. The caller gathers the
-    vectors with ``numpy.take``, which is faster than a gather loop here.
+    caller evicts (see :func:`evict_rows`) and calls again from there. Lookups of stored keys
+    go through :func:`gather_hits`; this kernel handles the keys it did not find, and gradient
+    pushes (which need rows, not vectors).
 
     Keys go in groups of ``_GROUP``: first every key's home slot is loaded (independent loads
     the CPU overlaps), then the probes run on warm cache lines. Measured here: 2.4x faster than
