@@ -1,6 +1,7 @@
 """Full sparse checkpoints: every shard's rows, with optimizer state, as Arrow IPC files.
 
-Layout under a checkpoint directory (any :mod:`~embedding_server.storage` URL)::
+Layout under a checkpoint directory (any :mod:`~embedding_server.storage` URL, or an open
+:class:`~embedding_server.storage.Storage` to use connection options other than the environment's)::
 
     shard-00000-of-00002/<table>.arrow   columns id: uint64, weight: fixed_size_list<float32>[dim],
                                          state: fixed_size_list<float32>[state width]
@@ -35,7 +36,7 @@ def shard_dir(shard_index: int, num_shards: int) -> str:
     return f"shard-{shard_index:05d}-of-{num_shards:05d}"
 
 
-def dump_shard(store: EmbeddingStore, directory: str) -> tuple[list[str], int]:
+def dump_shard(store: EmbeddingStore, directory: str | Storage) -> tuple[list[str], int]:
     """Write one store's tables under ``directory``; returns (relative file paths, rows)."""
     storage = open_storage(directory)
     files, total = [], 0
@@ -47,7 +48,7 @@ def dump_shard(store: EmbeddingStore, directory: str) -> tuple[list[str], int]:
     return files, total
 
 
-def write_manifest(directory: str, num_shards: int, files: list[str], rows: int, config_dict: dict, optimizer_dict: dict) -> None:
+def write_manifest(directory: str | Storage, num_shards: int, files: list[str], rows: int, config_dict: dict, optimizer_dict: dict) -> None:
     """Publish the manifest that makes a checkpoint complete (always written last)."""
     manifest = {
         "format": FORMAT,
@@ -62,7 +63,7 @@ def write_manifest(directory: str, num_shards: int, files: list[str], rows: int,
     open_storage(directory).write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
-def dump_stores(stores: Sequence[EmbeddingStore], directory: str) -> None:
+def dump_stores(stores: Sequence[EmbeddingStore], directory: str | Storage) -> None:
     """Checkpoint in-process shards: each shard's files, then the manifest."""
     files, rows = [], 0
     for store in stores:
@@ -87,7 +88,7 @@ def read_manifest(storage: Storage) -> dict:
     return manifest
 
 
-def load_store(store: EmbeddingStore, directory: str) -> int:
+def load_store(store: EmbeddingStore, directory: str | Storage) -> int:
     """Replace ``store``'s rows with the checkpoint rows that belong to its shard.
 
     In train mode the store adopts the checkpoint's optimizer (and its state); in infer mode only
@@ -99,13 +100,13 @@ def load_store(store: EmbeddingStore, directory: str) -> int:
     """
     storage = open_storage(directory)
     manifest = read_manifest(storage)
-    optimizer = optimizer_from_dict(manifest["optimizer"], f"{directory}/{MANIFEST}", "optimizer")
+    optimizer = optimizer_from_dict(manifest["optimizer"], storage.join_url(MANIFEST), "optimizer")
     decoded = [_decode(storage, path, store) for path in manifest["files"]]
     masks = [store.owns(r.ids, np.full(r.ids.shape[0], r.table.index, np.uint16)) for r in decoded]
     total = sum(int(m.sum()) for m in masks)
     if total > store.capacity:  # refuse before clearing: a failed load keeps the current rows
         raise InvalidRequestError(
-            f"{directory}: {total} rows belong to shard {store.shard_index} of {store.num_shards}, more than its "
+            f"{storage.url}: {total} rows belong to shard {store.shard_index} of {store.num_shards}, more than its "
             f"capacity of {store.capacity} rows; raise capacity or use more shards"
         )
     store.clear()

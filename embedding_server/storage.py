@@ -1,70 +1,366 @@
-"""Where checkpoints (and, later, incremental packets) live: a path or a storage URL.
+"""Where checkpoints and incremental packets live: a local path or a storage URL.
 
-:class:`Storage` is the small interface the rest of the code writes against: read a file, list a
-directory, and publish a file atomically (a reader sees the old file, or the whole new one,
-never a part). :func:`open_storage` picks the implementation for a URL. Local paths and
-``file://`` URLs are served by :class:`LocalStorage`; remote schemes plug in here.
+:class:`Storage` is the small interface the rest of the code writes against: read a file, list
+a directory, stat, delete, and publish a file atomically (a reader sees the old file, or the
+whole new one, never a part). :func:`open_storage` picks the implementation for a URL:
+
+==============================  ===========================================================
+``/abs/path``, ``rel/path``,    :class:`LocalStorage`: temp file + fsync + rename
+``file:///abs/path``
+``s3://bucket/prefix``          :class:`~embedding_server.storage_remote.S3Storage` (pyarrow's
+                                S3FileSystem; Ceph's RADOS Gateway or any S3 service):
+                                each object is written under its final name in one request
+``hdfs://host:port/path``       :class:`~embedding_server.storage_remote.HdfsStorage`
+                                (pyarrow's HadoopFileSystem): temp name + rename
+==============================  ===========================================================
+
+Connection settings are a :class:`StorageOptions` (typed and validated; ``from_dict`` for the
+``storage`` section of ``global_config.yml``). Settings left empty are taken from the
+environment, explicit options winning:
+
+==================  ====================================================================
+option              environment variables, first one set wins
+==================  ====================================================================
+endpoint            ``CTRSERVE_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``
+access_key          ``AWS_ACCESS_KEY_ID``
+secret_key          ``AWS_SECRET_ACCESS_KEY``
+session_token       ``AWS_SESSION_TOKEN``
+region              ``AWS_REGION``, ``AWS_DEFAULT_REGION``
+hdfs_user           ``HADOOP_USER_NAME``
+kerb_ticket         ``KRB5CCNAME`` (a ``FILE:`` prefix is dropped)
+==================  ====================================================================
+
+Every failure is a :class:`StorageError` whose message names the URL and what went wrong;
+a missing file is a :class:`StorageNotFoundError` (also a ``FileNotFoundError``).
 
 Example:
     >>> import tempfile
     >>> st = open_storage(tempfile.mkdtemp())
-    >>> st.write_atomic("a/b.txt", b"hi"); st.read_bytes("a/b.txt")
-    b'hi'
+    >>> st.write_atomic("a/b.txt", b"hi"); st.read_bytes("a/b.txt"), st.list_dir("a")
+    (b'hi', ['b.txt'])
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import logging
+import math
 import os
+import shutil
+import stat as stat_module
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping
 from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(IOError):
-    """A storage operation failed, or a path escapes the storage root."""
+    """A storage operation failed, a URL or option is invalid, or a path escapes the root."""
 
 
-class Storage(abc.ABC):
-    """Files under one root, addressed by relative POSIX paths."""
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """The file (or object) asked for does not exist."""
 
-    def __init__(self, url: str):
-        self.url = url
 
-    @abc.abstractmethod
-    def read_bytes(self, path: str) -> bytes:
-        """The whole file. Raises FileNotFoundError when absent."""
+@dataclass(frozen=True)
+class StorageStat:
+    """What :meth:`Storage.stat` knows about a path.
 
-    @abc.abstractmethod
-    def write_atomic(self, path: str, data: bytes) -> None:
-        """Publish ``data`` at ``path``: readers see the previous content or all of ``data``."""
+    Attributes:
+        size: bytes in the file (0 for a directory).
+        mtime: last modification as seconds since the epoch, or None where the backend has
+            none (S3 "directories").
+        is_dir: whether the path is a directory (an S3 prefix with objects under it).
+    """
 
-    @abc.abstractmethod
-    def list_dir(self, path: str = "") -> list[str]:
-        """Names directly under ``path`` (empty when it does not exist)."""
+    size: int
+    mtime: float | None
+    is_dir: bool
 
-    @abc.abstractmethod
-    def exists(self, path: str) -> bool:
-        """Whether a file or directory is at ``path``."""
 
-    @abc.abstractmethod
-    def delete(self, path: str) -> None:
-        """Remove a file or a whole directory; absent paths are fine."""
+# Environment variables each option falls back to, first one set wins (see module docstring).
+ENV_FALLBACKS: dict[str, tuple[str, ...]] = {
+    "endpoint": ("CTRSERVE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "access_key": ("AWS_ACCESS_KEY_ID",),
+    "secret_key": ("AWS_SECRET_ACCESS_KEY",),
+    "session_token": ("AWS_SESSION_TOKEN",),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "hdfs_user": ("HADOOP_USER_NAME",),
+    "kerb_ticket": ("KRB5CCNAME",),
+}
 
-    def child(self, path: str) -> "Storage":
-        """A storage rooted at ``path`` below this one."""
-        return open_storage(self.join_url(path))
 
-    def join_url(self, path: str) -> str:
-        return self.url.rstrip("/") + "/" + clean_relative(path)
+@dataclass(frozen=True)
+class StorageOptions:
+    """Connection settings for remote storage (ignored by local paths).
+
+    Attributes:
+        endpoint: S3 endpoint URL, ``http://host:port`` or ``https://host[:port]`` (Ceph's
+            gateway, e.g. ``http://127.0.0.1:7480``); empty means AWS's own endpoint.
+        access_key: S3 access key id.
+        secret_key: S3 secret key (never shown in ``repr``).
+        session_token: S3 session token for temporary credentials (never shown in ``repr``).
+        region: S3 region; empty lets the client choose (Ceph ignores it).
+        connect_timeout_s: seconds to wait for a TCP connection to the S3 endpoint.
+        request_timeout_s: an S3 request fails when no byte moves for this many seconds (the
+            AWS SDK's own default, 3 s, is too short for a busy single-node Ceph).
+        max_attempts: S3 attempts per request, retries included (>= 1).
+        hdfs_user: user name for HDFS; empty means the login user.
+        kerb_ticket: path of the Kerberos ticket cache for HDFS.
+    """
+
+    endpoint: str = ""
+    access_key: str = ""
+    secret_key: str = dataclasses.field(default="", repr=False)
+    session_token: str = dataclasses.field(default="", repr=False)
+    region: str = ""
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    max_attempts: int = 3
+    hdfs_user: str = ""
+    kerb_ticket: str = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "str" and not isinstance(value, str):
+                raise StorageError(f"storage option {f.name}: expected a string, got {value!r}")
+        for name in ("connect_timeout_s", "request_timeout_s"):
+            timeout = getattr(self, name)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+                raise StorageError(f"storage option {name}: expected a positive number of seconds, got {timeout!r}")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 20:
+            raise StorageError(f"storage option max_attempts: expected an integer from 1 to 20, got {attempts!r}")
+        if self.endpoint:
+            _check_endpoint(self.endpoint)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "storage options") -> "StorageOptions":
+        """Options from a mapping (e.g. the ``storage`` section of ``global_config.yml``).
+
+        Args:
+            data: option names to values; None or empty gives the defaults.
+            where: how to name the source in error messages.
+
+        Raises:
+            StorageError: ``data`` is not a mapping, has a key that is not an option, or a value
+                of the wrong type or range.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise StorageError(f"{where}: expected a mapping of option names to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise StorageError(f"{where}: unknown option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}")
+        values = dict(data)
+        for name in ("connect_timeout_s", "request_timeout_s"):
+            if isinstance(values.get(name), int) and not isinstance(values[name], bool):
+                values[name] = float(values[name])
+        try:
+            return cls(**values)
+        except StorageError as exc:
+            raise StorageError(f"{where}: {exc}") from None
+
+    def with_env(self, environ: Mapping[str, str] | None = None) -> "StorageOptions":
+        """A copy with every empty string option filled from the environment (see ENV_FALLBACKS).
+
+        Args:
+            environ: the variables to read; defaults to ``os.environ``.
+
+        Raises:
+            StorageError: a variable holds an invalid value (e.g. a malformed endpoint).
+        """
+        env = os.environ if environ is None else environ
+        updates = {}
+        for name, variables in ENV_FALLBACKS.items():
+            if getattr(self, name):
+                continue
+            value = next((env[v] for v in variables if env.get(v)), "")
+            if name == "kerb_ticket" and value.startswith("FILE:"):
+                value = value[len("FILE:"):]
+            if value:
+                updates[name] = value
+        try:
+            return dataclasses.replace(self, **updates)
+        except StorageError as exc:
+            raise StorageError(f"{exc} (from the environment: {', '.join(_env_names(updates))})") from None
+
+
+def _env_names(updates: Iterable[str]) -> list[str]:
+    return [" or ".join(ENV_FALLBACKS[name]) for name in updates]
+
+
+def _check_endpoint(endpoint: str) -> None:
+    parsed = urlparse(endpoint)
+    problem = ""
+    if parsed.scheme not in ("http", "https"):
+        problem = "it must start with http:// or https://"
+    elif not parsed.hostname:
+        problem = "it has no host"
+    elif parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
+        problem = "it must be only scheme://host[:port], with no path, query or credentials"
+    else:
+        try:
+            parsed.port
+        except ValueError:
+            problem = "its port is not a number from 0 to 65535"
+    if problem:
+        raise StorageError(f"storage option endpoint {endpoint!r}: {problem} (e.g. http://127.0.0.1:7480)")
 
 
 def clean_relative(path: str) -> str:
-    """Normalise a relative storage path, refusing absolute paths and ``..`` escapes."""
+    """Normalise a relative storage path, refusing absolute paths and ``..`` escapes.
+
+    Raises:
+        StorageError: ``path`` is absolute, contains ``..`` or is not a string.
+    """
+    if not isinstance(path, str):
+        raise StorageError(f"storage path {path!r}: expected a string")
     p = PurePosixPath(path)
     if p.is_absolute() or any(part == ".." for part in p.parts):
         raise StorageError(f"path {path!r} must be relative and stay inside the storage root")
     return str(p) if str(p) != "." else ""
+
+
+def plain_names(url: str, names: Iterable[str]) -> list[str]:
+    """Sorted listing names, keeping only plain visible names.
+
+    Names with a ``/``, a NUL, empty names, ``.`` and ``..`` cannot be addressed safely and are
+    dropped with a warning (a stray object must not stop a directory scan); names starting
+    with ``.`` are temporary or hidden files and are dropped silently.
+    """
+    kept = []
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            log.warning("%s: ignoring listing entry %r: not a plain file name", url, name)
+        elif not name.startswith("."):
+            kept.append(name)
+    return sorted(kept)
+
+
+class Storage(abc.ABC):
+    """Files under one root, addressed by relative POSIX paths (``""`` is the root itself).
+
+    Attributes:
+        url: the root's URL (or path), as given to :func:`open_storage`.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The whole file, as one complete published version.
+
+        Args:
+            path: relative path of the file.
+            max_bytes: refuse files larger than this many bytes (None: no bound).
+
+        Raises:
+            StorageNotFoundError: no file at ``path``.
+            StorageError: the file is larger than ``max_bytes``, or the read failed.
+        """
+
+    @abc.abstractmethod
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Publish ``data`` at ``path``: readers see the previous content or all of ``data``.
+
+        Missing parent directories are created.
+
+        Raises:
+            StorageError: the write failed (nothing partial is left visible).
+        """
+
+    @abc.abstractmethod
+    def list_dir(self, path: str = "") -> list[str]:
+        """Sorted names directly under ``path`` (files and directories; empty when absent).
+
+        Names starting with ``.`` (temporary files) and names that are not plain file names
+        are left out (see :func:`plain_names`).
+
+        Raises:
+            StorageError: the listing failed (e.g. unreachable endpoint, no such bucket).
+        """
+
+    @abc.abstractmethod
+    def stat(self, path: str) -> StorageStat:
+        """Size, modification time and kind of ``path``.
+
+        Raises:
+            StorageNotFoundError: nothing at ``path``.
+            StorageError: the request failed.
+        """
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool:
+        """Whether a file or directory is at ``path``.
+
+        Raises:
+            StorageError: the request failed (a missing path is False, not an error).
+        """
+
+    @abc.abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove a file, or a directory (prefix) with everything under it; absent is fine.
+
+        Raises:
+            StorageError: the deletion failed.
+        """
+
+    @abc.abstractmethod
+    def child(self, path: str) -> "Storage":
+        """A storage rooted at ``path`` below this one, with the same connection settings.
+
+        Raises:
+            StorageError: ``path`` is absolute or escapes this root.
+        """
+
+    def size(self, path: str) -> int:
+        """Bytes in the file at ``path`` (see :meth:`stat`)."""
+        return self.stat(path).size
+
+    def mtime(self, path: str) -> float | None:
+        """Last modification time of ``path`` in seconds since the epoch (see :meth:`stat`)."""
+        return self.stat(path).mtime
+
+    def join_url(self, path: str) -> str:
+        """The URL of ``path`` below this root.
+
+        Raises:
+            StorageError: ``path`` is absolute or escapes this root.
+        """
+        rel = self._relative(path)
+        return self.url.rstrip("/") + "/" + rel if rel else self.url
+
+    def _relative(self, path: str) -> str:
+        """:func:`clean_relative`, with this storage's URL in the error message."""
+        try:
+            return clean_relative(path)
+        except StorageError as exc:
+            raise StorageError(f"{self.url}: {exc}") from None
+
+    def _where(self, path: str) -> str:
+        return self.join_url(path) if path else self.url
+
+
+def check_size(where: str, size: int, max_bytes: int | None) -> None:
+    """Refuse a file of ``size`` bytes when it is over ``max_bytes``.
+
+    Raises:
+        StorageError: ``size`` exceeds ``max_bytes``.
+    """
+    if max_bytes is not None and size > max_bytes:
+        raise StorageError(f"{where}: {size} bytes is more than the allowed {max_bytes} bytes; refusing to read it")
 
 
 class LocalStorage(Storage):
@@ -77,56 +373,126 @@ class LocalStorage(Storage):
     def __init__(self, url: str):
         super().__init__(url)
         parsed = urlparse(url)
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"storage URL {url!r}: file:// URLs must name a local path (file:///abs/path)")
         self.root = Path(parsed.path if parsed.scheme == "file" else url).resolve()
 
     def _path(self, path: str) -> Path:
-        return self.root / clean_relative(path)
+        return self.root / self._relative(path)
 
-    def read_bytes(self, path: str) -> bytes:
-        return self._path(path).read_bytes()
+    def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
+        target = self._path(path)
+        try:
+            with open(target, "rb") as fh:
+                if max_bytes is not None:
+                    check_size(self._where(path), os.fstat(fh.fileno()).st_size, max_bytes)
+                    data = fh.read(max_bytes + 1)  # the file may have grown since the fstat
+                    check_size(self._where(path), len(data), max_bytes)
+                    return data
+                return fh.read()
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"{self._where(path)}: no such file") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self._where(path)}: is a directory, not a file") from None
+        except OSError as exc:
+            raise StorageError(f"{self._where(path)}: read failed: {exc}") from exc
 
     def write_atomic(self, path: str, data: bytes) -> None:
         target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise StorageError(f"{self._where(path)}: write failed: {exc}") from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"{self._where(path)}: write failed: {exc}") from exc
             raise
 
     def list_dir(self, path: str = "") -> list[str]:
         p = self._path(path)
-        if not p.is_dir():
+        try:
+            return plain_names(self._where(path), os.listdir(p)) if p.is_dir() else []
+        except FileNotFoundError:  # removed between the check and the listing
             return []
-        return sorted(child.name for child in p.iterdir() if not child.name.startswith("."))
+        except OSError as exc:
+            raise StorageError(f"{self._where(path)}: listing failed: {exc}") from exc
+
+    def stat(self, path: str) -> StorageStat:
+        try:
+            st = self._path(path).stat()
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"{self._where(path)}: no such file or directory") from None
+        except OSError as exc:
+            raise StorageError(f"{self._where(path)}: stat failed: {exc}") from exc
+        is_dir = stat_module.S_ISDIR(st.st_mode)
+        return StorageStat(size=0 if is_dir else st.st_size, mtime=st.st_mtime, is_dir=is_dir)
 
     def exists(self, path: str) -> bool:
         return self._path(path).exists()
 
     def delete(self, path: str) -> None:
-        import shutil
-
         p = self._path(path)
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"{self._where(path)}: delete failed: {exc}") from exc
+
+    def child(self, path: str) -> "LocalStorage":
+        return LocalStorage(self.join_url(path))
 
 
-def open_storage(url: str) -> Storage:
+def open_storage(
+    url: "str | os.PathLike[str] | Storage",
+    options: "StorageOptions | Mapping[str, Any] | None" = None,
+    **overrides: Any,
+) -> Storage:
     """The storage for a path or URL.
 
+    Args:
+        url: a local path, ``file:///path``, ``s3://bucket[/prefix]`` or
+            ``hdfs://[host[:port]]/path``. An already open :class:`Storage` is returned as is
+            (then no options may be given).
+        options: connection settings, as :class:`StorageOptions` or a mapping for
+            :meth:`StorageOptions.from_dict`.
+        **overrides: individual options on top of ``options`` (e.g. ``endpoint=...``).
+            Options still empty are read from the environment (see the module docstring).
+
     Raises:
-        StorageError: a scheme this build cannot reach.
+        StorageError: an unknown scheme, a malformed URL, invalid options, missing S3
+            credentials, or an HDFS client that cannot be loaded.
     """
+    if isinstance(url, Storage):
+        if options is not None or overrides:
+            raise StorageError(f"{url.url}: already open; options apply only when opening a URL")
+        return url
+    url = os.fspath(url)
+    if not isinstance(url, str) or not url:
+        raise StorageError(f"storage URL {url!r}: expected a non-empty path or URL string")
+    if not isinstance(options, StorageOptions):
+        options = StorageOptions.from_dict(options)
+    if overrides:
+        options = StorageOptions.from_dict({**dataclasses.asdict(options), **overrides})
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
         return LocalStorage(url)
+    if scheme in ("s3", "hdfs"):
+        from embedding_server import storage_remote  # pyarrow.fs is only needed for remote URLs
+
+        opener = storage_remote.S3Storage if scheme == "s3" else storage_remote.HdfsStorage
+        return opener.open(url, options.with_env())
     raise StorageError(
-        f"storage URL {url!r}: scheme '{scheme}://' is not supported yet; use a local path or file:// URL"
+        f"storage URL {url!r}: scheme '{scheme}://' is not supported; use a local path, file://, s3:// or hdfs://"
     )
