@@ -264,3 +264,13 @@ def test_torchserve_stubs_are_generated_not_committed():
     assert "SetDefault" in management_pb2.DESCRIPTOR.services_by_name["ManagementAPIsService"].methods_by_name
     tracked = subprocess.run(["git", "ls-files", "protos"], capture_output=True, text=True, check=True).stdout.split()
     assert not any(name.endswith(("inference.proto", "management.proto")) or "_generated" in name for name in tracked)
+
+
+def test_embedding_watermark_is_what_the_shards_report_under_watermark(handler):
+    class Shards:
+        def stats(self):
+            return [{"rows": 3, "watermark": 17}, {"rows": 1}]
+
+    assert handler.read_embedding_watermark() == {}  # the in-process stores report none yet
+    handler.embeddings = Shards()
+    assert handler.read_embedding_watermark() == {"0": 17}
