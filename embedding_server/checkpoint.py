@@ -121,6 +121,18 @@ def load_store(store: EmbeddingStore, directory: str | Storage) -> int:
     return loaded
 
 
+def read_table_file(directory: str | Storage, path: str, store: EmbeddingStore) -> TableRows:
+    """One table file of a checkpoint (a path its manifest lists), checked against ``store``'s
+    tables; all of the file's rows, whichever shard they belong to.
+
+    Raises:
+        InvalidRequestError: the file is missing or unreadable, or its table or dim is not
+            ``store``'s.
+        StorageError: the storage could not be read.
+    """
+    return _decode(open_storage(directory), path, store)
+
+
 def _encode(rows: TableRows, store: EmbeddingStore) -> bytes:
     dim = rows.table.dim
     width = rows.state.shape[1]

@@ -39,6 +39,9 @@ FORMAT = "ctrserve-packet"
 FORMAT_VERSION = 1
 INCREMENTAL_DIR = "incremental"
 CHECKPOINTS_DIR = "checkpoints"
+# A training shard's first packet has this seq; a checkpoint watermark of FIRST_SEQ - 1 (or none
+# for the shard) means the checkpoint includes no packet of it.
+FIRST_SEQ = 0
 _SEQ_DIGITS = 20
 _SUFFIX = ".arrow"
 

@@ -1,0 +1,491 @@
+"""Serving follows training: infer-mode stores and servers hot-load a model root's newest
+checkpoint and packets, in order, atomically, through gaps, duplicates and corrupt files.
+
+Packets and checkpoints are written here by hand from a train-mode in-process client (so the
+expected values are the trainer's own), with the real packet and checkpoint writers and the
+real storage layer; followers run in-process, in real server processes, and on Ceph's S3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from embedding_server import checkpoint
+from embedding_server.client import InProcessEmbeddingClient
+from embedding_server.config import EmbeddingConfig, GlobalConfig
+from embedding_server.errors import InvalidRequestError
+from embedding_server.hotload import FollowOptions, ModelRootFollower
+from embedding_server.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
+from embedding_server.storage import Storage, open_storage
+from embedding_server.store import EmbeddingStore, TableRows
+
+EMB = {"slots_config": {"user": {"dim": 8}, "item": {"dim": 8}, "query": {"dim": 4}}}
+TRAIN = {"embedding_parameter_server_config": {"capacity": 20_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
+INFER = {"embedding_parameter_server_config": {"capacity": 20_000}, "common_config": {"job_type": "infer"}}
+FAST = FollowOptions(poll_interval_s=0.05, rescan_interval_s=0.5, gap_timeout_s=30.0)
+
+
+@pytest.fixture(scope="module")
+def emb() -> EmbeddingConfig:
+    return EmbeddingConfig.from_dict(EMB)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Trainer:
+    """A train-mode in-process client that publishes what it changes, by hand, under a model root.
+
+    Args:
+        root: the model root (URL or open storage).
+        num_shards: training shards (packet streams).
+    """
+
+    def __init__(self, emb: EmbeddingConfig, root: str | Storage, num_shards: int = 2, seed: int = 0):
+        self.emb = emb
+        self.client = InProcessEmbeddingClient(emb, GlobalConfig.from_dict(TRAIN), num_shards)
+        self.stores = self.client.stores
+        self.storage = open_storage(root)
+        self.num_shards = num_shards
+        self.rng = np.random.default_rng(seed)
+        self.seq = [FIRST_SEQ - 1] * num_shards
+        self.keys: dict[str, set[int]] = {name: set() for name in emb.tables}
+
+    def step(self, rows: int = 200, vocab: int = 3000) -> list[list[TableRows]]:
+        """One gradient step on random keys of every table; the changed rows per training shard."""
+        changed: list[list[TableRows]] = [[] for _ in range(self.num_shards)]
+        for table in self.emb.tables.values():
+            ids = np.unique(self.rng.integers(0, vocab, rows).astype(np.uint64))
+            self.keys[table.name].update(ids.tolist())
+            tabs = np.full(ids.shape[0], table.index, np.uint16)
+            for shard, store in enumerate(self.stores):
+                mine = store.owns(ids, tabs)
+                if not mine.any():
+                    continue
+                grads = self.rng.normal(size=(int(mine.sum()), table.dim)).astype(np.float32)
+                store.apply_gradients(ids[mine], tabs[mine], grads)
+                values = store.lookup(ids[mine], tabs[mine])
+                changed[shard].append(TableRows(table, ids[mine], values, np.zeros((values.shape[0], 0), np.float32)))
+        return changed
+
+    def publish(self, shard: int, tables: list[TableRows], seq: int | None = None, created_at: float | None = None) -> int:
+        """Write one packet of ``shard`` (the next seq unless given); returns its seq."""
+        if seq is None:
+            seq = self.seq[shard] + 1
+        self.seq[shard] = max(self.seq[shard], seq)
+        self.storage.write_atomic(f"{packet_dir(shard, self.num_shards)}/{packet_name(seq)}", self.encode(shard, tables, seq, created_at))
+        return seq
+
+    def encode(self, shard: int, tables: list[TableRows], seq: int, created_at: float | None = None) -> bytes:
+        return encode_packet(tables, shard=shard, num_shards=self.num_shards, seq=seq,
+                             fingerprint=self.emb.fingerprint(), created_at=created_at)
+
+    def step_and_publish(self, rows: int = 200) -> list[list[TableRows]]:
+        """One step, and a packet of every training shard with the rows it changed."""
+        changed = self.step(rows)
+        for shard, tables in enumerate(changed):
+            self.publish(shard, tables)
+        return changed
+
+    def checkpoint(self, number: int, watermark: list[int] | None = None) -> str:
+        """A full checkpoint ``checkpoints/<number>`` whose manifest records ``watermark``
+        (default: every shard's last published seq)."""
+        name = f"{number:020d}"
+        folder = self.storage.child(f"{CHECKPOINTS_DIR}/{name}")
+        checkpoint.dump_stores(self.stores, folder)
+        manifest = json.loads(folder.read_bytes(checkpoint.MANIFEST))
+        manifest["watermark"] = {str(s): seq for s, seq in enumerate(self.seq if watermark is None else watermark)}
+        folder.write_atomic(checkpoint.MANIFEST, json.dumps(manifest).encode())
+        return name
+
+    def expected(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, the trainer's current vectors) of every key of ``table`` trained so far."""
+        ids = np.array(sorted(self.keys[table]), np.uint64)
+        tabs = np.full(ids.shape[0], self.emb.tables[table].index, np.uint16)
+        out = np.zeros((ids.shape[0], self.emb.tables[table].dim), np.float32)
+        for store in self.stores:
+            mine = store.owns(ids, tabs)
+            if mine.any():
+                out[mine] = store.lookup(ids[mine], tabs[mine])
+        return ids, out
+
+
+def serving_lookup(stores: list[EmbeddingStore], table, ids: np.ndarray) -> np.ndarray:
+    """What infer-mode serving shards answer for ``ids`` of ``table``."""
+    tabs = np.full(ids.shape[0], table.index, np.uint16)
+    out = np.zeros((ids.shape[0], table.dim), np.float32)
+    for store in stores:
+        mine = store.owns(ids, tabs)
+        if mine.any():
+            out[mine] = store.lookup(ids[mine], tabs[mine])
+    return out
+
+
+def assert_serves_trainer_state(emb: EmbeddingConfig, trainer: Trainer, stores: list[EmbeddingStore]) -> None:
+    for table in emb.tables.values():
+        ids, want = trainer.expected(table.name)
+        got = serving_lookup(stores, table, ids)
+        assert got.tobytes() == want.tobytes(), f"table {table.name}: served vectors differ from the trainer's"
+
+
+def infer_stores(emb: EmbeddingConfig, num_shards: int = 1, capacity: int = 20_000) -> list[EmbeddingStore]:
+    glob = GlobalConfig.from_dict({**INFER, "embedding_parameter_server_config": {"capacity": capacity}})
+    return [EmbeddingStore(emb, glob, i, num_shards) for i in range(num_shards)]
+
+
+def watermarks(follower: ModelRootFollower) -> list[int]:
+    return [s["watermark"] for s in follower.stats()["streams"]]
+
+
+@pytest.fixture
+def followers():
+    """Start followers through ``start(store, root, options)``; all are stopped at the end."""
+    started: list[ModelRootFollower] = []
+
+    def start(store, root, options=FAST, **kwargs) -> ModelRootFollower:
+        follower = ModelRootFollower(store, root, options, **kwargs).start()
+        started.append(follower)
+        assert follower.wait_synced(30), "the follower did not finish its initial load"
+        return follower
+
+    yield start
+    for follower in started:
+        follower.stop()
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def test_put_many_applies_every_table_or_nothing(emb):
+    store = infer_stores(emb)[0]
+    user, query = emb.tables["user"], emb.tables["query"]
+    good = TableRows(user, np.arange(5, dtype=np.uint64), np.ones((5, 8), np.float32), np.zeros((5, 0), np.float32))
+    bad = TableRows(query, np.arange(3, dtype=np.uint64), np.ones((3, 8), np.float32), np.zeros((3, 0), np.float32))
+    with pytest.raises(InvalidRequestError, match="table 'query': weights shape"):
+        store.put_many([good, bad])
+    assert len(store) == 0
+    ok = TableRows(query, np.arange(3, dtype=np.uint64), np.full((3, 4), 2.0, np.float32), np.zeros((3, 0), np.float32))
+    assert store.put_many([good, ok]) == 0
+    assert len(store) == 8
+    assert (store.lookup(np.arange(3, dtype=np.uint64), np.full(3, query.index, np.uint16)) == 2.0).all()
+
+
+def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
+    store = infer_stores(emb, capacity=100)[0]
+    user = emb.tables["user"]
+
+    def rows(lo, hi, value):
+        n = hi - lo
+        return TableRows(user, np.arange(lo, hi, dtype=np.uint64), np.full((n, 8), value, np.float32), np.zeros((n, 0), np.float32))
+
+    store.put_many([rows(0, 100, 1.0)])
+    store.lookup(np.arange(50, 100, dtype=np.uint64), np.full(50, user.index, np.uint16))  # 0..49 are the LRU rows
+    evicted = store.put_many([rows(90, 130, 2.0)])  # 30 new rows, 10 overwritten
+    assert evicted >= 30 and len(store) <= 100
+    got = store.lookup(np.arange(50, 130, dtype=np.uint64), np.full(80, user.index, np.uint16))
+    assert (got[:40] == 1.0).all() and (got[40:] == 2.0).all()  # recent rows and the packet's all kept
+    with pytest.raises(InvalidRequestError, match="more distinct rows than this shard's capacity of 100"):
+        store.put_many([rows(1000, 1101, 3.0)])
+
+    train = EmbeddingStore(emb, GlobalConfig.from_dict({"embedding_parameter_server_config": {"capacity": 100}}))
+    train.put_many([TableRows(user, np.arange(100, dtype=np.uint64), np.ones((100, 8), np.float32),
+                              np.zeros((100, train.optimizer.state_width(8)), np.float32))])
+    with pytest.raises(InvalidRequestError, match="would exceed this shard's capacity of 100 rows"):
+        train.put(TableRows(user, np.arange(100, 101, dtype=np.uint64), np.ones((1, 8), np.float32),
+                            np.zeros((1, train.optimizer.state_width(8)), np.float32)))
+
+
+# ----------------------------------------------------------------------------- start and replay
+
+
+def test_newest_checkpoint_plus_newer_packets_serve_the_trainers_values_bit_for_bit(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path)
+    trainer.step_and_publish()
+    trainer.checkpoint(1)
+    trainer.step_and_publish()
+    trainer.step_and_publish()
+    newest = trainer.checkpoint(2)
+    trainer.checkpoint(3, watermark=None)  # incomplete: its manifest is removed below
+    (tmp_path / CHECKPOINTS_DIR / f"{3:020d}" / checkpoint.MANIFEST).unlink()
+    trainer.step_and_publish()
+    trainer.step_and_publish()
+
+    stores = infer_stores(emb)
+    follower = followers(stores[0], str(tmp_path))
+    stats = follower.stats()
+    assert stats["checkpoint"] == newest
+    assert stats["packets_applied"] == 2 * 2  # only the packets after checkpoint 2's watermark
+    assert watermarks(follower) == trainer.seq
+    assert_serves_trainer_state(emb, trainer, stores)
+
+    for _ in range(3):  # then it follows
+        trainer.step_and_publish()
+    wait_until(lambda: watermarks(follower) == trainer.seq, what="the new packets")
+    assert_serves_trainer_state(emb, trainer, stores)
+
+
+def test_two_training_shards_serve_from_one_and_from_three_serving_shards(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=2)
+    trainer.step_and_publish()
+    trainer.checkpoint(1)
+    trainer.step_and_publish()
+    for serving_shards in (1, 3):
+        stores = infer_stores(emb, serving_shards)
+        group = [followers(store, str(tmp_path)) for store in stores]
+        trainer.step_and_publish()
+        for follower in group:
+            wait_until(lambda: watermarks(follower) == trainer.seq, what="every packet")
+        assert_serves_trainer_state(emb, trainer, stores)
+        assert sum(len(s) for s in stores) == sum(len(s) for s in trainer.stores)
+
+
+def test_packets_written_out_of_order_are_applied_in_order(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    user = emb.tables["user"]
+    ids = np.arange(100, dtype=np.uint64)
+
+    def constant(value: float) -> list[TableRows]:
+        return [TableRows(user, ids, np.full((100, 8), value, np.float32), np.zeros((100, 0), np.float32))]
+
+    store = infer_stores(emb)[0]
+    trainer.publish(0, constant(0.0), seq=0)
+    follower = followers(store, str(tmp_path))
+    trainer.publish(0, constant(2.0), seq=2)  # seq 1 comes late
+    wait_until(lambda: follower.stats()["streams"][0]["waiting_for"] == 1, what="the gap at seq 1")
+    assert watermarks(follower) == [0]
+    assert (serving_lookup([store], user, ids) == 0.0).all()
+    trainer.publish(0, constant(1.0), seq=1)
+    wait_until(lambda: watermarks(follower) == [2], what="seq 1 and 2")
+    assert (serving_lookup([store], user, ids) == 2.0).all()  # 2 was applied after 1, not before
+    assert follower.stats()["streams"][0]["waiting_for"] == -1
+
+
+def test_duplicate_packets_are_skipped(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    user = emb.tables["user"]
+
+    def rows(lo: int, value: float) -> list[TableRows]:
+        ids = np.arange(lo, lo + 10, dtype=np.uint64)
+        return [TableRows(user, ids, np.full((10, 8), value, np.float32), np.zeros((10, 0), np.float32))]
+
+    store = infer_stores(emb)[0]
+    trainer.publish(0, rows(0, 1.0), seq=0)
+    trainer.publish(0, rows(0, 2.0), seq=1)
+    follower = followers(store, str(tmp_path))
+    trainer.publish(0, rows(0, 9.0), seq=1)  # seq 1 again, other values: already applied
+    trainer.publish(0, rows(0, 9.0), seq=0)
+    trainer.publish(0, rows(100, 3.0), seq=2)
+    wait_until(lambda: watermarks(follower) == [2], what="seq 2")
+    assert (serving_lookup([store], user, np.arange(10, dtype=np.uint64)) == 2.0).all()
+    assert follower.stats()["packets_applied"] == 3
+
+
+def test_gap_waits_raises_the_alarm_after_the_timeout_and_applies_once_filled(emb, tmp_path, followers, caplog):
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    registry = CollectorRegistry()
+    changed = [trainer.step()[0] for _ in range(3)]
+    trainer.publish(0, changed[0], seq=0)
+    trainer.publish(0, changed[2], seq=2)
+    options = FollowOptions(poll_interval_s=0.05, rescan_interval_s=0.5, gap_timeout_s=0.3)
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(tmp_path), options, registry=registry, labels={"shard": "0"})
+    alarm = 'ctrserve_embedding_packet_gap_alarm{shard="0",training_shard="0",training_shards="1"}'
+    assert f"{alarm} 0.0" in generate_latest(registry).decode()
+    wait_until(lambda: follower.stats()["streams"][0]["gap_alarm"], what="the gap alarm")
+    assert f"{alarm} 1.0" in generate_latest(registry).decode()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("packet seq 1 still missing" in m for m in warnings), warnings
+    assert watermarks(follower) == [0]  # 2 is not applied out of order
+
+    trainer.publish(0, changed[1], seq=1)
+    wait_until(lambda: watermarks(follower) == [2], what="the gap to close")
+    assert f"{alarm} 0.0" in generate_latest(registry).decode()
+    assert_serves_trainer_state(emb, trainer, [store])
+
+
+def test_missing_model_root_and_late_packet_folders_are_waited_for(emb, tmp_path, followers, caplog):
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    root = tmp_path / "not-yet" / "model"
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(root))  # synced: there is nothing to load yet
+    assert follower.stats()["streams"] == []
+    trainer = Trainer(emb, root, num_shards=2)
+    trainer.checkpoint(1)  # no packet yet: the folders come later
+    wait_until(lambda: follower.stats()["checkpoint"] == f"{1:020d}", what="the first checkpoint")
+    trainer.step_and_publish()
+    trainer.step_and_publish()
+    wait_until(lambda: watermarks(follower) == trainer.seq, what="the late packet folders")
+    assert_serves_trainer_state(emb, trainer, [store])
+    waiting = [r for r in caplog.records if "has no checkpoints/ or incremental/ yet" in r.getMessage()]
+    assert len(waiting) == 1  # said once, not once per poll
+
+
+def other_format_version(data: bytes) -> bytes:
+    """The packet as if written by a newer writer (format_version 2)."""
+    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    meta = {**table.schema.metadata, b"format_version": b"2"}
+    sink = pa.BufferOutputStream()
+    table = table.replace_schema_metadata(meta)
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_apply(emb, tmp_path, followers, caplog):
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    store = infer_stores(emb)[0]
+    registry = CollectorRegistry()
+    trainer.step_and_publish()
+    follower = followers(store, str(tmp_path), registry=registry)
+    folder = packet_dir(0, 1)
+    bad = {}
+    for seq, spoil in ((1, "corrupt"), (2, "truncated"), (3, "version"), (4, "misplaced")):
+        data = trainer.encode(0, trainer.step()[0], seq)
+        if spoil == "corrupt":
+            data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+        elif spoil == "truncated":
+            data = data[: len(data) - 100]
+        elif spoil == "version":
+            data = other_format_version(data)
+        else:
+            data = trainer.encode(0, [], seq + 1)  # says seq 5 but lies at seq 4
+        bad[seq] = spoil
+        trainer.storage.write_atomic(f"{folder}/{packet_name(seq)}", data)
+    trainer.seq[0] = 4
+    last = trainer.step_and_publish()[0]  # seq 5: fine
+    wait_until(lambda: watermarks(follower) == [5], what="the packet after the bad ones")
+    stats = follower.stats()
+    assert stats["packets_quarantined"] == 4 and stats["packets_applied"] == 2
+    assert len(stats["quarantined"]) == 4
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4 and all("quarantined packet" in m for m in errors), errors
+    assert "checksum mismatch" in errors[0] or "not a readable Arrow file" in errors[0]
+    assert "not a readable Arrow file" in errors[1] or "checksum mismatch" in errors[1]
+    assert "format version '2'" in errors[2] and "its place says" in errors[3]
+    assert "ctrserve_embedding_packets_quarantined_total 4.0" in generate_latest(registry).decode()
+    # The server kept serving, and the packet after the bad ones was applied bit for bit.
+    for rows in last:
+        got = serving_lookup([store], rows.table, rows.ids)
+        assert got.tobytes() == rows.weights.tobytes()
+
+
+def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    user = emb.tables["user"]
+    ids = np.arange(5000, dtype=np.uint64)
+    tabs = np.full(ids.shape[0], user.index, np.uint16)
+
+    def constant(value: float) -> list[TableRows]:
+        return [TableRows(user, ids, np.full((ids.shape[0], 8), value, np.float32), np.zeros((ids.shape[0], 0), np.float32))]
+
+    trainer.publish(0, constant(0.0))
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(tmp_path))
+    torn, lookups, stop = [], [0], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            values = store.lookup(ids, tabs)
+            lookups[0] += 1
+            if not (values == values[0, 0]).all():
+                torn.append(np.unique(values))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for k in range(1, 40):
+            trainer.publish(0, constant(float(k)))
+            wait_until(lambda: watermarks(follower) == [k], what=f"packet {k}")
+    finally:
+        stop.set()
+        thread.join()
+    assert not torn, f"a lookup saw a mix of packets: {torn[:3]}"
+    assert lookups[0] > 40
+
+
+def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=2)
+    registry = CollectorRegistry()
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(tmp_path), registry=registry, labels={"shard": "0"})
+    old = time.time() - 5.0
+    packets = [trainer.step()]
+    for shard, tables in enumerate(packets[0]):
+        trainer.publish(shard, tables, created_at=old)  # made 5 s ago
+    packets += [trainer.step_and_publish() for _ in range(3)]
+    wait_until(lambda: watermarks(follower) == trainer.seq, what="every packet")
+    stats = follower.stats()
+    rows = sum(t.ids.shape[0] for step in packets for shard in step for t in shard)
+    assert stats["packets_applied"] == 8 and stats["rows_applied"] == rows
+    assert 0.0 <= stats["freshness_p50_s"] < 5.0 <= stats["freshness_p99_s"] < 60.0
+    text = generate_latest(registry).decode()
+    assert 'ctrserve_embedding_packet_freshness_seconds_count{shard="0"} 8.0' in text
+    assert 'ctrserve_embedding_watermark{shard="0",training_shard="1",training_shards="2"} 3.0' in text
+    assert 'ctrserve_embedding_packets_applied_total{shard="0"} 8.0' in text
+    assert 'ctrserve_embedding_hotload_synced{shard="0"} 1.0' in text
+
+
+def test_newer_checkpoint_catches_up_a_shard_whose_packets_are_gone(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=2)
+    trainer.step_and_publish()
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(tmp_path))
+    first = follower.stats()["checkpoint"]
+    assert first == ""
+    # Retention after a checkpoint removed packets 1..3 of both shards before the follower saw them.
+    for _ in range(3):
+        trainer.step_and_publish()
+    name = trainer.checkpoint(1)
+    for shard in range(2):
+        for seq in (1, 2, 3):
+            (tmp_path / packet_dir(shard, 2) / packet_name(seq)).unlink()
+    trainer.step_and_publish()
+    wait_until(lambda: watermarks(follower) == trainer.seq, what="the catch-up and packet 4")
+    assert follower.stats()["checkpoint"] == name
+    assert_serves_trainer_state(emb, trainer, [store])
+
+
+def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, followers, caplog):
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    old = Trainer(emb, tmp_path, num_shards=2)
+    old.step_and_publish()
+    old.checkpoint(1)
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(tmp_path))
+    # The job restarts on 3 shards from the same rows: a new checkpoint, then packets of 3 shards.
+    new = Trainer(emb, tmp_path, num_shards=3, seed=1)
+    for name in emb.tables:
+        ids, values = old.expected(name)
+        spec = emb.tables[name]
+        for store_new in new.stores:
+            mine = store_new.owns(ids, np.full(ids.shape[0], spec.index, np.uint16))
+            width = store_new.optimizer.state_width(spec.dim)
+            store_new.put(TableRows(spec, ids[mine], values[mine], np.zeros((int(mine.sum()), width), np.float32)))
+        new.keys[name] = set(old.keys[name])
+    name = new.checkpoint(2)
+    new.step_and_publish()
+    wait_until(lambda: [(s["num_shards"], s["watermark"]) for s in follower.stats()["streams"]] == [(3, 0)] * 3,
+               what="the switch to 3 training shards")
+    assert follower.stats()["checkpoint"] == name
+    assert_serves_trainer_state(emb, new, [store])
+    assert any("switched to checkpoint" in r.getMessage() for r in caplog.records)
