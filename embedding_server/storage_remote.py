@@ -196,7 +196,9 @@ class ArrowStorage(Storage):
             with self._failing("listing", path):
                 self._check_container()
         prefix = key.rstrip("/") + "/"
-        names = [info.path[len(prefix):] if info.path.startswith(prefix) else info.path for info in infos]
+        # Entries are the root's paths plus a name; a backend that answers fully qualified
+        # paths (hdfs://host:port/...) gets its last component taken instead.
+        names = [info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name for info in infos]
         return plain_names(self._where(path), names)
 
     def stat(self, path: str) -> StorageStat:
