@@ -272,7 +272,10 @@ class ModelRootFollower:
     def _run(self) -> None:
         try:
             self._initial_sync()
-        except HotloadError as exc:
+        except Exception as exc:  # HotloadError, or a bug: either way wait_synced() must not hang
+            if not isinstance(exc, HotloadError):
+                log.exception("loading model root %s failed", self.storage.url)
+                exc = HotloadError(f"model root {self.storage.url}: loading failed: {type(exc).__name__}: {exc}")
             log.error("%s", exc)
             self._error = exc
             self._synced.set()

@@ -23,7 +23,7 @@ from embedding_server import checkpoint
 from embedding_server.client import InProcessEmbeddingClient
 from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import InvalidRequestError
-from embedding_server.hotload import FollowOptions, ModelRootFollower
+from embedding_server.hotload import FollowOptions, HotloadError, ModelRootFollower
 from embedding_server.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
 from embedding_server.storage import Storage, open_storage
 from embedding_server.store import EmbeddingStore, TableRows
@@ -240,6 +240,28 @@ def test_newest_checkpoint_plus_newer_packets_serve_the_trainers_values_bit_for_
         trainer.step_and_publish()
     wait_until(lambda: watermarks(follower) == trainer.seq, what="the new packets")
     assert_serves_trainer_state(emb, trainer, stores)
+
+
+def test_a_broken_newest_checkpoint_falls_back_to_an_older_one_and_none_loading_is_an_error(emb, tmp_path, followers, caplog):
+    trainer = Trainer(emb, tmp_path, num_shards=2)
+    trainer.step_and_publish()
+    older = trainer.checkpoint(1)
+    trainer.step_and_publish()
+    broken = trainer.checkpoint(2)
+    manifest = json.loads((tmp_path / CHECKPOINTS_DIR / broken / checkpoint.MANIFEST).read_text())
+    (tmp_path / CHECKPOINTS_DIR / broken / manifest["files"][0]).unlink()
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(tmp_path))
+    assert follower.stats()["checkpoint"] == older
+    assert watermarks(follower) == trainer.seq  # the packets after the older one's watermark replayed
+    assert_serves_trainer_state(emb, trainer, [store])
+    assert any(f"checkpoint {broken} cannot be loaded" in r.getMessage() for r in caplog.records)
+
+    (tmp_path / CHECKPOINTS_DIR / older / manifest["files"][0]).unlink()
+    lost = ModelRootFollower(infer_stores(emb)[0], str(tmp_path), FAST).start()
+    with pytest.raises(HotloadError, match="no complete checkpoint could be loaded"):
+        lost.wait_synced(30)
+    lost.stop()
 
 
 def test_two_training_shards_serve_from_one_and_from_three_serving_shards(emb, tmp_path, followers):
