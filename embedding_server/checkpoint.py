@@ -48,8 +48,15 @@ def dump_shard(store: EmbeddingStore, directory: str | Storage) -> tuple[list[st
     return files, total
 
 
-def write_manifest(directory: str | Storage, num_shards: int, files: list[str], rows: int, config_dict: dict, optimizer_dict: dict) -> None:
-    """Publish the manifest that makes a checkpoint complete (always written last)."""
+def write_manifest(
+    directory: str | Storage, num_shards: int, files: list[str], rows: int, config_dict: dict, optimizer_dict: dict,
+    watermark: dict[str, int] | None = None,
+) -> None:
+    """Publish the manifest that makes a checkpoint complete (always written last).
+
+    ``watermark`` maps each training shard (as a string) to the last incremental packet whose
+    rows the checkpoint includes; a server replays only packets above it.
+    """
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -59,19 +66,20 @@ def write_manifest(directory: str | Storage, num_shards: int, files: list[str], 
         "files": sorted(files),
         "optimizer": optimizer_dict,
         "embedding_config": config_dict,
+        "watermark": dict(watermark or {}),
     }
     open_storage(directory).write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
-def dump_stores(stores: Sequence[EmbeddingStore], directory: str | Storage) -> None:
-    """Checkpoint in-process shards: each shard's files, then the manifest."""
+def dump_stores(stores: Sequence[EmbeddingStore], directory: str | Storage, watermark: dict[str, int] | None = None) -> None:
+    """Checkpoint in-process shards: each shard's files, then the manifest (with ``watermark``)."""
     files, rows = [], 0
     for store in stores:
         f, n = dump_shard(store, directory)
         files += f
         rows += n
     first = stores[0]
-    write_manifest(directory, len(stores), files, rows, first.config.to_dict(), first.optimizer.to_dict())
+    write_manifest(directory, len(stores), files, rows, first.config.to_dict(), first.optimizer.to_dict(), watermark)
 
 
 def read_manifest(storage: Storage) -> dict:
@@ -162,9 +170,10 @@ def _decode(storage: Storage, path: str, store: EmbeddingStore) -> TableRows:
     where = f"{storage.url}/{path}"
     try:
         table = pa.ipc.open_file(pa.BufferReader(storage.read_bytes(path))).read_all()
+        table.validate(full=True)  # bounds-checks every offset before any column is read
     except FileNotFoundError:
         raise InvalidRequestError(f"{where}: listed in the manifest but missing") from None
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise InvalidRequestError(f"{where}: not a readable Arrow file: {exc}") from None
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     name = meta.get("table", "")

@@ -323,12 +323,32 @@ class InProcessEmbeddingClient(EmbeddingClient):
         config: features and tables.
         global_config: capacity per shard, mode, optimizer, initialisation.
         num_shards: how many stores the keys are split across (answers do not depend on it).
+
+    With ``enable_incremental_update`` (train mode) every store publishes its changed rows as
+    packets to ``incremental_dir``; :meth:`close` publishes what is still pending.
     """
 
     def __init__(self, config: EmbeddingConfig, global_config: GlobalConfig, num_shards: int = 1):
         super().__init__(config, num_shards)
         self.global_config = global_config
         self.stores = [EmbeddingStore(config, global_config, i, num_shards) for i in range(num_shards)]
+        self.publishers = []
+        if self.stores[0].tracks_changes:
+            from embedding_server.incremental import PacketPublisher
+
+            self.publishers = [PacketPublisher(store).start() for store in self.stores]
+
+    def close(self) -> None:
+        """Stop the packet publishers (publishing what is pending); the tables stay readable."""
+        publishers, self.publishers = self.publishers, []
+        for publisher in publishers:
+            publisher.close()
+
+    def __enter__(self) -> "InProcessEmbeddingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _lookup_shards(self, requests, dim):
         return [self.stores[s].lookup(ids, tables) for s, ids, tables in requests]
@@ -356,7 +376,10 @@ class InProcessEmbeddingClient(EmbeddingClient):
     def dump(self, directory: str) -> None:
         from embedding_server import checkpoint
 
-        checkpoint.dump_stores(self.stores, directory)
+        from embedding_server.incremental import watermark_of
+
+        # Publish pending rows first: the checkpoint then includes every packet up to its watermark.
+        checkpoint.dump_stores(self.stores, directory, watermark_of(self.publishers) if self.publishers else None)
 
     def load(self, directory: str) -> None:
         from embedding_server import checkpoint

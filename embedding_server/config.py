@@ -216,9 +216,15 @@ class ParameterServerConfig:
     capacity: int = option(1_000_000, doc="rows each embedding server holds, summed over its tables; LRU eviction beyond")
     max_ids_per_request: int = option(4_000_000, doc="largest number of ids one lookup or gradient request may carry")
     weight_bound: float = option(0.0, doc="clip every weight to [-weight_bound, weight_bound] after an update (0 = off)")
-    enable_incremental_update: bool = option(False, doc="publish changed rows as incremental packets (train mode)")
-    incremental_buffer_size: int = option(1_000_000, doc="changed rows buffered before a packet is published")
-    incremental_dir: str = option("", doc="where incremental packets are written (a path or storage URL)")
+    enable_incremental_update: bool = option(False, doc="train mode: publish changed rows as incremental packets")
+    incremental_buffer_size: int = option(1_000_000, doc="changed rows that trigger a packet as soon as they are pending")
+    incremental_dir: str = option(
+        "", doc="the model root's packet folder, <model root>/incremental (a path, file://, s3:// or hdfs:// URL)"
+    )
+    incremental_flush_interval: float = option(10.0, doc="seconds at most between a row's change and its packet")
+    storage: dict[str, Any] = option(
+        default_factory=dict, doc="options for s3:// and hdfs:// storage: endpoint, access_key, secret_key, region, ... (see the README)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("capacity", "max_ids_per_request", "incremental_buffer_size"):
@@ -226,10 +232,16 @@ class ParameterServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.weight_bound < 0:
             raise ValueError(f"weight_bound must be >= 0, got {self.weight_bound}")
-        if self.enable_incremental_update:
-            raise ValueError(
-                "enable_incremental_update: incremental packets are not available in this version yet"
-            )
+        if self.incremental_flush_interval <= 0:
+            raise ValueError(f"incremental_flush_interval must be > 0 seconds, got {self.incremental_flush_interval}")
+        if self.enable_incremental_update and not self.incremental_dir:
+            raise ValueError("enable_incremental_update needs incremental_dir (where packets are published)")
+        from embedding_server.storage import StorageError, StorageOptions
+
+        try:
+            StorageOptions.from_dict(self.storage, "storage")
+        except StorageError as exc:
+            raise ValueError(str(exc)) from None
 
 
 @dataclass(frozen=True)

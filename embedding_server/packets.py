@@ -152,7 +152,10 @@ def decode_packet(data: bytes, config: EmbeddingConfig, where: str = "packet") -
     """
     try:
         table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        # Arrow checks offsets and lengths against the buffers only in a full validation; without
+        # it a corrupt packet can make later reads run out of bounds.
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a string column
         raise PacketError(f"{where}: not a readable Arrow file (truncated or corrupt?): {exc}") from None
     meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()}
     if meta.get("format") != FORMAT:

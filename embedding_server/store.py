@@ -82,6 +82,14 @@ class EmbeddingStore:
         self._meta = np.zeros(kernels.META_LEN, np.int64)
         self._free = np.zeros(0, np.int64)
         self.evictions_per_sweep = max(1, self.capacity // 64)
+        # Incremental updates: rows changed since the last packet, and the last values of changed
+        # rows evicted before it (so an eviction never loses an update).
+        self.tracks_changes = self.mode == "train" and global_config.server.enable_incremental_update
+        self._dirty = np.zeros(self.capacity if self.tracks_changes else 0, np.bool_)
+        self._dirty_count = 0
+        self._evicted_changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # Called (outside the lock) after each gradient update while changes are tracked.
+        self.change_listener: Callable[[], None] | None = None
         # Serving needs no optimizer state: an infer-mode store keeps none (SGD has none).
         self._set_optimizer_locked(global_config.sparse_optimizer if self.mode == "train" else SGD())
 
@@ -205,6 +213,12 @@ class EmbeddingStore:
                 self._weights, self._state, rows, self._dims, tables, np.ascontiguousarray(grads), self._kind,
                 self._opt_params, float(self.global_config.server.weight_bound),
             )
+            if self.tracks_changes:
+                self._dirty_count += int(rows.shape[0] - np.count_nonzero(self._dirty[rows]))
+                self._dirty[rows] = True
+        listener = self.change_listener
+        if listener is not None:
+            listener()
 
     def _find_or_insert_locked(self, ids: np.ndarray, tables: np.ndarray, insert: bool) -> np.ndarray:
         """The row of every key, as part of the request the current tick stands for; with
@@ -233,12 +247,62 @@ class EmbeddingStore:
         victims = victims[ticks[victims] < self._meta[kernels.META_TICK]].astype(np.int64)
         if victims.shape[0] == 0:  # _check_fits makes this unreachable; keep the store consistent anyway
             raise InvalidRequestError(f"no row can be evicted: the request uses all {self.capacity} rows")
+        if self.tracks_changes:
+            self._keep_evicted_changes(victims)
         kernels.evict_rows(self._slots, self._row_slot, self._row_tick, self._meta, self._salts, victims)
         # Rows still on the free list stay there (put_many may sweep before the list is used up).
         rest = self._free[self._meta[kernels.META_FREE_POS] : self._meta[kernels.META_FREE_LEN]]
         self._free = np.concatenate([rest, victims]) if rest.shape[0] else victims
         self._meta[kernels.META_FREE_POS] = 0
         self._meta[kernels.META_FREE_LEN] = self._free.shape[0]
+
+    # ------------------------------------------------------------------ incremental updates
+
+    @property
+    def pending_changes(self) -> int:
+        """Changed rows not yet taken by :meth:`take_changes` (evicted ones included)."""
+        return self._dirty_count + sum(ids.shape[0] for ids, _, _ in self._evicted_changes)
+
+    def _keep_evicted_changes(self, victims: np.ndarray) -> None:
+        changed = victims[self._dirty[victims]]
+        if changed.shape[0] == 0:
+            return
+        ids = np.empty(changed.shape[0], np.uint64)
+        tabs = np.empty(changed.shape[0], np.uint16)
+        kernels.row_keys(self._slots, self._row_slot, changed, ids, tabs)
+        self._evicted_changes.append((ids, tabs, self._weights[changed].copy()))
+        self._dirty[changed] = False
+        self._dirty_count -= changed.shape[0]
+
+    def take_changes(self) -> list[TableRows]:
+        """The current values of every row changed since the last call (rows evicted since then
+        with the value they had), per table, each key once; the store forgets them as taken.
+
+        Raises:
+            RuntimeError: the store does not track changes (infer mode, or incremental updates off).
+        """
+        if not self.tracks_changes:
+            raise RuntimeError("this store does not track changes: enable_incremental_update is off or it serves (infer mode)")
+        with self._lock:
+            live = np.flatnonzero(self._dirty).astype(np.int64)
+            ids = np.empty(live.shape[0], np.uint64)
+            tabs = np.empty(live.shape[0], np.uint16)
+            kernels.row_keys(self._slots, self._row_slot, live, ids, tabs)
+            parts = self._evicted_changes + [(ids, tabs, self._weights[live])]
+            self._dirty[live] = False
+            self._dirty_count = 0
+            self._evicted_changes = []
+        all_ids = np.concatenate([p[0] for p in parts])
+        all_tabs = np.concatenate([p[1] for p in parts])
+        all_weights = np.concatenate([p[2] for p in parts])
+        latest = last_occurrences(all_ids, all_tabs)  # parts are oldest first: keep the newest value
+        out = []
+        for i, table in enumerate(self._tables):
+            sel = latest[all_tabs[latest] == i]
+            if sel.shape[0]:
+                out.append(TableRows(table, all_ids[sel], np.ascontiguousarray(all_weights[sel, : table.dim]),
+                                     np.zeros((sel.shape[0], 0), np.float32)))
+        return out
 
     # ------------------------------------------------------------------ whole-table access
 
@@ -352,6 +416,9 @@ class EmbeddingStore:
             self._slots.fill(0)
             for key in (kernels.META_SIZE, kernels.META_LIVE, kernels.META_FREE_POS, kernels.META_FREE_LEN):
                 self._meta[key] = 0
+            self._dirty[:] = False
+            self._dirty_count = 0
+            self._evicted_changes = []
 
     def counters(self) -> dict[str, int]:
         """rows, capacity, hits, misses, evictions and inserts since start."""
@@ -433,6 +500,17 @@ def _zeros_aligned(shape: tuple[int, int], dtype: type) -> np.ndarray:
 
 
 _CACHE_LINE = 64
+
+
+def last_occurrences(ids: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """Index of the last occurrence of each distinct (table, id) key."""
+    n = ids.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    _, _, inverse = unique_keys(ids, tables)
+    last = np.full(int(inverse.max()) + 1, -1, np.int64)
+    np.maximum.at(last, inverse, np.arange(n))
+    return last
 
 
 def unique_keys(ids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

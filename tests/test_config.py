@@ -541,9 +541,23 @@ def test_negative_weight_bound_is_refused(tmp_path):
     assert "weight_bound must be >= 0, got -1.0" in message
 
 
-def test_incremental_update_is_refused_as_unavailable(tmp_path):
+def test_incremental_update_needs_a_packet_folder(tmp_path):
     message = global_error(tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true}\n")
-    assert "enable_incremental_update" in message and "not available" in message
+    assert "enable_incremental_update needs incremental_dir" in message
+    cfg = load_global(tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true, incremental_dir: /m/incremental}\n")
+    assert cfg.server.incremental_dir == "/m/incremental" and cfg.server.incremental_flush_interval == 10.0
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{incremental_flush_interval: 0}", "incremental_flush_interval must be > 0 seconds"),
+        ("{storage: {endpiont: x}}", "unknown option(s) endpiont"),
+        ("{storage: {max_attempts: 0}}", "max_attempts"),
+    ],
+)
+def test_bad_incremental_and_storage_settings_are_refused(tmp_path, body, message):
+    assert message in global_error(tmp_path, f"embedding_parameter_server_config: {body}\n")
 
 
 @pytest.mark.parametrize("job_type, mode", [("train", "train"), ("infer", "infer"), ("INFER", "infer"), ("Train", "train")])
