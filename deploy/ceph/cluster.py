@@ -48,7 +48,7 @@ from pathlib import Path
 REQUIRED_BINARIES = ("monmaptool", "ceph-mon", "ceph-osd", "ceph", "radosgw", "radosgw-admin")
 INSTALL_HINT = (
     "install Ceph's daemons: `sudo apt-get install -y ceph-mon ceph-osd radosgw ceph-common uuid-runtime` "
-    "(Debian/Ubuntu; .ci/run does this)"
+    "(Debian/Ubuntu; or run deploy/ceph/install.sh, which .ci/run does)"
 )
 STATE_FILE = "cluster.json"
 ENV_FILE = "s3.env"
@@ -275,7 +275,8 @@ class CephCluster:
         """Run a Ceph tool to completion against this cluster's config; its stdout."""
         cmd = [argv[0], "-c", self.conf, *argv[1:]]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  preexec_fn=_kill_me_with_parent if self.die_with_parent else None)
         except subprocess.TimeoutExpired:
             raise CephError(f"`{' '.join(cmd)}` did not finish in {timeout_s:.0f} s; logs in {self.root}/log") from None
         if done.returncode != 0:
