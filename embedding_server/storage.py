@@ -140,25 +140,26 @@ class StorageOptions:
             _check_endpoint(self.endpoint)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "storage options") -> "StorageOptions":
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None) -> "StorageOptions":
         """Options from a mapping (e.g. the ``storage`` section of ``global_config.yml``).
 
         Args:
             data: option names to values; None or empty gives the defaults.
-            where: how to name the source in error messages.
+            where: how to name the source in error messages (e.g. ``global_config.yml: storage``).
 
         Raises:
             StorageError: ``data`` is not a mapping, has a key that is not an option, or a value
                 of the wrong type or range.
         """
+        subject = where or "storage options"
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
-            raise StorageError(f"{where}: expected a mapping of option names to values, got {type(data).__name__}")
+            raise StorageError(f"{subject}: expected a mapping of option names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
-            raise StorageError(f"{where}: unknown option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}")
+            raise StorageError(f"{subject}: unknown option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}")
         values = dict(data)
         for name in ("connect_timeout_s", "request_timeout_s"):
             if isinstance(values.get(name), int) and not isinstance(values[name], bool):
@@ -166,6 +167,8 @@ class StorageOptions:
         try:
             return cls(**values)
         except StorageError as exc:
+            if where is None:
+                raise
             raise StorageError(f"{where}: {exc}") from None
 
     def with_env(self, environ: Mapping[str, str] | None = None) -> "StorageOptions":
@@ -178,23 +181,18 @@ class StorageOptions:
             StorageError: a variable holds an invalid value (e.g. a malformed endpoint).
         """
         env = os.environ if environ is None else environ
-        updates = {}
+        updates, sources = {}, []
         for name, variables in ENV_FALLBACKS.items():
-            if getattr(self, name):
+            variable = next((v for v in variables if env.get(v)), None)
+            if getattr(self, name) or variable is None:
                 continue
-            value = next((env[v] for v in variables if env.get(v)), "")
-            if name == "kerb_ticket" and value.startswith("FILE:"):
-                value = value[len("FILE:"):]
-            if value:
-                updates[name] = value
+            value = env[variable]
+            updates[name] = value[len("FILE:"):] if name == "kerb_ticket" and value.startswith("FILE:") else value
+            sources.append(variable)
         try:
             return dataclasses.replace(self, **updates)
         except StorageError as exc:
-            raise StorageError(f"{exc} (from the environment: {', '.join(_env_names(updates))})") from None
-
-
-def _env_names(updates: Iterable[str]) -> list[str]:
-    return [" or ".join(ENV_FALLBACKS[name]) for name in updates]
+            raise StorageError(f"{exc} (read from the environment: {', '.join(sources)})") from None
 
 
 def _check_endpoint(endpoint: str) -> None:
