@@ -13,10 +13,13 @@ Every key of ``job.yml`` is listed by ``ctrserve config-reference``; an unknown 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from tqdm import tqdm
 from embedding_server.config import EmbeddingConfig
 from embedding_server.config_schema import build, option, read_yaml
 from embedding_server.errors import ConfigError
+from embedding_server.incremental import publish_checkpoint, watermark_of
 from embedding_server.optimizers import SparseOptimizer, optimizer_from_dict
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
@@ -106,8 +110,11 @@ class TrainConfig:
     log_every: int = option(20, doc="write a metrics line every N steps")
     seed: int = option(0, doc="seed of the dense model's initialisation")
     mixed_precision: bool = option(False, doc="torch.amp on CUDA (ignored on the CPU)")
+    max_seconds: float = option(0.0, doc="stop after this many seconds of training (0 = no limit)")
 
     def __post_init__(self) -> None:
+        if self.max_seconds < 0:
+            raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
         for name in ("steps", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -121,10 +128,16 @@ class OutputConfig:
     model_root: str = option("", doc="export TorchScript versions here (a path or storage URL; empty = no export)")
     export_every: int = option(0, doc="export every N steps (0 = only at the end)")
     checkpoint_every: int = option(0, doc="checkpoint every N steps (0 = only at the end)")
+    sparse_checkpoint_every: int = option(
+        0, doc="publish a full sparse checkpoint to model_root/checkpoints every N steps (0 = with the first export and at the end)"
+    )
+    keep_checkpoints: int = option(3, doc="full sparse checkpoints kept in model_root (older ones and the packets they include are deleted)")
 
     def __post_init__(self) -> None:
-        if self.export_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("export_every and checkpoint_every must be >= 0")
+        if self.export_every < 0 or self.checkpoint_every < 0 or self.sparse_checkpoint_every < 0:
+            raise ValueError("export_every, checkpoint_every and sparse_checkpoint_every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ def _with_paths(job: JobConfig, base: Path) -> JobConfig:
         data.synthetic, data.batch_size, data.prefetch,
     )
     out = job.output
-    output = OutputConfig(resolve(out.dir), resolve(out.model_root), out.export_every, out.checkpoint_every)
+    output = dataclasses.replace(out, dir=resolve(out.dir), model_root=resolve(out.model_root))
     return JobConfig(
         resolve(job.embedding_config), resolve(job.global_config), job.embedding_servers, job.num_shards,
         resolve(job.resume_from), data, job.model, job.dense_optimizer, job.sparse_optimizer, job.train, output,
@@ -302,16 +315,19 @@ def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list
                               eval_loss=last_eval["loss"], samples_per_s=rate, elapsed_s=now - start)
                 bar.set_postfix(loss=f"{np.mean(losses[-job.train.log_every:]):.4f}", auc=f"{last_eval['auc']:.4f}", samples_s=f"{rate:,.0f}")
             if job.output.model_root and job.output.export_every and step % job.output.export_every == 0 and rank == 0:
-                versions.append(export_dense(ctx.model, ctx.config, job.output.model_root, step=step, dense_width=dense_width))
+                versions.append(_publish(ctx, job, dense_width, first=not versions))
             if job.output.checkpoint_every and step % job.output.checkpoint_every == 0:
                 ctx.dump_checkpoint(out_dir / "checkpoint")
             bar.update(1)
+            if STOP.is_set() or (job.train.max_seconds and time.perf_counter() - start >= job.train.max_seconds):
+                log.info("stopping after step %d (%s)", step, "signal" if STOP.is_set() else "max_seconds")
+                break
     finally:
         bar.close()
         _close(batches)
     ctx.dump_checkpoint(out_dir / "checkpoint")
     if job.output.model_root and rank == 0 and (not versions or job.output.export_every == 0 or ctx.step % job.output.export_every):
-        versions.append(export_dense(ctx.model, ctx.config, job.output.model_root, step=ctx.step, dense_width=dense_width))
+        versions.append(_publish(ctx, job, dense_width, first=not versions, last=True))
     result = JobResult(ctx.step, samples, time.perf_counter() - start, float(np.mean(losses[-job.train.log_every :])) if losses else float("nan"),
                        last_eval["auc"], last_eval["loss"], versions, str(out_dir / "checkpoint"))
     metrics.write(final=True, **result.__dict__)
@@ -319,6 +335,21 @@ def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list
     if rank == 0:
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
     return result
+
+
+def _publish(ctx: TrainCtx, job: JobConfig, dense_width: int, first: bool, last: bool = False) -> int:
+    """Export the dense model to the model root, after a full sparse checkpoint when one is due.
+
+    The dense version records the sparse watermark it was trained against (the last packet each
+    in-process shard published); with remote servers the watermark is left empty.
+    """
+    every = job.output.sparse_checkpoint_every
+    if first or last or (every and ctx.step % every == 0):
+        url = publish_checkpoint(ctx.client, job.output.model_root, keep=job.output.keep_checkpoints)
+        log.info("published sparse checkpoint %s", url)
+    publishers = getattr(ctx.client, "publishers", [])
+    return export_dense(ctx.model, ctx.config, job.output.model_root, step=ctx.step, dense_width=dense_width,
+                        sparse_watermark=watermark_of(publishers) if publishers else None)
 
 
 def evaluate(ctx: TrainCtx, batches: list[PyPersiaBatchData]) -> dict[str, float]:
@@ -392,8 +423,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli)
 
 
+STOP = threading.Event()  # set by SIGTERM / SIGINT: finish the step, checkpoint, export, exit
+
+
 def _cli(args: argparse.Namespace) -> int:
     job = JobConfig.load(args.config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: STOP.set())
     if args.steps is not None:
         if args.steps <= 0:
             raise ConfigError(f"--steps must be > 0, got {args.steps}")
