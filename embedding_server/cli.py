@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig
+from embedding_server.hotload import FollowOptions, HotloadError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--load", metavar="CHECKPOINT", help="load this checkpoint directory before serving")
     p.add_argument("--ready-file", help="write {address, port, metrics_port, pid} as JSON here once serving")
+    p.add_argument(
+        "--model-root", metavar="URL",
+        help="infer mode: load the newest checkpoint under this model root (path, file://, s3://, hdfs://), replay "
+        "newer packets, then follow new ones; ready only once loaded. s3/hdfs options: global config 'storage' "
+        "section or the environment (CTRSERVE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, ...)",
+    )
+    p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between listings of s3:// and hdfs:// model roots (default 1)")
+    p.add_argument("--rescan-interval", type=float, default=10.0, metavar="S",
+                   help="seconds between safety rescans of a local model root watched by inotify (default 10)")
+    p.add_argument("--gap-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a missing packet is waited for before the gap alarm goes off (default 30)")
     p.set_defaults(func=run_server)
 
     a = sub.add_parser(
@@ -53,7 +66,15 @@ def run_server(args: argparse.Namespace) -> int:
     glob = GlobalConfig.load(args.global_config)
     if args.mode:
         glob = dataclasses.replace(glob, common_config=CommonConfig(job_type=args.mode))
-    server = start_server(emb, glob, args.shard_index, args.num_shards, args.port, args.host, args.metrics_port, args.workers)
+    follow = _follow_options(args, glob)
+    if follow is None and args.model_root:
+        return 2
+    try:
+        server = start_server(emb, glob, args.shard_index, args.num_shards, args.port, args.host, args.metrics_port,
+                              args.workers, model_root=args.model_root, follow_options=follow)
+    except HotloadError as exc:
+        print(f"ctrserve embedding-server: error: {exc}", file=sys.stderr)
+        return 2
     if args.load:
         from embedding_server.checkpoint import load_store
 
@@ -76,6 +97,27 @@ def run_server(args: argparse.Namespace) -> int:
     server.stop()
     logging.getLogger("ctrserve.embedding_server").info("stopped")
     return 0
+
+
+def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOptions | None":
+    """The --model-root settings; None (after saying why) when they are invalid."""
+    if not args.model_root:
+        return None
+    problem = ""
+    if glob.mode != "infer":
+        problem = "--model-root needs infer mode (--mode infer or common_config.job_type: infer)"
+    elif args.load:
+        problem = "--model-root and --load exclude each other: the model root's newest checkpoint is loaded"
+    else:
+        intervals = {"--poll-interval": args.poll_interval, "--rescan-interval": args.rescan_interval,
+                     "--gap-timeout": args.gap_timeout}
+        problem = next((f"{flag} must be a positive number of seconds, got {value}"
+                        for flag, value in intervals.items() if not 0 < value < float("inf")), "")
+        if not problem:
+            return FollowOptions(poll_interval_s=args.poll_interval, rescan_interval_s=args.rescan_interval,
+                                 gap_timeout_s=args.gap_timeout)
+    print(f"ctrserve embedding-server: error: {problem}", file=sys.stderr)
+    return None
 
 
 def run_admin(args: argparse.Namespace) -> int:

@@ -139,8 +139,12 @@ class RemoteEmbeddingClient(EmbeddingClient):
                          "latency_p50_ms": m.latency_p50_ms, "latency_p99_ms": m.latency_p99_ms}
                         for m in r.methods
                     ],
+                    # An infer-mode server following a model root: its watermarks and freshness.
+                    "hotload": hotload_dict(r.hotload) if r.HasField("hotload") else None,
                 }
             )
+            if r.HasField("hotload"):  # {training shard: last packet seq applied}, as handlers report it
+                out[-1]["watermark"] = {str(s.shard): s.watermark for s in r.hotload.streams}
         return out
 
     def dump(self, directory: str) -> None:
@@ -157,3 +161,11 @@ class RemoteEmbeddingClient(EmbeddingClient):
         calls = [(s, self._stubs[s].Load.future(pb.LoadRequest(directory=directory), timeout=None)) for s in range(self.num_shards)]
         for s, call in calls:
             self._result(s, call)
+
+
+def hotload_dict(message) -> dict:
+    """A ``HotloadStats`` message as the dict :meth:`ModelRootFollower.stats` returns."""
+    out = {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields}
+    out["streams"] = [{field.name: getattr(s, field.name) for field in s.DESCRIPTOR.fields} for s in message.streams]
+    out["quarantined"] = list(message.quarantined)
+    return out

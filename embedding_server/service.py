@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from embedding_server import checkpoint, wire
 from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import ConfigError, InvalidRequestError
+from embedding_server.hotload import FollowOptions, ModelRootFollower
 from embedding_server.metrics import ServerMetrics
 from embedding_server.optimizers import optimizer_from_dict
 from embedding_server.storage import StorageError
@@ -49,6 +50,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, store: EmbeddingStore, metrics: ServerMetrics):
         self.store = store
         self.metrics = metrics
+        self.follower: ModelRootFollower | None = None  # infer mode with a model root (set by start_server)
 
     def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object], keys: int = 0):
         with self.metrics.track(method, keys):
@@ -111,8 +113,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def Stats(self, request, context):
         counters = self.store.counters()
+        hotload = None
+        if self.follower is not None:
+            stats = self.follower.stats()
+            streams = [pb.PacketStreamState(**s) for s in stats.pop("streams")]
+            hotload = pb.HotloadStats(**stats, streams=streams)
         return pb.StatsResponse(
-            **counters, methods=[pb.MethodStats(**m) for m in self.metrics.method_stats()]
+            **counters, methods=[pb.MethodStats(**m) for m in self.metrics.method_stats()], hotload=hotload
         )
 
     def Dump(self, request, context):
@@ -154,6 +161,7 @@ class RunningServer:
     host: str
     port: int
     metrics_port: int | None
+    follower: ModelRootFollower | None = None
 
     @property
     def address(self) -> str:
@@ -163,6 +171,8 @@ class RunningServer:
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
+        if self.follower is not None:
+            self.follower.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -177,20 +187,29 @@ def start_server(
     host: str = "127.0.0.1",
     metrics_port: int | None = None,
     workers: int = 8,
+    model_root: str | None = None,
+    follow_options: FollowOptions | None = None,
 ) -> RunningServer:
     """Start serving one shard; returns once the port is bound and health says SERVING.
 
     Args:
         port: 0 picks a free port (see :attr:`RunningServer.port`).
         metrics_port: serve Prometheus metrics on this port (0 picks one; None disables).
+        model_root: infer mode: follow this model root (:mod:`~embedding_server.hotload`); the
+            server serves only once its newest checkpoint and packets are loaded. Connection
+            options of s3:// and hdfs:// roots come from the global config's ``storage`` section.
+        follow_options: how to follow ``model_root``.
 
     Raises:
         RuntimeError: the port could not be bound.
+        ValueError: ``model_root`` given to a train-mode server.
+        HotloadError: no complete checkpoint under ``model_root`` could be loaded.
     """
     store = EmbeddingStore(config, global_config, shard_index, num_shards)
     metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-    add_servicer(EmbeddingServicer(store, metrics), server)
+    servicer = EmbeddingServicer(store, metrics)
+    add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -199,6 +218,16 @@ def start_server(
         raise RuntimeError(f"cannot bind {host}:{port}: {exc}") from None
     if bound == 0:
         raise RuntimeError(f"cannot bind {host}:{port}: address in use or not available")
+    follower = None
+    if model_root is not None:
+        follower = ModelRootFollower(store, model_root, follow_options, storage_options=global_config.server.storage,
+                                     registry=metrics.registry, labels={"shard": str(shard_index)})
+        servicer.follower = follower
+        try:
+            follower.start().wait_synced()  # the first lookup already sees the newest state
+        except BaseException:
+            follower.stop()
+            raise
     server.start()
     bound_metrics = None
     if metrics_port is not None:
@@ -210,5 +239,5 @@ def start_server(
         shard_index, num_shards, store.mode, store.capacity, host, bound,
         f", metrics on http://{host}:{bound_metrics}/metrics" if bound_metrics else "",
     )
-    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics)
+    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, follower=follower)
 

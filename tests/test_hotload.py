@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+import uuid
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from embedding_server import checkpoint
@@ -24,7 +30,9 @@ from embedding_server.client import InProcessEmbeddingClient
 from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import InvalidRequestError
 from embedding_server.hotload import FollowOptions, HotloadError, ModelRootFollower
+from embedding_server.launcher import ServerGroup
 from embedding_server.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
+from embedding_server.remote import RemoteEmbeddingClient
 from embedding_server.storage import Storage, open_storage
 from embedding_server.store import EmbeddingStore, TableRows
 
@@ -511,3 +519,154 @@ def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, 
     assert follower.stats()["checkpoint"] == name
     assert_serves_trainer_state(emb, new, [store])
     assert any("switched to checkpoint" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- real server processes
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("cfg")
+    (folder / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
+    (folder / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 20_000}}))
+    return folder / "emb.yml", folder / "global.yml"
+
+
+def follow_args(root: str, gap_timeout: float = 30.0) -> list[str]:
+    return ["--model-root", root, "--poll-interval", "0.1", "--rescan-interval", "1", "--gap-timeout", str(gap_timeout)]
+
+
+def remote_lookup(client: RemoteEmbeddingClient, table, ids: np.ndarray) -> np.ndarray:
+    return client.lookup_rows(ids, np.full(ids.shape[0], table.index, np.uint16), table.dim)
+
+
+def assert_remote_serves_trainer_state(emb: EmbeddingConfig, trainer: Trainer, client: RemoteEmbeddingClient) -> None:
+    for table in emb.tables.values():
+        ids, want = trainer.expected(table.name)
+        assert remote_lookup(client, table, ids).tobytes() == want.tobytes(), f"table {table.name} differs"
+
+
+def server_watermarks(client: RemoteEmbeddingClient) -> list[list[int]]:
+    return [[s["watermark"] for s in shard["hotload"]["streams"]] for shard in client.stats()]
+
+
+def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corrupt_packet(emb, config_files, tmp_path):
+    root = tmp_path / "model"
+    trainer = Trainer(emb, root, num_shards=2)
+    trainer.step_and_publish()
+    trainer.checkpoint(1)
+    trainer.step_and_publish()
+    trainer.step_and_publish()
+    with ServerGroup.start(*config_files, num_shards=3, workdir=tmp_path / "servers", mode="infer", metrics=True,
+                           extra_args=follow_args(str(root))) as group, RemoteEmbeddingClient(emb, group.addresses) as client:
+        # Ready means loaded: the very first lookups already answer the trainer's values.
+        assert_remote_serves_trainer_state(emb, trainer, client)
+        stats = client.stats()
+        assert all(s["hotload"]["synced"] and s["hotload"]["checkpoint"] == f"{1:020d}" for s in stats)
+        assert server_watermarks(client) == [trainer.seq] * 3
+        assert stats[1]["watermark"] == {"0": trainer.seq[0], "1": trainer.seq[1]}  # what handlers report
+
+        trainer.storage.write_atomic(f"{packet_dir(0, 2)}/{packet_name(trainer.seq[0] + 1)}", b"not a packet at all")
+        trainer.seq[0] += 1
+        trainer.step_and_publish()
+        wait_until(lambda: server_watermarks(client) == [trainer.seq] * 3, what="the servers to apply every packet")
+        assert_remote_serves_trainer_state(emb, trainer, client)
+        assert [s["hotload"]["packets_quarantined"] for s in client.stats()] == [1, 1, 1]
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{group.servers[0].metrics_port}/metrics", timeout=10).read().decode()
+        applied = client.stats()[0]["hotload"]["packets_applied"]
+        assert applied == 6  # 2 steps after the checkpoint, then 1, of 2 training shards
+        assert f'ctrserve_embedding_packet_freshness_seconds_count{{shard="0"}} {applied:.1f}' in metrics
+        assert f'ctrserve_embedding_watermark{{shard="0",training_shard="0",training_shards="2"}} {trainer.seq[0]:.1f}' in metrics
+
+        admin = subprocess.run(
+            [sys.executable, "-m", "ctrserve", "embedding-admin", "stats", "--servers", ",".join(group.addresses),
+             "--embedding-config", str(config_files[0])],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        shown = json.loads(admin.stdout)
+        assert [s["watermark"] for s in shown[2]["hotload"]["streams"]] == trainer.seq
+        assert shown[0]["hotload"]["freshness_p99_s"] >= shown[0]["hotload"]["freshness_p50_s"] >= 0.0
+    log_text = group.servers[0].log_path.read_text()
+    assert "quarantined packet" in log_text and "ERROR" in log_text
+
+
+def test_server_with_a_gap_alarms_and_a_late_root_is_waited_for(emb, config_files, tmp_path):
+    root = tmp_path / "late" / "model"
+    with ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "servers", mode="infer",
+                           extra_args=follow_args(str(root), gap_timeout=0.5)) as group, \
+            RemoteEmbeddingClient(emb, group.addresses) as client:
+        assert client.stats()[0]["hotload"]["streams"] == []  # serving (zeros) while the root is missing
+        trainer = Trainer(emb, root, num_shards=1)
+        steps = [trainer.step()[0] for _ in range(3)]
+        trainer.publish(0, steps[0], seq=0)
+        trainer.publish(0, steps[2], seq=2)
+        wait_until(lambda: any(s["gap_alarm"] for s in client.stats()[0]["hotload"]["streams"]), what="the gap alarm")
+        assert client.stats()[0]["hotload"]["streams"][0]["waiting_for"] == 1
+        trainer.publish(0, steps[1], seq=1)
+        wait_until(lambda: server_watermarks(client) == [[2]], what="the gap to close")
+        assert not client.stats()[0]["hotload"]["streams"][0]["gap_alarm"]
+        assert_remote_serves_trainer_state(emb, trainer, client)
+    log_text = group.servers[0].log_path.read_text()
+    assert "packet seq 1 still missing" in log_text and log_text.count("has no checkpoints/ or incremental/ yet") == 1
+
+
+def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_files, tmp_path):
+    root = tmp_path / "model"
+    trainer = Trainer(emb, root, num_shards=2)
+    trainer.step_and_publish()
+    trainer.checkpoint(1)
+    group = ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "first", mode="infer",
+                              extra_args=follow_args(str(root)))
+    try:
+        stop = threading.Event()
+
+        def publish_steadily() -> None:
+            for _ in range(30):
+                if stop.is_set():
+                    return
+                trainer.step_and_publish(500)
+
+        publisher = threading.Thread(target=publish_steadily)
+        publisher.start()
+        with RemoteEmbeddingClient(emb, group.addresses) as client:
+            wait_until(lambda: client.stats()[0]["hotload"]["packets_applied"] >= 4, what="packets to flow")
+        group.servers[0].process.kill()  # SIGKILL while packets are being published and applied
+        group.servers[0].process.wait(30)
+        publisher.join()
+    finally:
+        stop.set()
+        group.stop()
+    trainer.step_and_publish()
+    with ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "second", mode="infer",
+                           extra_args=follow_args(str(root))) as again, RemoteEmbeddingClient(emb, again.addresses) as client:
+        assert server_watermarks(client) == [trainer.seq]
+        assert_remote_serves_trainer_state(emb, trainer, client)
+
+
+def test_model_root_needs_infer_mode(config_files, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ctrserve", "embedding-server", "--embedding-config", str(config_files[0]),
+         "--global-config", str(config_files[1]), "--model-root", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--model-root needs infer mode" in result.stderr
+
+
+def test_server_follows_an_s3_model_root_on_ceph(emb, config_files, tmp_path, ceph_s3, monkeypatch):
+    for name, value in ceph_s3.env().items():
+        monkeypatch.setenv(name, value)  # the server processes inherit them
+    root = f"s3://{ceph_s3.bucket}/hotload-{uuid.uuid4().hex[:8]}"
+    trainer = Trainer(emb, open_storage(root, ceph_s3.options()), num_shards=2)
+    trainer.step_and_publish()
+    trainer.checkpoint(1)
+    trainer.step_and_publish()
+    with ServerGroup.start(*config_files, num_shards=2, workdir=tmp_path / "servers", mode="infer",
+                           extra_args=follow_args(root)) as group, RemoteEmbeddingClient(emb, group.addresses) as client:
+        assert_remote_serves_trainer_state(emb, trainer, client)
+        for _ in range(2):
+            trainer.step_and_publish()
+        wait_until(lambda: server_watermarks(client) == [trainer.seq] * 2, what="the packets on S3")
+        assert_remote_serves_trainer_state(emb, trainer, client)
+        assert all(s["hotload"]["model_root"] == root for s in client.stats())
