@@ -149,13 +149,15 @@ class RemoteEmbeddingClient(EmbeddingClient):
 
     def dump(self, directory: str) -> None:
         calls = [(s, self._stubs[s].Dump.future(pb.DumpRequest(directory=directory), timeout=None)) for s in range(self.num_shards)]
-        files, rows = [], 0
+        files, rows, watermark = [], 0, {}
         for s, call in calls:
             response = self._result(s, call)
             files += list(response.files)
             rows += response.rows
+            if response.HasField("watermark"):
+                watermark[str(s)] = response.watermark
         optimizer = json.loads(self._call(0, "Info", pb.InfoRequest()).optimizer_json)
-        checkpoint.write_manifest(directory, self.num_shards, files, rows, self.config.to_dict(), optimizer)
+        checkpoint.write_manifest(directory, self.num_shards, files, rows, self.config.to_dict(), optimizer, watermark)
 
     def load(self, directory: str) -> None:
         calls = [(s, self._stubs[s].Load.future(pb.LoadRequest(directory=directory), timeout=None)) for s in range(self.num_shards)]

@@ -27,6 +27,7 @@ from embedding_server import checkpoint, wire
 from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import ConfigError, InvalidRequestError
 from embedding_server.hotload import FollowOptions, ModelRootFollower
+from embedding_server.incremental import PacketPublisher
 from embedding_server.metrics import ServerMetrics
 from embedding_server.optimizers import optimizer_from_dict
 from embedding_server.storage import StorageError
@@ -47,9 +48,10 @@ CHANNEL_OPTIONS = [
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     """RPC handlers; each validates, runs against the store and records metrics."""
 
-    def __init__(self, store: EmbeddingStore, metrics: ServerMetrics):
+    def __init__(self, store: EmbeddingStore, metrics: ServerMetrics, publisher: PacketPublisher | None = None):
         self.store = store
         self.metrics = metrics
+        self.publisher = publisher
         self.follower: ModelRootFollower | None = None  # infer mode with a model root (set by start_server)
 
     def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object], keys: int = 0):
@@ -124,8 +126,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def Dump(self, request, context):
         def run():
+            # Publish pending rows first, so the checkpoint includes every packet up to its watermark.
+            watermark = self.publisher.flush() if self.publisher is not None else None
             files, rows = checkpoint.dump_shard(self.store, request.directory)
-            return pb.DumpResponse(rows=rows, files=files)
+            return pb.DumpResponse(rows=rows, files=files, watermark=watermark)
 
         return self._call("Dump", context, run)
 
@@ -161,6 +165,7 @@ class RunningServer:
     host: str
     port: int
     metrics_port: int | None
+    publisher: PacketPublisher | None = None
     follower: ModelRootFollower | None = None
 
     @property
@@ -168,11 +173,14 @@ class RunningServer:
         return f"{self.host}:{self.port}"
 
     def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, drain those in flight, then publish the pending packet."""
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
         if self.follower is not None:
             self.follower.stop()
+        if self.publisher is not None:
+            self.publisher.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -208,7 +216,9 @@ def start_server(
     store = EmbeddingStore(config, global_config, shard_index, num_shards)
     metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-    servicer = EmbeddingServicer(store, metrics)
+    # Train mode with incremental updates: changed rows go out as packets of this shard.
+    publisher = PacketPublisher(store).start() if store.tracks_changes else None
+    servicer = EmbeddingServicer(store, metrics, publisher)
     add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -239,5 +249,5 @@ def start_server(
         shard_index, num_shards, store.mode, store.capacity, host, bound,
         f", metrics on http://{host}:{bound_metrics}/metrics" if bound_metrics else "",
     )
-    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, follower=follower)
+    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, publisher, follower=follower)
 
