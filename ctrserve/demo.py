@@ -710,17 +710,19 @@ class Demo:
         self.model_root = str(self.workdir / "model_root")
         self.interrupted = ""
         self.error = ""
+        self.began = time.monotonic()
         self.stream: PredictionStream | None = None
         self.probe: FreshnessProbe | None = None
         self.server_stats: list[dict] = []
         self.stream_start_unix = time.time()
 
     def say(self, message: str) -> None:
-        print(f"demo: {message}", flush=True)
+        """A progress line, with the seconds since the demo began."""
+        print(f"demo [{time.monotonic() - self.began:5.1f}s] {message}", flush=True)
 
     def run(self) -> dict[str, Any]:
         """Everything; the report (also written as ``report.json``)."""
-        began = time.monotonic()
+        began = self.began = time.monotonic()
         try:
             with contextlib.ExitStack() as stack:
                 try:
@@ -732,6 +734,7 @@ class Demo:
                     self.error = str(exc)
                     log.error("demo failed: %s", exc)
                 self.say("stopping every process the demo started ...")
+            self.say("stopped")
         except Interrupted as exc:  # a signal during the clean-up: it still ran to the end
             self.interrupted = self.interrupted or str(exc)
         return self._report(self.stream, self.probe, self.server_stats, time.monotonic() - began)
@@ -803,6 +806,7 @@ class Demo:
         def start() -> None:
             try:
                 box["ts"] = TorchServeProcess.start(store, self.workdir / "torchserve", timeout=180.0)
+                self.started.groups["torchserve"] = box["ts"].process.pid
             except BaseException as exc:  # handed to the main thread
                 box["error"] = exc
 
@@ -822,7 +826,6 @@ class Demo:
             if "error" in box:
                 raise RuntimeError(f"TorchServe did not start: {box['error']}")
             ts = box["ts"]
-            self.started.groups["torchserve"] = ts.process.pid
             self.say(f"  TorchServe ready: gRPC {ts.grpc_inference_url}, management {ts.management_url}")
             return ts
 
