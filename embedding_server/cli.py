@@ -12,8 +12,10 @@ import sys
 import threading
 from pathlib import Path
 
-from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig
+from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
+from embedding_server.errors import ConfigError
 from embedding_server.hotload import FollowOptions, HotloadError
+from embedding_server.security import ServerSecurity
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +47,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="seconds between safety rescans of a local model root watched by inotify (default 10)")
     p.add_argument("--gap-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a missing packet is waited for before the gap alarm goes off (default 30)")
+    sec = p.add_argument_group(
+        "security", "TLS and the shared token (default: the global config's 'security' section; both off). The token "
+        "is never a flag: give a file, or set CTRSERVE_EMBEDDING_TOKEN in the environment")
+    sec.add_argument("--tls-cert", metavar="PEM", help="certificate the server presents (enables TLS; needs --tls-key)")
+    sec.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", metavar="PEM", help="demand client certificates signed by this CA (mutual TLS)")
+    sec.add_argument("--token-file", metavar="FILE", help="file holding the shared token callers must send")
     p.set_defaults(func=run_server)
 
     a = sub.add_parser(
@@ -70,9 +79,10 @@ def run_server(args: argparse.Namespace) -> int:
     if follow is None and args.model_root:
         return 2
     try:
+        security = ServerSecurity.from_settings(_security_settings(args, glob))
         server = start_server(emb, glob, args.shard_index, args.num_shards, args.port, args.host, args.metrics_port,
-                              args.workers, model_root=args.model_root, follow_options=follow)
-    except HotloadError as exc:
+                              args.workers, model_root=args.model_root, follow_options=follow, security=security)
+    except (HotloadError, ConfigError) as exc:
         print(f"ctrserve embedding-server: error: {exc}", file=sys.stderr)
         return 2
     if args.load:
@@ -97,6 +107,20 @@ def run_server(args: argparse.Namespace) -> int:
     server.stop()
     logging.getLogger("ctrserve.embedding_server").info("stopped")
     return 0
+
+
+def _security_settings(args: argparse.Namespace, glob: GlobalConfig) -> SecurityConfig:
+    """The global config's ``security`` section with the command line's flags replacing its keys.
+
+    Raises:
+        ConfigError: the combination is invalid (e.g. a certificate without its key).
+    """
+    flags = {"tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
+             "tls_client_ca_file": args.tls_client_ca, "token_file": args.token_file}
+    try:
+        return dataclasses.replace(glob.security, **{k: v for k, v in flags.items() if v})
+    except ValueError as exc:
+        raise ConfigError(f"security settings: {exc}") from None
 
 
 def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOptions | None":

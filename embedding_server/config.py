@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zlib
@@ -215,6 +216,9 @@ class CommonConfig:
 class ParameterServerConfig:
     capacity: int = option(1_000_000, doc="rows each embedding server holds, summed over its tables; LRU eviction beyond")
     max_ids_per_request: int = option(4_000_000, doc="largest number of ids one lookup or gradient request may carry")
+    max_request_bytes: int = option(
+        512 << 20, doc="largest gRPC message a server accepts, in bytes (larger: RESOURCE_EXHAUSTED before it is read)"
+    )
     weight_bound: float = option(0.0, doc="clip every weight to [-weight_bound, weight_bound] after an update (0 = off)")
     enable_incremental_update: bool = option(False, doc="train mode: publish changed rows as incremental packets")
     incremental_buffer_size: int = option(1_000_000, doc="changed rows that trigger a packet as soon as they are pending")
@@ -227,7 +231,7 @@ class ParameterServerConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("capacity", "max_ids_per_request", "incremental_buffer_size"):
+        for name in ("capacity", "max_ids_per_request", "max_request_bytes", "incremental_buffer_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.weight_bound < 0:
@@ -265,12 +269,32 @@ class InitializationConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """TLS and the shared token of the embedding servers' gRPC service (see
+    :mod:`embedding_server.security`); all empty means plain text without a token."""
+
+    tls_cert_file: str = option("", doc="PEM certificate the server presents; enables TLS (with tls_key_file)")
+    tls_key_file: str = option("", doc="PEM private key of tls_cert_file")
+    tls_client_ca_file: str = option("", doc="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
+    token_file: str = option("", doc="file holding the shared token callers must send as 'authorization: Bearer <token>'")
+    token_env: str = option(
+        "CTRSERVE_EMBEDDING_TOKEN", doc="environment variable holding the token when token_file is empty (unset: no token)"
+    )
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together (the server's certificate and key)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+
+
+@dataclass(frozen=True)
 class GlobalConfig:
     """The contents of ``global_config.yml``.
 
     Sections: ``common_config`` (job type), ``embedding_parameter_server_config`` (capacity,
     limits, incremental-update keys), ``sparse_optimizer`` (``type: sgd | adagrad | adam`` plus
-    that optimizer's parameters) and ``initialization``.
+    that optimizer's parameters), ``initialization`` and ``security`` (TLS, shared token).
     """
 
     common_config: CommonConfig = option(default_factory=CommonConfig, doc="job settings")
@@ -280,6 +304,9 @@ class GlobalConfig:
     initialization: InitializationConfig = option(
         default_factory=InitializationConfig, doc="how unseen ids are initialised in train mode"
     )
+    security: SecurityConfig = option(
+        default_factory=SecurityConfig, doc="TLS and shared token of the gRPC service (off by default)"
+    )
     sparse_optimizer: SparseOptimizer = field(default_factory=Adagrad)
 
     @classmethod
@@ -287,7 +314,7 @@ class GlobalConfig:
         data = dict(data)
         optimizer = optimizer_from_dict(data.pop("sparse_optimizer", {}) or {}, source, "sparse_optimizer")
         base = build(cls, data, source)
-        return cls(base.common_config, base.embedding_parameter_server_config, base.initialization, optimizer)
+        return dataclasses.replace(base, sparse_optimizer=optimizer)
 
     @classmethod
     def load(cls, path: str | Path) -> "GlobalConfig":

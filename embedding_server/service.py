@@ -30,6 +30,7 @@ from embedding_server.hotload import FollowOptions, ModelRootFollower
 from embedding_server.incremental import PacketPublisher
 from embedding_server.metrics import ServerMetrics
 from embedding_server.optimizers import optimizer_from_dict
+from embedding_server.security import ServerSecurity
 from embedding_server.storage import StorageError
 from embedding_server.store import EmbeddingStore
 from protos.embedding import pb, pb_grpc
@@ -197,6 +198,7 @@ def start_server(
     workers: int = 8,
     model_root: str | None = None,
     follow_options: FollowOptions | None = None,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
     """Start serving one shard; returns once the port is bound and health says SERVING.
 
@@ -207,15 +209,21 @@ def start_server(
             server serves only once its newest checkpoint and packets are loaded. Connection
             options of s3:// and hdfs:// roots come from the global config's ``storage`` section.
         follow_options: how to follow ``model_root``.
+        security: TLS and token settings; None reads the global config's ``security`` section
+            (its token from the file or environment variable it names).
 
     Raises:
+        ConfigError: the security settings are invalid or a certificate/token file is unreadable.
         RuntimeError: the port could not be bound.
         ValueError: ``model_root`` given to a train-mode server.
         HotloadError: no complete checkpoint under ``model_root`` could be loaded.
     """
+    if security is None:
+        security = ServerSecurity.from_settings(global_config.security)
     store = EmbeddingStore(config, global_config, shard_index, num_shards)
     metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(global_config),
+                         interceptors=security.interceptors())
     # Train mode with incremental updates: changed rows go out as packets of this shard.
     publisher = PacketPublisher(store).start() if store.tracks_changes else None
     servicer = EmbeddingServicer(store, metrics, publisher)
@@ -223,11 +231,12 @@ def start_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = security.add_port(server, f"{host}:{port}")
     except RuntimeError as exc:
         raise RuntimeError(f"cannot bind {host}:{port}: {exc}") from None
     if bound == 0:
         raise RuntimeError(f"cannot bind {host}:{port}: address in use or not available")
+    _warn_if_exposed(host, security)
     follower = None
     if model_root is not None:
         follower = ModelRootFollower(store, model_root, follow_options, storage_options=global_config.server.storage,
@@ -245,9 +254,35 @@ def start_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "embedding server shard %d/%d (%s mode, capacity %d rows) listening on %s:%d%s",
-        shard_index, num_shards, store.mode, store.capacity, host, bound,
+        "embedding server shard %d/%d (%s mode, capacity %d rows) listening on %s:%d (%s)%s",
+        shard_index, num_shards, store.mode, store.capacity, host, bound, _describe(security),
         f", metrics on http://{host}:{bound_metrics}/metrics" if bound_metrics else "",
     )
     return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, publisher, follower=follower)
 
+
+
+def server_options(global_config: GlobalConfig) -> list[tuple[str, int]]:
+    """gRPC server options: the send cap of :data:`MAX_MESSAGE_BYTES` and the receive cap of
+    ``embedding_parameter_server_config.max_request_bytes`` (a larger request is refused with
+    ``RESOURCE_EXHAUSTED`` before it is read into memory)."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", global_config.server.max_request_bytes),
+    ]
+
+
+def _describe(security: ServerSecurity) -> str:
+    tls = ("mutual TLS" if security.tls_client_ca_file else "TLS") if security.tls else "plain text"
+    return f"{tls}, {'token required' if security.token else 'no token'}"
+
+
+def _warn_if_exposed(host: str, security: ServerSecurity) -> None:
+    """Log a warning when a server reachable from other machines runs without TLS or token."""
+    if host in ("127.0.0.1", "::1", "localhost") or (security.tls and security.token):
+        return
+    log.warning(
+        "embedding server bound to %s with %s: other machines can reach it; set the global config's "
+        "'security' section (TLS certificate and a token file) in production, see deploy/production/",
+        host, _describe(security),
+    )
