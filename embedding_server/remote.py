@@ -23,6 +23,7 @@ from embedding_server.client import EmbeddingClient
 from embedding_server.config import EmbeddingConfig
 from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 from embedding_server.optimizers import SparseOptimizer
+from embedding_server.security import ClientSecurity, make_channel
 from embedding_server.service import CHANNEL_OPTIONS, SERVICE_NAME
 from protos.embedding import pb, pb_grpc
 
@@ -35,17 +36,20 @@ class RemoteEmbeddingClient(EmbeddingClient):
         addresses: ``host:port`` of shard 0, 1, ... in order.
         timeout: seconds allowed per RPC.
         connect_timeout: seconds to wait for every server to answer at construction.
+        security: TLS and token settings of secured servers (None: plain text, no token).
 
     Raises:
         ShardUnavailableError: a server does not answer within ``connect_timeout``.
         ConfigError: a server is another shard than its position says, or has other tables.
     """
 
-    def __init__(self, config: EmbeddingConfig, addresses: Sequence[str], timeout: float = 30.0, connect_timeout: float = 10.0):
+    def __init__(self, config: EmbeddingConfig, addresses: Sequence[str], timeout: float = 30.0, connect_timeout: float = 10.0,
+                 security: ClientSecurity | None = None):
         super().__init__(config, len(addresses))
         self.addresses = list(addresses)
         self.timeout = timeout
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
+        self.security = security
+        self._channels = [make_channel(a, CHANNEL_OPTIONS, security) for a in self.addresses]  # TLS/token when set
         self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
         # Lookup moves hand-encoded messages (see wire.py): no protobuf copies of the vectors.
         self._raw_lookups = [c.unary_unary(f"/{SERVICE_NAME}/Lookup") for c in self._channels]

@@ -106,6 +106,7 @@ class PersiaHandler(BaseHandler):
             list(self.serving.embedding_servers),
             timeout=self.serving.embedding_timeout_s,
             connect_timeout=self.serving.connect_timeout_s,
+            security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
         )
         self.configure(self.spec, model, embeddings, self.serving, self.device)
         self._start_watermark_refresh()
@@ -127,7 +128,7 @@ class PersiaHandler(BaseHandler):
             device: where inputs are put.
         """
         self.spec, self.model, self.embeddings, self.serving, self.device = spec, model, embeddings, serving, device
-        self.decoder = RequestDecoder(spec, serving.max_batch_size, serving.max_request_bytes)
+        self.decoder = RequestDecoder.from_serving(spec, serving)
         self.initialized = True
 
     # ------------------------------------------------------------------ TorchServe entry point

@@ -8,8 +8,10 @@ A request body is either the batch bytes clients build (``PyPersiaBatchData.to_b
 
 Every feature the model takes must be present (a sample may have no ids); features the model
 does not take, a dense width other than the model's, non-finite dense values, an empty body or
-batch, malformed bytes or JSON, and a request over the sample or byte limit are
-:class:`RequestError` (HTTP 400, gRPC INVALID_ARGUMENT). 413 would fit "too large" better, but
+batch, malformed bytes or JSON, and a request over a limit are :class:`RequestError` (HTTP 400,
+gRPC INVALID_ARGUMENT). The limits (``serving.yml``, see :class:`Limits`) are checked in the
+cheapest order: body bytes before anything is parsed, then samples, ids per request and ids
+per sample; each message names the limit's key and the request's value. 413 would fit "too large" better, but
 TorchServe 0.12's REST frontend rewrites a handler's 413 into 507 "Insufficient Storage", which
 reads as a server fault. Nothing here imports TorchServe, so it is unit-testable on its own.
 
@@ -22,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +38,30 @@ from embedding_server.model_spec import DenseModelSpec
 #: ``batch`` (gRPC ``input`` map key clients use), ``body`` (REST raw body), ``data`` (form field).
 BODY_KEYS = ("batch", "body", "data")
 _JSON_KEYS = {"dense", "sparse"}
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (``serving.yml`` keys of the same names).
+
+    Args:
+        max_batch_size: samples.
+        max_request_bytes: bytes of the body (characters for a text body).
+        max_ids_per_request: ids of all features together.
+        max_ids_per_sample: ids of one feature in one sample.
+        max_json_request_bytes: bytes of a JSON body. Parsed JSON takes 10-20 times its size in
+            Python objects, so JSON has its own, smaller cap (batch bytes are read in place).
+    """
+
+    max_batch_size: int = 4096
+    max_request_bytes: int = 64 << 20
+    max_ids_per_request: int = 4_000_000
+    max_ids_per_sample: int = 10_000
+    max_json_request_bytes: int = 8 << 20
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Limits":
+        """The limits of a :class:`~handler.serving_config.ServingConfig` (or anything with the keys)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 class RequestError(Exception):
@@ -76,13 +102,25 @@ class RequestDecoder:
         spec: the served model's ``model.json``.
         max_batch_size: most samples per request.
         max_request_bytes: most bytes per request body.
+        max_ids_per_request: most ids per request, all features together.
+        max_ids_per_sample: most ids of one feature in one sample.
     """
 
-    def __init__(self, spec: DenseModelSpec, max_batch_size: int, max_request_bytes: int):
+    def __init__(self, spec: DenseModelSpec, max_batch_size: int, max_request_bytes: int,
+                 max_ids_per_request: int = Limits.max_ids_per_request, max_ids_per_sample: int = Limits.max_ids_per_sample,
+                 max_json_request_bytes: int = Limits.max_json_request_bytes):
         self.spec = spec
         self.feature_names = [f.name for f in spec.features]
+        self.limits = Limits(max_batch_size, max_request_bytes, max_ids_per_request, max_ids_per_sample, max_json_request_bytes)
         self.max_batch_size = max_batch_size
         self.max_request_bytes = max_request_bytes
+
+    @classmethod
+    def from_serving(cls, spec: DenseModelSpec, serving: Any) -> "RequestDecoder":
+        """A decoder with the limits of a :class:`~handler.serving_config.ServingConfig`."""
+        limits = Limits.from_config(serving)
+        return cls(spec, limits.max_batch_size, limits.max_request_bytes, limits.max_ids_per_request,
+                   limits.max_ids_per_sample, limits.max_json_request_bytes)
 
     def decode(self, item: Mapping[str, Any] | None) -> DecodedRequest:
         """Decode one item of TorchServe's ``data`` list.
@@ -93,14 +131,20 @@ class RequestDecoder:
         body = request_body(item)
         if isinstance(body, (bytes, bytearray, memoryview)):
             if len(body) > self.max_request_bytes:
-                raise RequestError(f"request of {len(body)} bytes exceeds the limit of {self.max_request_bytes} bytes")
+                raise RequestError(
+                    f"request of {len(body)} bytes exceeds the limit of {self.max_request_bytes} bytes (max_request_bytes)"
+                )
             if bytes(body[: len(MAGIC)]) == MAGIC:
                 return self._from_batch(_decode_bytes(body))
+            self._check_json_size(len(body), "bytes")
             body = _json_from_bytes(body)
         elif isinstance(body, str):
             if len(body) > self.max_request_bytes:
-                raise RequestError(f"request of {len(body)} characters exceeds the limit of {self.max_request_bytes} bytes")
-            body = _json_from_bytes(body.encode("utf-8"))
+                raise RequestError(
+                    f"request of {len(body)} characters exceeds the limit of {self.max_request_bytes} bytes (max_request_bytes)"
+                )
+            self._check_json_size(len(body), "characters")
+            body = _json_from_bytes(body.encode("utf-8", errors="replace"))
         return self._from_batch(_batch_from_json(body))
 
     def _from_batch(self, data: BatchData) -> DecodedRequest:
@@ -111,8 +155,41 @@ class RequestDecoder:
         if batch_size == 0:
             raise RequestError("empty batch: the request holds 0 samples")
         if batch_size > self.max_batch_size:
-            raise RequestError(f"batch of {batch_size} samples exceeds the limit of {self.max_batch_size} samples per request")
+            raise RequestError(
+                f"batch of {batch_size} samples exceeds the limit of {self.max_batch_size} samples per request (max_batch_size)"
+            )
+        self._check_ids(data.sparse)
         return DecodedRequest(self._dense(data, batch_size), self._features(data.sparse))
+
+    def _check_json_size(self, size: int, unit: str) -> None:
+        if size > self.limits.max_json_request_bytes:
+            raise RequestError(
+                f"JSON request of {size} {unit} exceeds the limit of {self.limits.max_json_request_bytes} bytes "
+                "(max_json_request_bytes); send batch bytes for large requests"
+            )
+
+    def _check_ids(self, sparse: Sequence[SparseFeature]) -> None:
+        """Refuse more ids per request or per sample than the limits allow.
+
+        Raises:
+            RequestError: naming the limit, its key and the request's value.
+        """
+        total = sum(int(f.ids.shape[0]) for f in sparse)
+        if total > self.limits.max_ids_per_request:
+            raise RequestError(
+                f"request carries {total} ids; the limit is {self.limits.max_ids_per_request} ids per request "
+                "(max_ids_per_request)"
+            )
+        for f in sparse:
+            if f.batch_size == 0:
+                continue
+            counts = np.diff(f.offsets)
+            worst = int(counts.argmax())
+            if counts[worst] > self.limits.max_ids_per_sample:
+                raise RequestError(
+                    f"feature '{f.name}' has {int(counts[worst])} ids in sample {worst}; the limit is "
+                    f"{self.limits.max_ids_per_sample} ids per sample (max_ids_per_sample)"
+                )
 
     def _dense(self, data: BatchData, batch_size: int) -> np.ndarray:
         parts = [d.astype(np.float32, copy=False) for d in data.dense]
@@ -211,8 +288,9 @@ def _json_from_bytes(raw: bytes | bytearray | memoryview) -> Any:
         )
     try:
         return json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested ~1000 deep
         raise RequestError(f"undecodable request: invalid JSON: {exc}") from None
+
 
 
 def _batch_from_json(body: Any) -> BatchData:

@@ -13,6 +13,14 @@ Example ``serving.yml``::
     max_batch_size: 4096          # samples in one request
     max_request_bytes: 67108864   # bytes of one request body
     watermark_refresh_s: 1.0      # how often the embedding watermark is re-read
+    max_ids_per_request: 4000000  # ids of all features of one request
+    max_ids_per_sample: 10000     # ids of one feature in one sample
+    max_json_request_bytes: 8388608   # bytes of a JSON body (parsed JSON is 10-20x its size)
+    # Secured embedding servers (see deploy/production/): TLS, client certificate, shared token.
+    embedding_tls_ca_file: /etc/ctrserve/tls/ca.pem
+    embedding_tls_cert_file: /etc/ctrserve/tls/client.pem
+    embedding_tls_key_file: /etc/ctrserve/tls/client.key
+    embedding_token_file: /etc/ctrserve/tls/token   # or CTRSERVE_EMBEDDING_TOKEN in the worker's environment
 
 Example:
     >>> ServingConfig.from_dict({"embedding_servers": ["127.0.0.1:7001"]}).max_batch_size
@@ -30,6 +38,7 @@ from typing import Any, Mapping
 import yaml
 
 from embedding_server.errors import ConfigError
+from embedding_server.security import TOKEN_ENV, ClientSecurity, resolve_token
 
 SERVING_FILE = "serving.yml"
 ENV_SERVERS = "CTRSERVE_EMBEDDING_SERVERS"
@@ -46,6 +55,16 @@ class ServingConfig:
         max_batch_size: largest number of samples in one request (larger: HTTP 400).
         max_request_bytes: largest request body (larger: HTTP 400).
         watermark_refresh_s: seconds between reads of the embedding servers' watermark.
+        max_ids_per_request: most ids in one request, all features together (larger: HTTP 400).
+        max_ids_per_sample: most ids of one feature in one sample (larger: HTTP 400).
+        max_json_request_bytes: largest JSON body (larger: HTTP 400; batch bytes are not bound by it).
+        embedding_tls_ca_file: PEM CA bundle of the embedding servers' certificates (enables TLS).
+        embedding_tls_cert_file: client certificate for servers that demand mutual TLS.
+        embedding_tls_key_file: private key of ``embedding_tls_cert_file``.
+        embedding_tls_server_name: name to verify in the servers' certificates, when it is not
+            the host part of their addresses.
+        embedding_token_file: file with the embedding servers' shared token (else the
+            environment variables ``CTRSERVE_EMBEDDING_TOKEN`` or ``CTRSERVE_EMBEDDING_TOKEN_FILE``).
 
     Raises:
         ConfigError: a value of the wrong type or out of range.
@@ -57,16 +76,29 @@ class ServingConfig:
     max_batch_size: int = 4096
     max_request_bytes: int = 64 << 20
     watermark_refresh_s: float = 1.0
+    max_ids_per_request: int = 4_000_000
+    max_ids_per_sample: int = 10_000
+    max_json_request_bytes: int = 8 << 20
+    embedding_tls_ca_file: str = ""
+    embedding_tls_cert_file: str = ""
+    embedding_tls_key_file: str = ""
+    embedding_tls_server_name: str = ""
+    embedding_token_file: str = ""
 
     def __post_init__(self) -> None:
         servers = self.embedding_servers
         if not isinstance(servers, (list, tuple)) or not all(_is_address(a) for a in servers):
             raise ConfigError(f"{SERVING_FILE}: 'embedding_servers' must be a list of 'host:port' strings, got {servers!r}")
         object.__setattr__(self, "embedding_servers", tuple(servers))
-        for key in ("max_batch_size", "max_request_bytes"):
+        for key in ("max_batch_size", "max_request_bytes", "max_ids_per_request", "max_ids_per_sample",
+                    "max_json_request_bytes"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive integer, got {value!r}")
+        for key in ("embedding_tls_ca_file", "embedding_tls_cert_file", "embedding_tls_key_file",
+                    "embedding_tls_server_name", "embedding_token_file"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{SERVING_FILE}: '{key}' must be a string (a file path), got {getattr(self, key)!r}")
         for key in ("embedding_timeout_s", "connect_timeout_s", "watermark_refresh_s"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
@@ -106,6 +138,22 @@ class ServingConfig:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         return cls.from_dict(data, source=str(path))
+
+    def client_security(self, environ: Mapping[str, str] = os.environ) -> ClientSecurity | None:
+        """How to reach the embedding servers: TLS from the ``embedding_tls_*`` keys, the token
+        from ``embedding_token_file`` or the environment; None when neither is set.
+
+        Raises:
+            ConfigError: a key without its partner, or an unreadable or too short token.
+        """
+        token = resolve_token(self.embedding_token_file or None, TOKEN_ENV, environ)
+        if not self.embedding_tls_ca_file and token is None and not self.embedding_tls_cert_file:
+            return None
+        return ClientSecurity(
+            tls_ca_file=self.embedding_tls_ca_file or None, tls_cert_file=self.embedding_tls_cert_file or None,
+            tls_key_file=self.embedding_tls_key_file or None, tls_server_name=self.embedding_tls_server_name or None,
+            token=token,
+        )
 
     def with_environment(self, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
         """A copy with ``CTRSERVE_EMBEDDING_SERVERS`` (when set) replacing the addresses.

@@ -331,3 +331,35 @@ def test_torchserve_production_config_keeps_token_authorization_on():
     settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
     assert settings["disable_token_authorization"].strip() == "false"
     assert settings["management_address"].startswith("http://127.0.0.1")
+
+
+# --------------------------------------------------------------------------- the client and the handler's settings
+
+
+def test_remote_client_with_handler_settings_reaches_a_secured_server(pki):
+    from embedding_server.errors import ShardUnavailableError
+    from embedding_server.remote import RemoteEmbeddingClient
+    from handler.serving_config import ServingConfig
+
+    token = (pki / "token").read_text().strip()
+    server = _serve(ServerSecurity(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem"), token))
+    serving = ServingConfig(embedding_tls_ca_file=str(pki / "ca.pem"), embedding_tls_cert_file=str(pki / "client.pem"),
+                            embedding_tls_key_file=str(pki / "client.key"), embedding_token_file=str(pki / "token"))
+    try:
+        security = serving.client_security(environ={})
+        assert security is not None and security.token == token and security.tls
+        with RemoteEmbeddingClient(EMB, [server.address], timeout=5, connect_timeout=5, security=security) as client:
+            assert client.stats()[0]["capacity"] == server.store.capacity
+        no_token = ServingConfig(embedding_tls_ca_file=str(pki / "ca.pem"), embedding_tls_cert_file=str(pki / "client.pem"),
+                                 embedding_tls_key_file=str(pki / "client.key")).client_security(environ={})
+        started = time.monotonic()
+        with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED"):
+            RemoteEmbeddingClient(EMB, [server.address], timeout=5, connect_timeout=5, security=no_token)
+        assert time.monotonic() - started < 5  # refused, not waited out
+    finally:
+        server.stop(0)
+    # The token may come from the worker's environment instead of a file; nothing set: no security.
+    assert ServingConfig().client_security(environ={"CTRSERVE_EMBEDDING_TOKEN": TOKEN}).token == TOKEN
+    assert ServingConfig().client_security(environ={}) is None
+    with pytest.raises(ConfigError, match="must be a string"):
+        ServingConfig.from_dict({"embedding_token_file": 5})
