@@ -3,9 +3,18 @@
 Each child runs ``python -m ctrserve embedding-server ... --ready-file F``; readiness is the
 ready file appearing and the gRPC health check answering SERVING, never a sleep.
 
+With ``replicas=n`` every shard runs as ``n`` servers (give them ``--mode infer --model-root
+URL`` in ``extra_args`` so they follow one model root and hold the same rows);
+:attr:`ServerGroup.replica_addresses` groups them per shard for the client, and
+:meth:`ServerGroup.kill` / :meth:`ServerGroup.restart` take one replica down and bring it back
+on the same port (failover tests and demos).
+
 Example:
     >>> with ServerGroup.start("emb.yml", "global.yml", num_shards=2, workdir=tmp) as group:
     ...     client = RemoteEmbeddingClient(emb_config, group.addresses)
+    >>> with ServerGroup.start("emb.yml", "global.yml", 2, tmp, mode="infer", replicas=2,
+    ...                        extra_args=["--model-root", root]) as group:
+    ...     client = RemoteEmbeddingClient(emb_config, group.replica_addresses)
 """
 
 from __future__ import annotations
@@ -25,21 +34,78 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 @dataclass
 class ServerProcess:
+    """One started server: its process, where it listens, its log, and how to start it again."""
+
     process: subprocess.Popen
     address: str
     metrics_port: int | None
     log_path: Path
+    shard: int = 0
+    replica: int = 0
+    command: list[str] = field(default_factory=list)
+    ready_file: Path | None = None
 
 
 @dataclass
 class ServerGroup:
-    """A set of running embedding-server processes, shard ``i`` at ``addresses[i]``."""
+    """A set of running embedding-server processes, in shard order (replicas of a shard together)."""
 
     servers: list[ServerProcess] = field(default_factory=list)
 
     @property
     def addresses(self) -> list[str]:
+        """Every server's ``host:port``; with one replica per shard, shard ``i`` is ``addresses[i]``."""
         return [s.address for s in self.servers]
+
+    @property
+    def replica_addresses(self) -> list[list[str]]:
+        """Per shard, its replicas' addresses (what :class:`RemoteEmbeddingClient` takes)."""
+        shards: list[list[str]] = []
+        for s in self.servers:
+            if s.shard == len(shards):
+                shards.append([])
+            shards[s.shard].append(s.address)
+        return shards
+
+    def server(self, shard: int, replica: int = 0) -> ServerProcess:
+        """The server of ``replica`` of ``shard``.
+
+        Raises:
+            KeyError: no such server in this group.
+        """
+        for s in self.servers:
+            if (s.shard, s.replica) == (shard, replica):
+                return s
+        raise KeyError(f"no replica {replica} of shard {shard} in this group")
+
+    def kill(self, shard: int, replica: int = 0) -> None:
+        """SIGKILL one server (no drain, as a crash) and wait for it to be gone."""
+        process = self.server(shard, replica).process
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def restart(self, shard: int, replica: int = 0, timeout: float = 60.0) -> ServerProcess:
+        """Start a stopped or killed server again on its old port and wait until it serves.
+
+        Raises:
+            RuntimeError: it is still running, exited, or did not become ready in ``timeout``.
+        """
+        old = self.server(shard, replica)
+        if old.process.poll() is None:
+            raise RuntimeError(f"replica {replica} of shard {shard} ({old.address}) is still running")
+        port = old.address.rpartition(":")[2]
+        command = [port if i and old.command[i - 1] == "--port" else arg for i, arg in enumerate(old.command)]
+        old.ready_file.unlink(missing_ok=True)
+        proc = _spawn(command, old.log_path, append=True)
+        try:
+            info = _wait_ready(proc, old.ready_file, old.log_path, timeout)
+        except BaseException:
+            _terminate(proc)
+            raise
+        new = ServerProcess(proc, info["address"], info["metrics_port"], old.log_path, shard, replica, command, old.ready_file)
+        self.servers[self.servers.index(old)] = new
+        return new
 
     @classmethod
     def start(
@@ -52,8 +118,13 @@ class ServerGroup:
         metrics: bool = False,
         extra_args: list[str] | None = None,
         timeout: float = 60.0,
+        replicas: int = 1,
     ) -> "ServerGroup":
-        """Start ``num_shards`` servers and wait until every one is serving.
+        """Start ``replicas`` servers of each of ``num_shards`` shards; wait until every one serves.
+
+        Args:
+            replicas: servers per shard; more than one only makes sense for infer-mode servers
+                following one model root (``extra_args=["--model-root", URL]``).
 
         Raises:
             RuntimeError: a server exited or did not become ready in ``timeout`` seconds (its
@@ -64,10 +135,11 @@ class ServerGroup:
         group = cls()
         pending = []
         try:
-            for i in range(num_shards):
-                ready = workdir / f"shard-{i}.ready.json"
+            for i, r in [(i, r) for i in range(num_shards) for r in range(replicas)]:
+                name = f"shard-{i}" if replicas == 1 else f"shard-{i}-replica-{r}"
+                ready = workdir / f"{name}.ready.json"
                 ready.unlink(missing_ok=True)
-                log_path = workdir / f"shard-{i}.log"
+                log_path = workdir / f"{name}.log"
                 cmd = [
                     sys.executable, "-m", "ctrserve", "embedding-server",
                     "--embedding-config", str(embedding_config), "--global-config", str(global_config),
@@ -79,14 +151,12 @@ class ServerGroup:
                 if metrics:
                     cmd += ["--metrics-port", "0"]
                 cmd += extra_args or []
-                with open(log_path, "wb") as log:
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                pending.append((proc, ready, log_path))
-            for proc, ready, log_path in pending:
+                pending.append((_spawn(cmd, log_path), ready, log_path, i, r, cmd))
+            for proc, ready, log_path, i, r, cmd in pending:
                 info = _wait_ready(proc, ready, log_path, timeout)
-                group.servers.append(ServerProcess(proc, info["address"], info["metrics_port"], log_path))
+                group.servers.append(ServerProcess(proc, info["address"], info["metrics_port"], log_path, i, r, cmd, ready))
         except BaseException:
-            for proc, _, _ in pending:
+            for proc, *_ in pending:
                 _terminate(proc)
             raise
         return group
@@ -120,6 +190,12 @@ def wait_serving(address: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} not serving after {timeout:.0f} s")
             time.sleep(0.05)
+
+
+def _spawn(cmd: list[str], log_path: Path, append: bool = False) -> subprocess.Popen:
+    """Start one server in its own process session, its output going to ``log_path``."""
+    with open(log_path, "ab" if append else "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout: float) -> dict:

@@ -1,74 +1,123 @@
-"""Client of a set of remote embedding servers, one address per shard.
+"""Client of a set of remote embedding servers: shards, each served by one or more replicas.
 
 :class:`RemoteEmbeddingClient` is an :class:`~embedding_server.client.EmbeddingClient`: the same
 batching, routing and pooling as in-process, with each shard asked over gRPC, all shards in
-parallel. On connect it checks that server ``i`` is shard ``i`` of ``len(addresses)`` and that
-its tables match the client's ``embedding_config.yml``.
+parallel. On connect it checks that every replica of shard ``i`` is shard ``i`` of
+``len(addresses)`` and that its tables match the client's ``embedding_config.yml``.
+
+Replicas (see :mod:`embedding_server.replicas` for the address forms):
+
+* **Reads** (Lookup, Stats, Dump) go to one healthy replica of each shard, the one with the
+  fewest outstanding requests (round-robin on ties). When a replica fails with ``UNAVAILABLE``,
+  ``DEADLINE_EXCEEDED`` or another transport error, it is marked down and the shard's request
+  is sent to the next replica, all within the call's ``timeout``. ``INVALID_ARGUMENT`` is the
+  request's fault: raised at once as :class:`InvalidRequestError`, never retried.
+* A background thread probes down replicas with the standard gRPC health service every
+  ``probe_interval`` seconds and marks them up again once SERVING (checking their Info first
+  if they were down at start).
+* When every replica of a shard fails, :class:`ShardUnavailableError` names the shard and each
+  replica's state; it comes within ``timeout``, never later.
+* **Writes** (PushGradients, SetOptimizer, Load) are broadcast to every replica of the shard,
+  and raise if any replica cannot take them. Replicas are a serving feature: train-mode
+  servers must have one replica per shard (a replica that missed one gradient push would
+  differ forever), so a train-mode server listed with others is a :class:`ConfigError`.
 
 Example:
-    >>> client = RemoteEmbeddingClient(emb_config, ["127.0.0.1:7001", "127.0.0.1:7002"])
+    >>> client = RemoteEmbeddingClient(emb_config, "127.0.0.1:7001|127.0.0.1:7003,127.0.0.1:7002")
     >>> result = client.lookup(features)
 """
 
 from __future__ import annotations
 
 import json
-from typing import Sequence
+import queue
+import time
+from typing import Any, Callable
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_server import checkpoint, wire
 from embedding_server.client import EmbeddingClient
 from embedding_server.config import EmbeddingConfig
 from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 from embedding_server.optimizers import SparseOptimizer
+from embedding_server.replicas import Addresses, HealthProber, Replica, ReplicaSet, log, normalize_addresses
 from embedding_server.security import ClientSecurity, make_channel
 from embedding_server.service import CHANNEL_OPTIONS, SERVICE_NAME
 from protos.embedding import pb, pb_grpc
 
+# A restarted server is reconnected to within about a second (gRPC's default backoff grows to 120 s).
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Seconds a client waits at start for the remaining replicas once every shard has one answering.
+START_GRACE_S = 0.5
+# Failures that say "this replica cannot answer now": try another one. INVALID_ARGUMENT (the
+# request's fault) and UNAUTHENTICATED/PERMISSION_DENIED (the client's) are never retried.
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+})
+# Of those, the ones that mark the replica down until a health probe says it is back.
+MARKS_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
 
 class RemoteEmbeddingClient(EmbeddingClient):
-    """Embedding lookups against sharded embedding servers.
+    """Embedding lookups against sharded, optionally replicated, embedding servers.
 
     Args:
         config: the same ``embedding_config.yml`` the servers run with.
-        addresses: ``host:port`` of shard 0, 1, ... in order.
-        timeout: seconds allowed per RPC.
-        connect_timeout: seconds to wait for every server to answer at construction.
+        addresses: per shard in order, its ``host:port`` or its list of replica addresses, or
+            the string form ``"h1:7001|h2:7001,h3:7002"``.
+        timeout: seconds allowed per call (a lookup of every shard), retries included.
+        connect_timeout: seconds to wait at construction for one replica of every shard.
+        attempt_timeout: seconds allowed to one replica before the next is tried (default:
+            ``timeout`` divided by the shard's replica count).
+        probe_interval: seconds between health probes of replicas marked down.
         security: TLS and token settings of secured servers (None: plain text, no token).
 
     Raises:
-        ShardUnavailableError: a server does not answer within ``connect_timeout``.
-        ConfigError: a server is another shard than its position says, or has other tables.
+        ShardUnavailableError: no replica of some shard answers within ``connect_timeout``.
+        ConfigError: malformed addresses; a replica is another shard than its position says,
+            has other tables, or is a train-mode server listed with other replicas.
     """
 
-    def __init__(self, config: EmbeddingConfig, addresses: Sequence[str], timeout: float = 30.0, connect_timeout: float = 10.0,
-                 security: ClientSecurity | None = None):
-        super().__init__(config, len(addresses))
-        self.addresses = list(addresses)
+    def __init__(
+        self,
+        config: EmbeddingConfig,
+        addresses: Addresses,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        attempt_timeout: float | None = None,
+        probe_interval: float = 0.5,
+        security: ClientSecurity | None = None,
+    ):
+        shards = normalize_addresses(addresses)
+        super().__init__(config, len(shards))
+        self.addresses = shards
         self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
         self.security = security
-        self._channels = [make_channel(a, CHANNEL_OPTIONS, security) for a in self.addresses]  # TLS/token when set
-        self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
-        # Lookup moves hand-encoded messages (see wire.py): no protobuf copies of the vectors.
-        self._raw_lookups = [c.unary_unary(f"/{SERVICE_NAME}/Lookup") for c in self._channels]
-        self.infos = [self._call(i, "Info", pb.InfoRequest(), timeout=connect_timeout) for i in range(self.num_shards)]
-        for i, info in enumerate(self.infos):
-            if (info.shard_index, info.num_shards) != (i, self.num_shards):
-                raise ConfigError(
-                    f"{self.addresses[i]} is shard {info.shard_index} of {info.num_shards}, but the client lists it "
-                    f"as shard {i} of {self.num_shards}; give addresses in shard order"
-                )
-            if info.config_fingerprint != config.fingerprint():
-                raise ConfigError(
-                    f"{self.addresses[i]} runs with different tables than this client's embedding_config.yml "
-                    f"(fingerprint {info.config_fingerprint} != {config.fingerprint()})"
-                )
+        self.replica_sets = [
+            ReplicaSet(s, [self._make_replica(s, address) for address in replicas]) for s, replicas in enumerate(shards)
+        ]
+        try:
+            self._connect(connect_timeout)
+        except BaseException:
+            self._close_channels()
+            raise
+        self.infos = [self._read("Info", s, pb.InfoRequest()) for s in range(self.num_shards)]
+        self._prober = HealthProber(self.replica_sets, self._probe, probe_interval).start()
 
     def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        """Stop the health prober and close every channel."""
+        self._prober.stop()
+        self._close_channels()
 
     def __enter__(self) -> "RemoteEmbeddingClient":
         return self
@@ -76,66 +125,216 @@ class RemoteEmbeddingClient(EmbeddingClient):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ channels and replicas
+
+    def _open_channel(self, address: str) -> grpc.Channel:
+        """THE place where channels to embedding servers are made (lookups, admin and probes)."""
+        return make_channel(address, CHANNEL_OPTIONS + RECONNECT_OPTIONS, self.security)  # TLS/token when set
+
+    def _make_replica(self, shard: int, address: str) -> Replica:
+        channel = self._open_channel(address)
+        stubs = {
+            "service": pb_grpc.EmbeddingServiceStub(channel),
+            # Lookup moves hand-encoded messages (see wire.py): no protobuf copies of the vectors.
+            "Lookup": channel.unary_unary(f"/{SERVICE_NAME}/Lookup"),
+            "health": health_pb2_grpc.HealthStub(channel),
+        }
+        return Replica(shard, address, channel, stubs)
+
+    def _close_channels(self) -> None:
+        for replica_set in self.replica_sets:
+            for replica in replica_set.replicas:
+                replica.channel.close()
+
+    def _connect(self, timeout: float) -> None:
+        """Ask every replica's Info at once; return when each shard has a valid replica and
+        the others answered too, or at most :data:`START_GRACE_S` later.
+
+        Replicas still silent then stay down and join when the prober finds them healthy.
+        """
+        answers: queue.Queue = queue.Queue()
+        calls = []
+        for replica_set in self.replica_sets:
+            for replica in replica_set.replicas:
+                future = replica.stubs["service"].Info.future(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+                future.add_done_callback(lambda f, r=replica: answers.put((r, f)))
+                calls.append(future)
+        deadline = time.monotonic() + timeout
+        waiting = {s.shard for s in self.replica_sets}
+        pending = len(calls)
+        try:
+            while pending:
+                try:
+                    replica, future = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                pending -= 1
+                if self._accept_info(replica, future) and replica.shard in waiting:
+                    waiting.discard(replica.shard)
+                    if not waiting:  # every shard can serve: give the other replicas a moment
+                        deadline = min(deadline, time.monotonic() + START_GRACE_S)
+        finally:
+            for future in calls:
+                future.cancel()
+        if waiting:
+            shard = min(waiting)
+            raise ShardUnavailableError(
+                f"embedding shard {shard}: no replica answered within {timeout:.1f} s: "
+                f"{self.replica_sets[shard].describe()}"
+            )
+
+    def _accept_info(self, replica: Replica, future: grpc.Future) -> bool:
+        """Validate a replica's Info answer at start; True when it may serve.
+
+        Raises:
+            ConfigError: it answered, but as another shard, with other tables, or in train mode
+                beside other replicas.
+        """
+        try:
+            info = future.result()
+        except grpc.RpcError as exc:
+            replica.reason = f"{exc.code().name}: {exc.details()}"
+            return False
+        problem = self._info_problem(replica, info)
+        if problem:
+            raise ConfigError(problem)
+        replica.validated = True
+        self.replica_sets[replica.shard].mark_up(replica)
+        return True
+
+    def _info_problem(self, replica: Replica, info: Any) -> str | None:
+        """Why ``replica`` must not serve its shard, given its Info; None when it may."""
+        shard, n = replica.shard, self.num_shards
+        if (info.shard_index, info.num_shards) != (shard, n):
+            return (
+                f"{replica.address} is shard {info.shard_index} of {info.num_shards}, but the client lists it as "
+                f"shard {shard} of {n}; give addresses in shard order"
+            )
+        if info.config_fingerprint != self.config.fingerprint():
+            return (
+                f"{replica.address} runs with different tables than this client's embedding_config.yml "
+                f"(fingerprint {info.config_fingerprint} != {self.config.fingerprint()})"
+            )
+        if info.mode == "train" and len(self.addresses[shard]) > 1:
+            return (
+                f"{replica.address} is a train-mode server listed with other replicas of shard {shard}: "
+                "train mode takes one server per shard (replicas serve infer-mode servers on one model root)"
+            )
+        return None
+
+    def _probe(self, replica: Replica) -> str | None:
+        """Health-check a down replica (and check its Info once); None when it may serve again."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        try:
+            status = replica.stubs["health"].Check(request, timeout=1.0).status
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+            if not replica.validated:
+                problem = self._info_problem(replica, replica.stubs["service"].Info(pb.InfoRequest(), timeout=1.0))
+                if problem:
+                    if problem != replica.reason:
+                        self._log_refusal(replica, problem)
+                    return problem
+                replica.validated = True
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return None
+
+    @staticmethod
+    def _log_refusal(replica: Replica, problem: str) -> None:
+        log.error("embedding shard %d: replica %s stays down: %s", replica.shard, replica.address, problem)
+
+    # ------------------------------------------------------------------ calls with failover
+
+    def _attempt_timeout(self, shard: int) -> float:
+        return self.attempt_timeout or self.timeout / len(self.addresses[shard])
+
+    def _start(self, shard: int, send: Callable[[Replica, float], grpc.Future], timeout: float | None = None) -> "_ShardCall":
+        """Send one request to ``shard``; the returned call fails over to other replicas."""
+        limit = self.timeout if timeout is None else timeout
+        return _ShardCall(self, shard, send, time.monotonic() + limit).start()
+
+    def _read(self, method: str, shard: int, request: Any, timeout: float | None = None) -> Any:
+        """Call ``method`` on one replica of ``shard``, failing over to the others."""
+        return self._start(shard, lambda r, t: getattr(r.stubs["service"], method).future(request, timeout=t), timeout).result()
+
+    def _broadcast(self, method: str, shard: int, request: Any, timeout: float | None = None) -> list[Any]:
+        """Call ``method`` on every replica of ``shard`` (writes); all must succeed.
+
+        Raises:
+            ShardUnavailableError: a replica failed (others may have applied the request).
+            InvalidRequestError: a replica refused the request.
+        """
+        replicas = self.replica_sets[shard].replicas
+        calls = [(r, getattr(r.stubs["service"], method).future(request, timeout=timeout or self.timeout)) for r in replicas]
+        out = []
+        for replica, future in calls:
+            try:
+                out.append(future.result())
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequestError(exc.details()) from None
+                raise ShardUnavailableError(
+                    f"embedding shard {shard}: {method} failed on replica {replica.address}: "
+                    f"{exc.code().name}: {exc.details()}"
+                ) from None
+        return out
+
     # ------------------------------------------------------------------ transport
 
     def _lookup_shards(self, requests, dim):
-        calls = [
-            (s, self._raw_lookups[s].future(wire.encode_lookup_request(ids, tables), timeout=self.timeout))
-            for s, ids, tables in requests
-        ]
+        calls = []
+        for s, ids, tables in requests:
+            payload = wire.encode_lookup_request(ids, tables)
+            calls.append(self._start(s, lambda r, t, p=payload: r.stubs["Lookup"].future(p, timeout=t)))
         out = []
-        for (s, call), (_, ids, _) in zip(calls, requests):
+        for call, (s, ids, _) in zip(calls, requests):
+            answer = call.result()
             try:
-                got_dim, values = wire.decode_lookup_response(self._result(s, call))
+                got_dim, values = wire.decode_lookup_response(answer)
             except ValueError as exc:
-                raise ShardUnavailableError(f"{self.addresses[s]}: {exc}") from None
+                raise ShardUnavailableError(f"embedding shard {s} ({call.replica.address}): {exc}") from None
             if got_dim != dim or values.shape[0] != ids.shape[0] * dim:
                 raise ShardUnavailableError(
-                    f"{self.addresses[s]} answered {values.shape[0]} floats of dim {got_dim} for {ids.shape[0]} ids of dim {dim}"
+                    f"embedding shard {s} ({call.replica.address}) answered {values.shape[0]} floats of dim {got_dim} "
+                    f"for {ids.shape[0]} ids of dim {dim}"
                 )
             out.append(values.reshape(ids.shape[0], dim))
         return out
 
     def _push_shards(self, requests):
-        calls = [
-            (s, self._stubs[s].PushGradients.future(
-                pb.PushGradientsRequest(
-                    ids=wire.encode(ids, wire.IDS), tables=wire.encode(tables, wire.TABLES), grads=wire.encode(grads, wire.VALUES)
-                ),
-                timeout=self.timeout,
-            ))
-            for s, ids, tables, grads in requests
-        ]
-        for s, call in calls:
-            self._result(s, call)
-
-    def _call(self, shard: int, method: str, request, timeout: float | None = None):
-        future = getattr(self._stubs[shard], method).future(request, timeout=timeout or self.timeout)
-        return self._result(shard, future)
-
-    def _result(self, shard: int, future):
-        try:
-            return future.result()
-        except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidRequestError(details) from None
-            raise ShardUnavailableError(f"embedding server {self.addresses[shard]}: {code.name}: {details}") from None
+        for s, ids, tables, grads in requests:
+            request = pb.PushGradientsRequest(
+                ids=wire.encode(ids, wire.IDS), tables=wire.encode(tables, wire.TABLES), grads=wire.encode(grads, wire.VALUES)
+            )
+            self._broadcast("PushGradients", s, request)
 
     # ------------------------------------------------------------------ administration
 
     def set_optimizer(self, optimizer: SparseOptimizer) -> None:
         request = pb.SetOptimizerRequest(optimizer_json=json.dumps(optimizer.to_dict()))
         for s in range(self.num_shards):
-            self._call(s, "SetOptimizer", request)
+            self._broadcast("SetOptimizer", s, request)
+
+    def replica_states(self) -> list[list[dict]]:
+        """Per shard, ``{"address", "up", "reason", "outstanding"}`` of each replica."""
+        return [
+            [{"address": r.address, "up": r.up, "reason": r.reason, "outstanding": r.outstanding} for r in rs.replicas]
+            for rs in self.replica_sets
+        ]
 
     def stats(self) -> list[dict]:
+        """One dict of counters per shard, from one healthy replica (``address`` names it;
+        ``replicas`` gives every replica's health as the client sees it)."""
         out = []
+        states = self.replica_states()
         for s in range(self.num_shards):
-            r = self._call(s, "Stats", pb.StatsRequest())
+            call = self._start(s, lambda r, t: r.stubs["service"].Stats.future(pb.StatsRequest(), timeout=t))
+            r = call.result()
             out.append(
                 {
-                    "address": self.addresses[s],
+                    "address": call.replica.address,
+                    "replicas": states[s],
                     "rows": r.rows, "capacity": r.capacity, "hits": r.hits, "misses": r.misses,
                     "evictions": r.evictions, "inserts": r.inserts,
                     "methods": [
@@ -148,25 +347,104 @@ class RemoteEmbeddingClient(EmbeddingClient):
                 }
             )
             if r.HasField("hotload"):  # {training shard: last packet seq applied}, as handlers report it
-                out[-1]["watermark"] = {str(s.shard): s.watermark for s in r.hotload.streams}
+                out[-1]["watermark"] = {str(st.shard): st.watermark for st in r.hotload.streams}
         return out
 
     def dump(self, directory: str) -> None:
-        calls = [(s, self._stubs[s].Dump.future(pb.DumpRequest(directory=directory), timeout=None)) for s in range(self.num_shards)]
+        """Every shard's rows from one replica each (replicas hold the same rows)."""
+        request = pb.DumpRequest(directory=directory)
+        calls = [
+            (s, self._start(s, lambda r, t: r.stubs["service"].Dump.future(request, timeout=None), timeout=float("inf")))
+            for s in range(self.num_shards)
+        ]
         files, rows, watermark = [], 0, {}
         for s, call in calls:
-            response = self._result(s, call)
+            response = call.result()
             files += list(response.files)
             rows += response.rows
             if response.HasField("watermark"):
                 watermark[str(s)] = response.watermark
-        optimizer = json.loads(self._call(0, "Info", pb.InfoRequest()).optimizer_json)
+        optimizer = json.loads(self._read("Info", 0, pb.InfoRequest()).optimizer_json)
         checkpoint.write_manifest(directory, self.num_shards, files, rows, self.config.to_dict(), optimizer, watermark)
 
     def load(self, directory: str) -> None:
-        calls = [(s, self._stubs[s].Load.future(pb.LoadRequest(directory=directory), timeout=None)) for s in range(self.num_shards)]
-        for s, call in calls:
-            self._result(s, call)
+        """Every replica of every shard loads the checkpoint (no deadline)."""
+        for s in range(self.num_shards):
+            self._broadcast("Load", s, pb.LoadRequest(directory=directory), timeout=None)
+
+
+class _ShardCall:
+    """One request to one shard, moved to the shard's next replica when one fails.
+
+    Args:
+        client: the client whose replicas are used.
+        shard: the shard asked.
+        send: starts the request on a replica with a timeout (seconds or None); returns its future.
+        deadline: ``time.monotonic()`` after which no replica is tried any more.
+    """
+
+    def __init__(self, client: RemoteEmbeddingClient, shard: int, send: Callable[[Replica, float | None], grpc.Future],
+                 deadline: float):
+        self.client = client
+        self.shard = shard
+        self.replica_set = client.replica_sets[shard]
+        self.send = send
+        self.deadline = deadline
+        self.replica: Replica | None = None
+        self.future: grpc.Future | None = None
+        self._next = iter(self.replica_set.candidates())
+        self._failures: list[str] = []
+
+    def start(self) -> "_ShardCall":
+        if not self._try_next():
+            raise self._unavailable()
+        return self
+
+    def result(self) -> Any:
+        """The first successful answer.
+
+        Raises:
+            InvalidRequestError: the replica refused the request (not retried).
+            ShardUnavailableError: every replica failed, or the deadline passed.
+        """
+        while True:
+            try:
+                return self.future.result()
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+                if code not in RETRYABLE:
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise InvalidRequestError(details) from None
+                    raise ShardUnavailableError(
+                        f"embedding shard {self.shard} ({self.replica.address}): {code.name}: {details}"
+                    ) from None
+                reason = f"{code.name}: {details}"
+                self._failures.append(f"{self.replica.address}: {reason}")
+                if code in MARKS_DOWN:
+                    self.replica_set.mark_down(self.replica, reason)
+                if not self._try_next():
+                    raise self._unavailable() from None
+
+    def _try_next(self) -> bool:
+        """Send to the next candidate replica while time is left; False when none is left."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        replica = next(self._next, None)
+        if replica is None:
+            return False
+        timeout = min(remaining, self.client._attempt_timeout(self.shard))
+        self.replica = replica
+        self.replica_set.started(replica)
+        self.future = self.send(replica, None if timeout == float("inf") else timeout)
+        self.future.add_done_callback(lambda _, r=replica: self.replica_set.finished(r))
+        return True
+
+    def _unavailable(self) -> ShardUnavailableError:
+        tried = "; ".join(self._failures) or "no replica could be tried"
+        return ShardUnavailableError(
+            f"embedding shard {self.shard} unavailable: {tried} (replicas: {self.replica_set.describe()})"
+        )
 
 
 def hotload_dict(message) -> dict:

@@ -103,7 +103,7 @@ class PersiaHandler(BaseHandler):
         emb_config = EmbeddingConfig.from_dict(self.spec.embedding_config, source=f"{SPEC_FILE} embedding_config")
         embeddings = RemoteEmbeddingClient(
             emb_config,
-            list(self.serving.embedding_servers),
+            self.serving.embedding_replicas,
             timeout=self.serving.embedding_timeout_s,
             connect_timeout=self.serving.connect_timeout_s,
             security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
@@ -168,7 +168,9 @@ class PersiaHandler(BaseHandler):
         try:
             looked_up = self.embeddings.lookup(features)
         except ShardUnavailableError as exc:
-            raise PredictionException(f"embedding servers unavailable: {exc}", 503) from None
+            # Every replica of a shard failed within embedding_timeout_s; the worker stays up and
+            # the client recovers by itself once the prober marks a replica up again.
+            raise PredictionException(f"embedding servers unavailable, retry later: {exc}", 503) from None
         except InvalidRequestError as exc:
             raise PredictionException(f"embedding lookup refused: {exc}", 400) from None
         self._record_time("EmbeddingLookupTime", started)

@@ -2,13 +2,15 @@
 
 The file is optional and shipped inside the ``.mar`` (``ctrserve archive --serving-config``).
 Every key has a default; unknown keys and mistyped values are errors. The environment variable
-``CTRSERVE_EMBEDDING_SERVERS`` (comma-separated ``host:port`` of shard 0, 1, ...) overrides
-``embedding_servers``, so one archive can be served against different embedding clusters.
+``CTRSERVE_EMBEDDING_SERVERS`` (``host:port`` of shard 0, 1, ... separated by ``,``; replicas of
+one shard separated by ``|``, e.g. ``h1:7001|h2:7001,h3:7002``) overrides ``embedding_servers``,
+so one archive can be served against different embedding clusters.
 
 Example ``serving.yml``::
 
     embedding_servers: ["127.0.0.1:7001", "127.0.0.1:7002"]   # shard order
-    embedding_timeout_s: 5.0      # per lookup RPC
+    # or with replicas per shard: [["h1:7001", "h2:7001"], ["h3:7002"]] or ["h1:7001|h2:7001", "h3:7002"]
+    embedding_timeout_s: 5.0      # per lookup, failover to other replicas included
     connect_timeout_s: 30.0       # worker start: wait this long for every shard
     max_batch_size: 4096          # samples in one request
     max_request_bytes: 67108864   # bytes of one request body
@@ -39,6 +41,7 @@ import yaml
 
 from embedding_server.errors import ConfigError
 from embedding_server.security import TOKEN_ENV, ClientSecurity, resolve_token
+from embedding_server.replicas import REPLICA_SEP, is_address, normalize_addresses
 
 SERVING_FILE = "serving.yml"
 ENV_SERVERS = "CTRSERVE_EMBEDDING_SERVERS"
@@ -49,9 +52,11 @@ class ServingConfig:
     """Validated handler settings (see the module docstring for the file form).
 
     Args:
-        embedding_servers: ``host:port`` of embedding shard 0, 1, ... (infer mode).
-        embedding_timeout_s: seconds allowed per lookup RPC.
-        connect_timeout_s: seconds a starting worker waits for every shard to answer.
+        embedding_servers: per embedding shard 0, 1, ... (infer mode), ``host:port`` or its
+            replicas as ``"h1:7001|h2:7001"`` (a list of replicas in the file is stored so).
+        embedding_timeout_s: seconds allowed per lookup, retries on other replicas included;
+            also the bound on the 503 answered when every replica of a shard is down.
+        connect_timeout_s: seconds a starting worker waits for one replica of every shard.
         max_batch_size: largest number of samples in one request (larger: HTTP 400).
         max_request_bytes: largest request body (larger: HTTP 400).
         watermark_refresh_s: seconds between reads of the embedding servers' watermark.
@@ -87,9 +92,16 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         servers = self.embedding_servers
-        if not isinstance(servers, (list, tuple)) or not all(_is_address(a) for a in servers):
-            raise ConfigError(f"{SERVING_FILE}: 'embedding_servers' must be a list of 'host:port' strings, got {servers!r}")
-        object.__setattr__(self, "embedding_servers", tuple(servers))
+        if not isinstance(servers, (list, tuple)) or not all(_is_shard(a) for a in servers):
+            raise ConfigError(
+                f"{SERVING_FILE}: 'embedding_servers' must be a list of 'host:port' strings (replicas of a shard "
+                f"as a list or joined by '{REPLICA_SEP}'), got {servers!r}"
+            )
+        try:
+            shards = normalize_addresses(servers) if servers else []
+        except ConfigError as exc:
+            raise ConfigError(f"{SERVING_FILE}: {exc}") from None
+        object.__setattr__(self, "embedding_servers", tuple(REPLICA_SEP.join(replicas) for replicas in shards))
         for key in ("max_batch_size", "max_request_bytes", "max_ids_per_request", "max_ids_per_sample",
                     "max_json_request_bytes"):
             value = getattr(self, key)
@@ -139,6 +151,11 @@ class ServingConfig:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         return cls.from_dict(data, source=str(path))
 
+    @property
+    def embedding_replicas(self) -> list[list[str]]:
+        """Per shard, its replicas' addresses."""
+        return [shard.split(REPLICA_SEP) for shard in self.embedding_servers]
+
     def client_security(self, environ: Mapping[str, str] = os.environ) -> ClientSecurity | None:
         """How to reach the embedding servers: TLS from the ``embedding_tls_*`` keys, the token
         from ``embedding_token_file`` or the environment; None when neither is set.
@@ -159,19 +176,25 @@ class ServingConfig:
         """A copy with ``CTRSERVE_EMBEDDING_SERVERS`` (when set) replacing the addresses.
 
         Raises:
-            ConfigError: the variable holds something other than comma-separated addresses.
+            ConfigError: the variable holds something other than comma-separated addresses
+                (replicas of a shard joined by ``|``).
         """
         value = environ.get(ENV_SERVERS, "").strip()
         if not value:
             return self
-        addresses = tuple(a.strip() for a in value.split(","))
-        if not all(_is_address(a) for a in addresses):
-            raise ConfigError(f"{ENV_SERVERS} must be comma-separated 'host:port' addresses, got {value!r}")
-        return dataclasses.replace(self, embedding_servers=addresses)
+        try:
+            shards = normalize_addresses(value)
+        except ConfigError:
+            raise ConfigError(
+                f"{ENV_SERVERS} must be comma-separated 'host:port' addresses (replicas of a shard joined by "
+                f"'{REPLICA_SEP}'), got {value!r}"
+            ) from None
+        return dataclasses.replace(self, embedding_servers=tuple(REPLICA_SEP.join(r) for r in shards))
 
 
-def _is_address(value: object) -> bool:
-    if not isinstance(value, str) or ":" not in value:
+def _is_shard(value: object) -> bool:
+    """A shard entry: ``host:port``, ``host:port|host:port...`` or a list of ``host:port``."""
+    replicas = value.split(REPLICA_SEP) if isinstance(value, str) else value
+    if not isinstance(replicas, (list, tuple)) or not replicas:
         return False
-    host, _, port = value.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+    return all(is_address(a.strip() if isinstance(a, str) else a) for a in replicas)

@@ -1,0 +1,224 @@
+"""Replicas of embedding shards: their addresses, their health, and which one serves a read.
+
+Every shard may run as several replicas: infer-mode servers started with the same shard index on
+the same model root (``--mode infer --model-root URL``) converge to the same rows, so any one of
+them can answer a read. No replication protocol is involved.
+
+Address forms accepted everywhere (client, ``serving.yml``, ``CTRSERVE_EMBEDDING_SERVERS``, CLI):
+
+* one address per shard (as before): ``["h1:7001", "h3:7002"]``;
+* a list of replicas per shard: ``[["h1:7001", "h2:7001"], ["h3:7002"]]``;
+* one string: ``"h1:7001|h2:7001,h3:7002"`` (``|`` separates replicas, ``,`` shards); a list
+  item may itself be ``"h1:7001|h2:7001"``.
+
+Example:
+    >>> normalize_addresses("h1:7001|h2:7001,h3:7002")
+    [['h1:7001', 'h2:7001'], ['h3:7002']]
+    >>> format_addresses([["h1:7001", "h2:7001"], ["h3:7002"]])
+    'h1:7001|h2:7001,h3:7002'
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import grpc
+
+from embedding_server.errors import ConfigError
+
+log = logging.getLogger("ctrserve.embedding_client")
+
+REPLICA_SEP = "|"
+SHARD_SEP = ","
+Addresses = str | Sequence[str | Sequence[str]]
+
+
+# ---------------------------------------------------------------------------- addresses
+
+
+def is_address(value: object) -> bool:
+    """True for a ``host:port`` string with a port in 1..65535."""
+    if not isinstance(value, str) or ":" not in value:
+        return False
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def parse_addresses(spec: str) -> list[list[str]]:
+    """``"h1:7001|h2:7001,h3:7002"`` → ``[["h1:7001", "h2:7001"], ["h3:7002"]]``.
+
+    Raises:
+        ConfigError: an empty shard or replica, or something that is not ``host:port``.
+    """
+    return normalize_addresses([part for part in spec.split(SHARD_SEP)])
+
+
+def normalize_addresses(addresses: Addresses) -> list[list[str]]:
+    """Replica addresses per shard, from any of the accepted forms (see the module docstring).
+
+    Raises:
+        ConfigError: no shard, a shard without replicas, a malformed or repeated address.
+    """
+    if isinstance(addresses, str):
+        return parse_addresses(addresses)
+    shards: list[list[str]] = []
+    for i, item in enumerate(addresses):
+        replicas = item.split(REPLICA_SEP) if isinstance(item, str) else list(item)
+        replicas = [r.strip() if isinstance(r, str) else r for r in replicas]
+        bad = [r for r in replicas if not is_address(r)]
+        if not replicas or bad:
+            raise ConfigError(
+                f"embedding servers: shard {i} must be 'host:port' replicas separated by '{REPLICA_SEP}', "
+                f"got {item!r}"
+            )
+        shards.append(replicas)
+    if not shards:
+        raise ConfigError("embedding servers: no shard given")
+    listed = [address for replicas in shards for address in replicas]
+    repeated = sorted({address for address in listed if listed.count(address) > 1})
+    if repeated:
+        raise ConfigError(f"embedding servers: address {repeated[0]} is listed more than once")
+    return shards
+
+
+def format_addresses(shards: Sequence[Sequence[str]]) -> str:
+    """The one-string form: ``|`` between replicas, ``,`` between shards."""
+    return SHARD_SEP.join(REPLICA_SEP.join(replicas) for replicas in shards)
+
+
+# ---------------------------------------------------------------------------- health state
+
+
+@dataclass(eq=False)
+class Replica:
+    """One server of one shard, with the client's view of its health.
+
+    Attributes:
+        shard: the shard it serves.
+        address: ``host:port``.
+        channel: its gRPC channel (reconnects by itself after the server returns).
+        stubs: whatever the client calls on it (generated stub, raw Lookup callable, ...).
+        up: reads may go to it.
+        validated: its Info (shard index, config fingerprint) was checked.
+        outstanding: requests sent and not yet answered.
+        reason: why it is down (empty while up).
+    """
+
+    shard: int
+    address: str
+    channel: grpc.Channel
+    stubs: dict[str, Any] = field(default_factory=dict)
+    up: bool = False
+    validated: bool = False
+    outstanding: int = 0
+    reason: str = "not checked yet"
+
+
+class ReplicaSet:
+    """The replicas of one shard; thread-safe.
+
+    Reads go to the up replica with the fewest outstanding requests, ties broken round-robin.
+    A replica marked down is skipped until the health prober marks it up again; when every
+    replica is down, the validated ones are still tried as a last resort (a refused connection
+    fails at once, so this costs nothing and notices a returned server before the next probe).
+
+    Args:
+        shard: shard index.
+        replicas: its replicas (all start down until validated).
+    """
+
+    def __init__(self, shard: int, replicas: Sequence[Replica]):
+        self.shard = shard
+        self.replicas = list(replicas)
+        self._lock = threading.Lock()
+        self._turn = 0
+
+    def candidates(self) -> list[Replica]:
+        """Replicas to try in order for one request: up ones (least outstanding first, rotating
+        on ties), then validated down ones."""
+        with self._lock:
+            n = len(self.replicas)
+            self._turn = (self._turn + 1) % n
+            ranked = sorted(
+                range(n), key=lambda i: (not self.replicas[i].up, self.replicas[i].outstanding, (i - self._turn) % n)
+            )
+            return [self.replicas[i] for i in ranked if self.replicas[i].up or self.replicas[i].validated]
+
+    def started(self, replica: Replica) -> None:
+        """Count a request sent to ``replica``."""
+        with self._lock:
+            replica.outstanding += 1
+
+    def finished(self, replica: Replica) -> None:
+        """Count a request of ``replica`` answered (or failed)."""
+        with self._lock:
+            replica.outstanding -= 1
+
+    def mark_down(self, replica: Replica, reason: str) -> None:
+        """Stop sending reads to ``replica``; logs once per transition."""
+        with self._lock:
+            was_up, replica.up, replica.reason = replica.up, False, reason
+        if was_up:
+            log.warning("embedding shard %d: replica %s marked down: %s", self.shard, replica.address, reason)
+
+    def mark_up(self, replica: Replica) -> None:
+        """Send reads to ``replica`` again; logs once per transition."""
+        with self._lock:
+            was_up, replica.up, replica.reason = replica.up, True, ""
+        if not was_up:
+            log.info("embedding shard %d: replica %s marked up", self.shard, replica.address)
+
+    def down(self) -> list[Replica]:
+        """The replicas currently marked down."""
+        with self._lock:
+            return [r for r in self.replicas if not r.up]
+
+    def describe(self) -> str:
+        """``"h1:7001 (down: UNAVAILABLE ...), h2:7001 (up)"`` for error messages."""
+        with self._lock:
+            return ", ".join(f"{r.address} ({'up' if r.up else 'down: ' + r.reason})" for r in self.replicas)
+
+
+class HealthProber:
+    """A background thread that probes down replicas and marks them up when healthy.
+
+    Args:
+        sets: every shard's replicas.
+        probe: checks one replica; returns None when it may serve, else why not (it must not raise).
+        interval: seconds between probe rounds.
+    """
+
+    def __init__(self, sets: Sequence[ReplicaSet], probe: Callable[[Replica], str | None], interval: float):
+        self.sets = list(sets)
+        self.probe = probe
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedding-health-prober", daemon=True)
+
+    def start(self) -> "HealthProber":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def probe_once(self) -> None:
+        """Probe every down replica once."""
+        for replica_set in self.sets:
+            for replica in replica_set.down():
+                if self._stop.is_set():
+                    return
+                problem = self.probe(replica)
+                if problem is None:
+                    replica_set.mark_up(replica)
+                else:
+                    replica.reason = problem
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.probe_once()
