@@ -15,7 +15,7 @@ from pathlib import Path
 from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
 from embedding_server.errors import ConfigError
 from embedding_server.hotload import FollowOptions, HotloadError
-from embedding_server.security import ServerSecurity
+from embedding_server.security import ClientSecurity, ServerSecurity, resolve_token
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +65,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--servers", required=True, help="comma-separated host:port of shard 0, 1, ...")
     a.add_argument("--embedding-config", required=True, help="embedding_config.yml the servers run with")
     a.add_argument("--directory", help="checkpoint directory for dump and load")
+    tls = a.add_argument_group("security", "for secured servers; the token comes from --token-file or CTRSERVE_EMBEDDING_TOKEN")
+    tls.add_argument("--tls-ca", metavar="PEM", help="CA that signed the servers' certificates (enables TLS)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers demanding mutual TLS")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    tls.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the servers' certificates")
+    tls.add_argument("--token-file", metavar="FILE", help="file holding the servers' shared token")
     a.set_defaults(func=run_admin)
 
 
@@ -144,11 +150,29 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOpti
     return None
 
 
+def _client_security(args: argparse.Namespace) -> ClientSecurity | None:
+    """TLS and token settings of ``embedding-admin`` (None when none is given or in the environment).
+
+    Raises:
+        ConfigError: an unreadable token or an incomplete certificate setting.
+    """
+    token = resolve_token(args.token_file)
+    if not (args.tls_ca or args.tls_cert or token):
+        return None
+    return ClientSecurity(tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+                          tls_server_name=args.tls_server_name, token=token)
+
+
 def run_admin(args: argparse.Namespace) -> int:
     from embedding_server.remote import RemoteEmbeddingClient
 
     emb = EmbeddingConfig.load(args.embedding_config)
-    with RemoteEmbeddingClient(emb, [s.strip() for s in args.servers.split(",") if s.strip()]) as client:
+    try:
+        security = _client_security(args)
+    except ConfigError as exc:
+        print(f"ctrserve embedding-admin: error: {exc}", file=sys.stderr)
+        return 2
+    with RemoteEmbeddingClient(emb, [s.strip() for s in args.servers.split(",") if s.strip()], security=security) as client:
         if args.action == "stats":
             json.dump(client.stats(), sys.stdout, indent=2)
             print()

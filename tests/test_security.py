@@ -363,3 +363,21 @@ def test_remote_client_with_handler_settings_reaches_a_secured_server(pki):
     assert ServingConfig().client_security(environ={}) is None
     with pytest.raises(ConfigError, match="must be a string"):
         ServingConfig.from_dict({"embedding_token_file": 5})
+
+
+def test_embedding_admin_reaches_a_secured_server(pki):
+    token = (pki / "token").read_text().strip()
+    server = _serve(_tls_server(pki, token=token))
+    emb_file = pki / "emb.yml"
+    emb_file.write_text(yaml.safe_dump(EMB.to_dict()))
+    base = [sys.executable, "-m", "ctrserve", "embedding-admin", "stats", "--servers", server.address,
+            "--embedding-config", str(emb_file), "--tls-ca", str(pki / "ca.pem")]
+    try:
+        ok = subprocess.run(base + ["--token-file", str(pki / "token")], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)[0]["capacity"] == server.store.capacity
+        refused = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=60,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_EMBEDDING_TOKEN")})
+        assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
+    finally:
+        server.stop(0)
