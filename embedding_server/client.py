@@ -242,6 +242,11 @@ def _one_id_per_bag(f: SparseFeature, slot: SlotConfig) -> bool:
     )
 
 
+def _at_most_one_id_per_bag(f: SparseFeature) -> bool:
+    """Every sample holds zero or one id (after hash stacking): Criteo-style missing values."""
+    return bool((f.lengths <= 1).all())
+
+
 def _assemble(
     members: list[tuple[SparseFeature, SlotConfig, int]], inverse: torch.Tensor, rows: torch.Tensor, batch_size: int, dim: int
 ) -> dict[str, torch.Tensor | RawEmbedding]:
@@ -265,11 +270,21 @@ def _assemble(
         else:
             out[f.name] = _raw(idx, offsets, rows, slot.sample_fixed_size, batch_size, dim)
     if pooled_names:
-        if all(_one_id_per_bag(f, slot) for f, slot, _ in members if slot.embedding_summation):
+        pooled = [(f, slot) for f, slot, _ in members if slot.embedding_summation]
+        if all(_one_id_per_bag(f, slot) for f, slot in pooled):
             # One id per bag: the pooled value is that id's row (its mean or sqrt weight is 1).
             # index_select gives the same values without embedding_bag's intra-op threads (slow
             # when another process keeps a core busy); its backward sums repeated rows' gradients.
             bags = rows.index_select(0, torch.cat(pooled_idx))
+        elif all(_at_most_one_id_per_bag(f) for f, _ in pooled):
+            # Bags of zero or one id (missing values): the row where there is an id, zeros where
+            # not. index_copy is differentiable in the copied rows, so gradients flow as above.
+            filled = torch.from_numpy(np.concatenate(
+                [np.flatnonzero(f.lengths) + k * batch_size for k, (f, _) in enumerate(pooled)]
+            ))
+            bags = rows.new_zeros((len(pooled) * batch_size, dim)).index_copy(
+                0, filled, rows.index_select(0, torch.cat(pooled_idx))
+            )
         else:
             bags = F.embedding_bag(
                 torch.cat(pooled_idx),

@@ -185,3 +185,32 @@ def test_non_pooled_single_ids_take_the_general_path():
     client = InProcessEmbeddingClient(emb, glob(50))
     result = client.lookup([SparseFeature.from_lists("r", [[1], [2]])])
     assert result["r"].values.shape == (2, 1, 4) and result["r"].mask.all()
+
+
+def sparse_batch(rng: np.random.Generator, batch_size: int, names=("a", "b", "c")) -> list[SparseFeature]:
+    """Zero or one id per sample (Criteo-style missing values)."""
+    out = []
+    for n in names:
+        present = rng.random(batch_size) < 0.7
+        offsets = np.zeros(batch_size + 1, np.int64)
+        np.cumsum(present, out=offsets[1:])
+        out.append(SparseFeature(n, rng.integers(0, 20, int(present.sum())).astype(np.uint64), offsets))
+    return out
+
+
+def test_bags_of_zero_or_one_id_match_embedding_bag_values_and_gradients():
+    rng = np.random.default_rng(5)
+    client = InProcessEmbeddingClient(EMB, glob(200))
+    features = sparse_batch(rng, 40)
+    assert any((f.lengths == 0).any() for f in features) and any((f.lengths == 1).any() for f in features)
+    result = client.lookup(features, requires_grad=True)
+    (group,) = result.groups
+    rows = group.rows.detach().clone().requires_grad_(True)
+    expected = reference_pooling(group, features, rows)
+    for f in features:
+        assert torch.equal(result[f.name].detach(), expected[f.name].detach())
+        assert not result[f.name][torch.from_numpy(f.lengths == 0)].any()  # missing: zeros
+    weights = torch.from_numpy(rng.standard_normal((40, 4)).astype(np.float32))
+    sum((result[f.name] * weights * (k + 1)).sum() for k, f in enumerate(features)).backward()
+    sum((expected[f.name] * weights * (k + 1)).sum() for k, f in enumerate(features)).backward()
+    torch.testing.assert_close(group.rows.grad, rows.grad, atol=1e-6, rtol=1e-6)
