@@ -9,6 +9,8 @@ replicas are all down within its deadline, and take restarted replicas back by i
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -176,6 +178,24 @@ def test_killing_one_replica_of_each_shard_fails_no_lookup_and_restarted_replica
             streamer.join()
     assert failures == [] and wrong[0] == 0
     assert done[0] > at_kill + 100
+
+
+def test_a_hung_replica_times_out_and_its_shard_answers_from_the_other(emb, group):
+    """SIGSTOP: the replica accepts connections but never answers (DEADLINE_EXCEEDED)."""
+    ids, tables, dim = keys(emb)
+    hung = group.server(0, 0)
+    with RemoteEmbeddingClient(emb, group.replica_addresses, timeout=TIMEOUT, probe_interval=0.2) as client:
+        expected = client.lookup_rows(ids, tables, dim).tobytes()
+        os.kill(hung.process.pid, signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                started = time.monotonic()
+                assert client.lookup_rows(ids, tables, dim).tobytes() == expected
+                assert time.monotonic() - started < TIMEOUT
+            assert not is_up(client, 0, hung.address)
+        finally:
+            os.kill(hung.process.pid, signal.SIGCONT)
+        wait_until(lambda: is_up(client, 0, hung.address), what="the resumed replica to be marked up")
 
 
 def test_a_shard_with_every_replica_down_fails_within_the_deadline_then_recovers(emb, group, caplog):
