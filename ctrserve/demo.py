@@ -507,8 +507,11 @@ class FreshnessProbe:
         previous = self._previous.get(folder, {})
         candidates = [(rows, int(i)) for rows in packet.tables for i in self._rng.permutation(rows.ids.shape[0])[:200]]
         self._rng.shuffle(candidates)
-        changed = [(rows, i) for rows, i in candidates
-                   if (key := (rows.table.index, int(rows.ids[i]))) in previous and not np.array_equal(previous[key], rows.weights[i])]
+        def was_different(rows: Any, i: int) -> bool:
+            old = previous.get((rows.table.index, int(rows.ids[i])))
+            return old is not None and not np.array_equal(old, rows.weights[i])
+
+        changed = [(rows, i) for rows, i in candidates if was_different(rows, i)]
         for rows, i in (changed or candidates)[: self.rows_per_packet]:
             old = previous.get((rows.table.index, int(rows.ids[i])))
             probe = Probe(rows.table.name, rows.table.index, int(rows.ids[i]), folder.rsplit("/", 1)[-1], packet.seq,
@@ -546,7 +549,7 @@ class Tick:
     p50_ms: float
     p99_ms: float
     failures: int
-    model_version: int
+    model_version: int  # the newest version that answered in this second
     watermark: dict
     server_freshness_p50_s: float
     server_freshness_p99_s: float
@@ -581,7 +584,7 @@ def format_tick(tick: Tick) -> str:
     mark = ",".join(f"{k}:{v}" for k, v in sorted(tick.watermark.items())) or "-"
     return (f"[{tick.t:4.0f}s] {tick.requests_per_s:5.1f} req/s  p50 {tick.p50_ms:5.1f} ms  p99 {tick.p99_ms:6.1f} ms  "
             f"failed {tick.failures} | model v{tick.model_version}  watermark {mark} | fresh {fresh} "
-            f"(servers p99 {tick.server_freshness_p99_s:.2f}s) | step {tick.train_step or '-'} AUC {auc}")
+            f"(servers p99 {tick.server_freshness_p99_s:.2f}s incl. start-up) | step {tick.train_step or '-'} AUC {auc}")
 
 
 def summarize(samples: list[Sample], probe: FreshnessProbe, server_stats: list[dict], duration: float,
@@ -641,13 +644,14 @@ def _example(served: list[Probe]) -> dict | None:
 
 def summary_table(report: dict) -> str:
     """The end-of-run table (Markdown, readable in a terminal too)."""
-    f = report["figures"]
+    f, checks, training = report["figures"], report["checks"], report["training"]
 
     def num(value: Any, unit: str = "", fmt: str = ".2f") -> str:
         return "-" if value is None else f"{value:{fmt}}{unit}"
 
     rows = [
-        ("predictions", f"{f['requests']} in {f['duration_s']:.0f} s ({f['requests_per_s']:.1f} req/s), {f['failures']} failed"),
+        ("predictions",
+         f"{f['requests']} in {f['duration_s']:.0f} s ({f['requests_per_s']:.1f} req/s), {f['failures']} failed"),
         ("latency p50 / p99", f"{num(f['latency_p50_ms'], ' ms', '.1f')} / {num(f['latency_p99_ms'], ' ms', '.1f')}"),
         ("longest wait between answers", num(f["largest_gap_between_answers_s"], " s")),
         ("model versions served", ", ".join(f"v{v}" for v in f["model_versions_served"]) or "-"),
@@ -655,11 +659,11 @@ def summary_table(report: dict) -> str:
         ("freshness, servers (packet made -> applied, incl. start-up replay) p50 / p99",
          f"{num(f['server_freshness_p50_s'], ' s')} / {num(f['server_freshness_p99_s'], ' s')}"),
         ("freshness, probe (row changed -> served) p50 / p99 / max",
-         f"{num(f['probe_freshness_p50_s'], ' s')} / {num(f['probe_freshness_p99_s'], ' s')} / {num(f['probe_freshness_max_s'], ' s')}"),
+         " / ".join(num(f[f"probe_freshness_{q}_s"], " s") for q in ("p50", "p99", "max"))),
         ("changed rows probed / served / missed", f"{f['probe_rows']} / {f['probe_rows_served']} / {f['probe_rows_missed']} "
                                                  f"(with a known previous value: {f['probe_rows_changed']})"),
-        ("freshness goal", f"{f['freshness_goal_s']:g} s: {'met' if report['checks']['freshness_within_goal'] else 'MISSED'}"),
-        ("training", f"step {report['training'].get('step') or '-'}, held-out AUC {num(report['training'].get('auc'), '', '.4f')}"),
+        ("freshness goal", f"{f['freshness_goal_s']:g} s: {'met' if checks['freshness_within_goal'] else 'MISSED'}"),
+        ("training", f"step {training.get('step') or '-'}, held-out AUC {num(training.get('auc'), '', '.4f')}"),
         ("processes left running", ", ".join(report["left_running"]) or "none"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -689,7 +693,8 @@ def plot(ticks: list[Tick], probes: list[Probe], stream_start_unix: float, path:
     for q, style in ((50, "-"), (99, "--")):
         ax_fresh.plot(t, [_window_percentile(served, k.t, q) for k in ticks], style, color="tab:blue",
                       label=f"p{q} over the last {FRESHNESS_WINDOW_S:.0f} s")
-    ax_fresh.set(title="freshness of the served embeddings: trainer's packet made -> row served", xlabel="seconds since predictions began", ylabel="s")
+    ax_fresh.set(title="freshness of the served embeddings: trainer's packet made -> row served",
+                 xlabel="seconds since predictions began", ylabel="s")
     ax_fresh.set_ylim(bottom=0)
     for ax in (ax_lat, ax_fresh):
         ax.grid(alpha=0.3)
@@ -742,9 +747,9 @@ class Demo:
                 except Interrupted as exc:
                     self.interrupted = str(exc)
                     self.say(f"{exc}: stopping everything")
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    self.error = str(exc)
-                    log.error("demo failed: %s", exc)
+                except Exception as exc:  # reported (and the exit code says so) after everything is stopped
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    log.error("demo failed: %s", self.error, exc_info=log.isEnabledFor(logging.DEBUG))
                 self.say("stopping every process the demo started ...")
             self.say("stopped")
         except Interrupted as exc:  # a signal during the clean-up: it still ran to the end
@@ -936,20 +941,27 @@ class Demo:
 
     def _tick(self, now: float, window: list[Sample], samples: list[Sample], probe: FreshnessProbe,
               stats: list[dict]) -> Tick:
-        span = now - (self.ticks[-1].t if self.ticks else 0.0)
-        ok = [s for s in window if s.ok]
+        """The figures of the second that ended at ``now`` (``window``: its samples)."""
+        previous = self.ticks[-1] if self.ticks else None
+        span = now - (previous.t if previous else 0.0)
+        latencies = [s.latency_s for s in window if s.ok]
         hot = [s.get("hotload") or {} for s in stats]
         delays = [p.delay_s for p in probe.served()]
         step, auc = read_training(self.files.train_dir / "metrics.jsonl")
-        watermark = {k: v for s in stats for k, v in (s.get("watermark") or {}).items()}
         return Tick(
-            now, len(window) / span if span > 0 else 0.0,
-            percentile_ms([s.latency_s for s in ok], 50), percentile_ms([s.latency_s for s in ok], 99),
-            sum(not s.ok for s in samples), ok[-1].version if ok else (self.ticks[-1].model_version if self.ticks else -1),
-            watermark, max((h.get("freshness_p50_s", 0.0) for h in hot), default=0.0),
-            max((h.get("freshness_p99_s", 0.0) for h in hot), default=0.0),
-            float(np.percentile(delays, 50)) if delays else None, float(np.percentile(delays, 99)) if delays else None,
-            step, auc,
+            t=now,
+            requests_per_s=len(window) / span if span > 0 else 0.0,
+            p50_ms=percentile_ms(latencies, 50),
+            p99_ms=percentile_ms(latencies, 99),
+            failures=sum(not s.ok for s in samples),
+            model_version=max((s.version for s in window if s.ok), default=previous.model_version if previous else -1),
+            watermark={k: v for s in stats for k, v in (s.get("watermark") or {}).items()},
+            server_freshness_p50_s=max((h.get("freshness_p50_s", 0.0) for h in hot), default=0.0),
+            server_freshness_p99_s=max((h.get("freshness_p99_s", 0.0) for h in hot), default=0.0),
+            probe_p50_s=float(np.percentile(delays, 50)) if delays else None,
+            probe_p99_s=float(np.percentile(delays, 99)) if delays else None,
+            train_step=step,
+            train_auc=auc,
         )
 
     def _show(self, tick: Tick) -> None:
@@ -969,7 +981,7 @@ class Demo:
         duration = self.ticks[-1].t if self.ticks else 0.0
         figures = summarize(samples, probe, stats, duration, self.options.freshness_goal) if probe else {}
         left = self._left_running()
-        training = getattr(self, "trainer_result", {})
+        result = getattr(self, "trainer_result", {})
         step, auc = read_training(self.workdir / "train" / "metrics.jsonl")
         checks = self._checks(figures, left)
         essential = ("ran_to_the_end", "no_failed_prediction", "nothing_left_running")
@@ -982,8 +994,9 @@ class Demo:
             "model_root": self.model_root,
             "elapsed_s": elapsed,
             "figures": figures,
-            "training": {"step": training.get("steps", step), "auc": training.get("eval_auc", auc),
-                         "exported_versions": training.get("exported_versions"), "exit_code": getattr(self, "trainer_exit", None)},
+            "training": {"step": result.get("steps", step), "auc": result.get("eval_auc", auc),
+                         "exported_versions": result.get("exported_versions"),
+                         "exit_code": getattr(self, "trainer_exit", None)},
             "processes": {"pids": self.started.pids, "process_groups": self.started.groups},
             "left_running": left,
             "timeline": [asdict(t) for t in self.ticks],
@@ -1010,13 +1023,14 @@ class Demo:
     def _checks(self, figures: dict, left: list[str]) -> dict[str, bool]:
         f = figures
         p99 = f.get("probe_freshness_p99_s")
+        fresh = p99 is not None and p99 <= self.options.freshness_goal and f.get("probe_rows_missed", 1) == 0
         return {
             "ran_to_the_end": not self.interrupted and not self.error,
             "predictions_made": f.get("requests", 0) > 0,
             "no_failed_prediction": f.get("requests", 0) > 0 and f.get("failures", 1) == 0,
             "model_version_advanced": len(f.get("model_versions_served", [])) >= 2,
             "changed_row_served": f.get("probe_rows_served", 0) > 0,
-            "freshness_within_goal": p99 is not None and p99 <= self.options.freshness_goal and f.get("probe_rows_missed", 1) == 0,
+            "freshness_within_goal": fresh,
             "nothing_left_running": not left,
         }
 
