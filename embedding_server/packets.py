@@ -166,6 +166,7 @@ def decode_packet(data: bytes, config: EmbeddingConfig, where: str = "packet") -
         raise PacketError(f"{where}: written for other tables (fingerprint {meta.get('config_fingerprint')} != {config.fingerprint()})")
     if table.schema.names != ["table", "id", "weight"]:
         raise PacketError(f"{where}: unexpected columns {table.schema.names}")
+    _check_column_types(table.schema, where)
     try:
         shard, num_shards, seq, rows = (int(meta[k]) for k in ("shard", "num_shards", "seq", "rows"))
         created_at, checksum = float(meta["created_at"]), int(meta["checksum"])
@@ -181,6 +182,25 @@ def decode_packet(data: bytes, config: EmbeddingConfig, where: str = "packet") -
     if rows != table.num_rows or _checksum(names, index, ids, flat) != checksum:
         raise PacketError(f"{where}: checksum mismatch: the packet is corrupt or truncated")
     return Packet(shard, num_shards, seq, created_at, _split_tables(names, index, ids, flat, lengths, config, where))
+
+
+def _check_column_types(schema: pa.Schema, where: str) -> None:
+    """Refuse columns of other types than the writer's (found by fuzzing: a plain string
+    ``table`` column passed every other check).
+
+    Raises:
+        PacketError: naming the column and its type.
+    """
+    types = {name: schema.field(name).type for name in schema.names}
+    checks = {
+        "table": lambda t: pa.types.is_dictionary(t) and pa.types.is_integer(t.index_type) and pa.types.is_string(t.value_type),
+        "id": pa.types.is_uint64,
+        "weight": lambda t: pa.types.is_list(t) and pa.types.is_float32(t.value_type),
+    }
+    wrong = [f"'{name}' is {types[name]}" for name, ok in checks.items() if not ok(types[name])]
+    if wrong:
+        raise PacketError(f"{where}: columns of the wrong type ({', '.join(wrong)}); expected table: "
+                          "dictionary<string>, id: uint64, weight: list<float32>")
 
 
 def _split_tables(names, index, ids, flat, lengths, config: EmbeddingConfig, where: str) -> list[TableRows]:
