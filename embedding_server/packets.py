@@ -227,6 +227,7 @@ def _split_tables(names, index, ids, flat, lengths, config: EmbeddingConfig, whe
 
 def _checksum(names: list[str], index: np.ndarray, ids: np.ndarray, flat: np.ndarray) -> int:
     crc = zlib.crc32("\0".join(names).encode())
-    for array in (index.astype("<i2"), ids.astype("<u8"), flat.astype("<f4")):
-        crc = zlib.crc32(np.ascontiguousarray(array).tobytes(), crc)
+    for array, dtype in ((index, "<i2"), (ids, "<u8"), (flat, "<f4")):
+        # No copies on little-endian machines: crc32 reads the array's buffer in place.
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(array.astype(dtype, copy=False))).cast("B"), crc)
     return crc
