@@ -240,6 +240,7 @@ class TrainerProcess:
         cmd = [sys.executable, "-m", "ctrserve", "--log-level", "INFO", "train", "--config", str(job), "--no-progress"]
         # One compute thread: on a small machine serving keeps a core for itself.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self._signalled = False
         with open(log_path, "wb") as out:
             self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -254,7 +255,10 @@ class TrainerProcess:
             raise RuntimeError(f"the trainer exited with code {self.process.returncode}:\n{_tail(self.log_path)}")
 
     def request_stop(self) -> None:
-        if self.process.poll() is None:
+        """SIGTERM, once: a second one could arrive while Python shuts down (default handlers
+        restored) and kill it after its clean exit."""
+        if not self._signalled and self.process.poll() is None:
+            self._signalled = True
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 60.0) -> int:
