@@ -91,20 +91,37 @@ class ServerGroup:
         Raises:
             RuntimeError: it is still running, exited, or did not become ready in ``timeout``.
         """
-        old = self.server(shard, replica)
-        if old.process.poll() is None:
-            raise RuntimeError(f"replica {replica} of shard {shard} ({old.address}) is still running")
-        port = old.address.rpartition(":")[2]
-        command = [port if i and old.command[i - 1] == "--port" else arg for i, arg in enumerate(old.command)]
-        old.ready_file.unlink(missing_ok=True)
-        proc = _spawn(command, old.log_path, append=True)
+        return self.restart_many([(shard, replica)], timeout)[0]
+
+    def restart_many(self, which: list[tuple[int, int]], timeout: float = 60.0) -> list[ServerProcess]:
+        """Start several stopped or killed ``(shard, replica)`` servers again at once, each on its
+        old port; wait until all serve.
+
+        Raises:
+            RuntimeError: one is still running, exited, or did not become ready in ``timeout``.
+        """
+        old = [self.server(shard, replica) for shard, replica in which]
+        running = [s.address for s in old if s.process.poll() is None]
+        if running:
+            raise RuntimeError(f"cannot restart {', '.join(running)}: still running")
+        started = []
         try:
-            info = _wait_ready(proc, old.ready_file, old.log_path, timeout)
+            for server in old:
+                port = server.address.rpartition(":")[2]
+                command = [port if i and server.command[i - 1] == "--port" else arg for i, arg in enumerate(server.command)]
+                server.ready_file.unlink(missing_ok=True)
+                started.append((_spawn(command, server.log_path, append=True), command))
+            new = []
+            for server, (proc, command) in zip(old, started):
+                info = _wait_ready(proc, server.ready_file, server.log_path, timeout)
+                new.append(ServerProcess(proc, info["address"], info["metrics_port"], server.log_path,
+                                         server.shard, server.replica, command, server.ready_file))
         except BaseException:
-            _terminate(proc)
+            for proc, _ in started:
+                _terminate(proc)
             raise
-        new = ServerProcess(proc, info["address"], info["metrics_port"], old.log_path, shard, replica, command, old.ready_file)
-        self.servers[self.servers.index(old)] = new
+        for server, replacement in zip(old, new):
+            self.servers[self.servers.index(server)] = replacement
         return new
 
     @classmethod

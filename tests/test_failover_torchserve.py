@@ -29,7 +29,7 @@ from torchserve_support import EMB, export_version, random_batch, write_configs
 pytestmark = pytest.mark.timeout(240)
 
 LOOKUP_TIMEOUT_S = 2.0  # serving.yml embedding_timeout_s: the bound on a 503
-REQUESTS_PER_PHASE = 200
+REQUESTS_PER_PHASE = 150
 
 
 class Replicated:
@@ -42,9 +42,9 @@ class Replicated:
         return PredictionClient(self.ts.grpc_inference_url, model_name="deepctr", timeout=30)
 
     def all_running(self) -> None:
-        for server in self.group.servers:
-            if server.process.poll() is not None:
-                self.group.restart(server.shard, server.replica)
+        stopped = [(s.shard, s.replica) for s in self.group.servers if s.process.poll() is not None]
+        if stopped:
+            self.group.restart_many(stopped)
 
 
 @pytest.fixture(scope="module")
