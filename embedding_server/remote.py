@@ -35,7 +35,6 @@ import time
 from typing import Any, Callable
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_server import checkpoint, wire
@@ -108,10 +107,10 @@ class RemoteEmbeddingClient(EmbeddingClient):
         ]
         try:
             self._connect(connect_timeout)
+            self.infos = [self._read("Info", s, pb.InfoRequest()) for s in range(self.num_shards)]
         except BaseException:
             self._close_channels()
             raise
-        self.infos = [self._read("Info", s, pb.InfoRequest()) for s in range(self.num_shards)]
         self._prober = HealthProber(self.replica_sets, self._probe, probe_interval).start()
 
     def close(self) -> None:
