@@ -435,6 +435,10 @@ def _cli(args: argparse.Namespace) -> int:
             raise ConfigError(f"--steps must be > 0, got {args.steps}")
         job = JobConfig(**{**job.__dict__, "train": TrainConfig(**{**job.train.__dict__, "steps": args.steps})})
     result = run_job(job, progress=not args.no_progress)
+    # The job is done: a late signal must not turn the clean exit into a kill (Python restores
+    # the default handlers of Python-level handlers while it shuts down; it keeps SIG_IGN).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.__dict__))
     return 0
