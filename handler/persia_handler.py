@@ -108,7 +108,10 @@ class PersiaHandler(BaseHandler):
             connect_timeout=self.serving.connect_timeout_s,
             security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
         )
+        if self.serving.torch_threads:
+            torch.set_num_threads(self.serving.torch_threads)
         self.configure(self.spec, model, embeddings, self.serving, self.device)
+        self.warm_up()
         self._start_watermark_refresh()
         logger.info(
             "serving dense version %d (step %d) on %s with %d embedding shards",
@@ -130,6 +133,19 @@ class PersiaHandler(BaseHandler):
         self.spec, self.model, self.embeddings, self.serving, self.device = spec, model, embeddings, serving, device
         self.decoder = RequestDecoder.from_serving(spec, serving)
         self.initialized = True
+
+    @torch.inference_mode()
+    def warm_up(self, calls: int = 2) -> None:
+        """Run the dense model on a zero sample before the worker reports READY: TorchScript
+        optimises on its first calls, which would otherwise stall the first requests after a
+        version switch."""
+        dense = torch.zeros((1, self.spec.dense_width), dtype=torch.float32, device=self.device)
+        sparse = [
+            torch.zeros((1, f.dim) if f.pooled else (1, f.sample_fixed_size, f.dim), dtype=torch.float32, device=self.device)
+            for f in self.spec.features
+        ]
+        for _ in range(calls):
+            self.model(dense, sparse)
 
     # ------------------------------------------------------------------ TorchServe entry point
 

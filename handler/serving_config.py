@@ -18,6 +18,7 @@ Example ``serving.yml``::
     max_ids_per_request: 4000000  # ids of all features of one request
     max_ids_per_sample: 10000     # ids of one feature in one sample
     max_json_request_bytes: 8388608   # bytes of a JSON body (parsed JSON is 10-20x its size)
+    torch_threads: 1              # torch intra-op threads per worker (0: torch's default)
     # Secured embedding servers (see deploy/production/): TLS, client certificate, shared token.
     embedding_tls_ca_file: /etc/ctrserve/tls/ca.pem
     embedding_tls_cert_file: /etc/ctrserve/tls/client.pem
@@ -63,6 +64,10 @@ class ServingConfig:
         max_ids_per_request: most ids in one request, all features together (larger: HTTP 400).
         max_ids_per_sample: most ids of one feature in one sample (larger: HTTP 400).
         max_json_request_bytes: largest JSON body (larger: HTTP 400; batch bytes are not bound by it).
+        torch_threads: torch intra-op threads of each worker. 1 (the default) keeps a worker on
+            one core: small-batch serving gains nothing from more, and a worker whose threads
+            wait on a busy core gets many times slower. Scale with TorchServe workers instead;
+            0 keeps torch's default (one thread per core).
         embedding_tls_ca_file: PEM CA bundle of the embedding servers' certificates (enables TLS).
         embedding_tls_cert_file: client certificate for servers that demand mutual TLS.
         embedding_tls_key_file: private key of ``embedding_tls_cert_file``.
@@ -84,6 +89,7 @@ class ServingConfig:
     max_ids_per_request: int = 4_000_000
     max_ids_per_sample: int = 10_000
     max_json_request_bytes: int = 8 << 20
+    torch_threads: int = 1
     embedding_tls_ca_file: str = ""
     embedding_tls_cert_file: str = ""
     embedding_tls_key_file: str = ""
@@ -107,6 +113,8 @@ class ServingConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive integer, got {value!r}")
+        if not isinstance(self.torch_threads, int) or isinstance(self.torch_threads, bool) or self.torch_threads < 0:
+            raise ConfigError(f"{SERVING_FILE}: 'torch_threads' must be an integer >= 0, got {self.torch_threads!r}")
         for key in ("embedding_tls_ca_file", "embedding_tls_cert_file", "embedding_tls_key_file",
                     "embedding_tls_server_name", "embedding_token_file"):
             if not isinstance(getattr(self, key), str):

@@ -154,6 +154,9 @@ def test_serving_config_is_strict_and_the_environment_overrides_addresses(tmp_pa
         ServingConfig.from_dict({"embedding_servers": ["localhost"]})
     with pytest.raises(ConfigError, match="positive number of seconds"):
         ServingConfig.from_dict({"embedding_timeout_s": 0})
+    with pytest.raises(ConfigError, match="'torch_threads' must be an integer >= 0"):
+        ServingConfig.from_dict({"torch_threads": -1})
+    assert ServingConfig().torch_threads == 1
     path = tmp_path / "serving.yml"
     path.write_text("embedding_servers: ['127.0.0.1:7001']\nmax_batch_size: 16\n")
     config = ServingConfig.load(path)
@@ -274,3 +277,16 @@ def test_embedding_watermark_is_what_the_shards_report_under_watermark(handler):
     assert handler.read_embedding_watermark() == {}  # the in-process stores report none yet
     handler.embeddings = Shards()
     assert handler.read_embedding_watermark() == {"0": 17}
+
+
+def test_warm_up_runs_the_model_on_a_zero_sample_of_every_input_shape(handler, spec):
+    calls = []
+
+    def recording_model(dense, sparse):
+        calls.append((tuple(dense.shape), [tuple(t.shape) for t in sparse]))
+        return torch.zeros((dense.shape[0], 1))
+
+    handler.model = recording_model
+    handler.warm_up()
+    expected = [(1, f.dim) if f.pooled else (1, f.sample_fixed_size, f.dim) for f in spec.features]
+    assert calls == [((1, spec.dense_width), expected)] * 2
