@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -66,8 +67,9 @@ class SparseFeature:
     def batch_size(self) -> int:
         return self.offsets.shape[0] - 1
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
+        """Ids per sample (computed once: pooling asks for it several times per lookup)."""
         return np.diff(self.offsets)
 
 

@@ -264,7 +264,7 @@ def _assemble(
         if slot.embedding_summation:
             pooled_idx.append(idx)
             pooled_off.append(offsets[:-1] + total)
-            pooled_w.append(_bag_weights(f.lengths, slot))  # f is hash-stacked: see _bag_weights
+            pooled_w.append((f.lengths, slot))  # weights are made only if embedding_bag needs them
             pooled_names.append(f.name)
             total += n
         else:
@@ -293,7 +293,8 @@ def _assemble(
                 rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
                 torch.cat(pooled_off),
                 mode="sum",
-                per_sample_weights=_fill_weights(pooled_w, pooled_idx),
+                # f is hash-stacked: see _bag_weights
+                per_sample_weights=_fill_weights([_bag_weights(*w) for w in pooled_w], pooled_idx),
             )
         for k, name in enumerate(pooled_names):
             out[name] = bags[k * batch_size : (k + 1) * batch_size]

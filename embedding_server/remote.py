@@ -285,7 +285,11 @@ class RemoteEmbeddingClient(EmbeddingClient):
         calls = []
         for s, ids, tables in requests:
             payload = wire.encode_lookup_request(ids, tables)
-            calls.append(self._start(s, lambda r, t, p=payload: r.stubs["Lookup"].future(p, timeout=t)))
+            if len(requests) == 1:
+                # Nothing to overlap: a blocking call skips the thread gRPC starts per future.
+                calls.append(self._start(s, lambda r, t, p=payload: _Completed.call(r.stubs["Lookup"], p, t)))
+            else:
+                calls.append(self._start(s, lambda r, t, p=payload: r.stubs["Lookup"].future(p, timeout=t)))
         out = []
         for call, (s, ids, _) in zip(calls, requests):
             answer = call.result()
@@ -444,6 +448,28 @@ class _ShardCall:
         return ShardUnavailableError(
             f"embedding shard {self.shard} unavailable: {tried} (replicas: {self.replica_set.describe()})"
         )
+
+
+class _Completed:
+    """A finished call with the interface :class:`_ShardCall` uses of a ``grpc.Future``."""
+
+    def __init__(self, value: Any = None, error: grpc.RpcError | None = None):
+        self._value, self._error = value, error
+
+    @classmethod
+    def call(cls, method: Any, request: Any, timeout: float | None) -> "_Completed":
+        try:
+            return cls(method(request, timeout=timeout))
+        except grpc.RpcError as exc:
+            return cls(error=exc)
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def add_done_callback(self, fn: Callable[["_Completed"], None]) -> None:
+        fn(self)
 
 
 def hotload_dict(message) -> dict:
