@@ -3,9 +3,12 @@ same-run baseline, and reporting (see README.md for the conventions they impleme
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
+import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -70,3 +73,12 @@ def rounded(results: dict) -> dict:
     """Figures for the JSON line: ratios to 4 decimals, rates to whole numbers."""
     return {k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v))
             for k, v in results.items()}
+
+
+def print_summary(summary: dict, caught: Sequence[warnings.WarningMessage]) -> None:
+    """Print the library warnings caught while measuring, then the JSON line (always last, so
+    ``| tail -n 1`` finds it even with stderr and stdout merged)."""
+    for w in caught:
+        print(f"library warning: {w.category.__name__} at {Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}")
+    summary["library_warnings"] = len(caught)
+    print(json.dumps(summary))

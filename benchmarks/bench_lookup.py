@@ -28,7 +28,6 @@ The last line printed is one JSON object with every figure: ``store_ratio``, ``i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import OtherLoad, measure, report, rounded  # noqa: E402
+from _common import OtherLoad, measure, print_summary, report, rounded  # noqa: E402
 
 BATCH = 4096
 NUM_FEATURES = 26
@@ -116,10 +115,7 @@ def main() -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = run(args)
-    for w in caught:
-        print(f"library warning: {w.category.__name__} at {Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}")
-    summary["library_warnings"] = len(caught)
-    print(json.dumps(summary))
+    print_summary(summary, caught)
     return 0
 
 

@@ -77,7 +77,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from _common import OtherLoad, rounded  # noqa: E402
+from _common import OtherLoad, print_summary, rounded  # noqa: E402
 
 NUM_DENSE = 13
 NUM_FEATURES = 26
@@ -361,10 +361,7 @@ def main() -> int:
         except KeyboardInterrupt as exc:
             print(f"interrupted ({str(exc) or 'Ctrl-C'}): every server this run started has been stopped", file=sys.stderr)
             return 130
-    for w in caught:
-        print(f"library warning: {w.category.__name__} at {Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}")
-    summary["library_warnings"] = len(caught)
-    print(json.dumps(summary))
+    print_summary(summary, caught)
     return 0
 
 

@@ -17,7 +17,6 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +34,7 @@ from embedding_server.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, 
 from embedding_server.remote import RemoteEmbeddingClient
 from embedding_server.storage import Storage, open_storage
 from embedding_server.store import EmbeddingStore, TableRows
+from replica_support import wait_until
 
 EMB = {"slots_config": {"user": {"dim": 8}, "item": {"dim": 8}, "query": {"dim": 4}}}
 TRAIN = {"embedding_parameter_server_config": {"capacity": 20_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
@@ -45,18 +45,6 @@ FAST = FollowOptions(poll_interval_s=0.05, rescan_interval_s=0.5, gap_timeout_s=
 @pytest.fixture(scope="module")
 def emb() -> EmbeddingConfig:
     return EmbeddingConfig.from_dict(EMB)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Trainer:
