@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="gRPC client threads (default 4)")
     parser.add_argument("--request-rows", type=int, default=64, help="samples per request (default 64)")
     parser.add_argument("--capacity", type=int, default=50_000, help="rows per embedding server (default 50000)")
+    parser.add_argument("--export-every", type=int, default=200,
+                        help="trainer steps between dense versions, the first one included (default 200); a value "
+                             "that gives one version per run (e.g. 2000 here) keeps one set of TorchServe workers alive "
+                             "from the baseline to the end, so their memory is measured too")
     parser.add_argument("--rss-bound-mb", type=float, default=64.0, help="allowed RSS growth per process, MiB (default 64)")
     parser.add_argument("--rss-bound-pct", type=float, default=10.0, help="or this %% of its baseline (default 10)")
     parser.add_argument("--workdir", help="default: a new temporary directory")
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ctrserve-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     options = demo.DemoOptions(workdir, duration=duration, shards=args.shards, live=False, clients=args.clients,
-                               request_rows=args.request_rows, export_every=200)
+                               request_rows=args.request_rows, export_every=args.export_every)
     options.validate()
     demo._quiet_libraries()
     print(f"soak work directory: {workdir}", flush=True)
