@@ -44,10 +44,12 @@ class SparseFeature:
         off = self.offsets
         if not isinstance(off, np.ndarray) or off.dtype != np.int64 or off.ndim != 1 or off.shape[0] < 1:
             raise InvalidRequestError(f"feature '{self.name}': offsets must be a 1-D int64 array of batch_size + 1 entries")
-        if off[0] != 0 or off[-1] != self.ids.shape[0] or (off.shape[0] > 1 and (np.diff(off) < 0).any()):
+        lengths = off[1:] - off[:-1]
+        if off[0] != 0 or off[-1] != self.ids.shape[0] or (lengths < 0).any():
             raise InvalidRequestError(
                 f"feature '{self.name}': offsets must rise from 0 to the number of ids ({self.ids.shape[0]})"
             )
+        object.__setattr__(self, "lengths", lengths)  # fills the cached property: computed once
 
     @classmethod
     def from_lists(cls, name: str, samples: Sequence[object]) -> "SparseFeature":
@@ -69,8 +71,8 @@ class SparseFeature:
 
     @cached_property
     def lengths(self) -> np.ndarray:
-        """Ids per sample (computed once: pooling asks for it several times per lookup)."""
-        return np.diff(self.offsets)
+        """Ids per sample (set by the validation; pooling asks for it several times per lookup)."""
+        return self.offsets[1:] - self.offsets[:-1]
 
 
 def check_batch(features: Sequence[SparseFeature], config: EmbeddingConfig) -> int:
