@@ -518,6 +518,8 @@ class FreshnessProbe:
         changed = [(rows, i) for rows, i in candidates if was_different(rows, i)]
         for rows, i in (changed or candidates)[: self.rows_per_packet]:
             old = previous.get((rows.table.index, int(rows.ids[i])))
+            # A copy: the value is a view into the previous packet, which it would keep alive.
+            old = None if old is None else old.copy()
             probe = Probe(rows.table.name, rows.table.index, int(rows.ids[i]), folder.rsplit("/", 1)[-1], packet.seq,
                           packet.created_at, [rows.weights[i].copy()], old)
             self.probes.append(probe)
