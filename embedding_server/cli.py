@@ -111,6 +111,10 @@ def run_server(args: argparse.Namespace) -> int:
         os.replace(tmp, args.ready_file)
     stopping.wait()
     server.stop()
+    # Stopped cleanly: a late signal must not turn the exit into a kill (while Python shuts down
+    # it puts back the default action of signals it handled; it keeps SIG_IGN).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     logging.getLogger("ctrserve.embedding_server").info("stopped")
     return 0
 

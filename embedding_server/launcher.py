@@ -183,7 +183,7 @@ class ServerGroup:
         for s in self.servers:
             if s.process.poll() is None:
                 s.process.send_signal(signal.SIGTERM)
-        return [_terminate(s.process, timeout) for s in self.servers]
+        return [_terminate(s.process, timeout, signalled=True) for s in self.servers]
 
     def __enter__(self) -> "ServerGroup":
         return self
@@ -228,8 +228,10 @@ def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout: fl
     return info
 
 
-def _terminate(proc: subprocess.Popen, timeout: float = 15.0) -> int:
-    if proc.poll() is None:
+def _terminate(proc: subprocess.Popen, timeout: float = 15.0, signalled: bool = False) -> int:
+    """SIGTERM (unless ``signalled`` already: a second one could reach the process while it shuts
+    down), wait up to ``timeout``, then SIGKILL its group; returns the exit code."""
+    if proc.poll() is None and not signalled:
         proc.send_signal(signal.SIGTERM)
     try:
         return proc.wait(timeout)
