@@ -4,7 +4,6 @@ checkpoint watermarks, retention, and replay reproducing the trainer's rows exac
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from embedding_server.launcher import ServerGroup
 from embedding_server.packets import PacketError, decode_packet, encode_packet, packet_dir, packet_name, parse_packet_name
 from embedding_server.remote import RemoteEmbeddingClient
 from embedding_server.store import EmbeddingStore, TableRows
+from replica_support import wait_until
 
 EMB = {"slots_config": {"user": {"dim": 4}, "item": {"dim": 8}}}
 CONFIG = EmbeddingConfig.from_dict(EMB)
@@ -52,16 +52,6 @@ def push(store: EmbeddingStore, ids, table: int, seed: int = 0) -> None:
 
 def as_dict(tables: list[TableRows]) -> dict[tuple[str, int], np.ndarray]:
     return {(t.table.name, int(i)): w for t in tables for i, w in zip(t.ids, t.weights)}
-
-
-def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def packets_of(root: Path, shard: int = 0, num_shards: int = 1) -> list[int]:
@@ -123,7 +113,7 @@ def test_a_full_buffer_publishes_a_packet_without_waiting_for_the_interval(tmp_p
         push(store, [1, 2], USER)
         assert packets_of(tmp_path) == []  # below the buffer size: nothing yet
         push(store, [3, 4], USER)
-        wait_for(lambda: packets_of(tmp_path) == [0], what="packet 0")
+        wait_until(lambda: packets_of(tmp_path) == [0], what="packet 0")
     finally:
         publisher.close()
 
@@ -133,7 +123,7 @@ def test_the_interval_publishes_pending_rows(tmp_path):
     publisher = PacketPublisher(store).start()
     try:
         push(store, [1], USER)
-        wait_for(lambda: packets_of(tmp_path) == [0], what="packet 0 by interval")
+        wait_until(lambda: packets_of(tmp_path) == [0], what="packet 0 by interval")
     finally:
         publisher.close()
 

@@ -179,16 +179,13 @@ def _with_paths(job: JobConfig, base: Path) -> JobConfig:
     def resolve(p: str) -> str:
         return p if not p or "://" in p or os.path.isabs(p) else str(base / p)
 
-    data = job.data
-    data = DataConfig(
-        [resolve(p) for p in data.train_paths], [resolve(p) for p in data.eval_paths], data.format,
-        data.synthetic, data.batch_size, data.prefetch,
+    data = dataclasses.replace(
+        job.data, train_paths=[resolve(p) for p in job.data.train_paths], eval_paths=[resolve(p) for p in job.data.eval_paths]
     )
-    out = job.output
-    output = dataclasses.replace(out, dir=resolve(out.dir), model_root=resolve(out.model_root))
-    return JobConfig(
-        resolve(job.embedding_config), resolve(job.global_config), job.embedding_servers, job.num_shards,
-        resolve(job.resume_from), data, job.model, job.dense_optimizer, job.sparse_optimizer, job.train, output,
+    output = dataclasses.replace(job.output, dir=resolve(job.output.dir), model_root=resolve(job.output.model_root))
+    return dataclasses.replace(
+        job, embedding_config=resolve(job.embedding_config), global_config=resolve(job.global_config),
+        resume_from=resolve(job.resume_from), data=data, output=output,
     )
 
 
@@ -311,9 +308,10 @@ def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list
                 now = time.perf_counter()
                 rate = window_samples / max(now - window_start, 1e-9)
                 window_start, window_samples = now, 0
-                metrics.write(step=step, loss=float(np.mean(losses[-job.train.log_every :])), eval_auc=last_eval["auc"],
+                recent_loss = float(np.mean(losses[-job.train.log_every :]))
+                metrics.write(step=step, loss=recent_loss, eval_auc=last_eval["auc"],
                               eval_loss=last_eval["loss"], samples_per_s=rate, elapsed_s=now - start)
-                bar.set_postfix(loss=f"{np.mean(losses[-job.train.log_every:]):.4f}", auc=f"{last_eval['auc']:.4f}", samples_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{recent_loss:.4f}", auc=f"{last_eval['auc']:.4f}", samples_s=f"{rate:,.0f}")
             if job.output.model_root and job.output.export_every and step % job.output.export_every == 0 and rank == 0:
                 versions.append(_publish(ctx, job, dense_width, first=not versions))
             if job.output.checkpoint_every and step % job.output.checkpoint_every == 0:
@@ -433,7 +431,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.steps is not None:
         if args.steps <= 0:
             raise ConfigError(f"--steps must be > 0, got {args.steps}")
-        job = JobConfig(**{**job.__dict__, "train": TrainConfig(**{**job.train.__dict__, "steps": args.steps})})
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, steps=args.steps))
     result = run_job(job, progress=not args.no_progress)
     # The job is done: a late signal must not turn the clean exit into a kill (Python restores
     # the default handlers of Python-level handlers while it shuts down; it keeps SIG_IGN).
