@@ -172,14 +172,14 @@ class EmbeddingClient(abc.ABC):
         result = LookupResult({})
         for dim, members in by_dim.items():
             ids = np.concatenate([f.ids for f, _, _ in members])
-            tables = np.concatenate([np.full(f.ids.shape[0], t, np.uint16) for f, _, t in members])
-            if not requires_grad and all(_one_id_per_bag(f, slot) for f, slot, _ in members):
+            # One repeat instead of one np.full per feature: a Criteo batch has 26 features.
+            tables = np.repeat(np.array([t for _, _, t in members], np.uint16), [f.ids.shape[0] for f, _, _ in members])
+            if not requires_grad and _one_id_per_bag(members, batch_size):
                 # Every sample of every feature pools exactly one row: the pooled result is that
                 # row (sum of one; mean and sqrt scaling divide by 1), so key i's vector is row i
                 # of the answer and feature k is the k-th block of batch_size rows.
                 values = torch.from_numpy(self._lookup_keys(ids, tables, dim))
-                for k, (f, _, _) in enumerate(members):
-                    result.embeddings[f.name] = values[k * batch_size : (k + 1) * batch_size]
+                result.embeddings.update(zip((f.name for f, _, _ in members), values.split(batch_size)))
                 continue
             uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
             values = self.lookup_rows(uniq_ids, uniq_tabs, dim)
@@ -233,72 +233,66 @@ def _hash_stacked(f: SparseFeature, slot: SlotConfig) -> SparseFeature:
     return SparseFeature(f.name, hashed.reshape(-1), f.offsets * rounds)
 
 
-def _one_id_per_bag(f: SparseFeature, slot: SlotConfig) -> bool:
-    """A pooled feature (after hash stacking) with exactly one id in every sample."""
-    return bool(
-        slot.embedding_summation
-        and f.ids.shape[0] == f.batch_size
-        and (f.offsets.shape[0] < 2 or np.array_equal(f.offsets, np.arange(f.offsets.shape[0])))
-    )
-
-
-def _at_most_one_id_per_bag(f: SparseFeature) -> bool:
-    """Every sample holds zero or one id (after hash stacking): Criteo-style missing values."""
-    return bool((f.lengths <= 1).all())
+def _one_id_per_bag(members: list[tuple[SparseFeature, SlotConfig, int]], batch_size: int) -> bool:
+    """Every feature is pooled and holds (after hash stacking) exactly one id in every sample."""
+    if sum(f.ids.shape[0] for f, _, _ in members) != len(members) * batch_size:
+        return False  # cheap refusal before looking at the lengths
+    if not all(slot.embedding_summation for _, slot, _ in members):
+        return False
+    return bool((np.concatenate([f.lengths for f, _, _ in members]) == 1).all())
 
 
 def _assemble(
     members: list[tuple[SparseFeature, SlotConfig, int]], inverse: torch.Tensor, rows: torch.Tensor, batch_size: int, dim: int
 ) -> dict[str, torch.Tensor | RawEmbedding]:
-    """Pool (or lay out) each feature's rows. All pooled features go through one embedding_bag
-    (or one index_select when every bag holds exactly one id)."""
+    """Pool (or lay out) each feature's rows. All pooled features go through one pooling call
+    on their concatenated keys; the per-feature work is only bookkeeping (a Criteo batch has 26
+    features, and a few small torch ops per feature cost more than the pooling itself)."""
     out: dict[str, torch.Tensor | RawEmbedding] = {}
-    pooled_idx, pooled_off, pooled_w, pooled_names = [], [], [], []
+    pooled: list[tuple[SparseFeature, SlotConfig]] = []
+    segments: list[tuple[int, int]] = []  # where each pooled feature's keys sit in ``inverse``
     start = 0
-    total = 0
     for f, slot, _ in members:
         n = f.ids.shape[0]
-        idx = inverse[start : start + n]
-        start += n
-        offsets = torch.from_numpy(f.offsets)
         if slot.embedding_summation:
-            pooled_idx.append(idx)
-            pooled_off.append(offsets[:-1] + total)
-            pooled_w.append((f.lengths, slot))  # weights are made only if embedding_bag needs them
-            pooled_names.append(f.name)
-            total += n
+            pooled.append((f, slot))
+            segments.append((start, start + n))
         else:
-            out[f.name] = _raw(idx, offsets, rows, slot.sample_fixed_size, batch_size, dim)
-    if pooled_names:
-        pooled = [(f, slot) for f, slot, _ in members if slot.embedding_summation]
-        if all(_one_id_per_bag(f, slot) for f, slot in pooled):
-            # One id per bag: the pooled value is that id's row (its mean or sqrt weight is 1).
-            # index_select gives the same values without embedding_bag's intra-op threads (slow
-            # when another process keeps a core busy); its backward sums repeated rows' gradients.
-            bags = rows.index_select(0, torch.cat(pooled_idx))
-        elif all(_at_most_one_id_per_bag(f) for f, _ in pooled):
-            # Bags of zero or one id (missing values): the row where there is an id, zeros where
-            # not. index_copy is differentiable in the copied rows, so gradients flow as above.
-            filled = torch.from_numpy(np.concatenate(
-                [np.flatnonzero(f.lengths) + k * batch_size for k, (f, _) in enumerate(pooled)]
-            ))
-            bags = rows.new_zeros((len(pooled) * batch_size, dim)).index_copy(
-                0, filled, rows.index_select(0, torch.cat(pooled_idx))
-            )
-        else:
-            bags = F.embedding_bag(
-                torch.cat(pooled_idx),
-                # embedding_bag needs a non-empty table even when every bag is empty; the extra zero
-                # row keeps the result attached to ``rows`` for autograd.
-                rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
-                torch.cat(pooled_off),
-                mode="sum",
-                # f is hash-stacked: see _bag_weights
-                per_sample_weights=_fill_weights([_bag_weights(*w) for w in pooled_w], pooled_idx),
-            )
-        for k, name in enumerate(pooled_names):
-            out[name] = bags[k * batch_size : (k + 1) * batch_size]
+            out[f.name] = _raw(inverse[start : start + n], torch.from_numpy(f.offsets), rows, slot.sample_fixed_size, batch_size, dim)
+        start += n
+    if pooled:
+        idx = inverse if len(pooled) == len(members) else torch.cat([inverse[a:b] for a, b in segments])
+        bags = _pool(idx, pooled, rows, dim)
+        out.update(zip((f.name for f, _ in pooled), bags.split(batch_size)))
     return out
+
+
+def _pool(idx: torch.Tensor, pooled: list[tuple[SparseFeature, SlotConfig]], rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[features * batch, dim]``: the pooled bags of every feature in ``pooled``, one block of
+    ``batch`` rows per feature; ``idx`` holds each key's row in ``rows``, features in order."""
+    lengths = np.concatenate([f.lengths for f, _ in pooled])  # ids per bag, every feature's bags in order
+    if (lengths == 1).all():
+        # One id per bag: the pooled value is that id's row (its mean or sqrt weight is 1).
+        # index_select gives the same values without embedding_bag's intra-op threads (slow
+        # when another process keeps a core busy); its backward sums repeated rows' gradients.
+        return rows.index_select(0, idx)
+    if (lengths <= 1).all():
+        # Bags of zero or one id (missing values): the row where there is an id, zeros where
+        # not. index_copy is differentiable in the copied rows, so gradients flow as above.
+        filled = torch.from_numpy(np.flatnonzero(lengths))
+        return rows.new_zeros((lengths.shape[0], dim)).index_copy(0, filled, rows.index_select(0, idx))
+    offsets = np.zeros(lengths.shape[0], np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return F.embedding_bag(
+        idx,
+        # embedding_bag needs a non-empty table even when every bag is empty; the extra zero
+        # row keeps the result attached to ``rows`` for autograd.
+        rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
+        torch.from_numpy(offsets),
+        mode="sum",
+        # f is hash-stacked: see _bag_weights
+        per_sample_weights=_fill_weights([(f.lengths, slot) for f, slot in pooled]),
+    )
 
 
 def _bag_weights(lengths: np.ndarray, slot: SlotConfig) -> torch.Tensor | None:
@@ -312,10 +306,13 @@ def _bag_weights(lengths: np.ndarray, slot: SlotConfig) -> torch.Tensor | None:
     return torch.from_numpy(np.repeat(scale, lengths).astype(np.float32))
 
 
-def _fill_weights(weights: list[torch.Tensor | None], idx: list[torch.Tensor]) -> torch.Tensor | None:
+def _fill_weights(parts: list[tuple[np.ndarray, SlotConfig]]) -> torch.Tensor | None:
+    """Per-id weights of every pooled feature in order (ones where a feature needs none), or
+    None when no feature scales."""
+    weights = [_bag_weights(lengths, slot) for lengths, slot in parts]
     if all(w is None for w in weights):
         return None
-    return torch.cat([w if w is not None else torch.ones(i.shape[0]) for w, i in zip(weights, idx)])
+    return torch.cat([w if w is not None else torch.ones(int(lengths.sum())) for w, (lengths, _) in zip(weights, parts)])
 
 
 def _raw(idx: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, fixed: int, batch_size: int, dim: int) -> RawEmbedding:
