@@ -65,6 +65,41 @@ class SparseFeature:
         ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint64)
         return cls(name, ids.astype(np.uint64, copy=False), offsets)
 
+    @classmethod
+    def many(cls, names: Sequence[str], ids: Sequence[np.ndarray], offsets: Sequence[np.ndarray]) -> list["SparseFeature"]:
+        """Features of one batch (every ``offsets`` of the same length), validated together.
+
+        The same checks as the constructor, done with one set of numpy calls for all features
+        instead of one per feature: decoding a request of 26 features spent most of its time
+        in per-feature validation.
+
+        Raises:
+            InvalidRequestError: as the constructor, naming the first bad feature.
+        """
+        if not offsets:
+            return []
+        shapes_ok = all(
+            isinstance(i, np.ndarray) and i.dtype == np.uint64 and i.ndim == 1
+            and isinstance(o, np.ndarray) and o.dtype == np.int64 and o.ndim == 1 and o.shape == offsets[0].shape
+            for i, o in zip(ids, offsets)
+        )
+        if shapes_ok and offsets[0].shape[0] >= 1:
+            table = np.stack(offsets)  # [features, batch + 1]
+            lengths = table[:, 1:] - table[:, :-1]
+            counts = np.fromiter((i.shape[0] for i in ids), np.int64, len(ids))
+            if not ((table[:, 0] != 0).any() or (table[:, -1] != counts).any() or (lengths < 0).any()):
+                return [cls._checked(n, i, o, l) for n, i, o, l in zip(names, ids, offsets, lengths)]
+        return [cls(n, i, o) for n, i, o in zip(names, ids, offsets)]  # raises, naming the bad feature
+
+    @classmethod
+    def _checked(cls, name: str, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> "SparseFeature":
+        """A feature whose arrays :meth:`many` has validated: skips the constructor's checks."""
+        feature = object.__new__(cls)
+        # What __init__ and __post_init__ would set (lengths fills the cached property);
+        # writing __dict__ is how a frozen dataclass is filled without its __setattr__.
+        feature.__dict__.update(name=name, ids=ids, offsets=offsets, lengths=lengths)
+        return feature
+
     @property
     def batch_size(self) -> int:
         return self.offsets.shape[0] - 1

@@ -180,14 +180,17 @@ class RequestDecoder:
                 f"request carries {total} ids; the limit is {self.limits.max_ids_per_request} ids per request "
                 "(max_ids_per_request)"
             )
+        if not sparse or max(f.batch_size for f in sparse) == 0:
+            return
+        # One maximum over every feature's lengths; the offending feature is looked for only
+        # when there is one (a per-feature check cost ~10 us a feature, 26 in a Criteo batch).
+        if int(np.concatenate([f.lengths for f in sparse]).max()) <= self.limits.max_ids_per_sample:
+            return
         for f in sparse:
-            if f.batch_size == 0:
-                continue
-            counts = np.diff(f.offsets)
-            worst = int(counts.argmax())
-            if counts[worst] > self.limits.max_ids_per_sample:
+            if f.batch_size and int(f.lengths.max()) > self.limits.max_ids_per_sample:
+                worst = int(f.lengths.argmax())
                 raise RequestError(
-                    f"feature '{f.name}' has {int(counts[worst])} ids in sample {worst}; the limit is "
+                    f"feature '{f.name}' has {int(f.lengths[worst])} ids in sample {worst}; the limit is "
                     f"{self.limits.max_ids_per_sample} ids per sample (max_ids_per_sample)"
                 )
 

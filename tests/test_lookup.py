@@ -349,6 +349,26 @@ def test_offsets_that_do_not_describe_ids_are_refused(offsets):
         SparseFeature("user", np.array([1, 2], np.uint64), offsets)
 
 
+@pytest.mark.parametrize(
+    "offsets",
+    [np.array([0, 3], np.int64), np.array([1, 2], np.int64), np.array([0, 2, 1, 2], np.int64)],
+)
+def test_features_validated_together_refuse_what_one_feature_refuses(offsets):
+    good = SparseFeature.from_lists("a", [[1], [2]] if offsets.shape[0] == 3 else [[1, 2]] * (offsets.shape[0] - 1))
+    with pytest.raises(InvalidRequestError, match="feature 'user': offsets must rise from 0 to the number of ids"):
+        SparseFeature.many(["a", "user"], [good.ids, np.array([1, 2], np.uint64)], [good.offsets, offsets])
+
+
+def test_features_validated_together_equal_features_built_one_by_one():
+    parts = [SparseFeature.from_lists("a", [[1, 2], [], [3]]), SparseFeature.from_lists("b", [[], [4], [5, 6, 7]])]
+    together = SparseFeature.many([p.name for p in parts], [p.ids for p in parts], [p.offsets for p in parts])
+    for one, other in zip(together, parts):
+        assert (one.name, one.ids.tolist(), one.offsets.tolist()) == (other.name, other.ids.tolist(), other.offsets.tolist())
+        assert one.lengths.tolist() == other.lengths.tolist() and one.batch_size == other.batch_size
+    with pytest.raises(InvalidRequestError, match="offsets must be a 1-D int64 array"):
+        SparseFeature.many(["a"], [parts[0].ids], [parts[0].offsets.astype(np.int32)])
+
+
 def test_offsets_of_wrong_dtype_are_refused():
     with pytest.raises(InvalidRequestError, match="offsets must be a 1-D int64 array"):
         SparseFeature("user", np.array([1, 2], np.uint64), np.array([0, 2], np.int32))
