@@ -169,7 +169,7 @@ def _encode(rows: TableRows, store: EmbeddingStore) -> bytes:
 def _decode(storage: Storage, path: str, store: EmbeddingStore) -> TableRows:
     where = f"{storage.url}/{path}"
     try:
-        table = pa.ipc.open_file(pa.BufferReader(storage.read_bytes(path))).read_all()
+        table = pa.ipc.open_file(pa.BufferReader(storage.read_buffer(path))).read_all()
         table.validate(full=True)  # bounds-checks every offset before any column is read
     except FileNotFoundError:
         raise InvalidRequestError(f"{where}: listed in the manifest but missing") from None

@@ -46,8 +46,10 @@ from numba.extending import intrinsic
     META_FREE_POS,  # next entry of the free list to hand out
     META_FREE_LEN,
     META_SINK,  # receives a value derived from the warming loads so they are not optimised away
-) = range(10)
-META_LEN = 10
+    META_STAGE,  # a staged packet apply: STAGE_NONE, STAGE_STAGING or STAGE_COMMITTED (see stage_rows)
+) = range(11)
+META_LEN = 11
+STAGE_NONE, STAGE_STAGING, STAGE_COMMITTED = 0, 1, 2
 LOAD_FACTOR = 0.7
 FREE_TICK = np.uint32(0xFFFFFFFF)
 
@@ -56,6 +58,9 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _S11, _S16, _S27, _S30, _S31, _S32 = (np.uint64(k) for k in (11, 16, 27, 30, 31, 32))
 _TAB_MASK = np.uint64(0xFFFF)
+_ROW_MASK = np.uint64(0xFFFFFFFF)
+# Set in a slot's info word while its key is a staged insert, not yet visible to lookups.
+HIDDEN = np.uint64(1 << 63)
 _ONE = np.uint64(1)
 
 
@@ -123,20 +128,33 @@ def unique_keys(ids, tables, uniq_ids, uniq_tables, inverse):
 
 
 @njit(cache=True, inline="always")
-def _find(slots, key, tab, h):
-    """(slot, row) of the key, or (first empty slot on its probe path, -1)."""
+def _row_of(info):
+    """The row an info word points at; -1 for an empty slot (info 0)."""
+    return np.int64((info >> _S16) & _ROW_MASK) - 1
+
+
+@njit(cache=True, inline="always")
+def _probe(slots, key, tab, h):
+    """(slot, info word) of the key, or (first empty slot on its probe path, 0)."""
     num_slots = slots.shape[0]
     s = _home(h, num_slots)
     want = np.uint64(tab)
     while True:
         info = slots[s, 1]
         if info == 0:
-            return s, -1
+            return s, info
         if slots[s, 0] == key and (info & _TAB_MASK) == want:
-            return s, np.int64(info >> _S16) - 1
+            return s, info
         s += 1
         if s == num_slots:
             s = 0
+
+
+@njit(cache=True, inline="always")
+def _find(slots, key, tab, h):
+    """(slot, row) of the key, or (first empty slot on its probe path, -1)."""
+    s, info = _probe(slots, key, tab, h)
+    return s, _row_of(info)
 
 
 @njit(cache=True, inline="always")
@@ -161,7 +179,7 @@ def _slot_delete(slots, row_slot, salts, s):
         if not stays:
             slots[hole, 0] = slots[j, 0]
             slots[hole, 1] = info
-            row_slot[np.int64(info >> _S16) - 1] = hole
+            row_slot[_row_of(info)] = hole
             hole = j
     slots[hole, 0] = 0
     slots[hole, 1] = 0
@@ -242,24 +260,32 @@ _prefetch = _prefetch_intrinsic(False)
 _prefetch_for_write = _prefetch_intrinsic(True)
 
 
-@intrinsic
-def _copy_row(typingctx, dst, j, src, r):
-    """``dst[j, :] = src[r, :dst.shape[1]]`` as one memcpy (C-contiguous rows): a loop of 16
-    float32 copies compiles to scalar moves, since numba cannot tell that the arrays never alias."""
+def _row_copy_intrinsic(width_of_dst: bool):
+    """A numba intrinsic ``f(dst, j, src, r)``: ``dst[j, :w] = src[r, :w]`` as one memcpy
+    (C-contiguous rows), ``w`` the row width of ``dst`` (or of ``src``). A loop of 16 float32
+    copies compiles to scalar moves, since numba cannot tell that the arrays never alias."""
 
-    def codegen(context, builder, signature, args):
-        dst_type, _, src_type, _ = signature.args
-        dst_struct = context.make_array(dst_type)(context, builder, args[0])
-        src_struct = context.make_array(src_type)(context, builder, args[2])
-        zero = context.get_constant(types.intp, 0)
-        dst_ptr = cgutils.get_item_pointer(context, builder, dst_type, dst_struct, [args[1], zero], wraparound=False)
-        src_ptr = cgutils.get_item_pointer(context, builder, src_type, src_struct, [args[3], zero], wraparound=False)
-        width = cgutils.unpack_tuple(builder, dst_struct.shape, 2)[1]
-        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(dst_type.dtype)))
-        cgutils.raw_memcpy(builder, dst_ptr, src_ptr, builder.mul(width, itemsize), 1)
-        return context.get_dummy_value()
+    @intrinsic
+    def copy_row(typingctx, dst, j, src, r):
+        def codegen(context, builder, signature, args):
+            dst_type, _, src_type, _ = signature.args
+            dst_struct = context.make_array(dst_type)(context, builder, args[0])
+            src_struct = context.make_array(src_type)(context, builder, args[2])
+            zero = context.get_constant(types.intp, 0)
+            dst_ptr = cgutils.get_item_pointer(context, builder, dst_type, dst_struct, [args[1], zero], wraparound=False)
+            src_ptr = cgutils.get_item_pointer(context, builder, src_type, src_struct, [args[3], zero], wraparound=False)
+            width = cgutils.unpack_tuple(builder, (dst_struct if width_of_dst else src_struct).shape, 2)[1]
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(dst_type.dtype)))
+            cgutils.raw_memcpy(builder, dst_ptr, src_ptr, builder.mul(width, itemsize), 1)
+            return context.get_dummy_value()
 
-    return types.void(dst, j, src, r), codegen
+        return types.void(dst, j, src, r), codegen
+
+    return copy_row
+
+
+_copy_row = _row_copy_intrinsic(True)  # an output row from a (wider) store row
+_store_row = _row_copy_intrinsic(False)  # a store row from a (narrower) input row
 
 
 _AHEAD = 8  # keys between the stages of gather_hits' pipeline (measured best of 4..16 here)
@@ -422,6 +448,184 @@ def put_rows(slots, row_slot, row_tick, weights, state, meta, free, salts, dims,
             weights[r, j] = values[i, j]
         for j in range(state_widths[tab]):
             state[r, j] = states[i, j]
+
+
+# ---------------------------------------------------------------------- staged packet applies
+#
+# An infer-mode store applies a packet without stopping lookups for its length, and still
+# atomically (a lookup sees all of the packet or none of it). The store's single writer:
+#
+# 1. sets META_STAGE = STAGE_STAGING (under the store lock), then, without the lock,
+#    :func:`stage_rows` writes every new value into a fresh row. A stored key's fresh row hangs
+#    off its current row in ``next_row``; a new key is inserted with the ``HIDDEN`` bit set.
+#    Lookups (:func:`gather_staged`) ignore both: they still see the old state.
+# 2. commits: META_STAGE = STAGE_COMMITTED under the lock, one store. From then on lookups follow
+#    ``next_row`` and see hidden keys: the new state, all of it at once.
+# 3. without the lock, :func:`fold_rows` points every slot straight at its fresh row and clears
+#    the hidden bits, one aligned 8-byte store per slot (a lookup sees the slot before or after,
+#    both lead to the new value).
+# 4. sets META_STAGE = STAGE_NONE under the lock: every lookup that could still hold an old row
+#    has finished, so :func:`free_rows` then recycles the old rows without the lock.
+#
+# Slots are only ever added to (into empty slots, which leaves every other key's probe path as
+# it was) while lookups run; evictions, which move slots, happen under the lock before staging.
+
+
+@njit(cache=True, nogil=True)
+def gather_staged(slots, row_tick, weights, next_row, meta, salts, ids, tables, count_repeats, out, rows):
+    """:func:`gather_hits` while a packet is staged: hidden keys count as not stored until the
+    commit; after it, a row's staged successor in ``next_row`` (row + 1, 0 = none) is read
+    instead of the row. One more pipeline stage resolves the successor."""
+    n = ids.shape[0]
+    num_slots = slots.shape[0]
+    tick = np.uint32(meta[META_TICK])
+    committed = meta[META_STAGE] == STAGE_COMMITTED
+    hashes = np.empty(_RING, np.uint64)
+    found = 0
+    missing = 0
+    for i in range(n + 3 * _AHEAD):
+        if i < n:
+            h = mix64(ids[i] ^ salts[tables[i]])
+            hashes[i & (_RING - 1)] = h
+            _prefetch(slots, _home(h, num_slots))
+        j = i - _AHEAD
+        if 0 <= j < n:
+            _, info = _probe(slots, ids[j], tables[j], hashes[j & (_RING - 1)])
+            r = _row_of(info)
+            if r >= 0 and (info & HIDDEN) != 0 and not committed:
+                r = -1
+            rows[j] = r
+            if r >= 0:
+                _prefetch(next_row, r)
+        j = i - 2 * _AHEAD
+        if 0 <= j < n:
+            r = rows[j]
+            if r >= 0:
+                if committed and next_row[r] != 0:
+                    r = np.int64(next_row[r]) - 1
+                    rows[j] = r
+                _prefetch(weights, r)
+                _prefetch_for_write(row_tick, r)
+        j = i - 3 * _AHEAD
+        if j >= 0:
+            r = rows[j]
+            if r < 0:
+                missing += 1
+                continue
+            if count_repeats or row_tick[r] != tick:
+                found += 1
+                row_tick[r] = tick
+            _copy_row(out, j, weights, r)
+    meta[META_LOOKUPS] += found
+    return missing
+
+
+@njit(cache=True, inline="always")
+def _peek_row(meta, free, capacity, ahead):
+    """The row :func:`_new_row` will hand out ``ahead`` calls from now (-1 if none), to prefetch."""
+    fresh = capacity - meta[META_SIZE]
+    if ahead < fresh:
+        return meta[META_SIZE] + ahead
+    k = meta[META_FREE_POS] + ahead - fresh
+    return free[k] if k < meta[META_FREE_LEN] else -1
+
+
+@njit(cache=True, nogil=True)
+def stage_rows(slots, row_slot, row_tick, weights, next_row, meta, free, salts, ids, tables, values,
+               fold_slot, fold_info, fold_old, fold_new, count):
+    """Write each key's value into a fresh row, invisible to lookups until the commit (see above).
+
+    Appends one fold entry per distinct key from index ``count`` on (slot, final info word, old
+    row or -1 for a new key, fresh row) and returns the new count. A key repeated in the packet
+    reuses its fresh row: later values win. The caller guarantees a free row per key.
+
+    Pipelined like :func:`gather_hits`: hash and prefetch the home slot; probe (warming the
+    slots) and prefetch the row's ``next_row`` entry; then probe again on warm lines (an earlier
+    key may have taken the empty slot the first probe ended at) and write, prefetching the
+    vector and tick of the fresh row the key ``_AHEAD`` places on will get (measured here:
+    about 1.4x faster than without the fresh-row prefetches).
+    """
+    capacity = row_slot.shape[0]
+    num_slots = slots.shape[0]
+    tick = np.uint32(meta[META_TICK])
+    n = ids.shape[0]
+    hashes = np.empty(_RING, np.uint64)
+    for i in range(n + 2 * _AHEAD):
+        if i < n:
+            h = mix64(ids[i] ^ salts[tables[i]])
+            hashes[i & (_RING - 1)] = h
+            _prefetch(slots, _home(h, num_slots))
+        j = i - _AHEAD
+        if 0 <= j < n:
+            _, info = _probe(slots, ids[j], tables[j], hashes[j & (_RING - 1)])
+            if info != 0:
+                _prefetch_for_write(next_row, _row_of(info))
+        j = i - 2 * _AHEAD
+        if j < 0:
+            continue
+        ahead = _peek_row(meta, free, capacity, _AHEAD)
+        if ahead >= 0:
+            _prefetch_for_write(weights, ahead)
+            _prefetch_for_write(row_tick, ahead)
+        key = ids[j]
+        tab = tables[j]
+        s, info = _probe(slots, key, tab, hashes[j & (_RING - 1)])
+        if info == 0:  # a new key: insert it hidden, pointing at its fresh row
+            r2 = _new_row(meta, free, capacity)
+            final = (np.uint64(r2 + 1) << _S16) | np.uint64(tab)
+            slots[s, 0] = key
+            slots[s, 1] = final | HIDDEN
+            row_slot[r2] = s
+            row_tick[r2] = tick
+            meta[META_LIVE] += 1
+            meta[META_INSERTS] += 1
+            fold_slot[count], fold_info[count], fold_old[count], fold_new[count] = s, final, -1, r2
+            count += 1
+        elif (info & HIDDEN) != 0:  # inserted earlier in this packet
+            r2 = _row_of(info)
+        else:
+            r = _row_of(info)
+            if next_row[r] != 0:  # staged earlier in this packet
+                r2 = np.int64(next_row[r]) - 1
+            else:
+                r2 = _new_row(meta, free, capacity)
+                next_row[r] = r2 + 1
+                row_tick[r2] = tick
+                final = (np.uint64(r2 + 1) << _S16) | np.uint64(tab)
+                fold_slot[count], fold_info[count], fold_old[count], fold_new[count] = s, final, r, r2
+                count += 1
+        _store_row(weights, r2, values, j)
+    return count
+
+
+@njit(cache=True, nogil=True)
+def fold_rows(slots, row_slot, fold_slot, fold_info, fold_new, count):
+    """After the commit: point every staged key's slot at its fresh row, hidden bits cleared."""
+    for k in range(count + _AHEAD):
+        if k + _AHEAD < count:
+            _prefetch_for_write(slots, fold_slot[k + _AHEAD])
+            _prefetch_for_write(row_slot, fold_new[k + _AHEAD])
+        if k < count:
+            s = fold_slot[k]
+            slots[s, 1] = fold_info[k]
+            row_slot[fold_new[k]] = s
+
+
+@njit(cache=True, nogil=True)
+def free_rows(row_tick, next_row, fold_old, count, freed):
+    """Once no lookup can reach them: mark the replaced rows free; returns how many (in ``freed``)."""
+    m = 0
+    for k in range(count):
+        if k + _AHEAD < count and fold_old[k + _AHEAD] >= 0:
+            _prefetch_for_write(next_row, fold_old[k + _AHEAD])
+            _prefetch_for_write(row_tick, fold_old[k + _AHEAD])
+        r = fold_old[k]
+        if r >= 0:
+            next_row[r] = 0
+            row_tick[r] = FREE_TICK
+            freed[m] = r
+            m += 1
+    return m
 
 
 @njit(cache=True, nogil=True)

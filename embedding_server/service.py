@@ -221,6 +221,7 @@ def start_server(
     if security is None:
         security = ServerSecurity.from_settings(global_config.security)
     store = EmbeddingStore(config, global_config, shard_index, num_shards)
+    store.warm_up()
     metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(global_config),
                          interceptors=security.interceptors())

@@ -43,7 +43,9 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -52,8 +54,11 @@ import stat as stat_module
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import urlparse
+
+import pyarrow as pa
+
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +274,12 @@ class Storage(abc.ABC):
             StorageError: the file is larger than ``max_bytes``, or the read failed.
         """
 
+    def read_buffer(self, path: str, max_bytes: int | None = None) -> memoryview:
+        """:meth:`read_bytes` for large files (packets, checkpoint tables): the same bytes as a
+        buffer, which a backend may place in pyarrow's memory pool instead of a new ``bytes``
+        object. Same arguments and errors as :meth:`read_bytes`."""
+        return memoryview(self.read_bytes(path, max_bytes))
+
     @abc.abstractmethod
     def write_atomic(self, path: str, data: bytes) -> None:
         """Publish ``data`` at ``path``: readers see the previous content or all of ``data``.
@@ -379,15 +390,36 @@ class LocalStorage(Storage):
         return self.root / self._relative(path)
 
     def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
-        target = self._path(path)
+        with self._reading(path) as fh:
+            if max_bytes is not None:
+                check_size(self._where(path), os.fstat(fh.fileno()).st_size, max_bytes)
+                data = fh.read(max_bytes + 1)  # the file may have grown since the fstat
+                check_size(self._where(path), len(data), max_bytes)
+                return data
+            return fh.read()
+
+    def read_buffer(self, path: str, max_bytes: int | None = None) -> memoryview:
+        with self._reading(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            check_size(self._where(path), size, max_bytes)
+            # pyarrow's pool keeps freed memory for the next packet: a new 37 MB bytes object
+            # costs a fresh mapping and its page faults each time (33 vs 5 ms measured here).
+            view = memoryview(pa.allocate_buffer(size + 1))  # one byte more: a file that grew is noticed
+            got = 0
+            while got <= size and (k := fh.readinto(view[got:])):
+                got += k
+        if got > size:  # written in place while read (not by an atomic publisher): read it again whole
+            return memoryview(self.read_bytes(path, max_bytes))
+        return view[:got]
+
+    @contextlib.contextmanager
+    def _reading(self, path: str) -> Iterator[io.BufferedReader]:
+        """The open file, with OS errors turned into storage errors."""
         try:
-            with open(target, "rb") as fh:
-                if max_bytes is not None:
-                    check_size(self._where(path), os.fstat(fh.fileno()).st_size, max_bytes)
-                    data = fh.read(max_bytes + 1)  # the file may have grown since the fstat
-                    check_size(self._where(path), len(data), max_bytes)
-                    return data
-                return fh.read()
+            with open(self._path(path), "rb") as fh:
+                yield fh
+        except StorageError:  # from the caller's checks (an IOError too): as it is
+            raise
         except FileNotFoundError:
             raise StorageNotFoundError(f"{self._where(path)}: no such file") from None
         except IsADirectoryError:

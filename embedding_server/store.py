@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from embedding_server import kernels
 from embedding_server.config import EmbeddingConfig, GlobalConfig, TableSpec
 from embedding_server.errors import InvalidRequestError, describe_value
+from embedding_server.memory import HUGE_PAGE, fresh_buffer
 from embedding_server.optimizers import SGD, SparseOptimizer
 
 
@@ -60,7 +62,11 @@ class EmbeddingStore:
         self.num_shards = num_shards
         self.mode = global_config.mode
         self.capacity = global_config.server.capacity
+        # _lock guards the index against concurrent lookups; _write_lock serialises whole-store
+        # writers and readers (packet applies, dumps), so a staged apply (see put_many) is never
+        # seen half done by them. Order: _write_lock, then _lock.
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         tables = list(config.tables.values())
         self._tables = tables
         self._salts = np.array([t.salt for t in tables], np.uint64)
@@ -73,14 +79,17 @@ class EmbeddingStore:
             raise ValueError(f"capacity {self.capacity} is too large for one shard; use more shards")
         num_slots = max(16, int(self.capacity / kernels.LOAD_FACTOR) + 1)
         max_dim = int(self._dims.max())
-        self._slots = np.zeros((num_slots, 2), np.uint64)
-        self._row_slot = np.zeros(self.capacity, np.int32)
-        self._row_tick = np.zeros(self.capacity, np.uint32)
+        self._slots = _zeroed((num_slots, 2), np.uint64)
+        self._row_slot = _zeroed(self.capacity, np.int32)
+        self._row_tick = _zeroed(self.capacity, np.uint32)
         # Zeroed memory is mapped lazily: memory is committed as rows are actually used.
         # One extra all-zero row: the answer for ids an infer-mode store does not hold.
-        self._weights = _zeros_aligned((self.capacity + 1, max_dim), np.float32)
+        self._weights = _zeroed((self.capacity + 1, max_dim), np.float32)
         self._meta = np.zeros(kernels.META_LEN, np.int64)
         self._free = np.zeros(0, np.int64)
+        # Infer mode: a staged packet apply's fresh row of each replaced row (row + 1, 0 = none).
+        self._next_row = _zeroed(self.capacity if self.mode == "infer" else 0, np.int32)
+        self._fold: tuple[np.ndarray, ...] | None = None  # see _fold_arrays
         self.evictions_per_sweep = max(1, self.capacity // 64)
         # Incremental updates: rows changed since the last packet, and the last values of changed
         # rows evicted before it (so an eviction never loses an update).
@@ -120,12 +129,40 @@ class EmbeddingStore:
         self._state_widths = np.array([optimizer.state_width(t.dim) for t in self._tables], np.int64)
         width = max(1, int(self._state_widths.max()))
         if not hasattr(self, "_state") or self._state.shape[1] != width:
-            self._state = _zeros_aligned((self.capacity, width), np.float32)
+            self._state = _zeroed((self.capacity, width), np.float32)
         state_init = np.zeros((len(self._tables), width), np.float32)
         for i, t in enumerate(self._tables):
             init = optimizer.initial_state(t.dim)
             state_init[i, : len(init)] = init
         self._state_init = state_init
+
+    def warm_up(self) -> None:
+        """Load (or, on a fresh install, compile) every compiled kernel this store's mode runs,
+        on a small scratch store of the same tables, so that the first request or packet does
+        not wait for it (seconds when compiling). A server calls this before it says ready."""
+        server = dataclasses.replace(self.global_config.server, capacity=64, enable_incremental_update=False)
+        scratch = EmbeddingStore(self.config, dataclasses.replace(self.global_config, embedding_parameter_server_config=server))
+        table = self._tables[0]
+        width = int(scratch._state_widths[0])
+        ids = np.arange(1, 41, dtype=np.uint64)
+        tables = np.full(ids.shape[0], table.index, np.uint16)
+        frozen_ids, frozen_tables = ids.copy(), tables.copy()  # requests arrive as read-only buffers
+        frozen_ids.setflags(write=False)
+        frozen_tables.setflags(write=False)
+        rows = TableRows(table, ids, np.ones((ids.shape[0], table.dim), np.float32), np.zeros((ids.shape[0], width), np.float32))
+        scratch.put_many([rows])  # 2 x 40 rows > 64: the one-step path
+        scratch.put_many([TableRows(table, ids[:8], rows.weights[:8], rows.state[:8])])  # staged in infer mode
+        stages = (kernels.STAGE_NONE, kernels.STAGE_STAGING, kernels.STAGE_COMMITTED) if self.mode == "infer" else (kernels.STAGE_NONE,)
+        for stage in stages:
+            scratch._meta[kernels.META_STAGE] = stage
+            for keys, tabs in ((ids, tables), (frozen_ids, frozen_tables)):
+                for count_repeats in (True, False):
+                    scratch.lookup(keys, tabs, count_repeats=count_repeats)
+                    scratch.lookup(keys + np.uint64(1000), tabs, count_repeats=count_repeats)  # not stored
+        scratch._meta[kernels.META_STAGE] = kernels.STAGE_NONE
+        if self.mode == "train":
+            scratch.apply_gradients(frozen_ids, frozen_tables, np.ones((ids.shape[0], table.dim), np.float32))
+        list(scratch.rows())
 
     # ------------------------------------------------------------------ lookups and updates
 
@@ -169,17 +206,29 @@ class EmbeddingStore:
         with self._lock:
             self._meta[kernels.META_TICK] += 1
             rows = np.empty(ids.shape[0], np.int64)
-            missing = kernels.gather_hits(
-                self._slots, self._row_tick, self._weights, self._meta, self._salts, ids, tables, count_repeats, out, rows
-            )
+            if self._meta[kernels.META_STAGE] != kernels.STAGE_NONE:
+                missing = kernels.gather_staged(
+                    self._slots, self._row_tick, self._weights, self._next_row, self._meta, self._salts, ids, tables,
+                    count_repeats, out, rows,
+                )
+            else:
+                missing = kernels.gather_hits(
+                    self._slots, self._row_tick, self._weights, self._meta, self._salts, ids, tables, count_repeats, out, rows
+                )
             if missing:
-                # Rare once a table is warm: insert (or zero) the missing keys in request order.
                 sel = np.flatnonzero(rows < 0)
+                if not insert:  # infer mode: keys not stored read as zeros
+                    out[sel] = 0
+                    misses = sel.shape[0] if count_repeats else unique_keys(ids[sel], tables[sel])[0].shape[0]
+                    self._meta[kernels.META_LOOKUPS] += misses
+                    self._meta[kernels.META_MISSES] += misses
+                    return out
+                # Rare once a table is warm: insert the missing keys in request order.
                 if count_repeats:
-                    found = self._find_or_insert_locked(ids[sel], tables[sel], insert)
+                    found = self._find_or_insert_locked(ids[sel], tables[sel], True)
                 else:
                     uniq_ids, uniq_tabs, inverse = unique_keys(ids[sel], tables[sel])
-                    found = self._find_or_insert_locked(uniq_ids, uniq_tabs, insert)[inverse]
+                    found = self._find_or_insert_locked(uniq_ids, uniq_tabs, True)[inverse]
                 out[sel] = self._weights[found, :dim]
         return out
 
@@ -250,11 +299,19 @@ class EmbeddingStore:
         if self.tracks_changes:
             self._keep_evicted_changes(victims)
         kernels.evict_rows(self._slots, self._row_slot, self._row_tick, self._meta, self._salts, victims)
+        self._push_free(victims)
+
+    def _push_free(self, rows: np.ndarray) -> None:
         # Rows still on the free list stay there (put_many may sweep before the list is used up).
         rest = self._free[self._meta[kernels.META_FREE_POS] : self._meta[kernels.META_FREE_LEN]]
-        self._free = np.concatenate([rest, victims]) if rest.shape[0] else victims
+        self._free = np.concatenate([rest, rows]) if rest.shape[0] else rows
         self._meta[kernels.META_FREE_POS] = 0
         self._meta[kernels.META_FREE_LEN] = self._free.shape[0]
+
+    def _available_rows(self) -> int:
+        """Rows a new key can take without an eviction: never used, or on the free list."""
+        m = self._meta
+        return int(self.capacity - m[kernels.META_SIZE] + m[kernels.META_FREE_LEN] - m[kernels.META_FREE_POS])
 
     # ------------------------------------------------------------------ incremental updates
 
@@ -308,7 +365,7 @@ class EmbeddingStore:
 
     def rows(self) -> Iterator[TableRows]:
         """A consistent copy of every table's rows, in least- to most-recently-used order."""
-        with self._lock:
+        with self._write_lock, self._lock:
             size = int(self._meta[kernels.META_SIZE])
             live = np.flatnonzero(self._row_tick[:size] != kernels.FREE_TICK)
             order = live[np.argsort(self._row_tick[live], kind="stable")]
@@ -335,9 +392,17 @@ class EmbeddingStore:
         self.put_many([rows], evict=False)
 
     def put_many(self, batch: Sequence[TableRows], evict: bool | None = None) -> int:
-        """Insert or overwrite the rows of several tables as one update: everything is validated
-        first, then written under one acquisition of the store lock, so a concurrent lookup sees
+        """Insert or overwrite the rows of several tables as one update: a concurrent lookup sees
         all of ``batch`` or none of it (how an incremental packet is applied).
+
+        In infer mode, when the shard has a free row for every row of ``batch`` (or can make
+        room by evicting, with ``evict``) and ``batch`` is at most half its capacity, the update
+        is staged: the new values go to fresh rows while lookups keep running on the old ones,
+        then one store makes all of them visible at once (see ``kernels.stage_rows``). Lookups
+        wait only for a few short critical sections, never for the length of the update. Size an
+        infer server's capacity as the rows it serves plus its largest packet to stay on this
+        path. Otherwise (train mode, checkpoint loads bigger than half the shard) the rows are
+        written under one acquisition of the store lock.
 
         Args:
             batch: rows per table, with optimizer state of the store's width (width 0 in infer
@@ -361,34 +426,79 @@ class EmbeddingStore:
         parts = [part for part in map(self._checked_rows, batch) if part[0].shape[0]]
         if not parts:
             return 0
-        ids = np.concatenate([part[0] for part in parts])
-        tables = np.concatenate([part[1] for part in parts])
-        if ids.shape[0] > self.capacity and unique_keys(ids, tables)[0].shape[0] > self.capacity:
-            raise InvalidRequestError(f"{ids.shape[0]} rows: more distinct rows than this shard's capacity of {self.capacity}")
+        n = sum(part[0].shape[0] for part in parts)
+        if n > self.capacity and unique_keys(*_keys_of(parts))[0].shape[0] > self.capacity:
+            raise InvalidRequestError(f"{n} rows: more distinct rows than this shard's capacity of {self.capacity}")
+        with self._write_lock:
+            if self.mode == "infer" and 2 * n <= self.capacity and (evict or self._available_rows() >= n):
+                return self._put_staged(parts, n)
+            with self._lock:
+                return self._put_locked(parts, *_keys_of(parts), evict)
+
+    def _put_locked(self, parts: list, ids: np.ndarray, tables: np.ndarray, evict: bool) -> int:
+        """(Holding both locks.) ``put_many`` in one step."""
+        existing = np.empty(ids.shape[0], np.int64)
+        kernels.find_rows(self._slots, self._salts, ids, tables, existing)
+        missing = existing < 0
+        new = unique_keys(ids[missing], tables[missing])[0].shape[0] if missing.any() else 0
+        if len(self) + new > self.capacity and not evict:
+            names = "', '".join(sorted({self._tables[int(t)].name for t in np.unique(tables)}))
+            raise InvalidRequestError(
+                f"loading {new} new rows of table '{names}' would exceed this shard's capacity of "
+                f"{self.capacity} rows ({len(self)} held); raise capacity or use more shards"
+            )
+        self._meta[kernels.META_TICK] += 1
+        evictions = int(self._meta[kernels.META_EVICTIONS])
+        if len(self) + new > self.capacity:
+            # Every stored row of the batch gets the current tick first, so no sweep takes one.
+            kernels.touch_rows(self._slots, self._row_tick, self._meta, self._salts, ids, tables, 0)
+            while len(self) + new > self.capacity:
+                self._evict_locked()
+        for part_ids, part_tables, weights, state in parts:
+            kernels.put_rows(
+                self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
+                self._salts, self._dims, self._state_widths, part_ids, part_tables, weights, state,
+            )
+        return int(self._meta[kernels.META_EVICTIONS]) - evictions
+
+    def _put_staged(self, parts: list, n: int) -> int:
+        """(Holding ``_write_lock``, infer mode.) ``put_many`` of ``n`` rows staged; the phases
+        are described in ``kernels``. Lookups run between the short critical sections."""
+        meta = self._meta
+        keys = _keys_of(parts) if self._available_rows() < n else None
         with self._lock:
-            existing = np.empty(ids.shape[0], np.int64)
-            kernels.find_rows(self._slots, self._salts, ids, tables, existing)
-            missing = existing < 0
-            new = unique_keys(ids[missing], tables[missing])[0].shape[0] if missing.any() else 0
-            if len(self) + new > self.capacity and not evict:
-                names = "', '".join(sorted({self._tables[int(t)].name for t in np.unique(tables)}))
-                raise InvalidRequestError(
-                    f"loading {new} new rows of table '{names}' would exceed this shard's capacity of "
-                    f"{self.capacity} rows ({len(self)} held); raise capacity or use more shards"
-                )
-            self._meta[kernels.META_TICK] += 1
-            evictions = int(self._meta[kernels.META_EVICTIONS])
-            if len(self) + new > self.capacity:
-                # Every stored row of the batch gets the current tick first, so no sweep takes one.
-                kernels.touch_rows(self._slots, self._row_tick, self._meta, self._salts, ids, tables, 0)
-                while len(self) + new > self.capacity:
+            evictions = int(meta[kernels.META_EVICTIONS])
+            if keys is not None:
+                # Room for a fresh row per key; the batch's stored rows are spared (2n <= capacity
+                # guarantees enough other rows).
+                meta[kernels.META_TICK] += 1
+                kernels.touch_rows(self._slots, self._row_tick, meta, self._salts, *keys, 0)
+                while self._available_rows() < n:
                     self._evict_locked()
-            for part_ids, part_tables, weights, state in parts:
-                kernels.put_rows(
-                    self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
-                    self._salts, self._dims, self._state_widths, part_ids, part_tables, weights, state,
-                )
-            return int(self._meta[kernels.META_EVICTIONS]) - evictions
+            evicted = int(meta[kernels.META_EVICTIONS]) - evictions
+            meta[kernels.META_STAGE] = kernels.STAGE_STAGING
+        fold_slot, fold_info, fold_old, fold_new, freed = self._fold_arrays(n)
+        count = 0
+        for part_ids, part_tables, weights, _ in parts:
+            count = kernels.stage_rows(
+                self._slots, self._row_slot, self._row_tick, self._weights, self._next_row, meta, self._free,
+                self._salts, part_ids, part_tables, weights, fold_slot, fold_info, fold_old, fold_new, count,
+            )
+        with self._lock:
+            meta[kernels.META_STAGE] = kernels.STAGE_COMMITTED  # the whole batch becomes visible here
+        kernels.fold_rows(self._slots, self._row_slot, fold_slot, fold_info, fold_new, count)
+        with self._lock:
+            meta[kernels.META_STAGE] = kernels.STAGE_NONE
+        # Lookups that could still reach a replaced row held the lock before this point.
+        self._push_free(freed[: kernels.free_rows(self._row_tick, self._next_row, fold_old, count, freed)].copy())
+        return evicted
+
+    def _fold_arrays(self, n: int) -> tuple[np.ndarray, ...]:
+        """Scratch arrays of a staged apply of ``n`` rows, kept for the next one (fresh 16 MB
+        arrays per 500k-row packet cost page faults every time)."""
+        if self._fold is None or self._fold[0].shape[0] < n:
+            self._fold = tuple(np.empty(n, dtype) for dtype in (np.int64, np.uint64, np.int64, np.int64, np.int64))
+        return self._fold
 
     def _checked_rows(self, rows: TableRows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``rows`` as contiguous (ids, table indexes, weights, state) arrays, validated."""
@@ -412,7 +522,7 @@ class EmbeddingStore:
 
     def clear(self) -> None:
         """Drop every row (counters are kept)."""
-        with self._lock:
+        with self._write_lock, self._lock:
             self._slots.fill(0)
             for key in (kernels.META_SIZE, kernels.META_LIVE, kernels.META_FREE_POS, kernels.META_FREE_LEN):
                 self._meta[key] = 0
@@ -434,7 +544,7 @@ class EmbeddingStore:
 
     def memory_bytes(self) -> int:
         """Bytes of every array the store allocated (touched or not)."""
-        arrays = (self._slots, self._row_slot, self._row_tick, self._weights, self._state)
+        arrays = (self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._next_row)
         return sum(a.nbytes for a in arrays)
 
     # ------------------------------------------------------------------ validation
@@ -466,6 +576,8 @@ class EmbeddingStore:
 
     def owns(self, ids: np.ndarray, tables: np.ndarray) -> np.ndarray:
         """Boolean mask of the keys that hash to this shard."""
+        if self.num_shards == 1:
+            return np.ones(ids.shape[0], np.bool_)
         owners = np.empty(ids.shape[0], np.int64)
         kernels.shard_of(ids, tables, self._salts, self.num_shards, owners)
         return owners == self.shard_index
@@ -490,16 +602,20 @@ class EmbeddingStore:
             )
 
 
-def _zeros_aligned(shape: tuple[int, int], dtype: type) -> np.ndarray:
-    """``np.zeros`` whose rows start on a 64-byte cache-line boundary (numpy's large arrays start
-    16 bytes past one): a 16-float32 row then costs one cache miss instead of two."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buffer = np.zeros(nbytes + _CACHE_LINE, np.uint8)
-    start = -buffer.ctypes.data % _CACHE_LINE
-    return buffer[start : start + nbytes].view(dtype).reshape(shape)
+def _keys_of(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, table indexes) of ``put_many``'s checked parts, concatenated."""
+    return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
 
 
-_CACHE_LINE = 64
+def _zeroed(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zeroed array; a large one lies on its own page-aligned memory map (a 16-float32 row
+    spans one cache line, not two) with huge pages asked for (see ``memory``)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = int(np.prod(shape))
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes < HUGE_PAGE:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(fresh_buffer(nbytes), dtype, count).reshape(shape)
 
 
 def last_occurrences(ids: np.ndarray, tables: np.ndarray) -> np.ndarray:

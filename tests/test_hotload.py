@@ -184,6 +184,20 @@ def test_put_many_applies_every_table_or_nothing(emb):
     assert (store.lookup(np.arange(3, dtype=np.uint64), np.full(3, query.index, np.uint16)) == 2.0).all()
 
 
+def test_staged_applies_keep_a_repeated_keys_last_value_and_recycle_replaced_rows(emb):
+    store = infer_stores(emb, capacity=1000)[0]
+    user = emb.tables["user"]
+    ids = np.arange(300, dtype=np.uint64)
+    tabs = np.full(300, user.index, np.uint16)
+    for k in range(50):  # 300-row packets staged into 1000 rows: replaced rows must be reused
+        repeated = np.concatenate([ids, ids[:100]])  # the second copy of 0..99 comes last and wins
+        values = np.concatenate([np.full((300, 8), k, np.float32), np.full((100, 8), k + 0.5, np.float32)])
+        assert store.put_many([TableRows(user, repeated, values, np.zeros((400, 0), np.float32))]) == 0
+        got = store.lookup(ids, tabs)
+        assert (got[:100] == k + 0.5).all() and (got[100:] == k).all()
+    assert len(store) == 300 and store.counters()["evictions"] == 0
+
+
 def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
     store = infer_stores(emb, capacity=100)[0]
     user = emb.tables["user"]
@@ -408,24 +422,33 @@ def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_ap
 
 
 def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
+    """Packet k sets 40,000 stored rows to k and inserts 100 new rows of value k: one lookup of all
+    of them sees packet k whole (its new rows k, later packets' new rows still absent: 0) or
+    not at all. The store has room to stage, so packets apply while lookups run."""
     trainer = Trainer(emb, tmp_path, num_shards=1)
     user = emb.tables["user"]
-    ids = np.arange(5000, dtype=np.uint64)
-    tabs = np.full(ids.shape[0], user.index, np.uint16)
+    ids = np.arange(40_000, dtype=np.uint64)
+    new_ids = [np.arange(100_000 + 100 * k, 100_100 + 100 * k, dtype=np.uint64) for k in range(40)]
+    everything = np.concatenate([ids] + new_ids[1:])
+    tabs = np.full(everything.shape[0], user.index, np.uint16)
+    packet_of = np.concatenate([np.zeros(ids.shape[0])] + [np.full(100, k) for k in range(1, 40)])
 
     def constant(value: float) -> list[TableRows]:
-        return [TableRows(user, ids, np.full((ids.shape[0], 8), value, np.float32), np.zeros((ids.shape[0], 0), np.float32))]
+        keys = np.concatenate([ids, new_ids[int(value)]]) if value else ids
+        return [TableRows(user, keys, np.full((keys.shape[0], 8), value, np.float32), np.zeros((keys.shape[0], 0), np.float32))]
 
     trainer.publish(0, constant(0.0))
-    store = infer_stores(emb)[0]
+    store = infer_stores(emb, capacity=100_000)[0]
     follower = followers(store, str(tmp_path))
     torn, lookups, stop = [], [0], threading.Event()
 
     def reader():
         while not stop.is_set():
-            values = store.lookup(ids, tabs)
+            values = store.lookup(everything, tabs)
             lookups[0] += 1
-            if not (values == values[0, 0]).all():
+            k = values[0, 0]
+            want = np.where(packet_of <= k, packet_of, 0.0)[:, None]  # packet j's new rows hold j
+            if not (values[: ids.shape[0]] == k).all() or not (values[ids.shape[0]:] == want[ids.shape[0]:]).all():
                 torn.append(np.unique(values))
 
     thread = threading.Thread(target=reader)

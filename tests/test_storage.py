@@ -237,6 +237,20 @@ def test_read_size_bound(backend_storage):
 
 
 @contract
+def test_read_buffer_returns_the_same_bytes_and_errors_as_read_bytes(backend_storage):
+    st = backend_storage
+    big = np.random.default_rng(0).bytes(3 << 20)  # over one huge page: pooled memory locally
+    for name, data in (("small.bin", b"abc"), ("big.bin", big), ("empty.bin", b"")):
+        st.write_atomic(name, data)
+        got = st.read_buffer(name, max_bytes=len(data))
+        assert bytes(got) == data and len(got) == len(data)
+    with pytest.raises(StorageError, match=f"{len(big)} bytes is more than the allowed {len(big) - 1}"):
+        st.read_buffer("big.bin", max_bytes=len(big) - 1)
+    with pytest.raises(StorageNotFoundError):
+        st.read_buffer("nothing/here.bin")
+
+
+@contract
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a/.."])
 def test_paths_escaping_the_root_are_refused(backend_storage, bad):
     st = backend_storage
