@@ -47,6 +47,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="seconds between safety rescans of a local model root watched by inotify (default 10)")
     p.add_argument("--gap-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a missing packet is waited for before the gap alarm goes off (default 30)")
+    p.add_argument("--apply-niceness", type=int, default=10, choices=range(20), metavar="N",
+                   help="once ready, apply packets N nice levels below the server, so applies use the CPU lookups "
+                   "leave over (0..19, default 10; 0: same priority)")
     sec = p.add_argument_group(
         "security", "TLS and the shared token (default: the global config's 'security' section; both off). The token "
         "is never a flag: give a file, or set CTRSERVE_EMBEDDING_TOKEN in the environment")
@@ -149,7 +152,7 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOpti
                         for flag, value in intervals.items() if not 0 < value < float("inf")), "")
         if not problem:
             return FollowOptions(poll_interval_s=args.poll_interval, rescan_interval_s=args.rescan_interval,
-                                 gap_timeout_s=args.gap_timeout)
+                                 gap_timeout_s=args.gap_timeout, apply_niceness=args.apply_niceness)
     print(f"ctrserve embedding-server: error: {problem}", file=sys.stderr)
     return None
 

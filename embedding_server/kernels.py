@@ -495,13 +495,16 @@ def gather_staged(slots, row_tick, weights, next_row, meta, salts, ids, tables, 
             if r >= 0 and (info & HIDDEN) != 0 and not committed:
                 r = -1
             rows[j] = r
-            if r >= 0:
+            if r >= 0 and committed:
                 _prefetch(next_row, r)
+            elif r >= 0:  # before the commit the row is final: no successor to resolve
+                _prefetch(weights, r)
+                _prefetch_for_write(row_tick, r)
         j = i - 2 * _AHEAD
-        if 0 <= j < n:
+        if 0 <= j < n and committed:
             r = rows[j]
             if r >= 0:
-                if committed and next_row[r] != 0:
+                if next_row[r] != 0:
                     r = np.int64(next_row[r]) - 1
                     rows[j] = r
                 _prefetch(weights, r)

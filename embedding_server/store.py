@@ -26,7 +26,7 @@ import numpy as np
 from embedding_server import kernels
 from embedding_server.config import EmbeddingConfig, GlobalConfig, TableSpec
 from embedding_server.errors import InvalidRequestError, describe_value
-from embedding_server.memory import HUGE_PAGE, fresh_buffer
+from embedding_server.memory import fresh_buffer
 from embedding_server.optimizers import SGD, SparseOptimizer
 
 
@@ -86,7 +86,9 @@ class EmbeddingStore:
         # One extra all-zero row: the answer for ids an infer-mode store does not hold.
         self._weights = _zeroed((self.capacity + 1, max_dim), np.float32)
         self._meta = np.zeros(kernels.META_LEN, np.int64)
-        self._free = np.zeros(0, np.int64)
+        # Free rows (evicted, or replaced by a staged apply) are a stack in [FREE_POS, FREE_LEN);
+        # a row is on it at most once, so capacity entries always suffice.
+        self._free = _zeroed(self.capacity, np.int64)
         # Infer mode: a staged packet apply's fresh row of each replaced row (row + 1, 0 = none).
         self._next_row = _zeroed(self.capacity if self.mode == "infer" else 0, np.int32)
         self._fold: tuple[np.ndarray, ...] | None = None  # see _fold_arrays
@@ -303,10 +305,13 @@ class EmbeddingStore:
 
     def _push_free(self, rows: np.ndarray) -> None:
         # Rows still on the free list stay there (put_many may sweep before the list is used up).
-        rest = self._free[self._meta[kernels.META_FREE_POS] : self._meta[kernels.META_FREE_LEN]]
-        self._free = np.concatenate([rest, rows]) if rest.shape[0] else rows
-        self._meta[kernels.META_FREE_POS] = 0
-        self._meta[kernels.META_FREE_LEN] = self._free.shape[0]
+        pos, end = int(self._meta[kernels.META_FREE_POS]), int(self._meta[kernels.META_FREE_LEN])
+        if end + rows.shape[0] > self._free.shape[0]:  # move the rest to the front first
+            self._free[: end - pos] = self._free[pos:end]
+            pos, end = 0, end - pos
+        self._free[end : end + rows.shape[0]] = rows
+        self._meta[kernels.META_FREE_POS] = pos
+        self._meta[kernels.META_FREE_LEN] = end + rows.shape[0]
 
     def _available_rows(self) -> int:
         """Rows a new key can take without an eviction: never used, or on the free list."""
@@ -490,7 +495,7 @@ class EmbeddingStore:
         with self._lock:
             meta[kernels.META_STAGE] = kernels.STAGE_NONE
         # Lookups that could still reach a replaced row held the lock before this point.
-        self._push_free(freed[: kernels.free_rows(self._row_tick, self._next_row, fold_old, count, freed)].copy())
+        self._push_free(freed[: kernels.free_rows(self._row_tick, self._next_row, fold_old, count, freed)])
         return evicted
 
     def _fold_arrays(self, n: int) -> tuple[np.ndarray, ...]:
@@ -544,7 +549,7 @@ class EmbeddingStore:
 
     def memory_bytes(self) -> int:
         """Bytes of every array the store allocated (touched or not)."""
-        arrays = (self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._next_row)
+        arrays = (self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._next_row, self._free)
         return sum(a.nbytes for a in arrays)
 
     # ------------------------------------------------------------------ validation
@@ -608,14 +613,11 @@ def _keys_of(parts: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _zeroed(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
-    """A zeroed array; a large one lies on its own page-aligned memory map (a 16-float32 row
-    spans one cache line, not two) with huge pages asked for (see ``memory``)."""
+    """A zeroed array on its own page-aligned memory map (a 16-float32 row spans one cache line,
+    not two), with huge pages asked for when it is large (see ``memory``)."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     count = int(np.prod(shape))
-    nbytes = count * np.dtype(dtype).itemsize
-    if nbytes < HUGE_PAGE:
-        return np.zeros(shape, dtype)
-    return np.frombuffer(fresh_buffer(nbytes), dtype, count).reshape(shape)
+    return np.frombuffer(fresh_buffer(count * np.dtype(dtype).itemsize), dtype, count).reshape(shape)
 
 
 def last_occurrences(ids: np.ndarray, tables: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -462,6 +463,19 @@ def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
         thread.join()
     assert not torn, f"a lookup saw a mix of packets: {torn[:3]}"
     assert lookups[0] > 40
+
+
+def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    trainer.publish(0, [TableRows(emb.tables["user"], np.arange(3, dtype=np.uint64), np.ones((3, 8), np.float32),
+                                  np.zeros((3, 0), np.float32))])
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    follower = followers(infer_stores(emb)[0], str(tmp_path), FollowOptions(apply_niceness=5))
+    tid = follower._thread.native_id
+    wait_until(lambda: os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + 5), what="the follower's niceness")
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the rest of the process keeps its priority
+    with pytest.raises(ValueError, match="apply_niceness must be an integer in 0..19"):
+        FollowOptions(apply_niceness=20)
 
 
 def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
