@@ -40,6 +40,7 @@ class ServerMetrics:
         )
         self._keys = Counter("ctrserve_embedding_keys", "keys looked up or updated", names + ["method"], registry=self.registry)
         self._recent: dict[str, deque] = {}
+        self._method_children: dict[str, tuple] = {}
         self._counts: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self.registry.register(_StoreCollector(labels, store_counters))
@@ -56,10 +57,11 @@ class ServerMetrics:
             raise
         finally:
             elapsed = time.perf_counter() - start
-            self._requests.labels(**self._labels, method=method).inc()
-            self._latency.labels(**self._labels, method=method).observe(elapsed)
+            requests, latency, keyed = self._children(method)
+            requests.inc()
+            latency.observe(elapsed)
             if keys:
-                self._keys.labels(**self._labels, method=method).inc(keys)
+                keyed.inc(keys)
             with self._lock:
                 self._recent.setdefault(method, deque(maxlen=_RECENT)).append(elapsed)
                 counts = self._counts.setdefault(method, [0, 0])
@@ -68,6 +70,17 @@ class ServerMetrics:
                     counts[1] += 1
             if code != "OK":
                 self._errors.labels(**self._labels, method=method, code=code).inc()
+
+    def _children(self, method: str) -> tuple:
+        """The labelled request, latency and key series of ``method``, made once: resolving
+        labels takes prometheus_client's locks and validation, a third of a small lookup's
+        time on the server."""
+        children = self._method_children.get(method)
+        if children is None:
+            labels = {**self._labels, "method": method}
+            children = (self._requests.labels(**labels), self._latency.labels(**labels), self._keys.labels(**labels))
+            self._method_children[method] = children  # a race makes the same children twice: harmless
+        return children
 
     def method_stats(self) -> list[dict]:
         """Per method: requests, errors, and p50/p99 latency (ms) of the recent requests."""

@@ -53,6 +53,7 @@ from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
 from embedding_server.remote import RemoteEmbeddingClient
 from handler.request import DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import SERVING_FILE, ServingConfig
+from handler.timing import TimingMetrics  # not defined here: TorchServe takes a handler module's only class
 
 logger = logging.getLogger(__name__)
 JSON_CONTENT_TYPE = "application/json"
@@ -132,6 +133,7 @@ class PersiaHandler(BaseHandler):
         """
         self.spec, self.model, self.embeddings, self.serving, self.device = spec, model, embeddings, serving, device
         self.decoder = RequestDecoder.from_serving(spec, serving)
+        self._timings = TimingMetrics(serving.metrics_interval_s)
         self.initialized = True
 
     @torch.inference_mode()
@@ -238,7 +240,7 @@ class PersiaHandler(BaseHandler):
     def _record_time(self, name: str, started: float) -> None:
         metrics = getattr(self.context, "metrics", None)
         if metrics is not None:
-            metrics.add_time(name, round((time.perf_counter() - started) * 1000.0, 3), None, "ms")
+            self._timings.record(name, (time.perf_counter() - started) * 1000.0, metrics)
 
     def _set_content_type(self, idx: int) -> None:
         if getattr(self.context, "request_processor", None):

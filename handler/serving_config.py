@@ -15,6 +15,7 @@ Example ``serving.yml``::
     max_batch_size: 4096          # samples in one request
     max_request_bytes: 67108864   # bytes of one request body
     watermark_refresh_s: 1.0      # how often the embedding watermark is re-read
+    metrics_interval_s: 1.0       # the handler's timing metrics: mean per interval (0: every request)
     max_ids_per_request: 4000000  # ids of all features of one request
     max_ids_per_sample: 10000     # ids of one feature in one sample
     max_json_request_bytes: 8388608   # bytes of a JSON body (parsed JSON is 10-20x its size)
@@ -61,6 +62,9 @@ class ServingConfig:
         max_batch_size: largest number of samples in one request (larger: HTTP 400).
         max_request_bytes: largest request body (larger: HTTP 400).
         watermark_refresh_s: seconds between reads of the embedding servers' watermark.
+        metrics_interval_s: seconds over which the handler averages its timing metrics
+            (EmbeddingLookupTime, DenseInferenceTime) before handing them to TorchServe; 0 hands
+            over every request's values (each is a line the worker writes to the frontend).
         max_ids_per_request: most ids in one request, all features together (larger: HTTP 400).
         max_ids_per_sample: most ids of one feature in one sample (larger: HTTP 400).
         max_json_request_bytes: largest JSON body (larger: HTTP 400; batch bytes are not bound by it).
@@ -86,6 +90,7 @@ class ServingConfig:
     max_batch_size: int = 4096
     max_request_bytes: int = 64 << 20
     watermark_refresh_s: float = 1.0
+    metrics_interval_s: float = 1.0
     max_ids_per_request: int = 4_000_000
     max_ids_per_sample: int = 10_000
     max_json_request_bytes: int = 8 << 20
@@ -123,6 +128,9 @@ class ServingConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive number of seconds, got {value!r}")
+        value = self.metrics_interval_s
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            raise ConfigError(f"{SERVING_FILE}: 'metrics_interval_s' must be a number of seconds >= 0, got {value!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = SERVING_FILE) -> "ServingConfig":

@@ -11,13 +11,17 @@ tested through a real TorchServe in ``test_torchserve.py``.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import ts
 from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import PredictionException
 
 from archiver.build import archive_model
@@ -31,6 +35,7 @@ from handler.client import PredictionError, parse_response
 from handler.persia_handler import PersiaHandler
 from handler.request import RequestDecoder, RequestError, merge_requests
 from handler.serving_config import ENV_SERVERS, ServingConfig
+from handler.timing import TimingMetrics
 from torchserve_support import DENSE_WIDTH, EMB, GLOBAL, as_json, expected_scores, export_version, random_batch
 from trainer.batch import PyPersiaBatchData
 
@@ -157,6 +162,9 @@ def test_serving_config_is_strict_and_the_environment_overrides_addresses(tmp_pa
     with pytest.raises(ConfigError, match="'torch_threads' must be an integer >= 0"):
         ServingConfig.from_dict({"torch_threads": -1})
     assert ServingConfig().torch_threads == 1
+    with pytest.raises(ConfigError, match="'metrics_interval_s' must be a number of seconds >= 0"):
+        ServingConfig.from_dict({"metrics_interval_s": -1})
+    assert ServingConfig().metrics_interval_s == 1.0 and ServingConfig(metrics_interval_s=0).metrics_interval_s == 0
     path = tmp_path / "serving.yml"
     path.write_text("embedding_servers: ['127.0.0.1:7001']\nmax_batch_size: 16\n")
     config = ServingConfig.load(path)
@@ -174,6 +182,51 @@ def test_initialize_without_embedding_servers_says_how_to_configure_them(model_d
     monkeypatch.delenv(ENV_SERVERS, raising=False)
     with pytest.raises(ConfigError, match="no embedding servers: set embedding_servers in serving.yml"):
         PersiaHandler().initialize(Context("deepctr", str(model_dir), {}, 1, None, "0.12.0"))
+
+
+def _metrics_cache() -> MetricsCacheYamlImpl:
+    """TorchServe's own metrics cache (what a worker's context.metrics is), with its default config."""
+    cache = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    cache.initialize_cache()
+    return cache
+
+
+def _recorded(caplog: pytest.LogCaptureFixture) -> list[tuple[str, float]]:
+    """(name, value) of every metric line TorchServe's cache wrote (what the frontend parses)."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    return [(line[9:].split(".", 1)[0], float(line.split(":", 1)[1].split("|", 1)[0])) for line in lines]
+
+
+def test_handler_module_defines_the_one_class_torchserve_loads():
+    import handler.persia_handler as module
+    from ts.utils.util import list_classes_from_module
+
+    assert list_classes_from_module(module) == [PersiaHandler]  # a second class: the worker dies at load
+
+
+def test_timing_metrics_are_recorded_as_means_once_per_interval(caplog):
+    cache = _metrics_cache()
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    now = [100.0]
+    timings = TimingMetrics(interval_s=1.0, clock=lambda: now[0])
+    timings.record("EmbeddingLookupTime", 2.0, cache)  # the first value is recorded at once
+    now[0] = 100.5
+    for ms in (1.0, 3.0):
+        timings.record("EmbeddingLookupTime", ms, cache)
+    timings.record("DenseInferenceTime", 4.0, cache)
+    assert _recorded(caplog) == [("EmbeddingLookupTime", 2.0)]
+    now[0] = 101.0  # the interval is over
+    timings.record("EmbeddingLookupTime", 5.0, cache)
+    assert _recorded(caplog)[1:] == [("EmbeddingLookupTime", 3.0), ("DenseInferenceTime", 4.0)]
+
+
+def test_timing_metrics_with_interval_zero_record_every_value(caplog):
+    cache = _metrics_cache()
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    timings = TimingMetrics(interval_s=0.0)
+    for ms in (1.0, 2.5):
+        timings.record("EmbeddingLookupTime", ms, cache)
+    assert _recorded(caplog) == [("EmbeddingLookupTime", 1.0), ("EmbeddingLookupTime", 2.5)]
 
 
 # ------------------------------------------------------------------------------ handle() with TorchServe's Context
