@@ -174,7 +174,7 @@ def _parse_header(raw: bytes) -> dict:
         raise InvalidRequestError(f"batch header: batch_size must be a non-negative integer, got {header['batch_size']!r}")
     for key, fields in (("dense", {"dtype", "width"}), ("sparse", {"name", "ids"}), ("targets", {"width"})):
         entries = header[key]
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and set(e) == fields for e in entries):
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e.keys() == fields for e in entries):
             raise InvalidRequestError(f"batch header: '{key}' must be a list of objects with keys {sorted(fields)}")
     if not isinstance(header["meta"], dict) or not all(
         isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in header["meta"].values()
@@ -206,29 +206,29 @@ def _read_payload(header: dict, payload: memoryview) -> BatchData:
 def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> list[SparseFeature]:
     """The sparse features: per feature int64 offsets [batch + 1], then uint64 ids.
 
-    Offsets and ids are both 8-byte words, so the whole section is read as one array and each
-    feature's arrays are slices of it (a request has dozens of features; one array per part
-    cost more than the rest of decoding).
+    Offsets and ids are both 8-byte words, so the whole section is read as one array: every
+    feature's offsets are gathered into one [features, batch + 1] table with one index (and
+    validated together), its ids are a slice. A request has dozens of features; an array or a
+    check per part cost more than the rest of decoding.
     """
-    for f in entries:
-        if not isinstance(f["name"], str) or not f["name"] or not _is_count(f["ids"]):
-            raise InvalidRequestError("batch header: each sparse entry needs a non-empty name and an id count >= 0")
-    total = sum(batch + 1 + f["ids"] for f in entries)
+    if not entries:
+        return []  # (below, arrays sized by batch are made only once the payload is known to hold them)
+    names = [f["name"] for f in entries]
+    counts = [f["ids"] for f in entries]
+    if not all(isinstance(n, str) and n for n in names) or not all(_is_count(c) for c in counts):
+        raise InvalidRequestError("batch header: each sparse entry needs a non-empty name and an id count >= 0")
+    total = len(entries) * (batch + 1) + sum(counts)
     if total * _IDS.itemsize > reader.left:
         for f in entries:  # raises, naming the first part that does not fit
             reader.take(_OFFSETS, batch + 1, f"sparse '{f['name']}' offsets")
             reader.take(_IDS, f["ids"], f"sparse '{f['name']}' ids")
     signed = reader.take(_OFFSETS, total, "sparse features")
     unsigned = signed.view(_IDS.newbyteorder("="))  # the same words read as ids
-    names, offsets, ids = [], [], []
-    at = 0
-    for f in entries:
-        names.append(f["name"])
-        offsets.append(signed[at : at + batch + 1])
-        at += batch + 1
-        ids.append(unsigned[at : at + f["ids"]])
-        at += f["ids"]
-    return SparseFeature.many(names, ids, offsets)  # checks the offsets, all features at once
+    starts = np.zeros(len(entries), np.int64)  # where each feature's offsets begin
+    np.cumsum(np.asarray(counts[:-1], np.int64) + (batch + 1), out=starts[1:])
+    table = signed[starts[:, None] + np.arange(batch + 1)]
+    ids = [unsigned[at : at + n] for at, n in zip((starts + (batch + 1)).tolist(), counts)]
+    return SparseFeature.many(names, ids, table)  # checks the offsets, all features at once
 
 
 class _Reader:
@@ -258,8 +258,8 @@ def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40
 
 
+_DTYPE_CODES = {d.newbyteorder("="): code for code, d in DENSE_DTYPES.items()}
+
+
 def _dtype_code(dtype: np.dtype) -> str | None:
-    for code, d in DENSE_DTYPES.items():
-        if np.dtype(dtype) == d.newbyteorder("="):
-            return code
-    return None
+    return _DTYPE_CODES.get(np.dtype(dtype))

@@ -81,6 +81,10 @@ class EmbeddingClient(abc.ABC):
         self.num_shards = num_shards
         tables = list(config.tables.values())
         self._salts = np.array([t.salt for t in tables], np.uint64)
+        # Per feature, what lookup() needs of its slot and table, resolved once (not per request).
+        self._feature_info = {
+            name: (slot, config.table_of(name).index, config.table_of(name).dim) for name, slot in config.slots_config.items()
+        }
 
     # ------------------------------------------------------------------ transport
 
@@ -166,9 +170,8 @@ class EmbeddingClient(abc.ABC):
         batch_size = check_batch(features, self.config)
         by_dim: dict[int, list[tuple[SparseFeature, SlotConfig, int]]] = {}
         for f in features:
-            slot = self.config.slot(f.name)
-            table = self.config.table_of(f.name)
-            by_dim.setdefault(table.dim, []).append((_hash_stacked(f, slot), slot, table.index))
+            slot, table, dim = self._feature_info[f.name]  # check_batch refused unknown features
+            by_dim.setdefault(dim, []).append((f if slot.hash_stack_config is None else _hash_stacked(f, slot), slot, table))
         result = LookupResult({})
         for dim, members in by_dim.items():
             ids = np.concatenate([f.ids for f, _, _ in members])

@@ -135,7 +135,8 @@ class RequestDecoder:
                     f"request of {len(body)} bytes exceeds the limit of {self.max_request_bytes} bytes (max_request_bytes)"
                 )
             if bytes(body[: len(MAGIC)]) == MAGIC:
-                return self._from_batch(_decode_bytes(body))
+                data = _decode_bytes(body)  # parts already checked to agree (check_parts)
+                return self._from_batch(data, _checked_batch_size(data))
             self._check_json_size(len(body), "bytes")
             body = _json_from_bytes(body)
         elif isinstance(body, str):
@@ -147,11 +148,13 @@ class RequestDecoder:
             body = _json_from_bytes(body.encode("utf-8", errors="replace"))
         return self._from_batch(_batch_from_json(body))
 
-    def _from_batch(self, data: BatchData) -> DecodedRequest:
-        try:
-            batch_size = check_parts(data)
-        except InvalidRequestError as exc:
-            raise RequestError(str(exc)) from None
+    def _from_batch(self, data: BatchData, batch_size: int | None = None) -> DecodedRequest:
+        """Validate a decoded batch against the model; ``batch_size`` when its parts are already checked."""
+        if batch_size is None:
+            try:
+                batch_size = check_parts(data)
+            except InvalidRequestError as exc:
+                raise RequestError(str(exc)) from None
         if batch_size == 0:
             raise RequestError("empty batch: the request holds 0 samples")
         if batch_size > self.max_batch_size:
@@ -280,6 +283,13 @@ def _decode_bytes(body: bytes | bytearray | memoryview) -> BatchData:
         return decode_batch(body)
     except InvalidRequestError as exc:
         raise RequestError(f"undecodable batch bytes: {exc}") from None
+
+
+def _checked_batch_size(data: BatchData) -> int:
+    """The batch size of a batch whose parts :func:`decode_batch` checked (they agree; one exists)."""
+    if data.dense:
+        return int(data.dense[0].shape[0])
+    return data.sparse[0].batch_size if data.sparse else int(data.targets[0].shape[0])
 
 
 def _json_from_bytes(raw: bytes | bytearray | memoryview) -> Any:
