@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from concurrent import futures
@@ -248,6 +249,10 @@ def start_server(
         except BaseException:
             follower.stop()
             raise
+    # Everything loaded so far (modules, config, the store's arrays) lives as long as the server:
+    # keep it out of the garbage collector's full passes, which otherwise hold the GIL for ~50 ms
+    # every few packets and stall every lookup meanwhile (measured here during packet applies).
+    gc.freeze()
     server.start()
     bound_metrics = None
     if metrics_port is not None:

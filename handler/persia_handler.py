@@ -35,6 +35,7 @@ Example (what TorchServe does with it)::
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -114,6 +115,9 @@ class PersiaHandler(BaseHandler):
         self.configure(self.spec, model, embeddings, self.serving, self.device)
         self.warm_up()
         self._start_watermark_refresh()
+        # torch, the model and the clients live as long as the worker: keep them out of the
+        # garbage collector's full passes, each a pause of every request in flight.
+        gc.freeze()
         logger.info(
             "serving dense version %d (step %d) on %s with %d embedding shards",
             self.spec.version, self.spec.step, self.device, len(self.serving.embedding_servers),
