@@ -54,6 +54,11 @@ Parts (the S3 one runs first, see 2):
    server's watermark reaching the last packet), a lower bound of the server's apply rate while
    it serves lookups. After the last window the served rows of the last packet are checked bit
    for bit.
+5. **Lookup p99 under heavy applies, in-process** (``store_lookup_p99_ratio``, reported): part 4
+   in one process, without gRPC: lookups straight on an infer-mode store (``store.lookup``)
+   while its ``ModelRootFollower`` applies the same kind of packets, set up as a server is
+   (kernels warmed up, start-up objects frozen out of the garbage collector). It separates the
+   store's own behaviour under applies from the gRPC path sharing 2 cores with the client.
 
 ``ratio`` = ``p99_s`` / 1.0 s: the local freshness p99 against its goal (not a same-run
 baseline: the goal is absolute; <= 1 meets it). Likewise ``s3_ratio`` = ``s3_p99_s`` / 3.0 s
@@ -328,27 +333,20 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
           f"{total / decode_s / 1e6:.2f} M rows/s", flush=True)
 
 
-def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: dict, lookup_pool: tuple[np.ndarray, np.ndarray]) -> None:
-    """Lookup latency in idle windows vs windows in which big packets are applied (local server)."""
+def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folder: Path, staging: Path, first_seq: int,
+                   pool: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Rounds of an idle and a busy window (see part 4): ``lookup(ids, tables)`` of
+    ``--lookup-keys`` keys from ``pool`` in a loop, ``watermark()`` polled every 20 ms in both
+    kinds of window; a busy window's packets (seqs from ``first_seq``) are written to
+    ``staging`` first and renamed into ``folder`` when it starts. Checks the last packet's rows
+    bit for bit. Returns latencies (s), the apply rates seen and the next free seq."""
     from embedding_server.packets import packet_name
     from embedding_server.storage import open_storage
 
-    storage = trainer.publisher.storage  # the training shard's packet folder under the model root
-    staging = open_storage(str(storage.root.parent.parent.parent / "heavy-staging"))  # same file system
-    rng = np.random.default_rng(args.seed + 11)
-    pool_ids, pool_tabs = lookup_pool
-    n = min(args.lookup_keys, pool_ids.shape[0])
-    batches = []
-    for _ in range(64):
-        pick = rng.choice(pool_ids.shape[0], n, replace=False)
-        batches.append((pool_ids[pick], pool_tabs[pick]))
-
-    def watermark() -> int:
-        streams = serving.stats()[0]["hotload"]["streams"]
-        return streams[0]["watermark"] if streams else -1
-
-    idle, busy, live_rates = [], [], []
-    last = None
+    stage = open_storage(str(staging))
+    n = min(args.lookup_keys, pool[0].shape[0])
+    batches = [tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))]
+    idle, busy, rates = [], [], []
 
     def lookups_until(done: threading.Event, out: list[float]) -> None:
         k = 0
@@ -356,94 +354,121 @@ def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: di
             ids, tabs = batches[k % len(batches)]
             k += 1
             t = time.perf_counter()
-            serving.lookup_rows(ids, tabs, DIM)
+            lookup(ids, tabs)
             out.append(time.perf_counter() - t)
 
-    def idle_window() -> None:
-        done = threading.Event()
-
-        def poll_watermark() -> None:  # as in a busy window: the Stats RPC every 20 ms
-            deadline = time.monotonic() + args.idle_s
-            try:
-                while time.monotonic() < deadline:
-                    watermark()
-                    time.sleep(0.02)
-            finally:
-                done.set()
-
-        poller = threading.Thread(target=poll_watermark, name="idle-poller")
-        poller.start()
-        lookups_until(done, idle)
-        poller.join()
-
-    def busy_window(blobs: list[tuple[int, bytes]]) -> None:
-        done = threading.Event()
-        rows = args.busy_packets * args.packet_rows
-        info = {}
-
+    def window(out: list[float], blobs: list[tuple[int, bytes]]) -> None:
+        """Lookups while the watermark is polled: for ``--idle-s`` (no blobs), or until it
+        reaches the last blob after they are renamed in."""
+        done, info = threading.Event(), {}
         for seq, data in blobs:
-            staging.write_atomic(packet_name(seq), data)
+            stage.write_atomic(packet_name(seq), data)
 
-        def write_and_wait() -> None:
+        def publish_and_poll() -> None:
             try:
                 t0 = time.perf_counter()
                 for seq, _ in blobs:
-                    os.rename(staging.root / packet_name(seq), storage.root / packet_name(seq))
-                target = blobs[-1][0]
-                deadline = time.monotonic() + 120
-                while watermark() < target:
-                    if time.monotonic() > deadline:
-                        info["error"] = f"the server did not reach seq {target} in 120 s"
-                        return
+                    os.rename(staging / packet_name(seq), folder / packet_name(seq))
+                deadline = time.monotonic() + (120 if blobs else args.idle_s)
+                while (watermark() < blobs[-1][0]) if blobs else time.monotonic() < deadline:
+                    if blobs and time.monotonic() > deadline:
+                        raise RuntimeError(f"seq {blobs[-1][0]} was not applied within 120 s")
                     time.sleep(0.02)
-                info["rate"] = rows / (time.perf_counter() - t0)
+                if blobs:
+                    rates.append(len(blobs) * args.packet_rows / (time.perf_counter() - t0))
             except BaseException as exc:  # reported by the main thread
-                info["error"] = repr(exc)
+                info["error"] = exc
             finally:
                 done.set()
 
-        writer = threading.Thread(target=write_and_wait, name="heavy-writer")
-        writer.start()
-        lookups_until(done, busy)
-        writer.join()
+        poller = threading.Thread(target=publish_and_poll, name="window-poller")
+        poller.start()
+        lookups_until(done, out)
+        poller.join()
         if "error" in info:
             raise RuntimeError(f"heavy apply: {info['error']}")
-        live_rates.append(info["rate"])
 
     for _ in range(3):  # warm the lookup path
-        serving.lookup_rows(*batches[0], DIM)
+        lookup(*batches[0])
+    seq = first_seq
     for r in range(args.rounds):
-        seq0 = trainer.publisher.last_seq + 1
-        blobs, last = [], None
-        for k in range(args.busy_packets):
-            data, ids, index, weights = heavy_packet(emb, rng, args.packet_rows, args.heavy_vocab, seq0 + k)
-            blobs.append((seq0 + k, data))
-            last = (ids, index, weights)
-        trainer.publisher.last_seq = seq0 + args.busy_packets - 1  # these seqs are taken (the trainer publishes no more)
-        if r % 2 == 0:
-            idle_window()
-            busy_window(blobs)
-        else:
-            busy_window(blobs)
-            idle_window()
-        del blobs
-    ids, index, weights = last
+        packets = [heavy_packet(emb, rng, args.packet_rows, args.heavy_vocab, seq + k) for k in range(args.busy_packets)]
+        blobs = [(seq + k, p[0]) for k, p in enumerate(packets)]
+        seq += args.busy_packets
+        for kind in ([(idle, []), (busy, blobs)] if r % 2 == 0 else [(busy, blobs), (idle, [])]):
+            window(*kind)
+    _, ids, index, weights = packets[-1]
     sample = rng.choice(ids.shape[0], min(100_000, ids.shape[0]), replace=False)
-    got = serving.lookup_rows(ids[sample], index[sample], DIM)
-    if got.tobytes() != weights[sample].tobytes():
+    if lookup(ids[sample], index[sample]).tobytes() != weights[sample].tobytes():
         raise RuntimeError("heavy apply: the served rows of the last packet differ from the packet")
-    i50, i99 = percentiles(idle)
-    b50, b99 = percentiles(busy)
-    live = float(np.median(live_rates))
-    results.update({"lookup_idle_p50_ms": i50 * 1e3, "lookup_idle_p99_ms": i99 * 1e3, "lookup_busy_p50_ms": b50 * 1e3,
-                    "lookup_busy_p99_ms": b99 * 1e3, "lookup_p99_ratio": b99 / i99, "lookup_keys": n,
-                    "lookups_idle": len(idle), "lookups_busy": len(busy), "live_apply_rows_per_s": live,
-                    "heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
-    print(f"  lookups of {n:,} keys: idle p50 {i50 * 1e3:.2f} ms p99 {i99 * 1e3:.2f} ms ({len(idle)} lookups); while "
-          f"applying {args.busy_packets} x {args.packet_rows:,}-row packets per window: p50 {b50 * 1e3:.2f} ms p99 "
-          f"{b99 * 1e3:.2f} ms ({len(busy)} lookups) = {b99 / i99:.2f}x idle p99 (goal <= {LOOKUP_GOAL_RATIO}: "
-          f"{'met' if b99 / i99 <= LOOKUP_GOAL_RATIO else 'NOT met'}); server applied {live / 1e6:.2f} M rows/s while serving "
-          f"(first write to watermark); last packet served bit for bit", flush=True)
+    return {"idle": idle, "busy": busy, "rates": rates, "keys": n, "next_seq": seq}
+
+
+def report_windows(results: dict, prefix: str, got: dict, where: str, rate_label: str) -> float:
+    """Record and print the windows' figures under ``prefix``; returns the median apply rate."""
+    (i50, i99), (b50, b99) = percentiles(got["idle"]), percentiles(got["busy"])
+    live = float(np.median(got["rates"]))
+    results.update({f"{prefix}idle_p50_ms": i50 * 1e3, f"{prefix}idle_p99_ms": i99 * 1e3, f"{prefix}busy_p50_ms": b50 * 1e3,
+                    f"{prefix}busy_p99_ms": b99 * 1e3, f"{prefix}p99_ratio": b99 / i99, f"{prefix}keys": got["keys"],
+                    f"{prefix}count_idle": len(got["idle"]), f"{prefix}count_busy": len(got["busy"])})
+    print(f"  {where}: lookups of {got['keys']:,} keys: idle p50 {i50 * 1e3:.2f} ms p99 {i99 * 1e3:.2f} ms "
+          f"({len(got['idle'])} lookups); while packets apply: p50 {b50 * 1e3:.2f} ms p99 {b99 * 1e3:.2f} ms "
+          f"({len(got['busy'])} lookups) = {b99 / i99:.2f}x idle p99 (goal <= {LOOKUP_GOAL_RATIO}: "
+          f"{'met' if b99 / i99 <= LOOKUP_GOAL_RATIO else 'NOT met'}); {rate_label} {live / 1e6:.2f} M rows/s; last "
+          f"packet served bit for bit", flush=True)
+    return live
+
+
+def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: dict, lookup_pool: tuple[np.ndarray, np.ndarray]) -> None:
+    """Part 4: lookups over gRPC from the local server in idle windows vs windows in which big
+    packets are applied."""
+    folder = trainer.publisher.storage.root  # the training shard's packet folder under the model root
+
+    def watermark() -> int:
+        streams = serving.stats()[0]["hotload"]["streams"]
+        return streams[0]["watermark"] if streams else -1
+
+    got = lookup_windows(args, emb, np.random.default_rng(args.seed + 11), lambda ids, tabs: serving.lookup_rows(ids, tabs, DIM),
+                         watermark, folder, folder.parent.parent.parent / "heavy-staging", trainer.publisher.last_seq + 1,
+                         lookup_pool)
+    trainer.publisher.last_seq = got["next_seq"] - 1  # these seqs are taken (the trainer publishes no more)
+    live = report_windows(results, "lookup_", got, "server over gRPC",
+                          "server applied (first rename to watermark)")
+    results.update({"live_apply_rows_per_s": live, "heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
+
+
+def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> None:
+    """Part 5: part 4 in one process, without gRPC: lookups straight on an infer-mode store while
+    its ModelRootFollower applies the same kind of packets (as a server does: kernels warmed up,
+    start-up objects frozen out of the garbage collector)."""
+    import gc
+
+    from embedding_server.config import GlobalConfig
+    from embedding_server.hotload import ModelRootFollower
+    from embedding_server.packets import packet_dir, packet_name
+    from embedding_server.storage import open_storage
+    from embedding_server.store import EmbeddingStore
+
+    rng = np.random.default_rng(args.seed + 13)
+    root = tmp / "store-root"
+    data, ids, index, _ = heavy_packet(emb, rng, args.packet_rows, args.heavy_vocab, 0)
+    open_storage(str(root)).write_atomic(f"{packet_dir(0, 1)}/{packet_name(0)}", data)
+    store = EmbeddingStore(emb, GlobalConfig.from_dict(infer_config_dict(args.heavy_vocab + args.packet_rows + 1024)))
+    store.warm_up()
+    follower = ModelRootFollower(store, str(root)).start()
+    try:
+        follower.wait_synced(120)
+        gc.freeze()
+
+        def watermark() -> int:
+            return follower.stats()["streams"][0]["watermark"]
+
+        got = lookup_windows(args, emb, rng, store.lookup, watermark, root / packet_dir(0, 1), tmp / "store-staging", 1,
+                             (ids, index))
+    finally:
+        follower.stop()
+        gc.unfreeze()
+    report_windows(results, "store_lookup_", got, "in-process store", "follower applied")
 
 
 # --------------------------------------------------------------------------- main
@@ -518,6 +543,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     print(f"lookup latency: {args.rounds} rounds of an idle window ({args.idle_s:g} s) and a busy window "
           f"({args.busy_packets} x {args.packet_rows:,}-row packets)", flush=True)
     measure_lookup_under_apply(args, emb, trainer, serving, results, (served_ids, served_tabs))
+    print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
+    measure_store_lookup_under_apply(args, emb, tmp, results)
     group.stop()
     heavy_done = time.monotonic()
 
