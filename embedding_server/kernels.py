@@ -297,20 +297,6 @@ def _hash_and_prefetch(slots, salts, ids, tables, i, hashes):
     _prefetch(slots, _home(h, slots.shape[0]))
 
 
-@njit(cache=True, inline="always")
-def _deliver(out, j, weights, row_tick, r, tick, count_repeats, counts):
-    """Last stage of the gathers: copy row ``r`` to ``out[j]`` and mark it used by this
-    request, counting a hit in ``counts[0]`` (with ``count_repeats``, else only a key's first
-    time in the request); a key not stored (``r`` < 0) counts in ``counts[1]``."""
-    if r < 0:
-        counts[1] += 1
-        return
-    if count_repeats or row_tick[r] != tick:
-        counts[0] += 1
-        row_tick[r] = tick
-    _copy_row(out, j, weights, r)
-
-
 _AHEAD = 8  # keys between the stages of gather_hits' pipeline (measured best of 4..16 here)
 _RING = 32  # >= 2 * _AHEAD, a power of two
 
@@ -332,7 +318,8 @@ def gather_hits(slots, row_tick, weights, meta, salts, ids, tables, count_repeat
     n = ids.shape[0]
     tick = np.uint32(meta[META_TICK])
     hashes = np.empty(_RING, np.uint64)
-    counts = np.zeros(2, np.int64)  # hits, keys not stored
+    found = 0
+    missing = 0
     for i in range(n + 2 * _AHEAD):
         if i < n:
             _hash_and_prefetch(slots, salts, ids, tables, i, hashes)
@@ -345,9 +332,16 @@ def gather_hits(slots, row_tick, weights, meta, salts, ids, tables, count_repeat
                 _prefetch_for_write(row_tick, r)
         j = i - 2 * _AHEAD
         if j >= 0:
-            _deliver(out, j, weights, row_tick, rows[j], tick, count_repeats, counts)
-    meta[META_LOOKUPS] += counts[0]
-    return counts[1]
+            r = rows[j]
+            if r < 0:
+                missing += 1
+                continue
+            if count_repeats or row_tick[r] != tick:
+                found += 1
+                row_tick[r] = tick
+            _copy_row(out, j, weights, r)
+    meta[META_LOOKUPS] += found
+    return missing
 
 
 _GROUP = 64
@@ -487,12 +481,15 @@ def put_rows(slots, row_slot, row_tick, weights, state, meta, free, salts, dims,
 def gather_staged(slots, row_tick, weights, next_row, meta, salts, ids, tables, count_repeats, out, rows):
     """:func:`gather_hits` while a packet is staged: hidden keys count as not stored until the
     commit; after it, a row's staged successor in ``next_row`` (row + 1, 0 = none) is read
-    instead of the row. One more pipeline stage resolves the successor."""
+    instead of the row. One more pipeline stage resolves the successor. (Its last stage repeats
+    gather_hits' on purpose: sharing it through an inlined helper that counted into an array
+    cost gather_hits 30% here, in_process_ratio 0.53 -> 0.37.)"""
     n = ids.shape[0]
     tick = np.uint32(meta[META_TICK])
     committed = meta[META_STAGE] == STAGE_COMMITTED
     hashes = np.empty(_RING, np.uint64)
-    counts = np.zeros(2, np.int64)  # hits, keys not stored
+    found = 0
+    missing = 0
     for i in range(n + 3 * _AHEAD):
         if i < n:
             _hash_and_prefetch(slots, salts, ids, tables, i, hashes)
@@ -519,9 +516,16 @@ def gather_staged(slots, row_tick, weights, next_row, meta, salts, ids, tables, 
                 _prefetch_for_write(row_tick, r)
         j = i - 3 * _AHEAD
         if j >= 0:
-            _deliver(out, j, weights, row_tick, rows[j], tick, count_repeats, counts)
-    meta[META_LOOKUPS] += counts[0]
-    return counts[1]
+            r = rows[j]
+            if r < 0:
+                missing += 1
+                continue
+            if count_repeats or row_tick[r] != tick:
+                found += 1
+                row_tick[r] = tick
+            _copy_row(out, j, weights, r)
+    meta[META_LOOKUPS] += found
+    return missing
 
 
 @njit(cache=True, inline="always")
