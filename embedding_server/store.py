@@ -504,9 +504,9 @@ class EmbeddingStore:
         """Commit the memory a staged apply may write next (never-used rows up to ``end``, and
         the whole index the first time: random inserts touch all of its pages early anyway) in
         a few calls instead of one page fault at a time (see ``memory.populate``)."""
-        end = min(self.capacity, max(end, self._committed_rows + _COMMIT_CHUNK_ROWS))
         if end <= self._committed_rows:
             return
+        end = min(self.capacity, max(end, self._committed_rows + _COMMIT_CHUNK_ROWS))
         if self._committed_rows == 0:
             populate(self._slots, 0, self._slots.shape[0])
         for array in (self._weights, self._row_slot, self._row_tick, self._next_row):

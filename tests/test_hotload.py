@@ -199,6 +199,16 @@ def test_staged_applies_keep_a_repeated_keys_last_value_and_recycle_replaced_row
     assert len(store) == 300 and store.counters()["evictions"] == 0
 
 
+def test_staged_applies_commit_memory_only_ahead_of_the_rows_they_use(emb):
+    store = infer_stores(emb, capacity=1_000_000)[0]
+    user = emb.tables["user"]
+    ids = np.arange(1000, dtype=np.uint64)
+    for k in range(20):
+        store.put_many([TableRows(user, ids, np.full((1000, 8), k, np.float32), np.zeros((1000, 0), np.float32))])
+    # Rows in use stay about 2,000 (held + one packet staged): one 64k-row chunk is committed, not 20.
+    assert store._committed_rows == 1 << 16
+
+
 def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
     store = infer_stores(emb, capacity=100)[0]
     user = emb.tables["user"]
