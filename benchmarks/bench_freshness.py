@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -172,14 +171,6 @@ def infer_config_dict(capacity: int) -> dict:
 def percentiles(samples: list[float]) -> tuple[float, float]:
     a = np.asarray(samples, np.float64)
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
-
-
-def load_ceph_module():
-    spec = importlib.util.spec_from_file_location("ctrserve_deploy_ceph_cluster", ROOT / "deploy" / "ceph" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 class Trainer:
@@ -369,13 +360,18 @@ def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folde
                 t0 = time.perf_counter()
                 for seq, _ in blobs:
                     os.rename(staging / packet_name(seq), folder / packet_name(seq))
+                last = blobs[-1][0] if blobs else None
                 deadline = time.monotonic() + (120 if blobs else args.idle_s)
-                while (watermark() < blobs[-1][0]) if blobs else time.monotonic() < deadline:
-                    if blobs and time.monotonic() > deadline:
-                        raise RuntimeError(f"seq {blobs[-1][0]} was not applied within 120 s")
+                while True:
+                    mark = watermark()  # polled in both kinds of window alike
+                    if last is not None and mark >= last:
+                        rates.append(len(blobs) * args.packet_rows / (time.perf_counter() - t0))
+                        break
+                    if time.monotonic() > deadline:
+                        if last is not None:
+                            raise RuntimeError(f"seq {last} was not applied within 120 s")
+                        break
                     time.sleep(0.02)
-                if blobs:
-                    rates.append(len(blobs) * args.packet_rows / (time.perf_counter() - t0))
             except BaseException as exc:  # reported by the main thread
                 info["error"] = exc
             finally:
@@ -506,7 +502,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     # in a process whose gRPC threads are already running; nothing here has used gRPC yet. Its
     # server and the local one start together (a server start is mostly imports: seconds).
     results["s3_poll_interval_s"] = args.s3_poll_interval
-    ceph = load_ceph_module()
+    from ctrserve.demo import ceph_cluster_module
+
+    ceph = ceph_cluster_module()
     missing = ceph.missing_binaries()
     if args.skip_s3 or missing:
         why = "--skip-s3 given" if args.skip_s3 else f"Ceph programs not installed: {', '.join(missing)}; {ceph.INSTALL_HINT}"

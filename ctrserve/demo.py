@@ -794,7 +794,7 @@ class Demo:
         trainer.request_stop()  # it checkpoints and exports while the rest is stopped
 
     def _start_ceph(self, stack: contextlib.ExitStack) -> None:
-        cluster_module = _ceph_module()
+        cluster_module = ceph_cluster_module()
         self.say("starting a single-node Ceph cluster with its S3 gateway ...")
         cluster = cluster_module.CephCluster.start(self.workdir / "ceph", die_with_parent=True)
         stack.callback(cluster.stop)
@@ -1041,13 +1041,17 @@ class Demo:
         }
 
 
-def _ceph_module() -> Any:
-    """``deploy/ceph/cluster.py`` as a module (deploy/ holds scripts, not a package)."""
+def ceph_cluster_module() -> Any:
+    """``deploy/ceph/cluster.py`` as a module (deploy/ holds scripts, not a package), loaded once
+    per process; the tests and benchmarks that start Ceph use it too."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ctrserve_deploy_ceph_cluster", REPO / "deploy" / "ceph" / "cluster.py")
+    name = "ctrserve_deploy_ceph_cluster"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "deploy" / "ceph" / "cluster.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    sys.modules[name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -180,10 +180,7 @@ def decode_packet(data: bytes, config: EmbeddingConfig, where: str = "packet") -
         index = column.indices.to_numpy(zero_copy_only=False).astype(np.int16) if table.num_rows else np.zeros(0, np.int16)
         ids = table.column("id").to_numpy().astype(np.uint64, copy=False)
         weight = _one_array(table.column("weight"))
-        # The list offsets index the child values of an unsliced array (an IPC read is one);
-        # flatten() would copy every vector.
-        if weight.offset:
-            weight = pa.concat_arrays([weight])
+        # The list offsets index the child values directly (flatten() would copy every vector).
         offsets = weight.offsets.to_numpy().astype(np.int64)
         values = weight.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:

@@ -10,9 +10,7 @@ with the install command; they are not skipped.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,17 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from ctrserve.demo import ceph_cluster_module
+
 REPO = Path(__file__).resolve().parents[1]
 CEPH_TEST_BUCKET = "ctrserve-test"
-
-
-def load_ceph_cluster_module():
-    """``deploy/ceph/cluster.py`` as a module (deploy/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("ctrserve_deploy_ceph_cluster", REPO / "deploy" / "ceph" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,7 @@ class CephS3:
 
 @pytest.fixture(scope="session")
 def ceph_s3():
-    cluster_module = load_ceph_cluster_module()
+    cluster_module = ceph_cluster_module()
     missing = cluster_module.missing_binaries()
     if missing:
         pytest.fail(f"the S3 tests need a real Ceph; not found: {', '.join(missing)}; {cluster_module.INSTALL_HINT}",
