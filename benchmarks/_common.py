@@ -65,7 +65,7 @@ def report(
     rate, base_rate = count / path_s, count / base_s
     results[f"{key}_{unit}_per_s"] = rate
     results[f"{key}_ratio"] = rate / base_rate
-    print(f"  {name:<40} {path_s * 1e3:8.2f} ms/{per} {rate / 1e6:7.2f} M {unit}/s = {rate / base_rate:.3f}x {baseline_name} "
+    print(f"  {name:<50} {path_s * 1e3:8.2f} ms/{per} {rate / 1e6:7.2f} M {unit}/s = {rate / base_rate:.3f}x {baseline_name} "
           f"(beside it: {base_s * 1e3:.2f} ms, {base_rate / 1e6:.2f} M {unit}/s)", flush=True)
 
 

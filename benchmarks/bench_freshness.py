@@ -50,10 +50,12 @@ Parts (the S3 one runs first, see 2):
    the window measures the server applying them, not this process writing 150 MB of files
    (writing alone, with no apply, raised the lookup p99 about 1.7x here).
    ``lookup_p99_ratio`` = p99 latency in busy windows / p99 in idle windows (the same-run
-   baseline). ``live_apply_rows_per_s``: rows written in a busy window / (first write to the
-   server's watermark reaching the last packet), a lower bound of the server's apply rate while
-   it serves lookups. After the last window the served rows of the last packet are checked bit
-   for bit.
+   baseline). ``lookup_live_apply_rows_per_s``: rows written in a busy window / (first write to
+   the server's watermark reaching the last packet), a lower bound of the server's apply rate
+   while it serves lookups. After the last window the served rows of the last packet are checked
+   bit for bit. Run twice: over gRPC (``lookup_*``, the client told ``local_lookups=False``, as a
+   handler on another machine looks up) and through the server's local Unix socket
+   (``local_lookup_*``, what a client on the server's machine uses by default).
 5. **Lookup p99 under heavy applies, in-process** (``store_lookup_p99_ratio``, reported): part 4
    in one process, without gRPC: lookups straight on an infer-mode store (``store.lookup``)
    while its ``ModelRootFollower`` applies the same kind of packets, set up as a server is
@@ -415,9 +417,10 @@ def report_windows(results: dict, prefix: str, got: dict, where: str, rate_label
     return live
 
 
-def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: dict, lookup_pool: tuple[np.ndarray, np.ndarray]) -> None:
-    """Part 4: lookups over gRPC from the local server in idle windows vs windows in which big
-    packets are applied."""
+def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: dict, lookup_pool: tuple[np.ndarray, np.ndarray],
+                               prefix: str, where: str) -> None:
+    """Part 4: lookups through ``serving`` from the local server in idle windows vs windows in
+    which big packets are applied; figures under ``prefix``."""
     folder = trainer.publisher.storage.root  # the training shard's packet folder under the model root
 
     def watermark() -> int:
@@ -428,9 +431,9 @@ def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: di
                          watermark, folder, folder.parent.parent.parent / "heavy-staging", trainer.publisher.last_seq + 1,
                          lookup_pool)
     trainer.publisher.last_seq = got["next_seq"] - 1  # these seqs are taken (the trainer publishes no more)
-    live = report_windows(results, "lookup_", got, "server over gRPC",
-                          "server applied (first rename to watermark)")
-    results.update({"live_apply_rows_per_s": live, "heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
+    live = report_windows(results, prefix, got, where, "server applied (first rename to watermark)")
+    results.update({f"{prefix}live_apply_rows_per_s": live,
+                    f"{prefix}heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
 
 
 def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> None:
@@ -540,7 +543,12 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     # 4. lookups under heavy applies, on the local server ----------------------------------------
     print(f"lookup latency: {args.rounds} rounds of an idle window ({args.idle_s:g} s) and a busy window "
           f"({args.busy_packets} x {args.packet_rows:,}-row packets)", flush=True)
-    measure_lookup_under_apply(args, emb, trainer, serving, results, (served_ids, served_tabs))
+    with RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc:
+        measure_lookup_under_apply(args, emb, trainer, over_grpc, results, (served_ids, served_tabs), "lookup_",
+                                   "server over gRPC")
+    print("lookup latency, the same server through its local socket", flush=True)
+    measure_lookup_under_apply(args, emb, trainer, serving, results, (served_ids, served_tabs), "local_lookup_",
+                               "server over its local socket")
     print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
     measure_store_lookup_under_apply(args, emb, tmp, results)
     group.stop()

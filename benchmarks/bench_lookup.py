@@ -13,8 +13,11 @@ Paths measured, each as the median time per batch after warm-up:
 * ``store``       :meth:`EmbeddingStore.lookup` on the batch's precomputed (ids, tables) arrays;
 * ``in_process``  :meth:`InProcessEmbeddingClient.lookup` on ``SparseFeature`` objects (every bag
   holds one id, so the client asks the store for the keys as they are and slices the answer);
-* ``grpc``        :class:`RemoteEmbeddingClient` against 1 embedding server process;
-* ``grpc_2shard`` the same against 2 shard processes.
+* ``grpc``        :class:`RemoteEmbeddingClient` against 1 embedding server process, over gRPC
+  (``local_lookups=False``);
+* ``local``       the same client and server with lookups over the server's local Unix socket
+  (the default on one machine, :mod:`embedding_server.local_lookup`);
+* ``grpc_2shard`` and ``local_2shard``: the same two against 2 shard processes.
 
 The baseline runs interleaved with every path (one baseline batch, one path batch, ...), and each
 path's ratio is its keys/s over the keys/s of the baseline batches timed beside it: on a shared
@@ -22,7 +25,8 @@ machine (caches, other processes) both then see the same conditions. keys/s coun
 sample keys (4,096 x 26 = 106,496), duplicates included.
 
 The last line printed is one JSON object with every figure: ``store_ratio``, ``in_process_ratio``,
-``grpc_ratio``, ``grpc_2shard_ratio`` and ``ratio`` = ``in_process_ratio``.
+``grpc_ratio``, ``local_ratio``, ``grpc_2shard_ratio``, ``local_2shard_ratio`` and ``ratio`` =
+``in_process_ratio``.
 """
 
 from __future__ import annotations
@@ -200,17 +204,23 @@ def run(args: argparse.Namespace) -> dict:
                 group = ServerGroup.start(emb_path, glob_path, num_shards=shards, workdir=Path(tmp) / f"run{shards}", mode="train")
                 try:
                     start_s = time.perf_counter() - t0
-                    with RemoteEmbeddingClient(emb, group.addresses, timeout=120.0) as remote:
+                    with RemoteEmbeddingClient(emb, group.addresses, timeout=120.0, local_lookups=False) as remote:
                         fill_s = fill(remote, vocab)
                         print(f"  ({shards} server process(es) serving after {start_s:.1f} s; fill of {rows} rows over gRPC: "
                               f"{fill_s:.2f} s)", flush=True)
-                        misses0 = total_misses(remote)
-                        name = "RemoteEmbeddingClient, 1 server" if shards == 1 else f"RemoteEmbeddingClient, {shards} shards"
-                        report(results, key, name,
-                               measure(remote.lookup, feature_batches, args.warmup, baseline, baseline.samples), *per_batch)
-                        results[f"{key}_misses"] = total_misses(remote) - misses0
-                        if results[f"{key}_misses"]:
-                            print(f"  WARNING: {results[f'{key}_misses']} misses over gRPC (expected all hits)", flush=True)
+                    servers = "1 server" if shards == 1 else f"{shards} shards"
+                    for transport, local in (("grpc", False), ("local", True)):
+                        path = transport if shards == 1 else f"{transport}_{shards}shard"
+                        with RemoteEmbeddingClient(emb, group.addresses, timeout=120.0, local_lookups=local) as remote:
+                            used = {r["transport"] for rs in remote.replica_states() for r in rs}
+                            if used != {transport}:
+                                raise RuntimeError(f"{path}: the client's replicas use {used}, not {transport}")
+                            misses0 = total_misses(remote)
+                            report(results, path, f"RemoteEmbeddingClient, {servers}, {'gRPC' if transport == 'grpc' else 'local socket'}",
+                                   measure(remote.lookup, feature_batches, args.warmup, baseline, baseline.samples), *per_batch)
+                            results[f"{path}_misses"] = total_misses(remote) - misses0
+                            if results[f"{path}_misses"]:
+                                print(f"  WARNING: {results[f'{path}_misses']} misses ({path}; expected all hits)", flush=True)
                 finally:
                     group.stop()
 

@@ -34,7 +34,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: pick one)")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--load", metavar="CHECKPOINT", help="load this checkpoint directory before serving")
-    p.add_argument("--ready-file", help="write {address, port, metrics_port, pid} as JSON here once serving")
+    p.add_argument(
+        "--local-socket", default="auto", metavar="PATH|auto|off",
+        help="also answer lookups on this Unix socket; clients on this machine find it through Info and use it "
+        "instead of gRPC (~0.1 ms instead of ~0.7 ms a lookup). auto (default): a fresh path in a private per-user "
+        "directory; off: gRPC only",
+    )
+    p.add_argument("--ready-file", help="write {address, port, metrics_port, pid, local_socket} as JSON here once serving")
     p.add_argument(
         "--model-root", metavar="URL",
         help="infer mode: load the newest checkpoint under this model root (path, file://, s3://, hdfs://), replay "
@@ -90,7 +96,8 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         security = ServerSecurity.from_settings(_security_settings(args, glob))
         server = start_server(emb, glob, args.shard_index, args.num_shards, args.port, args.host, args.metrics_port,
-                              args.workers, model_root=args.model_root, follow_options=follow, security=security)
+                              args.workers, model_root=args.model_root, follow_options=follow, security=security,
+                              local_socket=None if args.local_socket == "off" else args.local_socket)
     except (HotloadError, ConfigError) as exc:
         print(f"ctrserve embedding-server: error: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +115,8 @@ def run_server(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if args.ready_file:
-        info = {"address": server.address, "port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid()}
+        info = {"address": server.address, "port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid(),
+                "local_socket": server.local.path if server.local else None}
         tmp = Path(args.ready_file).with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, args.ready_file)

@@ -105,6 +105,8 @@ class Replica:
         validated: its Info (shard index, config fingerprint) was checked.
         outstanding: requests sent and not yet answered.
         reason: why it is down (empty while up).
+        local: its :class:`~embedding_server.local_lookup.LocalLookupChannel` when lookups go
+            over the server's local socket (same machine), else None (gRPC).
     """
 
     shard: int
@@ -115,6 +117,7 @@ class Replica:
     validated: bool = False
     outstanding: int = 0
     reason: str = "not checked yet"
+    local: Any = None
 
 
 class ReplicaSet:
@@ -189,12 +192,15 @@ class HealthProber:
         sets: every shard's replicas.
         probe: checks one replica; returns None when it may serve, else why not (it must not raise).
         interval: seconds between probe rounds.
+        after_round: called after each round (it must not raise), for the client's other upkeep.
     """
 
-    def __init__(self, sets: Sequence[ReplicaSet], probe: Callable[[Replica], str | None], interval: float):
+    def __init__(self, sets: Sequence[ReplicaSet], probe: Callable[[Replica], str | None], interval: float,
+                 after_round: Callable[[], None] | None = None):
         self.sets = list(sets)
         self.probe = probe
         self.interval = interval
+        self.after_round = after_round
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedding-health-prober", daemon=True)
 
@@ -222,3 +228,5 @@ class HealthProber:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.probe_once()
+            if self.after_round is not None:
+                self.after_round()

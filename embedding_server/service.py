@@ -29,6 +29,7 @@ from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import ConfigError, InvalidRequestError
 from embedding_server.hotload import FollowOptions, ModelRootFollower
 from embedding_server.incremental import PacketPublisher
+from embedding_server.local_lookup import LocalLookupServer, default_socket_path
 from embedding_server.metrics import ServerMetrics
 from embedding_server.optimizers import optimizer_from_dict
 from embedding_server.security import ServerSecurity
@@ -55,34 +56,57 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self.metrics = metrics
         self.publisher = publisher
         self.follower: ModelRootFollower | None = None  # infer mode with a model root (set by start_server)
+        self.local: LocalLookupServer | None = None  # the local lookup socket (set by start_server)
+
+    def answer(self, method: str, fn: Callable[[], object], keys: int = 0) -> tuple[grpc.StatusCode, object]:
+        """``(OK, fn())``, or the status and message a failure of ``fn`` is answered with; the
+        request is counted and timed in the metrics either way. Used by the gRPC methods and
+        by the local socket (:mod:`~embedding_server.local_lookup`)."""
+        try:
+            with self.metrics.track(method, keys):
+                return grpc.StatusCode.OK, fn()
+        except (InvalidRequestError, ConfigError, StorageError) as exc:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Exception as exc:  # a bug, not a bad request: log it with its traceback
+            log.exception("%s failed", method)
+            return grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}"
 
     def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object], keys: int = 0):
-        with self.metrics.track(method, keys):
-            try:
-                return fn()
-            except (InvalidRequestError, ConfigError, StorageError) as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except Exception as exc:  # a bug, not a bad request: log it with its traceback
-                log.exception("%s failed", method)
-                context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}")
+        status, result = self.answer(method, fn, keys)
+        if status is not grpc.StatusCode.OK:
+            context.abort(status, result)
+        return result
+
+    def lookup_message(self, ids: bytes | memoryview, tables: bytes | memoryview) -> bytes:
+        """The serialized LookupResponse of one request's raw ids and tables: the store gathers
+        the vectors straight into the bytes that are sent (see :mod:`wire`).
+
+        Raises:
+            InvalidRequestError: malformed buffers or a request the store refuses.
+        """
+        id_array, table_array = wire.decode_keys(ids, tables)
+        message = []
+
+        def response_values(dim: int):
+            buffer, values = wire.lookup_response(id_array.shape[0], dim)
+            message.append(buffer)
+            return values
+
+        self.store.lookup(id_array, table_array, out=response_values)
+        return message[0]
+
+    def answer_local(self, request: memoryview) -> tuple[grpc.StatusCode, object]:
+        """Status and LookupResponse bytes (or message) of a serialized LookupRequest that came
+        over the local socket (:mod:`~embedding_server.local_lookup`)."""
+        try:
+            ids, tables = wire.decode_lookup_request(request)
+        except ValueError as exc:
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return self.answer("Lookup", lambda: self.lookup_message(ids, tables), len(ids) // 8)
 
     def Lookup(self, request, context):
-        """Returns the serialized LookupResponse (see :func:`add_servicer`): the store gathers the
-        vectors straight into the bytes gRPC sends."""
-
-        def run():
-            ids, tables = wire.decode_keys(request.ids, request.tables)
-            message = []
-
-            def response_values(dim: int):
-                buffer, values = wire.lookup_response(ids.shape[0], dim)
-                message.append(buffer)
-                return values
-
-            self.store.lookup(ids, tables, out=response_values)
-            return message[0]
-
-        return self._call("Lookup", context, run, len(request.ids) // 8)
+        """Returns the serialized LookupResponse (see :func:`add_servicer`)."""
+        return self._call("Lookup", context, lambda: self.lookup_message(request.ids, request.tables), len(request.ids) // 8)
 
     def PushGradients(self, request, context):
         def run():
@@ -113,6 +137,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             config_fingerprint=store.config.fingerprint(),
             optimizer_json=json.dumps(store.optimizer.to_dict()),
             capacity=store.capacity,
+            local_socket=self.local.path if self.local else "",
+            instance_id=self.local.instance_id if self.local else "",
         )
 
     def Stats(self, request, context):
@@ -169,6 +195,7 @@ class RunningServer:
     metrics_port: int | None
     publisher: PacketPublisher | None = None
     follower: ModelRootFollower | None = None
+    local: LocalLookupServer | None = None
 
     @property
     def address(self) -> str:
@@ -178,6 +205,8 @@ class RunningServer:
         """Stop taking requests, drain those in flight, then publish the pending packet."""
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.local is not None:
+            self.local.stop()  # its clients fall back to gRPC, which drains below
         self.server.stop(grace).wait()
         if self.follower is not None:
             self.follower.stop()
@@ -200,6 +229,7 @@ def start_server(
     model_root: str | None = None,
     follow_options: FollowOptions | None = None,
     security: ServerSecurity | None = None,
+    local_socket: str | None = "auto",
 ) -> RunningServer:
     """Start serving one shard; returns once the port is bound and health says SERVING.
 
@@ -212,6 +242,9 @@ def start_server(
         follow_options: how to follow ``model_root``.
         security: TLS and token settings; None reads the global config's ``security`` section
             (its token from the file or environment variable it names).
+        local_socket: also answer lookups on this Unix socket, for clients on this machine
+            (:mod:`~embedding_server.local_lookup`); "auto" makes a fresh path in a private
+            per-user directory, None turns it off.
 
     Raises:
         ConfigError: the security settings are invalid or a certificate/token file is unreadable.
@@ -232,6 +265,9 @@ def start_server(
     add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if local_socket is not None:
+        path = default_socket_path(shard_index) if local_socket == "auto" else local_socket
+        servicer.local = LocalLookupServer(path, servicer.answer_local, security.token, global_config.server.max_request_bytes)
     try:
         bound = security.add_port(server, f"{host}:{port}")
     except RuntimeError as exc:
@@ -253,6 +289,16 @@ def start_server(
     # keep it out of the garbage collector's full passes, which otherwise hold the GIL for ~50 ms
     # every few packets and stall every lookup meanwhile (measured here during packet applies).
     gc.freeze()
+    if servicer.local is not None:
+        try:
+            servicer.local.start()  # before gRPC: a client that reads Info can attach at once
+        except ConfigError:
+            server.stop(0)
+            if follower is not None:
+                follower.stop()
+            if publisher is not None:
+                publisher.close()
+            raise
     server.start()
     bound_metrics = None
     if metrics_port is not None:
@@ -260,11 +306,13 @@ def start_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "embedding server shard %d/%d (%s mode, capacity %d rows) listening on %s:%d (%s)%s",
+        "embedding server shard %d/%d (%s mode, capacity %d rows) listening on %s:%d (%s)%s%s",
         shard_index, num_shards, store.mode, store.capacity, host, bound, _describe(security),
+        f", local lookups on {servicer.local.path}" if servicer.local else "",
         f", metrics on http://{host}:{bound_metrics}/metrics" if bound_metrics else "",
     )
-    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, publisher, follower=follower)
+    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, publisher, follower=follower,
+                         local=servicer.local)
 
 
 

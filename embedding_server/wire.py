@@ -121,30 +121,58 @@ def lookup_response(num_keys: int, dim: int) -> tuple[bytes, np.ndarray]:
     return message, values.reshape(num_keys, dim)
 
 
-def decode_lookup_response(message: bytes) -> tuple[int, np.ndarray]:
-    """(dim, flat float32 values) of a serialized LookupResponse; the values are a read-only
-    view of ``message``, not a copy.
+def _scan(message: bytes | bytearray | memoryview, what: str) -> dict[int, int | tuple[int, int]]:
+    """Field tag -> varint value, or (start, length) of a length-delimited field, of a flat
+    message (no nested messages; the last occurrence of a field wins, as protobuf says).
 
     Raises:
-        ValueError: ``message`` is not a LookupResponse.
+        ValueError: ``message`` is not a well-formed ``what``.
     """
-    dim, start, size, pos = 0, 0, 0, 0
+    fields: dict[int, int | tuple[int, int]] = {}
+    pos = 0
     try:
         while pos < len(message):
             tag, pos = _read_varint(message, pos)
             if tag & 7 == _VARINT:
-                value, pos = _read_varint(message, pos)
-                if tag == _RESPONSE_DIM:
-                    dim = value
+                fields[tag], pos = _read_varint(message, pos)
             elif tag & 7 == _LEN:
                 length, pos = _read_varint(message, pos)
-                if tag == _RESPONSE_VALUES:
-                    start, size = pos, length
+                fields[tag] = (pos, length)
                 pos += length
             else:
                 raise ValueError(f"unexpected wire type {tag & 7}")
-        if pos != len(message) or size % VALUES.itemsize:
+        if pos != len(message):
             raise ValueError("truncated message")
     except ValueError as exc:
-        raise ValueError(f"malformed LookupResponse: {exc}") from None
+        raise ValueError(f"malformed {what}: {exc}") from None
+    return fields
+
+
+def decode_lookup_request(message: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview]:
+    """(ids bytes, tables bytes) of a serialized LookupRequest, as views of ``message``.
+
+    Raises:
+        ValueError: ``message`` is not a LookupRequest.
+    """
+    fields = _scan(message, "LookupRequest")
+    view = memoryview(message)
+    spans = [fields.get(tag, (0, 0)) for tag in (_REQUEST_IDS, _REQUEST_TABLES)]
+    if not all(isinstance(span, tuple) for span in spans):
+        raise ValueError("malformed LookupRequest: ids and tables must be bytes fields")
+    (ids_at, ids_len), (tables_at, tables_len) = spans
+    return view[ids_at : ids_at + ids_len], view[tables_at : tables_at + tables_len]
+
+
+def decode_lookup_response(message: bytes | bytearray) -> tuple[int, np.ndarray]:
+    """(dim, flat float32 values) of a serialized LookupResponse; the values are a view of
+    ``message``, not a copy (read-only when ``message`` is bytes).
+
+    Raises:
+        ValueError: ``message`` is not a LookupResponse.
+    """
+    fields = _scan(message, "LookupResponse")
+    dim = fields.get(_RESPONSE_DIM, 0)
+    start, size = fields.get(_RESPONSE_VALUES, (0, 0))
+    if not isinstance(dim, int) or size % VALUES.itemsize:
+        raise ValueError("malformed LookupResponse: truncated message")
     return dim, np.frombuffer(message, dtype=VALUES, count=size // VALUES.itemsize, offset=start)

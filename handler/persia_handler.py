@@ -109,6 +109,7 @@ class PersiaHandler(BaseHandler):
             timeout=self.serving.embedding_timeout_s,
             connect_timeout=self.serving.connect_timeout_s,
             security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
+            local_lookups=self.serving.embedding_local_lookups,  # the servers' Unix socket when on this machine
         )
         if self.serving.torch_threads:
             torch.set_num_threads(self.serving.torch_threads)

@@ -59,6 +59,9 @@ class ServingConfig:
         embedding_timeout_s: seconds allowed per lookup, retries on other replicas included;
             also the bound on the 503 answered when every replica of a shard is down.
         connect_timeout_s: seconds a starting worker waits for one replica of every shard.
+        embedding_local_lookups: look up over an embedding server's local Unix socket when it
+            runs on this machine (found automatically; ~0.1 ms instead of ~0.7 ms per lookup);
+            false keeps every lookup on gRPC.
         max_batch_size: largest number of samples in one request (larger: HTTP 400).
         max_request_bytes: largest request body (larger: HTTP 400).
         watermark_refresh_s: seconds between reads of the embedding servers' watermark.
@@ -87,6 +90,7 @@ class ServingConfig:
     embedding_servers: tuple[str, ...] = field(default_factory=tuple)
     embedding_timeout_s: float = 5.0
     connect_timeout_s: float = 30.0
+    embedding_local_lookups: bool = True
     max_batch_size: int = 4096
     max_request_bytes: int = 64 << 20
     watermark_refresh_s: float = 1.0
@@ -128,6 +132,8 @@ class ServingConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.embedding_local_lookups, bool):
+            raise ConfigError(f"{SERVING_FILE}: 'embedding_local_lookups' must be true or false, got {self.embedding_local_lookups!r}")
         value = self.metrics_interval_s
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
             raise ConfigError(f"{SERVING_FILE}: 'metrics_interval_s' must be a number of seconds >= 0, got {value!r}")
