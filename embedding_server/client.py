@@ -280,10 +280,12 @@ def _pool(idx: torch.Tensor, pooled: list[tuple[SparseFeature, SlotConfig]], row
         # when another process keeps a core busy); its backward sums repeated rows' gradients.
         return rows.index_select(0, idx)
     if (lengths <= 1).all():
-        # Bags of zero or one id (missing values): the row where there is an id, zeros where
-        # not. index_copy is differentiable in the copied rows, so gradients flow as above.
-        filled = torch.from_numpy(np.flatnonzero(lengths))
-        return rows.new_zeros((lengths.shape[0], dim)).index_copy(0, filled, rows.index_select(0, idx))
+        # Bags of zero or one id (missing values): the row where there is an id, a zero row
+        # (appended) where not, in one gather: half the time of zeros + index_copy. cat and
+        # index_select are differentiable, so gradients flow as above.
+        src = np.full(lengths.shape[0], rows.shape[0], np.int64)
+        src[lengths == 1] = idx.numpy()
+        return torch.cat([rows, rows.new_zeros((1, dim))]).index_select(0, torch.from_numpy(src))
     offsets = np.zeros(lengths.shape[0], np.int64)
     np.cumsum(lengths[:-1], out=offsets[1:])
     return F.embedding_bag(

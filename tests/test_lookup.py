@@ -466,3 +466,23 @@ def test_batch_of_only_empty_samples_still_backpropagates():
     result["user"].sum().backward()
     c.push_gradients(result)
     assert sum(s["rows"] for s in c.stats()) == 0
+
+
+def test_bags_of_zero_or_one_id_pool_to_the_row_or_zeros_and_backpropagate_into_each_row():
+    # Criteo-like features: one id per sample or none (a missing value), ids repeated across samples.
+    c = client()
+    samples = {"user": [[3], [], [5], [3]], "clicked": [[], [9], [9], []]}
+    expected = {name: np.stack([row(c, name, s[0]) if s else np.zeros(EMB.table_of(name).dim, np.float32) for s in lists])
+                for name, lists in samples.items()}
+    result = c.lookup([feat(name, lists) for name, lists in samples.items()], requires_grad=True)
+    for name in samples:
+        close(result[name], expected[name])
+    weights = {name: torch.arange(1.0, 1.0 + result[name].numel()).reshape(result[name].shape) for name in samples}
+    sum((result[name] * weights[name]).sum() for name in samples).backward()
+    grads = {key: grad for g in result.groups  # one group per dim (4 and 8)
+             for key, grad in zip(zip(g.tables.tolist(), g.ids.tolist()), g.rows.grad.numpy())}
+    for name, lists in samples.items():  # a row's gradient: the sum of the weights of the bags holding it
+        table = EMB.table_of(name).index
+        for i in {s[0] for s in lists if s}:
+            want = sum(weights[name][k].numpy() for k, s in enumerate(lists) if s == [i])
+            np.testing.assert_allclose(grads[(table, i)], want)
