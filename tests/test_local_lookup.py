@@ -11,7 +11,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-import yaml
 
 from embedding_server import wire
 from embedding_server.config import EmbeddingConfig, GlobalConfig
@@ -22,17 +21,9 @@ from embedding_server.remote import RemoteEmbeddingClient
 from embedding_server.security import ClientSecurity, ServerSecurity
 from embedding_server.service import start_server
 from protos.embedding import pb
-from tests.test_service import EMB, GLOBAL, assert_same, random_batch
+from tests.test_service import assert_same, configs, random_batch  # noqa: F401 (configs: a fixture used here)
 
 TOKEN = "local-lookup-test-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cfg")
-    (d / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
-    (d / "global.yml").write_text(yaml.safe_dump(GLOBAL))
-    return d / "emb.yml", d / "global.yml"
 
 
 @pytest.fixture(scope="module")
