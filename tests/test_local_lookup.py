@@ -218,3 +218,16 @@ def test_invalid_requests_raise_the_same_error_over_both_transports(configs, two
         with RemoteEmbeddingClient(emb, two_shards.addresses, local_lookups=local) as client:
             with pytest.raises(InvalidRequestError, match="table index 9 out of range"):
                 client.lookup_rows(np.array([1], np.uint64), np.array([9], np.uint16), 8)
+
+
+@pytest.mark.parametrize("keys, dim", [(1, 4), (1514, 16), (3, 1000), (100_000, 16)])
+def test_lookup_responses_put_aligned_rows_that_any_protobuf_parser_reads(keys, dim):
+    message, values = wire.lookup_response(keys, dim)
+    values[:] = np.arange(keys * dim, dtype=np.float32).reshape(keys, dim)
+    parsed = pb.LookupResponse.FromString(message)  # the generated parser skips the padding
+    assert parsed.dim == dim and np.array_equal(np.frombuffer(parsed.values, np.float32), values.ravel())
+    got_dim, got = wire.decode_lookup_response(message)
+    assert got_dim == dim and np.array_equal(got, values.ravel())
+    # the rows start 16-byte aligned in the message, so in the sender's and the reader's buffers
+    assert (got.ctypes.data - np.frombuffer(message, np.uint8).ctypes.data) % wire.VALUES_ALIGN == 0
+    assert values.ctypes.data % wire.VALUES_ALIGN == 0 and got.ctypes.data % wire.VALUES_ALIGN == 0
