@@ -8,7 +8,7 @@ parallel. On connect it checks that every replica of shard ``i`` is shard ``i`` 
 Replicas (see :mod:`embedding_server.replicas` for the address forms):
 
 * **Reads** (Lookup, Stats, Dump) go to one healthy replica of each shard, the one with the
-  fewest outstanding requests (round-robin on ties). When a replica fails with ``UNAVAILABLE``,
+  fewest outstanding requests (on ties one on this machine, then round-robin). When a replica fails with ``UNAVAILABLE``,
   ``DEADLINE_EXCEEDED`` or another transport error, it is marked down and the shard's request
   is sent to the next replica, all within the call's ``timeout``. ``INVALID_ARGUMENT`` is the
   request's fault: raised at once as :class:`InvalidRequestError`, never retried.

@@ -123,7 +123,8 @@ class Replica:
 class ReplicaSet:
     """The replicas of one shard; thread-safe.
 
-    Reads go to the up replica with the fewest outstanding requests, ties broken round-robin.
+    Reads go to the up replica with the fewest outstanding requests; ties go to a replica on this
+    machine (lookups over its local socket), then round-robin.
     A replica marked down is skipped until the health prober marks it up again; when every
     replica is down, the validated ones are still tried as a last resort (a refused connection
     fails at once, so this costs nothing and notices a returned server before the next probe).
@@ -140,13 +141,15 @@ class ReplicaSet:
         self._turn = 0
 
     def candidates(self) -> list[Replica]:
-        """Replicas to try in order for one request: up ones (least outstanding first, rotating
-        on ties), then validated down ones."""
+        """Replicas to try in order for one request: up ones (least outstanding first; on ties a
+        replica reached over its local socket first, then rotating), then validated down ones."""
         with self._lock:
             n = len(self.replicas)
             self._turn = (self._turn + 1) % n
             ranked = sorted(
-                range(n), key=lambda i: (not self.replicas[i].up, self.replicas[i].outstanding, (i - self._turn) % n)
+                range(n),
+                key=lambda i: (not self.replicas[i].up, self.replicas[i].outstanding, self.replicas[i].local is None,
+                               (i - self._turn) % n),
             )
             return [self.replicas[i] for i in ranked if self.replicas[i].up or self.replicas[i].validated]
 

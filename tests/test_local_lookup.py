@@ -231,3 +231,21 @@ def test_lookup_responses_put_aligned_rows_that_any_protobuf_parser_reads(keys, 
     # the rows start 16-byte aligned in the message, so in the sender's and the reader's buffers
     assert (got.ctypes.data - np.frombuffer(message, np.uint8).ctypes.data) % wire.VALUES_ALIGN == 0
     assert values.ctypes.data % wire.VALUES_ALIGN == 0 and got.ctypes.data % wire.VALUES_ALIGN == 0
+
+
+def test_reads_prefer_the_replica_on_this_machine_when_none_is_busier(configs, tmp_path):
+    emb = EmbeddingConfig.load(configs[0])
+    with ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "remote", mode="infer",
+                           extra_args=["--local-socket", "off"]) as remote_like, \
+         ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "local", mode="infer") as local:
+        addresses = [[remote_like.addresses[0], local.addresses[0]]]
+        with RemoteEmbeddingClient(emb, addresses) as client:
+            assert [r["transport"] for r in client.replica_states()[0]] == ["grpc", "local"]
+            for _ in range(10):  # one at a time: no replica is ever busier
+                client.lookup_rows(np.array([1, 2], np.uint64), np.zeros(2, np.uint16), 8)
+
+        def lookups_served(address: str) -> int:
+            with RemoteEmbeddingClient(emb, [address], local_lookups=False) as one:
+                return sum(m["requests"] for m in one.stats()[0]["methods"] if m["method"] == "Lookup")
+
+        assert (lookups_served(remote_like.addresses[0]), lookups_served(local.addresses[0])) == (0, 10)
