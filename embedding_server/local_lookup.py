@@ -29,7 +29,7 @@ user can connect; a server with a token also demands it in HELLO.
 Example:
     >>> server = LocalLookupServer("/run/ctrserve/shard0.sock", servicer.answer_local, token=None,
     ...                            max_request_bytes=64 << 20).start()
-    >>> channel = LocalLookupChannel.attach(server.path, server.instance_id, token=None)
+    >>> channel, why_not = LocalLookupChannel.attach(server.path, server.instance_id, token=None)
     >>> response = channel(wire.encode_lookup_request(ids, tables), timeout=1.0)
 """
 
@@ -50,6 +50,7 @@ from typing import Callable
 import grpc
 import numpy as np
 
+from embedding_server import wire
 from embedding_server.errors import ConfigError
 
 log = logging.getLogger("ctrserve.local_lookup")
@@ -61,8 +62,6 @@ HELLO, LOOKUP = 1, 2
 MAX_PATH_BYTES = 107
 #: Seconds a client waits for a server's HELLO answer when it attaches.
 ATTACH_TIMEOUT_S = 2.0
-#: Largest reply a client accepts (the gRPC channels' cap too).
-MAX_REPLY_BYTES = 512 * 1024 * 1024
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -72,6 +71,10 @@ Answer = Callable[[memoryview], tuple[grpc.StatusCode, object]]
 
 class FrameError(Exception):
     """The peer sent something that is not a frame of this protocol, or closed mid-frame."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame header announced a body over the reader's limit (the body is left unread)."""
 
 
 def _recv_exact(sock: socket.socket, size: int) -> memoryview | None:
@@ -93,7 +96,8 @@ def read_frame(sock: socket.socket, max_body: int) -> tuple[int, memoryview] | N
     """(kind, body) of the next frame, or None at a clean end of the connection.
 
     Raises:
-        FrameError: bad magic, a body over ``max_body`` bytes, or a connection cut mid-frame.
+        FrameTooLarge: a body over ``max_body`` bytes.
+        FrameError: bad magic, or a connection cut mid-frame.
         OSError: the socket failed (or timed out).
     """
     header = _recv_exact(sock, HEADER.size)
@@ -103,7 +107,7 @@ def read_frame(sock: socket.socket, max_body: int) -> tuple[int, memoryview] | N
     if magic != MAGIC:
         raise FrameError(f"not a ctrserve local-lookup frame (magic {bytes(magic)!r})")
     if length > max_body:
-        raise FrameError(f"a {length}-byte frame is over the limit of {max_body} bytes")
+        raise FrameTooLarge(f"a {length}-byte frame is over the limit of {max_body} bytes")
     body = _recv_exact(sock, length) if length else memoryview(b"")
     if body is None:
         raise FrameError("connection closed after a frame header")
@@ -265,9 +269,8 @@ class LocalLookupServer:
         """Answer one LOOKUP; False at the end of the connection."""
         try:
             frame = read_frame(conn, self._max_request)
-        except FrameError as exc:
-            if "over the limit" in str(exc):
-                send_frame(conn, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], str(exc).encode())
+        except FrameTooLarge as exc:  # the body cannot be skipped: answer, then end the connection
+            send_frame(conn, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], str(exc).encode())
             raise
         if frame is None:
             return False
@@ -352,7 +355,7 @@ class LocalLookupChannel:
         try:
             conn.settimeout(timeout)
             send_frame(conn, LOOKUP, request)
-            frame = read_frame(conn, MAX_REPLY_BYTES)
+            frame = read_frame(conn, wire.MAX_MESSAGE_BYTES)
             if frame is None:
                 raise FrameError("the server closed the connection")
         except socket.timeout:

@@ -40,11 +40,9 @@ from protos.embedding import pb, pb_grpc
 log = logging.getLogger("ctrserve.embedding_server")
 
 SERVICE_NAME = "ctrserve.embedding.v1.EmbeddingService"
-# Lookups of ~100k keys move several MB; gRPC's default 4 MB cap is too small.
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
 ]
 
 
@@ -317,11 +315,11 @@ def start_server(
 
 
 def server_options(global_config: GlobalConfig) -> list[tuple[str, int]]:
-    """gRPC server options: the send cap of :data:`MAX_MESSAGE_BYTES` and the receive cap of
+    """gRPC server options: the send cap of :data:`wire.MAX_MESSAGE_BYTES` and the receive cap of
     ``embedding_parameter_server_config.max_request_bytes`` (a larger request is refused with
     ``RESOURCE_EXHAUSTED`` before it is read into memory)."""
     return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", global_config.server.max_request_bytes),
     ]
 

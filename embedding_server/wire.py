@@ -12,6 +12,10 @@ import numpy as np
 
 from embedding_server.errors import InvalidRequestError
 
+#: Largest message either end of a lookup sends or accepts: a lookup of ~100k keys moves several
+#: MB, and gRPC's default 4 MB cap is too small (gRPC channels and the local socket alike).
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
 IDS = np.dtype("<u8")
 TABLES = np.dtype("<u2")
 VALUES = np.dtype("<f4")
