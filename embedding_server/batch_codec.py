@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedding_server.batch import SparseFeature
+from embedding_server.batch import KeyedIds, SparseFeature
 from embedding_server.errors import InvalidRequestError, describe_value
 
 MAGIC = b"CTRB"
@@ -57,13 +57,14 @@ class BatchData:
 
     Args:
         dense: 2-D arrays ``[batch, width]`` (float32, float64, int32 or int64).
-        sparse: named sparse features, each of ``batch`` samples.
+        sparse: named sparse features, each of ``batch`` samples (:func:`decode_batch` gives
+            them as one :class:`~embedding_server.batch.KeyedIds`, itself a sequence of them).
         targets: float32 ``[batch, t]`` label arrays (training only; may be empty).
         meta: small scalar annotations (a request id, a client name).
     """
 
     dense: list[np.ndarray] = field(default_factory=list)
-    sparse: list[SparseFeature] = field(default_factory=list)
+    sparse: list[SparseFeature] | KeyedIds = field(default_factory=list)
     targets: list[np.ndarray] = field(default_factory=list)
     meta: dict[str, str | int | float] = field(default_factory=dict)
 
@@ -89,7 +90,8 @@ def check_parts(data: BatchData) -> int:
         if not isinstance(t, np.ndarray) or t.ndim != 2 or t.dtype != np.float32:
             raise InvalidRequestError(f"target[{i}] must be a 2-D float32 array [batch, t], got {describe_value(t)}")
     # The sizes alone first; the message naming every part is built only for a bad batch.
-    sizes = {d.shape[0] for d in data.dense} | {f.batch_size for f in data.sparse} | {t.shape[0] for t in data.targets}
+    sparse_sizes = {data.sparse.batch_size} if isinstance(data.sparse, KeyedIds) and len(data.sparse) else {f.batch_size for f in data.sparse}
+    sizes = {d.shape[0] for d in data.dense} | sparse_sizes | {t.shape[0] for t in data.targets}
     if not sizes:
         raise InvalidRequestError("empty batch: no dense, sparse or target parts")
     if len(sizes) != 1:
@@ -97,7 +99,7 @@ def check_parts(data: BatchData) -> int:
         named.update({f"sparse '{f.name}'": f.batch_size for f in data.sparse})
         named.update({f"target[{i}]": t.shape[0] for i, t in enumerate(data.targets)})
         raise InvalidRequestError(f"batch parts disagree on the batch size: {named}")
-    names = [f.name for f in data.sparse]
+    names = list(data.sparse.names) if isinstance(data.sparse, KeyedIds) else [f.name for f in data.sparse]
     if len(set(names)) != len(names):
         raise InvalidRequestError(f"a sparse feature appears twice: {sorted(n for n in names if names.count(n) > 1)}")
     return sizes.pop()
@@ -203,16 +205,16 @@ def _read_payload(header: dict, payload: memoryview) -> BatchData:
     return data
 
 
-def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> list[SparseFeature]:
+def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> KeyedIds:
     """The sparse features: per feature int64 offsets [batch + 1], then uint64 ids.
 
     Offsets and ids are both 8-byte words, so the whole section is read as one array: every
-    feature's offsets are gathered into one [features, batch + 1] table with one index (and
-    validated together), its ids are a slice. A request has dozens of features; an array or a
-    check per part cost more than the rest of decoding.
+    feature's offsets are gathered into one [features, batch + 1] table with one index, the ids
+    of all features into one array, and :class:`KeyedIds` validates them together. A request
+    has dozens of features; an array or a check per part cost more than the rest of decoding.
     """
     if not entries:
-        return []  # (below, arrays sized by batch are made only once the payload is known to hold them)
+        return KeyedIds([], np.zeros(0, _IDS), np.zeros((0, batch + 1), np.int64))
     names = [f["name"] for f in entries]
     counts = [f["ids"] for f in entries]
     if not all(isinstance(n, str) and n for n in names) or not all(_is_count(c) for c in counts):
@@ -227,8 +229,11 @@ def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> list[Spa
     starts = np.zeros(len(entries), np.int64)  # where each feature's offsets begin
     np.cumsum(np.asarray(counts[:-1], np.int64) + (batch + 1), out=starts[1:])
     table = signed[starts[:, None] + np.arange(batch + 1)]
-    ids = [unsigned[at : at + n] for at, n in zip((starts + (batch + 1)).tolist(), counts)]
-    return SparseFeature.many(names, ids, table)  # checks the offsets, all features at once
+    if (table[:, -1] != np.asarray(counts, np.int64)).any():
+        k = int(np.argmax(table[:, -1] != np.asarray(counts, np.int64)))
+        raise InvalidRequestError(f"feature '{names[k]}': offsets must rise from 0 to the number of ids ({counts[k]})")
+    ids = np.concatenate([unsigned[at : at + n] for at, n in zip((starts + (batch + 1)).tolist(), counts)])
+    return KeyedIds(names, ids, table)  # checks the offsets, all features at once
 
 
 class _Reader:

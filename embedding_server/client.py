@@ -32,11 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from embedding_server import kernels
-from embedding_server.batch import SparseFeature, check_batch
+from embedding_server.batch import KeyedIds, SparseFeature, check_batch
 from embedding_server.config import EmbeddingConfig, GlobalConfig, SlotConfig
 from embedding_server.errors import InvalidRequestError
 from embedding_server.optimizers import SparseOptimizer
 from embedding_server.store import EmbeddingStore, TableRows, unique_keys
+
+_NO_WEIGHTS = np.zeros(0, np.float32)
+_MAX_PLANS = 64  # feature lists whose lookup plan a client keeps (see EmbeddingClient._plan)
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,7 @@ class EmbeddingClient(abc.ABC):
         self.num_shards = num_shards
         tables = list(config.tables.values())
         self._salts = np.array([t.salt for t in tables], np.uint64)
-        # Per feature, what lookup() needs of its slot and table, resolved once (not per request).
-        self._feature_info = {
-            name: (slot, config.table_of(name).index, config.table_of(name).dim) for name, slot in config.slots_config.items()
-        }
+        self._plans: dict[tuple[str, ...], list[_DimGroup]] = {}  # see _plan
 
     # ------------------------------------------------------------------ transport
 
@@ -159,7 +159,9 @@ class EmbeddingClient(abc.ABC):
         """Embeddings of a batch of named sparse features.
 
         Args:
-            features: one :class:`SparseFeature` per feature, all of one batch size.
+            features: one :class:`SparseFeature` per feature, all of one batch size, or them
+                as one :class:`~embedding_server.batch.KeyedIds` (what decoded batch bytes
+                hold; the cheapest form).
             requires_grad: make the distinct rows a leaf tensor that collects gradients, for
                 :meth:`push_gradients` after ``backward()``.
 
@@ -168,31 +170,52 @@ class EmbeddingClient(abc.ABC):
                 request a server refuses.
         """
         batch_size = check_batch(features, self.config)
-        by_dim: dict[int, list[tuple[SparseFeature, SlotConfig, int]]] = {}
-        for f in features:
-            slot, table, dim = self._feature_info[f.name]  # check_batch refused unknown features
-            by_dim.setdefault(dim, []).append((f if slot.hash_stack_config is None else _hash_stacked(f, slot), slot, table))
+        keyed = KeyedIds.from_features(features)
         result = LookupResult({})
-        for dim, members in by_dim.items():
-            ids = np.concatenate([f.ids for f, _, _ in members])
-            # One repeat instead of one np.full per feature: a Criteo batch has 26 features.
-            tables = np.repeat(np.array([t for _, _, t in members], np.uint16), [f.ids.shape[0] for f, _, _ in members])
-            if not requires_grad and _one_id_per_bag(members, batch_size):
+        for group in self._plan(keyed.names):
+            part = keyed.select(group.names)
+            if group.stacked:
+                part = KeyedIds.from_features([_hash_stacked(f, slot) for f, slot in zip(part, group.slots)])
+            ids = part.ids
+            tables = np.repeat(group.tables, part.counts)
+            if not requires_grad and group.all_pooled and ids.shape[0] == part.lengths.size and (part.lengths == 1).all():
                 # Every sample of every feature pools exactly one row: the pooled result is that
                 # row (sum of one; mean and sqrt scaling divide by 1), so key i's vector is row i
                 # of the answer and feature k is the k-th block of batch_size rows.
-                values = torch.from_numpy(self._lookup_keys(ids, tables, dim))
-                result.embeddings.update(zip((f.name for f, _, _ in members), values.split(batch_size)))
+                values = torch.from_numpy(self._lookup_keys(ids, tables, group.dim))
+                result.embeddings.update(zip(group.names, values.split(batch_size)))
                 continue
             uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
-            values = self.lookup_rows(uniq_ids, uniq_tabs, dim)
+            values = self.lookup_rows(uniq_ids, uniq_tabs, group.dim)
+            if not requires_grad and group.all_pooled:
+                # Serving: pool in one compiled pass; each feature is a view of the result.
+                lengths = part.lengths.reshape(-1)
+                weights = _fill_weights([(part.lengths[k], slot) for k, slot in enumerate(group.slots)]) if group.scaled else None
+                bags = np.empty((lengths.shape[0], group.dim), np.float32)
+                kernels.pool_bags(values, inverse, lengths, _NO_WEIGHTS if weights is None else weights.numpy(), bags)
+                result.embeddings.update(zip(group.names, torch.from_numpy(bags).view(len(group.names), batch_size, group.dim).unbind(0)))
+                continue
             # Rows decoded straight from a gRPC buffer are read-only; torch needs its own copy.
             rows = torch.from_numpy(values if values.flags.writeable else values.copy())
             if requires_grad:
                 rows.requires_grad_(True)
             result.groups.append(_KeyGroup(uniq_ids, uniq_tabs, rows))
-            result.embeddings.update(_assemble(members, torch.from_numpy(inverse), rows, batch_size, dim))
+            result.embeddings.update(_assemble(group, part, torch.from_numpy(inverse), rows))
         return result
+
+    def _plan(self, names: tuple[str, ...]) -> list["_DimGroup"]:
+        """The features of each dim, resolved once per feature list (serving sends the same
+        list every request; per-feature Python work cost more than the lookup itself)."""
+        plan = self._plans.get(names)
+        if plan is None:
+            by_dim: dict[int, list[str]] = {}
+            for name in names:
+                by_dim.setdefault(self.config.table_of(name).dim, []).append(name)
+            plan = [_DimGroup.of(self.config, dim, members) for dim, members in by_dim.items()]
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()  # clients sending ever new feature lists: no unbounded cache
+            self._plans[names] = plan
+        return plan
 
     def push_gradients(self, result: LookupResult) -> None:
         """Send the gradients collected on ``result``'s rows (after ``backward()``) to the servers."""
@@ -236,48 +259,60 @@ def _hash_stacked(f: SparseFeature, slot: SlotConfig) -> SparseFeature:
     return SparseFeature(f.name, hashed.reshape(-1), f.offsets * rounds)
 
 
-def _one_id_per_bag(members: list[tuple[SparseFeature, SlotConfig, int]], batch_size: int) -> bool:
-    """Every feature is pooled and holds (after hash stacking) exactly one id in every sample."""
-    if sum(f.ids.shape[0] for f, _, _ in members) != len(members) * batch_size:
-        return False  # cheap refusal before looking at the lengths
-    if not all(slot.embedding_summation for _, slot, _ in members):
-        return False
-    return bool((np.concatenate([f.lengths for f, _, _ in members]) == 1).all())
+@dataclass(frozen=True)
+class _DimGroup:
+    """The features of one batch that share an embedding dim: they are deduplicated and looked
+    up together. Built once per feature list by :meth:`EmbeddingClient._plan`."""
+
+    dim: int
+    names: tuple[str, ...]
+    slots: tuple[SlotConfig, ...]
+    tables: np.ndarray  # uint16 table index per feature
+    pooled: np.ndarray  # int64 positions of the pooled features
+    all_pooled: bool
+    scaled: bool  # some pooled feature has mean or sqrt scaling
+    stacked: bool  # some feature has hash stacking
+
+    @classmethod
+    def of(cls, config: EmbeddingConfig, dim: int, names: list[str]) -> "_DimGroup":
+        slots = tuple(config.slots_config[n] for n in names)
+        pooled = [k for k, slot in enumerate(slots) if slot.embedding_summation]
+        return cls(
+            dim, tuple(names), slots, np.array([config.table_of(n).index for n in names], np.uint16),
+            np.array(pooled, np.int64), len(pooled) == len(slots),
+            any(slots[k].mean_scaling or slots[k].sqrt_scaling for k in pooled),
+            any(slot.hash_stack_config is not None for slot in slots),
+        )
 
 
-def _assemble(
-    members: list[tuple[SparseFeature, SlotConfig, int]], inverse: torch.Tensor, rows: torch.Tensor, batch_size: int, dim: int
-) -> dict[str, torch.Tensor | RawEmbedding]:
+def _assemble(group: _DimGroup, part: KeyedIds, inverse: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor | RawEmbedding]:
     """Pool (or lay out) each feature's rows. All pooled features go through one pooling call
-    on their concatenated keys; the per-feature work is only bookkeeping (a Criteo batch has 26
-    features, and a few small torch ops per feature cost more than the pooling itself)."""
+    on their concatenated keys (``inverse`` holds each key's row in ``rows``, features in
+    order); the per-feature work is only for raw slots."""
     out: dict[str, torch.Tensor | RawEmbedding] = {}
-    pooled: list[tuple[SparseFeature, SlotConfig]] = []
-    segments: list[tuple[int, int]] = []  # where each pooled feature's keys sit in ``inverse``
-    start = 0
-    for f, slot, _ in members:
-        n = f.ids.shape[0]
-        if slot.embedding_summation:
-            pooled.append((f, slot))
-            segments.append((start, start + n))
-        else:
-            out[f.name] = _raw(inverse[start : start + n], torch.from_numpy(f.offsets), rows, slot.sample_fixed_size, batch_size, dim)
-        start += n
-    if pooled:
-        idx = inverse if len(pooled) == len(members) else torch.cat([inverse[a:b] for a, b in segments])
-        bags = _pool(idx, pooled, rows, dim)
-        out.update(zip((f.name for f, _ in pooled), bags.split(batch_size)))
+    batch_size, bounds = part.batch_size, part.bounds
+    for k, slot in enumerate(group.slots):
+        if not slot.embedding_summation:
+            out[group.names[k]] = _raw(
+                inverse[bounds[k] : bounds[k + 1]], torch.from_numpy(part.offsets[k]), rows, slot.sample_fixed_size, batch_size, group.dim
+            )
+    if group.pooled.shape[0]:
+        idx = inverse if group.all_pooled else torch.cat([inverse[bounds[k] : bounds[k + 1]] for k in group.pooled])
+        lengths = part.lengths if group.all_pooled else part.lengths[group.pooled]
+        weights = _fill_weights([(lengths[i], group.slots[k]) for i, k in enumerate(group.pooled)]) if group.scaled else None
+        bags = _pool(idx, lengths.reshape(-1), weights, rows, group.dim)
+        out.update(zip((group.names[k] for k in group.pooled), bags.split(batch_size)))
     return out
 
 
-def _pool(idx: torch.Tensor, pooled: list[tuple[SparseFeature, SlotConfig]], rows: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[features * batch, dim]``: the pooled bags of every feature in ``pooled``, one block of
-    ``batch`` rows per feature; ``idx`` holds each key's row in ``rows``, features in order."""
-    lengths = np.concatenate([f.lengths for f, _ in pooled])  # ids per bag, every feature's bags in order
+def _pool(idx: torch.Tensor, lengths: np.ndarray, weights: torch.Tensor | None, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[bags, dim]``: bag ``j`` sums the rows of its ``lengths[j]`` keys (``idx`` holds each
+    key's row in ``rows``, bags in order), each times its ``weights`` entry when given (mean and
+    sqrt scaling weigh the one id of a bag by 1, so bags of at most one id need none)."""
     if (lengths == 1).all():
-        # One id per bag: the pooled value is that id's row (its mean or sqrt weight is 1).
-        # index_select gives the same values without embedding_bag's intra-op threads (slow
-        # when another process keeps a core busy); its backward sums repeated rows' gradients.
+        # One id per bag: the pooled value is that id's row. index_select gives the same values
+        # without embedding_bag's intra-op threads (slow when another process keeps a core
+        # busy); its backward sums repeated rows' gradients.
         return rows.index_select(0, idx)
     if (lengths <= 1).all():
         # Bags of zero or one id (missing values): the row where there is an id, a zero row
@@ -295,8 +330,7 @@ def _pool(idx: torch.Tensor, pooled: list[tuple[SparseFeature, SlotConfig]], row
         rows if rows.shape[0] else torch.cat([rows, rows.new_zeros((1, dim))]),
         torch.from_numpy(offsets),
         mode="sum",
-        # f is hash-stacked: see _bag_weights
-        per_sample_weights=_fill_weights([(f.lengths, slot) for f, slot in pooled]),
+        per_sample_weights=weights,
     )
 
 

@@ -128,6 +128,32 @@ def unique_keys(ids, tables, uniq_ids, uniq_tables, inverse):
     return count
 
 
+@njit(cache=True, nogil=True)
+def pool_bags(values, rows, lengths, weights, out):
+    """Sum pooling without autograd: ``out[j]`` = the sum of ``values[rows[k]]`` over bag ``j``'s
+    ``lengths[j]`` keys (keys in bag order), each times ``weights[k]`` unless ``weights`` is
+    empty; an empty bag is zeros. One pass, instead of a gather, an appended zero row and a
+    split in torch (the serving path; training pools with torch to get gradients)."""
+    dim = values.shape[1]
+    weighted = weights.shape[0] > 0
+    k = 0
+    for j in range(lengths.shape[0]):
+        if lengths[j] == 0:
+            for d in range(dim):
+                out[j, d] = 0.0
+            continue
+        # The first key is copied, not added to zero: a bag of one id is its row bit for bit.
+        first, end = k, k + lengths[j]
+        w = weights[first] if weighted else np.float32(1.0)
+        for d in range(dim):
+            out[j, d] = values[rows[first], d] * w
+        for i in range(first + 1, end):
+            w = weights[i] if weighted else np.float32(1.0)
+            for d in range(dim):
+                out[j, d] += values[rows[i], d] * w
+        k = end
+
+
 @njit(cache=True, inline="always")
 def _row_of(info):
     """The row an info word points at; -1 for an empty slot (info 0)."""

@@ -214,3 +214,24 @@ def test_bags_of_zero_or_one_id_match_embedding_bag_values_and_gradients():
     sum((result[f.name] * weights * (k + 1)).sum() for k, f in enumerate(features)).backward()
     sum((expected[f.name] * weights * (k + 1)).sum() for k, f in enumerate(features)).backward()
     torch.testing.assert_close(group.rows.grad, rows.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_serving_pooling_equals_embedding_bag_for_bags_of_any_size_and_scaling():
+    """Without gradients every pooled dim group is summed by kernels.pool_bags; the training path
+    (requires_grad) pools the same rows with embedding_bag and its per-id weights."""
+    rng = np.random.default_rng(6)
+    client = InProcessEmbeddingClient(EMB, glob(400))
+    features = []
+    for name in ("a", "b", "c"):  # sum, mean, sqrt
+        lengths = rng.integers(0, 5, 60)
+        samples = [rng.integers(0, 30, n).astype(np.uint64) for n in lengths]
+        features.append(SparseFeature.from_lists(name, samples))
+    assert all((f.lengths == 0).any() and (f.lengths > 1).any() for f in features)
+    served = client.lookup(features)
+    trained = client.lookup(features, requires_grad=True)
+    assert not served.groups
+    for f in features:
+        torch.testing.assert_close(served[f.name], trained[f.name].detach(), rtol=1e-6, atol=1e-7)
+        assert not served[f.name][torch.from_numpy(f.lengths == 0)].any()
+        one = torch.from_numpy(f.lengths == 1)
+        assert torch.equal(served[f.name][one], trained[f.name].detach()[one])  # a lone id's row, bit for bit

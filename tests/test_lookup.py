@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_server.batch import SparseFeature
+from embedding_server.batch import KeyedIds, SparseFeature
 from embedding_server.client import InProcessEmbeddingClient, RawEmbedding
 from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import InvalidRequestError
@@ -349,24 +349,36 @@ def test_offsets_that_do_not_describe_ids_are_refused(offsets):
         SparseFeature("user", np.array([1, 2], np.uint64), offsets)
 
 
-@pytest.mark.parametrize(
-    "offsets",
-    [np.array([0, 3], np.int64), np.array([1, 2], np.int64), np.array([0, 2, 1, 2], np.int64)],
-)
-def test_features_validated_together_refuse_what_one_feature_refuses(offsets):
-    good = SparseFeature.from_lists("a", [[1], [2]] if offsets.shape[0] == 3 else [[1, 2]] * (offsets.shape[0] - 1))
+@pytest.mark.parametrize("offsets", [np.array([1, 2, 2], np.int64), np.array([0, 2, 1], np.int64)])
+def test_keyed_ids_name_the_feature_whose_offsets_do_not_rise_from_zero(offsets):
+    table = np.stack([np.array([0, 1, 2], np.int64), offsets])
     with pytest.raises(InvalidRequestError, match="feature 'user': offsets must rise from 0 to the number of ids"):
-        SparseFeature.many(["a", "user"], [good.ids, np.array([1, 2], np.uint64)], [good.offsets, offsets])
+        KeyedIds(["a", "user"], np.arange(4, dtype=np.uint64), table)
 
 
-def test_features_validated_together_equal_features_built_one_by_one():
+def test_keyed_ids_refuse_offsets_that_describe_more_or_fewer_ids_than_given():
+    table = np.array([[0, 1, 2], [0, 2, 3]], np.int64)
+    with pytest.raises(InvalidRequestError, match="offsets describe 5 ids, but 4 ids were given"):
+        KeyedIds(["a", "user"], np.arange(4, dtype=np.uint64), table)
+    with pytest.raises(InvalidRequestError, match="offsets must be an int64 array"):
+        KeyedIds(["a", "user"], np.arange(5, dtype=np.uint64), table.astype(np.int32))
+    with pytest.raises(InvalidRequestError, match="appears twice"):
+        KeyedIds(["a", "a"], np.arange(5, dtype=np.uint64), table)
+
+
+def test_keyed_ids_hold_the_features_they_were_built_from_and_select_reorders_them():
     parts = [SparseFeature.from_lists("a", [[1, 2], [], [3]]), SparseFeature.from_lists("b", [[], [4], [5, 6, 7]])]
-    together = SparseFeature.many([p.name for p in parts], [p.ids for p in parts], [p.offsets for p in parts])
-    for one, other in zip(together, parts):
+    keyed = KeyedIds.from_features(parts)
+    assert keyed.ids.tolist() == [1, 2, 3, 4, 5, 6, 7] and keyed.counts.tolist() == [3, 4] and keyed.batch_size == 3
+    for one, other in zip(keyed, parts):
         assert (one.name, one.ids.tolist(), one.offsets.tolist()) == (other.name, other.ids.tolist(), other.offsets.tolist())
         assert one.lengths.tolist() == other.lengths.tolist() and one.batch_size == other.batch_size
-    with pytest.raises(InvalidRequestError, match="offsets must be a 1-D int64 array"):
-        SparseFeature.many(["a"], [parts[0].ids], [parts[0].offsets.astype(np.int32)])
+    swapped = keyed.select(["b", "a"])
+    assert swapped.names == ("b", "a") and swapped.ids.tolist() == [4, 5, 6, 7, 1, 2, 3]
+    assert [f.offsets.tolist() for f in swapped] == [parts[1].offsets.tolist(), parts[0].offsets.tolist()]
+    assert keyed.select(["a", "b"]) is keyed
+    with pytest.raises(InvalidRequestError, match="disagree on the batch size"):
+        KeyedIds.from_features([parts[0], SparseFeature.from_lists("c", [[1]])])
 
 
 def test_offsets_of_wrong_dtype_are_refused():
