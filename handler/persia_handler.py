@@ -81,6 +81,7 @@ class PersiaHandler(BaseHandler):
         self.embeddings: RemoteEmbeddingClient | None = None
         self.decoder: RequestDecoder | None = None
         self._watermark: dict[str, Any] = {}
+        self._tail_cache: tuple[dict, str] | None = None  # see _result_tail
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -198,7 +199,8 @@ class PersiaHandler(BaseHandler):
             raise PredictionException(f"embedding lookup refused: {exc}", 400) from None
         self._record_time("EmbeddingLookupTime", started)
         prepared.dense = torch.from_numpy(dense).to(self.device)
-        prepared.sparse = [self._model_input(looked_up.embeddings[name]) for name in self.decoder.feature_names]
+        embeddings = looked_up.embeddings
+        prepared.sparse = [self._model_input(embeddings[name]) for name in self.decoder.feature_names]
         return prepared
 
     def inference(self, prepared: PreparedBatch, *args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -217,7 +219,7 @@ class PersiaHandler(BaseHandler):
         if prepared is None:
             raise TypeError("PersiaHandler.postprocess needs the PreparedBatch its scores belong to")
         per_request = iter(torch.split(scores, prepared.sizes) if scores is not None else ())
-        watermark = dict(self._watermark)
+        tail = self._result_tail(len(prepared.outcomes))
         results = []
         for idx, outcome in enumerate(prepared.outcomes):
             self._set_content_type(idx)
@@ -226,21 +228,30 @@ class PersiaHandler(BaseHandler):
                 results.append(json.dumps({"error": outcome.message, "code": outcome.code}))
                 continue
             chunk = next(per_request)
-            results.append(json.dumps({
-                "scores": (chunk[:, 0] if chunk.shape[1] == 1 else chunk).tolist(),
+            results.append('{"scores": ' + json.dumps((chunk[:, 0] if chunk.shape[1] == 1 else chunk).tolist()) + tail)
+        return results
+
+    def _result_tail(self, batch_requests: int) -> str:
+        """The JSON of a result after its scores (the same for every request of a batch): built
+        once per watermark refresh, as the nested watermarks cost more to encode than the scores."""
+        watermark = self._watermark  # replaced, never changed, by the refresh thread
+        cached = self._tail_cache
+        if cached is None or cached[0] is not watermark:
+            body = json.dumps({
                 "model_version": self.spec.version,
                 "model_step": self.spec.step,
                 "sparse_watermark": self.spec.sparse_watermark,
                 "embedding_watermark": watermark,
-                "batch_requests": len(prepared.outcomes),  # requests TorchServe batched with this one
-            }))
-        return results
+            })
+            cached = self._tail_cache = (watermark, ", " + body[1:-1])
+        # batch_requests: how many requests TorchServe batched together with this one
+        return f'{cached[1]}, "batch_requests": {batch_requests}}}'
 
     # ------------------------------------------------------------------ helpers
 
     def _model_input(self, embedding: torch.Tensor | RawEmbedding) -> torch.Tensor:
         values = embedding.values if isinstance(embedding, RawEmbedding) else embedding
-        return values.to(self.device)
+        return values if values.device == self.device else values.to(self.device)
 
     def _record_time(self, name: str, started: float) -> None:
         metrics = getattr(self.context, "metrics", None)
