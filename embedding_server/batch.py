@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from embedding_server import kernels
 from embedding_server.config import EmbeddingConfig
 from embedding_server.errors import InvalidRequestError, describe_value
 
@@ -128,12 +129,11 @@ class KeyedIds(Sequence[SparseFeature]):
             )
         if len(set(self.names)) != len(self.names):
             raise InvalidRequestError(f"a sparse feature appears twice: {sorted({n for n in self.names if self.names.count(n) > 1})}")
-        lengths = offsets[:, 1:] - offsets[:, :-1]
-        bounds = np.zeros(len(self.names) + 1, np.int64)
-        np.cumsum(offsets[:, -1], out=bounds[1:])
-        bad = (offsets[:, 0] != 0) | (lengths < 0).any(axis=1)
-        if bad.any():
-            raise InvalidRequestError(f"feature '{self.names[int(np.argmax(bad))]}': offsets must rise from 0 to the number of ids")
+        lengths = np.empty((offsets.shape[0], offsets.shape[1] - 1), np.int64)
+        bounds = np.empty(offsets.shape[0] + 1, np.int64)
+        bad = kernels.check_offsets(offsets, lengths, bounds)
+        if bad >= 0:
+            raise InvalidRequestError(f"feature '{self.names[bad]}': offsets must rise from 0 to the number of ids")
         if bounds[-1] != ids.shape[0]:
             raise InvalidRequestError(f"the features' offsets describe {int(bounds[-1])} ids, but {ids.shape[0]} ids were given")
         self.ids, self.offsets, self.lengths, self.bounds = ids, offsets, lengths, bounds

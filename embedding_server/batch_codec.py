@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedding_server import kernels
 from embedding_server.batch import KeyedIds, SparseFeature
 from embedding_server.errors import InvalidRequestError, describe_value
 
@@ -208,9 +209,9 @@ def _read_payload(header: dict, payload: memoryview) -> BatchData:
 def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> KeyedIds:
     """The sparse features: per feature int64 offsets [batch + 1], then uint64 ids.
 
-    Offsets and ids are both 8-byte words, so the whole section is read as one array: every
-    feature's offsets are gathered into one [features, batch + 1] table with one index, the ids
-    of all features into one array, and :class:`KeyedIds` validates them together. A request
+    Offsets and ids are both 8-byte words, so the whole section is read as one array and one
+    compiled pass copies every feature's offsets into one [features, batch + 1] table and the
+    ids of all features into one array; :class:`KeyedIds` validates them together. A request
     has dozens of features; an array or a check per part cost more than the rest of decoding.
     """
     if not entries:
@@ -225,14 +226,11 @@ def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> KeyedIds
             reader.take(_OFFSETS, batch + 1, f"sparse '{f['name']}' offsets")
             reader.take(_IDS, f["ids"], f"sparse '{f['name']}' ids")
     signed = reader.take(_OFFSETS, total, "sparse features")
-    unsigned = signed.view(_IDS.newbyteorder("="))  # the same words read as ids
-    starts = np.zeros(len(entries), np.int64)  # where each feature's offsets begin
-    np.cumsum(np.asarray(counts[:-1], np.int64) + (batch + 1), out=starts[1:])
-    table = signed[starts[:, None] + np.arange(batch + 1)]
-    if (table[:, -1] != np.asarray(counts, np.int64)).any():
-        k = int(np.argmax(table[:, -1] != np.asarray(counts, np.int64)))
-        raise InvalidRequestError(f"feature '{names[k]}': offsets must rise from 0 to the number of ids ({counts[k]})")
-    ids = np.concatenate([unsigned[at : at + n] for at, n in zip((starts + (batch + 1)).tolist(), counts)])
+    table = np.empty((len(entries), batch + 1), np.int64)
+    ids = np.empty(total - table.size, np.uint64)
+    bad = kernels.split_sparse_section(signed, signed.view(np.uint64), batch, np.asarray(counts, np.int64), table, ids)
+    if bad >= 0:
+        raise InvalidRequestError(f"feature '{names[bad]}': offsets must rise from 0 to the number of ids ({counts[bad]})")
     return KeyedIds(names, ids, table)  # checks the offsets, all features at once
 
 
