@@ -182,6 +182,52 @@ def test_a_flipped_byte_is_detected_or_harmless(position, flip):
     assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
 
 
+_EVERY_BYTE_SCAN = """
+import json, struct, sys
+import numpy as np
+from embedding_server.config import EmbeddingConfig
+from embedding_server.packets import PacketError, decode_packet, encode_packet
+from embedding_server.store import TableRows
+config = EmbeddingConfig.from_dict(json.loads(sys.argv[1]))
+rows = [TableRows(config.tables[name], np.arange(7, dtype=np.uint64) * (k + 3),
+                  np.arange(7 * dim, dtype=np.float32).reshape(7, dim) + k, np.zeros((7, 0), np.float32))
+        for k, (name, dim) in enumerate([("user", 4), ("item", 8)])]
+data = encode_packet(rows, shard=0, num_shards=1, seq=1, fingerprint=config.fingerprint())
+expected = [(t.table.name, t.ids.tolist(), t.weights.tolist()) for t in decode_packet(data, config).tables]
+inputs = [data[:n] for n in range(len(data))]
+for at in range(len(data)):
+    for flip in (0x01, 0x80, 0xFF):
+        changed = bytearray(data); changed[at] ^= flip; inputs.append(bytes(changed))
+for at in range(len(data) - 7):
+    for word in (2**31 - 1, 2**32, 2**63 - 1):
+        changed = bytearray(data); changed[at : at + 8] = struct.pack("<q", word); inputs.append(bytes(changed))
+decoded = refused = 0
+for item in inputs:
+    try:
+        got = [(t.table.name, t.ids.tolist(), t.weights.tolist()) for t in decode_packet(item, config).tables]
+    except PacketError:
+        refused += 1
+        continue
+    assert got == expected, "a corrupt packet decoded to other rows"
+    decoded += 1
+print(json.dumps({"decoded": decoded, "refused": refused}))
+"""
+
+
+def test_every_byte_of_a_packet_flipped_truncated_or_overwritten_is_refused_or_harmless():
+    """Every single-byte flip, truncation and 8-byte huge value at every offset of a packet: it
+    decodes to the original rows (padding was hit) or is refused with PacketError; in a child
+    process, so a crash inside pyarrow fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _EVERY_BYTE_SCAN, json.dumps(EMB)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["refused"] > counts["decoded"] > 0
+
+
 @pytest.mark.parametrize("cut", [1, 50, 200])
 def test_truncated_packets_are_refused(cut):
     with pytest.raises(PacketError, match="not a readable Arrow file|checksum"):
