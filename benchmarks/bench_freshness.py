@@ -61,6 +61,12 @@ Parts (the S3 one runs first, see 2):
    while its ``ModelRootFollower`` applies the same kind of packets, set up as a server is
    (kernels warmed up, start-up objects frozen out of the garbage collector). It separates the
    store's own behaviour under applies from the gRPC path sharing 2 cores with the client.
+6. **Control: lookup p99 beside a CPU-bound neighbour** (``lookup_cpu_neighbour_p99_ratio``,
+   ``local_lookup_cpu_neighbour_p99_ratio``, reported): part 4's lookups, over gRPC and over the
+   local socket, in idle windows vs windows of the same length in which another process (nice
+   10) only spins: no packets, no memory traffic, no shared GIL. On 2 cores the gRPC path's p99
+   grew ~2.5x beside such a process while the local socket's did not, which says how much of
+   part 4's gRPC figure is any CPU-bound neighbour rather than the apply.
 
 ``ratio`` = ``p99_s`` / 1.0 s: the local freshness p99 against its goal (not a same-run
 baseline: the goal is absolute; <= 1 meets it). Likewise ``s3_ratio`` = ``s3_p99_s`` / 3.0 s
@@ -326,6 +332,23 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
           f"{total / decode_s / 1e6:.2f} M rows/s", flush=True)
 
 
+def lookup_batches(args, rng: np.random.Generator, pool: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """64 lookups of ``--lookup-keys`` distinct (id, table) keys drawn from ``pool``."""
+    n = min(args.lookup_keys, pool[0].shape[0])
+    return [tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))]
+
+
+def timed_lookups(lookup, batches: list, done, out: list[float]) -> None:
+    """``lookup(ids, tables)`` of the batches in turn until ``done()``; each latency (s) into ``out``."""
+    k = 0
+    while not done():
+        ids, tabs = batches[k % len(batches)]
+        k += 1
+        t = time.perf_counter()
+        lookup(ids, tabs)
+        out.append(time.perf_counter() - t)
+
+
 def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folder: Path, staging: Path, first_seq: int,
                    pool: tuple[np.ndarray, np.ndarray]) -> dict:
     """Rounds of an idle and a busy window (see part 4): ``lookup(ids, tables)`` of
@@ -337,18 +360,12 @@ def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folde
     from embedding_server.storage import open_storage
 
     stage = open_storage(str(staging))
-    n = min(args.lookup_keys, pool[0].shape[0])
-    batches = [tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))]
+    batches = lookup_batches(args, rng, pool)
+    n = batches[0][0].shape[0]
     idle, busy, rates = [], [], []
 
     def lookups_until(done: threading.Event, out: list[float]) -> None:
-        k = 0
-        while not done.is_set():
-            ids, tabs = batches[k % len(batches)]
-            k += 1
-            t = time.perf_counter()
-            lookup(ids, tabs)
-            out.append(time.perf_counter() - t)
+        timed_lookups(lookup, batches, done.is_set, out)
 
     def window(out: list[float], blobs: list[tuple[int, bytes]]) -> None:
         """Lookups while the watermark is polled: for ``--idle-s`` (no blobs), or until it
@@ -434,6 +451,34 @@ def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: di
     live = report_windows(results, prefix, got, where, "server applied (first rename to watermark)")
     results.update({f"{prefix}live_apply_rows_per_s": live,
                     f"{prefix}heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
+
+
+def measure_lookup_beside_cpu_neighbour(args, serving, results: dict, pool: tuple[np.ndarray, np.ndarray], prefix: str,
+                                        where: str) -> None:
+    """Part 6: the lookups of part 4 in idle windows vs windows in which another process (nice
+    10) only spins on a CPU: no packets, no memory traffic, no shared GIL. Figures under
+    ``prefix`` + ``cpu_neighbour_``."""
+    import subprocess
+
+    batches = lookup_batches(args, np.random.default_rng(args.seed + 17), pool)
+    got: dict = {"idle": [], "busy": [], "rates": [], "keys": batches[0][0].shape[0]}
+    lookup = lambda ids, tabs: serving.lookup_rows(ids, tabs, DIM)  # noqa: E731
+    for r in range(args.rounds):
+        for neighbour in ((False, True) if r % 2 == 0 else (True, False)):
+            spinner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(10)\nwhile True: pass"]) if neighbour else None
+            try:
+                end = time.perf_counter() + args.idle_s
+                timed_lookups(lookup, batches, lambda: time.perf_counter() > end, got["busy" if neighbour else "idle"])
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+    (i50, i99), (b50, b99) = percentiles(got["idle"]), percentiles(got["busy"])
+    key = f"{prefix}cpu_neighbour_"
+    results.update({f"{key}idle_p99_ms": i99 * 1e3, f"{key}busy_p50_ms": b50 * 1e3, f"{key}busy_p99_ms": b99 * 1e3,
+                    f"{key}p99_ratio": b99 / i99})
+    print(f"  {where}: idle p50 {i50 * 1e3:.2f} ms p99 {i99 * 1e3:.2f} ms; beside a spinning process (nice 10): p50 "
+          f"{b50 * 1e3:.2f} ms p99 {b99 * 1e3:.2f} ms = {b99 / i99:.2f}x idle p99 (control for part 4)", flush=True)
 
 
 def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> None:
@@ -551,6 +596,13 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
                                "server over its local socket")
     print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
     measure_store_lookup_under_apply(args, emb, tmp, results)
+
+    # 6. control: the same lookups beside a process that only spins ------------------------------
+    print(f"lookup latency beside a CPU-bound neighbour: {args.rounds} rounds of two {args.idle_s:g} s windows", flush=True)
+    with RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc:
+        measure_lookup_beside_cpu_neighbour(args, over_grpc, results, (served_ids, served_tabs), "lookup_", "server over gRPC")
+    measure_lookup_beside_cpu_neighbour(args, serving, results, (served_ids, served_tabs), "local_lookup_",
+                                        "server over its local socket")
     group.stop()
     heavy_done = time.monotonic()
 
