@@ -301,9 +301,14 @@ class ModelRootFollower:
             self._pass_safely()
 
     def _initial_sync(self) -> None:
-        with ThreadPoolExecutor(1, thread_name_prefix="packet-readahead") as self._readahead:
-            self._initial_load()
-        self._readahead = None
+        # Nothing is served yet: read the next packet, and commit its rows' memory, beside the apply.
+        self.store.commit_ahead = True
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="packet-readahead") as self._readahead:
+                self._initial_load()
+        finally:
+            self._readahead = None
+            self.store.commit_ahead = False
 
     def _initial_load(self) -> None:
         loaded = False

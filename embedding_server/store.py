@@ -93,6 +93,11 @@ class EmbeddingStore:
         self._next_row = _zeroed(self.capacity if self.mode == "infer" else 0, np.int32)
         self._fold: tuple[np.ndarray, ...] | None = None  # see _fold_arrays
         self._committed_rows = 0  # rows whose memory _commit_rows committed ahead of staged applies
+        self._committing: threading.Thread | None = None  # see _commit_rows
+        # Staged applies commit the next packet's fresh rows in a second thread (see _commit_rows).
+        # A follower turns it on for its start-up replay, where nothing is served yet; while
+        # serving, that thread took a core from lookups (busy lookup p99 0.66-0.90 vs 0.55-0.74 ms).
+        self.commit_ahead = False
         self.evictions_per_sweep = max(1, self.capacity // 64)
         # Incremental updates: rows changed since the last packet, and the last values of changed
         # rows evicted before it (so an eviction never loses an update).
@@ -483,7 +488,7 @@ class EmbeddingStore:
                     self._evict_locked()
             evicted = int(meta[kernels.META_EVICTIONS]) - evictions
             meta[kernels.META_STAGE] = kernels.STAGE_STAGING
-        self._commit_rows(int(meta[kernels.META_SIZE]) + n)
+        self._commit_rows(int(meta[kernels.META_SIZE]) + n, ahead=n if self.commit_ahead else 0)  # the next is likely as big
         fold_slot, fold_info, fold_old, fold_new, freed = self._fold_arrays(n)
         count = 0
         for part_ids, part_tables, weights, _ in parts:
@@ -500,10 +505,23 @@ class EmbeddingStore:
         self._push_free(freed[: kernels.free_rows(self._row_tick, self._next_row, fold_old, count, freed)])
         return evicted
 
-    def _commit_rows(self, end: int) -> None:
+    def _commit_rows(self, end: int, ahead: int = 0) -> None:
         """Commit the memory a staged apply may write next (never-used rows up to ``end``, and
         the whole index the first time: random inserts touch all of its pages early anyway) in
-        a few calls instead of one page fault at a time (see ``memory.populate``)."""
+        a few calls instead of one page fault at a time (see ``memory.populate``). Then, in a
+        thread of its own, the rows up to ``end + ahead``: the next packet's fresh rows are
+        committed while this one is staged (huge pages fault in at ~0.4-1 GB/s on this VM; in
+        line, that was a third of a growing store's apply time). The next call waits for it."""
+        if self._committing is not None:
+            self._committing.join()  # (without the GIL)
+            self._committing = None
+        self._commit_now(end)
+        if ahead > 0 and end + ahead > self._committed_rows and self._committed_rows < self.capacity:
+            self._committing = threading.Thread(target=self._commit_now, args=(end + ahead,), name="commit-ahead", daemon=True)
+            self._committing.start()
+
+    def _commit_now(self, end: int) -> None:
+        """(The writer, or the one commit-ahead thread: never both.) See :meth:`_commit_rows`."""
         if end <= self._committed_rows:
             return
         end = min(self.capacity, max(end, self._committed_rows + _COMMIT_CHUNK_ROWS))

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from embedding_server import checkpoint
+from embedding_server import checkpoint, kernels
 from embedding_server.client import InProcessEmbeddingClient
 from embedding_server.config import EmbeddingConfig, GlobalConfig
 from embedding_server.errors import InvalidRequestError
@@ -161,6 +161,7 @@ def followers():
         follower = ModelRootFollower(store, root, options, **kwargs).start()
         started.append(follower)
         assert follower.wait_synced(30), "the follower did not finish its initial load"
+        assert not store.commit_ahead  # only the start-up replay commits memory in a second thread
         return follower
 
     yield start
@@ -207,6 +208,25 @@ def test_staged_applies_commit_memory_only_ahead_of_the_rows_they_use(emb):
         store.put_many([TableRows(user, ids, np.full((1000, 8), k, np.float32), np.zeros((1000, 0), np.float32))])
     # Rows in use stay about 2,000 (held + one packet staged): one 64k-row chunk is committed, not 20.
     assert store._committed_rows == 1 << 16
+
+
+def test_committing_ahead_keeps_values_and_commits_at_most_one_packet_beyond_what_is_used(emb):
+    store = infer_stores(emb, capacity=1_000_000)[0]
+    store.commit_ahead = True
+    user = emb.tables["user"]
+    n = 100_000  # more than one 64k-row commit chunk per packet
+    for k in range(4):  # each packet: n new keys
+        ids = np.arange(k * n, (k + 1) * n, dtype=np.uint64)
+        store.put_many([TableRows(user, ids, np.full((n, 8), k, np.float32), np.zeros((n, 0), np.float32))])
+        used = int(store._meta[kernels.META_SIZE])
+        assert store._committing is not None  # the next packet's rows are being committed
+        store._committing.join()
+        assert used <= store._committed_rows <= used + 2 * n
+    got = store.lookup(np.arange(4 * n, dtype=np.uint64), np.full(4 * n, user.index, np.uint16))
+    assert (got[:, 0] == np.repeat(np.arange(4, dtype=np.float32), n)).all()
+    store.commit_ahead = False
+    store.put_many([TableRows(user, np.arange(5 * n, 6 * n, dtype=np.uint64), np.ones((n, 8), np.float32), np.zeros((n, 0), np.float32))])
+    assert store._committing is None
 
 
 def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
