@@ -65,7 +65,7 @@ Parts (the S3 one runs first, see 2):
    ``local_lookup_cpu_neighbour_p99_ratio``, reported): part 4's lookups, over gRPC and over the
    local socket, in idle windows vs windows of the same length in which another process (nice
    10) only spins: no packets, no memory traffic, no shared GIL. On 2 cores the gRPC path's p99
-   grew ~2.5x beside such a process while the local socket's did not, which says how much of
+   grew 1.5-2.5x beside such a process (four runs) while the local socket's did not, which says how much of
    part 4's gRPC figure is any CPU-bound neighbour rather than the apply.
 
 ``ratio`` = ``p99_s`` / 1.0 s: the local freshness p99 against its goal (not a same-run
@@ -461,19 +461,20 @@ def measure_lookup_beside_cpu_neighbour(args, serving, results: dict, pool: tupl
     import subprocess
 
     batches = lookup_batches(args, np.random.default_rng(args.seed + 17), pool)
-    got: dict = {"idle": [], "busy": [], "rates": [], "keys": batches[0][0].shape[0]}
+    idle: list[float] = []
+    busy: list[float] = []
     lookup = lambda ids, tabs: serving.lookup_rows(ids, tabs, DIM)  # noqa: E731
     for r in range(args.rounds):
         for neighbour in ((False, True) if r % 2 == 0 else (True, False)):
             spinner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(10)\nwhile True: pass"]) if neighbour else None
             try:
                 end = time.perf_counter() + args.idle_s
-                timed_lookups(lookup, batches, lambda: time.perf_counter() > end, got["busy" if neighbour else "idle"])
+                timed_lookups(lookup, batches, lambda: time.perf_counter() > end, busy if neighbour else idle)
             finally:
                 if spinner is not None:
                     spinner.kill()
                     spinner.wait()
-    (i50, i99), (b50, b99) = percentiles(got["idle"]), percentiles(got["busy"])
+    (i50, i99), (b50, b99) = percentiles(idle), percentiles(busy)
     key = f"{prefix}cpu_neighbour_"
     results.update({f"{key}idle_p99_ms": i99 * 1e3, f"{key}busy_p50_ms": b50 * 1e3, f"{key}busy_p99_ms": b99 * 1e3,
                     f"{key}p99_ratio": b99 / i99})
