@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
+from embedding_server.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
 from embedding_server.errors import ConfigError
 from embedding_server.hotload import FollowOptions, HotloadError
 from embedding_server.security import ClientSecurity, ServerSecurity, resolve_token
@@ -56,6 +57,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apply-niceness", type=int, default=10, choices=range(20), metavar="N",
                    help="once ready, apply packets N nice levels below the server, so applies use the CPU lookups "
                    "leave over (0..19, default 10; 0: same priority)")
+    cpu = p.add_argument_group(
+        "CPU placement", "Linux; CPU lists as taskset takes them, e.g. 0-3,8. Keeping packet applies and lookups on "
+        "CPUs of their own keeps the lookup tail flat while big packets apply")
+    cpu.add_argument("--apply-cpus", type=_cpu_list, metavar="LIST",
+                     help="with --model-root: once ready, apply packets only on these CPUs; the serving threads keep off "
+                     "them (unless --serve-cpus says otherwise)")
+    cpu.add_argument("--serve-cpus", type=_cpu_list, metavar="LIST",
+                     help="run the serving threads (gRPC, local socket, metrics) only on these CPUs (default: every CPU "
+                     "this process may use, less --apply-cpus)")
     sec = p.add_argument_group(
         "security", "TLS and the shared token (default: the global config's 'security' section; both off). The token "
         "is never a flag: give a file, or set CTRSERVE_EMBEDDING_TOKEN in the environment")
@@ -92,6 +102,10 @@ def run_server(args: argparse.Namespace) -> int:
         glob = dataclasses.replace(glob, common_config=CommonConfig(job_type=args.mode))
     follow = _follow_options(args, glob)
     if follow is None and args.model_root:
+        return 2
+    problem = _place_serving_threads(args)
+    if problem:
+        print(f"ctrserve embedding-server: error: {problem}", file=sys.stderr)
         return 2
     try:
         security = ServerSecurity.from_settings(_security_settings(args, glob))
@@ -160,9 +174,45 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOpti
                         for flag, value in intervals.items() if not 0 < value < float("inf")), "")
         if not problem:
             return FollowOptions(poll_interval_s=args.poll_interval, rescan_interval_s=args.rescan_interval,
-                                 gap_timeout_s=args.gap_timeout, apply_niceness=args.apply_niceness)
+                                 gap_timeout_s=args.gap_timeout, apply_niceness=args.apply_niceness,
+                                 apply_cpus=args.apply_cpus)
     print(f"ctrserve embedding-server: error: {problem}", file=sys.stderr)
     return None
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _place_serving_threads(args: argparse.Namespace) -> str:
+    """Pin the process to its serving CPUs (``--serve-cpus``, by default those left by
+    ``--apply-cpus``; the follower thread moves itself onto the apply CPUs once ready). Returns
+    what is wrong with the flags, or "" once placed (or when no placement was asked for)."""
+    apply, serve = args.apply_cpus, args.serve_cpus
+    if apply is None and serve is None:
+        return ""
+    if apply is not None and not args.model_root:
+        return "--apply-cpus needs --model-root: only a server that follows a model root applies packets"
+    if not placement_supported():
+        return "--apply-cpus and --serve-cpus need Linux: this platform cannot pin threads to CPUs"
+    usable = usable_cpus()
+    for flag, cpus in (("--apply-cpus", apply), ("--serve-cpus", serve)):
+        if cpus is not None and not cpus <= usable:
+            return (f"{flag} {format_cpu_list(cpus)}: CPU {format_cpu_list(cpus - usable)} is not available to this "
+                    f"process (it may use CPUs {format_cpu_list(usable)})")
+    if serve is None:
+        serve = usable - apply
+        if not serve:
+            return (f"--apply-cpus {format_cpu_list(apply)} leaves no CPU to serve on (this process may use CPUs "
+                    f"{format_cpu_list(usable)}): give it fewer CPUs, or name the serving ones with --serve-cpus")
+    pin_process(serve)
+    logging.getLogger("ctrserve.embedding_server").info(
+        "serving threads run on CPUs %s%s", format_cpu_list(serve),
+        f", packet applies (once ready) on CPUs {format_cpu_list(apply)}" if apply is not None else "")
+    return ""
 
 
 def _client_security(args: argparse.Namespace) -> ClientSecurity | None:

@@ -67,6 +67,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from embedding_server import checkpoint
+from embedding_server.cpus import format_cpu_list, pin_this_thread, usable_cpus
 from embedding_server.errors import InvalidRequestError
 from embedding_server.packets import (
     CHECKPOINTS_DIR,
@@ -111,9 +112,14 @@ class FollowOptions:
             below the process (0 to 19; Linux schedules threads on their own), so that packet
             applies take CPU that lookups leave over instead of slowing them down. 0 keeps the
             process's priority.
+        apply_cpus: once synced, the follower thread (and the threads it starts) runs only on
+            these CPUs (Linux); None leaves it where the process runs. Until synced it may also
+            use them beside its own, so the start-up replay is not slowed. Pair it with serving
+            threads kept off these CPUs (``embedding-server --apply-cpus``, :mod:`~embedding_server.cpus`).
 
     Raises:
-        ValueError: a non-positive interval or timeout, or a niceness outside 0..19.
+        ValueError: a non-positive interval or timeout, a niceness outside 0..19, or an empty
+            ``apply_cpus`` or one with a negative CPU number.
     """
 
     poll_interval_s: float = 1.0
@@ -122,6 +128,7 @@ class FollowOptions:
     max_packet_bytes: int = 2**31
     use_inotify: bool = True
     apply_niceness: int = 10
+    apply_cpus: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("poll_interval_s", "rescan_interval_s", "gap_timeout_s", "max_packet_bytes"):
@@ -130,6 +137,11 @@ class FollowOptions:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.apply_niceness, int) or isinstance(self.apply_niceness, bool) or not 0 <= self.apply_niceness <= 19:
             raise ValueError(f"apply_niceness must be an integer in 0..19, got {self.apply_niceness!r}")
+        if self.apply_cpus is not None:
+            cpus = frozenset(self.apply_cpus)
+            if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
+                raise ValueError(f"apply_cpus must be a non-empty set of CPU numbers, got {self.apply_cpus!r}")
+            object.__setattr__(self, "apply_cpus", cpus)
 
 
 @dataclass
@@ -281,6 +293,7 @@ class ModelRootFollower:
         self.stop()
 
     def _run(self) -> None:
+        self._place(widen=True)
         try:
             self._initial_sync()
         except Exception as exc:  # HotloadError, or a bug: either way wait_synced() must not hang
@@ -293,6 +306,7 @@ class ModelRootFollower:
             return
         self._synced.set()
         self._lower_priority()
+        self._place(widen=False)
         while not self._stopping.is_set():
             self._wake.wait(self._wait_seconds())
             self._wake.clear()
@@ -339,6 +353,20 @@ class ModelRootFollower:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.options.apply_niceness))
         except OSError as exc:  # e.g. a sandbox that forbids it: applies then compete with lookups
             log.warning("cannot lower the priority of the packet-applying thread: %s", exc)
+
+    def _place(self, widen: bool) -> None:
+        """Run this thread on the ``apply_cpus`` (see FollowOptions): beside the CPUs it has
+        while the start-up replay runs (``widen``), only on them once serving."""
+        cpus = self.options.apply_cpus
+        if cpus is None:
+            return
+        try:
+            pin_this_thread(cpus | usable_cpus() if widen else cpus)
+        except OSError as exc:  # e.g. CPUs a container does not grant: applies then share the serving CPUs
+            log.warning("cannot run the packet-applying thread on CPUs %s: %s", format_cpu_list(cpus), exc)
+        else:
+            if not widen:
+                log.info("packets of model root %s are applied on CPUs %s", self.storage.url, format_cpu_list(cpus))
 
     def _pass_safely(self) -> None:
         try:

@@ -8,6 +8,7 @@ real storage layer; followers run in-process, in real server processes, and on C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from embedding_server import checkpoint, kernels
 from embedding_server.client import InProcessEmbeddingClient
 from embedding_server.config import EmbeddingConfig, GlobalConfig
+from embedding_server.cpus import format_cpu_list, usable_cpus
 from embedding_server.errors import InvalidRequestError
 from embedding_server.hotload import FollowOptions, HotloadError, ModelRootFollower
 from embedding_server.launcher import ServerGroup
@@ -508,6 +510,22 @@ def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path,
         FollowOptions(apply_niceness=20)
 
 
+def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_process_keeps_its_own(emb, tmp_path, followers):
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    trainer.step_and_publish()
+    process_cpus = usable_cpus()
+    apply_cpus = frozenset({max(process_cpus)})
+    follower = followers(infer_stores(emb)[0], str(tmp_path), dataclasses.replace(FAST, apply_cpus=apply_cpus))
+    tid = follower._thread.native_id
+    wait_until(lambda: os.sched_getaffinity(tid) == apply_cpus, what="the follower on its CPUs")
+    assert usable_cpus() == process_cpus
+    trainer.step_and_publish()  # still applied, in order, from the placed thread
+    wait_until(lambda: watermarks(follower) == trainer.seq, what="the next packet")
+    for bad in (set(), {-1}, {True}):
+        with pytest.raises(ValueError, match="apply_cpus must be a non-empty set of CPU numbers"):
+            FollowOptions(apply_cpus=bad)
+
+
 def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
     trainer = Trainer(emb, tmp_path, num_shards=2)
     registry = CollectorRegistry()
@@ -707,6 +725,57 @@ def test_model_root_needs_infer_mode(config_files, tmp_path):
     )
     assert result.returncode == 2
     assert "--model-root needs infer mode" in result.stderr
+
+
+def thread_cpus(pid: int) -> dict[int, str]:
+    """Each thread of process ``pid``: its CPU list, as the kernel shows it."""
+    cpus = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus[int(task.name)] = line.split(":", 1)[1].strip()
+    return cpus
+
+
+def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, config_files, tmp_path):
+    root = tmp_path / "model"
+    trainer = Trainer(emb, root, num_shards=1)
+    trainer.step_and_publish()
+    usable = usable_cpus()
+    apply = frozenset({max(usable)})
+    serve = usable - apply or apply  # a one-CPU machine: both on it, named explicitly
+    flags = ["--apply-cpus", format_cpu_list(apply)] + ([] if usable - apply else ["--serve-cpus", format_cpu_list(serve)])
+    with ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "servers", mode="infer",
+                           extra_args=follow_args(str(root)) + flags) as group, \
+            RemoteEmbeddingClient(emb, group.addresses) as client:
+        pid = group.servers[0].process.pid
+        placed = wait_until(lambda: (c := thread_cpus(pid)) and list(c.values()).count(format_cpu_list(apply)) >= 1 and c,
+                            what="the applying thread on its CPUs")
+        assert placed[pid] == format_cpu_list(serve)  # the main thread, and with it what it started
+        assert set(placed.values()) <= {format_cpu_list(serve), format_cpu_list(apply)}
+        assert list(placed.values()).count(format_cpu_list(serve)) >= 3  # gRPC's threads too
+        trainer.step_and_publish()
+        wait_until(lambda: server_watermarks(client) == [trainer.seq], what="a packet applied on the apply CPUs")
+        assert_remote_serves_trainer_state(emb, trainer, client)
+    assert f"applied on CPUs {format_cpu_list(apply)}" in group.servers[0].log_path.read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--apply-cpus", "0"], "--apply-cpus needs --model-root"),
+    (["--model-root", "{root}", "--apply-cpus", "{all}"], "leaves no CPU to serve on"),
+    (["--model-root", "{root}", "--apply-cpus", "{none}"], "is not available to this process"),
+    (["--serve-cpus", "{none}"], "is not available to this process"),
+    (["--model-root", "{root}", "--apply-cpus", "3-1"], "argument --apply-cpus: CPU list '3-1'"),
+])
+def test_cpu_placement_flags_that_cannot_hold_are_refused(config_files, tmp_path, flags, message):
+    fill = {"root": str(tmp_path), "all": format_cpu_list(usable_cpus()), "none": str(max(usable_cpus()) + 64)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ctrserve", "embedding-server", "--embedding-config", str(config_files[0]),
+         "--global-config", str(config_files[1]), "--mode", "infer"] + [f.format(**fill) for f in flags],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
 
 
 def test_server_follows_an_s3_model_root_on_ceph(emb, config_files, tmp_path, ceph_s3, monkeypatch):
