@@ -56,17 +56,21 @@ Parts (the S3 one runs first, see 2):
    bit for bit. Run twice: over gRPC (``lookup_*``, the client told ``local_lookups=False``, as a
    handler on another machine looks up) and through the server's local Unix socket
    (``local_lookup_*``, what a client on the server's machine uses by default).
+   The server runs with CPU placement (``--apply-cpus``, see ``--apply-cpus`` here; ``placement``
+   in the JSON): it applies packets on the last CPU and serves on the others. The gRPC client
+   stands in for a handler on another machine, so it runs on the serving CPUs only (on the
+   apply CPU it, not the server, would be slowed by the applies); the local-socket client, a
+   handler on the same machine, runs wherever the OS puts it.
 5. **Lookup p99 under heavy applies, in-process** (``store_lookup_p99_ratio``, reported): part 4
-   in one process, without gRPC: lookups straight on an infer-mode store (``store.lookup``)
-   while its ``ModelRootFollower`` applies the same kind of packets, set up as a server is
-   (kernels warmed up, start-up objects frozen out of the garbage collector). It separates the
-   store's own behaviour under applies from the gRPC path sharing 2 cores with the client.
-6. **Control: lookup p99 beside a CPU-bound neighbour** (``lookup_cpu_neighbour_p99_ratio``,
-   ``local_lookup_cpu_neighbour_p99_ratio``, reported): part 4's lookups, over gRPC and over the
-   local socket, in idle windows vs windows of the same length in which another process (nice
-   10) only spins: no packets, no memory traffic, no shared GIL. On 2 cores the gRPC path's p99
-   grew 1.5-2.5x beside such a process (four runs) while the local socket's did not, which says how much of
-   part 4's gRPC figure is any CPU-bound neighbour rather than the apply.
+   in one process, without gRPC and without CPU placement: lookups straight on an infer-mode
+   store (``store.lookup``) while its ``ModelRootFollower`` applies the same kind of packets, set
+   up as a server is (kernels warmed up, start-up objects frozen out of the garbage collector). It
+   separates the store's own behaviour under applies from the transports sharing 2 cores with
+   the client.
+6. **Part 4 without CPU placement** (``unplaced_lookup_p99_ratio``,
+   ``unplaced_local_lookup_p99_ratio``, reported): the server is restarted on the same model root
+   without ``--apply-cpus`` and part 4 runs again, clients unpinned: what placement buys. Skipped
+   when there is no placement (``--apply-cpus none``, or a single CPU).
 
 ``ratio`` = ``p99_s`` / 1.0 s: the local freshness p99 against its goal (not a same-run
 baseline: the goal is absolute; <= 1 meets it). Likewise ``s3_ratio`` = ``s3_p99_s`` / 3.0 s
@@ -130,6 +134,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--idle-s", type=float, help="seconds per idle window (default 2; quick 1)")
     p.add_argument("--lookup-keys", type=int, default=NUM_TABLES * 256,
                    help="keys per lookup in the latency loop (default 6,656 = 256 samples x 26 features)")
+    p.add_argument("--apply-cpus", default="auto", metavar="LIST|auto|none",
+                   help="the local server's --apply-cpus in parts 1 and 4 (auto, the default: the last CPU this process "
+                   "may use, when it may use two or more; none: no placement, and no part 6)")
     p.add_argument("--skip-s3", action="store_true", help="do not start Ceph; no S3 figures")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args()
@@ -453,33 +460,48 @@ def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: di
                     f"{prefix}heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
 
 
-def measure_lookup_beside_cpu_neighbour(args, serving, results: dict, pool: tuple[np.ndarray, np.ndarray], prefix: str,
-                                        where: str) -> None:
-    """Part 6: the lookups of part 4 in idle windows vs windows in which another process (nice
-    10) only spins on a CPU: no packets, no memory traffic, no shared GIL. Figures under
-    ``prefix`` + ``cpu_neighbour_``."""
-    import subprocess
+def cpu_placement(args) -> tuple[frozenset[int], frozenset[int]] | None:
+    """(serving CPUs, apply CPUs) of the local server, or None for no placement (``--apply-cpus
+    none``, or ``auto`` on a single CPU)."""
+    from embedding_server.cpus import parse_cpu_list, usable_cpus
 
-    batches = lookup_batches(args, np.random.default_rng(args.seed + 17), pool)
-    idle: list[float] = []
-    busy: list[float] = []
-    lookup = lambda ids, tabs: serving.lookup_rows(ids, tabs, DIM)  # noqa: E731
-    for r in range(args.rounds):
-        for neighbour in ((False, True) if r % 2 == 0 else (True, False)):
-            spinner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(10)\nwhile True: pass"]) if neighbour else None
-            try:
-                end = time.perf_counter() + args.idle_s
-                timed_lookups(lookup, batches, lambda: time.perf_counter() > end, busy if neighbour else idle)
-            finally:
-                if spinner is not None:
-                    spinner.kill()
-                    spinner.wait()
-    (i50, i99), (b50, b99) = percentiles(idle), percentiles(busy)
-    key = f"{prefix}cpu_neighbour_"
-    results.update({f"{key}idle_p99_ms": i99 * 1e3, f"{key}busy_p50_ms": b50 * 1e3, f"{key}busy_p99_ms": b99 * 1e3,
-                    f"{key}p99_ratio": b99 / i99})
-    print(f"  {where}: idle p50 {i50 * 1e3:.2f} ms p99 {i99 * 1e3:.2f} ms; beside a spinning process (nice 10): p50 "
-          f"{b50 * 1e3:.2f} ms p99 {b99 * 1e3:.2f} ms = {b99 / i99:.2f}x idle p99 (control for part 4)", flush=True)
+    usable = usable_cpus()
+    if args.apply_cpus == "none" or (args.apply_cpus == "auto" and len(usable) < 2):
+        return None
+    apply = frozenset({max(usable)}) if args.apply_cpus == "auto" else parse_cpu_list(args.apply_cpus)
+    if not apply < usable:
+        raise SystemExit(f"--apply-cpus {args.apply_cpus}: must leave this process at least one of its CPUs {sorted(usable)}")
+    return usable - apply, apply
+
+
+@contextlib.contextmanager
+def client_on(cpus: frozenset[int] | None):
+    """Run this process's threads (the client's) only on ``cpus`` meanwhile (None: where they are)."""
+    from embedding_server.cpus import pin_process, usable_cpus
+
+    before = usable_cpus()
+    if cpus is not None:
+        pin_process(cpus)
+    try:
+        yield
+    finally:
+        if cpus is not None:
+            pin_process(before)
+
+
+def measure_both_ways(args, emb, trainer: Trainer, group, near, results: dict, pool: tuple[np.ndarray, np.ndarray],
+                      placement: tuple[frozenset[int], frozenset[int]] | None, prefix: str) -> None:
+    """Part 4 over gRPC, then through the local socket (``near``: a client that uses it). The
+    gRPC client stands in for a handler on another machine, so with a placement it runs on the
+    serving CPUs only: on the apply CPUs it would be the one slowed by the applies, not the server."""
+    from embedding_server.remote import RemoteEmbeddingClient
+
+    with client_on(None if placement is None else placement[0]), \
+            RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc:
+        measure_lookup_under_apply(args, emb, trainer, over_grpc, results, pool, f"{prefix}lookup_", "server over gRPC")
+    print("  the same server through its local socket", flush=True)
+    measure_lookup_under_apply(args, emb, trainer, near, results, pool, f"{prefix}local_lookup_",
+                               "server over its local socket")
 
 
 def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> None:
@@ -521,6 +543,7 @@ def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> Non
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     from embedding_server.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.cpus import format_cpu_list
     from embedding_server.incremental import publish_checkpoint
     from embedding_server.remote import RemoteEmbeddingClient
 
@@ -545,7 +568,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     stack.callback(trainer.close)
     trainer.update(args.update_rows)
     publish_checkpoint(trainer.client, str(root))
-    local_server = (tmp / "servers-local", ["--model-root", str(root)])
+    placement = cpu_placement(args)
+    results["placement"] = None if placement is None else {"serve_cpus": format_cpu_list(placement[0]),
+                                                           "apply_cpus": format_cpu_list(placement[1])}
+    placed = [] if placement is None else ["--apply-cpus", format_cpu_list(placement[1])]
+    local_server = (tmp / "servers-local", ["--model-root", str(root)] + placed)
 
     # 2. S3 on Ceph, first: Ceph's one-shot tools are forked with a pre-exec hook, which can abort
     # in a process whose gRPC threads are already running; nothing here has used gRPC yet. Its
@@ -587,24 +614,21 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     measure_apply_rate(args, emb, tmp, results)
 
     # 4. lookups under heavy applies, on the local server ----------------------------------------
+    where = "" if placement is None else f" (server: --apply-cpus {results['placement']['apply_cpus']})"
     print(f"lookup latency: {args.rounds} rounds of an idle window ({args.idle_s:g} s) and a busy window "
-          f"({args.busy_packets} x {args.packet_rows:,}-row packets)", flush=True)
-    with RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc:
-        measure_lookup_under_apply(args, emb, trainer, over_grpc, results, (served_ids, served_tabs), "lookup_",
-                                   "server over gRPC")
-    print("lookup latency, the same server through its local socket", flush=True)
-    measure_lookup_under_apply(args, emb, trainer, serving, results, (served_ids, served_tabs), "local_lookup_",
-                               "server over its local socket")
+          f"({args.busy_packets} x {args.packet_rows:,}-row packets){where}", flush=True)
+    measure_both_ways(args, emb, trainer, group, serving, results, (served_ids, served_tabs), placement, "")
     print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
     measure_store_lookup_under_apply(args, emb, tmp, results)
-
-    # 6. control: the same lookups beside a process that only spins ------------------------------
-    print(f"lookup latency beside a CPU-bound neighbour: {args.rounds} rounds of two {args.idle_s:g} s windows", flush=True)
-    with RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc:
-        measure_lookup_beside_cpu_neighbour(args, over_grpc, results, (served_ids, served_tabs), "lookup_", "server over gRPC")
-    measure_lookup_beside_cpu_neighbour(args, serving, results, (served_ids, served_tabs), "local_lookup_",
-                                        "server over its local socket")
     group.stop()
+
+    # 6. part 4 on a server without CPU placement -------------------------------------------------
+    if placement is not None:
+        print("lookup latency, part 4 again on a server without CPU placement (restarted on the same model root)", flush=True)
+        unplaced = start_servers(stack, emb_path, infer_path, [(tmp / "servers-unplaced", ["--model-root", str(root)])], {})[0]
+        with RemoteEmbeddingClient(emb, unplaced.addresses) as near:
+            measure_both_ways(args, emb, trainer, unplaced, near, results, (served_ids, served_tabs), None, "unplaced_")
+        unplaced.stop()
     heavy_done = time.monotonic()
 
     results["ratio"] = results["p99_s"] / LOCAL_GOAL_S
