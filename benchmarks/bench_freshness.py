@@ -39,7 +39,9 @@ Parts (the S3 one runs first, see 2):
    rows it serves plus its largest packet, the room a packet is staged in while lookups go on. Done twice on the same store: into the empty store (new rows and overwrites, as at
    start-up: ``apply_rows_per_s``), then by a second follower into the store that now holds
    every row (overwrites only, as in steady following: ``apply_overwrite_rows_per_s``). Also
-   ``decode_packet`` alone on the same packets (``decode_rows_per_s``).
+   ``decode_packet`` alone on the same packets (``decode_rows_per_s``), and the rate at which the
+   machine commits fresh memory (``fresh_memory_commit_gb_per_s``, 256 MB with huge pages asked
+   for, as a growing store commits its rows): the rate into an empty store depends on it.
 4. **Lookup p99 under heavy applies** (``lookup_p99_ratio``, goal <= 1.5): back on the local
    server of part 1, a client looks up ``--lookup-keys`` existing rows in a loop. Rounds of an
    idle window (``--idle-s`` seconds, no packets) and a busy window (``--busy-packets`` pre-encoded
@@ -62,9 +64,10 @@ Parts (the S3 one runs first, see 2):
    apply CPU it, not the server, would be slowed by the applies); the local-socket client, a
    handler on the same machine, runs wherever the OS puts it.
 5. **Lookup p99 under heavy applies, in-process** (``store_lookup_p99_ratio``, reported): part 4
-   in one process, without gRPC and without CPU placement: lookups straight on an infer-mode
-   store (``store.lookup``) while its ``ModelRootFollower`` applies the same kind of packets, set
-   up as a server is (kernels warmed up, start-up objects frozen out of the garbage collector). It
+   in one process, without gRPC: lookups straight on an infer-mode store (``store.lookup``) on
+   the serving CPUs while its ``ModelRootFollower`` applies the same kind of packets on the apply
+   CPU, set up as a server is (kernels warmed up, start-up objects frozen out of the garbage
+   collector). It
    separates the store's own behaviour under applies from the transports sharing 2 cores with
    the client.
 6. **Part 4 without CPU placement** (``unplaced_lookup_p99_ratio``,
@@ -327,16 +330,34 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
         decode_packet(data, emb)
         decode_s += time.perf_counter() - a
     mb = sum(len(b) for b in blobs) / 1e6
+    commit_gbps = fresh_memory_commit_gbps()
     rate, over = total / empty_s, total / full_s
     results.update({"apply_rows_per_s": rate, "apply_overwrite_rows_per_s": over,
                     "apply_ratio": min(rate, over) / APPLY_GOAL_ROWS_PER_S, "apply_rows": total,
                     "apply_distinct_rows": held, "apply_packet_rows": args.packet_rows, "apply_mb": mb,
-                    "decode_rows_per_s": total / decode_s})
+                    "decode_rows_per_s": total / decode_s, "fresh_memory_commit_gb_per_s": commit_gbps})
     met = min(rate, over) >= APPLY_GOAL_ROWS_PER_S
     print(f"  apply rate (follower replay of {args.apply_packets} x {args.packet_rows:,}-row packets, {mb:.0f} MB, "
           f"{held:,} distinct rows, from local disk): {rate / 1e6:.2f} M rows/s into an empty store, {over / 1e6:.2f} M "
           f"rows/s overwriting (goal >= 5 M: {'met' if met else 'NOT met'}); decode_packet alone "
-          f"{total / decode_s / 1e6:.2f} M rows/s", flush=True)
+          f"{total / decode_s / 1e6:.2f} M rows/s; this machine commits fresh memory (huge pages) at "
+          f"{commit_gbps:.2f} GB/s", flush=True)
+
+
+def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
+    """GB/s at which this machine commits fresh anonymous memory with huge pages asked for, as
+    a growing store does (``memory.populate``): the apply rate into an empty store depends on it
+    (on this development VM it ranged from 0.3 to over 3 GB/s between runs)."""
+    from embedding_server.memory import fresh_buffer, populate
+
+    buffer = fresh_buffer(nbytes)
+    array = np.frombuffer(buffer, np.uint8)
+    t0 = time.perf_counter()
+    populate(array, 0, nbytes)
+    elapsed = time.perf_counter() - t0
+    del array
+    buffer.close()
+    return nbytes / elapsed / 1e9
 
 
 def lookup_batches(args, rng: np.random.Generator, pool: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -504,14 +525,20 @@ def measure_both_ways(args, emb, trainer: Trainer, group, near, results: dict, p
                                "server over its local socket")
 
 
-def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> None:
+def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict,
+                                     placement: tuple[frozenset[int], frozenset[int]] | None) -> None:
     """Part 5: part 4 in one process, without gRPC: lookups straight on an infer-mode store while
     its ModelRootFollower applies the same kind of packets (as a server does: kernels warmed up,
-    start-up objects frozen out of the garbage collector)."""
+    start-up objects frozen out of the garbage collector, the same CPU placement)."""
+    with client_on(None if placement is None else placement[0]):
+        store_lookups_under_apply(args, emb, tmp, results, None if placement is None else placement[1])
+
+
+def store_lookups_under_apply(args, emb, tmp: Path, results: dict, apply_cpus: frozenset[int] | None) -> None:
     import gc
 
     from embedding_server.config import GlobalConfig
-    from embedding_server.hotload import ModelRootFollower
+    from embedding_server.hotload import FollowOptions, ModelRootFollower
     from embedding_server.packets import packet_dir, packet_name
     from embedding_server.storage import open_storage
     from embedding_server.store import EmbeddingStore
@@ -522,7 +549,7 @@ def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict) -> Non
     open_storage(str(root)).write_atomic(f"{packet_dir(0, 1)}/{packet_name(0)}", data)
     store = EmbeddingStore(emb, GlobalConfig.from_dict(infer_config_dict(args.heavy_vocab + args.packet_rows + 1024)))
     store.warm_up()
-    follower = ModelRootFollower(store, str(root)).start()
+    follower = ModelRootFollower(store, str(root), FollowOptions(apply_cpus=apply_cpus)).start()
     try:
         follower.wait_synced(120)
         gc.freeze()
@@ -619,7 +646,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
           f"({args.busy_packets} x {args.packet_rows:,}-row packets){where}", flush=True)
     measure_both_ways(args, emb, trainer, group, serving, results, (served_ids, served_tabs), placement, "")
     print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
-    measure_store_lookup_under_apply(args, emb, tmp, results)
+    measure_store_lookup_under_apply(args, emb, tmp, results, placement)
     group.stop()
 
     # 6. part 4 on a server without CPU placement -------------------------------------------------
