@@ -138,7 +138,10 @@ class FollowOptions:
         if not isinstance(self.apply_niceness, int) or isinstance(self.apply_niceness, bool) or not 0 <= self.apply_niceness <= 19:
             raise ValueError(f"apply_niceness must be an integer in 0..19, got {self.apply_niceness!r}")
         if self.apply_cpus is not None:
-            cpus = frozenset(self.apply_cpus)
+            try:
+                cpus = frozenset(self.apply_cpus)
+            except TypeError:  # not a collection (e.g. one CPU number given bare)
+                cpus = frozenset()
             if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
                 raise ValueError(f"apply_cpus must be a non-empty set of CPU numbers, got {self.apply_cpus!r}")
             object.__setattr__(self, "apply_cpus", cpus)

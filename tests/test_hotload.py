@@ -521,7 +521,7 @@ def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_pr
     assert usable_cpus() == process_cpus
     trainer.step_and_publish()  # still applied, in order, from the placed thread
     wait_until(lambda: watermarks(follower) == trainer.seq, what="the next packet")
-    for bad in (set(), {-1}, {True}):
+    for bad in (set(), {-1}, {True}, 3):
         with pytest.raises(ValueError, match="apply_cpus must be a non-empty set of CPU numbers"):
             FollowOptions(apply_cpus=bad)
 
