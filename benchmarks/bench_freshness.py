@@ -70,9 +70,8 @@ Parts (the S3 one runs first, see 2):
    in one process, without gRPC: lookups straight on an infer-mode store (``store.lookup``) on
    the serving CPUs while its ``ModelRootFollower`` applies the same kind of packets on the apply
    CPU, set up as a server is (kernels warmed up, start-up objects frozen out of the garbage
-   collector). It
-   separates the store's own behaviour under applies from the transports sharing 2 cores with
-   the client.
+   collector). It separates the store's own behaviour under applies from the transports sharing
+   2 cores with the client.
 6. **Part 4 without CPU placement** (``unplaced_lookup_p99_ratio``,
    ``unplaced_local_lookup_p99_ratio``, reported): the server is restarted on the same model root
    without ``--apply-cpus`` and part 4 runs again, clients unpinned: what placement buys. Skipped
@@ -358,7 +357,8 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
 def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
     """GB/s at which this machine commits fresh anonymous memory with huge pages asked for, as
     a growing store does (``memory.populate``): the apply rate into an empty store depends on it
-    (on this development VM it ranged from 0.3 to over 3 GB/s between runs)."""
+    (on this development VM: 0.36-0.45 GB/s in five full runs, 7.5 GB/s in one where the memory
+    had just been freed)."""
     from embedding_server.memory import fresh_buffer, populate
 
     buffer = fresh_buffer(nbytes)
@@ -369,23 +369,6 @@ def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
     del array
     buffer.close()
     return nbytes / elapsed / 1e9
-
-
-def lookup_batches(args, rng: np.random.Generator, pool: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """64 lookups of ``--lookup-keys`` distinct (id, table) keys drawn from ``pool``."""
-    n = min(args.lookup_keys, pool[0].shape[0])
-    return [tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))]
-
-
-def timed_lookups(lookup, batches: list, done, out: list[float]) -> None:
-    """``lookup(ids, tables)`` of the batches in turn until ``done()``; each latency (s) into ``out``."""
-    k = 0
-    while not done():
-        ids, tabs = batches[k % len(batches)]
-        k += 1
-        t = time.perf_counter()
-        lookup(ids, tabs)
-        out.append(time.perf_counter() - t)
 
 
 def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folder: Path, staging: Path, first_seq: int,
@@ -399,12 +382,18 @@ def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folde
     from embedding_server.storage import open_storage
 
     stage = open_storage(str(staging))
-    batches = lookup_batches(args, rng, pool)
-    n = batches[0][0].shape[0]
+    n = min(args.lookup_keys, pool[0].shape[0])
+    batches = [tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))]
     idle, busy, rates = [], [], []
 
     def lookups_until(done: threading.Event, out: list[float]) -> None:
-        timed_lookups(lookup, batches, done.is_set, out)
+        k = 0
+        while not done.is_set():
+            ids, tabs = batches[k % len(batches)]
+            k += 1
+            t = time.perf_counter()
+            lookup(ids, tabs)
+            out.append(time.perf_counter() - t)
 
     def window(out: list[float], blobs: list[tuple[int, bytes]]) -> None:
         """Lookups while the watermark is polled: for ``--idle-s`` (no blobs), or until it
@@ -500,7 +489,10 @@ def cpu_placement(args) -> tuple[frozenset[int], frozenset[int]] | None:
     usable = usable_cpus()
     if args.apply_cpus == "none" or (args.apply_cpus == "auto" and len(usable) < 2):
         return None
-    apply = frozenset({max(usable)}) if args.apply_cpus == "auto" else parse_cpu_list(args.apply_cpus)
+    try:
+        apply = frozenset({max(usable)}) if args.apply_cpus == "auto" else parse_cpu_list(args.apply_cpus)
+    except ValueError as exc:
+        raise SystemExit(f"--apply-cpus: {exc}") from None
     if not apply < usable:
         raise SystemExit(f"--apply-cpus {args.apply_cpus}: must leave this process at least one of its CPUs {sorted(usable)}")
     return usable - apply, apply
@@ -536,16 +528,11 @@ def measure_both_ways(args, emb, trainer: Trainer, group, near, results: dict, p
                                "server over its local socket")
 
 
-def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict,
-                                     placement: tuple[frozenset[int], frozenset[int]] | None) -> None:
+def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict, apply_cpus: frozenset[int] | None) -> None:
     """Part 5: part 4 in one process, without gRPC: lookups straight on an infer-mode store while
     its ModelRootFollower applies the same kind of packets (as a server does: kernels warmed up,
-    start-up objects frozen out of the garbage collector, the same CPU placement)."""
-    with client_on(None if placement is None else placement[0]):
-        store_lookups_under_apply(args, emb, tmp, results, None if placement is None else placement[1])
-
-
-def store_lookups_under_apply(args, emb, tmp: Path, results: dict, apply_cpus: frozenset[int] | None) -> None:
+    start-up objects frozen out of the garbage collector, the follower on ``apply_cpus``; the
+    caller places the lookups)."""
     import gc
 
     from embedding_server.config import GlobalConfig
@@ -657,7 +644,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
           f"({args.busy_packets} x {args.packet_rows:,}-row packets){where}", flush=True)
     measure_both_ways(args, emb, trainer, group, serving, results, (served_ids, served_tabs), placement, "")
     print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
-    measure_store_lookup_under_apply(args, emb, tmp, results, placement)
+    with client_on(None if placement is None else placement[0]):
+        measure_store_lookup_under_apply(args, emb, tmp, results, None if placement is None else placement[1])
     group.stop()
 
     # 6. part 4 on a server without CPU placement -------------------------------------------------

@@ -749,8 +749,11 @@ def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, 
                            extra_args=follow_args(str(root)) + flags) as group, \
             RemoteEmbeddingClient(emb, group.addresses) as client:
         pid = group.servers[0].process.pid
-        placed = wait_until(lambda: (c := thread_cpus(pid)) and list(c.values()).count(format_cpu_list(apply)) >= 1 and c,
-                            what="the applying thread on its CPUs")
+        def placed_once_ready() -> dict[int, str] | None:
+            cpus = thread_cpus(pid)
+            return cpus if format_cpu_list(apply) in cpus.values() else None
+
+        placed = wait_until(placed_once_ready, what="the applying thread on its CPUs")
         assert placed[pid] == format_cpu_list(serve)  # the main thread, and with it what it started
         assert set(placed.values()) <= {format_cpu_list(serve), format_cpu_list(apply)}
         assert list(placed.values()).count(format_cpu_list(serve)) >= 3  # gRPC's threads too
