@@ -242,6 +242,7 @@ class ModelRootFollower:
         self._synced = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._huge_pages: threading.Thread | None = None  # see _move_to_huge_pages
         self._readahead: ThreadPoolExecutor | None = None  # reads the next packet during the initial replay
         self._observer = None
         labels = dict(labels or {})
@@ -281,12 +282,25 @@ class ModelRootFollower:
             raise self._error
         return done
 
+    def wait_huge_pages(self, timeout: float | None = None) -> bool:
+        """Block until the rows loaded at start-up are on huge pages (see
+        :meth:`EmbeddingStore.defer_huge_pages`), which happens in the background once synced;
+        False when ``timeout`` passed first or the follower stopped before."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._synced.wait(timeout):
+            return False
+        thread = self._huge_pages
+        if thread is not None:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self.store.huge_pages_pending
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop following (an apply in progress finishes first)."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._huge_pages):
+            if thread is not None:
+                thread.join(timeout)
         self._stop_observer()
 
     def __enter__(self) -> "ModelRootFollower":
@@ -307,9 +321,12 @@ class ModelRootFollower:
             self._error = exc
             self._synced.set()
             return
-        self._synced.set()
         self._lower_priority()
         self._place(widen=False)
+        if self.store.huge_pages_pending:  # started before _synced is set: wait_huge_pages() sees it
+            self._huge_pages = threading.Thread(target=self._move_to_huge_pages, name="huge-pages", daemon=True)
+            self._huge_pages.start()  # on this thread's CPUs and priority, which it inherits
+        self._synced.set()
         while not self._stopping.is_set():
             self._wake.wait(self._wait_seconds())
             self._wake.clear()
@@ -318,7 +335,9 @@ class ModelRootFollower:
             self._pass_safely()
 
     def _initial_sync(self) -> None:
-        # Nothing is served yet: read the next packet, and commit its rows' memory, beside the apply.
+        # Nothing is served yet: read the next packet, and commit its rows' memory, beside the
+        # apply; commit on 4 KiB pages, several times faster, and move to huge pages once serving.
+        self.store.defer_huge_pages()
         self.store.commit_ahead = True
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="packet-readahead") as self._readahead:
@@ -370,6 +389,17 @@ class ModelRootFollower:
         else:
             if not widen:
                 log.info("packets of model root %s are applied on CPUs %s", self.storage.url, format_cpu_list(cpus))
+
+    def _move_to_huge_pages(self) -> None:
+        """(Its own thread, once synced.) See :meth:`EmbeddingStore.adopt_huge_pages`."""
+        t0 = time.monotonic()
+        try:
+            done = self.store.adopt_huge_pages(self._stopping.is_set)
+        except Exception:  # lookups run as well on 4 KiB pages, only a little slower
+            log.exception("moving the rows of model root %s onto huge pages failed", self.storage.url)
+            return
+        if done:
+            log.info("rows of model root %s moved onto huge pages in %.2f s", self.storage.url, time.monotonic() - t0)
 
     def _pass_safely(self) -> None:
         try:
@@ -722,7 +752,8 @@ class ModelRootFollower:
         """What is loaded and how fresh it is (the Stats RPC's ``hotload``).
 
         Returns:
-            ``model_root``, ``checkpoint`` (name or ""), ``synced``, ``streams`` (per training
+            ``model_root``, ``checkpoint`` (name or ""), ``synced``, ``huge_pages_pending``
+            (rows loaded at start-up are still being moved onto huge pages), ``streams`` (per training
             shard: ``shard``, ``num_shards``, ``watermark``, ``waiting_for`` (-1: no gap),
             ``gap_seconds``, ``gap_alarm``), ``packets_applied``, ``rows_applied``,
             ``packets_quarantined``, ``rows_evicted``, ``freshness_p50_s``, ``freshness_p99_s``
@@ -744,6 +775,7 @@ class ModelRootFollower:
                 "model_root": self.storage.url,
                 "checkpoint": self._checkpoint.name if self._checkpoint else "",
                 "synced": self.synced,
+                "huge_pages_pending": self.store.huge_pages_pending,
                 "streams": streams,
                 "packets_applied": c.packets_applied,
                 "rows_applied": c.rows_applied,

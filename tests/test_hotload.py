@@ -33,11 +33,13 @@ from embedding_server.cpus import format_cpu_list, usable_cpus
 from embedding_server.errors import InvalidRequestError
 from embedding_server.hotload import FollowOptions, HotloadError, ModelRootFollower
 from embedding_server.launcher import ServerGroup
+from embedding_server.memory import HUGE_PAGE
 from embedding_server.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
 from embedding_server.remote import RemoteEmbeddingClient
 from embedding_server.storage import Storage, open_storage
 from embedding_server.store import EmbeddingStore, TableRows
 from replica_support import wait_until
+from test_memory import huge_page_bytes, requires_collapse
 
 EMB = {"slots_config": {"user": {"dim": 8}, "item": {"dim": 8}, "query": {"dim": 4}}}
 TRAIN = {"embedding_parameter_server_config": {"capacity": 20_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
@@ -229,6 +231,34 @@ def test_committing_ahead_keeps_values_and_commits_at_most_one_packet_beyond_wha
     store.commit_ahead = False
     store.put_many([TableRows(user, np.arange(5 * n, 6 * n, dtype=np.uint64), np.ones((n, 8), np.float32), np.zeros((n, 0), np.float32))])
     assert store._committing is None
+
+
+@requires_collapse
+def test_a_store_filled_on_small_pages_moves_its_rows_onto_huge_pages_intact(emb):
+    store = infer_stores(emb, capacity=400_000)[0]
+    assert store.defer_huge_pages() and store.huge_pages_pending
+    user = emb.tables["user"]
+    n = 200_000  # 6.4 MB of weights: three huge pages and more
+    ids = np.arange(n, dtype=np.uint64)
+    values = np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32)
+    store.put_many([TableRows(user, ids, values, np.zeros((n, 0), np.float32))])
+    assert huge_page_bytes(store._weights) == 0
+    assert not store.defer_huge_pages()  # its pages are chosen once it holds rows
+    assert store.adopt_huge_pages()
+    assert not store.huge_pages_pending
+    assert huge_page_bytes(store._weights) >= n * 8 * 4 // HUGE_PAGE * HUGE_PAGE
+    assert store.lookup(ids, np.full(n, user.index, np.uint16)).tobytes() == values.tobytes()
+    more = np.arange(n, 2 * n, dtype=np.uint64)  # rows committed after the move: on huge pages from the start
+    store.put_many([TableRows(user, more, values, np.zeros((n, 0), np.float32))])
+    assert store.lookup(more, np.full(n, user.index, np.uint16)).tobytes() == values.tobytes()
+
+
+def test_a_store_that_holds_rows_keeps_its_pages_and_has_nothing_to_move(emb):
+    store = infer_stores(emb)[0]
+    user = emb.tables["user"]
+    store.put_many([TableRows(user, np.arange(3, dtype=np.uint64), np.ones((3, 8), np.float32), np.zeros((3, 0), np.float32))])
+    assert not store.defer_huge_pages()
+    assert not store.huge_pages_pending and store.adopt_huge_pages()
 
 
 def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
@@ -524,6 +554,29 @@ def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_pr
     for bad in (set(), {-1}, {True}, 3):
         with pytest.raises(ValueError, match="apply_cpus must be a non-empty set of CPU numbers"):
             FollowOptions(apply_cpus=bad)
+
+
+@requires_collapse
+def test_the_start_up_replay_commits_small_pages_and_serving_moves_them_onto_huge_pages(emb, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    for _ in range(3):
+        trainer.step_and_publish(rows=2000)
+    store = infer_stores(emb, capacity=200_000)[0]
+    follower = ModelRootFollower(store, str(tmp_path), FAST)
+    assert not follower.wait_huge_pages(0.01)  # not started: nothing synced yet
+    follower.start()
+    try:
+        assert follower.wait_synced(30) and follower.wait_huge_pages(30)
+        assert not follower.stats()["huge_pages_pending"]
+        assert huge_page_bytes(store._weights) >= HUGE_PAGE  # 64k committed rows of dim 8: 2 MiB
+        assert f"rows of model root {follower.storage.url} moved onto huge pages in" in caplog.text
+        assert_serves_trainer_state(emb, trainer, [store])
+        trainer.step_and_publish(rows=2000)  # following goes on
+        wait_until(lambda: watermarks(follower) == trainer.seq, what="the next packet")
+        assert_serves_trainer_state(emb, trainer, [store])
+    finally:
+        follower.stop()
 
 
 def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
