@@ -844,6 +844,10 @@ class _FollowerCollector:
         synced = GaugeMetricFamily("ctrserve_embedding_hotload_synced", "initial checkpoint load and replay done", labels=names)
         synced.add_metric(values, 1.0 if stats["synced"] else 0.0)
         yield synced
+        pending = GaugeMetricFamily("ctrserve_embedding_huge_pages_pending",
+                                    "1 while rows loaded at start-up are being moved onto huge pages", labels=names)
+        pending.add_metric(values, 1.0 if stats["huge_pages_pending"] else 0.0)
+        yield pending
         stream_labels = names + ["training_shard", "training_shards"]
         watermark = GaugeMetricFamily("ctrserve_embedding_watermark", "last packet seq applied per training shard",
                                       labels=stream_labels)

@@ -599,6 +599,8 @@ def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
     assert 'ctrserve_embedding_watermark{shard="0",training_shard="1",training_shards="2"} 3.0' in text
     assert 'ctrserve_embedding_packets_applied_total{shard="0"} 8.0' in text
     assert 'ctrserve_embedding_hotload_synced{shard="0"} 1.0' in text
+    assert follower.wait_huge_pages(30)
+    assert 'ctrserve_embedding_huge_pages_pending{shard="0"} 0.0' in generate_latest(registry).decode()
 
 
 def test_newer_checkpoint_catches_up_a_shard_whose_packets_are_gone(emb, tmp_path, followers):
