@@ -41,10 +41,13 @@ Parts (the S3 one runs first, see 2):
    every row (overwrites only, as in steady following: ``apply_overwrite_rows_per_s``). Also
    ``decode_packet`` alone on the same packets (``decode_rows_per_s``), and the rate at which the
    machine commits fresh memory (``fresh_memory_commit_gb_per_s``, 256 MB with huge pages asked
-   for, as a growing store commits its rows): the rate into an empty store depends on it. Last,
+   for, taken after the replays: mostly memory they gave back), reported. Last,
    the replay into another new store, made after the first is freed, so its memory is what the
    first gave back (``apply_reused_memory_rows_per_s``, reported): the same work without the cost
-   of committing memory the machine has not touched lately.
+   of committing memory the machine has not touched lately. As in a server, the replay commits
+   on 4 KiB pages and, once synced, the follower moves the rows onto huge pages in the
+   background; each replay waits for that before the next (``apply_huge_pages_s``: how long the
+   first took, reported).
 4. **Lookup p99 under heavy applies** (``lookup_p99_ratio``, goal <= 1.5): back on the local
    server of part 1, a client looks up ``--lookup-keys`` existing rows in a loop. Rounds of an
    idle window (``--idle-s`` seconds, no packets) and a busy window (``--busy-packets`` pre-encoded
@@ -363,9 +366,10 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
 
 def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
     """GB/s at which this machine commits fresh anonymous memory with huge pages asked for, as
-    a growing store does (``memory.populate``): the apply rate into an empty store depends on it
-    (on this development VM: 0.36-0.45 GB/s in five full runs, 7.5 GB/s in one where the memory
-    had just been freed)."""
+    a growing store once did (``memory.populate``; a start-up replay now commits on 4 KiB pages).
+    Taken after part 3's replays freed their stores, so it is mostly memory given back moments
+    before: 0.36-0.45 GB/s in five full runs of the second session on 2026-12-03 (7.5 in one),
+    9.5-11.6 GB/s in every run of the third (see benchmarks/README)."""
     from embedding_server.memory import fresh_buffer, populate
 
     buffer = fresh_buffer(nbytes)
