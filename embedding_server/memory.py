@@ -87,14 +87,15 @@ def collapse(array: np.ndarray, start: int, end: int, chunk_bytes: int = 16 << 2
     use_huge_pages(array, True)
     base = array.ctypes.data
     row_bytes = array.strides[0]
-    # The huge pages the rows touch, clipped to the buffer (the kernel collapses the whole huge
-    # pages inside the range it is given).
-    begin = max(base, (base + start * row_bytes) // HUGE_PAGE * HUGE_PAGE)
+    # The huge pages the rows touch, in chunks that start on huge-page boundaries (the kernel
+    # collapses only the whole huge pages inside the range it is given), clipped to the buffer.
+    first = (base + start * row_bytes) // HUGE_PAGE * HUGE_PAGE
     stop = min(base + _buffer_bytes(array.nbytes), -(-(base + min(end, array.shape[0]) * row_bytes) // HUGE_PAGE) * HUGE_PAGE)
-    for address in range(begin, stop, chunk_bytes):
+    for address in range(first, stop, chunk_bytes):
         if stopped():
             return False
-        if _madvise(address, min(chunk_bytes, stop - address), _MADV_COLLAPSE) != 0:
+        low = max(address, base)
+        if _madvise(low, min(address + chunk_bytes, stop) - low, _MADV_COLLAPSE) != 0:
             errno = ctypes.get_errno()
             if errno in (EINVAL, ENOSYS):  # no MADV_COLLAPSE here
                 return True
