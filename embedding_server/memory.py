@@ -76,15 +76,18 @@ def collapse(array: np.ndarray, start: int, end: int, chunk_bytes: int = 16 << 2
     pages) onto huge pages now, ``chunk_bytes`` per call, checking ``stopped`` between calls.
     Safe while other threads use the array (the kernel copies each 2 MiB under its page-table
     lock; a thread touching that 2 MiB meanwhile waits for the copy); the GIL is released
-    during each call. Turns huge pages on for the array first (:func:`use_huge_pages`).
+    during each call. Turns huge pages on for the array first (:func:`use_huge_pages`), also
+    when the range is empty.
 
     Returns:
         False when ``stopped`` ended it early; True otherwise, also where the kernel cannot
         collapse on request (before Linux 6.1): there khugepaged does it in its own time.
     """
-    if end <= start or array.nbytes < HUGE_PAGE or _madvise is None:
+    if array.nbytes < HUGE_PAGE or _madvise is None:
         return True
     use_huge_pages(array, True)
+    if end <= start:
+        return True
     base = array.ctypes.data
     row_bytes = array.strides[0]
     # The huge pages the rows touch, in chunks that start on huge-page boundaries (the kernel

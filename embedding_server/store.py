@@ -530,7 +530,7 @@ class EmbeddingStore:
         end = min(self.capacity, max(end, self._committed_rows + _COMMIT_CHUNK_ROWS))
         if self._committed_rows == 0:
             populate(self._slots, 0, self._slots.shape[0])
-        for array in (self._weights, self._row_slot, self._row_tick, self._next_row):
+        for array in self._row_arrays():
             populate(array, self._committed_rows, end)
         self._committed_rows = end
 
@@ -549,7 +549,7 @@ class EmbeddingStore:
         """
         if self._committed_rows or len(self):
             return False
-        for array in self._row_arrays():
+        for array in (self._slots, *self._row_arrays()):
             use_huge_pages(array, False)
         self._huge_pages_deferred = True
         return True
@@ -573,16 +573,17 @@ class EmbeddingStore:
         if not self._huge_pages_deferred:
             return True
         committed = self._committed_rows  # the writer only grows it; rows past it commit on huge pages
-        for array in self._row_arrays():
-            rows = (array.shape[0] if committed else 0) if array is self._slots else committed
-            if not collapse(array, 0, rows, stopped=stopped):
+        # The index is committed whole with the first rows (see _commit_now).
+        ranges = [(self._slots, self._slots.shape[0] if committed else 0)] + [(a, committed) for a in self._row_arrays()]
+        for array, rows in ranges:
+            if not collapse(array, 0, rows, stopped=stopped):  # huge pages on even where nothing is committed yet
                 return False
         self._huge_pages_deferred = False
         return True
 
     def _row_arrays(self) -> tuple[np.ndarray, ...]:
-        """The arrays a growing infer-mode store commits (see ``_commit_now``)."""
-        return self._slots, self._weights, self._row_slot, self._row_tick, self._next_row
+        """The per-row arrays a growing infer-mode store commits ahead of its rows (``_commit_now``)."""
+        return self._weights, self._row_slot, self._row_tick, self._next_row
 
     def _fold_arrays(self, n: int) -> tuple[np.ndarray, ...]:
         """Scratch arrays of a staged apply of ``n`` rows, kept for the next one (fresh 16 MB

@@ -253,6 +253,18 @@ def test_a_store_filled_on_small_pages_moves_its_rows_onto_huge_pages_intact(emb
     assert store.lookup(more, np.full(n, user.index, np.uint16)).tobytes() == values.tobytes()
 
 
+@requires_collapse
+def test_a_store_deferred_while_empty_commits_its_first_rows_on_huge_pages_once_adopted(emb):
+    store = infer_stores(emb, capacity=400_000)[0]  # e.g. a follower on a model root with nothing published yet
+    assert store.defer_huge_pages()
+    assert store.adopt_huge_pages() and not store.huge_pages_pending
+    user = emb.tables["user"]
+    n = 200_000
+    values = np.ones((n, 8), np.float32)
+    store.put_many([TableRows(user, np.arange(n, dtype=np.uint64), values, np.zeros((n, 0), np.float32))])
+    assert huge_page_bytes(store._weights) >= n * 8 * 4 // HUGE_PAGE * HUGE_PAGE
+
+
 def test_a_store_that_holds_rows_keeps_its_pages_and_has_nothing_to_move(emb):
     store = infer_stores(emb)[0]
     user = emb.tables["user"]
