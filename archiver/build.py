@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from embedding_server.errors import ConfigError
-from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
 from handler.serving_config import SERVING_FILE, ServingConfig
 
 DEFAULT_NAME = "deepctr"

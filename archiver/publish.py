@@ -1,6 +1,6 @@
 """Roll exported dense versions into TorchServe without failing a request.
 
-:class:`Publisher` watches a model root (any URL :func:`embedding_server.storage.open_storage`
+:class:`Publisher` watches a model root (any URL :func:`embedding_server.storage.urls.open_storage`
 reads) for complete dense versions (``dense/vN/model.json`` is written last, so its presence
 marks a version complete). For the newest version not yet registered it:
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from archiver.build import DEFAULT_NAME, archive_model
 from archiver.management import ManagementClient, ManagementError
-from embedding_server.errors import ConfigError
-from embedding_server.model_spec import DENSE_DIR, MODEL_FILE, SPEC_FILE, parse_version_dir, version_dir
-from embedding_server.storage import open_storage
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.model_spec import DENSE_DIR, MODEL_FILE, SPEC_FILE, parse_version_dir, version_dir
+from embedding_server.storage.urls import open_storage
 
 log = logging.getLogger("ctrserve.publish")
 

@@ -20,7 +20,7 @@ Parts (the S3 one runs first, see 2):
    Stats RPC (``server_freshness_p50_s``/``_p99_s``: packet creation time, stamped during
    ``flush()``, to the end of its apply; warm-up packets included).
 2. **Freshness, S3** (``s3_p50_s``, ``s3_p99_s``): the same against ``s3://`` on a real
-   single-node Ceph started by this script (``deploy/ceph/cluster.py``, memstore OSD, RADOS
+   single-node Ceph started by this script (:mod:`ctrserve.ceph_cluster`, memstore OSD, RADOS
    Gateway on loopback) and stopped at the end. The server lists the root every
    ``--s3-poll-interval`` s (the server's default, 1 s). Each flush first waits a random 0 to
    poll-interval seconds, so flushes land at random points of the server's listing cycle (a
@@ -202,7 +202,7 @@ class Trainer:
     """The in-process training side: update rows, read their new values, flush a packet."""
 
     def __init__(self, emb, glob, vocab: int, rng: np.random.Generator):
-        from embedding_server.client import InProcessEmbeddingClient
+        from embedding_server.rpc.client import InProcessEmbeddingClient
 
         self.client = InProcessEmbeddingClient(emb, glob, num_shards=1)
         self.publisher = self.client.publishers[0]
@@ -268,8 +268,8 @@ def report_freshness(results: dict, prefix: str, fresh: list[float], flush: list
 
 def heavy_packet(emb, rng: np.random.Generator, rows: int, vocab: int, seq: int) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
     """An encoded packet of ``rows`` distinct random rows (shard 0 of 1); also its keys and values."""
-    from embedding_server.packets import encode_packet
-    from embedding_server.store import TableRows
+    from embedding_server.modelroot.packets import encode_packet
+    from embedding_server.store.store import TableRows
 
     keys = np.sort(rng.permutation(vocab)[:rows])
     tabs = (keys % NUM_TABLES).astype(np.uint16)
@@ -291,11 +291,11 @@ def heavy_packet(emb, rng: np.random.Generator, rows: int, vocab: int, seq: int)
 
 
 def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
-    from embedding_server.config import GlobalConfig
-    from embedding_server.hotload import FollowOptions, ModelRootFollower
-    from embedding_server.packets import decode_packet, packet_dir, packet_name
-    from embedding_server.storage import open_storage
-    from embedding_server.store import EmbeddingStore
+    from embedding_server.core.config import GlobalConfig
+    from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
+    from embedding_server.modelroot.packets import decode_packet, packet_dir, packet_name
+    from embedding_server.storage.urls import open_storage
+    from embedding_server.store.store import EmbeddingStore
 
     rng = np.random.default_rng(args.seed + 7)
     root = tmp / "apply-root"
@@ -371,7 +371,7 @@ def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
     Taken after part 3's replays freed their stores, so it is mostly memory given back moments
     before: 0.36-0.45 GB/s in five full runs of the second session on 2026-12-03 (7.5 in one),
     9.5-11.6 GB/s in every run of the third (see benchmarks/README)."""
-    from embedding_server.memory import fresh_buffer, populate
+    from embedding_server.store.memory import fresh_buffer, populate
 
     buffer = fresh_buffer(nbytes)
     array = np.frombuffer(buffer, np.uint8)
@@ -390,8 +390,8 @@ def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folde
     kinds of window; a busy window's packets (seqs from ``first_seq``) are written to
     ``staging`` first and renamed into ``folder`` when it starts. Checks the last packet's rows
     bit for bit. Returns latencies (s), the apply rates seen and the next free seq."""
-    from embedding_server.packets import packet_name
-    from embedding_server.storage import open_storage
+    from embedding_server.modelroot.packets import packet_name
+    from embedding_server.storage.urls import open_storage
 
     stage = open_storage(str(staging))
     n = min(args.lookup_keys, pool[0].shape[0])
@@ -496,7 +496,7 @@ def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: di
 def cpu_placement(args) -> tuple[frozenset[int], frozenset[int]] | None:
     """(serving CPUs, apply CPUs) of the local server, or None for no placement (``--apply-cpus
     none``, or ``auto`` on a single CPU)."""
-    from embedding_server.cpus import parse_cpu_list, usable_cpus
+    from embedding_server.store.cpus import parse_cpu_list, usable_cpus
 
     usable = usable_cpus()
     if args.apply_cpus == "none" or (args.apply_cpus == "auto" and len(usable) < 2):
@@ -513,7 +513,7 @@ def cpu_placement(args) -> tuple[frozenset[int], frozenset[int]] | None:
 @contextlib.contextmanager
 def client_on(cpus: frozenset[int] | None):
     """Run this process's threads (the client's) only on ``cpus`` meanwhile (None: where they are)."""
-    from embedding_server.cpus import pin_process, usable_cpus
+    from embedding_server.store.cpus import pin_process, usable_cpus
 
     before = usable_cpus()
     if cpus is not None:
@@ -530,7 +530,7 @@ def measure_both_ways(args, emb, trainer: Trainer, group, near, results: dict, p
     """Part 4 over gRPC, then through the local socket (``near``: a client that uses it). The
     gRPC client stands in for a handler on another machine, so with a placement it runs on the
     serving CPUs only: on the apply CPUs it would be the one slowed by the applies, not the server."""
-    from embedding_server.remote import RemoteEmbeddingClient
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
 
     wait_huge_pages(near)
     with client_on(None if placement is None else placement[0]), \
@@ -558,11 +558,11 @@ def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict, apply_
     caller places the lookups)."""
     import gc
 
-    from embedding_server.config import GlobalConfig
-    from embedding_server.hotload import FollowOptions, ModelRootFollower
-    from embedding_server.packets import packet_dir, packet_name
-    from embedding_server.storage import open_storage
-    from embedding_server.store import EmbeddingStore
+    from embedding_server.core.config import GlobalConfig
+    from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
+    from embedding_server.modelroot.packets import packet_dir, packet_name
+    from embedding_server.storage.urls import open_storage
+    from embedding_server.store.store import EmbeddingStore
 
     rng = np.random.default_rng(args.seed + 13)
     root = tmp / "store-root"
@@ -592,10 +592,10 @@ def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict, apply_
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
-    from embedding_server.config import EmbeddingConfig, GlobalConfig
-    from embedding_server.cpus import format_cpu_list
-    from embedding_server.incremental import publish_checkpoint
-    from embedding_server.remote import RemoteEmbeddingClient
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.store.cpus import format_cpu_list
+    from embedding_server.modelroot.incremental import publish_checkpoint
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
 
     load = OtherLoad()
     began = time.monotonic()
@@ -628,9 +628,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     # in a process whose gRPC threads are already running; nothing here has used gRPC yet. Its
     # server and the local one start together (a server start is mostly imports: seconds).
     results["s3_poll_interval_s"] = args.s3_poll_interval
-    from ctrserve.demo import ceph_cluster_module
+    from ctrserve import ceph_cluster as ceph
 
-    ceph = ceph_cluster_module()
     missing = ceph.missing_binaries()
     if args.skip_s3 or missing:
         why = "--skip-s3 given" if args.skip_s3 else f"Ceph programs not installed: {', '.join(missing)}; {ceph.INSTALL_HINT}"
@@ -701,7 +700,7 @@ def start_servers(stack: contextlib.ExitStack, emb_path: Path, infer_path: Path,
     """Start one infer-mode server per (workdir, extra args), all at once; each is stopped by ``stack``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from embedding_server.launcher import ServerGroup
+    from embedding_server.rpc.launcher import ServerGroup
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(servers)) as pool:
@@ -732,8 +731,8 @@ def served_rows(trainer: Trainer) -> tuple[np.ndarray, np.ndarray]:
 def setup_s3(args, emb, tmp: Path, ceph, stack: contextlib.ExitStack, results: dict) -> tuple[Trainer, str]:
     """Start Ceph (stopped by ``stack``), point the environment at it, and make the S3 trainer
     with the checkpoint its server starts from; returns the trainer and the model root."""
-    from embedding_server.config import GlobalConfig
-    from embedding_server.incremental import publish_checkpoint
+    from embedding_server.core.config import GlobalConfig
+    from embedding_server.modelroot.incremental import publish_checkpoint
 
     print(f"freshness, S3 (real Ceph, RADOS Gateway on loopback): {args.s3_updates} flushes, server lists every "
           f"{args.s3_poll_interval:g} s", flush=True)
@@ -758,7 +757,7 @@ def setup_s3(args, emb, tmp: Path, ceph, stack: contextlib.ExitStack, results: d
 
 
 def measure_s3(args, emb, trainer: Trainer, group, results: dict) -> None:
-    from embedding_server.remote import RemoteEmbeddingClient
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
 
     with RemoteEmbeddingClient(emb, group.addresses) as serving:
         fresh, flush = freshness_run(trainer, serving, args.s3_updates, min(args.warmup, 1), args.update_rows,

@@ -71,10 +71,10 @@ def numpy_adagrad(weights, state, rows, grads, opt: Adagrad) -> None:
 def main() -> int:
     args = parse_args()
     sys.path.insert(0, str(ROOT))
-    from embedding_server import kernels
-    from embedding_server.config import EmbeddingConfig, GlobalConfig
-    from embedding_server.optimizers import Adagrad
-    from embedding_server.store import EmbeddingStore
+    from embedding_server.store import kernels
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.core.optimizers import Adagrad
+    from embedding_server.store.store import EmbeddingStore
 
     load = OtherLoad()
     rng = np.random.default_rng(args.seed)

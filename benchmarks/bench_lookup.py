@@ -16,7 +16,7 @@ Paths measured, each as the median time per batch after warm-up:
 * ``grpc``        :class:`RemoteEmbeddingClient` against 1 embedding server process, over gRPC
   (``local_lookups=False``);
 * ``local``       the same client and server with lookups over the server's local Unix socket
-  (the default on one machine, :mod:`embedding_server.local_lookup`);
+  (the default on one machine, :mod:`embedding_server.rpc.local_lookup`);
 * ``grpc_2shard`` and ``local_2shard``: the same two against 2 shard processes.
 
 The baseline runs interleaved with every path (one baseline batch, one path batch, ...), and each
@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     import yaml
 
-    from embedding_server.batch import SparseFeature
-    from embedding_server.client import InProcessEmbeddingClient
-    from embedding_server.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.core.batch import SparseFeature
+    from embedding_server.rpc.client import InProcessEmbeddingClient
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -188,8 +188,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # ---------------------------------------------------------------- over gRPC
     if not args.skip_grpc:
-        from embedding_server.launcher import ServerGroup
-        from embedding_server.remote import RemoteEmbeddingClient
+        from embedding_server.rpc.launcher import ServerGroup
+        from embedding_server.rpc.remote import RemoteEmbeddingClient
 
         with tempfile.TemporaryDirectory(prefix="bench_lookup_") as tmp:
             emb_path = Path(tmp) / "embedding_config.yml"

@@ -74,8 +74,8 @@ def child(n: int) -> int:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from embedding_server.config import EmbeddingConfig, GlobalConfig
-    from embedding_server.store import EmbeddingStore
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.store.store import EmbeddingStore
 
     emb = EmbeddingConfig.from_dict({"slots_config": {f"C{i}": {"dim": DIM} for i in range(1, NUM_FEATURES + 1)}})
 

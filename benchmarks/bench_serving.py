@@ -299,8 +299,8 @@ def breakdown(results: dict, args: argparse.Namespace, emb, addresses: list[str]
     the dense model, and postprocess (JSON), per batch size."""
     import torch
 
-    from embedding_server.model_spec import DenseModelSpec
-    from embedding_server.remote import RemoteEmbeddingClient
+    from embedding_server.core.model_spec import DenseModelSpec
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # ts import banners
         from handler.persia_handler import PersiaHandler
     from handler.request import merge_requests
@@ -371,10 +371,10 @@ def run(args: argparse.Namespace) -> dict:
 
     from archiver.build import archive_model
     from archiver.torchserve import TorchServeProcess
-    from embedding_server.batch import SparseFeature
-    from embedding_server.client import InProcessEmbeddingClient, RawEmbedding
-    from embedding_server.config import EmbeddingConfig, GlobalConfig
-    from embedding_server.launcher import ServerGroup
+    from embedding_server.core.batch import SparseFeature
+    from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.rpc.launcher import ServerGroup
     from handler.client import PredictionClient
     from trainer.data import to_batch
     from trainer.export import export_dense
@@ -537,7 +537,7 @@ def run(args: argparse.Namespace) -> dict:
         timing_s = time.perf_counter() - t_timing
         server_stats = None
         with contextlib.suppress(Exception):
-            from embedding_server.remote import RemoteEmbeddingClient
+            from embedding_server.rpc.remote import RemoteEmbeddingClient
 
             with RemoteEmbeddingClient(emb, group.addresses) as remote:
                 server_stats = remote.stats()[0]

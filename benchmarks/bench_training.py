@@ -34,9 +34,9 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from embedding_server.config import EmbeddingConfig  # noqa: E402
-from embedding_server.launcher import ServerGroup  # noqa: E402
-from embedding_server.optimizers import Adagrad  # noqa: E402
+from embedding_server.core.config import EmbeddingConfig  # noqa: E402
+from embedding_server.rpc.launcher import ServerGroup  # noqa: E402
+from embedding_server.core.optimizers import Adagrad  # noqa: E402
 from trainer.batch import PyPersiaBatchData  # noqa: E402
 from trainer.ctx import TrainCtx  # noqa: E402
 from trainer.data import to_batch  # noqa: E402

@@ -3,11 +3,11 @@
     python benchmarks/fuzz_long.py --inputs 100000 [--targets batch,packet,request] [--seed 7] [--jobs 2]
 
 Each target's inputs are split into chunks, each run by a child process
-(``tests/fuzz_targets.py``) under an address-space cap with per-input time and allocation
+(:mod:`ctrserve.fuzz`) under an address-space cap with per-input time and allocation
 bounds; a crash or hang of a child is a failure of its chunk, and the other chunks go on. Prints
 one JSON line per finished chunk, then a last line of JSON: per target the inputs tried,
 seconds, slowest input, largest traced peak and every failure (with the seed and index that
-reproduce it: ``python tests/fuzz_targets.py --target T --seed S --index I``). Exit status 1
+reproduce it: ``python -m ctrserve.fuzz --target T --seed S --index I``). Exit status 1
 when anything failed.
 """
 
@@ -20,9 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fuzz_targets import TARGETS, run_in_subprocess  # noqa: E402
+from ctrserve.fuzz import TARGETS, run_in_subprocess
 
 
 def chunks(total: int, size: int) -> list[tuple[int, int]]:

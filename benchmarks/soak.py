@@ -111,8 +111,8 @@ def rss_growth(start: dict[str, int], end: dict[str, int], bound_mb: float, boun
 
 def published_seqs(model_root: str) -> dict[int, int]:
     """``{training shard: last packet seq}`` under the model root (seqs are contiguous from 0)."""
-    from embedding_server.packets import INCREMENTAL_DIR, parse_packet_name, parse_shard_dir
-    from embedding_server.storage import open_storage
+    from embedding_server.modelroot.packets import INCREMENTAL_DIR, parse_packet_name, parse_shard_dir
+    from embedding_server.storage.urls import open_storage
 
     storage = open_storage(model_root)
     last = {}
@@ -126,9 +126,9 @@ def published_seqs(model_root: str) -> dict[int, int]:
 
 def checkpoint_watermark(model_root: str, name: str) -> dict[int, int]:
     """The watermark ``{training shard: seq}`` recorded by checkpoint ``name`` ({} for none)."""
-    from embedding_server import checkpoint
-    from embedding_server.packets import CHECKPOINTS_DIR
-    from embedding_server.storage import open_storage
+    from embedding_server.modelroot import checkpoint
+    from embedding_server.modelroot.packets import CHECKPOINTS_DIR
+    from embedding_server.storage.urls import open_storage
 
     if not name:
         return {}
@@ -177,8 +177,8 @@ class Soak(demo.Demo):
             super()._show(tick)
 
     def _watch(self, stream, probe, group, trainer) -> None:
-        from embedding_server.config import EmbeddingConfig
-        from embedding_server.remote import RemoteEmbeddingClient
+        from embedding_server.core.config import EmbeddingConfig
+        from embedding_server.rpc.remote import RemoteEmbeddingClient
 
         duration, warmup = self.options.duration, self.args.warmup
         with RemoteEmbeddingClient(EmbeddingConfig.load(self.files.embedding_config), group.addresses) as admin:

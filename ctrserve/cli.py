@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
+from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,13 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from archiver import cli as archiver_cli
     from embedding_server import cli as embedding_cli
-    from handler import cli as handler_cli
-    from ctrserve import demo, reference
+    from ctrserve import demo, predict, reference
     from trainer import job
 
     embedding_cli.add_parsers(sub)
     archiver_cli.add_parsers(sub)
-    handler_cli.add_parsers(sub)
+    predict.add_parsers(sub)
     job.add_parser(sub)
     demo.add_parser(sub)
     reference.add_parser(sub)

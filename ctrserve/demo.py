@@ -22,7 +22,7 @@ watermark and the training AUC. At the end: a summary table, ``report.json`` and
 prediction succeeded (and at least one was made).
 
 With ``--storage s3`` the model root is ``s3://ctrserve-demo/demo`` on a throw-away single-node
-Ceph cluster (``deploy/ceph/cluster.py``) that the demo starts and stops.
+Ceph cluster (:mod:`ctrserve.ceph_cluster`) that the demo starts and stops.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class DemoOptions:
         return options
 
     def validate(self) -> None:
-        from embedding_server.errors import ConfigError
+        from embedding_server.core.errors import ConfigError
 
         for name in ("shards", "clients", "request_rows", "batch_size", "export_every"):
             if getattr(self, name) < 1:
@@ -417,8 +417,8 @@ class FreshnessProbe:
 
     def __init__(self, model_root: str, embedding_config: Any, servers: list[str], rows_per_packet: int = 2,
                  timeout_s: float = 30.0, seed: int = 0):
-        from embedding_server.remote import RemoteEmbeddingClient
-        from embedding_server.storage import open_storage
+        from embedding_server.rpc.remote import RemoteEmbeddingClient
+        from embedding_server.storage.urls import open_storage
 
         self.storage = open_storage(model_root)
         self.config = embedding_config
@@ -469,14 +469,14 @@ class FreshnessProbe:
                 log.debug("freshness probe: %s", exc)
 
     def _shard_dirs(self) -> list[str]:
-        from embedding_server.packets import INCREMENTAL_DIR
+        from embedding_server.modelroot.packets import INCREMENTAL_DIR
 
         if not self.storage.exists(INCREMENTAL_DIR):
             return []
         return [f"{INCREMENTAL_DIR}/{name}" for name in self.storage.list_dir(INCREMENTAL_DIR) if name.startswith("shard-")]
 
     def _new_packets(self, folder: str) -> list[int]:
-        from embedding_server.packets import parse_packet_name
+        from embedding_server.modelroot.packets import parse_packet_name
 
         seqs = sorted(s for s in map(parse_packet_name, self.storage.list_dir(folder)) if s is not None)
         return [s for s in seqs if s > self._last_seq.get(folder, -1)]
@@ -489,7 +489,7 @@ class FreshnessProbe:
                 self._last_seq[folder] = seqs[-1]
 
     def _scan_packets(self) -> None:
-        from embedding_server.packets import decode_packet, packet_name
+        from embedding_server.modelroot.packets import decode_packet, packet_name
 
         for folder in self._shard_dirs():
             for seq in self._new_packets(folder):
@@ -779,7 +779,7 @@ class Demo:
         ts = torchserve()
         self._start_publisher(stack, ts, files)
         self._wait_first_version(ts, trainer)
-        from embedding_server.config import EmbeddingConfig
+        from embedding_server.core.config import EmbeddingConfig
 
         emb = EmbeddingConfig.load(files.embedding_config)
         self.probe = probe = FreshnessProbe(self.model_root, emb, group.addresses, timeout_s=opts.freshness_goal).start()
@@ -794,7 +794,7 @@ class Demo:
         trainer.request_stop()  # it checkpoints and exports while the rest is stopped
 
     def _start_ceph(self, stack: contextlib.ExitStack) -> None:
-        cluster_module = ceph_cluster_module()
+        from ctrserve import ceph_cluster as cluster_module
         self.say("starting a single-node Ceph cluster with its S3 gateway ...")
         cluster = cluster_module.CephCluster.start(self.workdir / "ceph", die_with_parent=True)
         stack.callback(cluster.stop)
@@ -855,8 +855,8 @@ class Demo:
         return wait
 
     def _start_servers(self, stack: contextlib.ExitStack, files: DemoFiles, trainer: TrainerProcess) -> Any:
-        from embedding_server.incremental import complete_checkpoints
-        from embedding_server.launcher import ServerGroup
+        from embedding_server.modelroot.incremental import complete_checkpoints
+        from embedding_server.rpc.launcher import ServerGroup
 
         self.say("waiting for the trainer's first export (dense version + full sparse checkpoint) ...")
         wait_for("the first sparse checkpoint", lambda: bool(complete_checkpoints(self.model_root)), 300.0,
@@ -925,8 +925,8 @@ class Demo:
 
     def _watch(self, stream: PredictionStream, probe: FreshnessProbe, group: Any, trainer: TrainerProcess) -> None:
         """The live view, one line a second until ``duration`` is over (keeps the servers' last stats)."""
-        from embedding_server.config import EmbeddingConfig
-        from embedding_server.remote import RemoteEmbeddingClient
+        from embedding_server.core.config import EmbeddingConfig
+        from embedding_server.rpc.remote import RemoteEmbeddingClient
 
         seen = 0
         with RemoteEmbeddingClient(EmbeddingConfig.load(self.files.embedding_config), group.addresses) as admin:
@@ -1039,21 +1039,6 @@ class Demo:
             "freshness_within_goal": fresh,
             "nothing_left_running": not left,
         }
-
-
-def ceph_cluster_module() -> Any:
-    """``deploy/ceph/cluster.py`` as a module (deploy/ holds scripts, not a package), loaded once
-    per process; the tests and benchmarks that start Ceph use it too."""
-    import importlib.util
-
-    name = "ctrserve_deploy_ceph_cluster"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "deploy" / "ceph" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _json_default(value: Any) -> Any:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from embedding_server.config import EmbeddingConfig, GlobalConfig, SlotConfig
-from embedding_server.config_schema import describe
-from embedding_server.optimizers import OPTIMIZERS
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, SlotConfig
+from embedding_server.core.config_schema import describe
+from embedding_server.core.optimizers import OPTIMIZERS
 from trainer.job import JobConfig
 
 

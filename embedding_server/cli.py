@@ -12,11 +12,11 @@ import sys
 import threading
 from pathlib import Path
 
-from embedding_server.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
-from embedding_server.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
-from embedding_server.errors import ConfigError
-from embedding_server.hotload import FollowOptions, HotloadError
-from embedding_server.security import ClientSecurity, ServerSecurity, resolve_token
+from embedding_server.core.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
+from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
+from embedding_server.core.errors import ConfigError
+from embedding_server.modelroot.hotload import FollowOptions, HotloadError
+from embedding_server.rpc.security import ClientSecurity, ServerSecurity, resolve_token
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +94,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from embedding_server.service import start_server
+    from embedding_server.rpc.service import start_server
 
     emb = EmbeddingConfig.load(args.embedding_config)
     glob = GlobalConfig.load(args.global_config)
@@ -116,7 +116,7 @@ def run_server(args: argparse.Namespace) -> int:
         print(f"ctrserve embedding-server: error: {exc}", file=sys.stderr)
         return 2
     if args.load:
-        from embedding_server.checkpoint import load_store
+        from embedding_server.modelroot.checkpoint import load_store
 
         rows = load_store(server.store, args.load)
         logging.getLogger("ctrserve.embedding_server").info("loaded %d rows from %s", rows, args.load)
@@ -229,7 +229,7 @@ def _client_security(args: argparse.Namespace) -> ClientSecurity | None:
 
 
 def run_admin(args: argparse.Namespace) -> int:
-    from embedding_server.remote import RemoteEmbeddingClient
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
 
     emb = EmbeddingConfig.load(args.embedding_config)
     try:

@@ -1,7 +1,7 @@
 """TorchServe handler of a sparse CTR model: embedding lookups in preprocess, the dense model after.
 
 The ``.mar`` built by ``ctrserve archive`` holds this file as its handler, ``model.pt`` (the
-TorchScript dense model), ``model.json`` (:class:`~embedding_server.model_spec.DenseModelSpec`)
+TorchScript dense model), ``model.json`` (:class:`~embedding_server.core.model_spec.DenseModelSpec`)
 and optionally ``serving.yml`` (:class:`~handler.serving_config.ServingConfig`). The worker's
 Python must have ctrserve installed (this module imports ``handler`` and ``embedding_server``).
 
@@ -47,11 +47,11 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from embedding_server.client import RawEmbedding
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
-from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
-from embedding_server.remote import RemoteEmbeddingClient
+from embedding_server.rpc.client import RawEmbedding
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.request import DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import SERVING_FILE, ServingConfig
 from handler.timing import TimingMetrics  # not defined here: TorchServe takes a handler module's only class
@@ -133,7 +133,7 @@ class PersiaHandler(BaseHandler):
         Args:
             spec: the model's model.json.
             model: TorchScript (or any) module with ``forward(dense, sparse)`` on ``device``.
-            embeddings: an :class:`~embedding_server.client.EmbeddingClient` (lookup, stats).
+            embeddings: an :class:`~embedding_server.rpc.client.EmbeddingClient` (lookup, stats).
             serving: limits and timeouts.
             device: where inputs are put.
         """

@@ -1,7 +1,7 @@
 """Decoding and validating prediction requests, and merging a TorchServe batch of them.
 
 A request body is either the batch bytes clients build (``PyPersiaBatchData.to_bytes()``, see
-:mod:`embedding_server.batch_codec`) or JSON::
+:mod:`embedding_server.core.batch_codec`) or JSON::
 
     {"dense": [[0.1, 0.2, ...], ...],            # one row of dense_width numbers per sample
      "sparse": {"C1": [[12, 7], [], ...], ...}}  # per feature, one id list per sample
@@ -29,10 +29,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from embedding_server.batch import KeyedIds, SparseFeature
-from embedding_server.batch_codec import MAGIC, BatchData, check_parts, decode_batch
-from embedding_server.errors import InvalidRequestError
-from embedding_server.model_spec import DenseModelSpec
+from embedding_server.core.batch import KeyedIds, SparseFeature
+from embedding_server.core.batch_codec import MAGIC, BatchData, check_parts, decode_batch
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.model_spec import DenseModelSpec
 
 #: Keys of a TorchServe request item that may hold the body, in the order they are tried:
 #: ``batch`` (gRPC ``input`` map key clients use), ``body`` (REST raw body), ``data`` (form field).

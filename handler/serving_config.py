@@ -41,9 +41,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from embedding_server.errors import ConfigError
-from embedding_server.security import TOKEN_ENV, ClientSecurity, resolve_token
-from embedding_server.replicas import REPLICA_SEP, is_address, normalize_addresses
+from embedding_server.core.errors import ConfigError
+from embedding_server.rpc.security import TOKEN_ENV, ClientSecurity, resolve_token
+from embedding_server.rpc.replicas import REPLICA_SEP, is_address, normalize_addresses
 
 SERVING_FILE = "serving.yml"
 ENV_SERVERS = "CTRSERVE_EMBEDDING_SERVERS"

@@ -2,7 +2,7 @@
 
 ``ceph_s3`` (session scope): a real single-node Ceph cluster (one monitor, one memstore OSD, the
 RADOS Gateway on a free loopback port; all state in a temporary directory) started with
-``deploy/ceph/cluster.py``, with an S3 user and the bucket ``ctrserve-test``. It starts in about
+:mod:`ctrserve.ceph_cluster`, with an S3 user and the bucket ``ctrserve-test``. It starts in about
 2-3 s the first time a test asks for it and is stopped (SIGTERM, then SIGKILL after a short
 grace) when the session ends. Without Ceph's programs installed the tests that use it fail
 with the install command; they are not skipped.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrserve.demo import ceph_cluster_module
+from ctrserve import ceph_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CEPH_TEST_BUCKET = "ctrserve-test"
@@ -35,13 +35,13 @@ class CephS3:
     start_seconds: float
 
     def env(self) -> dict[str, str]:
-        """Environment variables that ``embedding_server.storage`` reads."""
+        """Environment variables that ``embedding_server.storage.base`` reads."""
         return {"CTRSERVE_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def options(self, **overrides):
         """StorageOptions for this gateway, with ``overrides`` on top."""
-        from embedding_server.storage import StorageOptions
+        from embedding_server.storage.base import StorageOptions
 
         values = {"endpoint": self.endpoint, "access_key": self.access_key, "secret_key": self.secret_key}
         return StorageOptions.from_dict({**values, **overrides})
@@ -49,16 +49,15 @@ class CephS3:
 
 @pytest.fixture(scope="session")
 def ceph_s3():
-    cluster_module = ceph_cluster_module()
-    missing = cluster_module.missing_binaries()
+    missing = ceph_cluster.missing_binaries()
     if missing:
-        pytest.fail(f"the S3 tests need a real Ceph; not found: {', '.join(missing)}; {cluster_module.INSTALL_HINT}",
+        pytest.fail(f"the S3 tests need a real Ceph; not found: {', '.join(missing)}; {ceph_cluster.INSTALL_HINT}",
                     pytrace=False)
     root = tempfile.mkdtemp(prefix="ctrserve-ceph-")
     began = time.monotonic()
     try:
-        cluster = cluster_module.CephCluster.start(root, die_with_parent=True)
-    except cluster_module.CephError as exc:  # its logs stay in ``root`` for diagnosis
+        cluster = ceph_cluster.CephCluster.start(root, die_with_parent=True)
+    except ceph_cluster.CephError as exc:  # its logs stay in ``root`` for diagnosis
         pytest.fail(f"could not start the test Ceph cluster: {exc}", pytrace=False)
     try:
         cluster.create_bucket(CEPH_TEST_BUCKET)

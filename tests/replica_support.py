@@ -9,11 +9,11 @@ from typing import Callable
 
 import numpy as np
 
-from embedding_server import checkpoint
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.packets import CHECKPOINTS_DIR
-from embedding_server.storage import open_storage
+from embedding_server.modelroot import checkpoint
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.modelroot.packets import CHECKPOINTS_DIR
+from embedding_server.storage.urls import open_storage
 
 TRAIN = {"embedding_parameter_server_config": {"capacity": 50_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedding_server.batch_codec import MAGIC, decode_batch, encode_batch
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import InvalidRequestError
+from embedding_server.core.batch_codec import MAGIC, decode_batch, encode_batch
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import InvalidRequestError
 from trainer.batch import PyPersiaBatchData
 
 CONFIG = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}, "item": {"dim": 4}}})

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from embedding_server.config import EmbeddingConfig, GlobalConfig, HashStackConfig, SlotConfig
-from embedding_server.errors import ConfigError
-from embedding_server.optimizers import SGD, Adagrad, Adam, optimizer_from_dict
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, HashStackConfig, SlotConfig
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.optimizers import SGD, Adagrad, Adam, optimizer_from_dict
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""CPU lists and thread placement (embedding_server.cpus), on this machine's real CPUs."""
+"""CPU lists and thread placement (embedding_server.store.cpus), on this machine's real CPUs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from embedding_server.cpus import format_cpu_list, parse_cpu_list, pin_process, pin_this_thread, usable_cpus
+from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, pin_this_thread, usable_cpus
 
 
 @pytest.mark.parametrize("text, cpus", [("0", {0}), ("0-3,8", {0, 1, 2, 3, 8}), (" 2 , 0-1 ", {0, 1, 2}), ("5,5-6", {5, 6})])

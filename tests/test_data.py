@@ -18,7 +18,7 @@ import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import pytest
 
-from embedding_server.batch import SparseFeature
+from embedding_server.core.batch import SparseFeature
 from trainer.batch import PyPersiaBatchData
 from trainer.criteo import read_criteo, write_criteo_tsv
 from trainer.data import Chunk, ColumnMapping, DataFormatError, concat_chunks, read_table, rebatch, to_batch

@@ -18,9 +18,9 @@ import pytest
 
 from archiver.build import archive_model
 from archiver.torchserve import TorchServeProcess
-from embedding_server.config import EmbeddingConfig
-from embedding_server.launcher import ServerGroup
-from embedding_server.replicas import format_addresses
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.replicas import format_addresses
 from handler.client import PredictionClient, PredictionError
 from handler.serving_config import ENV_SERVERS
 from replica_support import follow_args, p99, seed_model_root, wait_until

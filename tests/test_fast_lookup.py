@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedding_server import kernels
-from embedding_server.batch import SparseFeature
-from embedding_server.client import InProcessEmbeddingClient, _KeyGroup
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.store import EmbeddingStore, unique_keys
+from embedding_server.store import kernels
+from embedding_server.core.batch import SparseFeature
+from embedding_server.rpc.client import InProcessEmbeddingClient, _KeyGroup
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.store.store import EmbeddingStore, unique_keys
 
 EMB = EmbeddingConfig.from_dict(
     {

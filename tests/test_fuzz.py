@@ -1,4 +1,4 @@
-"""Bounded fuzzing of the decoders that read untrusted bytes (see ``tests/fuzz_targets.py``).
+"""Bounded fuzzing of the decoders that read untrusted bytes (see :mod:`ctrserve.fuzz`).
 
 Each target runs in a child process (a segfault in pyarrow or numpy is a failed test, not a
 dead test run) under an address-space limit, with a per-input time bound and a traced
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from fuzz_targets import TARGETS, run_in_subprocess
+from ctrserve.fuzz import TARGETS, run_in_subprocess
 
 #: Generated inputs per target in the default test run (about 15 s in all on 2 busy cores).
 INPUTS = {"batch": 2000, "packet": 400, "request": 1500}

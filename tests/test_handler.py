@@ -26,11 +26,11 @@ from ts.utils.util import PredictionException
 
 from archiver.build import archive_model
 from archiver.publish import Publisher, PublishSettings
-from embedding_server.batch import SparseFeature
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import ConfigError
-from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.core.batch import SparseFeature
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
 from handler.client import PredictionError, parse_response
 from handler.persia_handler import PersiaHandler
 from handler.request import RequestDecoder, RequestError, merge_requests

@@ -26,18 +26,21 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from embedding_server import checkpoint, kernels
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.cpus import format_cpu_list, usable_cpus
-from embedding_server.errors import InvalidRequestError
-from embedding_server.hotload import FollowOptions, HotloadError, ModelRootFollower
-from embedding_server.launcher import ServerGroup
-from embedding_server.memory import HUGE_PAGE
-from embedding_server.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
-from embedding_server.remote import RemoteEmbeddingClient
-from embedding_server.storage import Storage, open_storage
-from embedding_server.store import EmbeddingStore, TableRows
+from embedding_server.modelroot import checkpoint
+
+from embedding_server.store import kernels
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.store.cpus import format_cpu_list, usable_cpus
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.modelroot.hotload import FollowOptions, HotloadError, ModelRootFollower
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.store.memory import HUGE_PAGE
+from embedding_server.modelroot.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.storage.base import Storage
+from embedding_server.storage.urls import open_storage
+from embedding_server.store.store import EmbeddingStore, TableRows
 from replica_support import wait_until
 from test_memory import huge_page_bytes, requires_collapse
 
@@ -406,7 +409,7 @@ def test_duplicate_packets_are_skipped(emb, tmp_path, followers):
 
 
 def test_gap_waits_raises_the_alarm_after_the_timeout_and_applies_once_filled(emb, tmp_path, followers, caplog):
-    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     trainer = Trainer(emb, tmp_path, num_shards=1)
     registry = CollectorRegistry()
     changed = [trainer.step()[0] for _ in range(3)]
@@ -430,7 +433,7 @@ def test_gap_waits_raises_the_alarm_after_the_timeout_and_applies_once_filled(em
 
 
 def test_missing_model_root_and_late_packet_folders_are_waited_for(emb, tmp_path, followers, caplog):
-    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     root = tmp_path / "not-yet" / "model"
     store = infer_stores(emb)[0]
     follower = followers(store, str(root))  # synced: there is nothing to load yet
@@ -458,7 +461,7 @@ def other_format_version(data: bytes) -> bytes:
 
 
 def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_apply(emb, tmp_path, followers, caplog):
-    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     trainer = Trainer(emb, tmp_path, num_shards=1)
     store = infer_stores(emb)[0]
     registry = CollectorRegistry()
@@ -570,7 +573,7 @@ def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_pr
 
 @requires_collapse
 def test_the_start_up_replay_commits_small_pages_and_serving_moves_them_onto_huge_pages(emb, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     trainer = Trainer(emb, tmp_path, num_shards=1)
     for _ in range(3):
         trainer.step_and_publish(rows=2000)
@@ -636,7 +639,7 @@ def test_newer_checkpoint_catches_up_a_shard_whose_packets_are_gone(emb, tmp_pat
 
 
 def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, followers, caplog):
-    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.hotload")
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     old = Trainer(emb, tmp_path, num_shards=2)
     old.step_and_publish()
     old.checkpoint(1)

@@ -13,14 +13,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedding_server import checkpoint
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.incremental import PacketPublisher, complete_checkpoints, publish_checkpoint, retain
-from embedding_server.launcher import ServerGroup
-from embedding_server.packets import PacketError, decode_packet, encode_packet, packet_dir, packet_name, parse_packet_name
-from embedding_server.remote import RemoteEmbeddingClient
-from embedding_server.store import EmbeddingStore, TableRows
+from embedding_server.modelroot import checkpoint
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.modelroot.incremental import PacketPublisher, complete_checkpoints, publish_checkpoint, retain
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.modelroot.packets import PacketError, decode_packet, encode_packet, packet_dir, packet_name, parse_packet_name
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.store.store import EmbeddingStore, TableRows
 from replica_support import wait_until
 
 EMB = {"slots_config": {"user": {"dim": 4}, "item": {"dim": 8}}}
@@ -185,9 +185,9 @@ def test_a_flipped_byte_is_detected_or_harmless(position, flip):
 _EVERY_BYTE_SCAN = """
 import json, struct, sys
 import numpy as np
-from embedding_server.config import EmbeddingConfig
-from embedding_server.packets import PacketError, decode_packet, encode_packet
-from embedding_server.store import TableRows
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.modelroot.packets import PacketError, decode_packet, encode_packet
+from embedding_server.store.store import TableRows
 config = EmbeddingConfig.from_dict(json.loads(sys.argv[1]))
 rows = [TableRows(config.tables[name], np.arange(7, dtype=np.uint64) * (k + 3),
                   np.arange(7 * dim, dtype=np.float32).reshape(7, dim) + k, np.zeros((7, 0), np.float32))

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from embedding_server.launcher import ServerGroup
-from embedding_server.model_spec import DenseModelSpec
-from embedding_server.remote import RemoteEmbeddingClient
-from embedding_server.config import EmbeddingConfig
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.core.model_spec import DenseModelSpec
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig
 from trainer.job import JobConfig
-from embedding_server.errors import ConfigError
+from embedding_server.core.errors import ConfigError
 
 FEATURES = [f"C{i}" for i in range(1, 27)]
 EMB = {"slots_config": {n: {"dim": 8} for n in FEATURES}}

@@ -18,13 +18,13 @@ import torch
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException
 
-from embedding_server import wire
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import ConfigError
-from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
-from embedding_server.security import make_channel
-from embedding_server.service import CHANNEL_OPTIONS, SERVICE_NAME, start_server
+from embedding_server.rpc import wire
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.rpc.security import make_channel
+from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME, start_server
 from handler.client import parse_response
 from handler.persia_handler import PersiaHandler
 from handler.request import Limits, RequestDecoder, RequestError

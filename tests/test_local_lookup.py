@@ -12,14 +12,14 @@ import grpc
 import numpy as np
 import pytest
 
-from embedding_server import wire
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
-from embedding_server.launcher import ServerGroup
-from embedding_server.local_lookup import HEADER, HELLO, LOOKUP, MAGIC, LocalLookupChannel, LocalRpcError, read_frame, send_frame
-from embedding_server.remote import RemoteEmbeddingClient
-from embedding_server.security import ClientSecurity, ServerSecurity
-from embedding_server.service import start_server
+from embedding_server.rpc import wire
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.local_lookup import HEADER, HELLO, LOOKUP, MAGIC, LocalLookupChannel, LocalRpcError, read_frame, send_frame
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.rpc.security import ClientSecurity, ServerSecurity
+from embedding_server.rpc.service import start_server
 from protos.embedding import pb
 from tests.test_service import assert_same, configs, random_batch  # noqa: F401 (configs: a fixture used here)
 

@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedding_server.batch import KeyedIds, SparseFeature
-from embedding_server.client import InProcessEmbeddingClient, RawEmbedding
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import InvalidRequestError
+from embedding_server.core.batch import KeyedIds, SparseFeature
+from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import InvalidRequestError
 
 EMB = EmbeddingConfig.from_dict(
     {

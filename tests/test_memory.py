@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_server.memory import HUGE_PAGE, collapse, fresh_buffer, populate, use_huge_pages
+from embedding_server.store.memory import HUGE_PAGE, collapse, fresh_buffer, populate, use_huge_pages
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.optimizers import SGD, Adagrad, Adam
-from embedding_server.store import EmbeddingStore
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.optimizers import SGD, Adagrad, Adam
+from embedding_server.store.store import EmbeddingStore
 
 DIM = 6
 POOL = np.array([3, 17, 2**40 + 5, 99, 2**63 + 11, 1234567], np.uint64)
@@ -256,7 +256,7 @@ def test_set_optimizer_changes_learning_rate_of_populated_store():
 
 
 def test_set_optimizer_refuses_other_state_layout_on_populated_store():
-    from embedding_server.errors import InvalidRequestError
+    from embedding_server.core.errors import InvalidRequestError
 
     store = make_store({"type": "adagrad"})
     initial_rows(store)

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import yaml
 
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import ConfigError, ShardUnavailableError
-from embedding_server.launcher import ServerGroup
-from embedding_server.remote import RemoteEmbeddingClient
-from embedding_server.replicas import Replica, ReplicaSet, format_addresses, normalize_addresses
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import ConfigError, ShardUnavailableError
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.rpc.replicas import Replica, ReplicaSet, format_addresses, normalize_addresses
 from handler.serving_config import ENV_SERVERS, ServingConfig
 from protos.embedding import pb, pb_grpc
 from replica_support import follow_args, seed_model_root, wait_until

@@ -23,10 +23,10 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import ConfigError
-from embedding_server.security import ClientSecurity, ServerSecurity, make_channel, resolve_token
-from embedding_server.service import CHANNEL_OPTIONS, start_server
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import ConfigError
+from embedding_server.rpc.security import ClientSecurity, ServerSecurity, make_channel, resolve_token
+from embedding_server.rpc.service import CHANNEL_OPTIONS, start_server
 from protos.embedding import pb, pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_the_audit_catches_what_it_should():
 
 def _hostile_storage(root: Path, extra: list[str]):
     """A local storage whose listings also return whatever a hostile or broken backend might."""
-    from embedding_server.storage import LocalStorage
+    from embedding_server.storage.base import LocalStorage
 
     class Hostile(LocalStorage):
         def list_dir(self, path: str = "") -> list[str]:
@@ -286,7 +286,8 @@ HOSTILE_NAMES = ["../x", "../../etc/passwd", "/etc/passwd", "/abs", "..", ".", "
 
 
 def test_listing_names_are_plain_on_every_backend(tmp_path):
-    from embedding_server.storage import open_storage, plain_names
+    from embedding_server.storage.base import plain_names
+    from embedding_server.storage.urls import open_storage
 
     assert plain_names("x", HOSTILE_NAMES + ["ok"]) == ["C:\\x", "\\\\server\\share", "ok"]
     storage = open_storage(str(tmp_path))
@@ -299,7 +300,8 @@ def test_listing_names_are_plain_on_every_backend(tmp_path):
 def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     """Hot-loading, retention and publishing pick names by pattern, so a listing entry like
     ``../x`` or ``/abs`` never becomes a path they read or delete."""
-    from embedding_server import incremental, model_spec, packets
+    from embedding_server.modelroot import incremental, packets
+    from embedding_server.core import model_spec
 
     hostile = HOSTILE_NAMES + ["C:\\x"]
     assert all(packets.parse_packet_name(n) is None for n in hostile)
@@ -307,9 +309,9 @@ def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     assert all(model_spec.parse_version_dir(n) is None for n in hostile)
     assert packets.parse_packet_name("00000000000000000001.arrow") == 1
     # Retention on a root whose listings carry hostile names deletes only pattern names inside it.
-    from embedding_server.storage import open_storage
-    from embedding_server.store import EmbeddingStore
-    from embedding_server import checkpoint
+    from embedding_server.storage.urls import open_storage
+    from embedding_server.store.store import EmbeddingStore
+    from embedding_server.modelroot import checkpoint
 
     root = tmp_path / "root"
     outside = tmp_path / "x"
@@ -337,8 +339,8 @@ def test_torchserve_production_config_keeps_token_authorization_on():
 
 
 def test_remote_client_with_handler_settings_reaches_a_secured_server(pki):
-    from embedding_server.errors import ShardUnavailableError
-    from embedding_server.remote import RemoteEmbeddingClient
+    from embedding_server.core.errors import ShardUnavailableError
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
     from handler.serving_config import ServingConfig
 
     token = (pki / "token").read_text().strip()

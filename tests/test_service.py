@@ -15,13 +15,13 @@ import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_server.batch import SparseFeature
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import ConfigError, InvalidRequestError
-from embedding_server.launcher import ServerGroup
-from embedding_server.remote import RemoteEmbeddingClient
-from embedding_server.service import CHANNEL_OPTIONS
+from embedding_server.core.batch import SparseFeature
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import ConfigError, InvalidRequestError
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.rpc.service import CHANNEL_OPTIONS
 from protos.embedding import pb, pb_grpc
 
 EMB = {

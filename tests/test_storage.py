@@ -23,8 +23,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from embedding_server import storage_remote
-from embedding_server.storage import (
+from embedding_server.storage import remote as storage_remote
+from embedding_server.storage.base import (
     LocalStorage,
     Storage,
     StorageError,
@@ -33,7 +33,7 @@ from embedding_server.storage import (
     open_storage,
     plain_names,
 )
-from embedding_server.storage_remote import HdfsStorage, S3Storage, parse_hdfs_url, parse_s3_url
+from embedding_server.storage.remote import HdfsStorage, S3Storage, parse_hdfs_url, parse_s3_url
 
 BACKENDS = ["local", "s3", "hdfs"]
 
@@ -415,9 +415,9 @@ def test_s3_listing_skips_keys_that_are_not_plain_names(ceph_s3):
 
 
 def test_checkpoint_dump_and_load_through_s3_is_bit_identical(ceph_s3, monkeypatch):
-    from embedding_server.batch import SparseFeature
-    from embedding_server.client import InProcessEmbeddingClient
-    from embedding_server.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.core.batch import SparseFeature
+    from embedding_server.rpc.client import InProcessEmbeddingClient
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 
     emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 8}, "item": {"dim": 4, "mean_scaling": True}}})
     train = GlobalConfig.from_dict({"common_config": {"job_type": "train"},

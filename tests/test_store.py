@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from embedding_server.client import InProcessEmbeddingClient
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import InvalidRequestError
-from embedding_server.optimizers import Adagrad, Adam
-from embedding_server.store import EmbeddingStore
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.optimizers import Adagrad, Adam
+from embedding_server.store.store import EmbeddingStore
 
 EMB = EmbeddingConfig.from_dict(
     {"slots_config": {"a": {"dim": 4}, "b": {"dim": 4}, "c": {"dim": 8}}}

@@ -24,9 +24,9 @@ from archiver.management import ManagementClient, ManagementError
 from archiver.publish import Publisher, PublishSettings
 from archiver.torchserve import TorchServeProcess
 from ctrserve.cli import main
-from embedding_server.config import EmbeddingConfig
-from embedding_server.launcher import ServerGroup
-from embedding_server.remote import RemoteEmbeddingClient
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.client import PredictionClient, PredictionError
 from torchserve_support import CRITEO_EMB, DENSE_WIDTH, as_json, expected_scores, export_version, random_batch, write_configs
 from trainer.criteo import read_criteo

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import InvalidRequestError
-from embedding_server.launcher import ServerGroup
-from embedding_server.model_spec import DenseModelSpec
-from embedding_server.optimizers import SGD, Adam, Adagrad
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.core.model_spec import DenseModelSpec
+from embedding_server.core.optimizers import SGD, Adam, Adagrad
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
 from trainer.export import export_dense, latest_version
@@ -224,7 +224,7 @@ def test_an_incomplete_version_without_its_json_is_not_counted(tmp_path):
 
 
 def test_model_spec_rejects_malformed_json():
-    from embedding_server.errors import ConfigError
+    from embedding_server.core.errors import ConfigError
 
     good = json.loads(DenseModelSpec.for_config(CONFIG, version=1, step=0, dense_width=2).to_json())
     for bad, message in [({**good, "format_version": 9}, "format_version"), ({**good, "extra": 1}, "unknown keys"),

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import yaml
 
-from embedding_server.batch import SparseFeature
-from embedding_server.client import EmbeddingClient, RawEmbedding
-from embedding_server.config import EmbeddingConfig
-from embedding_server.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, version_dir
+from embedding_server.core.batch import SparseFeature
+from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, version_dir
 from trainer.batch import PyPersiaBatchData
 
 DENSE_WIDTH = 5

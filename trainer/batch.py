@@ -15,10 +15,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from embedding_server.batch import SparseFeature, check_batch
-from embedding_server.batch_codec import BatchData, check_parts, decode_batch, encode_batch
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import InvalidRequestError, describe_value
+from embedding_server.core.batch import SparseFeature, check_batch
+from embedding_server.core.batch_codec import BatchData, check_parts, decode_batch, encode_batch
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import InvalidRequestError, describe_value
 
 
 class PyPersiaBatchData:
@@ -125,7 +125,7 @@ class PyPersiaBatchData:
     # ----------------------------------------------------------------------- bytes
 
     def to_bytes(self) -> bytes:
-        """The versioned binary form (see :mod:`embedding_server.batch_codec`)."""
+        """The versioned binary form (see :mod:`embedding_server.core.batch_codec`)."""
         return encode_batch(self.data)
 
     @classmethod

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from embedding_server.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import InvalidRequestError
-from embedding_server.optimizers import SparseOptimizer
+from embedding_server.rpc.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.optimizers import SparseOptimizer
 from trainer.batch import PyPersiaBatchData
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class TrainCtx:
 
     def _make_client(self, global_config, servers: Sequence[str] | None, num_shards: int) -> EmbeddingClient:
         if servers is not None:
-            from embedding_server.remote import RemoteEmbeddingClient
+            from embedding_server.rpc.remote import RemoteEmbeddingClient
 
             return RemoteEmbeddingClient(self.config, list(servers))
         if global_config is None:

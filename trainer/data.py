@@ -1,11 +1,11 @@
 """Training data in memory: :class:`Chunk`, its row slicing, and Parquet / ORC reading.
 
 A :class:`Chunk` is a block of rows in the layout a batch wants: one float32 dense matrix, one
-CSR :class:`~embedding_server.batch.SparseFeature` per sparse feature and a float32 label
+CSR :class:`~embedding_server.core.batch.SparseFeature` per sparse feature and a float32 label
 matrix. Readers yield chunks (:func:`read_table` here, :func:`trainer.criteo.read_criteo` for the
 Criteo text formats, :class:`trainer.synthetic.SyntheticCriteo` for planted synthetic data);
-:class:`trainer.loader.DataLoader` cuts them into batches. All of these names can also be
-imported from this module.
+:class:`trainer.loader.DataLoader` cuts them into batches. Those modules import this one, never
+the other way round.
 
 Example:
     >>> mapping = ColumnMapping(label="clicked", dense=["age"], sparse={"user": "user_id"})
@@ -17,19 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedding_server.batch import SparseFeature
+from embedding_server.core.batch import SparseFeature
 from trainer.batch import PyPersiaBatchData
-
-if TYPE_CHECKING:  # re-exported lazily, see __getattr__ at the end
-    from trainer.criteo import CriteoReader, read_criteo, write_criteo_tsv  # noqa: F401
-    from trainer.loader import DataLoader  # noqa: F401
-    from trainer.synthetic import SyntheticCriteo  # noqa: F401
 
 
 DenseTransform = Literal["log1p", "none"]
@@ -519,27 +514,6 @@ def _first(mask: np.ndarray) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
-# --------------------------------------------------------------------------------- re-exports
-
-_LAZY = {
-    "read_criteo": "trainer.criteo",
-    "CriteoReader": "trainer.criteo",
-    "write_criteo_tsv": "trainer.criteo",
-    "SyntheticCriteo": "trainer.synthetic",
-    "DataLoader": "trainer.loader",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Readers, the generator and the loader live in their own modules; import them on demand
-    (they import this module, so a plain import here would be circular)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trainer.data' has no attribute '{name}'")
-
-
 CriteoChunk = Chunk
 """The chunks of the Criteo readers are ordinary :class:`Chunk` objects."""
 
@@ -556,5 +530,4 @@ __all__ = [
     "table_format",
     "to_batch",
     "transform_dense",
-    *_LAZY,
 ]

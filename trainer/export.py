@@ -1,6 +1,6 @@
 """Export the dense model for serving: TorchScript plus the ``model.json`` a server needs.
 
-A version lands under ``<model root>/dense/v00000042/`` (see :mod:`embedding_server.model_spec`):
+A version lands under ``<model root>/dense/v00000042/`` (see :mod:`embedding_server.core.model_spec`):
 ``model.pt`` first, ``model.json`` last, so a reader that sees the JSON sees a whole version.
 
 Example:
@@ -15,9 +15,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from embedding_server.config import EmbeddingConfig
-from embedding_server.model_spec import DENSE_DIR, MODEL_FILE, SPEC_FILE, DenseModelSpec, parse_version_dir, version_dir
-from embedding_server.storage import open_storage
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.model_spec import DENSE_DIR, MODEL_FILE, SPEC_FILE, DenseModelSpec, parse_version_dir, version_dir
+from embedding_server.storage.urls import open_storage
 
 
 def latest_version(model_root: str) -> int:

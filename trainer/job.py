@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from embedding_server.config import EmbeddingConfig
-from embedding_server.config_schema import build, option, read_yaml
-from embedding_server.errors import ConfigError
-from embedding_server.incremental import publish_checkpoint, watermark_of
-from embedding_server.optimizers import SparseOptimizer, optimizer_from_dict
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.config_schema import build, option, read_yaml
+from embedding_server.core.errors import ConfigError
+from embedding_server.modelroot.incremental import publish_checkpoint, watermark_of
+from embedding_server.core.optimizers import SparseOptimizer, optimizer_from_dict
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
 from trainer.export import export_dense

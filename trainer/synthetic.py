@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from embedding_server.batch import SparseFeature
+from embedding_server.core.batch import SparseFeature
 from trainer.data import Chunk, transform_dense
 from trainer.metrics import roc_auc
 

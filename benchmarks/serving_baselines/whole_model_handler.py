@@ -18,7 +18,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from embedding_server.model_spec import DenseModelSpec
+from embedding_server.core.model_spec import DenseModelSpec
 from handler.request import DecodedRequest, RequestDecoder, RequestError, merge_requests
 
 

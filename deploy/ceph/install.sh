@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Ceph daemons the s3:// tests and the demo start on loopback (deploy/ceph/cluster.py):
+# Install the Ceph daemons the s3:// tests and the demo start on loopback (ctrserve/ceph_cluster.py):
 # a monitor, an OSD, the RADOS Gateway (S3) and the admin tools. Debian/Ubuntu; uses sudo when
 # not root. Does nothing when they are already installed. About 30-40 s and ~300 MB the first time.
 set -euo pipefail

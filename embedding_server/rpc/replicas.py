@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import grpc
 
-from embedding_server.errors import ConfigError
+from embedding_server.core.errors import ConfigError
 
 log = logging.getLogger("ctrserve.embedding_client")
 
@@ -105,7 +105,7 @@ class Replica:
         validated: its Info (shard index, config fingerprint) was checked.
         outstanding: requests sent and not yet answered.
         reason: why it is down (empty while up).
-        local: its :class:`~embedding_server.local_lookup.LocalLookupChannel` when lookups go
+        local: its :class:`~embedding_server.rpc.local_lookup.LocalLookupChannel` when lookups go
             over the server's local socket (same machine), else None (gRPC).
     """
 

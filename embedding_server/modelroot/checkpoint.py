@@ -1,7 +1,7 @@
 """Full sparse checkpoints: every shard's rows, with optimizer state, as Arrow IPC files.
 
-Layout under a checkpoint directory (any :mod:`~embedding_server.storage` URL, or an open
-:class:`~embedding_server.storage.Storage` to use connection options other than the environment's)::
+Layout under a checkpoint directory (any :mod:`~embedding_server.storage.base` URL, or an open
+:class:`~embedding_server.storage.base.Storage` to use connection options other than the environment's)::
 
     shard-00000-of-00002/<table>.arrow   columns id: uint64, weight: fixed_size_list<float32>[dim],
                                          state: fixed_size_list<float32>[state width]
@@ -22,10 +22,11 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from embedding_server.errors import InvalidRequestError
-from embedding_server.optimizers import optimizer_from_dict
-from embedding_server.storage import Storage, open_storage
-from embedding_server.store import EmbeddingStore, TableRows
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.optimizers import optimizer_from_dict
+from embedding_server.storage.base import Storage
+from embedding_server.storage.urls import open_storage
+from embedding_server.store.store import EmbeddingStore, TableRows
 
 FORMAT = "ctrserve-embedding-checkpoint"
 FORMAT_VERSION = 1

@@ -3,11 +3,11 @@
 An :class:`EmbeddingStore` holds the rows of every table of ``embedding_config.yml`` that hash to
 its shard. Keys are ``(table index, uint64 id)`` pairs given as two parallel arrays; all keys of
 one call must belong to tables of the same ``dim``. Every public method validates its input and
-raises :class:`~embedding_server.errors.InvalidRequestError` before touching any state, so a bad
+raises :class:`~embedding_server.core.errors.InvalidRequestError` before touching any state, so a bad
 request never half-applies.
 
 Example:
-    >>> from embedding_server.config import EmbeddingConfig, GlobalConfig
+    >>> from embedding_server.core.config import EmbeddingConfig, GlobalConfig
     >>> emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}}})
     >>> store = EmbeddingStore(emb, GlobalConfig.from_dict({}))
     >>> store.lookup(np.array([7], np.uint64), np.array([0], np.uint16)).shape
@@ -23,11 +23,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from embedding_server import kernels
-from embedding_server.config import EmbeddingConfig, GlobalConfig, TableSpec
-from embedding_server.errors import InvalidRequestError, describe_value
-from embedding_server.memory import collapse, fresh_buffer, populate, use_huge_pages
-from embedding_server.optimizers import SGD, SparseOptimizer
+from embedding_server.store import kernels
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, TableSpec
+from embedding_server.core.errors import InvalidRequestError, describe_value
+from embedding_server.store.memory import collapse, fresh_buffer, populate, use_huge_pages
+from embedding_server.core.optimizers import SGD, SparseOptimizer
 
 
 @dataclass
@@ -539,7 +539,7 @@ class EmbeddingStore:
 
         A follower's start-up replay fills a new store at the rate memory is committed; on this
         development VM memory it has not touched lately commits 4-6x faster on 4 KiB pages than
-        on huge pages (see :mod:`~embedding_server.memory`), while lookups run best on huge pages
+        on huge pages (see :mod:`~embedding_server.store.memory`), while lookups run best on huge pages
         (fewer TLB misses). So the replay commits small pages and the rows move onto huge pages
         once serving, in the background.
 

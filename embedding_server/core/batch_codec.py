@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedding_server import kernels
-from embedding_server.batch import KeyedIds, SparseFeature
-from embedding_server.errors import InvalidRequestError, describe_value
+from embedding_server.core import batch_kernels
+from embedding_server.core.batch import KeyedIds, SparseFeature
+from embedding_server.core.errors import InvalidRequestError, describe_value
 
 MAGIC = b"CTRB"
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ class BatchData:
     Args:
         dense: 2-D arrays ``[batch, width]`` (float32, float64, int32 or int64).
         sparse: named sparse features, each of ``batch`` samples (:func:`decode_batch` gives
-            them as one :class:`~embedding_server.batch.KeyedIds`, itself a sequence of them).
+            them as one :class:`~embedding_server.core.batch.KeyedIds`, itself a sequence of them).
         targets: float32 ``[batch, t]`` label arrays (training only; may be empty).
         meta: small scalar annotations (a request id, a client name).
     """
@@ -228,7 +228,7 @@ def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> KeyedIds
     signed = reader.take(_OFFSETS, total, "sparse features")
     table = np.empty((len(entries), batch + 1), np.int64)
     ids = np.empty(total - table.size, np.uint64)
-    bad = kernels.split_sparse_section(signed, signed.view(np.uint64), batch, np.asarray(counts, np.int64), table, ids)
+    bad = batch_kernels.split_sparse_section(signed, signed.view(np.uint64), batch, np.asarray(counts, np.int64), table, ids)
     if bad >= 0:
         raise InvalidRequestError(f"feature '{names[bad]}': offsets must rise from 0 to the number of ids ({counts[bad]})")
     return KeyedIds(names, ids, table)  # checks the offsets, all features at once

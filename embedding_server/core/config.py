@@ -2,7 +2,7 @@
 
 Both files use PERSIA's key names. Every key has a documented default (``ctrserve
 config-reference`` prints them all); unknown keys, wrong types and out-of-range values raise
-:class:`~embedding_server.errors.ConfigError` naming the file and the key.
+:class:`~embedding_server.core.errors.ConfigError` naming the file and the key.
 
 Example:
     >>> cfg = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 8}}})
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from embedding_server.config_schema import build, option, read_yaml
-from embedding_server.errors import ConfigError
-from embedding_server.optimizers import Adagrad, SparseOptimizer, optimizer_from_dict
+from embedding_server.core.config_schema import build, option, read_yaml
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.optimizers import Adagrad, SparseOptimizer, optimizer_from_dict
 
 
 # --------------------------------------------------------------------------- embedding_config.yml
@@ -240,7 +240,7 @@ class ParameterServerConfig:
             raise ValueError(f"incremental_flush_interval must be > 0 seconds, got {self.incremental_flush_interval}")
         if self.enable_incremental_update and not self.incremental_dir:
             raise ValueError("enable_incremental_update needs incremental_dir (where packets are published)")
-        from embedding_server.storage import StorageError, StorageOptions
+        from embedding_server.storage.base import StorageError, StorageOptions
 
         try:
             StorageOptions.from_dict(self.storage, "storage")
@@ -271,7 +271,7 @@ class InitializationConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     """TLS and the shared token of the embedding servers' gRPC service (see
-    :mod:`embedding_server.security`); all empty means plain text without a token."""
+    :mod:`embedding_server.rpc.security`); all empty means plain text without a token."""
 
     tls_cert_file: str = option("", doc="PEM certificate the server presents; enables TLS (with tls_key_file)")
     tls_key_file: str = option("", doc="PEM private key of tls_cert_file")

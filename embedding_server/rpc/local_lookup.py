@@ -16,7 +16,7 @@ through the server's local socket, found without configuration:
 
 Only Lookup travels this way; Info, Stats, health, gradients and admin calls stay on gRPC. The
 frames carry the very serialized LookupRequest and LookupResponse bytes of the gRPC method
-(:mod:`embedding_server.wire`), so both transports share one encoder and one decoder.
+(:mod:`embedding_server.rpc.wire`), so both transports share one encoder and one decoder.
 
 Frame, both directions: the magic ``b"CTRL"``, one byte ``kind``, a little-endian uint32 body
 length, the body. Requests: kind 1 HELLO (body: the token as UTF-8, empty without one), kind 2
@@ -50,8 +50,8 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from embedding_server import wire
-from embedding_server.errors import ConfigError
+from embedding_server.rpc import wire
+from embedding_server.core.errors import ConfigError
 
 log = logging.getLogger("ctrserve.local_lookup")
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A throw-away single-node Ceph cluster with its S3 gateway (RADOS Gateway) on loopback.
 
 For tests, CI and the demo: one monitor, one OSD on ``memstore`` (data in RAM) and one
@@ -16,11 +15,11 @@ Library use (the pytest fixture in ``tests/conftest.py`` does this)::
 
 Command line (the demo and manual runs; daemons outlive the command until ``stop``)::
 
-    python deploy/ceph/cluster.py start --dir /tmp/ceph --bucket models   # prints export lines
-    python deploy/ceph/cluster.py stop --dir /tmp/ceph
+    python -m ctrserve.ceph_cluster start --dir /tmp/ceph --bucket models   # prints export lines
+    python -m ctrserve.ceph_cluster stop --dir /tmp/ceph
 
 ``start`` prints ``export CTRSERVE_S3_ENDPOINT=... AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...``
-(the variables ``embedding_server.storage`` reads) and writes them to ``<dir>/s3.env`` too.
+(the variables :mod:`embedding_server.storage.base` reads) and writes them to ``<dir>/s3.env`` too.
 
 Requires the Debian/Ubuntu packages ``ceph-mon ceph-osd radosgw ceph-common`` (see
 :data:`INSTALL_HINT`); only the standard library, except :meth:`CephCluster.create_bucket`,
@@ -201,7 +200,7 @@ class CephCluster:
         return str(Path(self.root) / "ceph.conf")
 
     def env(self) -> dict[str, str]:
-        """Environment variables that point ``embedding_server.storage`` at this gateway."""
+        """Environment variables that point ``embedding_server.storage.base`` at this gateway."""
         return {
             "CTRSERVE_S3_ENDPOINT": self.endpoint,
             "AWS_ACCESS_KEY_ID": self.access_key,

@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import ConfigError
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import ConfigError
 
 SPEC_FORMAT_VERSION = 1
 DENSE_DIR = "dense"

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 
-from embedding_server.errors import ConfigError
+from embedding_server.core.errors import ConfigError
 
 log = logging.getLogger("ctrserve.security")
 
@@ -139,7 +139,7 @@ class ServerSecurity:
 
     @classmethod
     def from_settings(cls, settings: Any, environ: Mapping[str, str] = os.environ) -> "ServerSecurity":
-        """From a ``security`` config section (:class:`~embedding_server.config.SecurityConfig`
+        """From a ``security`` config section (:class:`~embedding_server.core.config.SecurityConfig`
         or anything with the same attributes); the token comes from its file or environment variable.
 
         Raises:

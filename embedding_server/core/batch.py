@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from embedding_server import kernels
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import InvalidRequestError, describe_value
+from embedding_server.core import batch_kernels
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import InvalidRequestError, describe_value
 
 
 _INT64 = np.dtype(np.int64)
@@ -131,7 +131,7 @@ class KeyedIds(Sequence[SparseFeature]):
             raise InvalidRequestError(f"a sparse feature appears twice: {sorted({n for n in self.names if self.names.count(n) > 1})}")
         lengths = np.empty((offsets.shape[0], offsets.shape[1] - 1), np.int64)
         bounds = np.empty(offsets.shape[0] + 1, np.int64)
-        bad = kernels.check_offsets(offsets, lengths, bounds)
+        bad = batch_kernels.check_offsets(offsets, lengths, bounds)
         if bad >= 0:
             raise InvalidRequestError(f"feature '{self.names[bad]}': offsets must rise from 0 to the number of ids")
         if bounds[-1] != ids.shape[0]:

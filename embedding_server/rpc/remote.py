@@ -1,11 +1,11 @@
 """Client of a set of remote embedding servers: shards, each served by one or more replicas.
 
-:class:`RemoteEmbeddingClient` is an :class:`~embedding_server.client.EmbeddingClient`: the same
+:class:`RemoteEmbeddingClient` is an :class:`~embedding_server.rpc.client.EmbeddingClient`: the same
 batching, routing and pooling as in-process, with each shard asked over gRPC, all shards in
 parallel. On connect it checks that every replica of shard ``i`` is shard ``i`` of
 ``len(addresses)`` and that its tables match the client's ``embedding_config.yml``.
 
-Replicas (see :mod:`embedding_server.replicas` for the address forms):
+Replicas (see :mod:`embedding_server.rpc.replicas` for the address forms):
 
 * **Reads** (Lookup, Stats, Dump) go to one healthy replica of each shard, the one with the
   fewest outstanding requests (on ties one on this machine, then round-robin). When a replica fails with ``UNAVAILABLE``,
@@ -17,7 +17,7 @@ Replicas (see :mod:`embedding_server.replicas` for the address forms):
   if they were down at start).
 * **Same machine**: a replica whose server has a local socket this process can open (and that
   answers with the instance id Info reported) gets its lookups over that socket instead of
-  gRPC (:mod:`embedding_server.local_lookup`; ``local_lookups=False`` turns it off). A broken
+  gRPC (:mod:`embedding_server.rpc.local_lookup`; ``local_lookups=False`` turns it off). A broken
   local connection falls back to gRPC at once; the prober re-attaches when the server returns.
 * When every replica of a shard fails, :class:`ShardUnavailableError` names the shard and each
   replica's state; it comes within ``timeout``, never later.
@@ -41,15 +41,17 @@ from typing import Any, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_server import checkpoint, wire
-from embedding_server.client import EmbeddingClient
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import ConfigError, InvalidRequestError, ShardUnavailableError
-from embedding_server.local_lookup import LocalLookupChannel, LocalRpcError
-from embedding_server.optimizers import SparseOptimizer
-from embedding_server.replicas import Addresses, HealthProber, Replica, ReplicaSet, log, normalize_addresses
-from embedding_server.security import ClientSecurity, make_channel
-from embedding_server.service import CHANNEL_OPTIONS, SERVICE_NAME
+from embedding_server.modelroot import checkpoint
+
+from embedding_server.rpc import wire
+from embedding_server.rpc.client import EmbeddingClient
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
+from embedding_server.rpc.local_lookup import LocalLookupChannel, LocalRpcError
+from embedding_server.core.optimizers import SparseOptimizer
+from embedding_server.rpc.replicas import Addresses, HealthProber, Replica, ReplicaSet, log, normalize_addresses
+from embedding_server.rpc.security import ClientSecurity, make_channel
+from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME
 from protos.embedding import pb, pb_grpc
 
 # A restarted server is reconnected to within about a second (gRPC's default backoff grows to 120 s).

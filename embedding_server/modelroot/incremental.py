@@ -3,7 +3,7 @@ their watermark, and retention of old ones.
 
 A train-mode store with ``enable_incremental_update`` records which rows its gradient updates
 changed (and the last value of changed rows it evicts). A :class:`PacketPublisher` turns them
-into a packet (:mod:`embedding_server.packets`) when ``incremental_buffer_size`` rows are
+into a packet (:mod:`embedding_server.modelroot.packets`) when ``incremental_buffer_size`` rows are
 pending, when ``incremental_flush_interval`` seconds have passed, and at shutdown. Sequence
 numbers continue from the packets already in the folder, so a restarted server never reuses one.
 
@@ -22,10 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
-from embedding_server import checkpoint
-from embedding_server.packets import CHECKPOINTS_DIR, INCREMENTAL_DIR, encode_packet, packet_name, parse_packet_name
-from embedding_server.storage import Storage, StorageError, open_storage
-from embedding_server.store import EmbeddingStore, TableRows, last_occurrences
+from embedding_server.modelroot import checkpoint
+from embedding_server.modelroot.packets import CHECKPOINTS_DIR, INCREMENTAL_DIR, encode_packet, packet_name, parse_packet_name
+from embedding_server.storage.base import Storage, StorageError
+from embedding_server.storage.urls import open_storage
+from embedding_server.store.store import EmbeddingStore, TableRows, last_occurrences
 
 log = logging.getLogger(__name__)
 

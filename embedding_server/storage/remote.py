@@ -1,6 +1,6 @@
 """Remote storage through ``pyarrow.fs``: S3 (Ceph's RADOS Gateway, or any S3 service) and HDFS.
 
-Open these with :func:`embedding_server.storage.open_storage`; this module holds the backends.
+Open these with :func:`embedding_server.storage.urls.open_storage`; this module holds the backends.
 
 **S3** (``s3://bucket/prefix``, :class:`S3Storage`). Publishing relies on S3's own atomicity: an
 object becomes visible only when its upload completes, whole. :meth:`S3Storage.write_atomic`
@@ -11,7 +11,7 @@ be one whole version even while the object is being overwritten (pyarrow reads t
 one request and the bytes with another; see :meth:`S3Storage.read_bytes`). "Directories" are
 key prefixes: listing one lists the names under ``prefix/``, deleting one deletes every object
 under it. A missing bucket, refused credentials or an unreachable endpoint each give a
-:class:`~embedding_server.storage.StorageError` that says so.
+:class:`~embedding_server.storage.base.StorageError` that says so.
 
 **HDFS** (``hdfs://host:port/path``, :class:`HdfsStorage`) writes a temporary ``.name.*.tmp``
 file next to the target and renames it into place. HDFS refuses to rename onto an existing
@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from embedding_server.storage import (
+from embedding_server.storage.base import (
     Storage,
     StorageError,
     StorageNotFoundError,

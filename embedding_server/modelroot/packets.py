@@ -32,10 +32,10 @@ import pyarrow as pa
 # checksum of a 500k-row packet is a large share of its decode time.
 from zlib_ng import zlib_ng
 
-from embedding_server.checkpoint import shard_dir
-from embedding_server.config import EmbeddingConfig
-from embedding_server.errors import InvalidRequestError
-from embedding_server.store import TableRows
+from embedding_server.modelroot.checkpoint import shard_dir
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.store.store import TableRows
 
 FORMAT = "ctrserve-packet"
 FORMAT_VERSION = 1

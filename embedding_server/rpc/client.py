@@ -11,7 +11,7 @@
 Step 4 runs on a tensor of distinct rows that can require grad: after ``loss.backward()``,
 :meth:`EmbeddingClient.push_gradients` sends each row's summed gradient to its shard. The
 transport (step 3) is the only difference between :class:`InProcessEmbeddingClient` and
-:class:`embedding_server.remote.RemoteEmbeddingClient`, so both give identical answers.
+:class:`embedding_server.rpc.remote.RemoteEmbeddingClient`, so both give identical answers.
 
 Example:
     >>> emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}}})
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from embedding_server import kernels
-from embedding_server.batch import KeyedIds, SparseFeature, check_batch
-from embedding_server.config import EmbeddingConfig, GlobalConfig, SlotConfig
-from embedding_server.errors import InvalidRequestError
-from embedding_server.optimizers import SparseOptimizer
-from embedding_server.store import EmbeddingStore, TableRows, unique_keys
+from embedding_server.store import kernels
+from embedding_server.core.batch import KeyedIds, SparseFeature, check_batch
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, SlotConfig
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.optimizers import SparseOptimizer
+from embedding_server.store.store import EmbeddingStore, TableRows, unique_keys
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 _MAX_PLANS = 64  # feature lists whose lookup plan a client keeps (see EmbeddingClient._plan)
@@ -160,7 +160,7 @@ class EmbeddingClient(abc.ABC):
 
         Args:
             features: one :class:`SparseFeature` per feature, all of one batch size, or them
-                as one :class:`~embedding_server.batch.KeyedIds` (what decoded batch bytes
+                as one :class:`~embedding_server.core.batch.KeyedIds` (what decoded batch bytes
                 hold; the cheapest form).
             requires_grad: make the distinct rows a leaf tensor that collects gradients, for
                 :meth:`push_gradients` after ``backward()``.
@@ -386,7 +386,7 @@ class InProcessEmbeddingClient(EmbeddingClient):
         self.stores = [EmbeddingStore(config, global_config, i, num_shards) for i in range(num_shards)]
         self.publishers = []
         if self.stores[0].tracks_changes:
-            from embedding_server.incremental import PacketPublisher
+            from embedding_server.modelroot.incremental import PacketPublisher
 
             self.publishers = [PacketPublisher(store).start() for store in self.stores]
 
@@ -426,15 +426,15 @@ class InProcessEmbeddingClient(EmbeddingClient):
         return [store.counters() for store in self.stores]
 
     def dump(self, directory: str) -> None:
-        from embedding_server import checkpoint
+        from embedding_server.modelroot import checkpoint
 
-        from embedding_server.incremental import watermark_of
+        from embedding_server.modelroot.incremental import watermark_of
 
         # Publish pending rows first: the checkpoint then includes every packet up to its watermark.
         checkpoint.dump_stores(self.stores, directory, watermark_of(self.publishers) if self.publishers else None)
 
     def load(self, directory: str) -> None:
-        from embedding_server import checkpoint
+        from embedding_server.modelroot import checkpoint
 
         for store in self.stores:
             checkpoint.load_store(store, directory)

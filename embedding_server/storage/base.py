@@ -2,17 +2,9 @@
 
 :class:`Storage` is the small interface the rest of the code writes against: read a file, list
 a directory, stat, delete, and publish a file atomically (a reader sees the old file, or the
-whole new one, never a part). :func:`open_storage` picks the implementation for a URL:
-
-==============================  ===========================================================
-``/abs/path``, ``rel/path``,    :class:`LocalStorage`: temp file + fsync + rename
-``file:///abs/path``
-``s3://bucket/prefix``          :class:`~embedding_server.storage_remote.S3Storage` (pyarrow's
-                                S3FileSystem; Ceph's RADOS Gateway or any S3 service):
-                                each object is written under its final name in one request
-``hdfs://host:port/path``       :class:`~embedding_server.storage_remote.HdfsStorage`
-                                (pyarrow's HadoopFileSystem): temp name + rename
-==============================  ===========================================================
+whole new one, never a part). The implementations for remote URLs are in
+:mod:`embedding_server.storage.remote`;
+:func:`embedding_server.storage.urls.open_storage` picks one for a URL.
 
 Connection settings are a :class:`StorageOptions` (typed and validated; ``from_dict`` for the
 ``storage`` section of ``global_config.yml``). Settings left empty are taken from the
@@ -32,12 +24,6 @@ kerb_ticket         ``KRB5CCNAME`` (a ``FILE:`` prefix is dropped)
 
 Every failure is a :class:`StorageError` whose message names the URL and what went wrong;
 a missing file is a :class:`StorageNotFoundError` (also a ``FileNotFoundError``).
-
-Example:
-    >>> import tempfile
-    >>> st = open_storage(tempfile.mkdtemp())
-    >>> st.write_atomic("a/b.txt", b"hi"); st.read_bytes("a/b.txt"), st.list_dir("a")
-    (b'hi', ['b.txt'])
 """
 
 from __future__ import annotations
@@ -482,47 +468,3 @@ class LocalStorage(Storage):
 
     def child(self, path: str) -> "LocalStorage":
         return LocalStorage(self.join_url(path))
-
-
-def open_storage(
-    url: "str | os.PathLike[str] | Storage",
-    options: "StorageOptions | Mapping[str, Any] | None" = None,
-    **overrides: Any,
-) -> Storage:
-    """The storage for a path or URL.
-
-    Args:
-        url: a local path, ``file:///path``, ``s3://bucket[/prefix]`` or
-            ``hdfs://[host[:port]]/path``. An already open :class:`Storage` is returned as is
-            (then no options may be given).
-        options: connection settings, as :class:`StorageOptions` or a mapping for
-            :meth:`StorageOptions.from_dict`.
-        **overrides: individual options on top of ``options`` (e.g. ``endpoint=...``).
-            Options still empty are read from the environment (see the module docstring).
-
-    Raises:
-        StorageError: an unknown scheme, a malformed URL, invalid options, missing S3
-            credentials, or an HDFS client that cannot be loaded.
-    """
-    if isinstance(url, Storage):
-        if options is not None or overrides:
-            raise StorageError(f"{url.url}: already open; options apply only when opening a URL")
-        return url
-    url = os.fspath(url)
-    if not isinstance(url, str) or not url:
-        raise StorageError(f"storage URL {url!r}: expected a non-empty path or URL string")
-    if not isinstance(options, StorageOptions):
-        options = StorageOptions.from_dict(options)
-    if overrides:
-        options = StorageOptions.from_dict({**dataclasses.asdict(options), **overrides})
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file"):
-        return LocalStorage(url)
-    if scheme in ("s3", "hdfs"):
-        from embedding_server import storage_remote  # pyarrow.fs is only needed for remote URLs
-
-        opener = storage_remote.S3Storage if scheme == "s3" else storage_remote.HdfsStorage
-        return opener.open(url, options.with_env())
-    raise StorageError(
-        f"storage URL {url!r}: scheme '{scheme}://' is not supported; use a local path, file://, s3:// or hdfs://"
-    )

@@ -2,8 +2,8 @@
 
 Targets:
 
-* ``batch``: :func:`embedding_server.batch_codec.decode_batch` (the batch bytes clients send).
-* ``packet``: :func:`embedding_server.packets.decode_packet` (incremental packets from the model root).
+* ``batch``: :func:`embedding_server.core.batch_codec.decode_batch` (the batch bytes clients send).
+* ``packet``: :func:`embedding_server.modelroot.packets.decode_packet` (incremental packets from the model root).
 * ``request``: :meth:`handler.request.RequestDecoder.decode` (TorchServe request items: batch
   bytes, JSON bytes, JSON text, already-parsed JSON objects).
 
@@ -22,7 +22,7 @@ space at start plus ``--address-space-mb``), so an untraced huge allocation fail
 (segfault in pyarrow, say) kills only this process: run it as a subprocess
 (:func:`run_in_subprocess`) and a non-zero exit is the failure.
 
-Run: ``python tests/fuzz_targets.py --target batch --inputs 1000 --seed 1``; the last line is
+Run: ``python -m ctrserve.fuzz --target batch --inputs 1000 --seed 1``; the last line is
 JSON ``{"target", "inputs", "seconds", "failures": [...], "max_input_seconds", "max_peak_bytes"}``.
 """
 
@@ -45,14 +45,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from embedding_server.batch import SparseFeature  # noqa: E402
-from embedding_server.batch_codec import MAGIC, BatchData, decode_batch, encode_batch  # noqa: E402
-from embedding_server.config import EmbeddingConfig  # noqa: E402
-from embedding_server.errors import InvalidRequestError  # noqa: E402
+from embedding_server.core.batch import SparseFeature
+from embedding_server.core.batch_codec import MAGIC, BatchData, decode_batch, encode_batch
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.errors import InvalidRequestError
 
 HUGE = [2**31, 2**32 - 1, 2**40 - 1, 10**12, 2**53, 2**63, 2**64 - 1, 2**64, 10**30, -1, -(2**63)]
 ODD_VALUES: list[Any] = [None, True, False, 0, 1, -1, 1.5, float("nan"), "", "x", [], {}, [1], {"a": 1}, "\u0000", "é" * 3]
@@ -232,13 +228,13 @@ def check_batch(data: bytes) -> None:
 
 
 def _packets_module():
-    from embedding_server import packets
+    from embedding_server.modelroot import packets
 
     return packets
 
 
 def random_packet(rng: random.Random) -> bytes:
-    from embedding_server.store import TableRows
+    from embedding_server.store.store import TableRows
 
     nprng = np.random.default_rng(rng.randrange(2**32))
     tables = []
@@ -362,7 +358,7 @@ def check_packet(data: bytes) -> None:
 
 
 def _decoder():
-    from embedding_server.model_spec import DenseModelSpec
+    from embedding_server.core.model_spec import DenseModelSpec
     from handler.request import RequestDecoder
 
     spec = DenseModelSpec.for_config(EMB, version=1, step=1, dense_width=DENSE_WIDTH)
@@ -535,10 +531,10 @@ def run_in_subprocess(target: str, count: int, seed: int, start: int = 0, timeou
         The child's summary; on a crash, timeout or missing summary, a summary whose single
         failure says what happened (exit status, last lines of stderr).
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--target", target, "--inputs", str(count), "--seed", str(seed),
+    cmd = [sys.executable, "-m", "ctrserve.fuzz", "--target", target, "--inputs", str(count), "--seed", str(seed),
            "--start", str(start), "--time-bound", str(time_bound), "--address-space-mb", str(address_space_mb)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"target": target, "seed": seed, "start": start, "inputs": 0,
                 "failures": [{"target": target, "problem": f"hang: no summary within {timeout} s"}]}

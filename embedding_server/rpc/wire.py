@@ -10,7 +10,7 @@ import ctypes
 
 import numpy as np
 
-from embedding_server.errors import InvalidRequestError
+from embedding_server.core.errors import InvalidRequestError
 
 #: Largest message either end of a lookup sends or accepts: a lookup of ~100k keys moves several
 #: MB, and gRPC's default 4 MB cap is too small (gRPC channels and the local socket alike).

@@ -1,8 +1,8 @@
 """Serving follows training: an infer-mode store hot-loads a model root's checkpoints and packets.
 
-A :class:`ModelRootFollower` keeps one infer-mode :class:`~embedding_server.store.EmbeddingStore`
+A :class:`ModelRootFollower` keeps one infer-mode :class:`~embedding_server.store.store.EmbeddingStore`
 equal to the newest state the trainer published under a model root
-(:mod:`~embedding_server.packets` describes the layout)::
+(:mod:`~embedding_server.modelroot.packets` describes the layout)::
 
     <root>/checkpoints/<20-digit name>/manifest.json   complete once the manifest is there; its
                                                       "watermark" maps training shard -> last seq
@@ -66,10 +66,10 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from embedding_server import checkpoint
-from embedding_server.cpus import format_cpu_list, pin_this_thread, usable_cpus
-from embedding_server.errors import InvalidRequestError
-from embedding_server.packets import (
+from embedding_server.modelroot import checkpoint
+from embedding_server.store.cpus import format_cpu_list, pin_this_thread, usable_cpus
+from embedding_server.core.errors import InvalidRequestError
+from embedding_server.modelroot.packets import (
     CHECKPOINTS_DIR,
     FIRST_SEQ,
     INCREMENTAL_DIR,
@@ -81,10 +81,11 @@ from embedding_server.packets import (
     parse_packet_name,
     parse_shard_dir,
 )
-from embedding_server.storage import LocalStorage, Storage, StorageError, StorageNotFoundError, open_storage
-from embedding_server.store import EmbeddingStore, TableRows
+from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageNotFoundError
+from embedding_server.storage.urls import open_storage
+from embedding_server.store.store import EmbeddingStore, TableRows
 
-log = logging.getLogger("ctrserve.embedding_server.hotload")
+log = logging.getLogger("ctrserve.embedding_server.modelroot.hotload")
 
 _CHECKPOINT_DIGITS = 20
 _RECENT_DELAYS = 2048  # freshness samples kept for the p50/p99 in stats
@@ -115,7 +116,7 @@ class FollowOptions:
         apply_cpus: once synced, the follower thread (and the threads it starts) runs only on
             these CPUs (Linux); None leaves it where the process runs. Until synced it may also
             use them beside its own, so the start-up replay is not slowed. Pair it with serving
-            threads kept off these CPUs (``embedding-server --apply-cpus``, :mod:`~embedding_server.cpus`).
+            threads kept off these CPUs (``embedding-server --apply-cpus``, :mod:`~embedding_server.store.cpus`).
 
     Raises:
         ValueError: a non-positive interval or timeout, a niceness outside 0..19, or an empty
@@ -202,10 +203,10 @@ class ModelRootFollower:
     Args:
         store: the infer-mode store to fill (other users may look rows up concurrently).
         root: the model root: a local path, ``file://``, ``s3://`` or ``hdfs://`` URL, or an open
-            :class:`~embedding_server.storage.Storage`.
+            :class:`~embedding_server.storage.base.Storage`.
         options: intervals and timeouts (:class:`FollowOptions`).
         storage_options: connection options for ``s3://``/``hdfs://`` URLs (see
-            :func:`~embedding_server.storage.open_storage`; the environment fills the rest).
+            :func:`~embedding_server.storage.urls.open_storage`; the environment fills the rest).
         registry: a Prometheus registry to export the freshness metrics in (e.g. the server's
             ``ServerMetrics.registry``); none when not given.
         labels: constant labels of every exported series (e.g. ``{"shard": "0"}``).

@@ -2,7 +2,7 @@
 
 Each optimizer is a small frozen dataclass. The server keeps, per stored row, ``state_width(dim)``
 float32 values of optimizer state next to the embedding vector; the update itself runs in the
-compiled kernels of :mod:`embedding_server.kernels`. Gradients for duplicate ids in one push are
+compiled kernels of :mod:`embedding_server.store.kernels`. Gradients for duplicate ids in one push are
 summed before the update, exactly as a dense ``torch.optim`` optimizer sees them.
 
 Example:
@@ -19,8 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from embedding_server.config_schema import build, option
-from embedding_server.errors import ConfigError
+from embedding_server.core.config_schema import build, option
+from embedding_server.core.errors import ConfigError
 
 # Kernel selector codes (see kernels.apply_gradients).
 SGD_KIND, ADAGRAD_KIND, ADAM_KIND = 0, 1, 2

@@ -24,17 +24,19 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from embedding_server import checkpoint, wire
-from embedding_server.config import EmbeddingConfig, GlobalConfig
-from embedding_server.errors import ConfigError, InvalidRequestError
-from embedding_server.hotload import FollowOptions, ModelRootFollower
-from embedding_server.incremental import PacketPublisher
-from embedding_server.local_lookup import LocalLookupServer, default_socket_path
-from embedding_server.metrics import ServerMetrics
-from embedding_server.optimizers import optimizer_from_dict
-from embedding_server.security import ServerSecurity
-from embedding_server.storage import StorageError
-from embedding_server.store import EmbeddingStore
+from embedding_server.modelroot import checkpoint
+
+from embedding_server.rpc import wire
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.errors import ConfigError, InvalidRequestError
+from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
+from embedding_server.modelroot.incremental import PacketPublisher
+from embedding_server.rpc.local_lookup import LocalLookupServer, default_socket_path
+from embedding_server.rpc.metrics import ServerMetrics
+from embedding_server.core.optimizers import optimizer_from_dict
+from embedding_server.rpc.security import ServerSecurity
+from embedding_server.storage.base import StorageError
+from embedding_server.store.store import EmbeddingStore
 from protos.embedding import pb, pb_grpc
 
 log = logging.getLogger("ctrserve.embedding_server")
@@ -59,7 +61,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def answer(self, method: str, fn: Callable[[], object], keys: int = 0) -> tuple[grpc.StatusCode, object]:
         """``(OK, fn())``, or the status and message a failure of ``fn`` is answered with; the
         request is counted and timed in the metrics either way. Used by the gRPC methods and
-        by the local socket (:mod:`~embedding_server.local_lookup`)."""
+        by the local socket (:mod:`~embedding_server.rpc.local_lookup`)."""
         try:
             with self.metrics.track(method, keys):
                 return grpc.StatusCode.OK, fn()
@@ -95,7 +97,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def answer_local(self, request: memoryview) -> tuple[grpc.StatusCode, object]:
         """Status and LookupResponse bytes (or message) of a serialized LookupRequest that came
-        over the local socket (:mod:`~embedding_server.local_lookup`)."""
+        over the local socket (:mod:`~embedding_server.rpc.local_lookup`)."""
         try:
             ids, tables = wire.decode_lookup_request(request)
         except ValueError as exc:
@@ -234,14 +236,14 @@ def start_server(
     Args:
         port: 0 picks a free port (see :attr:`RunningServer.port`).
         metrics_port: serve Prometheus metrics on this port (0 picks one; None disables).
-        model_root: infer mode: follow this model root (:mod:`~embedding_server.hotload`); the
+        model_root: infer mode: follow this model root (:mod:`~embedding_server.modelroot.hotload`); the
             server serves only once its newest checkpoint and packets are loaded. Connection
             options of s3:// and hdfs:// roots come from the global config's ``storage`` section.
         follow_options: how to follow ``model_root``.
         security: TLS and token settings; None reads the global config's ``security`` section
             (its token from the file or environment variable it names).
         local_socket: also answer lookups on this Unix socket, for clients on this machine
-            (:mod:`~embedding_server.local_lookup`); "auto" makes a fresh path in a private
+            (:mod:`~embedding_server.rpc.local_lookup`); "auto" makes a fresh path in a private
             per-user directory, None turns it off.
 
     Raises:

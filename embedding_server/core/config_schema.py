@@ -19,7 +19,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
-from embedding_server.errors import ConfigError
+from embedding_server.core.errors import ConfigError
 
 T = TypeVar("T")
 

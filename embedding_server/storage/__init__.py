@@ -1,0 +1,2 @@
+"""Storage roots: :mod:`.base` (the interface and local files), :mod:`.remote` (S3, HDFS) and
+:mod:`.urls` (``open_storage``: a path or URL to a root)."""
