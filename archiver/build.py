@@ -95,14 +95,27 @@ def archive_model(
         export = Path(tmp) / "export"
         export.mkdir()
         cmd = [
-            archiver_command(), "--model-name", name, "--version", str(spec.version),
-            "--serialized-file", str(model_dir / MODEL_FILE), "--handler", str(handler_file()),
-            "--extra-files", ",".join(extra), "--export-path", str(export), "--force",
+            archiver_command(),
+            "--model-name",
+            name,
+            "--version",
+            str(spec.version),
+            "--serialized-file",
+            str(model_dir / MODEL_FILE),
+            "--handler",
+            str(handler_file()),
+            "--extra-files",
+            ",".join(extra),
+            "--export-path",
+            str(export),
+            "--force",
         ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         built = export / f"{name}.mar"
         if result.returncode != 0 or not built.exists():
-            raise RuntimeError(f"torch-model-archiver failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
+            raise RuntimeError(
+                f"torch-model-archiver failed (exit {result.returncode}):\n{result.stdout}{result.stderr}"
+            )
         os.replace(built, target)
     return target
 

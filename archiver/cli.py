@@ -9,14 +9,17 @@ import functools
 import json
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    a = sub.add_parser("archive", help="build deepctr.mar from an exported dense version",
-                       description="Build a TorchServe .mar with torch-model-archiver from <model root>/dense/vN.")
+    a = sub.add_parser(
+        "archive",
+        help="build deepctr.mar from an exported dense version",
+        description="Build a TorchServe .mar with torch-model-archiver from <model root>/dense/vN.",
+    )
     a.add_argument("--model-dir", required=True, help="exported version folder holding model.pt and model.json")
     a.add_argument("--out", required=True, help="model store folder to write the .mar into")
     a.add_argument("--name", default="deepctr", help="model name (default deepctr)")
@@ -80,8 +83,11 @@ def _reporting(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 def _management_parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + " (TorchServe management API).")
-    p.add_argument("--management", default=DEFAULT_MANAGEMENT,
-                   help=f"http://host:port (REST) or grpc://host:port (gRPC) (default {DEFAULT_MANAGEMENT})")
+    p.add_argument(
+        "--management",
+        default=DEFAULT_MANAGEMENT,
+        help=f"http://host:port (REST) or grpc://host:port (gRPC) (default {DEFAULT_MANAGEMENT})",
+    )
     p.add_argument("--token", help="management key when token authorization is on")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
     return p
@@ -103,8 +109,16 @@ def run_archive(args: argparse.Namespace) -> int:
 @_reporting
 def run_register(args: argparse.Namespace) -> int:
     with _client(args) as mgmt:
-        print(mgmt.register(args.url, args.name, args.initial_workers, args.batch_size, args.max_batch_delay_ms,
-                            synchronous=not args.no_wait))
+        print(
+            mgmt.register(
+                args.url,
+                args.name,
+                args.initial_workers,
+                args.batch_size,
+                args.max_batch_delay_ms,
+                synchronous=not args.no_wait,
+            )
+        )
     return 0
 
 
@@ -136,14 +150,24 @@ def run_publish(args: argparse.Namespace) -> int:
     from archiver.publish import Publisher, PublishSettings
 
     settings = PublishSettings(
-        args.watch, args.model_store, args.name, args.serving_config, args.keep, args.initial_workers,
-        args.batch_size, args.max_batch_delay_ms, drain_s=args.drain_s, poll_s=args.poll_s,
+        args.watch,
+        args.model_store,
+        args.name,
+        args.serving_config,
+        args.keep,
+        args.initial_workers,
+        args.batch_size,
+        args.max_batch_delay_ms,
+        drain_s=args.drain_s,
+        poll_s=args.poll_s,
     )
     with _client(args) as mgmt:
         publisher = Publisher(mgmt, settings)
         if args.once:
             version = publisher.poll_once()
-            logging.getLogger("ctrserve.publish").info("published %s", version if version is not None else "nothing new")
+            logging.getLogger("ctrserve.publish").info(
+                "published %s", version if version is not None else "nothing new"
+            )
         else:
             publisher.watch()
     return 0

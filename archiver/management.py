@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import requests
 
 from handler.client import TorchServeConnection, grpc_error_message, http_code
+
 
 class ManagementError(RuntimeError):
     """TorchServe refused a management call or could not be reached.
@@ -86,9 +88,13 @@ class ManagementClient(TorchServeConnection):
                 archive is not found.
         """
         params = {
-            "url": url, "initial_workers": initial_workers, "batch_size": batch_size,
-            "max_batch_delay": max_batch_delay_ms, "synchronous": synchronous,
-            "response_timeout": response_timeout_s, "startup_timeout": startup_timeout_s,
+            "url": url,
+            "initial_workers": initial_workers,
+            "batch_size": batch_size,
+            "max_batch_delay": max_batch_delay_ms,
+            "synchronous": synchronous,
+            "response_timeout": response_timeout_s,
+            "startup_timeout": startup_timeout_s,
         }
         if model_name:
             params["model_name"] = model_name
@@ -170,14 +176,18 @@ class ManagementClient(TorchServeConnection):
             try:
                 description = self.describe(model_name, version)[0]
                 workers = description.get("workers", [])
-                if len(workers) >= max(1, description.get("minWorkers", 1)) and all(w.get("status") == "READY" for w in workers):
+                if len(workers) >= max(1, description.get("minWorkers", 1)) and all(
+                    w.get("status") == "READY" for w in workers
+                ):
                     return description
             except ManagementError as exc:
                 if exc.code not in (404, 503):
                     raise
             if time.monotonic() > deadline:
                 states = [w.get("status") for w in (description or {}).get("workers", [])]
-                raise TimeoutError(f"{model_name} version {version or 'default'} not ready after {timeout:.0f} s (workers: {states})")
+                raise TimeoutError(
+                    f"{model_name} version {version or 'default'} not ready after {timeout:.0f} s (workers: {states})"
+                )
             time.sleep(0.1)
 
     # ------------------------------------------------------------------ transports
@@ -185,7 +195,9 @@ class ManagementClient(TorchServeConnection):
     def _rest(self, method: str, path: str, params: dict | None = None, timeout: float | None = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            response = self._session.request(method, self._base + path, params=params, headers=headers, timeout=timeout or self.timeout)
+            response = self._session.request(
+                method, self._base + path, params=params, headers=headers, timeout=timeout or self.timeout
+            )
         except requests.RequestException as exc:
             raise ManagementError(503, f"{self._base}: {exc}") from None
         data = _json_or_text(response.content)

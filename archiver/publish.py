@@ -124,8 +124,11 @@ class Publisher:
         mar = self._archive(version)
         started = time.monotonic()
         self.management.register(
-            mar.name, initial_workers=s.initial_workers, batch_size=s.batch_size,
-            max_batch_delay_ms=s.max_batch_delay_ms, synchronous=True,
+            mar.name,
+            initial_workers=s.initial_workers,
+            batch_size=s.batch_size,
+            max_batch_delay_ms=s.max_batch_delay_ms,
+            synchronous=True,
         )
         try:
             self.management.wait_ready(s.name, str(version), s.ready_timeout_s)
@@ -133,7 +136,9 @@ class Publisher:
             self._retire(str(version), drain=False)
             raise
         self.management.set_default(s.name, str(version))
-        log.info("%s version %d is the default (registered and ready in %.1f s)", s.name, version, time.monotonic() - started)
+        log.info(
+            "%s version %d is the default (registered and ready in %.1f s)", s.name, version, time.monotonic() - started
+        )
         self.retire_old()
 
     def retire_old(self) -> list[str]:
@@ -165,8 +170,11 @@ class Publisher:
             for name in (MODEL_FILE, SPEC_FILE):
                 (Path(tmp) / name).write_bytes(self.storage.read_bytes(f"{version_dir(version)}/{name}"))
             return archive_model(
-                tmp, self.settings.model_store, name=self.settings.name,
-                serving_config=self.settings.serving_config, file_name=self.mar_stem(version),
+                tmp,
+                self.settings.model_store,
+                name=self.settings.name,
+                serving_config=self.settings.serving_config,
+                file_name=self.mar_stem(version),
             )
 
     def mar_stem(self, version: int) -> str:
@@ -205,4 +213,6 @@ class Publisher:
             if not status.get("pendingRequests"):
                 return
             time.sleep(0.1)
-        log.warning("%s version %s still has pending requests after %.0f s; unregistering", self.settings.name, version, timeout)
+        log.warning(
+            "%s version %s still has pending requests after %.0f s; unregistering", self.settings.name, version, timeout
+        )

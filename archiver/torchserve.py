@@ -25,9 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from archiver.management import ManagementClient, ManagementError
 
@@ -68,7 +68,7 @@ class TorchServeProcess:
         properties: Mapping[str, str] | None = None,
         environment: Mapping[str, str] | None = None,
         timeout: float = 120.0,
-    ) -> "TorchServeProcess":
+    ) -> TorchServeProcess:
         """Start TorchServe and wait until it (and every worker of ``models``) is ready.
 
         Args:
@@ -90,21 +90,34 @@ class TorchServeProcess:
         config_path = workdir / "config.properties"
         config_path.write_text(_render_config(Path(base_config), ports, properties or {}))
         env = dict(os.environ)
-        env.update({
-            "TEMP": str(workdir / "tmp"), "TMPDIR": str(workdir / "tmp"),
-            "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "metrics"),
-        })
+        env.update(
+            {
+                "TEMP": str(workdir / "tmp"),
+                "TMPDIR": str(workdir / "tmp"),
+                "LOG_LOCATION": str(workdir / "logs"),
+                "METRICS_LOCATION": str(workdir / "metrics"),
+            }
+        )
         env.update(environment or {})
         cmd = [
-            str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
-            "--model-store", str(Path(model_store).resolve()), "--ts-config", str(config_path),
-            "--log-config", str(LOG_CONFIG),
+            str(Path(sys.executable).parent / "torchserve"),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--model-store",
+            str(Path(model_store).resolve()),
+            "--ts-config",
+            str(config_path),
+            "--log-config",
+            str(LOG_CONFIG),
         ]
         if models:
             cmd += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
         log_path = workdir / "torchserve.log"
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         server = cls(process, workdir, ports, log_path)
         try:
             server.wait_ready(list(models or ()), timeout)
@@ -155,7 +168,9 @@ class TorchServeProcess:
                     pass
             if time.monotonic() > deadline:
                 api = "gRPC" if grpc else "REST"
-                raise RuntimeError(f"TorchServe {api} management API not answering after {timeout:.0f} s:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"TorchServe {api} management API not answering after {timeout:.0f} s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def _check_alive(self) -> None:
@@ -183,7 +198,7 @@ class TorchServeProcess:
             _signal_group(pgid, signal.SIGKILL)
         return self.process.returncode
 
-    def __enter__(self) -> "TorchServeProcess":
+    def __enter__(self) -> TorchServeProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

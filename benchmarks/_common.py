@@ -8,8 +8,8 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 
 class OtherLoad:
@@ -39,7 +39,11 @@ class OtherLoad:
 
 
 def measure(
-    fn: Callable[[object], object], items: Sequence, warmup: int, baseline: Callable[[int], object], samples: list[float]
+    fn: Callable[[object], object],
+    items: Sequence,
+    warmup: int,
+    baseline: Callable[[int], object],
+    samples: list[float],
 ) -> tuple[float, float]:
     """Median seconds of fn(item) over ``items`` and of baseline(k) runs interleaved with them
     (alternating which goes first), after ``warmup`` untimed rounds of both. Every baseline time
@@ -49,7 +53,7 @@ def measure(
         baseline(i)
     path_t, base_t = [], []
     for k, item in enumerate(items):
-        for first in ((True, False) if k % 2 else (False, True)):
+        for first in (True, False) if k % 2 else (False, True):
             t0 = time.perf_counter()
             baseline(k) if first else fn(item)
             (base_t if first else path_t).append(time.perf_counter() - t0)
@@ -65,20 +69,27 @@ def report(
     rate, base_rate = count / path_s, count / base_s
     results[f"{key}_{unit}_per_s"] = rate
     results[f"{key}_ratio"] = rate / base_rate
-    print(f"  {name:<50} {path_s * 1e3:8.2f} ms/{per} {rate / 1e6:7.2f} M {unit}/s = {rate / base_rate:.3f}x {baseline_name} "
-          f"(beside it: {base_s * 1e3:.2f} ms, {base_rate / 1e6:.2f} M {unit}/s)", flush=True)
+    print(
+        f"  {name:<50} {path_s * 1e3:8.2f} ms/{per} {rate / 1e6:7.2f} M {unit}/s = {rate / base_rate:.3f}x {baseline_name} "
+        f"(beside it: {base_s * 1e3:.2f} ms, {base_rate / 1e6:.2f} M {unit}/s)",
+        flush=True,
+    )
 
 
 def rounded(results: dict) -> dict:
     """Figures for the JSON line: ratios to 4 decimals, rates to whole numbers."""
-    return {k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v))
-            for k, v in results.items()}
+    return {
+        k: (round(v, 4) if isinstance(v, float) and v < 1e3 else (round(v) if isinstance(v, float) else v))
+        for k, v in results.items()
+    }
 
 
 def print_summary(summary: dict, caught: Sequence[warnings.WarningMessage]) -> None:
     """Print the library warnings caught while measuring, then the JSON line (always last, so
     ``| tail -n 1`` finds it even with stderr and stdout merged)."""
     for w in caught:
-        print(f"library warning: {w.category.__name__} at {Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}")
+        print(
+            f"library warning: {w.category.__name__} at {Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0]}"
+        )
     summary["library_warnings"] = len(caught)
     print(json.dumps(summary))

@@ -122,31 +122,53 @@ HEAVY_ID_BASE = 1 << 40  # heavy-apply rows never collide with the freshness row
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--quick", action="store_true", help="small run: under 60 s on 2 cores")
     p.add_argument("--updates", type=int, help="timed flushes per storage (default 100; quick 20)")
     p.add_argument("--s3-updates", type=int, help="timed flushes on S3 (default 100; quick 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed flushes first (default 2; on S3 at most 1)")
     p.add_argument("--update-rows", type=int, default=4096, help="distinct rows changed per flush (default 4096)")
-    p.add_argument("--vocab", type=int, default=NUM_TABLES * 8192,
-                   help="rows the updates are drawn from, over all tables (default 212,992)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=NUM_TABLES * 8192,
+        help="rows the updates are drawn from, over all tables (default 212,992)",
+    )
     p.add_argument("--poll-ms", type=float, default=2.0, help="pause between freshness lookups (default 2 ms)")
-    p.add_argument("--s3-poll-interval", type=float, default=1.0,
-                   help="the S3 server's --poll-interval: seconds between listings (default 1, the server's default)")
+    p.add_argument(
+        "--s3-poll-interval",
+        type=float,
+        default=1.0,
+        help="the S3 server's --poll-interval: seconds between listings (default 1, the server's default)",
+    )
     p.add_argument("--packet-rows", type=int, help="rows per heavy packet (default 500,000; quick 250,000)")
     p.add_argument("--apply-packets", type=int, help="packets replayed for the apply rate (default 10; quick 4)")
     p.add_argument("--heavy-vocab", type=int, help="rows the heavy packets are drawn from (default 2M; quick 1M)")
-    p.add_argument("--rounds", type=int,
-                   help="idle/busy window pairs for the lookup latency (default 8; quick 2). A busy window lasts well "
-                   "under a second: the p99 of fewer busy lookups swings with any hiccup of the machine")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="idle/busy window pairs for the lookup latency (default 8; quick 2). A busy window lasts well "
+        "under a second: the p99 of fewer busy lookups swings with any hiccup of the machine",
+    )
     p.add_argument("--busy-packets", type=int, help="packets written per busy window (default 4; quick 2)")
     p.add_argument("--idle-s", type=float, help="seconds per idle window (default 2; quick 1)")
-    p.add_argument("--lookup-keys", type=int, default=NUM_TABLES * 256,
-                   help="keys per lookup in the latency loop (default 6,656 = 256 samples x 26 features)")
-    p.add_argument("--apply-cpus", default="auto", metavar="LIST|auto|none",
-                   help="the local server's --apply-cpus in parts 1 and 4 (auto, the default: the last CPU this process "
-                   "may use, when it may use two or more; none: no placement, and no part 6)")
+    p.add_argument(
+        "--lookup-keys",
+        type=int,
+        default=NUM_TABLES * 256,
+        help="keys per lookup in the latency loop (default 6,656 = 256 samples x 26 features)",
+    )
+    p.add_argument(
+        "--apply-cpus",
+        default="auto",
+        metavar="LIST|auto|none",
+        help="the local server's --apply-cpus in parts 1 and 4 (auto, the default: the last CPU this process "
+        "may use, when it may use two or more; none: no placement, and no part 6)",
+    )
     p.add_argument("--skip-s3", action="store_true", help="do not start Ceph; no S3 figures")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args()
@@ -179,14 +201,20 @@ def embedding_config_dict() -> dict:
 
 def train_config_dict(root: str, capacity: int, storage: dict | None = None) -> dict:
     server = {
-        "capacity": capacity, "enable_incremental_update": True, "incremental_dir": f"{root}/incremental",
+        "capacity": capacity,
+        "enable_incremental_update": True,
+        "incremental_dir": f"{root}/incremental",
         # Only the benchmark's explicit flush() publishes: the interval and buffer triggers are out of reach.
-        "incremental_flush_interval": 86_400.0, "incremental_buffer_size": 1 << 30,
+        "incremental_flush_interval": 86_400.0,
+        "incremental_buffer_size": 1 << 30,
     }
     if storage:
         server["storage"] = storage
-    return {"common_config": {"job_type": "train"}, "embedding_parameter_server_config": server,
-            "sparse_optimizer": {"type": "adagrad", "lr": 0.05}}
+    return {
+        "common_config": {"job_type": "train"},
+        "embedding_parameter_server_config": server,
+        "sparse_optimizer": {"type": "adagrad", "lr": 0.05},
+    }
 
 
 def infer_config_dict(capacity: int) -> dict:
@@ -222,8 +250,17 @@ class Trainer:
         self.client.close()
 
 
-def freshness_run(trainer: Trainer, serving, count: int, warmup: int, rows: int, poll_s: float, timeout_s: float,
-                  label: str, jitter_s: float = 0.0) -> tuple[list[float], list[float]]:
+def freshness_run(
+    trainer: Trainer,
+    serving,
+    count: int,
+    warmup: int,
+    rows: int,
+    poll_s: float,
+    timeout_s: float,
+    label: str,
+    jitter_s: float = 0.0,
+) -> tuple[list[float], list[float]]:
     """Time flush start -> served lookup equal to the trainer's values, ``count`` times after
     ``warmup``; each flush first waits a random 0..``jitter_s`` seconds."""
     fresh, flush = [], []
@@ -238,8 +275,10 @@ def freshness_run(trainer: Trainer, serving, count: int, warmup: int, rows: int,
             if serving.lookup_rows(ids, tabs, DIM).tobytes() == want:
                 break
             if time.perf_counter() - t0 > timeout_s:
-                raise RuntimeError(f"{label}: update {i} not served after {timeout_s:.0f} s (watermark "
-                                   f"{serving.stats()[0].get('watermark')}, published seq {trainer.publisher.last_seq})")
+                raise RuntimeError(
+                    f"{label}: update {i} not served after {timeout_s:.0f} s (watermark "
+                    f"{serving.stats()[0].get('watermark')}, published seq {trainer.publisher.last_seq})"
+                )
             time.sleep(poll_s)
         t1 = time.perf_counter()
         if i >= warmup:
@@ -248,25 +287,39 @@ def freshness_run(trainer: Trainer, serving, count: int, warmup: int, rows: int,
     return fresh, flush
 
 
-def report_freshness(results: dict, prefix: str, fresh: list[float], flush: list[float], serving, goal: float, name: str) -> None:
+def report_freshness(
+    results: dict, prefix: str, fresh: list[float], flush: list[float], serving, goal: float, name: str
+) -> None:
     p50, p99 = percentiles(fresh)
     f50, f99 = percentiles(flush)
     hot = serving.stats()[0]["hotload"]
-    results.update({f"{prefix}p50_s": p50, f"{prefix}p99_s": p99, f"{prefix}max_s": max(fresh),
-                    f"{prefix}flush_p50_s": f50, f"{prefix}flush_p99_s": f99,
-                    f"{prefix}server_freshness_p50_s": hot["freshness_p50_s"],
-                    f"{prefix}server_freshness_p99_s": hot["freshness_p99_s"],
-                    f"{prefix}packets_applied": hot["packets_applied"]})
-    print(f"  {name}: flush -> served p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {max(fresh) * 1e3:.1f} ms "
-          f"over {len(fresh)} flushes (goal p99 < {goal:.0f} s: {'met' if p99 < goal else 'NOT met'}); flush() alone "
-          f"p50 {f50 * 1e3:.1f} ms; server created->applied p50 {hot['freshness_p50_s'] * 1e3:.1f} ms, "
-          f"p99 {hot['freshness_p99_s'] * 1e3:.1f} ms", flush=True)
+    results.update(
+        {
+            f"{prefix}p50_s": p50,
+            f"{prefix}p99_s": p99,
+            f"{prefix}max_s": max(fresh),
+            f"{prefix}flush_p50_s": f50,
+            f"{prefix}flush_p99_s": f99,
+            f"{prefix}server_freshness_p50_s": hot["freshness_p50_s"],
+            f"{prefix}server_freshness_p99_s": hot["freshness_p99_s"],
+            f"{prefix}packets_applied": hot["packets_applied"],
+        }
+    )
+    print(
+        f"  {name}: flush -> served p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {max(fresh) * 1e3:.1f} ms "
+        f"over {len(fresh)} flushes (goal p99 < {goal:.0f} s: {'met' if p99 < goal else 'NOT met'}); flush() alone "
+        f"p50 {f50 * 1e3:.1f} ms; server created->applied p50 {hot['freshness_p50_s'] * 1e3:.1f} ms, "
+        f"p99 {hot['freshness_p99_s'] * 1e3:.1f} ms",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- heavy packets
 
 
-def heavy_packet(emb, rng: np.random.Generator, rows: int, vocab: int, seq: int) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+def heavy_packet(
+    emb, rng: np.random.Generator, rows: int, vocab: int, seq: int
+) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
     """An encoded packet of ``rows`` distinct random rows (shard 0 of 1); also its keys and values."""
     from embedding_server.modelroot.packets import encode_packet
     from embedding_server.store.store import TableRows
@@ -309,9 +362,12 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
     warm = EmbeddingStore(emb, GlobalConfig.from_dict(infer_config_dict(4096)))  # load the compiled kernels first
     warm.put_many(decode_packet(heavy_packet(emb, rng, 1000, 1000, 0)[0], emb).tables)
     del warm
+
     def new_store() -> EmbeddingStore:
         # Sized as an infer server should be: every row it serves plus its largest packet (room to stage one).
-        return EmbeddingStore(emb, GlobalConfig.from_dict(infer_config_dict(args.heavy_vocab + args.packet_rows + 1024)))
+        return EmbeddingStore(
+            emb, GlobalConfig.from_dict(infer_config_dict(args.heavy_vocab + args.packet_rows + 1024))
+        )
 
     def replay(store) -> tuple[float, float]:
         """Seconds for a new follower's initial replay of every packet into ``store``, then the
@@ -331,8 +387,10 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
         finally:
             follower.stop()
         if stats["rows_applied"] != total or stats["packets_quarantined"]:
-            raise RuntimeError(f"apply rate: follower applied {stats['rows_applied']} of {total} rows "
-                               f"({stats['packets_quarantined']} packets quarantined)")
+            raise RuntimeError(
+                f"apply rate: follower applied {stats['rows_applied']} of {total} rows "
+                f"({stats['packets_quarantined']} packets quarantined)"
+            )
         return elapsed, moved
 
     store = new_store()
@@ -351,18 +409,31 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
     mb = sum(len(b) for b in blobs) / 1e6
     commit_gbps = fresh_memory_commit_gbps()
     rate, over = total / empty_s, total / full_s
-    results.update({"apply_rows_per_s": rate, "apply_overwrite_rows_per_s": over,
-                    "apply_ratio": min(rate, over) / APPLY_GOAL_ROWS_PER_S, "apply_rows": total,
-                    "apply_distinct_rows": held, "apply_packet_rows": args.packet_rows, "apply_mb": mb,
-                    "decode_rows_per_s": total / decode_s, "fresh_memory_commit_gb_per_s": commit_gbps,
-                    "apply_reused_memory_rows_per_s": total / warm_s, "apply_huge_pages_s": move_s})
+    results.update(
+        {
+            "apply_rows_per_s": rate,
+            "apply_overwrite_rows_per_s": over,
+            "apply_ratio": min(rate, over) / APPLY_GOAL_ROWS_PER_S,
+            "apply_rows": total,
+            "apply_distinct_rows": held,
+            "apply_packet_rows": args.packet_rows,
+            "apply_mb": mb,
+            "decode_rows_per_s": total / decode_s,
+            "fresh_memory_commit_gb_per_s": commit_gbps,
+            "apply_reused_memory_rows_per_s": total / warm_s,
+            "apply_huge_pages_s": move_s,
+        }
+    )
     met = min(rate, over) >= APPLY_GOAL_ROWS_PER_S
-    print(f"  apply rate (follower replay of {args.apply_packets} x {args.packet_rows:,}-row packets, {mb:.0f} MB, "
-          f"{held:,} distinct rows, from local disk): {rate / 1e6:.2f} M rows/s into an empty store, {over / 1e6:.2f} M "
-          f"rows/s overwriting (goal >= 5 M: {'met' if met else 'NOT met'}); decode_packet alone "
-          f"{total / decode_s / 1e6:.2f} M rows/s; this machine commits fresh memory (huge pages) at "
-          f"{commit_gbps:.2f} GB/s; into a new store on memory given back by the first: {total / warm_s / 1e6:.2f} M "
-          f"rows/s; after the replay, moving the rows onto huge pages took {move_s:.2f} s", flush=True)
+    print(
+        f"  apply rate (follower replay of {args.apply_packets} x {args.packet_rows:,}-row packets, {mb:.0f} MB, "
+        f"{held:,} distinct rows, from local disk): {rate / 1e6:.2f} M rows/s into an empty store, {over / 1e6:.2f} M "
+        f"rows/s overwriting (goal >= 5 M: {'met' if met else 'NOT met'}); decode_packet alone "
+        f"{total / decode_s / 1e6:.2f} M rows/s; this machine commits fresh memory (huge pages) at "
+        f"{commit_gbps:.2f} GB/s; into a new store on memory given back by the first: {total / warm_s / 1e6:.2f} M "
+        f"rows/s; after the replay, moving the rows onto huge pages took {move_s:.2f} s",
+        flush=True,
+    )
 
 
 def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
@@ -383,8 +454,17 @@ def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
     return nbytes / elapsed / 1e9
 
 
-def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folder: Path, staging: Path, first_seq: int,
-                   pool: tuple[np.ndarray, np.ndarray]) -> dict:
+def lookup_windows(
+    args,
+    emb,
+    rng: np.random.Generator,
+    lookup,
+    watermark,
+    folder: Path,
+    staging: Path,
+    first_seq: int,
+    pool: tuple[np.ndarray, np.ndarray],
+) -> dict:
     """Rounds of an idle and a busy window (see part 4): ``lookup(ids, tables)`` of
     ``--lookup-keys`` keys from ``pool`` in a loop, ``watermark()`` polled every 20 ms in both
     kinds of window; a busy window's packets (seqs from ``first_seq``) are written to
@@ -395,7 +475,9 @@ def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folde
 
     stage = open_storage(str(staging))
     n = min(args.lookup_keys, pool[0].shape[0])
-    batches = [tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))]
+    batches = [
+        tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))
+    ]
     idle, busy, rates = [], [], []
 
     def lookups_until(done: threading.Event, out: list[float]) -> None:
@@ -447,10 +529,12 @@ def lookup_windows(args, emb, rng: np.random.Generator, lookup, watermark, folde
         lookup(*batches[0])
     seq = first_seq
     for r in range(args.rounds):
-        packets = [heavy_packet(emb, rng, args.packet_rows, args.heavy_vocab, seq + k) for k in range(args.busy_packets)]
+        packets = [
+            heavy_packet(emb, rng, args.packet_rows, args.heavy_vocab, seq + k) for k in range(args.busy_packets)
+        ]
         blobs = [(seq + k, p[0]) for k, p in enumerate(packets)]
         seq += args.busy_packets
-        for kind in ([(idle, []), (busy, blobs)] if r % 2 == 0 else [(busy, blobs), (idle, [])]):
+        for kind in [(idle, []), (busy, blobs)] if r % 2 == 0 else [(busy, blobs), (idle, [])]:
             window(*kind)
     _, ids, index, weights = packets[-1]
     sample = rng.choice(ids.shape[0], min(100_000, ids.shape[0]), replace=False)
@@ -463,19 +547,39 @@ def report_windows(results: dict, prefix: str, got: dict, where: str, rate_label
     """Record and print the windows' figures under ``prefix``; returns the median apply rate."""
     (i50, i99), (b50, b99) = percentiles(got["idle"]), percentiles(got["busy"])
     live = float(np.median(got["rates"]))
-    results.update({f"{prefix}idle_p50_ms": i50 * 1e3, f"{prefix}idle_p99_ms": i99 * 1e3, f"{prefix}busy_p50_ms": b50 * 1e3,
-                    f"{prefix}busy_p99_ms": b99 * 1e3, f"{prefix}p99_ratio": b99 / i99, f"{prefix}keys": got["keys"],
-                    f"{prefix}count_idle": len(got["idle"]), f"{prefix}count_busy": len(got["busy"])})
-    print(f"  {where}: lookups of {got['keys']:,} keys: idle p50 {i50 * 1e3:.2f} ms p99 {i99 * 1e3:.2f} ms "
-          f"({len(got['idle'])} lookups); while packets apply: p50 {b50 * 1e3:.2f} ms p99 {b99 * 1e3:.2f} ms "
-          f"({len(got['busy'])} lookups) = {b99 / i99:.2f}x idle p99 (goal <= {LOOKUP_GOAL_RATIO}: "
-          f"{'met' if b99 / i99 <= LOOKUP_GOAL_RATIO else 'NOT met'}); {rate_label} {live / 1e6:.2f} M rows/s; last "
-          f"packet served bit for bit", flush=True)
+    results.update(
+        {
+            f"{prefix}idle_p50_ms": i50 * 1e3,
+            f"{prefix}idle_p99_ms": i99 * 1e3,
+            f"{prefix}busy_p50_ms": b50 * 1e3,
+            f"{prefix}busy_p99_ms": b99 * 1e3,
+            f"{prefix}p99_ratio": b99 / i99,
+            f"{prefix}keys": got["keys"],
+            f"{prefix}count_idle": len(got["idle"]),
+            f"{prefix}count_busy": len(got["busy"]),
+        }
+    )
+    print(
+        f"  {where}: lookups of {got['keys']:,} keys: idle p50 {i50 * 1e3:.2f} ms p99 {i99 * 1e3:.2f} ms "
+        f"({len(got['idle'])} lookups); while packets apply: p50 {b50 * 1e3:.2f} ms p99 {b99 * 1e3:.2f} ms "
+        f"({len(got['busy'])} lookups) = {b99 / i99:.2f}x idle p99 (goal <= {LOOKUP_GOAL_RATIO}: "
+        f"{'met' if b99 / i99 <= LOOKUP_GOAL_RATIO else 'NOT met'}); {rate_label} {live / 1e6:.2f} M rows/s; last "
+        f"packet served bit for bit",
+        flush=True,
+    )
     return live
 
 
-def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: dict, lookup_pool: tuple[np.ndarray, np.ndarray],
-                               prefix: str, where: str) -> None:
+def measure_lookup_under_apply(
+    args,
+    emb,
+    trainer: Trainer,
+    serving,
+    results: dict,
+    lookup_pool: tuple[np.ndarray, np.ndarray],
+    prefix: str,
+    where: str,
+) -> None:
     """Part 4: lookups through ``serving`` from the local server in idle windows vs windows in
     which big packets are applied; figures under ``prefix``."""
     folder = trainer.publisher.storage.root  # the training shard's packet folder under the model root
@@ -484,13 +588,25 @@ def measure_lookup_under_apply(args, emb, trainer: Trainer, serving, results: di
         streams = serving.stats()[0]["hotload"]["streams"]
         return streams[0]["watermark"] if streams else -1
 
-    got = lookup_windows(args, emb, np.random.default_rng(args.seed + 11), lambda ids, tabs: serving.lookup_rows(ids, tabs, DIM),
-                         watermark, folder, folder.parent.parent.parent / "heavy-staging", trainer.publisher.last_seq + 1,
-                         lookup_pool)
+    got = lookup_windows(
+        args,
+        emb,
+        np.random.default_rng(args.seed + 11),
+        lambda ids, tabs: serving.lookup_rows(ids, tabs, DIM),
+        watermark,
+        folder,
+        folder.parent.parent.parent / "heavy-staging",
+        trainer.publisher.last_seq + 1,
+        lookup_pool,
+    )
     trainer.publisher.last_seq = got["next_seq"] - 1  # these seqs are taken (the trainer publishes no more)
     live = report_windows(results, prefix, got, where, "server applied (first rename to watermark)")
-    results.update({f"{prefix}live_apply_rows_per_s": live,
-                    f"{prefix}heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows})
+    results.update(
+        {
+            f"{prefix}live_apply_rows_per_s": live,
+            f"{prefix}heavy_rows_applied": args.rounds * args.busy_packets * args.packet_rows,
+        }
+    )
 
 
 def cpu_placement(args) -> tuple[frozenset[int], frozenset[int]] | None:
@@ -506,7 +622,9 @@ def cpu_placement(args) -> tuple[frozenset[int], frozenset[int]] | None:
     except ValueError as exc:
         raise SystemExit(f"--apply-cpus: {exc}") from None
     if not apply < usable:
-        raise SystemExit(f"--apply-cpus {args.apply_cpus}: must leave this process at least one of its CPUs {sorted(usable)}")
+        raise SystemExit(
+            f"--apply-cpus {args.apply_cpus}: must leave this process at least one of its CPUs {sorted(usable)}"
+        )
     return usable - apply, apply
 
 
@@ -525,20 +643,32 @@ def client_on(cpus: frozenset[int] | None):
             pin_process(before)
 
 
-def measure_both_ways(args, emb, trainer: Trainer, group, near, results: dict, pool: tuple[np.ndarray, np.ndarray],
-                      placement: tuple[frozenset[int], frozenset[int]] | None, prefix: str) -> None:
+def measure_both_ways(
+    args,
+    emb,
+    trainer: Trainer,
+    group,
+    near,
+    results: dict,
+    pool: tuple[np.ndarray, np.ndarray],
+    placement: tuple[frozenset[int], frozenset[int]] | None,
+    prefix: str,
+) -> None:
     """Part 4 over gRPC, then through the local socket (``near``: a client that uses it). The
     gRPC client stands in for a handler on another machine, so with a placement it runs on the
     serving CPUs only: on the apply CPUs it would be the one slowed by the applies, not the server."""
     from embedding_server.rpc.remote import RemoteEmbeddingClient
 
     wait_huge_pages(near)
-    with client_on(None if placement is None else placement[0]), \
-            RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc:
+    with (
+        client_on(None if placement is None else placement[0]),
+        RemoteEmbeddingClient(emb, group.addresses, local_lookups=False) as over_grpc,
+    ):
         measure_lookup_under_apply(args, emb, trainer, over_grpc, results, pool, f"{prefix}lookup_", "server over gRPC")
     print("  the same server through its local socket", flush=True)
-    measure_lookup_under_apply(args, emb, trainer, near, results, pool, f"{prefix}local_lookup_",
-                               "server over its local socket")
+    measure_lookup_under_apply(
+        args, emb, trainer, near, results, pool, f"{prefix}local_lookup_", "server over its local socket"
+    )
 
 
 def wait_huge_pages(client, timeout_s: float = 120.0) -> None:
@@ -580,8 +710,9 @@ def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict, apply_
         def watermark() -> int:
             return follower.stats()["streams"][0]["watermark"]
 
-        got = lookup_windows(args, emb, rng, store.lookup, watermark, root / packet_dir(0, 1), tmp / "store-staging", 1,
-                             (ids, index))
+        got = lookup_windows(
+            args, emb, rng, store.lookup, watermark, root / packet_dir(0, 1), tmp / "store-staging", 1, (ids, index)
+        )
     finally:
         follower.stop()
         gc.unfreeze()
@@ -593,9 +724,9 @@ def measure_store_lookup_under_apply(args, emb, tmp: Path, results: dict, apply_
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     from embedding_server.core.config import EmbeddingConfig, GlobalConfig
-    from embedding_server.store.cpus import format_cpu_list
     from embedding_server.modelroot.incremental import publish_checkpoint
     from embedding_server.rpc.remote import RemoteEmbeddingClient
+    from embedding_server.store.cpus import format_cpu_list
 
     load = OtherLoad()
     began = time.monotonic()
@@ -608,8 +739,14 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     infer_path = tmp / "infer.yml"
     infer_path.write_text(yaml.safe_dump(infer_config_dict(serve_capacity)))
     rng = np.random.default_rng(args.seed)
-    results: dict = {"quick": args.quick, "updates": args.updates, "s3_updates": args.s3_updates,
-                     "update_rows": args.update_rows, "tables": NUM_TABLES, "dim": DIM}
+    results: dict = {
+        "quick": args.quick,
+        "updates": args.updates,
+        "s3_updates": args.s3_updates,
+        "update_rows": args.update_rows,
+        "tables": NUM_TABLES,
+        "dim": DIM,
+    }
     timeout_s = 30.0
 
     # The local trainer and the checkpoint its server starts from.
@@ -619,8 +756,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     trainer.update(args.update_rows)
     publish_checkpoint(trainer.client, str(root))
     placement = cpu_placement(args)
-    results["placement"] = None if placement is None else {"serve_cpus": format_cpu_list(placement[0]),
-                                                           "apply_cpus": format_cpu_list(placement[1])}
+    results["placement"] = (
+        None
+        if placement is None
+        else {"serve_cpus": format_cpu_list(placement[0]), "apply_cpus": format_cpu_list(placement[1])}
+    )
     placed = [] if placement is None else ["--apply-cpus", format_cpu_list(placement[1])]
     local_server = (tmp / "servers-local", ["--model-root", str(root)] + placed)
 
@@ -632,7 +772,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
 
     missing = ceph.missing_binaries()
     if args.skip_s3 or missing:
-        why = "--skip-s3 given" if args.skip_s3 else f"Ceph programs not installed: {', '.join(missing)}; {ceph.INSTALL_HINT}"
+        why = (
+            "--skip-s3 given"
+            if args.skip_s3
+            else f"Ceph programs not installed: {', '.join(missing)}; {ceph.INSTALL_HINT}"
+        )
         print(f"freshness, S3: SKIPPED ({why})", flush=True)
         results.update({"s3_skipped": why, "s3_p50_s": None, "s3_p99_s": None, "s3_ratio": None})
         group = start_servers(stack, emb_path, infer_path, [local_server], results)[0]
@@ -649,11 +793,15 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
     s3_done = time.monotonic()
 
     # 1. local disk ---------------------------------------------------------------------------
-    print(f"freshness, local disk: {args.updates} flushes of {args.update_rows:,} rows (26 tables, dim 16), "
-          f"lookups every {args.poll_ms:g} ms", flush=True)
+    print(
+        f"freshness, local disk: {args.updates} flushes of {args.update_rows:,} rows (26 tables, dim 16), "
+        f"lookups every {args.poll_ms:g} ms",
+        flush=True,
+    )
     serving = stack.enter_context(RemoteEmbeddingClient(emb, group.addresses))
-    fresh, flush = freshness_run(trainer, serving, args.updates, args.warmup, args.update_rows, args.poll_ms / 1e3,
-                                 timeout_s, "local")
+    fresh, flush = freshness_run(
+        trainer, serving, args.updates, args.warmup, args.update_rows, args.poll_ms / 1e3, timeout_s, "local"
+    )
     report_freshness(results, "", fresh, flush, serving, LOCAL_GOAL_S, "local disk (inotify)")
     served_ids, served_tabs = served_rows(trainer)  # every row the trainer changed: all served, all hits
     local_done = time.monotonic()
@@ -664,8 +812,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
 
     # 4. lookups under heavy applies, on the local server ----------------------------------------
     where = "" if placement is None else f" (server: --apply-cpus {results['placement']['apply_cpus']})"
-    print(f"lookup latency: {args.rounds} rounds of an idle window ({args.idle_s:g} s) and a busy window "
-          f"({args.busy_packets} x {args.packet_rows:,}-row packets){where}", flush=True)
+    print(
+        f"lookup latency: {args.rounds} rounds of an idle window ({args.idle_s:g} s) and a busy window "
+        f"({args.busy_packets} x {args.packet_rows:,}-row packets){where}",
+        flush=True,
+    )
     measure_both_ways(args, emb, trainer, group, serving, results, (served_ids, served_tabs), placement, "")
     print("lookup latency, in-process store (no gRPC, no second process)", flush=True)
     with client_on(None if placement is None else placement[0]):
@@ -674,8 +825,13 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
 
     # 6. part 4 on a server without CPU placement -------------------------------------------------
     if placement is not None:
-        print("lookup latency, part 4 again on a server without CPU placement (restarted on the same model root)", flush=True)
-        unplaced = start_servers(stack, emb_path, infer_path, [(tmp / "servers-unplaced", ["--model-root", str(root)])], {})[0]
+        print(
+            "lookup latency, part 4 again on a server without CPU placement (restarted on the same model root)",
+            flush=True,
+        )
+        unplaced = start_servers(
+            stack, emb_path, infer_path, [(tmp / "servers-unplaced", ["--model-root", str(root)])], {}
+        )[0]
         with RemoteEmbeddingClient(emb, unplaced.addresses) as near:
             measure_both_ways(args, emb, trainer, unplaced, near, results, (served_ids, served_tabs), None, "unplaced_")
         unplaced.stop()
@@ -688,15 +844,19 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict:
         "apply_at_least_5M_rows_per_s": results["apply_ratio"] >= 1.0,
         "lookup_p99_at_most_1_5x_idle": results["lookup_p99_ratio"] <= LOOKUP_GOAL_RATIO,
     }
-    results["phase_seconds"] = {"setup_and_s3": round(s3_done - began, 1), "local": round(local_done - s3_done, 1),
-                                "apply_and_lookups": round(heavy_done - local_done, 1)}
+    results["phase_seconds"] = {
+        "setup_and_s3": round(s3_done - began, 1),
+        "local": round(local_done - s3_done, 1),
+        "apply_and_lookups": round(heavy_done - local_done, 1),
+    }
     results["other_load"] = load.share()
     results["cpus"] = os.cpu_count()
     return results
 
 
-def start_servers(stack: contextlib.ExitStack, emb_path: Path, infer_path: Path, servers: list[tuple[Path, list[str]]],
-                  results: dict) -> list:
+def start_servers(
+    stack: contextlib.ExitStack, emb_path: Path, infer_path: Path, servers: list[tuple[Path, list[str]]], results: dict
+) -> list:
     """Start one infer-mode server per (workdir, extra args), all at once; each is stopped by ``stack``."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -704,8 +864,19 @@ def start_servers(stack: contextlib.ExitStack, emb_path: Path, infer_path: Path,
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(servers)) as pool:
-        futures = [pool.submit(ServerGroup.start, emb_path, infer_path, num_shards=1, workdir=workdir, mode="infer",
-                               metrics=True, extra_args=extra) for workdir, extra in servers]
+        futures = [
+            pool.submit(
+                ServerGroup.start,
+                emb_path,
+                infer_path,
+                num_shards=1,
+                workdir=workdir,
+                mode="infer",
+                metrics=True,
+                extra_args=extra,
+            )
+            for workdir, extra in servers
+        ]
     groups, error = [], None
     for future in futures:
         try:
@@ -734,8 +905,11 @@ def setup_s3(args, emb, tmp: Path, ceph, stack: contextlib.ExitStack, results: d
     from embedding_server.core.config import GlobalConfig
     from embedding_server.modelroot.incremental import publish_checkpoint
 
-    print(f"freshness, S3 (real Ceph, RADOS Gateway on loopback): {args.s3_updates} flushes, server lists every "
-          f"{args.s3_poll_interval:g} s", flush=True)
+    print(
+        f"freshness, S3 (real Ceph, RADOS Gateway on loopback): {args.s3_updates} flushes, server lists every "
+        f"{args.s3_poll_interval:g} s",
+        flush=True,
+    )
     t0 = time.monotonic()
     cluster = ceph.CephCluster.start(tmp / "ceph", die_with_parent=True)
     stack.callback(cluster.stop)
@@ -748,8 +922,12 @@ def setup_s3(args, emb, tmp: Path, ceph, stack: contextlib.ExitStack, results: d
     os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
     root = f"s3://{bucket}/freshness-{uuid.uuid4().hex[:8]}"
     storage = {"endpoint": cluster.endpoint, "access_key": cluster.access_key, "secret_key": cluster.secret_key}
-    trainer = Trainer(emb, GlobalConfig.from_dict(train_config_dict(root, args.vocab + 1024, storage)), args.vocab,
-                      np.random.default_rng(args.seed + 3))
+    trainer = Trainer(
+        emb,
+        GlobalConfig.from_dict(train_config_dict(root, args.vocab + 1024, storage)),
+        args.vocab,
+        np.random.default_rng(args.seed + 3),
+    )
     stack.callback(trainer.close)
     trainer.update(args.update_rows)
     publish_checkpoint(trainer.client, root, storage_options=storage)
@@ -760,11 +938,20 @@ def measure_s3(args, emb, trainer: Trainer, group, results: dict) -> None:
     from embedding_server.rpc.remote import RemoteEmbeddingClient
 
     with RemoteEmbeddingClient(emb, group.addresses) as serving:
-        fresh, flush = freshness_run(trainer, serving, args.s3_updates, min(args.warmup, 1), args.update_rows,
-                                     args.poll_ms / 1e3, max(30.0, 10 * args.s3_poll_interval), "s3",
-                                     jitter_s=args.s3_poll_interval)
-        report_freshness(results, "s3_", fresh, flush, serving, S3_GOAL_S,
-                         f"S3 on Ceph (listing every {args.s3_poll_interval:g} s)")
+        fresh, flush = freshness_run(
+            trainer,
+            serving,
+            args.s3_updates,
+            min(args.warmup, 1),
+            args.update_rows,
+            args.poll_ms / 1e3,
+            max(30.0, 10 * args.s3_poll_interval),
+            "s3",
+            jitter_s=args.s3_poll_interval,
+        )
+        report_freshness(
+            results, "s3_", fresh, flush, serving, S3_GOAL_S, f"S3 on Ceph (listing every {args.s3_poll_interval:g} s)"
+        )
     results["s3_ratio"] = results["s3_p99_s"] / S3_GOAL_S
     results["s3_p99_over_poll_interval"] = results["s3_p99_s"] / args.s3_poll_interval
 

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import OtherLoad, measure, report, rounded  # noqa: E402
 
+if TYPE_CHECKING:
+    from embedding_server.core.optimizers import Adagrad
 
 BATCH = 4096
 NUM_FEATURES = 26
@@ -42,8 +45,11 @@ FILL_CHUNK = 100_000
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--quick", action="store_true", help="small run (200k rows, fewer pushes): under 60 s")
     p.add_argument("--rows", type=int, help="rows in all tables together (default 1,000,000; quick 200,000)")
     p.add_argument("--pushes", type=int, help="timed pushes per path (default 40; quick 20)")
@@ -71,9 +77,9 @@ def numpy_adagrad(weights, state, rows, grads, opt: Adagrad) -> None:
 def main() -> int:
     args = parse_args()
     sys.path.insert(0, str(ROOT))
-    from embedding_server.store import kernels
     from embedding_server.core.config import EmbeddingConfig, GlobalConfig
     from embedding_server.core.optimizers import Adagrad
+    from embedding_server.store import kernels
     from embedding_server.store.store import EmbeddingStore
 
     load = OtherLoad()
@@ -82,20 +88,28 @@ def main() -> int:
     rows = per_table * NUM_FEATURES
     n = BATCH * NUM_FEATURES
     mode = "quick" if args.quick else "full"
-    print(f"bench_gradients ({mode}): Adagrad, dim {DIM}, {n} distinct existing rows per push, store of {rows} rows, "
-          f"{args.pushes} timed pushes after {args.warmup} warm-up; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
-          flush=True)
+    print(
+        f"bench_gradients ({mode}): Adagrad, dim {DIM}, {n} distinct existing rows per push, store of {rows} rows, "
+        f"{args.pushes} timed pushes after {args.warmup} warm-up; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     opt = Adagrad()
     emb = EmbeddingConfig.from_dict({"slots_config": {f"C{i}": {"dim": DIM} for i in range(1, NUM_FEATURES + 1)}})
-    glob = GlobalConfig.from_dict({
-        "common_config": {"job_type": "train"},
-        "embedding_parameter_server_config": {"capacity": rows},
-        "sparse_optimizer": opt.to_dict(),
-    })
+    glob = GlobalConfig.from_dict(
+        {
+            "common_config": {"job_type": "train"},
+            "embedding_parameter_server_config": {"capacity": rows},
+            "sparse_optimizer": opt.to_dict(),
+        }
+    )
     store = EmbeddingStore(emb, glob)
-    ids = np.concatenate([np.unique(rng.integers(1, 2**63, size=per_table + per_table // 64 + 16, dtype=np.uint64))[:per_table]
-                          for _ in range(NUM_FEATURES)])
+    ids = np.concatenate(
+        [
+            np.unique(rng.integers(1, 2**63, size=per_table + per_table // 64 + 16, dtype=np.uint64))[:per_table]
+            for _ in range(NUM_FEATURES)
+        ]
+    )
     assert ids.shape[0] == rows
     tables = np.repeat(np.arange(NUM_FEATURES, dtype=np.uint16), per_table)
     perm = rng.permutation(rows)  # interleave the tables (np.unique sorted each table's ids)
@@ -111,7 +125,7 @@ def main() -> int:
     pushes = []
     for _ in range(args.pushes):
         sel = rng.choice(rows, size=n, replace=False)
-        grads = (rng.standard_normal((n, DIM), dtype=np.float32) * np.float32(0.01))
+        grads = rng.standard_normal((n, DIM), dtype=np.float32) * np.float32(0.01)
         pushes.append((sel, grads))
     results: dict[str, float] = {}
 
@@ -130,8 +144,17 @@ def main() -> int:
     g_chk = rng.standard_normal((1000, DIM), dtype=np.float32)
     numpy_adagrad(w_np, s_np, np.arange(1000), g_chk, opt)
     kind, params = opt.params()
-    kernels.apply_gradients(w_st, s_st, np.arange(1000, dtype=np.int64), np.full(NUM_FEATURES, DIM, np.int64),
-                            np.zeros(1000, np.uint16), g_chk, kind, np.array(params, np.float64), 0.0)
+    kernels.apply_gradients(
+        w_st,
+        s_st,
+        np.arange(1000, dtype=np.int64),
+        np.full(NUM_FEATURES, DIM, np.int64),
+        np.zeros(1000, np.uint16),
+        g_chk,
+        kind,
+        np.array(params, np.float64),
+        0.0,
+    )
     diff = float(np.abs(w_np - w_st).max())
     print(f"  (numpy baseline vs the store's Adagrad on 1,000 rows: max |weight difference| {diff:.1e})", flush=True)
     assert diff < 1e-5 and np.allclose(s_np, s_st, rtol=1e-6), "the numpy baseline does not match the store's update"
@@ -140,12 +163,22 @@ def main() -> int:
     print("measuring:", flush=True)
     key_pushes = [(ids[sel], tables[sel], grads) for sel, grads in pushes]
     inserts0 = store.counters()["inserts"]
-    report(results, "store", "EmbeddingStore.apply_gradients",
-           measure(lambda p: store.apply_gradients(*p), key_pushes, args.warmup, baseline, base_samples), n, "rows", "push", "numpy")
+    report(
+        results,
+        "store",
+        "EmbeddingStore.apply_gradients",
+        measure(lambda p: store.apply_gradients(*p), key_pushes, args.warmup, baseline, base_samples),
+        n,
+        "rows",
+        "push",
+        "numpy",
+    )
     results["inserted_during_pushes"] = store.counters()["inserts"] - inserts0
     if results["inserted_during_pushes"]:
-        print(f"  WARNING: {results['inserted_during_pushes']} rows inserted during the pushes (expected all existing)",
-              flush=True)
+        print(
+            f"  WARNING: {results['inserted_during_pushes']} rows inserted during the pushes (expected all existing)",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- kernel only (rows resolved)
     # Uses the store's internal arrays: skipped (with a note) if they are renamed.
@@ -162,20 +195,33 @@ def main() -> int:
         def kernel(p):
             kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kind, params, 0.0)
 
-        report(results, "kernel", "kernels.apply_gradients (rows resolved)",
-               measure(kernel, resolved, args.warmup, baseline, base_samples), n, "rows", "push", "numpy")
+        report(
+            results,
+            "kernel",
+            "kernels.apply_gradients (rows resolved)",
+            measure(kernel, resolved, args.warmup, baseline, base_samples),
+            n,
+            "rows",
+            "push",
+            "numpy",
+        )
     except (AttributeError, TypeError) as exc:
         print(f"  (kernel-only figure skipped: the store's internals changed: {exc})", flush=True)
 
     base_rate = n / statistics.median(base_samples)
-    print(f"  numpy gather/update/scatter (baseline), all {len(base_samples)} pushes: "
-          f"{n / base_rate * 1e3:.2f} ms/push, {base_rate / 1e6:.2f} M rows/s", flush=True)
+    print(
+        f"  numpy gather/update/scatter (baseline), all {len(base_samples)} pushes: "
+        f"{n / base_rate * 1e3:.2f} ms/push, {base_rate / 1e6:.2f} M rows/s",
+        flush=True,
+    )
     results["numpy_adagrad_rows_per_s"] = base_rate
     results["adagrad_rows_per_s"] = results["store_rows_per_s"]
     results["ratio"] = results["store_ratio"]
     other = load.share()
-    print(f"  (other processes used {other:.0%} of the machine's CPU during this run; above ~10% the figures are noisy)",
-          flush=True)
+    print(
+        f"  (other processes used {other:.0%} of the machine's CPU during this run; above ~10% the figures are noisy)",
+        flush=True,
+    )
     summary = {
         "benchmark": "bench_gradients",
         "mode": mode,

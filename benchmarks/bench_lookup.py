@@ -53,15 +53,21 @@ FILL_CHUNK = 131_072
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--quick", action="store_true", help="small run (200k rows, fewer batches): under 60 s")
     p.add_argument("--rows", type=int, help="rows in all tables together (default 1,000,000; quick 200,000)")
     p.add_argument("--batches", type=int, help="timed batches per path (default 40; quick 20)")
     p.add_argument("--warmup", type=int, help="untimed batches per path first (default 5; quick 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--torch-threads", type=int,
-                   help="torch intra-op threads in this process (default: torch's own default, one per core)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch intra-op threads in this process (default: torch's own default, one per core)",
+    )
     p.add_argument("--skip-grpc", action="store_true", help="measure only numpy.take, store and in-process")
     args = p.parse_args()
     args.rows = args.rows or (200_000 if args.quick else 1_000_000)
@@ -129,8 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     import yaml
 
     from embedding_server.core.batch import SparseFeature
-    from embedding_server.rpc.client import InProcessEmbeddingClient
     from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.rpc.client import InProcessEmbeddingClient
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -140,9 +146,12 @@ def run(args: argparse.Namespace) -> dict:
     rows = per_table * NUM_FEATURES
     keys_per_batch = BATCH * NUM_FEATURES
     mode = "quick" if args.quick else "full"
-    print(f"bench_lookup ({mode}): {NUM_FEATURES} features x {BATCH} samples = {keys_per_batch} keys/batch, dim {DIM}, "
-          f"{rows} rows ({per_table} per table), {args.batches} timed batches after {args.warmup} warm-up; "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"bench_lookup ({mode}): {NUM_FEATURES} features x {BATCH} samples = {keys_per_batch} keys/batch, dim {DIM}, "
+        f"{rows} rows ({per_table} per table), {args.batches} timed batches after {args.warmup} warm-up; "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     # Distinct random 64-bit ids per table (hashed ids, as CTR data has).
     vocab = []
@@ -157,7 +166,10 @@ def run(args: argparse.Namespace) -> dict:
         pos = rng.integers(0, per_table, size=(NUM_FEATURES, BATCH))
         batches.append([vocab[t][pos[t]] for t in range(NUM_FEATURES)])
     distinct = statistics.mean(sum(np.unique(col).shape[0] for col in b) for b in batches)
-    print(f"  (distinct keys per batch: {distinct:.0f} of {keys_per_batch}; the clients deduplicate before asking)", flush=True)
+    print(
+        f"  (distinct keys per batch: {distinct:.0f} of {keys_per_batch}; the clients deduplicate before asking)",
+        flush=True,
+    )
     offsets = np.arange(BATCH + 1, dtype=np.int64)
     feature_batches = [[SparseFeature(name, b[t], offsets) for t, name in enumerate(features())] for b in batches]
     tab_col = np.repeat(np.arange(NUM_FEATURES, dtype=np.uint16), BATCH)
@@ -177,10 +189,20 @@ def run(args: argparse.Namespace) -> dict:
     store = client.stores[0]
     misses0 = total_misses(client)
     print("measuring:", flush=True)
-    report(results, "store", "EmbeddingStore.lookup (kernel path)",
-           measure(lambda kb: store.lookup(*kb), key_batches, args.warmup, baseline, baseline.samples), *per_batch)
-    report(results, "in_process", "InProcessEmbeddingClient.lookup",
-           measure(client.lookup, feature_batches, args.warmup, baseline, baseline.samples), *per_batch)
+    report(
+        results,
+        "store",
+        "EmbeddingStore.lookup (kernel path)",
+        measure(lambda kb, store=store: store.lookup(*kb), key_batches, args.warmup, baseline, baseline.samples),
+        *per_batch,
+    )
+    report(
+        results,
+        "in_process",
+        "InProcessEmbeddingClient.lookup",
+        measure(client.lookup, feature_batches, args.warmup, baseline, baseline.samples),
+        *per_batch,
+    )
     results["in_process_misses"] = total_misses(client) - misses0
     if results["in_process_misses"]:
         print(f"  WARNING: {results['in_process_misses']} misses in-process (expected all hits)", flush=True)
@@ -195,19 +217,24 @@ def run(args: argparse.Namespace) -> dict:
             emb_path = Path(tmp) / "embedding_config.yml"
             # sort_keys=False: the feature order defines the table indexes (and the config fingerprint).
             emb_path.write_text(yaml.safe_dump(embedding_config_dict(), sort_keys=False))
-            for shards, key in ((1, "grpc"), (2, "grpc_2shard")):
+            for shards, _key in ((1, "grpc"), (2, "grpc_2shard")):
                 # Headroom over rows / shards so that no shard evicts (hashing splits keys unevenly).
                 capacity = rows if shards == 1 else int(rows / shards * 1.05) + 1024
                 glob_path = Path(tmp) / f"global_config_{shards}.yml"
                 glob_path.write_text(yaml.safe_dump(global_config_dict(capacity), sort_keys=False))
                 t0 = time.perf_counter()
-                group = ServerGroup.start(emb_path, glob_path, num_shards=shards, workdir=Path(tmp) / f"run{shards}", mode="train")
+                group = ServerGroup.start(
+                    emb_path, glob_path, num_shards=shards, workdir=Path(tmp) / f"run{shards}", mode="train"
+                )
                 try:
                     start_s = time.perf_counter() - t0
                     with RemoteEmbeddingClient(emb, group.addresses, timeout=120.0, local_lookups=False) as remote:
                         fill_s = fill(remote, vocab)
-                        print(f"  ({shards} server process(es) serving after {start_s:.1f} s; fill of {rows} rows over gRPC: "
-                              f"{fill_s:.2f} s)", flush=True)
+                        print(
+                            f"  ({shards} server process(es) serving after {start_s:.1f} s; fill of {rows} rows over gRPC: "
+                            f"{fill_s:.2f} s)",
+                            flush=True,
+                        )
                     servers = "1 server" if shards == 1 else f"{shards} shards"
                     for transport, local in (("grpc", False), ("local", True)):
                         path = transport if shards == 1 else f"{transport}_{shards}shard"
@@ -216,22 +243,35 @@ def run(args: argparse.Namespace) -> dict:
                             if used != {transport}:
                                 raise RuntimeError(f"{path}: the client's replicas use {used}, not {transport}")
                             misses0 = total_misses(remote)
-                            report(results, path, f"RemoteEmbeddingClient, {servers}, {'gRPC' if transport == 'grpc' else 'local socket'}",
-                                   measure(remote.lookup, feature_batches, args.warmup, baseline, baseline.samples), *per_batch)
+                            report(
+                                results,
+                                path,
+                                f"RemoteEmbeddingClient, {servers}, {'gRPC' if transport == 'grpc' else 'local socket'}",
+                                measure(remote.lookup, feature_batches, args.warmup, baseline, baseline.samples),
+                                *per_batch,
+                            )
                             results[f"{path}_misses"] = total_misses(remote) - misses0
                             if results[f"{path}_misses"]:
-                                print(f"  WARNING: {results[f'{path}_misses']} misses ({path}; expected all hits)", flush=True)
+                                print(
+                                    f"  WARNING: {results[f'{path}_misses']} misses ({path}; expected all hits)",
+                                    flush=True,
+                                )
                 finally:
                     group.stop()
 
     base_rate = keys_per_batch / statistics.median(baseline.samples)
-    print(f"  numpy.take (baseline), all {len(baseline.samples)} batches: {keys_per_batch / base_rate * 1e3:.2f} ms/batch, "
-          f"{base_rate / 1e6:.2f} M keys/s", flush=True)
+    print(
+        f"  numpy.take (baseline), all {len(baseline.samples)} batches: {keys_per_batch / base_rate * 1e3:.2f} ms/batch, "
+        f"{base_rate / 1e6:.2f} M keys/s",
+        flush=True,
+    )
     results["numpy_take_keys_per_s"] = base_rate
     results["ratio"] = results["in_process_ratio"]
     other = load.share()
-    print(f"  (other processes used {other:.0%} of the machine's CPU during this run; above ~10% the figures are noisy)",
-          flush=True)
+    print(
+        f"  (other processes used {other:.0%} of the machine's CPU during this run; above ~10% the figures are noisy)",
+        flush=True,
+    )
     return {
         "benchmark": "bench_lookup",
         "mode": mode,

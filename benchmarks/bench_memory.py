@@ -20,7 +20,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,8 +33,11 @@ CHUNK = 100_000
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--quick", action="store_true", help="sizes 200k and 1M rows instead of 1M and 10M: under 60 s")
     p.add_argument("--sizes", type=int, nargs="+", help="row counts to measure (overrides the mode's sizes)")
     p.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)  # internal: measure one size here
@@ -80,11 +82,13 @@ def child(n: int) -> int:
     emb = EmbeddingConfig.from_dict({"slots_config": {f"C{i}": {"dim": DIM} for i in range(1, NUM_FEATURES + 1)}})
 
     def make(capacity: int) -> EmbeddingStore:
-        glob = GlobalConfig.from_dict({
-            "common_config": {"job_type": "train"},
-            "embedding_parameter_server_config": {"capacity": capacity},
-            "sparse_optimizer": {"type": "adagrad"},
-        })
+        glob = GlobalConfig.from_dict(
+            {
+                "common_config": {"job_type": "train"},
+                "embedding_parameter_server_config": {"capacity": capacity},
+                "sparse_optimizer": {"type": "adagrad"},
+            }
+        )
         return EmbeddingStore(emb, glob)
 
     # Load the compiled kernels (and numpy's, torch-free) code paths before the first reading.
@@ -108,15 +112,19 @@ def child(n: int) -> int:
     fill_s = time.perf_counter() - t0
     rss_after = settle()
     assert len(store) == n, (len(store), n)
-    print(json.dumps({
-        "rows": n,
-        "rss_before": rss_before,
-        "rss_empty": rss_empty,
-        "rss_after": rss_after,
-        "peak_rss": status_kb("VmHWM") * 1024,
-        "allocated": store.memory_bytes(),
-        "fill_s": fill_s,
-    }))
+    print(
+        json.dumps(
+            {
+                "rows": n,
+                "rss_before": rss_before,
+                "rss_empty": rss_empty,
+                "rss_after": rss_after,
+                "peak_rss": status_kb("VmHWM") * 1024,
+                "allocated": store.memory_bytes(),
+                "fill_s": fill_s,
+            }
+        )
+    )
     return 0
 
 
@@ -125,14 +133,23 @@ def main() -> int:
     if args.child is not None:
         return child(args.child)
     mode = "quick" if args.quick else "full"
-    print(f"bench_memory ({mode}): Adagrad, dim {DIM}, {NUM_FEATURES} tables, raw row = {RAW_BYTES_PER_ROW} bytes "
-          f"(vector + accumulator); sizes {', '.join(label(n) for n in args.sizes)}, one fresh process each", flush=True)
-    summary: dict[str, object] = {"benchmark": "bench_memory", "mode": mode, "dim": DIM, "optimizer": "adagrad",
-                                  "raw_bytes_per_row": RAW_BYTES_PER_ROW}
+    print(
+        f"bench_memory ({mode}): Adagrad, dim {DIM}, {NUM_FEATURES} tables, raw row = {RAW_BYTES_PER_ROW} bytes "
+        f"(vector + accumulator); sizes {', '.join(label(n) for n in args.sizes)}, one fresh process each",
+        flush=True,
+    )
+    summary: dict[str, object] = {
+        "benchmark": "bench_memory",
+        "mode": mode,
+        "dim": DIM,
+        "optimizer": "adagrad",
+        "raw_bytes_per_row": RAW_BYTES_PER_ROW,
+    }
     ratio = None
     for n in args.sizes:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(n)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", str(n)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
             raise SystemExit(f"measuring {n} rows failed (exit {proc.returncode})")
@@ -141,11 +158,13 @@ def main() -> int:
         per_row = grown / n
         ratio = per_row / RAW_BYTES_PER_ROW
         tag = label(n)
-        print(f"  {tag:>5} rows: RSS {r['rss_before'] / 2**20:8.1f} MiB -> {r['rss_after'] / 2**20:8.1f} MiB "
-              f"(empty store: +{(r['rss_empty'] - r['rss_before']) / 2**20:.1f} MiB); "
-              f"{per_row:7.1f} bytes/row = {ratio:.3f}x raw; allocated {r['allocated'] / n:.1f} bytes/row; "
-              f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB; fill {r['fill_s']:.2f} s ({n / r['fill_s'] / 1e6:.2f} M inserts/s)",
-              flush=True)
+        print(
+            f"  {tag:>5} rows: RSS {r['rss_before'] / 2**20:8.1f} MiB -> {r['rss_after'] / 2**20:8.1f} MiB "
+            f"(empty store: +{(r['rss_empty'] - r['rss_before']) / 2**20:.1f} MiB); "
+            f"{per_row:7.1f} bytes/row = {ratio:.3f}x raw; allocated {r['allocated'] / n:.1f} bytes/row; "
+            f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB; fill {r['fill_s']:.2f} s ({n / r['fill_s'] / 1e6:.2f} M inserts/s)",
+            flush=True,
+        )
         summary[f"bytes_per_row_{tag}"] = round(per_row, 2)
         summary[f"ratio_{tag}"] = round(ratio, 4)
         summary[f"allocated_bytes_per_row_{tag}"] = round(r["allocated"] / n, 2)

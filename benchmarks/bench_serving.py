@@ -70,7 +70,6 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List
 
 import numpy as np
 
@@ -89,21 +88,37 @@ GOALS = {"p50_ratio": 1.3, "p99_ratio": 1.5}
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--quick", action="store_true", help="small run (fewer rows and requests): under 60 s with TorchServe's start")
-    p.add_argument("--rows", type=int, help="SyntheticCriteo rows whose ids fill the tables (default 32768; quick 8192)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small run (fewer rows and requests): under 60 s with TorchServe's start"
+    )
+    p.add_argument(
+        "--rows", type=int, help="SyntheticCriteo rows whose ids fill the tables (default 32768; quick 8192)"
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", help="samples per request (default 1 64 512)")
-    p.add_argument("--requests", type=int,
-                   help="timed sequential requests per contender at batch 64 and below (default 600; quick 60); "
-                        "batch 512 and above times a third of them")
+    p.add_argument(
+        "--requests",
+        type=int,
+        help="timed sequential requests per contender at batch 64 and below (default 600; quick 60); "
+        "batch 512 and above times a third of them",
+    )
     p.add_argument("--rounds", type=int, help="timed concurrent rounds per contender (default 8; quick 2)")
     p.add_argument("--per-client", type=int, help="requests per client per concurrent round (default 12; quick 4)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads in the concurrent cases (default 8)")
-    p.add_argument("--warmup", type=int, help="untimed requests per contender and batch size first (default 20; quick 8)")
-    p.add_argument("--worker-threads", type=int, default=1,
-                   help="OMP_NUM_THREADS of TorchServe and its workers, i.e. torch's intra-op threads per worker, alike "
-                        "for all three models (default 1; 0: leave torch's default, one per core)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed requests per contender and batch size first (default 20; quick 8)"
+    )
+    p.add_argument(
+        "--worker-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of TorchServe and its workers, i.e. torch's intra-op threads per worker, alike "
+        "for all three models (default 1; 0: leave torch's default, one per core)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the request draws (default 0)")
     args = p.parse_args()
     args.rows = args.rows or (8192 if args.quick else 32768)
@@ -136,7 +151,9 @@ def _tree_cpu_seconds() -> float:
             continue
         pid = int(entry)
         parents[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick  # utime stime cutime cstime
+        cpu[pid] = (
+            int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        ) / tick  # utime stime cutime cstime
     me = os.getpid()
     total = 0.0
     for pid in cpu:
@@ -170,7 +187,9 @@ def _whole_model_class():
             self.size = int(vocab.shape[0])
             weights = torch.zeros(self.size + 1, rows.shape[1])
             weights[: self.size] = torch.from_numpy(rows)
-            self.bag = nn.EmbeddingBag(self.size + 1, rows.shape[1], mode="sum", include_last_offset=True, _weight=weights)
+            self.bag = nn.EmbeddingBag(
+                self.size + 1, rows.shape[1], mode="sum", include_last_offset=True, _weight=weights
+            )
 
         def forward(self, ids: Tensor, offsets: Tensor) -> Tensor:
             pos = torch.searchsorted(self.vocab, ids).clamp(max=self.size - 1)
@@ -180,13 +199,13 @@ def _whole_model_class():
     class WholeModel(nn.Module):
         """Embedding tables and the dense model in one module."""
 
-        def __init__(self, dense_model: nn.Module, vocabs: List[np.ndarray], rows: List[np.ndarray]):
+        def __init__(self, dense_model: nn.Module, vocabs: list[np.ndarray], rows: list[np.ndarray]):
             super().__init__()
             self.dense = dense_model
             self.tables = nn.ModuleList([FeatureTable(v, r) for v, r in zip(vocabs, rows)])
 
-        def forward(self, dense: Tensor, ids: List[Tensor], offsets: List[Tensor]) -> Tensor:
-            sparse: List[Tensor] = []
+        def forward(self, dense: Tensor, ids: list[Tensor], offsets: list[Tensor]) -> Tensor:
+            sparse: list[Tensor] = []
             for i, table in enumerate(self.tables):
                 sparse.append(table(ids[i], offsets[i]))
             return self.dense(dense, sparse)
@@ -199,8 +218,22 @@ def _archive(model_file: Path, spec_file: Path, handler: Path, name: str, store:
     from archiver.build import archiver_command
 
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=store) as tmp:
-        cmd = [archiver_command(), "--model-name", name, "--version", "1", "--serialized-file", str(model_file),
-               "--handler", str(handler), "--extra-files", str(spec_file), "--export-path", tmp, "--force"]
+        cmd = [
+            archiver_command(),
+            "--model-name",
+            name,
+            "--version",
+            "1",
+            "--serialized-file",
+            str(model_file),
+            "--handler",
+            str(handler),
+            "--extra-files",
+            str(spec_file),
+            "--export-path",
+            tmp,
+            "--force",
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed for {name}:\n{result.stdout}{result.stderr}")
@@ -241,7 +274,9 @@ def time_sequential(clients: dict, bodies: dict, n: int, warmup: int) -> dict[st
     return out
 
 
-def time_concurrent(pool: ThreadPoolExecutor, clients: dict, bodies: dict, rounds: int, per_client: int, warm: bool) -> dict[str, dict]:
+def time_concurrent(
+    pool: ThreadPoolExecutor, clients: dict, bodies: dict, rounds: int, per_client: int, warm: bool
+) -> dict[str, dict]:
     """Rounds of len(clients[c]) threads x per_client requests of one contender, contenders
     interleaved round by round (rotating which goes first)."""
 
@@ -254,7 +289,9 @@ def time_concurrent(pool: ThreadPoolExecutor, clients: dict, bodies: dict, round
 
     def one_round(c: str, r: int, lat: list[float]) -> float:
         t0 = time.perf_counter()
-        futures = [pool.submit(one_client, cl, bodies[c], r * 7 + i * per_client, lat) for i, cl in enumerate(clients[c])]
+        futures = [
+            pool.submit(one_client, cl, bodies[c], r * 7 + i * per_client, lat) for i, cl in enumerate(clients[c])
+        ]
         for f in futures:
             f.result()
         return time.perf_counter() - t0
@@ -281,19 +318,26 @@ def record_case(results: dict, bs: int, mode: str, figures: dict[str, dict]) -> 
         for key, value in figures[c].items():
             results[f"{c}_{case}_{key}"] = value
     ctr, base, whole = (figures[c] for c in CONTENDERS)
-    for ref_name, ref, suffix in (("baseline", base, "ratio"), ("whole", whole, "vs_whole")):
+    for _ref_name, ref, suffix in (("baseline", base, "ratio"), ("whole", whole, "vs_whole")):
         results[f"{case}_p50_{suffix}"] = ctr["p50_ms"] / ref["p50_ms"]
         results[f"{case}_p99_{suffix}"] = ctr["p99_ms"] / ref["p99_ms"]
         results[f"{case}_rps_{suffix}"] = ctr["req_per_s"] / ref["req_per_s"]
-    line = " | ".join(f"{c} p50 {figures[c]['p50_ms']:7.2f} p99 {figures[c]['p99_ms']:7.2f} ms {figures[c]['req_per_s']:6.0f} req/s"
-                      for c in CONTENDERS)
+    line = " | ".join(
+        f"{c} p50 {figures[c]['p50_ms']:7.2f} p99 {figures[c]['p99_ms']:7.2f} ms {figures[c]['req_per_s']:6.0f} req/s"
+        for c in CONTENDERS
+    )
     print(f"  batch {bs:>3} {mode:<3}  {line}", flush=True)
-    print(f"  {'':13}ctrserve / baseline: p50 {results[f'{case}_p50_ratio']:.2f}x p99 {results[f'{case}_p99_ratio']:.2f}x "
-          f"req/s {results[f'{case}_rps_ratio']:.2f}x;  ctrserve / whole: p50 {results[f'{case}_p50_vs_whole']:.2f}x "
-          f"p99 {results[f'{case}_p99_vs_whole']:.2f}x req/s {results[f'{case}_rps_vs_whole']:.2f}x", flush=True)
+    print(
+        f"  {'':13}ctrserve / baseline: p50 {results[f'{case}_p50_ratio']:.2f}x p99 {results[f'{case}_p99_ratio']:.2f}x "
+        f"req/s {results[f'{case}_rps_ratio']:.2f}x;  ctrserve / whole: p50 {results[f'{case}_p50_vs_whole']:.2f}x "
+        f"p99 {results[f'{case}_p99_vs_whole']:.2f}x req/s {results[f'{case}_rps_vs_whole']:.2f}x",
+        flush=True,
+    )
 
 
-def breakdown(results: dict, args: argparse.Namespace, emb, addresses: list[str], version_dir: Path, model, bodies: dict) -> None:
+def breakdown(
+    results: dict, args: argparse.Namespace, emb, addresses: list[str], version_dir: Path, model, bodies: dict
+) -> None:
     """Median ms of PersiaHandler's steps run in this process (TorchServe left out) against the same
     embedding server: decoding (RequestDecoder), the embedding lookup (RemoteEmbeddingClient),
     the dense model, and postprocess (JSON), per batch size."""
@@ -301,6 +345,7 @@ def breakdown(results: dict, args: argparse.Namespace, emb, addresses: list[str]
 
     from embedding_server.core.model_spec import DenseModelSpec
     from embedding_server.rpc.remote import RemoteEmbeddingClient
+
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # ts import banners
         from handler.persia_handler import PersiaHandler
     from handler.request import merge_requests
@@ -314,7 +359,9 @@ def breakdown(results: dict, args: argparse.Namespace, emb, addresses: list[str]
     reps = 10 if args.quick else 40
     try:
         with RemoteEmbeddingClient(emb, addresses) as remote:
-            handler.configure(spec, model, remote, ServingConfig.from_dict({"embedding_servers": addresses}), torch.device("cpu"))
+            handler.configure(
+                spec, model, remote, ServingConfig.from_dict({"embedding_servers": addresses}), torch.device("cpu")
+            )
             for bs, items in bodies.items():
                 steps: dict[str, list[float]] = {"decode": [], "lookup": [], "model": [], "postprocess": []}
                 for k in range(reps + 3):
@@ -335,8 +382,11 @@ def breakdown(results: dict, args: argparse.Namespace, emb, addresses: list[str]
                 medians = {key: float(np.median(v)) * 1e3 for key, v in steps.items()}
                 for key, value in medians.items():
                     results[f"handler_b{bs}_{key}_ms"] = value
-                print(f"  PersiaHandler steps in-process, batch {bs:>3}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items()),
-                      flush=True)
+                print(
+                    f"  PersiaHandler steps in-process, batch {bs:>3}: "
+                    + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items()),
+                    flush=True,
+                )
     finally:
         torch.set_num_threads(threads)
 
@@ -359,7 +409,9 @@ def main() -> int:
         try:
             summary = run(args)
         except KeyboardInterrupt as exc:
-            print(f"interrupted ({str(exc) or 'Ctrl-C'}): every server this run started has been stopped", file=sys.stderr)
+            print(
+                f"interrupted ({str(exc) or 'Ctrl-C'}): every server this run started has been stopped", file=sys.stderr
+            )
             return 130
     print_summary(summary, caught)
     return 0
@@ -372,8 +424,8 @@ def run(args: argparse.Namespace) -> dict:
     from archiver.build import archive_model
     from archiver.torchserve import TorchServeProcess
     from embedding_server.core.batch import SparseFeature
-    from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
     from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
     from embedding_server.rpc.launcher import ServerGroup
     from handler.client import PredictionClient
     from trainer.data import to_batch
@@ -384,9 +436,12 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     mode = "quick" if args.quick else "full"
     rng = np.random.default_rng(args.seed)
-    print(f"bench_serving ({mode}): DLRM, {NUM_DENSE} dense + {NUM_FEATURES} features x dim {DIM}, tables from "
-          f"{args.rows} SyntheticCriteo rows; batch sizes {args.batch_sizes}; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"bench_serving ({mode}): DLRM, {NUM_DENSE} dense + {NUM_FEATURES} features x dim {DIM}, tables from "
+        f"{args.rows} SyntheticCriteo rows; batch sizes {args.batch_sizes}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     results: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_serving_")))
@@ -424,26 +479,35 @@ def run(args: argparse.Namespace) -> dict:
 
         def pooled(features: list) -> list[torch.Tensor]:
             found = tables.lookup(features)
-            return [v.values if isinstance(v, RawEmbedding) else v for v in (found.embeddings[f.name] for f in features)]
+            return [
+                v.values if isinstance(v, RawEmbedding) else v for v in (found.embeddings[f.name] for f in features)
+            ]
 
         vocabs, rows = [], []
         for f in data.sparse:  # train mode: a lookup inserts every new id
             vocab = np.unique(f.ids)
             vocabs.append(vocab)
-            rows.append(pooled([SparseFeature(f.name, vocab, np.arange(vocab.shape[0] + 1, dtype=np.int64))])[0].numpy().copy())
+            rows.append(
+                pooled([SparseFeature(f.name, vocab, np.arange(vocab.shape[0] + 1, dtype=np.int64))])[0].numpy().copy()
+            )
         stats = tables.stats()[0]
         filled = sum(v.shape[0] for v in vocabs)
         tables.dump(str(tmp / "checkpoint"))
         torch.manual_seed(args.seed)
         model_root = tmp / "model_root"
-        version = export_dense(DLRM(NUM_DENSE, NUM_FEATURES, DIM), emb, str(model_root), step=0, dense_width=NUM_DENSE, version=1)
+        version = export_dense(
+            DLRM(NUM_DENSE, NUM_FEATURES, DIM), emb, str(model_root), step=0, dense_width=NUM_DENSE, version=1
+        )
         version_dir = model_root / "dense" / f"v{version:08d}"
         dense_model = torch.jit.load(str(version_dir / "model.pt")).eval()
         whole_dir = tmp / "whole"
         whole_dir.mkdir()
         torch.jit.script(_whole_model_class()(dense_model, vocabs, rows).eval()).save(str(whole_dir / "model.pt"))
-        print(f"  tables: {filled} rows in {NUM_FEATURES} tables (store holds {stats.get('rows', stats.get('size', '?'))}); "
-              f"set-up {time.perf_counter() - t_start:.1f} s", flush=True)
+        print(
+            f"  tables: {filled} rows in {NUM_FEATURES} tables (store holds {stats.get('rows', stats.get('size', '?'))}); "
+            f"set-up {time.perf_counter() - t_start:.1f} s",
+            flush=True,
+        )
 
         # ------------------------------------------------------------ requests
         bodies: dict[int, dict[str, list[bytes]]] = {}
@@ -469,13 +533,27 @@ def run(args: argparse.Namespace) -> dict:
         spec_file = version_dir / "model.json"
         with ThreadPoolExecutor(3) as archivers:  # torch-model-archiver processes, beside the embedding server's start
             jobs = [
-                archivers.submit(_archive, version_dir / "model.pt", spec_file, BASELINES / "dense_handler.py", "baseline", store),
-                archivers.submit(_archive, whole_dir / "model.pt", spec_file, BASELINES / "whole_model_handler.py", "whole", store),
+                archivers.submit(
+                    _archive, version_dir / "model.pt", spec_file, BASELINES / "dense_handler.py", "baseline", store
+                ),
+                archivers.submit(
+                    _archive, whole_dir / "model.pt", spec_file, BASELINES / "whole_model_handler.py", "whole", store
+                ),
             ]
-            group = stack.enter_context(ServerGroup.start(emb_path, glob_path, num_shards=1, workdir=tmp / "embedding",
-                                                          mode="infer", extra_args=["--load", str(tmp / "checkpoint")]))
+            group = stack.enter_context(
+                ServerGroup.start(
+                    emb_path,
+                    glob_path,
+                    num_shards=1,
+                    workdir=tmp / "embedding",
+                    mode="infer",
+                    extra_args=["--load", str(tmp / "checkpoint")],
+                )
+            )
             (tmp / "serving.yml").write_text(json.dumps({"embedding_servers": group.addresses}))
-            jobs.append(archivers.submit(archive_model, version_dir, store, name="ctrserve", serving_config=tmp / "serving.yml"))
+            jobs.append(
+                archivers.submit(archive_model, version_dir, store, name="ctrserve", serving_config=tmp / "serving.yml")
+            )
             for job in jobs:
                 job.result()
         t_archived = time.perf_counter()
@@ -489,8 +567,11 @@ def run(args: argparse.Namespace) -> dict:
         with ThreadPoolExecutor(len(CONTENDERS)) as registrars:
             for job in [registrars.submit(register, c) for c in CONTENDERS]:
                 job.result()
-        print(f"  embedding server + archives {t_archived - t0:.1f} s, TorchServe with 3 models ready "
-              f"{time.perf_counter() - t_archived:.1f} s", flush=True)
+        print(
+            f"  embedding server + archives {t_archived - t0:.1f} s, TorchServe with 3 models ready "
+            f"{time.perf_counter() - t_archived:.1f} s",
+            flush=True,
+        )
 
         def client(name: str) -> PredictionClient:
             c = PredictionClient(ts.grpc_inference_url, model_name=name, timeout=120.0)
@@ -508,31 +589,55 @@ def run(args: argparse.Namespace) -> dict:
             for c in CONTENDERS:
                 if got[c].shape != (bs,):
                     raise RuntimeError(f"{c} answered {got[c].shape} scores for a batch of {bs}")
-            worst["ctrserve_vs_baseline"] = max(worst["ctrserve_vs_baseline"], float(np.abs(got["ctrserve"] - got["baseline"]).max()))
-            worst["whole_vs_baseline"] = max(worst["whole_vs_baseline"], float(np.abs(got["whole"] - got["baseline"]).max()))
-            worst["ctrserve_vs_direct"] = max(worst["ctrserve_vs_direct"], float(np.abs(got["ctrserve"] - expected[bs]).max()))
-        print(f"  scores agree: max |diff| ctrserve-baseline {worst['ctrserve_vs_baseline']:.2e}, whole-baseline "
-              f"{worst['whole_vs_baseline']:.2e}, ctrserve-direct {worst['ctrserve_vs_direct']:.2e} (tolerance {TOL:g})", flush=True)
+            worst["ctrserve_vs_baseline"] = max(
+                worst["ctrserve_vs_baseline"], float(np.abs(got["ctrserve"] - got["baseline"]).max())
+            )
+            worst["whole_vs_baseline"] = max(
+                worst["whole_vs_baseline"], float(np.abs(got["whole"] - got["baseline"]).max())
+            )
+            worst["ctrserve_vs_direct"] = max(
+                worst["ctrserve_vs_direct"], float(np.abs(got["ctrserve"] - expected[bs]).max())
+            )
+        print(
+            f"  scores agree: max |diff| ctrserve-baseline {worst['ctrserve_vs_baseline']:.2e}, whole-baseline "
+            f"{worst['whole_vs_baseline']:.2e}, ctrserve-direct {worst['ctrserve_vs_direct']:.2e} (tolerance {TOL:g})",
+            flush=True,
+        )
         bad = {k: v for k, v in worst.items() if not v <= TOL}
         if bad:
             raise RuntimeError(f"scores differ beyond {TOL:g}: {bad}")
         results.update({f"max_abs_diff_{k}": v for k, v in worst.items()})
 
         # ------------------------------------------------------------ where ctrserve's time goes
-        breakdown(results, args, emb, group.addresses, version_dir, dense_model, {bs: bodies[bs]["ctrserve"] for bs in args.batch_sizes})
+        breakdown(
+            results,
+            args,
+            emb,
+            group.addresses,
+            version_dir,
+            dense_model,
+            {bs: bodies[bs]["ctrserve"] for bs in args.batch_sizes},
+        )
 
         # ------------------------------------------------------------ timing
         load = TreeLoad()
         t_timing = time.perf_counter()
-        print(f"measuring (gRPC; sequential: {args.requests} requests per contender, a third at batch >= 512; "
-              f"{args.concurrency} clients: {args.rounds} rounds x {args.concurrency} x {args.per_client} requests):", flush=True)
+        print(
+            f"measuring (gRPC; sequential: {args.requests} requests per contender, a third at batch >= 512; "
+            f"{args.concurrency} clients: {args.rounds} rounds x {args.concurrency} x {args.per_client} requests):",
+            flush=True,
+        )
         for bs in args.batch_sizes:
             n = args.requests if bs < 512 else max(10, args.requests // 3)
             record_case(results, bs, "seq", time_sequential(seq_clients, bodies[bs], n, args.warmup))
         for i, bs in enumerate(args.batch_sizes):
             rounds = args.rounds if bs < 512 else max(1, args.rounds // 2)
-            record_case(results, bs, f"c{args.concurrency}",
-                        time_concurrent(pool, conc_clients, bodies[bs], rounds, args.per_client, warm=i == 0))
+            record_case(
+                results,
+                bs,
+                f"c{args.concurrency}",
+                time_concurrent(pool, conc_clients, bodies[bs], rounds, args.per_client, warm=i == 0),
+            )
         other = load.share()
         timing_s = time.perf_counter() - t_timing
         server_stats = None
@@ -548,16 +653,25 @@ def run(args: argparse.Namespace) -> dict:
     results["p99_vs_whole"] = results["b64_seq_p99_vs_whole"]
     results["ratio"] = results["p50_ratio"]
     met = {k: results[k] <= goal for k, goal in GOALS.items()}
-    print(f"  headline (batch 64, sequential): ctrserve / baseline p50 {results['p50_ratio']:.2f}x (goal <= 1.3: "
-          f"{'met' if met['p50_ratio'] else 'NOT met'}), p99 {results['p99_ratio']:.2f}x (goal <= 1.5: "
-          f"{'met' if met['p99_ratio'] else 'NOT met'}); ctrserve / whole p50 {results['p50_vs_whole']:.2f}x, "
-          f"p99 {results['p99_vs_whole']:.2f}x", flush=True)
+    print(
+        f"  headline (batch 64, sequential): ctrserve / baseline p50 {results['p50_ratio']:.2f}x (goal <= 1.3: "
+        f"{'met' if met['p50_ratio'] else 'NOT met'}), p99 {results['p99_ratio']:.2f}x (goal <= 1.5: "
+        f"{'met' if met['p99_ratio'] else 'NOT met'}); ctrserve / whole p50 {results['p50_vs_whole']:.2f}x, "
+        f"p99 {results['p99_vs_whole']:.2f}x",
+        flush=True,
+    )
     if server_stats and "misses" in server_stats:
         results["embedding_server_misses"] = server_stats["misses"]
         if server_stats["misses"]:
-            print(f"  WARNING: the embedding server counted {server_stats['misses']} misses (expected all hits)", flush=True)
-    print(f"  (other processes used {other:.0%} of the machine's CPU while timing ({timing_s:.0f} s); above ~10% the figures "
-          f"are noisy; total run {time.perf_counter() - t_start:.0f} s)", flush=True)
+            print(
+                f"  WARNING: the embedding server counted {server_stats['misses']} misses (expected all hits)",
+                flush=True,
+            )
+    print(
+        f"  (other processes used {other:.0%} of the machine's CPU while timing ({timing_s:.0f} s); above ~10% the figures "
+        f"are noisy; total run {time.perf_counter() - t_start:.0f} s)",
+        flush=True,
+    )
     return {
         "benchmark": "bench_serving",
         "mode": mode,

@@ -35,8 +35,8 @@ import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 from embedding_server.core.config import EmbeddingConfig  # noqa: E402
-from embedding_server.rpc.launcher import ServerGroup  # noqa: E402
 from embedding_server.core.optimizers import Adagrad  # noqa: E402
+from embedding_server.rpc.launcher import ServerGroup  # noqa: E402
 from trainer.batch import PyPersiaBatchData  # noqa: E402
 from trainer.ctx import TrainCtx  # noqa: E402
 from trainer.data import to_batch  # noqa: E402
@@ -90,11 +90,16 @@ def plain_inputs(batch: PyPersiaBatchData, vocab: list[np.ndarray]) -> tuple[tor
 
 
 def run_plain(train: list, evals: list, seed: int, warmup: int) -> tuple[float, float]:
-    vocab = [np.unique(np.concatenate([next(f.ids for f in b.sparse if f.name == n) for b in train + evals])) for n in FEATURES]
+    vocab = [
+        np.unique(np.concatenate([next(f.ids for f in b.sparse if f.name == n) for b in train + evals]))
+        for n in FEATURES
+    ]
     torch.manual_seed(seed)
     model = PlainModel([max(len(v), 1) for v in vocab], DLRM(13, 26, DIM))
     dense_opt = torch.optim.Adam(model.dense.parameters(), lr=DENSE_LR)
-    sparse_opt = torch.optim.Adagrad(model.tables.parameters(), lr=SPARSE_LR, initial_accumulator_value=INIT_ACC, eps=1e-10)
+    sparse_opt = torch.optim.Adagrad(
+        model.tables.parameters(), lr=SPARSE_LR, initial_accumulator_value=INIT_ACC, eps=1e-10
+    )
     inputs = [plain_inputs(b, vocab) for b in train]
     times = []
     for dense, rows, target in inputs:
@@ -116,9 +121,13 @@ def run_ctx(train: list, evals: list, seed: int, warmup: int, **ctx_args) -> tup
     model = DLRM(13, 26, DIM)
     config = EmbeddingConfig.from_dict({"slots_config": {n: {"dim": DIM} for n in FEATURES}})
     times = []
-    with TrainCtx(model=model, dense_optimizer=torch.optim.Adam(model.parameters(), lr=DENSE_LR),
-                  sparse_optimizer=Adagrad(lr=SPARSE_LR, initial_accumulator_value=INIT_ACC),
-                  embedding_config=config, **ctx_args) as ctx:
+    with TrainCtx(
+        model=model,
+        dense_optimizer=torch.optim.Adam(model.parameters(), lr=DENSE_LR),
+        sparse_optimizer=Adagrad(lr=SPARSE_LR, initial_accumulator_value=INIT_ACC),
+        embedding_config=config,
+        **ctx_args,
+    ) as ctx:
         for batch in train:
             t0 = time.perf_counter()
             output, target = ctx.forward(batch)
@@ -132,7 +141,11 @@ def _rate(times: list[float], batches: list, warmup: int) -> float:
     timed = np.array(times[warmup:])
     # Median over windows of 10 steps: robust to a stray slow step, keeps per-step variance.
     windows = [timed[i : i + 10].sum() for i in range(0, len(timed) - 9, 10)] or [timed.sum()]
-    return 10 * batches[0].batch_size / float(np.median(windows)) if len(timed) >= 10 else len(timed) * batches[0].batch_size / timed.sum()
+    return (
+        10 * batches[0].batch_size / float(np.median(windows))
+        if len(timed) >= 10
+        else len(timed) * batches[0].batch_size / timed.sum()
+    )
 
 
 def _auc(evals: list, scores: list) -> float:
@@ -154,8 +167,14 @@ def main() -> None:
     print(f"plain PyTorch EmbeddingBag: {plain_rate:,.0f} samples/s, held-out AUC {plain_auc:.4f}")
     rate, auc = run_ctx(train, evals, args.seed, warmup)
     print(f"TrainCtx, in-process store: {rate:,.0f} samples/s ({rate / plain_rate:.2f}x), AUC {auc:.4f}")
-    figures.update(plain_samples_per_s=plain_rate, plain_auc=plain_auc, in_process_samples_per_s=rate,
-                   in_process_auc=auc, in_process_ratio=rate / plain_rate, auc_gap=abs(auc - plain_auc))
+    figures.update(
+        plain_samples_per_s=plain_rate,
+        plain_auc=plain_auc,
+        in_process_samples_per_s=rate,
+        in_process_auc=auc,
+        in_process_ratio=rate / plain_rate,
+        auc_gap=abs(auc - plain_auc),
+    )
     if not args.skip_grpc:
         with tempfile.TemporaryDirectory() as tmp:
             emb, glob = Path(tmp) / "emb.yml", Path(tmp) / "global.yml"

@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from ctrserve.fuzz import TARGETS, run_in_subprocess
 
@@ -48,10 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     def run(job):
         target, start, count = job
         # A chunk may take long on a busy machine; its own inputs are bounded by --time-bound.
-        summary = run_in_subprocess(target, count, args.seed, start=start, timeout=max(600, count * args.time_bound),
-                                    time_bound=args.time_bound, address_space_mb=args.address_space_mb)
-        print(json.dumps({k: v for k, v in summary.items() if k != "failures"} | {"failures": len(summary["failures"])}),
-              flush=True)
+        summary = run_in_subprocess(
+            target,
+            count,
+            args.seed,
+            start=start,
+            timeout=max(600, count * args.time_bound),
+            time_bound=args.time_bound,
+            address_space_mb=args.address_space_mb,
+        )
+        print(
+            json.dumps({k: v for k, v in summary.items() if k != "failures"} | {"failures": len(summary["failures"])}),
+            flush=True,
+        )
         return summary
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -101,8 +101,12 @@ def rss_growth(start: dict[str, int], end: dict[str, int], bound_mb: float, boun
     for key in sorted(start.keys() & end.keys()):
         growth = end[key] - start[key]
         limit = max(bound_mb * 2**20, start[key] * bound_pct / 100)
-        rows[key] = {"start_mib": round(start[key] / 2**20, 1), "end_mib": round(end[key] / 2**20, 1),
-                     "growth_mib": round(growth / 2**20, 1), "within_bound": growth <= limit}
+        rows[key] = {
+            "start_mib": round(start[key] / 2**20, 1),
+            "end_mib": round(end[key] / 2**20, 1),
+            "growth_mib": round(growth / 2**20, 1),
+            "within_bound": growth <= limit,
+        }
     return rows
 
 
@@ -145,12 +149,25 @@ def updates_check(model_root: str, stats: list[dict]) -> dict[str, Any]:
         start = checkpoint_watermark(model_root, hot.get("checkpoint", ""))
         expected = sum(seq - start.get(shard, -1) for shard, seq in last.items())
         watermarks = {int(st["shard"]): st["watermark"] for st in hot.get("streams", [])}
-        servers.append({"address": s["address"], "checkpoint": hot.get("checkpoint"), "published_after_checkpoint": expected,
-                        "packets_applied": hot.get("packets_applied"), "packets_quarantined": hot.get("packets_quarantined"),
-                        "watermarks": watermarks,
-                        "equal": expected == hot.get("packets_applied") and watermarks == last and not hot.get("packets_quarantined")})
-    return {"published_last_seq": last, "packets_published": sum(seq + 1 for seq in last.values()), "servers": servers,
-            "equal": bool(servers) and all(s["equal"] for s in servers)}
+        servers.append(
+            {
+                "address": s["address"],
+                "checkpoint": hot.get("checkpoint"),
+                "published_after_checkpoint": expected,
+                "packets_applied": hot.get("packets_applied"),
+                "packets_quarantined": hot.get("packets_quarantined"),
+                "watermarks": watermarks,
+                "equal": expected == hot.get("packets_applied")
+                and watermarks == last
+                and not hot.get("packets_quarantined"),
+            }
+        )
+    return {
+        "published_last_seq": last,
+        "packets_published": sum(seq + 1 for seq in last.values()),
+        "servers": servers,
+        "equal": bool(servers) and all(s["equal"] for s in servers),
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -184,8 +201,10 @@ class Soak(demo.Demo):
         with RemoteEmbeddingClient(EmbeddingConfig.load(self.files.embedding_config), group.addresses) as admin:
             self._run_until(stream, probe, admin, trainer, warmup)
             baseline, baseline_requests = snapshot(self.started), len(stream.samples)
-            self.say(f"warm-up over ({warmup:.0f} s, {_rows(admin)} rows held): memory baseline of "
-                     f"{len(baseline)} processes; load for {duration - warmup:.0f} s more ...")
+            self.say(
+                f"warm-up over ({warmup:.0f} s, {_rows(admin)} rows held): memory baseline of "
+                f"{len(baseline)} processes; load for {duration - warmup:.0f} s more ..."
+            )
             self._run_until(stream, probe, admin, trainer, duration)
             end = snapshot(self.started)
             stream.stop()
@@ -193,19 +212,25 @@ class Soak(demo.Demo):
             trainer.request_stop()
             demo.wait_for("the trainer's exit", lambda: trainer.process.poll() is not None, 180.0)
             last = published_seqs(self.model_root)
-            demo.wait_for("every server at the last published packet", lambda: _caught_up(admin.stats(), last),
-                          120.0, interval=0.5)
+            demo.wait_for(
+                "every server at the last published packet",
+                lambda: _caught_up(admin.stats(), last),
+                120.0,
+                interval=0.5,
+            )
             self.server_stats = stats = admin.stats()
         samples = stream.samples
         self.result = {
-            "requests": len(samples), "failures": sum(not s.ok for s in samples),
+            "requests": len(samples),
+            "failures": sum(not s.ok for s in samples),
             "failure_examples": sorted({s.error for s in samples if not s.ok})[:5],
             "requests_after_baseline": len(samples) - baseline_requests,
-            "rows_held": [s["rows"] for s in stats], "capacity": [s["capacity"] for s in stats],
+            "rows_held": [s["rows"] for s in stats],
+            "capacity": [s["capacity"] for s in stats],
             "updates": updates_check(self.model_root, stats),
             "rss": rss_growth(baseline, end, self.args.rss_bound_mb, self.args.rss_bound_pct),
             "rss_bound": f"growth <= max({self.args.rss_bound_mb:g} MiB, {self.args.rss_bound_pct:g}%) per process after "
-                         f"{warmup:.0f} s of warm-up",
+            f"{warmup:.0f} s of warm-up",
             "model_versions_served": sorted({s.version for s in samples if s.ok}),
         }
 
@@ -250,16 +275,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="minutes of prediction load (default 10)")
     parser.add_argument("--quick", action="store_true", help="1 minute")
-    parser.add_argument("--warmup", type=float, help="seconds of load before the memory baseline (default 20%%, >= 30 s)")
+    parser.add_argument(
+        "--warmup", type=float, help="seconds of load before the memory baseline (default 20%%, >= 30 s)"
+    )
     parser.add_argument("--shards", type=int, default=2, help="embedding server shards (default 2)")
     parser.add_argument("--clients", type=int, default=4, help="gRPC client threads (default 4)")
     parser.add_argument("--request-rows", type=int, default=64, help="samples per request (default 64)")
     parser.add_argument("--capacity", type=int, default=50_000, help="rows per embedding server (default 50000)")
-    parser.add_argument("--export-every", type=int, default=200,
-                        help="trainer steps between dense versions, the first one included (default 200); a value "
-                             "that gives one version per run (e.g. 2000 here) keeps one set of TorchServe workers alive "
-                             "from the baseline to the end, so their memory is measured too")
-    parser.add_argument("--rss-bound-mb", type=float, default=64.0, help="allowed RSS growth per process, MiB (default 64)")
+    parser.add_argument(
+        "--export-every",
+        type=int,
+        default=200,
+        help="trainer steps between dense versions, the first one included (default 200); a value "
+        "that gives one version per run (e.g. 2000 here) keeps one set of TorchServe workers alive "
+        "from the baseline to the end, so their memory is measured too",
+    )
+    parser.add_argument(
+        "--rss-bound-mb", type=float, default=64.0, help="allowed RSS growth per process, MiB (default 64)"
+    )
     parser.add_argument("--rss-bound-pct", type=float, default=10.0, help="or this %% of its baseline (default 10)")
     parser.add_argument("--workdir", help="default: a new temporary directory")
     args = parser.parse_args(argv)
@@ -270,20 +303,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--warmup ({args.warmup:g} s) must be shorter than the run ({duration:g} s)")
     workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ctrserve-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    options = demo.DemoOptions(workdir, duration=duration, shards=args.shards, live=False, clients=args.clients,
-                               request_rows=args.request_rows, export_every=args.export_every)
+    options = demo.DemoOptions(
+        workdir,
+        duration=duration,
+        shards=args.shards,
+        live=False,
+        clients=args.clients,
+        request_rows=args.request_rows,
+        export_every=args.export_every,
+    )
     options.validate()
     demo._quiet_libraries()
     print(f"soak work directory: {workdir}", flush=True)
     soak = Soak(options, args)
     report = soak.run()
-    result = {"minutes": minutes, **soak.result, "left_running": report.get("left_running"),
-              "error": report.get("error") or None, "interrupted": report.get("interrupted") or None}
+    result = {
+        "minutes": minutes,
+        **soak.result,
+        "left_running": report.get("left_running"),
+        "error": report.get("error") or None,
+        "interrupted": report.get("interrupted") or None,
+    }
     # Every process is bound, this driver (load generator, publisher thread, freshness probe) too.
     rss = result.get("rss", {})
-    result["ok"] = bool(soak.result) and result["failures"] == 0 and result["requests"] > 0 \
-        and result["updates"]["equal"] and all(r["within_bound"] for r in rss.values()) \
-        and not result["left_running"] and not result["error"]
+    result["ok"] = (
+        bool(soak.result)
+        and result["failures"] == 0
+        and result["requests"] > 0
+        and result["updates"]["equal"]
+        and all(r["within_bound"] for r in rss.values())
+        and not result["left_running"]
+        and not result["error"]
+    )
     (workdir / "soak.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0 if result["ok"] else 1

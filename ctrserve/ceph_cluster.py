@@ -138,7 +138,7 @@ class CephCluster:
         memstore_bytes: int = 2 << 30,
         timeout_s: float = 60.0,
         die_with_parent: bool = False,
-    ) -> "CephCluster":
+    ) -> CephCluster:
         """Create and start a cluster in the (new or empty) directory ``root``.
 
         Args:
@@ -173,7 +173,9 @@ class CephCluster:
         (path / "keyring").touch()
         conf = path / "ceph.conf"
         conf.write_text(_ceph_conf(path, str(uuid.uuid4()), mon_port, rgw_port, memstore_bytes))
-        cluster = cls(str(path), f"http://127.0.0.1:{rgw_port}", access_key, secret_key, die_with_parent=die_with_parent)
+        cluster = cls(
+            str(path), f"http://127.0.0.1:{rgw_port}", access_key, secret_key, die_with_parent=die_with_parent
+        )
         try:
             cluster._bootstrap(mon_port, timeout_s)
         except BaseException:
@@ -183,7 +185,7 @@ class CephCluster:
         return cluster
 
     @classmethod
-    def attach(cls, root: str | os.PathLike) -> "CephCluster":
+    def attach(cls, root: str | os.PathLike) -> CephCluster:
         """The cluster a previous :meth:`start` left in ``root`` (to stop it from another process).
 
         Raises:
@@ -249,8 +251,9 @@ class CephCluster:
     def _bootstrap(self, mon_port: int, timeout_s: float) -> None:
         root = Path(self.root)
         monmap = root / "monmap"
-        self._run(["monmaptool", "--create", "--fsid", self._fsid(), "--addv", "a",
-                   f"[v2:127.0.0.1:{mon_port}]", str(monmap)])
+        self._run(
+            ["monmaptool", "--create", "--fsid", self._fsid(), "--addv", "a", f"[v2:127.0.0.1:{mon_port}]", str(monmap)]
+        )
         self._run(["ceph-mon", "--mkfs", "-i", "a", "--monmap", str(monmap)])
         self._spawn("mon", ["ceph-mon", "-f", "-i", "a"])
         osd_uuid = str(uuid.uuid4())
@@ -260,8 +263,18 @@ class CephCluster:
         self._run(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid])
         self._spawn("osd", ["ceph-osd", "-f", "-i", "0"])
         self._spawn("rgw", ["radosgw", "-f", "-n", "client.rgw.gw"])
-        self._run(["radosgw-admin", "user", "create", "--uid=ctrserve", "--display-name=ctrserve tests",
-                   f"--access-key={self.access_key}", f"--secret-key={self.secret_key}"], timeout_s=timeout_s)
+        self._run(
+            [
+                "radosgw-admin",
+                "user",
+                "create",
+                "--uid=ctrserve",
+                "--display-name=ctrserve tests",
+                f"--access-key={self.access_key}",
+                f"--secret-key={self.secret_key}",
+            ],
+            timeout_s=timeout_s,
+        )
         self._wait_for_gateway(timeout_s)
 
     def _fsid(self) -> str:
@@ -274,8 +287,13 @@ class CephCluster:
         """Run a Ceph tool to completion against this cluster's config; its stdout."""
         cmd = [argv[0], "-c", self.conf, *argv[1:]]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                                  preexec_fn=_kill_me_with_parent if self.die_with_parent else None)
+            done = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                preexec_fn=_kill_me_with_parent if self.die_with_parent else None,
+            )
         except subprocess.TimeoutExpired:
             raise CephError(f"`{' '.join(cmd)}` did not finish in {timeout_s:.0f} s; logs in {self.root}/log") from None
         if done.returncode != 0:
@@ -289,9 +307,14 @@ class CephCluster:
         """Start a daemon in the foreground mode (-f) as a child in its own session."""
         log = open(Path(self.root) / "log" / f"{name}.stdout", "wb")
         with log:
-            proc = subprocess.Popen([argv[0], "-c", self.conf, *argv[1:]], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_kill_me_with_parent if self.die_with_parent else None)
+            proc = subprocess.Popen(
+                [argv[0], "-c", self.conf, *argv[1:]],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_kill_me_with_parent if self.die_with_parent else None,
+            )
         self.pids[name] = proc.pid
         self._save()
 
@@ -315,7 +338,9 @@ class CephCluster:
             if "x-amz-request-id" not in headers:  # some other HTTP server holds the port
                 raise CephError(f"{self.endpoint} answers HTTP, but not as an S3 gateway; logs in {self.root}/log")
             return
-        raise CephError(f"S3 gateway at {self.endpoint} not ready after {timeout_s:.0f} s ({last}); logs in {self.root}/log")
+        raise CephError(
+            f"S3 gateway at {self.endpoint} not ready after {timeout_s:.0f} s ({last}); logs in {self.root}/log"
+        )
 
     def _is_ours(self, pid: int) -> bool:
         """Whether ``pid`` is alive and still a daemon of this cluster (not a reused pid)."""
@@ -370,8 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             for bucket in args.bucket:
                 cluster.create_bucket(bucket)
             print(Path(cluster.root, ENV_FILE).read_text(), end="")
-            print(f"# ceph S3 gateway ready in {time.monotonic() - began:.1f} s; stop with: "
-                  f"{sys.argv[0]} stop --dir {cluster.root}", file=sys.stderr)
+            print(
+                f"# ceph S3 gateway ready in {time.monotonic() - began:.1f} s; stop with: "
+                f"{sys.argv[0]} stop --dir {cluster.root}",
+                file=sys.stderr,
+            )
         else:
             CephCluster.attach(args.dir).stop()
             if args.remove:

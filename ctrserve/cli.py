@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     from archiver import cli as archiver_cli
-    from embedding_server import cli as embedding_cli
     from ctrserve import demo, predict, reference
+    from embedding_server import cli as embedding_cli
     from trainer import job
 
     embedding_cli.add_parsers(sub)

@@ -38,9 +38,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
@@ -60,21 +61,37 @@ FRESHNESS_GOAL_S = 10.0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train, publish, hot-load and serve fresh predictions, end to end",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="train, publish, hot-load and serve fresh predictions, end to end",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds of streaming predictions (default 60)")
     p.add_argument("--shards", type=int, default=1, help="embedding server shards in infer mode (default 1)")
-    p.add_argument("--storage", choices=["local", "s3"], default="local",
-                   help="model root on the local disk (default) or on a Ceph S3 gateway started for the demo")
+    p.add_argument(
+        "--storage",
+        choices=["local", "s3"],
+        default="local",
+        help="model root on the local disk (default) or on a Ceph S3 gateway started for the demo",
+    )
     p.add_argument("--workdir", help="configs, logs, model root and the report go here (default: a new temp dir)")
     p.add_argument("--no-live", action="store_true", help="no live view: log lines only")
     p.add_argument("--clients", type=int, default=2, help="client threads streaming predictions (default 2)")
     p.add_argument("--request-rows", type=int, default=64, help="samples per prediction request (default 64)")
     p.add_argument("--batch-size", type=int, default=256, help="training samples per step (default 256)")
-    p.add_argument("--export-every", type=int, default=100,
-                   help="export a dense version every N training steps (default 100: every few seconds)")
-    p.add_argument("--freshness-goal", type=float, default=FRESHNESS_GOAL_S,
-                   help=f"seconds within which a changed row must be served (default {FRESHNESS_GOAL_S:g})")
+    p.add_argument(
+        "--export-every",
+        type=int,
+        default=100,
+        help="export a dense version every N training steps (default 100: every few seconds)",
+    )
+    p.add_argument(
+        "--freshness-goal",
+        type=float,
+        default=FRESHNESS_GOAL_S,
+        help=f"seconds within which a changed row must be served (default {FRESHNESS_GOAL_S:g})",
+    )
     p.set_defaults(func=run)
 
 
@@ -94,10 +111,20 @@ class DemoOptions:
     freshness_goal: float = FRESHNESS_GOAL_S
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DemoOptions":
+    def from_args(cls, args: argparse.Namespace) -> DemoOptions:
         workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="ctrserve-demo-"))
-        options = cls(workdir, args.duration, args.shards, args.storage, not args.no_live, args.clients,
-                      args.request_rows, args.batch_size, args.export_every, args.freshness_goal)
+        options = cls(
+            workdir,
+            args.duration,
+            args.shards,
+            args.storage,
+            not args.no_live,
+            args.clients,
+            args.request_rows,
+            args.batch_size,
+            args.export_every,
+            args.freshness_goal,
+        )
         options.validate()
         return options
 
@@ -166,26 +193,48 @@ def write_configs(workdir: Path, model_root: str, options: DemoOptions, max_seco
     """
     cfg = workdir / "config"
     cfg.mkdir(parents=True, exist_ok=True)
-    files = DemoFiles(cfg / "embedding_config.yml", cfg / "global_config.train.yml", cfg / "global_config.infer.yml",
-                      cfg / "job.yml", cfg / "serving.yml", workdir / "train")
+    files = DemoFiles(
+        cfg / "embedding_config.yml",
+        cfg / "global_config.train.yml",
+        cfg / "global_config.infer.yml",
+        cfg / "job.yml",
+        cfg / "serving.yml",
+        workdir / "train",
+    )
     _dump(files.embedding_config, {"slots_config": {name: {"dim": EMBEDDING_DIM} for name in FEATURES}})
     capacity = 4_000_000
-    _dump(files.trainer_global, {
-        "common_config": {"job_type": "train"},
-        "embedding_parameter_server_config": {
-            "capacity": capacity, "enable_incremental_update": True, "incremental_dir": f"{model_root}/incremental",
-            "incremental_flush_interval": 1.0,
+    _dump(
+        files.trainer_global,
+        {
+            "common_config": {"job_type": "train"},
+            "embedding_parameter_server_config": {
+                "capacity": capacity,
+                "enable_incremental_update": True,
+                "incremental_dir": f"{model_root}/incremental",
+                "incremental_flush_interval": 1.0,
+            },
         },
-    })
-    _dump(files.serving_global, {"common_config": {"job_type": "infer"},
-                                 "embedding_parameter_server_config": {"capacity": capacity}})
-    _dump(files.job, {
-        "embedding_config": str(files.embedding_config),
-        "global_config": str(files.trainer_global),
-        "data": {"batch_size": options.batch_size, "synthetic": {"seed": 0}},
-        "train": {"steps": 10_000_000, "eval_every": 20, "eval_batches": 4, "log_every": 10, "max_seconds": max_seconds},
-        "output": {"dir": str(files.train_dir), "model_root": model_root, "export_every": options.export_every},
-    })
+    )
+    _dump(
+        files.serving_global,
+        {"common_config": {"job_type": "infer"}, "embedding_parameter_server_config": {"capacity": capacity}},
+    )
+    _dump(
+        files.job,
+        {
+            "embedding_config": str(files.embedding_config),
+            "global_config": str(files.trainer_global),
+            "data": {"batch_size": options.batch_size, "synthetic": {"seed": 0}},
+            "train": {
+                "steps": 10_000_000,
+                "eval_every": 20,
+                "eval_batches": 4,
+                "log_every": 10,
+                "max_seconds": max_seconds,
+            },
+            "output": {"dir": str(files.train_dir), "model_root": model_root, "export_every": options.export_every},
+        },
+    )
     return files
 
 
@@ -242,8 +291,15 @@ class TrainerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._signalled = False
         with open(log_path, "wb") as out:
-            self.process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -290,8 +346,13 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def wait_for(what: str, condition: Callable[[], bool], timeout: float, alive: Callable[[], None] = lambda: None,
-             interval: float = 0.2) -> None:
+def wait_for(
+    what: str,
+    condition: Callable[[], bool],
+    timeout: float,
+    alive: Callable[[], None] = lambda: None,
+    interval: float = 0.2,
+) -> None:
     """Poll ``condition`` until true; ``alive`` raises when something died meanwhile.
 
     Raises:
@@ -329,10 +390,11 @@ class PredictionStream:
         self.start_time = time.monotonic()
         self._stop = threading.Event()
         self._bodies = request_bodies(rows, seed)
-        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"demo-client-{i}", daemon=True)
-                         for i in range(clients)]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), name=f"demo-client-{i}", daemon=True) for i in range(clients)
+        ]
 
-    def start(self) -> "PredictionStream":
+    def start(self) -> PredictionStream:
         self.start_time = time.monotonic()
         for thread in self._threads:
             thread.start()
@@ -415,8 +477,15 @@ class FreshnessProbe:
         timeout_s: a probe not served within this many seconds counts as missed.
     """
 
-    def __init__(self, model_root: str, embedding_config: Any, servers: list[str], rows_per_packet: int = 2,
-                 timeout_s: float = 30.0, seed: int = 0):
+    def __init__(
+        self,
+        model_root: str,
+        embedding_config: Any,
+        servers: list[str],
+        rows_per_packet: int = 2,
+        timeout_s: float = 30.0,
+        seed: int = 0,
+    ):
         from embedding_server.rpc.remote import RemoteEmbeddingClient
         from embedding_server.storage.urls import open_storage
 
@@ -435,7 +504,7 @@ class FreshnessProbe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-freshness-probe", daemon=True)
 
-    def start(self) -> "FreshnessProbe":
+    def start(self) -> FreshnessProbe:
         self._skip_existing()
         self._thread.start()
         return self
@@ -473,7 +542,9 @@ class FreshnessProbe:
 
         if not self.storage.exists(INCREMENTAL_DIR):
             return []
-        return [f"{INCREMENTAL_DIR}/{name}" for name in self.storage.list_dir(INCREMENTAL_DIR) if name.startswith("shard-")]
+        return [
+            f"{INCREMENTAL_DIR}/{name}" for name in self.storage.list_dir(INCREMENTAL_DIR) if name.startswith("shard-")
+        ]
 
     def _new_packets(self, folder: str) -> list[int]:
         from embedding_server.modelroot.packets import parse_packet_name
@@ -511,6 +582,7 @@ class FreshnessProbe:
         previous = self._previous.get(folder, {})
         candidates = [(rows, int(i)) for rows in packet.tables for i in self._rng.permutation(rows.ids.shape[0])[:200]]
         self._rng.shuffle(candidates)
+
         def was_different(rows: Any, i: int) -> bool:
             old = previous.get((rows.table.index, int(rows.ids[i])))
             return old is not None and not np.array_equal(old, rows.weights[i])
@@ -520,12 +592,23 @@ class FreshnessProbe:
             old = previous.get((rows.table.index, int(rows.ids[i])))
             # A copy: the value is a view into the previous packet, which it would keep alive.
             old = None if old is None else old.copy()
-            probe = Probe(rows.table.name, rows.table.index, int(rows.ids[i]), folder.rsplit("/", 1)[-1], packet.seq,
-                          packet.created_at, [rows.weights[i].copy()], old)
+            probe = Probe(
+                rows.table.name,
+                rows.table.index,
+                int(rows.ids[i]),
+                folder.rsplit("/", 1)[-1],
+                packet.seq,
+                packet.created_at,
+                [rows.weights[i].copy()],
+                old,
+            )
             self.probes.append(probe)
             self._pending.append(probe)
-        self._previous[folder] = {(rows.table.index, int(key)): value for rows in packet.tables
-                                  for key, value in zip(rows.ids.tolist(), rows.weights)}
+        self._previous[folder] = {
+            (rows.table.index, int(key)): value
+            for rows in packet.tables
+            for key, value in zip(rows.ids.tolist(), rows.weights)
+        }
 
     def _check_pending(self) -> None:
         if not self._pending:
@@ -588,13 +671,16 @@ def format_tick(tick: Tick) -> str:
     auc = "-" if tick.train_auc is None else f"{tick.train_auc:.3f}"
     fresh = "-" if tick.probe_p50_s is None else f"p50 {tick.probe_p50_s:.2f}s p99 {tick.probe_p99_s:.2f}s"
     mark = ",".join(f"{k}:{v}" for k, v in sorted(tick.watermark.items())) or "-"
-    return (f"[{tick.t:4.0f}s] {tick.requests_per_s:5.1f} req/s  p50 {tick.p50_ms:5.1f} ms  p99 {tick.p99_ms:6.1f} ms  "
-            f"failed {tick.failures} | model v{tick.model_version}  watermark {mark} | fresh {fresh} "
-            f"(servers p99 {tick.server_freshness_p99_s:.2f}s incl. start-up) | step {tick.train_step or '-'} AUC {auc}")
+    return (
+        f"[{tick.t:4.0f}s] {tick.requests_per_s:5.1f} req/s  p50 {tick.p50_ms:5.1f} ms  p99 {tick.p99_ms:6.1f} ms  "
+        f"failed {tick.failures} | model v{tick.model_version}  watermark {mark} | fresh {fresh} "
+        f"(servers p99 {tick.server_freshness_p99_s:.2f}s incl. start-up) | step {tick.train_step or '-'} AUC {auc}"
+    )
 
 
-def summarize(samples: list[Sample], probe: FreshnessProbe, server_stats: list[dict], duration: float,
-              goal_s: float) -> dict[str, Any]:
+def summarize(
+    samples: list[Sample], probe: FreshnessProbe, server_stats: list[dict], duration: float, goal_s: float
+) -> dict[str, Any]:
     """Every figure of the run: predictions, versions, freshness (servers' and probe's)."""
     ok = [s for s in samples if s.ok]
     latencies = [s.latency_s for s in ok]
@@ -643,9 +729,14 @@ def _example(served: list[Probe]) -> dict | None:
     if not changing:
         return None
     p = changing[-1]
-    return {"table": p.table, "id": p.id, "packet": f"{p.shard}/{p.seq}", "delay_s": p.delay_s,
-            "old_value_head": [round(float(x), 5) for x in (p.old_value[:4] if p.old_value is not None else [])],
-            "new_value_head": [round(float(x), 5) for x in p.values[0][:4]]}
+    return {
+        "table": p.table,
+        "id": p.id,
+        "packet": f"{p.shard}/{p.seq}",
+        "delay_s": p.delay_s,
+        "old_value_head": [round(float(x), 5) for x in (p.old_value[:4] if p.old_value is not None else [])],
+        "new_value_head": [round(float(x), 5) for x in p.values[0][:4]],
+    }
 
 
 def summary_table(report: dict) -> str:
@@ -656,18 +747,27 @@ def summary_table(report: dict) -> str:
         return "-" if value is None else f"{value:{fmt}}{unit}"
 
     rows = [
-        ("predictions",
-         f"{f['requests']} in {f['duration_s']:.0f} s ({f['requests_per_s']:.1f} req/s), {f['failures']} failed"),
+        (
+            "predictions",
+            f"{f['requests']} in {f['duration_s']:.0f} s ({f['requests_per_s']:.1f} req/s), {f['failures']} failed",
+        ),
         ("latency p50 / p99", f"{num(f['latency_p50_ms'], ' ms', '.1f')} / {num(f['latency_p99_ms'], ' ms', '.1f')}"),
         ("longest wait between answers", num(f["largest_gap_between_answers_s"], " s")),
         ("model versions served", ", ".join(f"v{v}" for v in f["model_versions_served"]) or "-"),
         ("embedding watermark (last answer)", json.dumps(f["last_watermark"])),
-        ("freshness, servers (packet made -> applied, incl. start-up replay) p50 / p99",
-         f"{num(f['server_freshness_p50_s'], ' s')} / {num(f['server_freshness_p99_s'], ' s')}"),
-        ("freshness, probe (row changed -> served) p50 / p99 / max",
-         " / ".join(num(f[f"probe_freshness_{q}_s"], " s") for q in ("p50", "p99", "max"))),
-        ("changed rows probed / served / missed", f"{f['probe_rows']} / {f['probe_rows_served']} / {f['probe_rows_missed']} "
-                                                 f"(with a known previous value: {f['probe_rows_changed']})"),
+        (
+            "freshness, servers (packet made -> applied, incl. start-up replay) p50 / p99",
+            f"{num(f['server_freshness_p50_s'], ' s')} / {num(f['server_freshness_p99_s'], ' s')}",
+        ),
+        (
+            "freshness, probe (row changed -> served) p50 / p99 / max",
+            " / ".join(num(f[f"probe_freshness_{q}_s"], " s") for q in ("p50", "p99", "max")),
+        ),
+        (
+            "changed rows probed / served / missed",
+            f"{f['probe_rows']} / {f['probe_rows_served']} / {f['probe_rows_missed']} "
+            f"(with a known previous value: {f['probe_rows_changed']})",
+        ),
         ("freshness goal", f"{f['freshness_goal_s']:g} s: {'met' if checks['freshness_within_goal'] else 'MISSED'}"),
         ("training", f"step {training.get('step') or '-'}, held-out AUC {num(training.get('auc'), '', '.4f')}"),
         ("processes left running", ", ".join(report["left_running"]) or "none"),
@@ -694,13 +794,26 @@ def plot(ticks: list[Tick], probes: list[Probe], stream_start_unix: float, path:
             ax_lat.annotate(f"v{cur.model_version}", (cur.t, 0), xycoords=("data", "axes fraction"), fontsize=8)
     ax_lat.set(title="gRPC prediction latency (dashed: new model version served)", ylabel="ms")
     served = [(p.served_at - stream_start_unix, p.delay_s) for p in probes if p.served_at is not None]
-    ax_fresh.scatter([x for x, _ in served], [y for _, y in served], s=12, color="tab:green",
-                     label="a changed row -> served with its new value")
+    ax_fresh.scatter(
+        [x for x, _ in served],
+        [y for _, y in served],
+        s=12,
+        color="tab:green",
+        label="a changed row -> served with its new value",
+    )
     for q, style in ((50, "-"), (99, "--")):
-        ax_fresh.plot(t, [_window_percentile(served, k.t, q) for k in ticks], style, color="tab:blue",
-                      label=f"p{q} over the last {FRESHNESS_WINDOW_S:.0f} s")
-    ax_fresh.set(title="freshness of the served embeddings: trainer's packet made -> row served",
-                 xlabel="seconds since predictions began", ylabel="s")
+        ax_fresh.plot(
+            t,
+            [_window_percentile(served, k.t, q) for k in ticks],
+            style,
+            color="tab:blue",
+            label=f"p{q} over the last {FRESHNESS_WINDOW_S:.0f} s",
+        )
+    ax_fresh.set(
+        title="freshness of the served embeddings: trainer's packet made -> row served",
+        xlabel="seconds since predictions began",
+        ylabel="s",
+    )
     ax_fresh.set_ylim(bottom=0)
     for ax in (ax_lat, ax_fresh):
         ax.grid(alpha=0.3)
@@ -782,19 +895,24 @@ class Demo:
         from embedding_server.core.config import EmbeddingConfig
 
         emb = EmbeddingConfig.load(files.embedding_config)
-        self.probe = probe = FreshnessProbe(self.model_root, emb, group.addresses, timeout_s=opts.freshness_goal).start()
+        self.probe = probe = FreshnessProbe(
+            self.model_root, emb, group.addresses, timeout_s=opts.freshness_goal
+        ).start()
         stack.callback(probe.stop)
         self.stream = stream = PredictionStream(ts.grpc_inference_url, opts.clients, opts.request_rows).start()
         stack.callback(stream.stop)
         self.stream_start_unix = time.time()
-        self.say(f"streaming predictions for {opts.duration:.0f} s ({opts.clients} gRPC clients, "
-                 f"{opts.request_rows} rows per request) ...")
+        self.say(
+            f"streaming predictions for {opts.duration:.0f} s ({opts.clients} gRPC clients, "
+            f"{opts.request_rows} rows per request) ..."
+        )
         self._watch(stream, probe, group, trainer)
         stream.stop()
         trainer.request_stop()  # it checkpoints and exports while the rest is stopped
 
     def _start_ceph(self, stack: contextlib.ExitStack) -> None:
         from ctrserve import ceph_cluster as cluster_module
+
         self.say("starting a single-node Ceph cluster with its S3 gateway ...")
         cluster = cluster_module.CephCluster.start(self.workdir / "ceph", die_with_parent=True)
         stack.callback(cluster.stop)
@@ -859,13 +977,26 @@ class Demo:
         from embedding_server.rpc.launcher import ServerGroup
 
         self.say("waiting for the trainer's first export (dense version + full sparse checkpoint) ...")
-        wait_for("the first sparse checkpoint", lambda: bool(complete_checkpoints(self.model_root)), 300.0,
-                 alive=trainer.check_alive, interval=0.25)
+        wait_for(
+            "the first sparse checkpoint",
+            lambda: bool(complete_checkpoints(self.model_root)),
+            300.0,
+            alive=trainer.check_alive,
+            interval=0.25,
+        )
         n = self.options.shards
         self.say(f"starting {n} embedding server shard(s) in infer mode on the model root ...")
         extra = ["--model-root", self.model_root, "--poll-interval", "0.25"]
-        group = ServerGroup.start(files.embedding_config, files.serving_global, n, self.workdir / "embedding",
-                                  mode="infer", metrics=True, extra_args=extra, timeout=180.0)
+        group = ServerGroup.start(
+            files.embedding_config,
+            files.serving_global,
+            n,
+            self.workdir / "embedding",
+            mode="infer",
+            metrics=True,
+            extra_args=extra,
+            timeout=180.0,
+        )
         stack.callback(group.stop)
         for i, server in enumerate(group.servers):
             self.started.pids[f"embedding-shard-{i}"] = server.process.pid
@@ -876,12 +1007,20 @@ class Demo:
     def _start_publisher(self, stack: contextlib.ExitStack, ts: Any, files: DemoFiles) -> None:
         from archiver.publish import Publisher, PublishSettings
 
-        settings = PublishSettings(self.model_root, str(self.workdir / "model_store"), name=MODEL_NAME,
-                                   serving_config=str(files.serving_yml), keep=2, drain_s=1.0, poll_s=0.5)
+        settings = PublishSettings(
+            self.model_root,
+            str(self.workdir / "model_store"),
+            name=MODEL_NAME,
+            serving_config=str(files.serving_yml),
+            keep=2,
+            drain_s=1.0,
+            poll_s=0.5,
+        )
         management = ts.management()
         stop = threading.Event()
-        thread = threading.Thread(target=Publisher(management, settings).watch, args=(stop,), name="demo-publisher",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=Publisher(management, settings).watch, args=(stop,), name="demo-publisher", daemon=True
+        )
         thread.start()
 
         def halt() -> None:
@@ -905,11 +1044,17 @@ class Demo:
             if ts.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with code {ts.process.returncode}:\n{ts.log_tail()}")
 
-        wait_for("the first model version registered", lambda: bool(self.management.versions(MODEL_NAME)), 300.0,
-                 alive=alive, interval=0.25)
+        wait_for(
+            "the first model version registered",
+            lambda: bool(self.management.versions(MODEL_NAME)),
+            300.0,
+            alive=alive,
+            interval=0.25,
+        )
         self.management.wait_ready(MODEL_NAME, None, 120.0, alive=alive)
         body = request_bodies(self.options.request_rows, seed=1, count=1)[0]
         with PredictionClient(ts.grpc_inference_url, model_name=MODEL_NAME, timeout=30.0) as client:
+
             def answers() -> bool:
                 try:
                     client.predict(body)
@@ -945,8 +1090,9 @@ class Demo:
                     return
                 next_tick += 1.0
 
-    def _tick(self, now: float, window: list[Sample], samples: list[Sample], probe: FreshnessProbe,
-              stats: list[dict]) -> Tick:
+    def _tick(
+        self, now: float, window: list[Sample], samples: list[Sample], probe: FreshnessProbe, stats: list[dict]
+    ) -> Tick:
         """The figures of the second that ended at ``now`` (``window``: its samples)."""
         previous = self.ticks[-1] if self.ticks else None
         span = now - (previous.t if previous else 0.0)
@@ -981,8 +1127,9 @@ class Demo:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def _report(self, stream: PredictionStream | None, probe: FreshnessProbe | None, stats: list[dict],
-                elapsed: float) -> dict[str, Any]:
+    def _report(
+        self, stream: PredictionStream | None, probe: FreshnessProbe | None, stats: list[dict], elapsed: float
+    ) -> dict[str, Any]:
         samples = stream.samples if stream else []
         duration = self.ticks[-1].t if self.ticks else 0.0
         figures = summarize(samples, probe, stats, duration, self.options.freshness_goal) if probe else {}
@@ -1000,9 +1147,12 @@ class Demo:
             "model_root": self.model_root,
             "elapsed_s": elapsed,
             "figures": figures,
-            "training": {"step": result.get("steps", step), "auc": result.get("eval_auc", auc),
-                         "exported_versions": result.get("exported_versions"),
-                         "exit_code": getattr(self, "trainer_exit", None)},
+            "training": {
+                "step": result.get("steps", step),
+                "auc": result.get("eval_auc", auc),
+                "exported_versions": result.get("exported_versions"),
+                "exit_code": getattr(self, "trainer_exit", None),
+            },
             "processes": {"pids": self.started.pids, "process_groups": self.started.groups},
             "left_running": left,
             "timeline": [asdict(t) for t in self.ticks],

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import struct
@@ -39,9 +38,9 @@ import sys
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -51,15 +50,38 @@ from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
 
 HUGE = [2**31, 2**32 - 1, 2**40 - 1, 10**12, 2**53, 2**63, 2**64 - 1, 2**64, 10**30, -1, -(2**63)]
-ODD_VALUES: list[Any] = [None, True, False, 0, 1, -1, 1.5, float("nan"), "", "x", [], {}, [1], {"a": 1}, "\u0000", "é" * 3]
+ODD_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    1.5,
+    float("nan"),
+    "",
+    "x",
+    [],
+    {},
+    [1],
+    {"a": 1},
+    "\u0000",
+    "é" * 3,
+]
 #: Peak traced bytes one input may allocate: a fixed allowance plus a multiple of its size
 #: (parsed JSON takes ~20x its bytes in Python objects).
 ALLOC_FIXED = 32 << 20
 ALLOC_PER_INPUT_BYTE = 40
-EMB = EmbeddingConfig.from_dict({
-    "slots_config": {"C1": {"dim": 4}, "C2": {"dim": 8}, "H1": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 3}},
-    "feature_groups": {"g": ["C1", "H1"]},
-})
+EMB = EmbeddingConfig.from_dict(
+    {
+        "slots_config": {
+            "C1": {"dim": 4},
+            "C2": {"dim": 8},
+            "H1": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 3},
+        },
+        "feature_groups": {"g": ["C1", "H1"]},
+    }
+)
 DENSE_WIDTH = 3
 
 
@@ -96,7 +118,13 @@ def splice(rng: random.Random, data: bytes) -> bytes:
         return bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     a = rng.randrange(len(data))
     b = min(len(data), a + rng.randint(1, 64))
-    return rng.choice((data[:a] + data[b:], data[:b] + data[a:b] + data[b:], data[:a] + os.urandom(0) + bytes(rng.randrange(256) for _ in range(b - a)) + data[b:]))
+    return rng.choice(
+        (
+            data[:a] + data[b:],
+            data[:b] + data[a:b] + data[b:],
+            data[:a] + os.urandom(0) + bytes(rng.randrange(256) for _ in range(b - a)) + data[b:],
+        )
+    )
 
 
 BYTE_MUTATORS = (flip_bytes, truncate, huge_word, splice)
@@ -117,7 +145,9 @@ def mutate_json_value(rng: random.Random, value: Any, depth: int = 0) -> Any:
         if choice < 0.15:
             del out[key]
         elif choice < 0.25:
-            out[rng.choice(["extra", "", "batch_size", "dense", "sparse", "meta", "ids", "\u0000"])] = rng.choice(ODD_VALUES + HUGE)
+            out[rng.choice(["extra", "", "batch_size", "dense", "sparse", "meta", "ids", "\u0000"])] = rng.choice(
+                ODD_VALUES + HUGE
+            )
         else:
             out[key] = mutate_json_value(rng, value[key], depth + 1)
         return out
@@ -147,7 +177,11 @@ def random_batch(rng: random.Random) -> BatchData:
     for dtype in rng.sample([np.float32, np.float64, np.int32, np.int64], rng.randint(0, 2)):
         data.dense.append(nprng.normal(size=(batch, rng.randint(0, 4))).astype(dtype))
     for name in rng.sample(["C1", "C2", "H1", "other", "é"], rng.randint(0 if data.dense else 1, 3)):
-        data.sparse.append(SparseFeature.from_lists(name, [nprng.integers(0, 2**63, rng.randint(0, 4)).astype(np.uint64) for _ in range(batch)]))
+        data.sparse.append(
+            SparseFeature.from_lists(
+                name, [nprng.integers(0, 2**63, rng.randint(0, 4)).astype(np.uint64) for _ in range(batch)]
+            )
+        )
     if rng.random() < 0.3:
         data.targets.append(nprng.random((batch, 1)).astype(np.float32))
     return data
@@ -170,7 +204,9 @@ def mutate_batch_header(rng: random.Random, encoded: bytes) -> bytes:
     header, payload = _split(encoded)
     field = rng.choice(["batch_size", "dense", "sparse", "targets", "meta", "any"])
     if field == "batch_size":
-        header["batch_size"] = rng.choice(HUGE + ODD_VALUES + [header["batch_size"] + 1, max(0, header["batch_size"] - 1)])
+        header["batch_size"] = rng.choice(
+            HUGE + ODD_VALUES + [header["batch_size"] + 1, max(0, header["batch_size"] - 1)]
+        )
     elif field in ("dense", "sparse", "targets") and header[field]:
         entry = dict(rng.choice(header[field]))
         key = rng.choice(list(entry))
@@ -194,8 +230,13 @@ def claimed_huge_batches() -> list[bytes]:
     base = {"dense": [], "sparse": [], "targets": [], "meta": {}}
     return [
         _frame(json.dumps({**base, "batch_size": 10**12, "sparse": [{"name": "C1", "ids": 10**12}]}).encode(), b""),
-        _frame(json.dumps({**base, "batch_size": 1, "sparse": [{"name": "C1", "ids": 10**12}]}).encode(), struct.pack("<qq", 0, 10**12)),
-        _frame(json.dumps({**base, "batch_size": 10**6, "dense": [{"dtype": "f64", "width": 10**6}]}).encode(), b"\0" * 64),
+        _frame(
+            json.dumps({**base, "batch_size": 1, "sparse": [{"name": "C1", "ids": 10**12}]}).encode(),
+            struct.pack("<qq", 0, 10**12),
+        ),
+        _frame(
+            json.dumps({**base, "batch_size": 10**6, "dense": [{"dtype": "f64", "width": 10**6}]}).encode(), b"\0" * 64
+        ),
         _frame(json.dumps({**base, "batch_size": 2**40 - 1, "targets": [{"width": 2**40 - 1}]}).encode(), b""),
         struct.pack("<4sHHI", MAGIC, 1, 0, 2**32 - 1) + b"{}" + b"\0\0\0\0",
     ]
@@ -240,10 +281,17 @@ def random_packet(rng: random.Random) -> bytes:
     tables = []
     for spec in rng.sample(list(EMB.tables.values()), rng.randint(0, len(EMB.tables))):
         n = rng.choice((0, 1, 3, 10))
-        tables.append(TableRows(spec, nprng.integers(0, 2**64 - 1, n, dtype=np.uint64),
-                                nprng.normal(size=(n, spec.dim)).astype(np.float32), np.zeros((n, 0), np.float32)))
-    return _packets_module().encode_packet(tables, shard=rng.randrange(4), num_shards=4, seq=rng.randrange(2**40),
-                                           fingerprint=EMB.fingerprint())
+        tables.append(
+            TableRows(
+                spec,
+                nprng.integers(0, 2**64 - 1, n, dtype=np.uint64),
+                nprng.normal(size=(n, spec.dim)).astype(np.float32),
+                np.zeros((n, 0), np.float32),
+            )
+        )
+    return _packets_module().encode_packet(
+        tables, shard=rng.randrange(4), num_shards=4, seq=rng.randrange(2**40), fingerprint=EMB.fingerprint()
+    )
 
 
 def _rewrite(table, metadata: dict | None = None, columns: list | None = None, names: list | None = None) -> bytes:
@@ -251,7 +299,9 @@ def _rewrite(table, metadata: dict | None = None, columns: list | None = None, n
 
     columns = columns if columns is not None else table.columns
     names = names if names is not None else table.schema.names
-    out = pa.Table.from_arrays(columns, names=names).replace_schema_metadata(metadata if metadata is not None else table.schema.metadata)
+    out = pa.Table.from_arrays(columns, names=names).replace_schema_metadata(
+        metadata if metadata is not None else table.schema.metadata
+    )
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, out.schema) as writer:
         writer.write_table(out)
@@ -287,16 +337,28 @@ def mutate_packet_columns(rng: random.Random, data: bytes) -> bytes:
         columns[2] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
         index = table.column("table").combine_chunks()
         names_list = index.dictionary.to_pylist() if n else []
-        meta["checksum"] = str(packets._checksum(names_list, index.indices.to_numpy(zero_copy_only=False).astype(np.int16) if n else np.zeros(0, np.int16),
-                                                 table.column("id").to_numpy(), flat))
+        meta["checksum"] = str(
+            packets._checksum(
+                names_list,
+                index.indices.to_numpy(zero_copy_only=False).astype(np.int16) if n else np.zeros(0, np.int16),
+                table.column("id").to_numpy(),
+                flat,
+            )
+        )
     elif choice == 1:  # unknown table names, checksum fixed
         index = pa.array(np.zeros(n, np.int16), pa.int16())
         dictionary = pa.array([rng.choice(["nope", "", "C1", "g", "../x"])], pa.string())
         columns[0] = pa.DictionaryArray.from_arrays(index, dictionary)
         flat = table.column("weight").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        meta["checksum"] = str(packets._checksum(dictionary.to_pylist() if n else [], np.zeros(n, np.int16), table.column("id").to_numpy(), flat))
+        meta["checksum"] = str(
+            packets._checksum(
+                dictionary.to_pylist() if n else [], np.zeros(n, np.int16), table.column("id").to_numpy(), flat
+            )
+        )
     elif choice == 2:  # ids of another type
-        columns[1] = pa.array([str(i) for i in range(n)]) if rng.random() < 0.5 else pa.array(np.arange(n, dtype=np.int64) - 5)
+        columns[1] = (
+            pa.array([str(i) for i in range(n)]) if rng.random() < 0.5 else pa.array(np.arange(n, dtype=np.int64) - 5)
+        )
     elif choice == 3:  # weights of another type
         columns[2] = pa.array([[1] * 4 for _ in range(n)], pa.list_(pa.int64()))
     elif choice == 4:  # a missing or extra column
@@ -313,8 +375,14 @@ def mutate_packet_columns(rng: random.Random, data: bytes) -> bytes:
             columns = [c.take(pa.array(order)) for c in columns]
             index = columns[0].combine_chunks()
             flat = columns[2].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            meta["checksum"] = str(packets._checksum(index.dictionary.to_pylist(), index.indices.to_numpy(zero_copy_only=False).astype(np.int16),
-                                                     columns[1].to_numpy(), flat))
+            meta["checksum"] = str(
+                packets._checksum(
+                    index.dictionary.to_pylist(),
+                    index.indices.to_numpy(zero_copy_only=False).astype(np.int16),
+                    columns[1].to_numpy(),
+                    flat,
+                )
+            )
     return _rewrite(table, metadata=meta, columns=columns, names=names)
 
 
@@ -324,7 +392,10 @@ def claimed_huge_packets() -> list[bytes]:
     base = random_packet(random.Random(0))
     table = pa.ipc.open_file(pa.BufferReader(base)).read_all()
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    out = [_rewrite(table, metadata={**meta, "rows": str(10**12)}), _rewrite(table, metadata={**meta, "seq": str(10**30)})]
+    out = [
+        _rewrite(table, metadata={**meta, "rows": str(10**12)}),
+        _rewrite(table, metadata={**meta, "seq": str(10**30)}),
+    ]
     out += [huge_word(random.Random(i), base) for i in range(8)]
     return out
 
@@ -362,15 +433,24 @@ def _decoder():
     from handler.request import RequestDecoder
 
     spec = DenseModelSpec.for_config(EMB, version=1, step=1, dense_width=DENSE_WIDTH)
-    return RequestDecoder(spec, max_batch_size=64, max_request_bytes=1 << 20, max_ids_per_request=500,
-                          max_ids_per_sample=20, max_json_request_bytes=256 << 10)
+    return RequestDecoder(
+        spec,
+        max_batch_size=64,
+        max_request_bytes=1 << 20,
+        max_ids_per_request=500,
+        max_ids_per_sample=20,
+        max_json_request_bytes=256 << 10,
+    )
 
 
 def _valid_request(rng: random.Random) -> dict:
     batch = rng.randint(1, 6)
     return {
         "dense": [[rng.uniform(-1, 1) for _ in range(DENSE_WIDTH)] for _ in range(batch)],
-        "sparse": {name: [[rng.randrange(2**64) for _ in range(rng.randint(0, 3))] for _ in range(batch)] for name in ("C1", "C2", "H1")},
+        "sparse": {
+            name: [[rng.randrange(2**64) for _ in range(rng.randint(0, 3))] for _ in range(batch)]
+            for name in ("C1", "C2", "H1")
+        },
     }
 
 
@@ -385,15 +465,33 @@ def request_input(rng: random.Random) -> dict:
     elif kind < 0.6:
         body = mutate_bytes(rng, json.dumps(doc).encode())
     elif kind < 0.85:
-        data = BatchData(dense=[np.array(doc["dense"], np.float32)],
-                         sparse=[SparseFeature.from_lists(n, [[int(i) for i in s] for s in v]) for n, v in doc["sparse"].items()])
+        data = BatchData(
+            dense=[np.array(doc["dense"], np.float32)],
+            sparse=[SparseFeature.from_lists(n, [[int(i) for i in s] for s in v]) for n, v in doc["sparse"].items()],
+        )
         encoded = encode_batch(data)
         body = rng.choice((mutate_batch_header, mutate_batch_payload, lambda r, b: mutate_bytes(r, b)))(rng, encoded)
     else:
-        body = rng.choice([b"", "", b"{", "{" * 5000, b"{" + b"[" * 100_000, "\ud800{}", b"\xef\xbb\xbf{}", b"{" + os.urandom(64),
-                           '{"sparse": {"C1": [[1e400]]}}', '{"dense": [[NaN, 1, 2]], "sparse": {"C1": [[1]], "C2": [[1]], "H1": [[1]]}}',
-                           '{"sparse": {"C1": [[-1]], "C2": [[]], "H1": [[]]}}', '{"sparse": {"C1": [[true]], "C2": [[]], "H1": [[]]}}',
-                           12, None, ["x"], 3.5])
+        body = rng.choice(
+            [
+                b"",
+                "",
+                b"{",
+                "{" * 5000,
+                b"{" + b"[" * 100_000,
+                "\ud800{}",
+                b"\xef\xbb\xbf{}",
+                b"{" + os.urandom(64),
+                '{"sparse": {"C1": [[1e400]]}}',
+                '{"dense": [[NaN, 1, 2]], "sparse": {"C1": [[1]], "C2": [[1]], "H1": [[1]]}}',
+                '{"sparse": {"C1": [[-1]], "C2": [[]], "H1": [[]]}}',
+                '{"sparse": {"C1": [[true]], "C2": [[]], "H1": [[]]}}',
+                12,
+                None,
+                ["x"],
+                3.5,
+            ]
+        )
         if isinstance(body, str) and rng.random() < 0.5:
             body = body.encode("utf-8", errors="surrogatepass")
     key = rng.choice(("body", "data", "batch"))
@@ -500,10 +598,20 @@ def fuzz(target: str, count: int, seed: int, time_bound: float = 2.0, start: int
         if problem is None and peak > allowance:
             problem = f"allocated {peak} bytes > allowance {allowance}"
         if problem:
-            failures.append({"target": target, "seed": seed, "index": index, "problem": problem, "input": _describe(value)})
+            failures.append(
+                {"target": target, "seed": seed, "index": index, "problem": problem, "input": _describe(value)}
+            )
     tracemalloc.stop()
-    return {"target": target, "seed": seed, "start": start, "inputs": tried, "seconds": round(time.perf_counter() - started, 2),
-            "failures": failures, "max_input_seconds": round(slowest, 4), "max_peak_bytes": peak_max}
+    return {
+        "target": target,
+        "seed": seed,
+        "start": start,
+        "inputs": tried,
+        "seconds": round(time.perf_counter() - started, 2),
+        "failures": failures,
+        "max_input_seconds": round(slowest, 4),
+        "max_peak_bytes": peak_max,
+    }
 
 
 def _import_everything() -> None:
@@ -523,26 +631,64 @@ def limit_address_space(extra_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def run_in_subprocess(target: str, count: int, seed: int, start: int = 0, timeout: float = 600,
-                      time_bound: float = 2.0, address_space_mb: int = 2048) -> dict:
+def run_in_subprocess(
+    target: str,
+    count: int,
+    seed: int,
+    start: int = 0,
+    timeout: float = 600,
+    time_bound: float = 2.0,
+    address_space_mb: int = 2048,
+) -> dict:
     """:func:`fuzz` in a child process, so a crash or hang is reported, not suffered.
 
     Returns:
         The child's summary; on a crash, timeout or missing summary, a summary whose single
         failure says what happened (exit status, last lines of stderr).
     """
-    cmd = [sys.executable, "-m", "ctrserve.fuzz", "--target", target, "--inputs", str(count), "--seed", str(seed),
-           "--start", str(start), "--time-bound", str(time_bound), "--address-space-mb", str(address_space_mb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctrserve.fuzz",
+        "--target",
+        target,
+        "--inputs",
+        str(count),
+        "--seed",
+        str(seed),
+        "--start",
+        str(start),
+        "--time-bound",
+        str(time_bound),
+        "--address-space-mb",
+        str(address_space_mb),
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"target": target, "seed": seed, "start": start, "inputs": 0,
-                "failures": [{"target": target, "problem": f"hang: no summary within {timeout} s"}]}
+        return {
+            "target": target,
+            "seed": seed,
+            "start": start,
+            "inputs": 0,
+            "failures": [{"target": target, "problem": f"hang: no summary within {timeout} s"}],
+        }
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return {"target": target, "seed": seed, "start": start, "inputs": 0, "failures": [{
-            "target": target, "seed": seed, "problem": f"child exited with {done.returncode} (a negative value is a signal: "
-            f"a crash)", "stderr": done.stderr[-2000:]}]}
+        return {
+            "target": target,
+            "seed": seed,
+            "start": start,
+            "inputs": 0,
+            "failures": [
+                {
+                    "target": target,
+                    "seed": seed,
+                    "problem": f"child exited with {done.returncode} (a negative value is a signal: a crash)",
+                    "stderr": done.stderr[-2000:],
+                }
+            ],
+        }
     return json.loads(lines[-1])
 
 

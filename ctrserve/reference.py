@@ -11,8 +11,11 @@ from trainer.job import JobConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config-reference", help="print every config key with its default",
-                       description="Print every key of embedding_config.yml, global_config.yml and job.yml with its default.")
+    p = sub.add_parser(
+        "config-reference",
+        help="print every config key with its default",
+        description="Print every key of embedding_config.yml, global_config.yml and job.yml with its default.",
+    )
     p.set_defaults(func=run)
 
 

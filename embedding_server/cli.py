@@ -13,10 +13,10 @@ import threading
 from pathlib import Path
 
 from embedding_server.core.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
-from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
 from embedding_server.core.errors import ConfigError
 from embedding_server.modelroot.hotload import FollowOptions, HotloadError
 from embedding_server.rpc.security import ClientSecurity, ServerSecurity, resolve_token
+from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -36,39 +36,77 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--load", metavar="CHECKPOINT", help="load this checkpoint directory before serving")
     p.add_argument(
-        "--local-socket", default="auto", metavar="PATH|auto|off",
+        "--local-socket",
+        default="auto",
+        metavar="PATH|auto|off",
         help="also answer lookups on this Unix socket; clients on this machine find it through Info and use it "
         "instead of gRPC (~0.1 ms instead of ~0.7 ms a lookup). auto (default): a fresh path in a private per-user "
         "directory; off: gRPC only",
     )
-    p.add_argument("--ready-file", help="write {address, port, metrics_port, pid, local_socket} as JSON here once serving")
     p.add_argument(
-        "--model-root", metavar="URL",
+        "--ready-file", help="write {address, port, metrics_port, pid, local_socket} as JSON here once serving"
+    )
+    p.add_argument(
+        "--model-root",
+        metavar="URL",
         help="infer mode: load the newest checkpoint under this model root (path, file://, s3://, hdfs://), replay "
         "newer packets, then follow new ones; ready only once loaded. s3/hdfs options: global config 'storage' "
         "section or the environment (CTRSERVE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, ...)",
     )
-    p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
-                   help="seconds between listings of s3:// and hdfs:// model roots (default 1)")
-    p.add_argument("--rescan-interval", type=float, default=10.0, metavar="S",
-                   help="seconds between safety rescans of a local model root watched by inotify (default 10)")
-    p.add_argument("--gap-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a missing packet is waited for before the gap alarm goes off (default 30)")
-    p.add_argument("--apply-niceness", type=int, default=10, choices=range(20), metavar="N",
-                   help="once ready, apply packets N nice levels below the server, so applies use the CPU lookups "
-                   "leave over (0..19, default 10; 0: same priority)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds between listings of s3:// and hdfs:// model roots (default 1)",
+    )
+    p.add_argument(
+        "--rescan-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between safety rescans of a local model root watched by inotify (default 10)",
+    )
+    p.add_argument(
+        "--gap-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a missing packet is waited for before the gap alarm goes off (default 30)",
+    )
+    p.add_argument(
+        "--apply-niceness",
+        type=int,
+        default=10,
+        choices=range(20),
+        metavar="N",
+        help="once ready, apply packets N nice levels below the server, so applies use the CPU lookups "
+        "leave over (0..19, default 10; 0: same priority)",
+    )
     cpu = p.add_argument_group(
-        "CPU placement", "Linux; CPU lists as taskset takes them, e.g. 0-3,8. Keeping packet applies and lookups on "
-        "CPUs of their own keeps the lookup tail flat while big packets apply")
-    cpu.add_argument("--apply-cpus", type=_cpu_list, metavar="LIST",
-                     help="with --model-root: once ready, apply packets only on these CPUs; the serving threads keep off "
-                     "them (unless --serve-cpus says otherwise)")
-    cpu.add_argument("--serve-cpus", type=_cpu_list, metavar="LIST",
-                     help="run the serving threads (gRPC, local socket, metrics) only on these CPUs (default: every CPU "
-                     "this process may use, less --apply-cpus)")
+        "CPU placement",
+        "Linux; CPU lists as taskset takes them, e.g. 0-3,8. Keeping packet applies and lookups on "
+        "CPUs of their own keeps the lookup tail flat while big packets apply",
+    )
+    cpu.add_argument(
+        "--apply-cpus",
+        type=_cpu_list,
+        metavar="LIST",
+        help="with --model-root: once ready, apply packets only on these CPUs; the serving threads keep off "
+        "them (unless --serve-cpus says otherwise)",
+    )
+    cpu.add_argument(
+        "--serve-cpus",
+        type=_cpu_list,
+        metavar="LIST",
+        help="run the serving threads (gRPC, local socket, metrics) only on these CPUs (default: every CPU "
+        "this process may use, less --apply-cpus)",
+    )
     sec = p.add_argument_group(
-        "security", "TLS and the shared token (default: the global config's 'security' section; both off). The token "
-        "is never a flag: give a file, or set CTRSERVE_EMBEDDING_TOKEN in the environment")
+        "security",
+        "TLS and the shared token (default: the global config's 'security' section; both off). The token "
+        "is never a flag: give a file, or set CTRSERVE_EMBEDDING_TOKEN in the environment",
+    )
     sec.add_argument("--tls-cert", metavar="PEM", help="certificate the server presents (enables TLS; needs --tls-key)")
     sec.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     sec.add_argument("--tls-client-ca", metavar="PEM", help="demand client certificates signed by this CA (mutual TLS)")
@@ -84,7 +122,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--servers", required=True, help="comma-separated host:port of shard 0, 1, ...")
     a.add_argument("--embedding-config", required=True, help="embedding_config.yml the servers run with")
     a.add_argument("--directory", help="checkpoint directory for dump and load")
-    tls = a.add_argument_group("security", "for secured servers; the token comes from --token-file or CTRSERVE_EMBEDDING_TOKEN")
+    tls = a.add_argument_group(
+        "security", "for secured servers; the token comes from --token-file or CTRSERVE_EMBEDDING_TOKEN"
+    )
     tls.add_argument("--tls-ca", metavar="PEM", help="CA that signed the servers' certificates (enables TLS)")
     tls.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers demanding mutual TLS")
     tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -109,9 +149,20 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     try:
         security = ServerSecurity.from_settings(_security_settings(args, glob))
-        server = start_server(emb, glob, args.shard_index, args.num_shards, args.port, args.host, args.metrics_port,
-                              args.workers, model_root=args.model_root, follow_options=follow, security=security,
-                              local_socket=None if args.local_socket == "off" else args.local_socket)
+        server = start_server(
+            emb,
+            glob,
+            args.shard_index,
+            args.num_shards,
+            args.port,
+            args.host,
+            args.metrics_port,
+            args.workers,
+            model_root=args.model_root,
+            follow_options=follow,
+            security=security,
+            local_socket=None if args.local_socket == "off" else args.local_socket,
+        )
     except (HotloadError, ConfigError) as exc:
         print(f"ctrserve embedding-server: error: {exc}", file=sys.stderr)
         return 2
@@ -129,8 +180,13 @@ def run_server(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if args.ready_file:
-        info = {"address": server.address, "port": server.port, "metrics_port": server.metrics_port, "pid": os.getpid(),
-                "local_socket": server.local.path if server.local else None}
+        info = {
+            "address": server.address,
+            "port": server.port,
+            "metrics_port": server.metrics_port,
+            "pid": os.getpid(),
+            "local_socket": server.local.path if server.local else None,
+        }
         tmp = Path(args.ready_file).with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, args.ready_file)
@@ -150,15 +206,19 @@ def _security_settings(args: argparse.Namespace, glob: GlobalConfig) -> Security
     Raises:
         ConfigError: the combination is invalid (e.g. a certificate without its key).
     """
-    flags = {"tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
-             "tls_client_ca_file": args.tls_client_ca, "token_file": args.token_file}
+    flags = {
+        "tls_cert_file": args.tls_cert,
+        "tls_key_file": args.tls_key,
+        "tls_client_ca_file": args.tls_client_ca,
+        "token_file": args.token_file,
+    }
     try:
         return dataclasses.replace(glob.security, **{k: v for k, v in flags.items() if v})
     except ValueError as exc:
         raise ConfigError(f"security settings: {exc}") from None
 
 
-def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOptions | None":
+def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> FollowOptions | None:
     """The --model-root settings; None (after saying why) when they are invalid."""
     if not args.model_root:
         return None
@@ -168,14 +228,27 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> "FollowOpti
     elif args.load:
         problem = "--model-root and --load exclude each other: the model root's newest checkpoint is loaded"
     else:
-        intervals = {"--poll-interval": args.poll_interval, "--rescan-interval": args.rescan_interval,
-                     "--gap-timeout": args.gap_timeout}
-        problem = next((f"{flag} must be a positive number of seconds, got {value}"
-                        for flag, value in intervals.items() if not 0 < value < float("inf")), "")
+        intervals = {
+            "--poll-interval": args.poll_interval,
+            "--rescan-interval": args.rescan_interval,
+            "--gap-timeout": args.gap_timeout,
+        }
+        problem = next(
+            (
+                f"{flag} must be a positive number of seconds, got {value}"
+                for flag, value in intervals.items()
+                if not 0 < value < float("inf")
+            ),
+            "",
+        )
         if not problem:
-            return FollowOptions(poll_interval_s=args.poll_interval, rescan_interval_s=args.rescan_interval,
-                                 gap_timeout_s=args.gap_timeout, apply_niceness=args.apply_niceness,
-                                 apply_cpus=args.apply_cpus)
+            return FollowOptions(
+                poll_interval_s=args.poll_interval,
+                rescan_interval_s=args.rescan_interval,
+                gap_timeout_s=args.gap_timeout,
+                apply_niceness=args.apply_niceness,
+                apply_cpus=args.apply_cpus,
+            )
     print(f"ctrserve embedding-server: error: {problem}", file=sys.stderr)
     return None
 
@@ -201,17 +274,23 @@ def _place_serving_threads(args: argparse.Namespace) -> str:
     usable = usable_cpus()
     for flag, cpus in (("--apply-cpus", apply), ("--serve-cpus", serve)):
         if cpus is not None and not cpus <= usable:
-            return (f"{flag} {format_cpu_list(cpus)}: CPU {format_cpu_list(cpus - usable)} is not available to this "
-                    f"process (it may use CPUs {format_cpu_list(usable)})")
+            return (
+                f"{flag} {format_cpu_list(cpus)}: CPU {format_cpu_list(cpus - usable)} is not available to this "
+                f"process (it may use CPUs {format_cpu_list(usable)})"
+            )
     if serve is None:
         serve = usable - apply
         if not serve:
-            return (f"--apply-cpus {format_cpu_list(apply)} leaves no CPU to serve on (this process may use CPUs "
-                    f"{format_cpu_list(usable)}): give it fewer CPUs, or name the serving ones with --serve-cpus")
+            return (
+                f"--apply-cpus {format_cpu_list(apply)} leaves no CPU to serve on (this process may use CPUs "
+                f"{format_cpu_list(usable)}): give it fewer CPUs, or name the serving ones with --serve-cpus"
+            )
     pin_process(serve)
     logging.getLogger("ctrserve.embedding_server").info(
-        "serving threads run on CPUs %s%s", format_cpu_list(serve),
-        f", packet applies (once ready) on CPUs {format_cpu_list(apply)}" if apply is not None else "")
+        "serving threads run on CPUs %s%s",
+        format_cpu_list(serve),
+        f", packet applies (once ready) on CPUs {format_cpu_list(apply)}" if apply is not None else "",
+    )
     return ""
 
 
@@ -224,8 +303,13 @@ def _client_security(args: argparse.Namespace) -> ClientSecurity | None:
     token = resolve_token(args.token_file)
     if not (args.tls_ca or args.tls_cert or token):
         return None
-    return ClientSecurity(tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
-                          tls_server_name=args.tls_server_name, token=token)
+    return ClientSecurity(
+        tls_ca_file=args.tls_ca,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        token=token,
+    )
 
 
 def run_admin(args: argparse.Namespace) -> int:
@@ -237,7 +321,9 @@ def run_admin(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ctrserve embedding-admin: error: {exc}", file=sys.stderr)
         return 2
-    with RemoteEmbeddingClient(emb, [s.strip() for s in args.servers.split(",") if s.strip()], security=security) as client:
+    with RemoteEmbeddingClient(
+        emb, [s.strip() for s in args.servers.split(",") if s.strip()], security=security
+    ) as client:
         if args.action == "stats":
             json.dump(client.stats(), sys.stdout, indent=2)
             print()
@@ -246,5 +332,7 @@ def run_admin(args: argparse.Namespace) -> int:
             print(f"embedding-admin {args.action}: --directory is required", file=sys.stderr)
             return 2
         (client.dump if args.action == "dump" else client.load)(args.directory)
-        print(f"{args.action} of {client.num_shards} shard(s) {'to' if args.action == 'dump' else 'from'} {args.directory}: done")
+        print(
+            f"{args.action} of {client.num_shards} shard(s) {'to' if args.action == 'dump' else 'from'} {args.directory}: done"
+        )
     return 0

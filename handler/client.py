@@ -15,8 +15,9 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import grpc
@@ -157,7 +158,9 @@ class PredictionClient(TorchServeConnection):
         return parse_response(text)
 
     def _send_grpc(self, body: bytes) -> bytes:
-        request = self._pb.PredictionsRequest(model_name=self.model_name, model_version=self.model_version, input={BATCH_KEY: body})
+        request = self._pb.PredictionsRequest(
+            model_name=self.model_name, model_version=self.model_version, input={BATCH_KEY: body}
+        )
         metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
         try:
             return self._stub.Predictions(request, timeout=self.timeout, metadata=metadata).prediction
@@ -234,4 +237,6 @@ def _encode(batch: Any) -> tuple[bytes, bool]:
         return json.dumps(batch).encode(), True
     if hasattr(batch, "to_bytes"):
         return batch.to_bytes(), False
-    raise TypeError(f"predict() takes batch bytes, an object with to_bytes(), or a JSON dict; got {type(batch).__name__}")
+    raise TypeError(
+        f"predict() takes batch bytes, an object with to_bytes(), or a JSON dict; got {type(batch).__name__}"
+    )

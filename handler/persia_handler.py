@@ -47,10 +47,10 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from embedding_server.rpc.client import RawEmbedding
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.rpc.client import RawEmbedding
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.request import DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import SERVING_FILE, ServingConfig
@@ -122,7 +122,10 @@ class PersiaHandler(BaseHandler):
         gc.freeze()
         logger.info(
             "serving dense version %d (step %d) on %s with %d embedding shards",
-            self.spec.version, self.spec.step, self.device, len(self.serving.embedding_servers),
+            self.spec.version,
+            self.spec.step,
+            self.device,
+            len(self.serving.embedding_servers),
         )
 
     def configure(
@@ -149,7 +152,9 @@ class PersiaHandler(BaseHandler):
         version switch."""
         dense = torch.zeros((1, self.spec.dense_width), dtype=torch.float32, device=self.device)
         sparse = [
-            torch.zeros((1, f.dim) if f.pooled else (1, f.sample_fixed_size, f.dim), dtype=torch.float32, device=self.device)
+            torch.zeros(
+                (1, f.dim) if f.pooled else (1, f.sample_fixed_size, f.dim), dtype=torch.float32, device=self.device
+            )
             for f in self.spec.features
         ]
         for _ in range(calls):
@@ -237,12 +242,14 @@ class PersiaHandler(BaseHandler):
         watermark = self._watermark  # replaced, never changed, by the refresh thread
         cached = self._tail_cache
         if cached is None or cached[0] is not watermark:
-            body = json.dumps({
-                "model_version": self.spec.version,
-                "model_step": self.spec.step,
-                "sparse_watermark": self.spec.sparse_watermark,
-                "embedding_watermark": watermark,
-            })
+            body = json.dumps(
+                {
+                    "model_version": self.spec.version,
+                    "model_step": self.spec.step,
+                    "sparse_watermark": self.spec.sparse_watermark,
+                    "embedding_watermark": watermark,
+                }
+            )
             cached = self._tail_cache = (watermark, ", " + body[1:-1])
         # batch_requests: how many requests TorchServe batched together with this one
         return f'{cached[1]}, "batch_requests": {batch_requests}}}'

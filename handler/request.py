@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from embedding_server.core.model_spec import DenseModelSpec
 #: ``batch`` (gRPC ``input`` map key clients use), ``body`` (REST raw body), ``data`` (form field).
 BODY_KEYS = ("batch", "body", "data")
 _JSON_KEYS = {"dense", "sparse"}
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -59,7 +61,7 @@ class Limits:
     max_json_request_bytes: int = 8 << 20
 
     @classmethod
-    def from_config(cls, config: Any) -> "Limits":
+    def from_config(cls, config: Any) -> Limits:
         """The limits of a :class:`~handler.serving_config.ServingConfig` (or anything with the keys)."""
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
@@ -106,23 +108,37 @@ class RequestDecoder:
         max_ids_per_sample: most ids of one feature in one sample.
     """
 
-    def __init__(self, spec: DenseModelSpec, max_batch_size: int, max_request_bytes: int,
-                 max_ids_per_request: int = Limits.max_ids_per_request, max_ids_per_sample: int = Limits.max_ids_per_sample,
-                 max_json_request_bytes: int = Limits.max_json_request_bytes):
+    def __init__(
+        self,
+        spec: DenseModelSpec,
+        max_batch_size: int,
+        max_request_bytes: int,
+        max_ids_per_request: int = Limits.max_ids_per_request,
+        max_ids_per_sample: int = Limits.max_ids_per_sample,
+        max_json_request_bytes: int = Limits.max_json_request_bytes,
+    ):
         self.spec = spec
         self.feature_names = [f.name for f in spec.features]
         self._feature_order = tuple(self.feature_names)
         self._feature_set = frozenset(self.feature_names)
-        self.limits = Limits(max_batch_size, max_request_bytes, max_ids_per_request, max_ids_per_sample, max_json_request_bytes)
+        self.limits = Limits(
+            max_batch_size, max_request_bytes, max_ids_per_request, max_ids_per_sample, max_json_request_bytes
+        )
         self.max_batch_size = max_batch_size
         self.max_request_bytes = max_request_bytes
 
     @classmethod
-    def from_serving(cls, spec: DenseModelSpec, serving: Any) -> "RequestDecoder":
+    def from_serving(cls, spec: DenseModelSpec, serving: Any) -> RequestDecoder:
         """A decoder with the limits of a :class:`~handler.serving_config.ServingConfig`."""
         limits = Limits.from_config(serving)
-        return cls(spec, limits.max_batch_size, limits.max_request_bytes, limits.max_ids_per_request,
-                   limits.max_ids_per_sample, limits.max_json_request_bytes)
+        return cls(
+            spec,
+            limits.max_batch_size,
+            limits.max_request_bytes,
+            limits.max_ids_per_request,
+            limits.max_ids_per_sample,
+            limits.max_json_request_bytes,
+        )
 
     def decode(self, item: Mapping[str, Any] | None) -> DecodedRequest:
         """Decode one item of TorchServe's ``data`` list.
@@ -199,7 +215,11 @@ class RequestDecoder:
 
     def _dense(self, data: BatchData, batch_size: int) -> np.ndarray:
         parts = [d.astype(np.float32, copy=False) for d in data.dense]
-        dense = parts[0] if len(parts) == 1 else (np.concatenate(parts, axis=1) if parts else np.zeros((batch_size, 0), np.float32))
+        dense = (
+            parts[0]
+            if len(parts) == 1
+            else (np.concatenate(parts, axis=1) if parts else np.zeros((batch_size, 0), np.float32))
+        )
         if dense.shape[1] != self.spec.dense_width:
             raise RequestError(
                 f"dense width {dense.shape[1]} does not match the model's dense_width {self.spec.dense_width} "
@@ -244,7 +264,7 @@ def request_body(item: Mapping[str, Any] | None) -> bytes | bytearray | str | di
     if body is None or (isinstance(body, (bytes, bytearray, str)) and len(body) == 0):
         raise RequestError(
             "empty request body: send ctrserve batch bytes (PyPersiaBatchData.to_bytes()) "
-            f"or JSON {{\"dense\": [[...]], \"sparse\": {{\"<feature>\": [[ids], ...]}}}} under one of {list(BODY_KEYS)}"
+            f'or JSON {{"dense": [[...]], "sparse": {{"<feature>": [[ids], ...]}}}} under one of {list(BODY_KEYS)}'
         )
     if not isinstance(body, (bytes, bytearray, str, dict)):
         raise RequestError(f"request body must be bytes or a JSON object, got {type(body).__name__}")
@@ -273,7 +293,9 @@ def merge_requests(
     # the ids of feature k in the requests before it.
     ids = np.concatenate([p.ids[p.bounds[k] : p.bounds[k + 1]] for k in range(len(feature_names)) for p in parts])
     base = np.cumsum([np.zeros(len(feature_names), np.int64)] + [p.counts for p in parts], axis=0)
-    offsets = np.concatenate([p.offsets[:, :-1] + base[i][:, None] for i, p in enumerate(parts)] + [base[-1][:, None]], axis=1)
+    offsets = np.concatenate(
+        [p.offsets[:, :-1] + base[i][:, None] for i, p in enumerate(parts)] + [base[-1][:, None]], axis=1
+    )
     return dense, KeyedIds(feature_names, ids, offsets), sizes
 
 
@@ -302,7 +324,6 @@ def _json_from_bytes(raw: bytes | bytearray | memoryview) -> Any:
         return json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested ~1000 deep
         raise RequestError(f"undecodable request: invalid JSON: {exc}") from None
-
 
 
 def _batch_from_json(body: Any) -> BatchData:

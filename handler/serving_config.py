@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from embedding_server.core.errors import ConfigError
-from embedding_server.rpc.security import TOKEN_ENV, ClientSecurity, resolve_token
 from embedding_server.rpc.replicas import REPLICA_SEP, is_address, normalize_addresses
+from embedding_server.rpc.security import TOKEN_ENV, ClientSecurity, resolve_token
 
 SERVING_FILE = "serving.yml"
 ENV_SERVERS = "CTRSERVE_EMBEDDING_SERVERS"
@@ -117,15 +118,25 @@ class ServingConfig:
         except ConfigError as exc:
             raise ConfigError(f"{SERVING_FILE}: {exc}") from None
         object.__setattr__(self, "embedding_servers", tuple(REPLICA_SEP.join(replicas) for replicas in shards))
-        for key in ("max_batch_size", "max_request_bytes", "max_ids_per_request", "max_ids_per_sample",
-                    "max_json_request_bytes"):
+        for key in (
+            "max_batch_size",
+            "max_request_bytes",
+            "max_ids_per_request",
+            "max_ids_per_sample",
+            "max_json_request_bytes",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive integer, got {value!r}")
         if not isinstance(self.torch_threads, int) or isinstance(self.torch_threads, bool) or self.torch_threads < 0:
             raise ConfigError(f"{SERVING_FILE}: 'torch_threads' must be an integer >= 0, got {self.torch_threads!r}")
-        for key in ("embedding_tls_ca_file", "embedding_tls_cert_file", "embedding_tls_key_file",
-                    "embedding_tls_server_name", "embedding_token_file"):
+        for key in (
+            "embedding_tls_ca_file",
+            "embedding_tls_cert_file",
+            "embedding_tls_key_file",
+            "embedding_tls_server_name",
+            "embedding_token_file",
+        ):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a string (a file path), got {getattr(self, key)!r}")
         for key in ("embedding_timeout_s", "connect_timeout_s", "watermark_refresh_s"):
@@ -133,13 +144,15 @@ class ServingConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive number of seconds, got {value!r}")
         if not isinstance(self.embedding_local_lookups, bool):
-            raise ConfigError(f"{SERVING_FILE}: 'embedding_local_lookups' must be true or false, got {self.embedding_local_lookups!r}")
+            raise ConfigError(
+                f"{SERVING_FILE}: 'embedding_local_lookups' must be true or false, got {self.embedding_local_lookups!r}"
+            )
         value = self.metrics_interval_s
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
             raise ConfigError(f"{SERVING_FILE}: 'metrics_interval_s' must be a number of seconds >= 0, got {value!r}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, source: str = SERVING_FILE) -> "ServingConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str = SERVING_FILE) -> ServingConfig:
         """Build from parsed YAML; ``None`` (an empty file) gives the defaults.
 
         Raises:
@@ -159,7 +172,7 @@ class ServingConfig:
             raise ConfigError(str(exc).replace(SERVING_FILE, source, 1)) from None
 
     @classmethod
-    def load(cls, path: str | Path | None) -> "ServingConfig":
+    def load(cls, path: str | Path | None) -> ServingConfig:
         """Read ``path`` (``None`` or a missing file: the defaults).
 
         Raises:
@@ -189,12 +202,14 @@ class ServingConfig:
         if not self.embedding_tls_ca_file and token is None and not self.embedding_tls_cert_file:
             return None
         return ClientSecurity(
-            tls_ca_file=self.embedding_tls_ca_file or None, tls_cert_file=self.embedding_tls_cert_file or None,
-            tls_key_file=self.embedding_tls_key_file or None, tls_server_name=self.embedding_tls_server_name or None,
+            tls_ca_file=self.embedding_tls_ca_file or None,
+            tls_cert_file=self.embedding_tls_cert_file or None,
+            tls_key_file=self.embedding_tls_key_file or None,
+            tls_server_name=self.embedding_tls_server_name or None,
             token=token,
         )
 
-    def with_environment(self, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
+    def with_environment(self, environ: Mapping[str, str] = os.environ) -> ServingConfig:
         """A copy with ``CTRSERVE_EMBEDDING_SERVERS`` (when set) replacing the addresses.
 
         Raises:

@@ -55,7 +55,13 @@ def _stale() -> bool:
 def _compile(proto: Path, includes: list[Path], out: Path) -> None:
     from grpc_tools import protoc  # imported lazily: only needed when stubs are (re)built
 
-    args = ["grpc_tools.protoc", *(f"-I{i}" for i in includes), f"--python_out={out}", f"--grpc_python_out={out}", str(proto)]
+    args = [
+        "grpc_tools.protoc",
+        *(f"-I{i}" for i in includes),
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        str(proto),
+    ]
     rc = protoc.main(args)
     if rc != 0:
         raise RuntimeError(f"protoc failed on {proto.name} (exit {rc})")

@@ -17,7 +17,6 @@ if torchserve_jar() is None:
     )
 generate()
 
-from protos._generated import inference_pb2, inference_pb2_grpc  # noqa: E402
-from protos._generated import management_pb2, management_pb2_grpc  # noqa: E402
+from protos._generated import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc  # noqa: E402  # noqa: E402
 
 __all__ = ["inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc"]

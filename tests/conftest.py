@@ -36,8 +36,11 @@ class CephS3:
 
     def env(self) -> dict[str, str]:
         """Environment variables that ``embedding_server.storage.base`` reads."""
-        return {"CTRSERVE_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        return {
+            "CTRSERVE_S3_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
 
     def options(self, **overrides):
         """StorageOptions for this gateway, with ``overrides`` on top."""
@@ -51,8 +54,10 @@ class CephS3:
 def ceph_s3():
     missing = ceph_cluster.missing_binaries()
     if missing:
-        pytest.fail(f"the S3 tests need a real Ceph; not found: {', '.join(missing)}; {ceph_cluster.INSTALL_HINT}",
-                    pytrace=False)
+        pytest.fail(
+            f"the S3 tests need a real Ceph; not found: {', '.join(missing)}; {ceph_cluster.INSTALL_HINT}",
+            pytrace=False,
+        )
     root = tempfile.mkdtemp(prefix="ctrserve-ceph-")
     began = time.monotonic()
     try:
@@ -61,8 +66,9 @@ def ceph_s3():
         pytest.fail(f"could not start the test Ceph cluster: {exc}", pytrace=False)
     try:
         cluster.create_bucket(CEPH_TEST_BUCKET)
-        yield CephS3(cluster.endpoint, cluster.access_key, cluster.secret_key, CEPH_TEST_BUCKET,
-                     time.monotonic() - began)
+        yield CephS3(
+            cluster.endpoint, cluster.access_key, cluster.secret_key, CEPH_TEST_BUCKET, time.monotonic() - began
+        )
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)

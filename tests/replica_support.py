@@ -4,15 +4,15 @@ infer-mode replicas follow, a polling wait, and latency percentiles."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from embedding_server.modelroot import checkpoint
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.packets import CHECKPOINTS_DIR
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.storage.urls import open_storage
 
 TRAIN = {"embedding_parameter_server_config": {"capacity": 50_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}

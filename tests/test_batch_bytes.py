@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedding_server.core.batch_codec import MAGIC, decode_batch, encode_batch
+from embedding_server.core.batch_codec import MAGIC, decode_batch
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
 from trainer.batch import PyPersiaBatchData
@@ -25,10 +25,12 @@ def _sample_batch() -> PyPersiaBatchData:
     b.add_dense([rng.random((3, 2), dtype=np.float32), rng.random((3, 1))])
     b.add_dense_i32(np.arange(6, dtype=np.int32).reshape(3, 2))
     b.add_dense_i64(np.arange(3, dtype=np.int64).reshape(3, 1))
-    b.add_sparse([
-        ("user", [np.array([2**64 - 1], np.uint64), np.array([], np.uint64), np.array([5, 6, 7], np.uint64)]),
-        ("item", [np.array([1], np.uint64)] * 3),
-    ])
+    b.add_sparse(
+        [
+            ("user", [np.array([2**64 - 1], np.uint64), np.array([], np.uint64), np.array([5, 6, 7], np.uint64)]),
+            ("item", [np.array([1], np.uint64)] * 3),
+        ]
+    )
     b.add_target(np.array([[1], [0], [1]], np.float32))
     b.add_target(np.array([[0.5], [0.25], [0]], np.float32))
     return b
@@ -111,11 +113,26 @@ def test_corrupted_or_truncated_bytes_are_refused(mutate, message):
 @pytest.mark.parametrize(
     "header, payload, message",
     [
-        ({"batch_size": 2, "dense": [{"dtype": "f32", "width": 1000}], "sparse": [], "targets": [], "meta": {}}, b"\0" * 8, "too short for dense"),
-        ({"batch_size": 1, "dense": [{"dtype": "f16", "width": 1}], "sparse": [], "targets": [], "meta": {}}, b"\0" * 2, "needs a dtype"),
-        ({"batch_size": 1, "dense": [], "sparse": [], "targets": [{"width": 1}], "meta": {}}, b"\0" * 12, "beyond what its header"),
-        ({"batch_size": 1, "dense": [], "sparse": [{"name": "user", "ids": 1}], "targets": [], "meta": {}},
-         np.array([0, 2], np.int64).tobytes() + b"\0" * 8, "offsets must rise"),
+        (
+            {"batch_size": 2, "dense": [{"dtype": "f32", "width": 1000}], "sparse": [], "targets": [], "meta": {}},
+            b"\0" * 8,
+            "too short for dense",
+        ),
+        (
+            {"batch_size": 1, "dense": [{"dtype": "f16", "width": 1}], "sparse": [], "targets": [], "meta": {}},
+            b"\0" * 2,
+            "needs a dtype",
+        ),
+        (
+            {"batch_size": 1, "dense": [], "sparse": [], "targets": [{"width": 1}], "meta": {}},
+            b"\0" * 12,
+            "beyond what its header",
+        ),
+        (
+            {"batch_size": 1, "dense": [], "sparse": [{"name": "user", "ids": 1}], "targets": [], "meta": {}},
+            np.array([0, 2], np.int64).tobytes() + b"\0" * 8,
+            "offsets must rise",
+        ),
         ({"batch_size": -1, "dense": [], "sparse": [], "targets": [], "meta": {}}, b"", "batch_size must be"),
         ({"batch_size": 1, "dense": [], "sparse": [], "targets": [], "meta": {}, "x": 1}, b"", "exactly batch_size"),
         ({"batch_size": 1, "dense": [], "sparse": [], "targets": [], "meta": {"a": [1]}}, b"", "'meta' must map"),

@@ -276,7 +276,10 @@ def test_sqrt_and_mean_scaling_together_are_refused(tmp_path):
         ('dim: "8"', "'slots_config.user.dim' must be an integer, got '8'"),
         ("dim: 8.5", "'slots_config.user.dim' must be an integer, got 8.5"),
         ("dim: true", "'slots_config.user.dim' must be an integer, got True"),
-        ("dim: 8, embedding_summation: 'yes'", "'slots_config.user.embedding_summation' must be true or false, got 'yes'"),
+        (
+            "dim: 8, embedding_summation: 'yes'",
+            "'slots_config.user.embedding_summation' must be true or false, got 'yes'",
+        ),
         ("dim: 8, mean_scaling: 1", "'slots_config.user.mean_scaling' must be true or false, got 1"),
         ("dim: 8, sample_fixed_size: [3]", "'slots_config.user.sample_fixed_size' must be an integer, got [3]"),
         ("dim: 8, hash_stack_config: 5", "'slots_config.user.hash_stack_config' must be a mapping, got int"),
@@ -518,7 +521,12 @@ def test_global_values_are_read_from_yaml(tmp_path):
     assert cfg.server.weight_bound == 2.0 and isinstance(cfg.server.weight_bound, float)
     init = cfg.initialization
     assert (init.method, init.lower, init.upper, init.mean, init.std, init.seed) == (
-        "bounded_normal", -0.5, 0.5, 0.1, 0.2, 7,
+        "bounded_normal",
+        -0.5,
+        0.5,
+        0.1,
+        0.2,
+        7,
     )
 
 
@@ -544,7 +552,10 @@ def test_negative_weight_bound_is_refused(tmp_path):
 def test_incremental_update_needs_a_packet_folder(tmp_path):
     message = global_error(tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true}\n")
     assert "enable_incremental_update needs incremental_dir" in message
-    cfg = load_global(tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true, incremental_dir: /m/incremental}\n")
+    cfg = load_global(
+        tmp_path,
+        "embedding_parameter_server_config: {enable_incremental_update: true, incremental_dir: /m/incremental}\n",
+    )
     assert cfg.server.incremental_dir == "/m/incremental" and cfg.server.incremental_flush_interval == 10.0
 
 
@@ -560,7 +571,9 @@ def test_bad_incremental_and_storage_settings_are_refused(tmp_path, body, messag
     assert message in global_error(tmp_path, f"embedding_parameter_server_config: {body}\n")
 
 
-@pytest.mark.parametrize("job_type, mode", [("train", "train"), ("infer", "infer"), ("INFER", "infer"), ("Train", "train")])
+@pytest.mark.parametrize(
+    "job_type, mode", [("train", "train"), ("infer", "infer"), ("INFER", "infer"), ("Train", "train")]
+)
 def test_job_type_is_accepted_case_insensitively(tmp_path, job_type, mode):
     cfg = load_global(tmp_path, f"common_config:\n  job_type: {job_type}\n")
     assert cfg.mode == mode
@@ -634,7 +647,11 @@ def test_adagrad_optimizer_section(tmp_path):
         """,
     )
     assert cfg.sparse_optimizer == Adagrad(
-        lr=0.05, initial_accumulator_value=0.1, weight_decay=0.001, g_square_momentum=0.9, eps=0.001,
+        lr=0.05,
+        initial_accumulator_value=0.1,
+        weight_decay=0.001,
+        g_square_momentum=0.9,
+        eps=0.001,
         vectorwise_shared=True,
     )
     assert cfg.sparse_optimizer.state_width(16) == 1
@@ -714,7 +731,9 @@ def test_sparse_optimizer_as_list_is_refused(tmp_path):
     assert "'sparse_optimizer' must be a mapping" in message
 
 
-@pytest.mark.parametrize("opt", [SGD(lr=0.3, weight_decay=0.1), Adagrad(lr=0.2, vectorwise_shared=True), Adam(betas=(0.5, 0.6))])
+@pytest.mark.parametrize(
+    "opt", [SGD(lr=0.3, weight_decay=0.1), Adagrad(lr=0.2, vectorwise_shared=True), Adam(betas=(0.5, 0.6))]
+)
 def test_optimizer_round_trips_through_to_dict(opt):
     assert optimizer_from_dict(opt.to_dict()) == opt
 

@@ -46,7 +46,9 @@ def _same_chunk(a: Chunk, b: Chunk) -> bool:
         np.array_equal(a.dense, b.dense)
         and np.array_equal(a.labels, b.labels)
         and a.feature_names == b.feature_names
-        and all(np.array_equal(x.ids, y.ids) and np.array_equal(x.offsets, y.offsets) for x, y in zip(a.sparse, b.sparse))
+        and all(
+            np.array_equal(x.ids, y.ids) and np.array_equal(x.offsets, y.offsets) for x, y in zip(a.sparse, b.sparse)
+        )
     )
 
 
@@ -194,7 +196,9 @@ def test_parquet_and_orc_through_a_mapping(tmp_path, fmt):
     # The same column read as hexadecimal (a decimal string is valid hex too) ...
     assert ids["dec"] == [[int(r["decid"], 16)] if r["decid"] else [] for r in rows]
     # ... and as decimal.
-    dec = concat_chunks(list(read_table(path, mapping=ColumnMapping("y", sparse={"dec": "decid"}, string_ids="decimal"))))
+    dec = concat_chunks(
+        list(read_table(path, mapping=ColumnMapping("y", sparse={"dec": "decid"}, string_ids="decimal")))
+    )
     assert dec.sparse[0].ids.tolist() == [int(r["decid"]) for r in rows if r["decid"]]
 
 
@@ -343,7 +347,12 @@ def test_loader_reads_parquet_with_the_default_criteo_mapping(tmp_path, gen):
 
 
 def _hex_strings(f: SparseFeature) -> pa.Array:
-    return pa.array([format(int(f.ids[f.offsets[i]]), "08x") if f.offsets[i + 1] > f.offsets[i] else None for i in range(f.batch_size)])
+    return pa.array(
+        [
+            format(int(f.ids[f.offsets[i]]), "08x") if f.offsets[i + 1] > f.offsets[i] else None
+            for i in range(f.batch_size)
+        ]
+    )
 
 
 def _prefetch_threads() -> list[threading.Thread]:

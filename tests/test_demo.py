@@ -26,8 +26,18 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def start_demo(workdir: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ctrserve", "demo", "--workdir", str(workdir), "--no-live",
-           "--freshness-goal", str(FRESHNESS_GOAL_S), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctrserve",
+        "demo",
+        "--workdir",
+        str(workdir),
+        "--no-live",
+        "--freshness-goal",
+        str(FRESHNESS_GOAL_S),
+        *args,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

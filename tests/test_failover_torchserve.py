@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 import pytest
+from replica_support import follow_args, p99, seed_model_root, wait_until
+from torchserve_support import EMB, export_version, random_batch, write_configs
 
 from archiver.build import archive_model
 from archiver.torchserve import TorchServeProcess
@@ -23,8 +25,6 @@ from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.replicas import format_addresses
 from handler.client import PredictionClient, PredictionError
 from handler.serving_config import ENV_SERVERS
-from replica_support import follow_args, p99, seed_model_root, wait_until
-from torchserve_support import EMB, export_version, random_batch, write_configs
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -55,15 +55,25 @@ def replicated(tmp_path_factory):
     version = export_version(root / "model_root", 1, seed=1)
     (root / "serving.yml").write_text(json.dumps({"embedding_timeout_s": LOOKUP_TIMEOUT_S, "max_batch_size": 256}))
     archive_model(version, root / "store", serving_config=root / "serving.yml")
-    with ServerGroup.start(emb_path, glob_path, num_shards=2, workdir=root / "embedding", mode="infer", replicas=2,
-                           extra_args=follow_args(root / "model_root")) as group:
+    with ServerGroup.start(
+        emb_path,
+        glob_path,
+        num_shards=2,
+        workdir=root / "embedding",
+        mode="infer",
+        replicas=2,
+        extra_args=follow_args(root / "model_root"),
+    ) as group:
         environment = {ENV_SERVERS: format_addresses(group.replica_addresses)}
-        with TorchServeProcess.start(root / "store", root / "torchserve", models={"deepctr": "deepctr.mar"},
-                                     environment=environment) as ts:
+        with TorchServeProcess.start(
+            root / "store", root / "torchserve", models={"deepctr": "deepctr.mar"}, environment=environment
+        ) as ts:
             yield Replicated(group, ts)
 
 
-def timed_predictions(client: PredictionClient, batch, count: int, expected: np.ndarray) -> tuple[list[float], list[Exception]]:
+def timed_predictions(
+    client: PredictionClient, batch, count: int, expected: np.ndarray
+) -> tuple[list[float], list[Exception]]:
     """Send ``batch`` ``count`` times; latencies of the answers and every failure (a wrong score counts)."""
     latencies, failures = [], []
     for _ in range(count):
@@ -92,9 +102,11 @@ def test_killing_one_replica_of_each_shard_fails_no_prediction(replicated):
         during, failed_during = timed_predictions(client, batch, REQUESTS_PER_PHASE, expected)
     assert failed_before == [] and failed_during == []
     ratio = p99(during) / p99(before)
-    print(f"\nfailover: p99 before {p99(before) * 1e3:.2f} ms (p50 {np.median(before) * 1e3:.2f}), with one replica of "
-          f"each shard SIGKILLed {p99(during) * 1e3:.2f} ms (p50 {np.median(during) * 1e3:.2f}): p99 ratio {ratio:.2f} "
-          f"({len(during)} requests, 0 failed)")
+    print(
+        f"\nfailover: p99 before {p99(before) * 1e3:.2f} ms (p50 {np.median(before) * 1e3:.2f}), with one replica of "
+        f"each shard SIGKILLed {p99(during) * 1e3:.2f} ms (p50 {np.median(during) * 1e3:.2f}): p99 ratio {ratio:.2f} "
+        f"({len(during)} requests, 0 failed)"
+    )
     assert np.isfinite(ratio) and ratio > 0
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedding_server.store import kernels
 from embedding_server.core.batch import SparseFeature
-from embedding_server.rpc.client import InProcessEmbeddingClient, _KeyGroup
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.rpc.client import InProcessEmbeddingClient, _KeyGroup
+from embedding_server.store import kernels
 from embedding_server.store.store import EmbeddingStore, unique_keys
 
 EMB = EmbeddingConfig.from_dict(
@@ -44,7 +44,9 @@ def keys(rng: np.random.Generator, n: int, vocab: int, tables: int = 3) -> tuple
 
 def state(store: EmbeddingStore):
     """Counters and every row (in LRU order) with its vector and optimizer state."""
-    return store.counters(), [(r.table.name, r.ids.tolist(), r.weights.tolist(), r.state.tolist()) for r in store.rows()]
+    return store.counters(), [
+        (r.table.name, r.ids.tolist(), r.weights.tolist(), r.state.tolist()) for r in store.rows()
+    ]
 
 
 # --------------------------------------------------------------------------- store
@@ -181,7 +183,9 @@ def test_mixed_bag_sizes_still_pool_with_embedding_bag():
 
 
 def test_non_pooled_single_ids_take_the_general_path():
-    emb = EmbeddingConfig.from_dict({"slots_config": {"r": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 1}}})
+    emb = EmbeddingConfig.from_dict(
+        {"slots_config": {"r": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 1}}}
+    )
     client = InProcessEmbeddingClient(emb, glob(50))
     result = client.lookup([SparseFeature.from_lists("r", [[1], [2]])])
     assert result["r"].values.shape == (2, 1, 4) and result["r"].mask.all()

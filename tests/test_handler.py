@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import ts
+from torchserve_support import DENSE_WIDTH, EMB, GLOBAL, as_json, expected_scores, export_version, random_batch
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import PredictionException
@@ -27,16 +28,15 @@ from ts.utils.util import PredictionException
 from archiver.build import archive_model
 from archiver.publish import Publisher, PublishSettings
 from embedding_server.core.batch import SparseFeature
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from handler.client import PredictionError, parse_response
 from handler.persia_handler import PersiaHandler
 from handler.request import RequestDecoder, RequestError, merge_requests
 from handler.serving_config import ENV_SERVERS, ServingConfig
 from handler.timing import TimingMetrics
-from torchserve_support import DENSE_WIDTH, EMB, GLOBAL, as_json, expected_scores, export_version, random_batch
 from trainer.batch import PyPersiaBatchData
 
 TOL = 1e-6
@@ -63,7 +63,11 @@ def decoder(spec) -> RequestDecoder:
 def test_bytes_and_json_decode_to_the_same_request(decoder):
     batch = random_batch(np.random.default_rng(0), 6)
     from_bytes = decoder.decode({"body": batch.to_bytes()})
-    for item in ({"body": as_json(batch)}, {"data": json.dumps(as_json(batch))}, {"batch": json.dumps(as_json(batch)).encode()}):
+    for item in (
+        {"body": as_json(batch)},
+        {"data": json.dumps(as_json(batch))},
+        {"batch": json.dumps(as_json(batch)).encode()},
+    ):
         from_json = decoder.decode(item)
         np.testing.assert_array_equal(from_json.dense, from_bytes.dense)
         for a, b in zip(from_json.sparse, from_bytes.sparse):
@@ -90,7 +94,10 @@ def _corrupted() -> bytes:
 
 
 def _json_request(**changes) -> dict:
-    body = {"dense": [[0.5] * DENSE_WIDTH] * 2, "sparse": {"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4, 5], [6]]}}
+    body = {
+        "dense": [[0.5] * DENSE_WIDTH] * 2,
+        "sparse": {"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4, 5], [6]]},
+    }
     body.update(changes)
     return body
 
@@ -105,17 +112,32 @@ def _json_request(**changes) -> dict:
         ({"body": b"CTRB\x01\x00\x00\x00garbage"}, "undecodable batch bytes: batch bytes too short"),
         ({"body": b"\x00\x01binary"}, "neither ctrserve batch bytes"),
         ({"body": b"{not json"}, "invalid JSON"),
-        ({"body": _json_request(sparse={"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]], "X": [[1], [2]]})},
-         "unknown feature 'X'; the model takes: C1, C2, C3, H1"),
+        (
+            {
+                "body": _json_request(
+                    sparse={"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]], "X": [[1], [2]]}
+                )
+            },
+            "unknown feature 'X'; the model takes: C1, C2, C3, H1",
+        ),
         ({"body": _json_request(sparse={"C1": [[1], []], "C2": [[2], [3]], "H1": [[4], [6]]})}, "missing feature 'C3'"),
-        ({"body": _json_request(dense=[[0.5] * (DENSE_WIDTH + 1)] * 2)}, "dense width 6 does not match the model's dense_width 5"),
+        (
+            {"body": _json_request(dense=[[0.5] * (DENSE_WIDTH + 1)] * 2)},
+            "dense width 6 does not match the model's dense_width 5",
+        ),
         ({"body": _json_request(dense=[[0.5] * DENSE_WIDTH, [0.5]])}, "'dense' rows have different lengths"),
         ({"body": _json_request(dense=[["1"] * DENSE_WIDTH] * 2)}, "'dense' rows must hold only numbers"),
         ({"body": _json_request(dense=[[float("nan")] * DENSE_WIDTH] * 2)}, "dense values must be finite"),
         ({"body": _json_request(dense=[[0.5] * DENSE_WIDTH] * 3)}, "batch parts disagree on the batch size"),
-        ({"body": _json_request(sparse={"C1": [[-1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]]})}, "ids must be in [0, 2**64)"),
+        (
+            {"body": _json_request(sparse={"C1": [[-1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]]})},
+            "ids must be in [0, 2**64)",
+        ),
         ({"body": _json_request(extra=1)}, "unknown keys ['extra'] in the JSON request"),
-        ({"body": _json_request(dense=[], sparse={"C1": [], "C2": [], "C3": [], "H1": []})}, "empty batch: the request holds 0 samples"),
+        (
+            {"body": _json_request(dense=[], sparse={"C1": [], "C2": [], "C3": [], "H1": []})},
+            "empty batch: the request holds 0 samples",
+        ),
     ],
 )
 def test_bad_requests_are_refused_with_a_precise_message(decoder, item, message):
@@ -136,11 +158,17 @@ def test_limits_on_samples_and_bytes(spec):
 def test_merge_concatenates_requests_like_one_batch(decoder):
     rng = np.random.default_rng(3)
     parts = [random_batch(rng, n) for n in (3, 1, 4)]
-    merged_dense, merged, sizes = merge_requests([decoder.decode({"body": p.to_bytes()}) for p in parts], decoder.feature_names)
+    merged_dense, merged, sizes = merge_requests(
+        [decoder.decode({"body": p.to_bytes()}) for p in parts], decoder.feature_names
+    )
     assert sizes == [3, 1, 4]
     np.testing.assert_array_equal(merged_dense, np.concatenate([p.dense_matrix() for p in parts]))
     for i, feature in enumerate(merged):
-        samples = [p.sparse[i].ids[p.sparse[i].offsets[j] : p.sparse[i].offsets[j + 1]] for p in parts for j in range(p.batch_size)]
+        samples = [
+            p.sparse[i].ids[p.sparse[i].offsets[j] : p.sparse[i].offsets[j + 1]]
+            for p in parts
+            for j in range(p.batch_size)
+        ]
         expected = SparseFeature.from_lists(feature.name, samples)
         np.testing.assert_array_equal(feature.ids, expected.ids)
         np.testing.assert_array_equal(feature.offsets, expected.offsets)
@@ -198,8 +226,9 @@ def _recorded(caplog: pytest.LogCaptureFixture) -> list[tuple[str, float]]:
 
 
 def test_handler_module_defines_the_one_class_torchserve_loads():
-    import handler.persia_handler as module
     from ts.utils.util import list_classes_from_module
+
+    import handler.persia_handler as module
 
     assert list_classes_from_module(module) == [PersiaHandler]  # a second class: the worker dies at load
 

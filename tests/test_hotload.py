@@ -25,24 +25,23 @@ import pyarrow as pa
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
+from replica_support import wait_until
+from test_memory import huge_page_bytes, requires_collapse
 
-from embedding_server.modelroot import checkpoint
-
-from embedding_server.store import kernels
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
-from embedding_server.store.cpus import format_cpu_list, usable_cpus
 from embedding_server.core.errors import InvalidRequestError
+from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.hotload import FollowOptions, HotloadError, ModelRootFollower
-from embedding_server.rpc.launcher import ServerGroup
-from embedding_server.store.memory import HUGE_PAGE
 from embedding_server.modelroot.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
+from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.storage.base import Storage
 from embedding_server.storage.urls import open_storage
+from embedding_server.store import kernels
+from embedding_server.store.cpus import format_cpu_list, usable_cpus
+from embedding_server.store.memory import HUGE_PAGE
 from embedding_server.store.store import EmbeddingStore, TableRows
-from replica_support import wait_until
-from test_memory import huge_page_bytes, requires_collapse
 
 EMB = {"slots_config": {"user": {"dim": 8}, "item": {"dim": 8}, "query": {"dim": 4}}}
 TRAIN = {"embedding_parameter_server_config": {"capacity": 20_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
@@ -90,17 +89,27 @@ class Trainer:
                 changed[shard].append(TableRows(table, ids[mine], values, np.zeros((values.shape[0], 0), np.float32)))
         return changed
 
-    def publish(self, shard: int, tables: list[TableRows], seq: int | None = None, created_at: float | None = None) -> int:
+    def publish(
+        self, shard: int, tables: list[TableRows], seq: int | None = None, created_at: float | None = None
+    ) -> int:
         """Write one packet of ``shard`` (the next seq unless given); returns its seq."""
         if seq is None:
             seq = self.seq[shard] + 1
         self.seq[shard] = max(self.seq[shard], seq)
-        self.storage.write_atomic(f"{packet_dir(shard, self.num_shards)}/{packet_name(seq)}", self.encode(shard, tables, seq, created_at))
+        self.storage.write_atomic(
+            f"{packet_dir(shard, self.num_shards)}/{packet_name(seq)}", self.encode(shard, tables, seq, created_at)
+        )
         return seq
 
     def encode(self, shard: int, tables: list[TableRows], seq: int, created_at: float | None = None) -> bytes:
-        return encode_packet(tables, shard=shard, num_shards=self.num_shards, seq=seq,
-                             fingerprint=self.emb.fingerprint(), created_at=created_at)
+        return encode_packet(
+            tables,
+            shard=shard,
+            num_shards=self.num_shards,
+            seq=seq,
+            fingerprint=self.emb.fingerprint(),
+            created_at=created_at,
+        )
 
     def step_and_publish(self, rows: int = 200) -> list[list[TableRows]]:
         """One step, and a packet of every training shard with the rows it changed."""
@@ -232,7 +241,16 @@ def test_committing_ahead_keeps_values_and_commits_at_most_one_packet_beyond_wha
     got = store.lookup(np.arange(4 * n, dtype=np.uint64), np.full(4 * n, user.index, np.uint16))
     assert (got[:, 0] == np.repeat(np.arange(4, dtype=np.float32), n)).all()
     store.commit_ahead = False
-    store.put_many([TableRows(user, np.arange(5 * n, 6 * n, dtype=np.uint64), np.ones((n, 8), np.float32), np.zeros((n, 0), np.float32))])
+    store.put_many(
+        [
+            TableRows(
+                user,
+                np.arange(5 * n, 6 * n, dtype=np.uint64),
+                np.ones((n, 8), np.float32),
+                np.zeros((n, 0), np.float32),
+            )
+        ]
+    )
     assert store._committing is None
 
 
@@ -271,7 +289,9 @@ def test_a_store_deferred_while_empty_commits_its_first_rows_on_huge_pages_once_
 def test_a_store_that_holds_rows_keeps_its_pages_and_has_nothing_to_move(emb):
     store = infer_stores(emb)[0]
     user = emb.tables["user"]
-    store.put_many([TableRows(user, np.arange(3, dtype=np.uint64), np.ones((3, 8), np.float32), np.zeros((3, 0), np.float32))])
+    store.put_many(
+        [TableRows(user, np.arange(3, dtype=np.uint64), np.ones((3, 8), np.float32), np.zeros((3, 0), np.float32))]
+    )
     assert not store.defer_huge_pages()
     assert not store.huge_pages_pending and store.adopt_huge_pages()
 
@@ -282,7 +302,9 @@ def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
 
     def rows(lo, hi, value):
         n = hi - lo
-        return TableRows(user, np.arange(lo, hi, dtype=np.uint64), np.full((n, 8), value, np.float32), np.zeros((n, 0), np.float32))
+        return TableRows(
+            user, np.arange(lo, hi, dtype=np.uint64), np.full((n, 8), value, np.float32), np.zeros((n, 0), np.float32)
+        )
 
     store.put_many([rows(0, 100, 1.0)])
     store.lookup(np.arange(50, 100, dtype=np.uint64), np.full(50, user.index, np.uint16))  # 0..49 are the LRU rows
@@ -294,11 +316,25 @@ def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
         store.put_many([rows(1000, 1101, 3.0)])
 
     train = EmbeddingStore(emb, GlobalConfig.from_dict({"embedding_parameter_server_config": {"capacity": 100}}))
-    train.put_many([TableRows(user, np.arange(100, dtype=np.uint64), np.ones((100, 8), np.float32),
-                              np.zeros((100, train.optimizer.state_width(8)), np.float32))])
+    train.put_many(
+        [
+            TableRows(
+                user,
+                np.arange(100, dtype=np.uint64),
+                np.ones((100, 8), np.float32),
+                np.zeros((100, train.optimizer.state_width(8)), np.float32),
+            )
+        ]
+    )
     with pytest.raises(InvalidRequestError, match="would exceed this shard's capacity of 100 rows"):
-        train.put(TableRows(user, np.arange(100, 101, dtype=np.uint64), np.ones((1, 8), np.float32),
-                            np.zeros((1, train.optimizer.state_width(8)), np.float32)))
+        train.put(
+            TableRows(
+                user,
+                np.arange(100, 101, dtype=np.uint64),
+                np.ones((1, 8), np.float32),
+                np.zeros((1, train.optimizer.state_width(8)), np.float32),
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- start and replay
@@ -330,7 +366,9 @@ def test_newest_checkpoint_plus_newer_packets_serve_the_trainers_values_bit_for_
     assert_serves_trainer_state(emb, trainer, stores)
 
 
-def test_a_broken_newest_checkpoint_falls_back_to_an_older_one_and_none_loading_is_an_error(emb, tmp_path, followers, caplog):
+def test_a_broken_newest_checkpoint_falls_back_to_an_older_one_and_none_loading_is_an_error(
+    emb, tmp_path, followers, caplog
+):
     trainer = Trainer(emb, tmp_path, num_shards=2)
     trainer.step_and_publish()
     older = trainer.checkpoint(1)
@@ -472,7 +510,7 @@ def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_ap
     for seq, spoil in ((1, "corrupt"), (2, "truncated"), (3, "version"), (4, "misplaced")):
         data = trainer.encode(0, trainer.step()[0], seq)
         if spoil == "corrupt":
-            data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+            data = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1 :]
         elif spoil == "truncated":
             data = data[: len(data) - 100]
         elif spoil == "version":
@@ -513,7 +551,11 @@ def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
 
     def constant(value: float) -> list[TableRows]:
         keys = np.concatenate([ids, new_ids[int(value)]]) if value else ids
-        return [TableRows(user, keys, np.full((keys.shape[0], 8), value, np.float32), np.zeros((keys.shape[0], 0), np.float32))]
+        return [
+            TableRows(
+                user, keys, np.full((keys.shape[0], 8), value, np.float32), np.zeros((keys.shape[0], 0), np.float32)
+            )
+        ]
 
     trainer.publish(0, constant(0.0))
     store = infer_stores(emb, capacity=100_000)[0]
@@ -526,7 +568,7 @@ def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
             lookups[0] += 1
             k = values[0, 0]
             want = np.where(packet_of <= k, packet_of, 0.0)[:, None]  # packet j's new rows hold j
-            if not (values[: ids.shape[0]] == k).all() or not (values[ids.shape[0]:] == want[ids.shape[0]:]).all():
+            if not (values[: ids.shape[0]] == k).all() or not (values[ids.shape[0] :] == want[ids.shape[0] :]).all():
                 torn.append(np.unique(values))
 
     thread = threading.Thread(target=reader)
@@ -544,8 +586,17 @@ def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
 
 def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path, followers):
     trainer = Trainer(emb, tmp_path, num_shards=1)
-    trainer.publish(0, [TableRows(emb.tables["user"], np.arange(3, dtype=np.uint64), np.ones((3, 8), np.float32),
-                                  np.zeros((3, 0), np.float32))])
+    trainer.publish(
+        0,
+        [
+            TableRows(
+                emb.tables["user"],
+                np.arange(3, dtype=np.uint64),
+                np.ones((3, 8), np.float32),
+                np.zeros((3, 0), np.float32),
+            )
+        ],
+    )
     base = os.getpriority(os.PRIO_PROCESS, 0)
     follower = followers(infer_stores(emb)[0], str(tmp_path), FollowOptions(apply_niceness=5))
     tid = follower._thread.native_id
@@ -555,7 +606,9 @@ def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path,
         FollowOptions(apply_niceness=20)
 
 
-def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_process_keeps_its_own(emb, tmp_path, followers):
+def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_process_keeps_its_own(
+    emb, tmp_path, followers
+):
     trainer = Trainer(emb, tmp_path, num_shards=1)
     trainer.step_and_publish()
     process_cpus = usable_cpus()
@@ -657,8 +710,10 @@ def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, 
         new.keys[name] = set(old.keys[name])
     name = new.checkpoint(2)
     new.step_and_publish()
-    wait_until(lambda: [(s["num_shards"], s["watermark"]) for s in follower.stats()["streams"]] == [(3, 0)] * 3,
-               what="the switch to 3 training shards")
+    wait_until(
+        lambda: [(s["num_shards"], s["watermark"]) for s in follower.stats()["streams"]] == [(3, 0)] * 3,
+        what="the switch to 3 training shards",
+    )
     assert follower.stats()["checkpoint"] == name
     assert_serves_trainer_state(emb, new, [store])
     assert any("switched to checkpoint" in r.getMessage() for r in caplog.records)
@@ -700,8 +755,17 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
     trainer.checkpoint(1)
     trainer.step_and_publish()
     trainer.step_and_publish()
-    with ServerGroup.start(*config_files, num_shards=3, workdir=tmp_path / "servers", mode="infer", metrics=True,
-                           extra_args=follow_args(str(root))) as group, RemoteEmbeddingClient(emb, group.addresses) as client:
+    with (
+        ServerGroup.start(
+            *config_files,
+            num_shards=3,
+            workdir=tmp_path / "servers",
+            mode="infer",
+            metrics=True,
+            extra_args=follow_args(str(root)),
+        ) as group,
+        RemoteEmbeddingClient(emb, group.addresses) as client,
+    ):
         # Ready means loaded: the very first lookups already answer the trainer's values.
         assert_remote_serves_trainer_state(emb, trainer, client)
         stats = client.stats()
@@ -716,16 +780,35 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
         assert_remote_serves_trainer_state(emb, trainer, client)
         assert [s["hotload"]["packets_quarantined"] for s in client.stats()] == [1, 1, 1]
 
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{group.servers[0].metrics_port}/metrics", timeout=10).read().decode()
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{group.servers[0].metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         applied = client.stats()[0]["hotload"]["packets_applied"]
         assert applied == 6  # 2 steps after the checkpoint, then 1, of 2 training shards
         assert f'ctrserve_embedding_packet_freshness_seconds_count{{shard="0"}} {applied:.1f}' in metrics
-        assert f'ctrserve_embedding_watermark{{shard="0",training_shard="0",training_shards="2"}} {trainer.seq[0]:.1f}' in metrics
+        assert (
+            f'ctrserve_embedding_watermark{{shard="0",training_shard="0",training_shards="2"}} {trainer.seq[0]:.1f}'
+            in metrics
+        )
 
         admin = subprocess.run(
-            [sys.executable, "-m", "ctrserve", "embedding-admin", "stats", "--servers", ",".join(group.addresses),
-             "--embedding-config", str(config_files[0])],
-            capture_output=True, text=True, timeout=60, check=True,
+            [
+                sys.executable,
+                "-m",
+                "ctrserve",
+                "embedding-admin",
+                "stats",
+                "--servers",
+                ",".join(group.addresses),
+                "--embedding-config",
+                str(config_files[0]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         shown = json.loads(admin.stdout)
         assert [s["watermark"] for s in shown[2]["hotload"]["streams"]] == trainer.seq
@@ -736,9 +819,16 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
 
 def test_server_with_a_gap_alarms_and_a_late_root_is_waited_for(emb, config_files, tmp_path):
     root = tmp_path / "late" / "model"
-    with ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "servers", mode="infer",
-                           extra_args=follow_args(str(root), gap_timeout=0.5)) as group, \
-            RemoteEmbeddingClient(emb, group.addresses) as client:
+    with (
+        ServerGroup.start(
+            *config_files,
+            num_shards=1,
+            workdir=tmp_path / "servers",
+            mode="infer",
+            extra_args=follow_args(str(root), gap_timeout=0.5),
+        ) as group,
+        RemoteEmbeddingClient(emb, group.addresses) as client,
+    ):
         assert client.stats()[0]["hotload"]["streams"] == []  # serving (zeros) while the root is missing
         trainer = Trainer(emb, root, num_shards=1)
         steps = [trainer.step()[0] for _ in range(3)]
@@ -759,8 +849,9 @@ def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_fi
     trainer = Trainer(emb, root, num_shards=2)
     trainer.step_and_publish()
     trainer.checkpoint(1)
-    group = ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "first", mode="infer",
-                              extra_args=follow_args(str(root)))
+    group = ServerGroup.start(
+        *config_files, num_shards=1, workdir=tmp_path / "first", mode="infer", extra_args=follow_args(str(root))
+    )
     try:
         stop = threading.Event()
 
@@ -781,17 +872,33 @@ def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_fi
         stop.set()
         group.stop()
     trainer.step_and_publish()
-    with ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "second", mode="infer",
-                           extra_args=follow_args(str(root))) as again, RemoteEmbeddingClient(emb, again.addresses) as client:
+    with (
+        ServerGroup.start(
+            *config_files, num_shards=1, workdir=tmp_path / "second", mode="infer", extra_args=follow_args(str(root))
+        ) as again,
+        RemoteEmbeddingClient(emb, again.addresses) as client,
+    ):
         assert server_watermarks(client) == [trainer.seq]
         assert_remote_serves_trainer_state(emb, trainer, client)
 
 
 def test_model_root_needs_infer_mode(config_files, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "ctrserve", "embedding-server", "--embedding-config", str(config_files[0]),
-         "--global-config", str(config_files[1]), "--model-root", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "ctrserve",
+            "embedding-server",
+            "--embedding-config",
+            str(config_files[0]),
+            "--global-config",
+            str(config_files[1]),
+            "--model-root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "--model-root needs infer mode" in result.stderr
@@ -814,11 +921,21 @@ def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, 
     usable = usable_cpus()
     apply = frozenset({max(usable)})
     serve = usable - apply or apply  # a one-CPU machine: both on it, named explicitly
-    flags = ["--apply-cpus", format_cpu_list(apply)] + ([] if usable - apply else ["--serve-cpus", format_cpu_list(serve)])
-    with ServerGroup.start(*config_files, num_shards=1, workdir=tmp_path / "servers", mode="infer",
-                           extra_args=follow_args(str(root)) + flags) as group, \
-            RemoteEmbeddingClient(emb, group.addresses) as client:
+    flags = ["--apply-cpus", format_cpu_list(apply)] + (
+        [] if usable - apply else ["--serve-cpus", format_cpu_list(serve)]
+    )
+    with (
+        ServerGroup.start(
+            *config_files,
+            num_shards=1,
+            workdir=tmp_path / "servers",
+            mode="infer",
+            extra_args=follow_args(str(root)) + flags,
+        ) as group,
+        RemoteEmbeddingClient(emb, group.addresses) as client,
+    ):
         pid = group.servers[0].process.pid
+
         def placed_once_ready() -> dict[int, str] | None:
             cpus = thread_cpus(pid)
             return cpus if format_cpu_list(apply) in cpus.values() else None
@@ -833,19 +950,35 @@ def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, 
     assert f"applied on CPUs {format_cpu_list(apply)}" in group.servers[0].log_path.read_text()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--apply-cpus", "0"], "--apply-cpus needs --model-root"),
-    (["--model-root", "{root}", "--apply-cpus", "{all}"], "leaves no CPU to serve on"),
-    (["--model-root", "{root}", "--apply-cpus", "{none}"], "is not available to this process"),
-    (["--serve-cpus", "{none}"], "is not available to this process"),
-    (["--model-root", "{root}", "--apply-cpus", "3-1"], "argument --apply-cpus: CPU list '3-1'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--apply-cpus", "0"], "--apply-cpus needs --model-root"),
+        (["--model-root", "{root}", "--apply-cpus", "{all}"], "leaves no CPU to serve on"),
+        (["--model-root", "{root}", "--apply-cpus", "{none}"], "is not available to this process"),
+        (["--serve-cpus", "{none}"], "is not available to this process"),
+        (["--model-root", "{root}", "--apply-cpus", "3-1"], "argument --apply-cpus: CPU list '3-1'"),
+    ],
+)
 def test_cpu_placement_flags_that_cannot_hold_are_refused(config_files, tmp_path, flags, message):
     fill = {"root": str(tmp_path), "all": format_cpu_list(usable_cpus()), "none": str(max(usable_cpus()) + 64)}
     result = subprocess.run(
-        [sys.executable, "-m", "ctrserve", "embedding-server", "--embedding-config", str(config_files[0]),
-         "--global-config", str(config_files[1]), "--mode", "infer"] + [f.format(**fill) for f in flags],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "ctrserve",
+            "embedding-server",
+            "--embedding-config",
+            str(config_files[0]),
+            "--global-config",
+            str(config_files[1]),
+            "--mode",
+            "infer",
+        ]
+        + [f.format(**fill) for f in flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert message in result.stderr
@@ -859,8 +992,12 @@ def test_server_follows_an_s3_model_root_on_ceph(emb, config_files, tmp_path, ce
     trainer.step_and_publish()
     trainer.checkpoint(1)
     trainer.step_and_publish()
-    with ServerGroup.start(*config_files, num_shards=2, workdir=tmp_path / "servers", mode="infer",
-                           extra_args=follow_args(root)) as group, RemoteEmbeddingClient(emb, group.addresses) as client:
+    with (
+        ServerGroup.start(
+            *config_files, num_shards=2, workdir=tmp_path / "servers", mode="infer", extra_args=follow_args(root)
+        ) as group,
+        RemoteEmbeddingClient(emb, group.addresses) as client,
+    ):
         assert_remote_serves_trainer_state(emb, trainer, client)
         for _ in range(2):
             trainer.step_and_publish()

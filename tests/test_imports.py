@@ -8,7 +8,7 @@ sub-packages too, and no module is part of an import cycle.
 from __future__ import annotations
 
 import ast
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-@lru_cache(maxsize=None)
+@cache
 def source_files() -> dict[str, Path]:
     """Every module of the project's packages, benchmarks and tests, by dotted name."""
     files = {}
@@ -51,8 +51,11 @@ def source_files() -> dict[str, Path]:
 
 def script_dir_modules() -> dict[str, str]:
     """Modules of tests/ and benchmarks/ that a bare ``import name`` reaches from there."""
-    return {name.split(".", 1)[1]: name for name in source_files()
-            if top(name) in ("tests", "benchmarks") and "." in name and name.split(".", 1)[1] != "conftest"}
+    return {
+        name.split(".", 1)[1]: name
+        for name in source_files()
+        if top(name) in ("tests", "benchmarks") and "." in name and name.split(".", 1)[1] != "conftest"
+    }
 
 
 def imports_of(path: Path) -> set[str]:
@@ -82,7 +85,7 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def graph() -> dict[str, set[str]]:
     return {name: imports_of(path) for name, path in source_files().items()}
 
@@ -97,8 +100,13 @@ def layer(module: str) -> str:
 
 
 def test_parts_import_only_the_parts_below_them():
-    wrong = [f"{src} imports {dst}" for src, dsts in graph().items() if top(src) in ALLOWED
-             for dst in dsts if top(dst) != top(src) and top(dst) not in ALLOWED[top(src)]]
+    wrong = [
+        f"{src} imports {dst}"
+        for src, dsts in graph().items()
+        if top(src) in ALLOWED
+        for dst in dsts
+        if top(dst) != top(src) and top(dst) not in ALLOWED[top(src)]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -133,7 +141,7 @@ def test_no_import_cycles():
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         path.pop()
@@ -146,8 +154,13 @@ def test_no_import_cycles():
 
 
 def test_benchmarks_and_tests_import_no_test_modules():
-    wrong = [f"{src} imports {dst}" for src, dsts in graph().items() if top(src) in ("benchmarks", "tests")
-             for dst in dsts if top(dst) == "tests"]
+    wrong = [
+        f"{src} imports {dst}"
+        for src, dsts in graph().items()
+        if top(src) in ("benchmarks", "tests")
+        for dst in dsts
+        if top(dst) == "tests"
+    ]
     assert not wrong, "\n".join(wrong)
 
 

@@ -12,16 +12,23 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from replica_support import wait_until
 
-from embedding_server.modelroot import checkpoint
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.incremental import PacketPublisher, complete_checkpoints, publish_checkpoint, retain
+from embedding_server.modelroot.packets import (
+    PacketError,
+    decode_packet,
+    encode_packet,
+    packet_dir,
+    packet_name,
+    parse_packet_name,
+)
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.rpc.launcher import ServerGroup
-from embedding_server.modelroot.packets import PacketError, decode_packet, encode_packet, packet_dir, packet_name, parse_packet_name
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.store.store import EmbeddingStore, TableRows
-from replica_support import wait_until
 
 EMB = {"slots_config": {"user": {"dim": 4}, "item": {"dim": 8}}}
 CONFIG = EmbeddingConfig.from_dict(EMB)
@@ -29,13 +36,19 @@ USER, ITEM = CONFIG.tables["user"].index, CONFIG.tables["item"].index
 
 
 def global_config(root: Path | str, **server) -> GlobalConfig:
-    return GlobalConfig.from_dict({
-        "embedding_parameter_server_config": {
-            "capacity": 1000, "enable_incremental_update": True, "incremental_dir": f"{root}/incremental",
-            "incremental_buffer_size": 10_000, "incremental_flush_interval": 3600, **server,
-        },
-        "sparse_optimizer": {"type": "adagrad", "lr": 0.1},
-    })
+    return GlobalConfig.from_dict(
+        {
+            "embedding_parameter_server_config": {
+                "capacity": 1000,
+                "enable_incremental_update": True,
+                "incremental_dir": f"{root}/incremental",
+                "incremental_buffer_size": 10_000,
+                "incremental_flush_interval": 3600,
+                **server,
+            },
+            "sparse_optimizer": {"type": "adagrad", "lr": 0.1},
+        }
+    )
 
 
 def keys(ids, table: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +69,11 @@ def as_dict(tables: list[TableRows]) -> dict[tuple[str, int], np.ndarray]:
 
 def packets_of(root: Path, shard: int = 0, num_shards: int = 1) -> list[int]:
     folder = root / packet_dir(shard, num_shards)
-    return sorted(s for s in (parse_packet_name(p.name) for p in folder.glob("*")) if s is not None) if folder.exists() else []
+    return (
+        sorted(s for s in (parse_packet_name(p.name) for p in folder.glob("*")) if s is not None)
+        if folder.exists()
+        else []
+    )
 
 
 def test_changed_rows_are_taken_once_with_their_current_values(tmp_path):
@@ -147,9 +164,17 @@ def test_packets_are_plain_arrow_files_with_their_metadata(tmp_path):
     push(store, [1, 2], USER)
     push(store, [9], ITEM)
     expected = as_dict(store.take_changes())
-    data = encode_packet([TableRows(CONFIG.tables[n], np.array([i], np.uint64), w[None], np.zeros((1, 0), np.float32))
-                          for (n, i), w in expected.items()], shard=0, num_shards=1, seq=5, fingerprint=CONFIG.fingerprint(),
-                         created_at=1234.5)
+    data = encode_packet(
+        [
+            TableRows(CONFIG.tables[n], np.array([i], np.uint64), w[None], np.zeros((1, 0), np.float32))
+            for (n, i), w in expected.items()
+        ],
+        shard=0,
+        num_shards=1,
+        seq=5,
+        fingerprint=CONFIG.fingerprint(),
+        created_at=1234.5,
+    )
     table = pa.ipc.open_file(pa.BufferReader(data)).read_all()  # no ctrserve code needed to read it
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert (meta["format"], meta["seq"], meta["shard"], meta["created_at"]) == ("ctrserve-packet", "5", "0", "1234.5")
@@ -163,8 +188,14 @@ def test_packets_are_plain_arrow_files_with_their_metadata(tmp_path):
 
 
 def _sample_packet() -> bytes:
-    rows = [TableRows(CONFIG.tables["user"], np.arange(5, dtype=np.uint64), np.arange(20, dtype=np.float32).reshape(5, 4),
-                      np.zeros((5, 0), np.float32))]
+    rows = [
+        TableRows(
+            CONFIG.tables["user"],
+            np.arange(5, dtype=np.uint64),
+            np.arange(20, dtype=np.float32).reshape(5, 4),
+            np.zeros((5, 0), np.float32),
+        )
+    ]
     return encode_packet(rows, shard=0, num_shards=1, seq=1, fingerprint=CONFIG.fingerprint())
 
 
@@ -221,8 +252,13 @@ def test_every_byte_of_a_packet_flipped_truncated_or_overwritten_is_refused_or_h
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _EVERY_BYTE_SCAN, json.dumps(EMB)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _EVERY_BYTE_SCAN, json.dumps(EMB)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts["refused"] > counts["decoded"] > 0
@@ -248,6 +284,7 @@ def test_checkpoint_plus_newer_packets_reproduce_the_trainers_rows(tmp_path):
     rng = np.random.default_rng(0)
     client = InProcessEmbeddingClient(CONFIG, glob, num_shards=2)
     try:
+
         def train_round():
             ids = rng.integers(0, 150, 60).astype(np.uint64)
             tables = np.full(60, USER, np.uint16)
@@ -270,15 +307,21 @@ def test_checkpoint_plus_newer_packets_reproduce_the_trainers_rows(tmp_path):
         client.close()
     manifest = json.loads((Path(url) / "manifest.json").read_text())
     assert manifest["watermark"] == {"0": 2, "1": 2}
-    reader = EmbeddingStore(CONFIG, GlobalConfig.from_dict({"common_config": {"job_type": "infer"},
-                                                            "embedding_parameter_server_config": {"capacity": 1000}}))
+    reader = EmbeddingStore(
+        CONFIG,
+        GlobalConfig.from_dict(
+            {"common_config": {"job_type": "infer"}, "embedding_parameter_server_config": {"capacity": 1000}}
+        ),
+    )
     checkpoint.load_store(reader, url)
     for shard in (0, 1):
         for seq in packets_of(tmp_path, shard, 2):
             if seq > manifest["watermark"][str(shard)]:
                 packet = decode_packet((tmp_path / packet_dir(shard, 2) / packet_name(seq)).read_bytes(), CONFIG)
                 for rows in packet.tables:
-                    reader.put(TableRows(rows.table, rows.ids, rows.weights, np.zeros((rows.ids.shape[0], 0), np.float32)))
+                    reader.put(
+                        TableRows(rows.table, rows.ids, rows.weights, np.zeros((rows.ids.shape[0], 0), np.float32))
+                    )
     ids = np.array([i for _, i in final], np.uint64)
     served = reader.lookup(ids, np.full(ids.shape[0], USER, np.uint16))
     np.testing.assert_array_equal(served, np.stack([final[("user", int(i))] for i in ids]))
@@ -301,7 +344,10 @@ def test_retention_keeps_the_newest_checkpoints_and_the_packets_they_need(tmp_pa
     finally:
         client.close()
     assert complete_checkpoints(str(tmp_path)) == ["00000000000000000003", "00000000000000000004"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["00000000000000000003", "00000000000000000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "00000000000000000003",
+        "00000000000000000004",
+    ]
     assert packets_of(tmp_path) == [6, 7]  # the oldest kept checkpoint (3) includes packets up to 5
     assert result == {"checkpoints": 3, "packets": 4}
 
@@ -309,8 +355,12 @@ def test_retention_keeps_the_newest_checkpoints_and_the_packets_they_need(tmp_pa
 def test_servers_publish_packets_and_checkpoint_watermarks(tmp_path):
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     root = tmp_path / "root"
-    server_cfg = {"capacity": 1000, "enable_incremental_update": True, "incremental_dir": f"{root}/incremental",
-                  "incremental_flush_interval": 3600}
+    server_cfg = {
+        "capacity": 1000,
+        "enable_incremental_update": True,
+        "incremental_dir": f"{root}/incremental",
+        "incremental_flush_interval": 3600,
+    }
     (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": server_cfg}))
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 10_000, 50).astype(np.uint64)
@@ -331,6 +381,8 @@ def test_servers_publish_packets_and_checkpoint_watermarks(tmp_path):
     last = {}
     for shard in (0, 1):
         for seq in packets_of(root, shard, 2):
-            last.update(as_dict(decode_packet((root / packet_dir(shard, 2) / packet_name(seq)).read_bytes(), CONFIG).tables))
+            last.update(
+                as_dict(decode_packet((root / packet_dir(shard, 2) / packet_name(seq)).read_bytes(), CONFIG).tables)
+            )
     for i, row in zip(ids[:5], after):
         np.testing.assert_array_equal(last[("user", int(i))], row)

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from embedding_server.rpc.launcher import ServerGroup
-from embedding_server.core.model_spec import DenseModelSpec
-from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig
-from trainer.job import JobConfig
 from embedding_server.core.errors import ConfigError
+from embedding_server.core.model_spec import DenseModelSpec
+from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.remote import RemoteEmbeddingClient
+from trainer.job import JobConfig
 
 FEATURES = [f"C{i}" for i in range(1, 27)]
 EMB = {"slots_config": {n: {"dim": 8} for n in FEATURES}}
@@ -40,8 +40,14 @@ def write_job(tmp_path: Path, **overrides) -> Path:
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctrserve", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "ctrserve", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
@@ -64,8 +70,9 @@ def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
     torch.jit.load(str(tmp_path / "root/dense/v00000002/model.pt"))
 
     # Resuming continues from the checkpoint's step and exports the next version.
-    again = write_job(tmp_path, resume_from="run/checkpoint",
-                      train={"steps": 50, "eval_every": 0, "eval_batches": 4, "log_every": 10})
+    again = write_job(
+        tmp_path, resume_from="run/checkpoint", train={"steps": 50, "eval_every": 0, "eval_batches": 4, "log_every": 10}
+    )
     proc = run_cli("train", "--config", str(again), "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -94,12 +101,28 @@ def test_bad_job_config_exits_2_with_the_message(tmp_path):
 def test_torchrun_two_ranks_share_the_embedding_servers(tmp_path):
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 500_000}}))
-    with ServerGroup.start(tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv") as group:
-        job = write_job(tmp_path, embedding_servers=group.addresses,
-                        train={"steps": 12, "eval_every": 0, "eval_batches": 2, "log_every": 4},
-                        output={"dir": "run", "model_root": "root"})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "ctrserve", "train", "--config", str(job), "--no-progress"]
+    with ServerGroup.start(
+        tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv"
+    ) as group:
+        job = write_job(
+            tmp_path,
+            embedding_servers=group.addresses,
+            train={"steps": 12, "eval_every": 0, "eval_batches": 2, "log_every": 4},
+            output={"dir": "run", "model_root": "root"},
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "ctrserve",
+            "train",
+            "--config",
+            str(job),
+            "--no-progress",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,21 +15,21 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from torchserve_support import EMB, GLOBAL, as_json, export_version
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException
 
-from embedding_server.rpc import wire
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.rpc import wire
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.rpc.security import make_channel
 from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME, start_server
 from handler.client import parse_response
 from handler.persia_handler import PersiaHandler
 from handler.request import Limits, RequestDecoder, RequestError
 from handler.serving_config import ServingConfig
-from torchserve_support import EMB, GLOBAL, as_json, export_version, random_batch
 from trainer.batch import PyPersiaBatchData
 
 
@@ -46,8 +46,9 @@ def spec(model_dir) -> DenseModelSpec:
 def _handler(model_dir, spec, **limits) -> PersiaHandler:
     handler = PersiaHandler()
     embeddings = InProcessEmbeddingClient(EmbeddingConfig.from_dict(EMB), GlobalConfig.from_dict(GLOBAL), num_shards=1)
-    handler.configure(spec, torch.jit.load(str(model_dir / MODEL_FILE)), embeddings, ServingConfig(**limits),
-                      torch.device("cpu"))
+    handler.configure(
+        spec, torch.jit.load(str(model_dir / MODEL_FILE)), embeddings, ServingConfig(**limits), torch.device("cpu")
+    )
     return handler
 
 
@@ -79,20 +80,41 @@ def _served(handler: PersiaHandler, body, samples: int) -> None:
 # (serving.yml limits, a request over them, what the message must say); each case is followed
 # by a request within the limits, answered by the same handler.
 CASES = {
-    "max_request_bytes": (dict(max_request_bytes=2000), lambda: _batch(40).to_bytes(),
-                          ["exceeds the limit of 2000 bytes (max_request_bytes)", "request of "]),
-    "max_json_request_bytes": (dict(max_json_request_bytes=500), lambda: json.dumps(as_json(_batch(20))).encode(),
-                               ["exceeds the limit of 500 bytes (max_json_request_bytes)"]),
-    "max_json_request_bytes_text": (dict(max_json_request_bytes=500), lambda: json.dumps(as_json(_batch(20))),
-                                    ["characters exceeds the limit of 500 bytes (max_json_request_bytes)"]),
-    "max_batch_size": (dict(max_batch_size=8), lambda: _batch(9).to_bytes(),
-                       ["batch of 9 samples exceeds the limit of 8 samples per request (max_batch_size)"]),
-    "max_ids_per_request": (dict(max_ids_per_request=30), lambda: _batch(4, 2).to_bytes(),
-                            ["request carries 32 ids; the limit is 30 ids per request (max_ids_per_request)"]),
-    "max_ids_per_sample": (dict(max_ids_per_sample=3), lambda: _batch(2, 4).to_bytes(),
-                           ["feature 'C1' has 4 ids in sample 0; the limit is 3 ids per sample (max_ids_per_sample)"]),
-    "max_ids_per_sample_json": (dict(max_ids_per_sample=3), lambda: as_json(_batch(2, 4)),
-                                ["has 4 ids in sample 0", "(max_ids_per_sample)"]),
+    "max_request_bytes": (
+        dict(max_request_bytes=2000),
+        lambda: _batch(40).to_bytes(),
+        ["exceeds the limit of 2000 bytes (max_request_bytes)", "request of "],
+    ),
+    "max_json_request_bytes": (
+        dict(max_json_request_bytes=500),
+        lambda: json.dumps(as_json(_batch(20))).encode(),
+        ["exceeds the limit of 500 bytes (max_json_request_bytes)"],
+    ),
+    "max_json_request_bytes_text": (
+        dict(max_json_request_bytes=500),
+        lambda: json.dumps(as_json(_batch(20))),
+        ["characters exceeds the limit of 500 bytes (max_json_request_bytes)"],
+    ),
+    "max_batch_size": (
+        dict(max_batch_size=8),
+        lambda: _batch(9).to_bytes(),
+        ["batch of 9 samples exceeds the limit of 8 samples per request (max_batch_size)"],
+    ),
+    "max_ids_per_request": (
+        dict(max_ids_per_request=30),
+        lambda: _batch(4, 2).to_bytes(),
+        ["request carries 32 ids; the limit is 30 ids per request (max_ids_per_request)"],
+    ),
+    "max_ids_per_sample": (
+        dict(max_ids_per_sample=3),
+        lambda: _batch(2, 4).to_bytes(),
+        ["feature 'C1' has 4 ids in sample 0; the limit is 3 ids per sample (max_ids_per_sample)"],
+    ),
+    "max_ids_per_sample_json": (
+        dict(max_ids_per_sample=3),
+        lambda: as_json(_batch(2, 4)),
+        ["has 4 ids in sample 0", "(max_ids_per_sample)"],
+    ),
 }
 
 
@@ -110,8 +132,9 @@ def test_each_handler_limit_is_enforced_and_the_handler_keeps_serving(model_dir,
 def test_limits_at_their_exact_value_are_accepted(spec):
     batch = _batch(4, 3)
     size = len(batch.to_bytes())
-    decoder = RequestDecoder.from_serving(spec, ServingConfig(max_request_bytes=size, max_batch_size=4,
-                                                              max_ids_per_request=48, max_ids_per_sample=3))
+    decoder = RequestDecoder.from_serving(
+        spec, ServingConfig(max_request_bytes=size, max_batch_size=4, max_ids_per_request=48, max_ids_per_sample=3)
+    )
     assert decoder.decode({"body": batch.to_bytes()}).batch_size == 4
     assert decoder.limits == Limits(4, size, 48, 3)
 
@@ -121,7 +144,13 @@ def test_limits_come_from_serving_yml_and_are_validated(tmp_path):
     path.write_text("max_ids_per_request: 100\nmax_ids_per_sample: 5\nmax_json_request_bytes: 1000\n")
     config = ServingConfig.load(path)
     assert Limits.from_config(config) == Limits(4096, 64 << 20, 100, 5, 1000)
-    for key in ("max_ids_per_request", "max_ids_per_sample", "max_json_request_bytes", "max_batch_size", "max_request_bytes"):
+    for key in (
+        "max_ids_per_request",
+        "max_ids_per_sample",
+        "max_json_request_bytes",
+        "max_batch_size",
+        "max_request_bytes",
+    ):
         for bad in (0, -1, 1.5, True, "10"):
             with pytest.raises(ConfigError, match=f"'{key}' must be a positive integer"):
                 ServingConfig.from_dict({key: bad})
@@ -142,8 +171,16 @@ EMB_SERVER = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}}})
 
 @pytest.fixture(scope="module")
 def limited_server():
-    glob = GlobalConfig.from_dict({"common_config": {"job_type": "train"}, "embedding_parameter_server_config": {
-        "capacity": 10_000, "max_ids_per_request": 100, "max_request_bytes": 64 << 10}})
+    glob = GlobalConfig.from_dict(
+        {
+            "common_config": {"job_type": "train"},
+            "embedding_parameter_server_config": {
+                "capacity": 10_000,
+                "max_ids_per_request": 100,
+                "max_request_bytes": 64 << 10,
+            },
+        }
+    )
     server = start_server(EMB_SERVER, glob, port=0, workers=2)
     channel = make_channel(server.address, CHANNEL_OPTIONS)
     yield channel.unary_unary(f"/{SERVICE_NAME}/Lookup")

@@ -12,11 +12,20 @@ import grpc
 import numpy as np
 import pytest
 
-from embedding_server.rpc import wire
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
+from embedding_server.rpc import wire
 from embedding_server.rpc.launcher import ServerGroup
-from embedding_server.rpc.local_lookup import HEADER, HELLO, LOOKUP, MAGIC, LocalLookupChannel, LocalRpcError, read_frame, send_frame
+from embedding_server.rpc.local_lookup import (
+    HEADER,
+    HELLO,
+    LOOKUP,
+    MAGIC,
+    LocalLookupChannel,
+    LocalRpcError,
+    read_frame,
+    send_frame,
+)
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.rpc.security import ClientSecurity, ServerSecurity
 from embedding_server.rpc.service import start_server
@@ -35,7 +44,9 @@ def two_shards(configs, tmp_path_factory):
 @pytest.fixture()
 def in_process_server(configs, tmp_path):
     """A server in this process with its socket at a known path (stopped after the test)."""
-    server = start_server(EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1]), local_socket=str(tmp_path / "s.sock"))
+    server = start_server(
+        EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1]), local_socket=str(tmp_path / "s.sock")
+    )
     yield server
     server.stop(grace=0)
 
@@ -51,10 +62,13 @@ def request_bytes(ids, tables) -> bytes:
 def test_local_and_grpc_lookups_give_bit_identical_answers_on_two_shards(configs, two_shards):
     emb = EmbeddingConfig.load(configs[0])
     rng = np.random.default_rng(3)
-    with RemoteEmbeddingClient(emb, two_shards.addresses) as local, \
-         RemoteEmbeddingClient(emb, two_shards.addresses, local_lookups=False) as remote:
+    with (
+        RemoteEmbeddingClient(emb, two_shards.addresses) as local,
+        RemoteEmbeddingClient(emb, two_shards.addresses, local_lookups=False) as remote,
+    ):
         assert [r["transport"] for rs in local.replica_states() for r in rs] == ["local", "local"]
         assert [r["transport"] for rs in remote.replica_states() for r in rs] == ["grpc", "grpc"]
+
         def lookups_served() -> int:
             return sum(m["requests"] for s in remote.stats() for m in s["methods"] if m["method"] == "Lookup")
 
@@ -114,8 +128,12 @@ def test_a_socket_of_another_server_instance_or_a_wrong_token_is_not_used(config
         (request_bytes([1, 2], [0, 2]), "tables of one dim"),
     ],
 )
-def test_a_bad_lookup_on_the_socket_is_invalid_argument_and_the_connection_keeps_serving(in_process_server, body, message):
-    channel, problem = LocalLookupChannel.attach(in_process_server.local.path, in_process_server.local.instance_id, None)
+def test_a_bad_lookup_on_the_socket_is_invalid_argument_and_the_connection_keeps_serving(
+    in_process_server, body, message
+):
+    channel, problem = LocalLookupChannel.attach(
+        in_process_server.local.path, in_process_server.local.instance_id, None
+    )
     assert channel is not None, problem
     with pytest.raises(LocalRpcError) as err:
         channel(body, timeout=10)
@@ -165,7 +183,9 @@ def test_frames_that_break_the_protocol_end_only_their_own_connection(in_process
     channel.close()
 
 
-def test_the_socket_path_must_not_be_a_live_socket_or_another_file_and_a_stale_one_is_replaced(configs, in_process_server, tmp_path):
+def test_the_socket_path_must_not_be_a_live_socket_or_another_file_and_a_stale_one_is_replaced(
+    configs, in_process_server, tmp_path
+):
     emb, glob = EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1])
     with pytest.raises(ConfigError, match="in use by another server"):
         start_server(emb, glob, local_socket=in_process_server.local.path)
@@ -187,8 +207,10 @@ def test_the_socket_path_must_not_be_a_live_socket_or_another_file_and_a_stale_o
 def test_a_client_falls_back_to_grpc_when_the_socket_goes_and_reattaches_after_a_restart(configs, tmp_path):
     emb = EmbeddingConfig.load(configs[0])
     ids, tables = np.arange(1, 9, dtype=np.uint64), np.zeros(8, np.uint16)
-    with ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "srv") as group, \
-         RemoteEmbeddingClient(emb, group.addresses, timeout=10, probe_interval=0.1) as client:
+    with (
+        ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "srv") as group,
+        RemoteEmbeddingClient(emb, group.addresses, timeout=10, probe_interval=0.1) as client,
+    ):
         expected = client.lookup_rows(ids, tables, 8).copy()
         old_socket = info_of(client).local_socket
         group.kill(0)
@@ -236,9 +258,12 @@ def test_lookup_responses_put_aligned_rows_that_any_protobuf_parser_reads(keys, 
 
 def test_reads_prefer_the_replica_on_this_machine_when_none_is_busier(configs, tmp_path):
     emb = EmbeddingConfig.load(configs[0])
-    with ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "remote", mode="infer",
-                           extra_args=["--local-socket", "off"]) as remote_like, \
-         ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "local", mode="infer") as local:
+    with (
+        ServerGroup.start(
+            *configs, num_shards=1, workdir=tmp_path / "remote", mode="infer", extra_args=["--local-socket", "off"]
+        ) as remote_like,
+        ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "local", mode="infer") as local,
+    ):
         addresses = [[remote_like.addresses[0], local.addresses[0]]]
         with RemoteEmbeddingClient(emb, addresses) as client:
             assert [r["transport"] for r in client.replica_states()[0]] == ["grpc", "local"]

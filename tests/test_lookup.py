@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedding_server.core.batch import KeyedIds, SparseFeature
-from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
+from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
 
 EMB = EmbeddingConfig.from_dict(
     {
@@ -224,7 +224,11 @@ def test_push_gradients_changes_exactly_the_looked_up_rows():
     result = c.lookup(batch, requires_grad=True)
     weights_u = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]])
     weights_h = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10
-    loss = (result["user"] * weights_u).sum() + (result["item"] * weights_u).sum() + (result["hist"].values * weights_h).sum()
+    loss = (
+        (result["user"] * weights_u).sum()
+        + (result["item"] * weights_u).sum()
+        + (result["hist"].values * weights_h).sum()
+    )
     loss.backward()
     looked_up = all_rows(c)  # the lookup itself inserted the new rows
     c.push_gradients(result)
@@ -371,7 +375,11 @@ def test_keyed_ids_hold_the_features_they_were_built_from_and_select_reorders_th
     keyed = KeyedIds.from_features(parts)
     assert keyed.ids.tolist() == [1, 2, 3, 4, 5, 6, 7] and keyed.counts.tolist() == [3, 4] and keyed.batch_size == 3
     for one, other in zip(keyed, parts):
-        assert (one.name, one.ids.tolist(), one.offsets.tolist()) == (other.name, other.ids.tolist(), other.offsets.tolist())
+        assert (one.name, one.ids.tolist(), one.offsets.tolist()) == (
+            other.name,
+            other.ids.tolist(),
+            other.offsets.tolist(),
+        )
         assert one.lengths.tolist() == other.lengths.tolist() and one.batch_size == other.batch_size
     swapped = keyed.select(["b", "a"])
     assert swapped.names == ("b", "a") and swapped.ids.tolist() == [4, 5, 6, 7, 1, 2, 3]
@@ -412,10 +420,7 @@ ids_strategy = st.one_of(st.integers(0, 30), st.integers(0, 2**64 - 1))
 def batches(draw):
     batch_size = draw(st.integers(1, 4))
     names = draw(st.lists(st.sampled_from(FEATURES), min_size=1, max_size=len(FEATURES), unique=True))
-    return [
-        (name, [draw(st.lists(ids_strategy, max_size=5)) for _ in range(batch_size)])
-        for name in names
-    ]
+    return [(name, [draw(st.lists(ids_strategy, max_size=5)) for _ in range(batch_size)]) for name in names]
 
 
 def as_numpy(result) -> dict[str, np.ndarray]:
@@ -459,10 +464,19 @@ def test_one_and_three_shards_give_identical_answers(batch, grad_seed):
 
 
 def test_hash_stacked_mean_scaling_divides_by_number_of_raw_ids():
-    cfg = EmbeddingConfig.from_dict({"slots_config": {
-        "plain": {"dim": 4, "hash_stack_config": {"hash_stack_rounds": 2, "embedding_size": 100}},
-        "meaned": {"dim": 4, "mean_scaling": True, "hash_stack_config": {"hash_stack_rounds": 2, "embedding_size": 100}},
-    }, "feature_groups": {"shared": ["plain", "meaned"]}})
+    cfg = EmbeddingConfig.from_dict(
+        {
+            "slots_config": {
+                "plain": {"dim": 4, "hash_stack_config": {"hash_stack_rounds": 2, "embedding_size": 100}},
+                "meaned": {
+                    "dim": 4,
+                    "mean_scaling": True,
+                    "hash_stack_config": {"hash_stack_rounds": 2, "embedding_size": 100},
+                },
+            },
+            "feature_groups": {"shared": ["plain", "meaned"]},
+        }
+    )
     c = InProcessEmbeddingClient(cfg, glob())
     samples = [[5, 9, 13], [7]]
     out = c.lookup([feat("plain", samples), feat("meaned", samples)])
@@ -484,15 +498,20 @@ def test_bags_of_zero_or_one_id_pool_to_the_row_or_zeros_and_backpropagate_into_
     # Criteo-like features: one id per sample or none (a missing value), ids repeated across samples.
     c = client()
     samples = {"user": [[3], [], [5], [3]], "clicked": [[], [9], [9], []]}
-    expected = {name: np.stack([row(c, name, s[0]) if s else np.zeros(EMB.table_of(name).dim, np.float32) for s in lists])
-                for name, lists in samples.items()}
+    expected = {
+        name: np.stack([row(c, name, s[0]) if s else np.zeros(EMB.table_of(name).dim, np.float32) for s in lists])
+        for name, lists in samples.items()
+    }
     result = c.lookup([feat(name, lists) for name, lists in samples.items()], requires_grad=True)
     for name in samples:
         close(result[name], expected[name])
     weights = {name: torch.arange(1.0, 1.0 + result[name].numel()).reshape(result[name].shape) for name in samples}
     sum((result[name] * weights[name]).sum() for name in samples).backward()
-    grads = {key: grad for g in result.groups  # one group per dim (4 and 8)
-             for key, grad in zip(zip(g.tables.tolist(), g.ids.tolist()), g.rows.grad.numpy())}
+    grads = {
+        key: grad
+        for g in result.groups  # one group per dim (4 and 8)
+        for key, grad in zip(zip(g.tables.tolist(), g.ids.tolist()), g.rows.grad.numpy())
+    }
     for name, lists in samples.items():  # a row's gradient: the sum of the weights of the bags holding it
         table = EMB.table_of(name).index
         for i in {s[0] for s in lists if s}:

@@ -14,8 +14,9 @@ DIM = 6
 POOL = np.array([3, 17, 2**40 + 5, 99, 2**63 + 11, 1234567], np.uint64)
 
 
-def make_store(optimizer: dict, dim: int = DIM, capacity: int = 64, weight_bound: float = 0.0,
-               init: dict | None = None) -> EmbeddingStore:
+def make_store(
+    optimizer: dict, dim: int = DIM, capacity: int = 64, weight_bound: float = 0.0, init: dict | None = None
+) -> EmbeddingStore:
     emb = EmbeddingConfig.from_dict({"slots_config": {"f": {"dim": dim}}})
     glob = GlobalConfig.from_dict(
         {
@@ -66,7 +67,9 @@ def run_torch(initial: np.ndarray, pushes, make_opt) -> np.ndarray:
 
 
 def assert_close(actual, expected):
-    torch.testing.assert_close(torch.as_tensor(actual), torch.as_tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.as_tensor(actual), torch.as_tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0
+    )
 
 
 def initial_rows(store: EmbeddingStore) -> np.ndarray:
@@ -88,13 +91,13 @@ def test_sgd_matches_torch_sgd(weight_decay):
 
 
 def test_adagrad_with_unit_momentum_matches_torch_adagrad():
-    store = make_store({"type": "adagrad", "lr": 0.05, "initial_accumulator_value": 0.1, "g_square_momentum": 1.0, "eps": 1e-10})
+    store = make_store(
+        {"type": "adagrad", "lr": 0.05, "initial_accumulator_value": 0.1, "g_square_momentum": 1.0, "eps": 1e-10}
+    )
     init = initial_rows(store)
     pushes = random_pushes(1)
     got = run_store(store, pushes)
-    want = run_torch(
-        init, pushes, lambda p: torch.optim.Adagrad(p, lr=0.05, initial_accumulator_value=0.1, eps=1e-10)
-    )
+    want = run_torch(init, pushes, lambda p: torch.optim.Adagrad(p, lr=0.05, initial_accumulator_value=0.1, eps=1e-10))
     assert not np.allclose(got, init)
     assert_close(got, want)
 

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from replica_support import follow_args, seed_model_root, wait_until
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError, ShardUnavailableError
@@ -27,7 +28,6 @@ from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.rpc.replicas import Replica, ReplicaSet, format_addresses, normalize_addresses
 from handler.serving_config import ENV_SERVERS, ServingConfig
 from protos.embedding import pb, pb_grpc
-from replica_support import follow_args, seed_model_root, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,8 +45,13 @@ def test_address_forms_parse_to_replicas_per_shard():
     assert normalize_addresses(grouped) == grouped
     assert normalize_addresses(["h1:7001", "h3:7002"]) == [["h1:7001"], ["h3:7002"]]  # one per shard, as before
     assert format_addresses(grouped) == "h1:7001|h2:7001,h3:7002"
-    for bad, message in [("h1:7001|,h3:7002", "shard 0"), ("h1:7001,nohost", "shard 1"), ([], "no shard"),
-                         ("h1:7001|h1:7001", "h1:7001 is listed more than once"), ([["h1:7001"], []], "shard 1")]:
+    for bad, message in [
+        ("h1:7001|,h3:7002", "shard 0"),
+        ("h1:7001,nohost", "shard 1"),
+        ([], "no shard"),
+        ("h1:7001|h1:7001", "h1:7001 is listed more than once"),
+        ([["h1:7001"], []], "shard 1"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             normalize_addresses(bad)
 
@@ -83,8 +88,10 @@ def test_reads_rotate_over_up_replicas_prefer_the_least_busy_and_skip_down_ones(
         replicas.mark_up(busy)
         replicas.mark_up(busy)
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["embedding shard 0: replica h0:1 marked down: UNAVAILABLE: gone",
-                        "embedding shard 0: replica h0:1 marked up"]  # each transition logged once
+    assert messages == [
+        "embedding shard 0: replica h0:1 marked down: UNAVAILABLE: gone",
+        "embedding shard 0: replica h0:1 marked up",
+    ]  # each transition logged once
 
 
 # ----------------------------------------------------------------------------- real replicas
@@ -102,8 +109,15 @@ def replicated(emb, tmp_path_factory):
     (root / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (root / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 50_000}}))
     seed_model_root(emb, root / "model")
-    with ServerGroup.start(root / "emb.yml", root / "global.yml", num_shards=2, workdir=root / "servers", mode="infer",
-                           replicas=2, extra_args=follow_args(root / "model")) as group:
+    with ServerGroup.start(
+        root / "emb.yml",
+        root / "global.yml",
+        num_shards=2,
+        workdir=root / "servers",
+        mode="infer",
+        replicas=2,
+        extra_args=follow_args(root / "model"),
+    ) as group:
         yield group
 
 
@@ -224,14 +238,18 @@ def test_a_replica_down_at_start_is_allowed_and_joins_when_it_serves(emb, group)
     group.kill(0, 1)
     late = group.server(0, 1).address
     started = time.monotonic()
-    with RemoteEmbeddingClient(emb, group.replica_addresses, timeout=TIMEOUT, connect_timeout=10, probe_interval=0.2) as client:
+    with RemoteEmbeddingClient(
+        emb, group.replica_addresses, timeout=TIMEOUT, connect_timeout=10, probe_interval=0.2
+    ) as client:
         assert time.monotonic() - started < 5, "waited for the missing replica"
         assert not is_up(client, 0, late)
         expected = client.lookup_rows(ids, tables, dim).tobytes()
         group.restart(0, 1)
         wait_until(lambda: is_up(client, 0, late), what="the late replica to join")
-        wait_until(lambda: client.lookup_rows(ids, tables, dim).tobytes() == expected and lookup_requests(late) > 0,
-                   what="reads on the late replica")
+        wait_until(
+            lambda: client.lookup_rows(ids, tables, dim).tobytes() == expected and lookup_requests(late) > 0,
+            what="reads on the late replica",
+        )
     nobody = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]  # shard 0: no server at all
     started = time.monotonic()
     with pytest.raises(ShardUnavailableError, match="embedding shard 0: no replica answered within 1.0 s"):

@@ -71,8 +71,9 @@ def _error(address: str, security: ClientSecurity | None) -> grpc.RpcError:
 
 
 def _tls_server(pki: Path, mutual: bool = False, token: str | None = None) -> ServerSecurity:
-    return ServerSecurity(str(pki / "server.pem"), str(pki / "server.key"),
-                          str(pki / "ca.pem") if mutual else None, token)
+    return ServerSecurity(
+        str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem") if mutual else None, token
+    )
 
 
 # --------------------------------------------------------------------------- TLS
@@ -85,7 +86,10 @@ def test_tls_serves_clients_that_trust_the_ca_and_refuses_others(pki, other_pki)
         # By name too: the certificate carries DNS:localhost.
         assert _info(f"localhost:{server.port}", ClientSecurity(tls_ca_file=str(pki / "ca.pem"))).num_shards == 1
         # A client trusting another CA cannot verify the server; a plain-text client gets no answer.
-        assert _error(server.address, ClientSecurity(tls_ca_file=str(other_pki / "ca.pem"))).code() == grpc.StatusCode.UNAVAILABLE
+        assert (
+            _error(server.address, ClientSecurity(tls_ca_file=str(other_pki / "ca.pem"))).code()
+            == grpc.StatusCode.UNAVAILABLE
+        )
         assert _error(server.address, None).code() == grpc.StatusCode.UNAVAILABLE
         # A name the certificate does not carry is refused.
         wrong_name = ClientSecurity(tls_ca_file=str(pki / "ca.pem"), tls_server_name="evil.example.com")
@@ -100,11 +104,14 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(pki, other_pki):
     server = _serve(_tls_server(pki, mutual=True))
     ca = str(pki / "ca.pem")
     try:
-        good = ClientSecurity(tls_ca_file=ca, tls_cert_file=str(pki / "client.pem"), tls_key_file=str(pki / "client.key"))
+        good = ClientSecurity(
+            tls_ca_file=ca, tls_cert_file=str(pki / "client.pem"), tls_key_file=str(pki / "client.key")
+        )
         assert _info(server.address, good).mode == "infer"
         assert _error(server.address, ClientSecurity(tls_ca_file=ca)).code() == grpc.StatusCode.UNAVAILABLE
-        foreign = ClientSecurity(tls_ca_file=ca, tls_cert_file=str(other_pki / "client.pem"),
-                                 tls_key_file=str(other_pki / "client.key"))
+        foreign = ClientSecurity(
+            tls_ca_file=ca, tls_cert_file=str(other_pki / "client.pem"), tls_key_file=str(other_pki / "client.key")
+        )
         assert _error(server.address, foreign).code() == grpc.StatusCode.UNAVAILABLE
         assert _info(server.address, good).mode == "infer"
     finally:
@@ -184,14 +191,30 @@ def test_token_sources_and_validation(tmp_path, monkeypatch):
 def test_cli_server_with_tls_and_token_from_the_production_example(pki, tmp_path):
     """``ctrserve embedding-server`` reads the security section; the token file is not a flag value."""
     example = yaml.safe_load((REPO / "deploy/production/global_config.yml").read_text())
-    example["security"].update(tls_cert_file=str(pki / "server.pem"), tls_key_file=str(pki / "server.key"),
-                               tls_client_ca_file=str(pki / "ca.pem"), token_file=str(pki / "token"))
+    example["security"].update(
+        tls_cert_file=str(pki / "server.pem"),
+        tls_key_file=str(pki / "server.key"),
+        tls_client_ca_file=str(pki / "ca.pem"),
+        token_file=str(pki / "token"),
+    )
     example["embedding_parameter_server_config"].pop("incremental_dir", None)
     (tmp_path / "global.yml").write_text(yaml.safe_dump(example))
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB.to_dict()))
     ready = tmp_path / "ready.json"
-    cmd = [sys.executable, "-m", "ctrserve", "embedding-server", "--embedding-config", str(tmp_path / "emb.yml"),
-           "--global-config", str(tmp_path / "global.yml"), "--mode", "infer", "--ready-file", str(ready)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctrserve",
+        "embedding-server",
+        "--embedding-config",
+        str(tmp_path / "emb.yml"),
+        "--global-config",
+        str(tmp_path / "global.yml"),
+        "--mode",
+        "infer",
+        "--ready-file",
+        str(ready),
+    ]
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -201,10 +224,15 @@ def test_cli_server_with_tls_and_token_from_the_production_example(pki, tmp_path
             time.sleep(0.05)
         address = json.loads(ready.read_text())["address"]
         token = (pki / "token").read_text().strip()
-        base = dict(tls_ca_file=str(pki / "ca.pem"), tls_cert_file=str(pki / "client.pem"), tls_key_file=str(pki / "client.key"))
+        base = dict(
+            tls_ca_file=str(pki / "ca.pem"), tls_cert_file=str(pki / "client.pem"), tls_key_file=str(pki / "client.key")
+        )
         assert _info(address, ClientSecurity(**base, token=token)).mode == "infer"
         assert _error(address, ClientSecurity(**base)).code() == grpc.StatusCode.UNAUTHENTICATED
-        assert _error(address, ClientSecurity(tls_ca_file=str(pki / "ca.pem"), token=token)).code() == grpc.StatusCode.UNAVAILABLE
+        assert (
+            _error(address, ClientSecurity(tls_ca_file=str(pki / "ca.pem"), token=token)).code()
+            == grpc.StatusCode.UNAVAILABLE
+        )
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -212,7 +240,17 @@ def test_cli_server_with_tls_and_token_from_the_production_example(pki, tmp_path
 
 # --------------------------------------------------------------------------- audit: no unsafe deserialisation
 
-SOURCE_DIRS = ("embedding_server", "trainer", "handler", "archiver", "protos", "ctrserve", "benchmarks", "deploy", "tests")
+SOURCE_DIRS = (
+    "embedding_server",
+    "trainer",
+    "handler",
+    "archiver",
+    "protos",
+    "ctrserve",
+    "benchmarks",
+    "deploy",
+    "tests",
+)
 #: (file, call) pairs allowed to use a forbidden call, with the reason.
 ALLOWED: dict[tuple[str, str], str] = {}
 
@@ -259,10 +297,16 @@ def test_no_unsafe_deserialisation_in_the_source_tree():
 
 
 def test_the_audit_catches_what_it_should():
-    code = "import pickle\ntorch.load(f)\ntorch.load(f, weights_only=False)\nnp.load(f, allow_pickle=True)\nyaml.load(s)\n"
+    code = (
+        "import pickle\ntorch.load(f)\ntorch.load(f, weights_only=False)\nnp.load(f, allow_pickle=True)\nyaml.load(s)\n"
+    )
     assert [c for _, c in _forbidden_calls(ast.parse(code))] == [
-        "import pickle", "torch.load without weights_only=True", "torch.load without weights_only=True",
-        "np.load with allow_pickle", "yaml.load"]
+        "import pickle",
+        "torch.load without weights_only=True",
+        "torch.load without weights_only=True",
+        "np.load with allow_pickle",
+        "yaml.load",
+    ]
     assert _forbidden_calls(ast.parse("torch.load(f, weights_only=True)\nnp.load(f)\nyaml.safe_load(s)\n")) == []
 
 
@@ -280,9 +324,21 @@ def _hostile_storage(root: Path, extra: list[str]):
     return Hostile(str(root))
 
 
-HOSTILE_NAMES = ["../x", "../../etc/passwd", "/etc/passwd", "/abs", "..", ".", "",
-                 "00000000000000000001.arrow/../../x", "shard-00000-of-00001/../..", "v00000001/../../x",
-                 "0000000001/../../x", "C:\\x", "\\\\server\\share"]
+HOSTILE_NAMES = [
+    "../x",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "/abs",
+    "..",
+    ".",
+    "",
+    "00000000000000000001.arrow/../../x",
+    "shard-00000-of-00001/../..",
+    "v00000001/../../x",
+    "0000000001/../../x",
+    "C:\\x",
+    "\\\\server\\share",
+]
 
 
 def test_listing_names_are_plain_on_every_backend(tmp_path):
@@ -300,8 +356,8 @@ def test_listing_names_are_plain_on_every_backend(tmp_path):
 def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     """Hot-loading, retention and publishing pick names by pattern, so a listing entry like
     ``../x`` or ``/abs`` never becomes a path they read or delete."""
-    from embedding_server.modelroot import incremental, packets
     from embedding_server.core import model_spec
+    from embedding_server.modelroot import incremental, packets
 
     hostile = HOSTILE_NAMES + ["C:\\x"]
     assert all(packets.parse_packet_name(n) is None for n in hostile)
@@ -309,9 +365,8 @@ def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     assert all(model_spec.parse_version_dir(n) is None for n in hostile)
     assert packets.parse_packet_name("00000000000000000001.arrow") == 1
     # Retention on a root whose listings carry hostile names deletes only pattern names inside it.
-    from embedding_server.storage.urls import open_storage
-    from embedding_server.store.store import EmbeddingStore
     from embedding_server.modelroot import checkpoint
+    from embedding_server.store.store import EmbeddingStore
 
     root = tmp_path / "root"
     outside = tmp_path / "x"
@@ -319,7 +374,9 @@ def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     store = EmbeddingStore(EMB, GlobalConfig.from_dict({}), 0, 1)
     store.lookup(np.arange(4, dtype=np.uint64), np.zeros(4, np.uint16))
     for number in (1, 2):
-        checkpoint.dump_stores([store], str(root / "checkpoints" / incremental.checkpoint_name(number)), watermark={"0": number})
+        checkpoint.dump_stores(
+            [store], str(root / "checkpoints" / incremental.checkpoint_name(number)), watermark={"0": number}
+        )
     storage = _hostile_storage(root, hostile)
     names = [incremental.checkpoint_name(n) for n in (1, 2)]
     assert incremental.complete_checkpoints(storage) == names
@@ -345,15 +402,22 @@ def test_remote_client_with_handler_settings_reaches_a_secured_server(pki):
 
     token = (pki / "token").read_text().strip()
     server = _serve(ServerSecurity(str(pki / "server.pem"), str(pki / "server.key"), str(pki / "ca.pem"), token))
-    serving = ServingConfig(embedding_tls_ca_file=str(pki / "ca.pem"), embedding_tls_cert_file=str(pki / "client.pem"),
-                            embedding_tls_key_file=str(pki / "client.key"), embedding_token_file=str(pki / "token"))
+    serving = ServingConfig(
+        embedding_tls_ca_file=str(pki / "ca.pem"),
+        embedding_tls_cert_file=str(pki / "client.pem"),
+        embedding_tls_key_file=str(pki / "client.key"),
+        embedding_token_file=str(pki / "token"),
+    )
     try:
         security = serving.client_security(environ={})
         assert security is not None and security.token == token and security.tls
         with RemoteEmbeddingClient(EMB, [server.address], timeout=5, connect_timeout=5, security=security) as client:
             assert client.stats()[0]["capacity"] == server.store.capacity
-        no_token = ServingConfig(embedding_tls_ca_file=str(pki / "ca.pem"), embedding_tls_cert_file=str(pki / "client.pem"),
-                                 embedding_tls_key_file=str(pki / "client.key")).client_security(environ={})
+        no_token = ServingConfig(
+            embedding_tls_ca_file=str(pki / "ca.pem"),
+            embedding_tls_cert_file=str(pki / "client.pem"),
+            embedding_tls_key_file=str(pki / "client.key"),
+        ).client_security(environ={})
         started = time.monotonic()
         with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED"):
             RemoteEmbeddingClient(EMB, [server.address], timeout=5, connect_timeout=5, security=no_token)
@@ -372,14 +436,33 @@ def test_embedding_admin_reaches_a_secured_server(pki):
     server = _serve(_tls_server(pki, token=token))
     emb_file = pki / "emb.yml"
     emb_file.write_text(yaml.safe_dump(EMB.to_dict()))
-    base = [sys.executable, "-m", "ctrserve", "embedding-admin", "stats", "--servers", server.address,
-            "--embedding-config", str(emb_file), "--tls-ca", str(pki / "ca.pem")]
+    base = [
+        sys.executable,
+        "-m",
+        "ctrserve",
+        "embedding-admin",
+        "stats",
+        "--servers",
+        server.address,
+        "--embedding-config",
+        str(emb_file),
+        "--tls-ca",
+        str(pki / "ca.pem"),
+    ]
     try:
-        ok = subprocess.run(base + ["--token-file", str(pki / "token")], cwd=REPO, capture_output=True, text=True, timeout=60)
+        ok = subprocess.run(
+            base + ["--token-file", str(pki / "token")], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert ok.returncode == 0, ok.stderr
         assert json.loads(ok.stdout)[0]["capacity"] == server.store.capacity
-        refused = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=60,
-                                 env={k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_EMBEDDING_TOKEN")})
+        refused = subprocess.run(
+            base,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CTRSERVE_EMBEDDING_TOKEN")},
+        )
         assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
     finally:
         server.stop(0)

@@ -16,9 +16,9 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_server.core.batch import SparseFeature
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.rpc.service import CHANNEL_OPTIONS
@@ -84,7 +84,10 @@ def test_in_process_one_server_and_two_shards_give_identical_answers(configs, on
     emb = EmbeddingConfig.load(configs[0])
     local = InProcessEmbeddingClient(emb, GlobalConfig.load(configs[1]))
     rng = np.random.default_rng(1)
-    with RemoteEmbeddingClient(emb, one_shard.addresses) as one, RemoteEmbeddingClient(emb, two_shards.addresses) as two:
+    with (
+        RemoteEmbeddingClient(emb, one_shard.addresses) as one,
+        RemoteEmbeddingClient(emb, two_shards.addresses) as two,
+    ):
         for _ in range(3):
             batch = random_batch(rng)
             expected = local.lookup(batch)
@@ -100,11 +103,17 @@ def test_gradients_over_grpc_match_in_process_training(configs, tmp_path):
     local = InProcessEmbeddingClient(emb, GlobalConfig.load(configs[1]))
     rng = np.random.default_rng(2)
     batches = [random_batch(rng) for _ in range(4)]
-    with ServerGroup.start(*configs, num_shards=2, workdir=tmp_path) as group, RemoteEmbeddingClient(emb, group.addresses) as remote:
+    with (
+        ServerGroup.start(*configs, num_shards=2, workdir=tmp_path) as group,
+        RemoteEmbeddingClient(emb, group.addresses) as remote,
+    ):
         for batch in batches:
             for client in (local, remote):
                 result = client.lookup(batch, requires_grad=True)
-                loss = sum((v**2).sum() if isinstance(v, torch.Tensor) else (v.values**2).sum() for v in result.embeddings.values())
+                loss = sum(
+                    (v**2).sum() if isinstance(v, torch.Tensor) else (v.values**2).sum()
+                    for v in result.embeddings.values()
+                )
                 loss.backward()
                 client.push_gradients(result)
         probe = batches[0]
@@ -125,7 +134,9 @@ def test_remote_dump_loads_into_other_shard_count_bit_identically(configs, two_s
         total = sum(s["rows"] for s in remote.stats())
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["num_shards"] == 2 and manifest["rows"] == total
-    three = InProcessEmbeddingClient(emb, GlobalConfig.from_dict({"common_config": {"job_type": "infer"}}), num_shards=3)
+    three = InProcessEmbeddingClient(
+        emb, GlobalConfig.from_dict({"common_config": {"job_type": "infer"}}), num_shards=3
+    )
     three.load(str(tmp_path / "ckpt"))
     assert sum(s["rows"] for s in three.stats()) == total
     assert_same(served, three.lookup(batch))
@@ -139,11 +150,20 @@ def raw_stub(address: str):
     "request_fields, message",
     [
         ({"ids": b"\x01\x02\x03", "tables": b""}, "not a whole number of 8-byte"),
-        ({"ids": np.arange(3, dtype="<u8").tobytes(), "tables": np.zeros(2, "<u2").tobytes()}, "'ids' has 3 entries but 'tables' has 2"),
+        (
+            {"ids": np.arange(3, dtype="<u8").tobytes(), "tables": np.zeros(2, "<u2").tobytes()},
+            "'ids' has 3 entries but 'tables' has 2",
+        ),
         ({"ids": b"", "tables": b""}, "empty request"),
-        ({"ids": np.arange(2, dtype="<u8").tobytes(), "tables": np.array([0, 9], "<u2").tobytes()}, "table index 9 out of range"),
+        (
+            {"ids": np.arange(2, dtype="<u8").tobytes(), "tables": np.array([0, 9], "<u2").tobytes()},
+            "table index 9 out of range",
+        ),
         # tables 0 ("items", dim 8) and 2 ("query", dim 4), in the order of embedding_config.yml
-        ({"ids": np.arange(2, dtype="<u8").tobytes(), "tables": np.array([0, 2], "<u2").tobytes()}, "tables of one dim"),
+        (
+            {"ids": np.arange(2, dtype="<u8").tobytes(), "tables": np.array([0, 2], "<u2").tobytes()},
+            "tables of one dim",
+        ),
     ],
 )
 def test_malformed_lookup_is_invalid_argument_and_server_keeps_serving(configs, one_shard, request_fields, message):
@@ -153,7 +173,9 @@ def test_malformed_lookup_is_invalid_argument_and_server_keeps_serving(configs, 
         stub.Lookup(pb.LookupRequest(**request_fields), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
-    ok = stub.Lookup(pb.LookupRequest(ids=np.arange(4, dtype="<u8").tobytes(), tables=np.zeros(4, "<u2").tobytes()), timeout=10)
+    ok = stub.Lookup(
+        pb.LookupRequest(ids=np.arange(4, dtype="<u8").tobytes(), tables=np.zeros(4, "<u2").tobytes()), timeout=10
+    )
     assert ok.dim == 8 and len(ok.values) == 4 * 8 * 4
 
 
@@ -163,7 +185,9 @@ def test_gradient_of_wrong_shape_is_refused_and_nothing_is_applied(one_shard):
     tables = np.zeros(2, "<u2").tobytes()
     before = stub.Lookup(pb.LookupRequest(ids=ids, tables=tables), timeout=10).values
     with pytest.raises(grpc.RpcError) as err:
-        stub.PushGradients(pb.PushGradientsRequest(ids=ids, tables=tables, grads=np.ones(2 * 7, "<f4").tobytes()), timeout=10)
+        stub.PushGradients(
+            pb.PushGradientsRequest(ids=ids, tables=tables, grads=np.ones(2 * 7, "<f4").tobytes()), timeout=10
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "does not match 2 ids of dim 8" in err.value.details()
     assert stub.Lookup(pb.LookupRequest(ids=ids, tables=tables), timeout=10).values == before
@@ -183,7 +207,10 @@ def test_bad_batches_raise_invalid_request_through_the_remote_client(configs, on
 def test_client_refuses_servers_listed_out_of_shard_order(configs, two_shards):
     emb = EmbeddingConfig.load(configs[0])
     # Both servers are asked at once; whichever answers first is reported.
-    with pytest.raises(ConfigError, match="is shard (1 of 2, but the client lists it as shard 0|0 of 2, but the client lists it as shard 1)"):
+    with pytest.raises(
+        ConfigError,
+        match="is shard (1 of 2, but the client lists it as shard 0|0 of 2, but the client lists it as shard 1)",
+    ):
         RemoteEmbeddingClient(emb, list(reversed(two_shards.addresses)))
 
 
@@ -228,14 +255,27 @@ def test_cli_reports_config_errors_with_file_and_key(tmp_path):
     glob = tmp_path / "global.yml"
     glob.write_text("{}")
     proc = subprocess.run(
-        [sys.executable, "-m", "ctrserve", "embedding-server", "--embedding-config", str(emb), "--global-config", str(glob)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "ctrserve",
+            "embedding-server",
+            "--embedding-config",
+            str(emb),
+            "--global-config",
+            str(glob),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert str(emb) in proc.stderr and "slots_config.user.dimm" in proc.stderr and "did you mean 'dim'" in proc.stderr
 
 
 def test_cli_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "ctrserve", "--help"], capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ctrserve", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
     for command in ("embedding-server", "embedding-admin", "demo", "config-reference"):
         assert command in out

@@ -30,10 +30,10 @@ from embedding_server.storage.base import (
     StorageError,
     StorageNotFoundError,
     StorageOptions,
-    open_storage,
     plain_names,
 )
 from embedding_server.storage.remote import HdfsStorage, S3Storage, parse_hdfs_url, parse_s3_url
+from embedding_server.storage.urls import open_storage
 
 BACKENDS = ["local", "s3", "hdfs"]
 
@@ -254,8 +254,15 @@ def test_read_buffer_returns_the_same_bytes_and_errors_as_read_bytes(backend_sto
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a/.."])
 def test_paths_escaping_the_root_are_refused(backend_storage, bad):
     st = backend_storage
-    for call in (lambda: st.read_bytes(bad), lambda: st.write_atomic(bad, b"1"), lambda: st.list_dir(bad),
-                 lambda: st.delete(bad), lambda: st.exists(bad), lambda: st.stat(bad), lambda: st.child(bad)):
+    for call in (
+        lambda: st.read_bytes(bad),
+        lambda: st.write_atomic(bad, b"1"),
+        lambda: st.list_dir(bad),
+        lambda: st.delete(bad),
+        lambda: st.exists(bad),
+        lambda: st.stat(bad),
+        lambda: st.child(bad),
+    ):
         with pytest.raises(StorageError, match="must be relative and stay inside the storage root") as caught:
             call()
         assert st.url in str(caught.value)
@@ -363,8 +370,12 @@ def test_s3_bad_credentials_are_refused(ceph_s3):
     good.write_atomic("x", b"1")
     for options in (ceph_s3.options(secret_key="not-the-secret"), ceph_s3.options(access_key="NOSUCHKEY")):
         st = open_storage(f"s3://{ceph_s3.bucket}/creds", options)
-        for action, call in (("read", lambda: st.read_bytes("x")), ("write", lambda: st.write_atomic("y", b"1")),
-                             ("listing", lambda: st.list_dir("")), ("existence check", lambda: st.exists("x"))):
+        for action, call in (
+            ("read", lambda: st.read_bytes("x")),
+            ("write", lambda: st.write_atomic("y", b"1")),
+            ("listing", lambda: st.list_dir("")),
+            ("existence check", lambda: st.exists("x")),
+        ):
             with pytest.raises(StorageError, match=f"s3://{ceph_s3.bucket}/creds.*{action} failed: access denied"):
                 call()
     assert good.list_dir("") == ["x"]  # nothing was written with the wrong keys
@@ -373,8 +384,14 @@ def test_s3_bad_credentials_are_refused(ceph_s3):
 
 def test_s3_missing_bucket_is_named(ceph_s3):
     st = open_storage("s3://no-such-bucket/prefix", ceph_s3.options())
-    for call in (lambda: st.list_dir(""), lambda: st.read_bytes("x"), lambda: st.exists("x"),
-                 lambda: st.write_atomic("x", b"1"), lambda: st.stat("x"), lambda: st.delete("x")):
+    for call in (
+        lambda: st.list_dir(""),
+        lambda: st.read_bytes("x"),
+        lambda: st.exists("x"),
+        lambda: st.write_atomic("x", b"1"),
+        lambda: st.stat("x"),
+        lambda: st.delete("x"),
+    ):
         with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist at http://127.0.0.1:") as caught:
             call()
         assert not isinstance(caught.value, StorageNotFoundError)
@@ -383,7 +400,9 @@ def test_s3_missing_bucket_is_named(ceph_s3):
 def test_s3_unreachable_endpoint_is_named(ceph_s3):
     options = ceph_s3.options(endpoint="http://127.0.0.1:1", max_attempts=1, connect_timeout_s=1)
     st = open_storage(f"s3://{ceph_s3.bucket}/x", options)
-    with pytest.raises(StorageError, match=r"s3://.*/x/y: read failed: cannot connect to the S3 endpoint http://127.0.0.1:1"):
+    with pytest.raises(
+        StorageError, match=r"s3://.*/x/y: read failed: cannot connect to the S3 endpoint http://127.0.0.1:1"
+    ):
         st.read_bytes("y")
     with pytest.raises(StorageError, match="listing failed: cannot connect"):
         st.list_dir("")
@@ -416,15 +435,18 @@ def test_s3_listing_skips_keys_that_are_not_plain_names(ceph_s3):
 
 def test_checkpoint_dump_and_load_through_s3_is_bit_identical(ceph_s3, monkeypatch):
     from embedding_server.core.batch import SparseFeature
-    from embedding_server.rpc.client import InProcessEmbeddingClient
     from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.rpc.client import InProcessEmbeddingClient
 
     emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 8}, "item": {"dim": 4, "mean_scaling": True}}})
-    train = GlobalConfig.from_dict({"common_config": {"job_type": "train"},
-                                    "sparse_optimizer": {"type": "adagrad", "lr": 0.1}})
+    train = GlobalConfig.from_dict(
+        {"common_config": {"job_type": "train"}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
+    )
     rng = np.random.default_rng(7)
-    batch = [SparseFeature.from_lists(name, [rng.integers(0, 10_000, rng.integers(0, 6)).tolist() for _ in range(64)])
-             for name in ("user", "item")]
+    batch = [
+        SparseFeature.from_lists(name, [rng.integers(0, 10_000, rng.integers(0, 6)).tolist() for _ in range(64)])
+        for name in ("user", "item")
+    ]
     trained = InProcessEmbeddingClient(emb, train, num_shards=2)
     trained.lookup(batch)
     url = f"s3://{ceph_s3.bucket}/ckpt-{uuid.uuid4().hex}"
@@ -451,7 +473,9 @@ def test_options_from_dict_rejects_unknown_keys_and_bad_values():
     assert StorageOptions.from_dict(None) == StorageOptions()
     opts = StorageOptions.from_dict({"endpoint": "http://127.0.0.1:7480", "connect_timeout_s": 2, "max_attempts": 5})
     assert (opts.endpoint, opts.connect_timeout_s, opts.max_attempts) == ("http://127.0.0.1:7480", 2.0, 5)
-    with pytest.raises(StorageError, match=r"global_config.yml storage: unknown option\(s\) endpont; known options are access_key"):
+    with pytest.raises(
+        StorageError, match=r"global_config.yml storage: unknown option\(s\) endpont; known options are access_key"
+    ):
         StorageOptions.from_dict({"endpont": "x"}, where="global_config.yml storage")
     bad_values = [
         ({"endpoint": "127.0.0.1:7480"}, "must start with http:// or https://"),
@@ -473,9 +497,15 @@ def test_options_from_dict_rejects_unknown_keys_and_bad_values():
 
 
 def test_options_from_environment_never_override_explicit_ones():
-    env = {"CTRSERVE_S3_ENDPOINT": "http://ceph:7480", "AWS_ENDPOINT_URL": "http://other:9000",
-           "AWS_ACCESS_KEY_ID": "ENVKEY", "AWS_SECRET_ACCESS_KEY": "envsecret", "AWS_DEFAULT_REGION": "eu",
-           "HADOOP_USER_NAME": "etl", "KRB5CCNAME": "FILE:/tmp/krb5cc_0"}
+    env = {
+        "CTRSERVE_S3_ENDPOINT": "http://ceph:7480",
+        "AWS_ENDPOINT_URL": "http://other:9000",
+        "AWS_ACCESS_KEY_ID": "ENVKEY",
+        "AWS_SECRET_ACCESS_KEY": "envsecret",
+        "AWS_DEFAULT_REGION": "eu",
+        "HADOOP_USER_NAME": "etl",
+        "KRB5CCNAME": "FILE:/tmp/krb5cc_0",
+    }
     opts = StorageOptions(access_key="MINE", secret_key="mine").with_env(env)
     assert (opts.endpoint, opts.access_key, opts.secret_key, opts.region) == ("http://ceph:7480", "MINE", "mine", "eu")
     assert (opts.hdfs_user, opts.kerb_ticket) == ("etl", "/tmp/krb5cc_0")
@@ -508,10 +538,13 @@ def test_s3_url_parsing():
     assert parse_s3_url("s3://models") == ("models", "")
     assert parse_s3_url("s3://models/") == ("models", "")
     assert parse_s3_url("s3://models/a/b/") == ("models", "a/b")
-    for url, message in [("s3://Models/x", "bucket name 'Models' is not valid"), ("s3:///x", "bucket name '' is not valid"),
-                         ("s3://AK:SK@models/x", "credentials do not belong in the URL"),
-                         ("s3://models/x?endpoint_override=y", "query parameters"),
-                         ("s3://models/a/../../b", "must not contain '..'")]:
+    for url, message in [
+        ("s3://Models/x", "bucket name 'Models' is not valid"),
+        ("s3:///x", "bucket name '' is not valid"),
+        ("s3://AK:SK@models/x", "credentials do not belong in the URL"),
+        ("s3://models/x?endpoint_override=y", "query parameters"),
+        ("s3://models/a/../../b", "must not contain '..'"),
+    ]:
         with pytest.raises(StorageError, match=message):
             parse_s3_url(url)
 
@@ -521,8 +554,12 @@ def test_hdfs_url_parsing():
     assert parse_hdfs_url("hdfs://namenode/models/") == ("namenode", 8020, "/models")
     assert parse_hdfs_url("hdfs:///models") == ("default", 0, "/models")
     assert parse_hdfs_url("hdfs://namenode:8020") == ("namenode", 8020, "/")
-    for url, message in [("hdfs://nn:port/x", "port is not a number"), ("hdfs://nn:8020/a/../../b", "'..'"),
-                         ("hdfs://user@nn:8020/x", "without user"), ("hdfs://nn:8020/x?a=b", "without user, query")]:
+    for url, message in [
+        ("hdfs://nn:port/x", "port is not a number"),
+        ("hdfs://nn:8020/a/../../b", "'..'"),
+        ("hdfs://user@nn:8020/x", "without user"),
+        ("hdfs://nn:8020/x?a=b", "without user, query"),
+    ]:
         with pytest.raises(StorageError, match=message):
             parse_hdfs_url(url)
 

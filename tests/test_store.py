@@ -11,15 +11,13 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import Adagrad, Adam
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.store.store import EmbeddingStore
 
-EMB = EmbeddingConfig.from_dict(
-    {"slots_config": {"a": {"dim": 4}, "b": {"dim": 4}, "c": {"dim": 8}}}
-)
+EMB = EmbeddingConfig.from_dict({"slots_config": {"a": {"dim": 4}, "b": {"dim": 4}, "c": {"dim": 8}}})
 A, B, C = 0, 1, 2  # table indexes
 
 
@@ -27,7 +25,9 @@ def glob(capacity=64, mode="train", optimizer=None, init=None, max_ids=1000, wei
     data = {
         "common_config": {"job_type": mode},
         "embedding_parameter_server_config": {
-            "capacity": capacity, "max_ids_per_request": max_ids, "weight_bound": weight_bound,
+            "capacity": capacity,
+            "max_ids_per_request": max_ids,
+            "weight_bound": weight_bound,
         },
         "sparse_optimizer": optimizer or {"type": "adagrad", "lr": 0.1},
     }
@@ -56,9 +56,7 @@ def counters(store: EmbeddingStore) -> tuple:
 
 
 def snapshot(store: EmbeddingStore):
-    return store.counters(), [
-        (r.table.name, r.ids.copy(), r.weights.copy(), r.state.copy()) for r in store.rows()
-    ]
+    return store.counters(), [(r.table.name, r.ids.copy(), r.weights.copy(), r.state.copy()) for r in store.rows()]
 
 
 def assert_same_snapshot(before, after):
@@ -305,24 +303,71 @@ def populated():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda s: s.lookup(np.array([1, 2], np.int64), tab(2)), "ids must be a 1-D uint64 array, got int64 array of shape (2,)"),
+        (
+            lambda s: s.lookup(np.array([1, 2], np.int64), tab(2)),
+            "ids must be a 1-D uint64 array, got int64 array of shape (2,)",
+        ),
         (lambda s: s.lookup([1, 2], tab(2)), "ids must be a 1-D uint64 array, got list"),
-        (lambda s: s.lookup(np.zeros((2, 1), np.uint64), tab(2)), "ids must be a 1-D uint64 array, got uint64 array of shape (2, 1)"),
-        (lambda s: s.lookup(u64(1, 2), tab(3)), "tables must be a uint16 array shaped like ids (2,), got uint16 array of shape (3,)"),
-        (lambda s: s.lookup(u64(1, 2), np.zeros(2, np.int32)), "tables must be a uint16 array shaped like ids (2,), got int32 array"),
+        (
+            lambda s: s.lookup(np.zeros((2, 1), np.uint64), tab(2)),
+            "ids must be a 1-D uint64 array, got uint64 array of shape (2, 1)",
+        ),
+        (
+            lambda s: s.lookup(u64(1, 2), tab(3)),
+            "tables must be a uint16 array shaped like ids (2,), got uint16 array of shape (3,)",
+        ),
+        (
+            lambda s: s.lookup(u64(1, 2), np.zeros(2, np.int32)),
+            "tables must be a uint16 array shaped like ids (2,), got int32 array",
+        ),
         (lambda s: s.lookup(np.zeros(0, np.uint64), tab(0)), "empty request: no ids"),
-        (lambda s: s.lookup(np.arange(101, dtype=np.uint64), tab(101)), "request carries 101 ids; the limit is 100 (max_ids_per_request)"),
-        (lambda s: s.lookup(np.arange(65, dtype=np.uint64), tab(65)), "request has more distinct ids than this shard's capacity of 64 rows"),
+        (
+            lambda s: s.lookup(np.arange(101, dtype=np.uint64), tab(101)),
+            "request carries 101 ids; the limit is 100 (max_ids_per_request)",
+        ),
+        (
+            lambda s: s.lookup(np.arange(65, dtype=np.uint64), tab(65)),
+            "request has more distinct ids than this shard's capacity of 64 rows",
+        ),
         (lambda s: s.lookup(u64(1, 2), np.array([A, 3], np.uint16)), "table index 3 out of range: 3 tables configured"),
-        (lambda s: s.lookup(u64(1, 2), np.array([A, C], np.uint16)), "one request must address tables of one dim, got dims [4, 8]"),
-        (lambda s: s.apply_gradients(u64(1, 2), tab(2), np.ones((2, 8), np.float32)), "gradient shape (2, 8) does not match 2 ids of dim 4"),
-        (lambda s: s.apply_gradients(u64(1, 2), tab(2), np.ones((3, 4), np.float32)), "gradient shape (3, 4) does not match 2 ids of dim 4"),
-        (lambda s: s.apply_gradients(u64(1, 2), tab(2), np.ones((2, 4), np.float64)), "gradients must be float32, got float64"),
-        (lambda s: s.apply_gradients(u64(1, 2), tab(2), np.array([[0, 0, 0, np.nan]] * 2, np.float32)), "gradients contain NaN or infinity"),
-        (lambda s: s.apply_gradients(u64(1, 2), tab(2), np.array([[0, np.inf, 0, 0]] * 2, np.float32)), "gradients contain NaN or infinity"),
-        (lambda s: s.apply_gradients(np.array([1, 2], np.int64), tab(2), np.ones((2, 4), np.float32)), "ids must be a 1-D uint64 array"),
-        (lambda s: s.apply_gradients(np.arange(101, dtype=np.uint64), tab(101), np.ones((101, 4), np.float32)), "the limit is 100"),
-        (lambda s: s.apply_gradients(np.arange(65, dtype=np.uint64) + np.uint64(500), tab(65), np.ones((65, 4), np.float32)), "more distinct ids than this shard's capacity of 64 rows"),
+        (
+            lambda s: s.lookup(u64(1, 2), np.array([A, C], np.uint16)),
+            "one request must address tables of one dim, got dims [4, 8]",
+        ),
+        (
+            lambda s: s.apply_gradients(u64(1, 2), tab(2), np.ones((2, 8), np.float32)),
+            "gradient shape (2, 8) does not match 2 ids of dim 4",
+        ),
+        (
+            lambda s: s.apply_gradients(u64(1, 2), tab(2), np.ones((3, 4), np.float32)),
+            "gradient shape (3, 4) does not match 2 ids of dim 4",
+        ),
+        (
+            lambda s: s.apply_gradients(u64(1, 2), tab(2), np.ones((2, 4), np.float64)),
+            "gradients must be float32, got float64",
+        ),
+        (
+            lambda s: s.apply_gradients(u64(1, 2), tab(2), np.array([[0, 0, 0, np.nan]] * 2, np.float32)),
+            "gradients contain NaN or infinity",
+        ),
+        (
+            lambda s: s.apply_gradients(u64(1, 2), tab(2), np.array([[0, np.inf, 0, 0]] * 2, np.float32)),
+            "gradients contain NaN or infinity",
+        ),
+        (
+            lambda s: s.apply_gradients(np.array([1, 2], np.int64), tab(2), np.ones((2, 4), np.float32)),
+            "ids must be a 1-D uint64 array",
+        ),
+        (
+            lambda s: s.apply_gradients(np.arange(101, dtype=np.uint64), tab(101), np.ones((101, 4), np.float32)),
+            "the limit is 100",
+        ),
+        (
+            lambda s: s.apply_gradients(
+                np.arange(65, dtype=np.uint64) + np.uint64(500), tab(65), np.ones((65, 4), np.float32)
+            ),
+            "more distinct ids than this shard's capacity of 64 rows",
+        ),
     ],
 )
 def test_bad_request_is_refused_and_leaves_store_unchanged(populated, call, message):
@@ -369,7 +414,9 @@ def test_shard_index_out_of_range_is_refused():
 # --------------------------------------------------------------------------- checkpoints
 
 
-def trained_client(num_shards: int, capacity: int = 256, optimizer=None, seed: int = 0) -> tuple[InProcessEmbeddingClient, list]:
+def trained_client(
+    num_shards: int, capacity: int = 256, optimizer=None, seed: int = 0
+) -> tuple[InProcessEmbeddingClient, list]:
     g = glob(capacity=capacity, optimizer=optimizer or {"type": "adagrad", "lr": 0.1})
     client = InProcessEmbeddingClient(EMB, g, num_shards=num_shards)
     rng = np.random.default_rng(seed)
@@ -445,7 +492,9 @@ def test_checkpoint_files_are_arrow_with_id_weight_state_columns(tmp_path):
         assert table.schema.field("id").type == pa.uint64()
         assert table.schema.field("weight").type == pa.list_(pa.float32(), dim)
         assert table.schema.field("state").type == pa.list_(pa.float32(), dim)  # Adagrad: one per element
-        for i, w, s in zip(table.column("id").to_pylist(), table.column("weight").to_pylist(), table.column("state").to_pylist()):
+        for i, w, s in zip(
+            table.column("id").to_pylist(), table.column("weight").to_pylist(), table.column("state").to_pylist()
+        ):
             want_w, want_s = expected[(name, i)]
             np.testing.assert_array_equal(np.array(w, np.float32), want_w)
             np.testing.assert_array_equal(np.array(s, np.float32), want_s)

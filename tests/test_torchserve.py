@@ -18,6 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from torchserve_support import (
+    CRITEO_EMB,
+    DENSE_WIDTH,
+    as_json,
+    expected_scores,
+    export_version,
+    random_batch,
+    write_configs,
+)
 
 from archiver.build import archive_model
 from archiver.management import ManagementClient, ManagementError
@@ -28,7 +37,6 @@ from embedding_server.core.config import EmbeddingConfig
 from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.client import PredictionClient, PredictionError
-from torchserve_support import CRITEO_EMB, DENSE_WIDTH, as_json, expected_scores, export_version, random_batch, write_configs
 from trainer.criteo import read_criteo
 from trainer.data import concat_chunks, to_batch
 
@@ -100,7 +108,11 @@ def _bad_requests(rng) -> dict[str, tuple[object, int, str]]:
         "undecodable": (b"CTRB" + b"\x00" * 20, 400, "undecodable batch bytes"),
         "not a batch": (b"\x89PNG....", 400, "neither ctrserve batch bytes"),
         "unknown feature": (unknown, 400, "unknown feature 'C9'; the model takes: C1, C2, C3, H1"),
-        "wrong dense width": (narrow, 400, f"dense width {DENSE_WIDTH - 1} does not match the model's dense_width {DENSE_WIDTH}"),
+        "wrong dense width": (
+            narrow,
+            400,
+            f"dense width {DENSE_WIDTH - 1} does not match the model's dense_width {DENSE_WIDTH}",
+        ),
         "too large": (random_batch(rng, 257), 400, "batch of 257 samples exceeds the limit of 256"),
         "empty body": (b"", 400, "empty request body"),
     }
@@ -116,11 +128,17 @@ def test_bad_requests_get_4xx_with_message_and_worker_keeps_serving(serving, tra
                 client.predict(body)
             assert (err.value.code, kind) == (code, kind)
             assert message in err.value.message, (kind, err.value.message)
-            np.testing.assert_allclose(client.predict(good), expected_scores(serving.version_dir(1), serving.lookups, good), atol=TOL)
+            np.testing.assert_allclose(
+                client.predict(good), expected_scores(serving.version_dir(1), serving.lookups, good), atol=TOL
+            )
 
 
 def test_rest_error_is_json_with_status(serving):
-    response = requests.post(f"{serving.ts.inference_url}/predictions/deepctr", data=b"nonsense", headers={"Content-Type": "application/octet-stream"})
+    response = requests.post(
+        f"{serving.ts.inference_url}/predictions/deepctr",
+        data=b"nonsense",
+        headers={"Content-Type": "application/octet-stream"},
+    )
     assert response.status_code == 400
     assert "undecodable request" in response.json()["message"]
 
@@ -146,7 +164,9 @@ def test_torchserve_batching_returns_each_request_its_own_result(serving):
         results = list(pool.map(send, range(len(batches))))
     for i, result in enumerate(results):
         if i == bad_index:
-            assert isinstance(result, PredictionError) and result.code == 400 and "undecodable request" in result.message
+            assert (
+                isinstance(result, PredictionError) and result.code == 400 and "undecodable request" in result.message
+            )
             continue
         assert not isinstance(result, Exception), result
         np.testing.assert_allclose(result.scores, expected[i], atol=TOL)
@@ -158,8 +178,14 @@ def test_torchserve_batching_returns_each_request_its_own_result(serving):
 def test_publish_rolls_new_version_without_failing_a_request(serving):
     """A client streams requests while the publisher archives, registers, waits for, switches to
     and retires versions: no request fails and answers move from version 2 to 3."""
-    settings = PublishSettings(str(serving.model_root), str(serving.store), name="rolling", keep=1,
-                               serving_config=str(serving.serving_yml), drain_s=0.5)
+    settings = PublishSettings(
+        str(serving.model_root),
+        str(serving.store),
+        name="rolling",
+        keep=1,
+        serving_config=str(serving.serving_yml),
+        drain_s=0.5,
+    )
     export_version(serving.model_root, 2, seed=2)
     with ManagementClient(serving.ts.management_url) as mgmt:
         publisher = Publisher(mgmt, settings)
@@ -191,18 +217,28 @@ def test_publish_rolls_new_version_without_failing_a_request(serving):
         assert mgmt.versions("rolling") == ["3"] and mgmt.default_version("rolling") == "3"
         assert not (serving.store / "rolling-v00000002.mar").exists()
     with serving.client("rest", model_name="rolling") as client:
-        np.testing.assert_allclose(client.predict(batch), expected_scores(serving.version_dir(3), serving.lookups, batch), atol=TOL)
+        np.testing.assert_allclose(
+            client.predict(batch), expected_scores(serving.version_dir(3), serving.lookups, batch), atol=TOL
+        )
 
 
 def test_archive_register_set_default_unregister_over_rest_and_grpc(serving):
     """Every management call over both transports, on one model with two versions."""
     name = "managed"
     for version in (1, 2):
-        archive_model(serving.version_dir(version), serving.store, name=name, serving_config=serving.serving_yml,
-                      file_name=f"{name}-{version}")
+        archive_model(
+            serving.version_dir(version),
+            serving.store,
+            name=name,
+            serving_config=serving.serving_yml,
+            file_name=f"{name}-{version}",
+        )
     batch = random_batch(np.random.default_rng(3), 4)
-    with ManagementClient(serving.ts.management_url) as rest, ManagementClient(serving.ts.grpc_management_url) as grpc_mgmt, \
-            serving.client("grpc", model_name=name) as client:
+    with (
+        ManagementClient(serving.ts.management_url) as rest,
+        ManagementClient(serving.ts.grpc_management_url) as grpc_mgmt,
+        serving.client("grpc", model_name=name) as client,
+    ):
         both = (rest, grpc_mgmt)
         rest.register(f"{name}-1.mar")
         grpc_mgmt.register(f"{name}-2.mar")
@@ -245,11 +281,35 @@ def test_cli_archive_register_predict_a_criteo_file(serving, tmp_path, capsys):
     model_dir = export_version(tmp_path / "root", 1, seed=9, emb_config=CRITEO_EMB, dense_width=13)
     with ServerGroup.start(emb_path, glob_path, num_shards=1, workdir=tmp_path / "embedding") as group:
         (tmp_path / "serving.yml").write_text(json.dumps({"embedding_servers": group.addresses}))
-        ctrserve(capsys, "archive", "--model-dir", str(model_dir), "--out", str(serving.store), "--name", "criteo",
-                 "--serving-config", str(tmp_path / "serving.yml"))
+        ctrserve(
+            capsys,
+            "archive",
+            "--model-dir",
+            str(model_dir),
+            "--out",
+            str(serving.store),
+            "--name",
+            "criteo",
+            "--serving-config",
+            str(tmp_path / "serving.yml"),
+        )
         ctrserve(capsys, "register", "criteo.mar", "--management", serving.ts.grpc_management_url)
-        ctrserve(capsys, "predict", "--input", str(CRITEO_SAMPLE), "--grpc", serving.ts.grpc_inference_url[len("grpc://"):],
-                 "--model", "criteo", "--batch-size", "50", "--limit", "120", "--output", str(tmp_path / "scores.txt"))
+        ctrserve(
+            capsys,
+            "predict",
+            "--input",
+            str(CRITEO_SAMPLE),
+            "--grpc",
+            serving.ts.grpc_inference_url[len("grpc://") :],
+            "--model",
+            "criteo",
+            "--batch-size",
+            "50",
+            "--limit",
+            "120",
+            "--output",
+            str(tmp_path / "scores.txt"),
+        )
         scores = np.loadtxt(tmp_path / "scores.txt")
         batch = to_batch(concat_chunks(list(read_criteo(CRITEO_SAMPLE))).slice(0, 120))
         with RemoteEmbeddingClient(EmbeddingConfig.load(emb_path), group.addresses) as lookups:

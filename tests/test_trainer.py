@@ -13,9 +13,9 @@ import yaml
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
-from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.core.model_spec import DenseModelSpec
-from embedding_server.core.optimizers import SGD, Adam, Adagrad
+from embedding_server.core.optimizers import SGD, Adagrad, Adam
+from embedding_server.rpc.launcher import ServerGroup
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
 from trainer.export import export_dense, latest_version
@@ -37,10 +37,12 @@ DENSE_WIDTH = 2
 def make_batch(rng: np.random.Generator, size: int = 16, vocab: int = 30) -> PyPersiaBatchData:
     b = PyPersiaBatchData()
     b.add_dense_f32(rng.standard_normal((size, DENSE_WIDTH), dtype=np.float32))
-    b.add_sparse([
-        (name, [rng.integers(0, vocab, rng.integers(lo, hi)).astype(np.uint64) for _ in range(size)])
-        for name, lo, hi in (("user", 1, 2), ("item", 0, 4), ("history", 0, 6))
-    ])
+    b.add_sparse(
+        [
+            (name, [rng.integers(0, vocab, rng.integers(lo, hi)).astype(np.uint64) for _ in range(size)])
+            for name, lo, hi in (("user", 1, 2), ("item", 0, 4), ("history", 0, 6))
+        ]
+    )
     b.add_target(rng.integers(0, 2, (size, 1)).astype(np.float32))
     return b
 
@@ -95,8 +97,12 @@ def test_one_step_matches_an_independent_sgd_computation():
     batch = make_batch(np.random.default_rng(3))
     model = make_model()
     reference_model = copy.deepcopy(model)
-    with TrainCtx(model=model, dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                  sparse_optimizer=SGD(lr=0.5), embedding_config=CONFIG) as ctx:
+    with TrainCtx(
+        model=model,
+        dense_optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        sparse_optimizer=SGD(lr=0.5),
+        embedding_config=CONFIG,
+    ) as ctx:
         before = rows_of(ctx, [batch])
         leaves = {}
         for name, vectors in before.items():
@@ -123,8 +129,13 @@ def test_one_step_matches_an_independent_sgd_computation():
 
 
 def _ctx(model, sparse=None, **kwargs) -> TrainCtx:
-    return TrainCtx(model=model, dense_optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
-                    sparse_optimizer=sparse or Adam(lr=0.05), embedding_config=CONFIG, **kwargs)
+    return TrainCtx(
+        model=model,
+        dense_optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
+        sparse_optimizer=sparse or Adam(lr=0.05),
+        embedding_config=CONFIG,
+        **kwargs,
+    )
 
 
 def test_resuming_from_a_checkpoint_gives_identical_parameters(tmp_path):
@@ -211,7 +222,10 @@ def test_export_writes_torchscript_and_spec_that_reproduce_the_model(tmp_path):
     spec = DenseModelSpec.from_json((tmp_path / "root/dense/v00000002/model.json").read_text())
     assert (spec.version, spec.step, spec.dense_width, spec.sparse_watermark) == (2, 1, DENSE_WIDTH, {"0": 12})
     assert [(f.name, f.dim, f.pooled, f.sample_fixed_size) for f in spec.features] == [
-        ("user", 4, True, 0), ("item", 4, True, 0), ("history", 4, False, 3)]
+        ("user", 4, True, 0),
+        ("item", 4, True, 0),
+        ("history", 4, False, 3),
+    ]
     assert EmbeddingConfig.from_dict(spec.embedding_config).fingerprint() == CONFIG.fingerprint()
     scripted = torch.jit.load(str(tmp_path / "root/dense/v00000002/model.pt"))
     torch.testing.assert_close(scripted(dense, sparse), expected, rtol=0, atol=0)
@@ -227,15 +241,21 @@ def test_model_spec_rejects_malformed_json():
     from embedding_server.core.errors import ConfigError
 
     good = json.loads(DenseModelSpec.for_config(CONFIG, version=1, step=0, dense_width=2).to_json())
-    for bad, message in [({**good, "format_version": 9}, "format_version"), ({**good, "extra": 1}, "unknown keys"),
-                         ({**good, "version": -1}, "non-negative"), ({**good, "features": [{"name": "x"}]}, "dim")]:
+    for bad, message in [
+        ({**good, "format_version": 9}, "format_version"),
+        ({**good, "extra": 1}, "unknown keys"),
+        ({**good, "version": -1}, "non-negative"),
+        ({**good, "features": [{"name": "x"}]}, "dim"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             DenseModelSpec.from_json(json.dumps(bad))
     with pytest.raises(ConfigError, match="not valid JSON"):
         DenseModelSpec.from_json("{")
 
 
-@pytest.mark.parametrize("model", [DLRM(DENSE_WIDTH, 3, 4, bottom_mlp=(8,), top_mlp=(8,)), DeepCTR(DENSE_WIDTH, [4, 4, 4])])
+@pytest.mark.parametrize(
+    "model", [DLRM(DENSE_WIDTH, 3, 4, bottom_mlp=(8,), top_mlp=(8,)), DeepCTR(DENSE_WIDTH, [4, 4, 4])]
+)
 def test_ready_models_script_and_match_eager(model):
     dense = torch.randn(5, DENSE_WIDTH)
     sparse = [torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 3, 4)]
@@ -263,7 +283,9 @@ def test_remote_shards_train_exactly_like_the_in_process_store(tmp_path):
     with _ctx(make_model(), num_shards=2) as local:
         local_losses = train(local, batches)
         local_rows = rows_of(local, batches)
-    with ServerGroup.start(tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv") as group:
+    with ServerGroup.start(
+        tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv"
+    ) as group:
         with _ctx(make_model(), embedding_servers=group.addresses) as remote:
             remote_losses = train(remote, batches)
             remote_rows = rows_of(remote, batches)

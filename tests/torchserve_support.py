@@ -9,16 +9,15 @@ embeddings)`` scripted with ``torch.jit.script``, written as ``model.pt`` beside
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import torch
 import yaml
 
 from embedding_server.core.batch import SparseFeature
-from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, version_dir
+from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
 from trainer.batch import PyPersiaBatchData
 
 DENSE_WIDTH = 5
@@ -46,7 +45,7 @@ class TinyCtr(torch.nn.Module):
         self.hidden = torch.nn.Linear(in_width, 16)
         self.out = torch.nn.Linear(16, 1)
 
-    def forward(self, dense: torch.Tensor, sparse: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> torch.Tensor:
         parts = [dense]
         for s in sparse:
             parts.append(s.reshape(s.shape[0], -1))
@@ -61,7 +60,9 @@ def write_configs(directory: Path, emb_config: dict = EMB) -> tuple[Path, Path]:
     return emb, glob
 
 
-def export_version(model_root: Path, version: int, seed: int, emb_config: dict = EMB, dense_width: int = DENSE_WIDTH) -> Path:
+def export_version(
+    model_root: Path, version: int, seed: int, emb_config: dict = EMB, dense_width: int = DENSE_WIDTH
+) -> Path:
     """Write ``<model_root>/dense/vN/{model.pt, model.json}`` (model.json last, as the trainer)."""
     config = EmbeddingConfig.from_dict(emb_config)
     spec = DenseModelSpec.for_config(config, version=version, step=100 * version, dense_width=dense_width)
@@ -90,7 +91,9 @@ def as_json(batch: PyPersiaBatchData) -> dict:
     """The same batch as the handler's JSON request form."""
     return {
         "dense": batch.dense_matrix().tolist(),
-        "sparse": {f.name: [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)] for f in batch.sparse},
+        "sparse": {
+            f.name: [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)] for f in batch.sparse
+        },
     }
 
 

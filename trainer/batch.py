@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -80,7 +80,10 @@ class PyPersiaBatchData:
 
     def _add(self, dense=(), sparse=(), targets=()) -> None:
         candidate = BatchData(
-            self.data.dense + list(dense), self.data.sparse + list(sparse), self.data.targets + list(targets), self.data.meta
+            self.data.dense + list(dense),
+            self.data.sparse + list(sparse),
+            self.data.targets + list(targets),
+            self.data.meta,
         )
         check_parts(candidate)
         if self._config is not None and candidate.sparse:
@@ -129,7 +132,7 @@ class PyPersiaBatchData:
         return encode_batch(self.data)
 
     @classmethod
-    def from_bytes(cls, data: bytes, embedding_config: EmbeddingConfig | None = None) -> "PyPersiaBatchData":
+    def from_bytes(cls, data: bytes, embedding_config: EmbeddingConfig | None = None) -> PyPersiaBatchData:
         """Decode bytes made by :meth:`to_bytes`.
 
         Raises:

@@ -23,8 +23,9 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -116,7 +117,7 @@ class CriteoReader(Iterator[Chunk]):
         self._refused_lines: list[int] = []  # every line the parser refused, for numbering the others
         self._chunks = self._read(names, fmt)
 
-    def __iter__(self) -> "CriteoReader":
+    def __iter__(self) -> CriteoReader:
         return self
 
     def __next__(self) -> Chunk:
@@ -229,7 +230,9 @@ class CriteoReader(Iterator[Chunk]):
     def _raise_or_skip(
         self, batch: pa.RecordBatch, bad: np.ndarray, reasons: list[tuple[np.ndarray, str]], lines: np.ndarray
     ) -> None:
-        found = [(int(lines[i]), _describe(batch, i, reason)) for i in np.flatnonzero(bad) for m, reason in reasons if m[i]]
+        found = [
+            (int(lines[i]), _describe(batch, i, reason)) for i in np.flatnonzero(bad) for m, reason in reasons if m[i]
+        ]
         seen = {line for line, _ in found}
         # Column-count errors up to this batch's last line belong with it.
         last = int(lines[-1]) if lines.size else 0
@@ -252,7 +255,7 @@ class CriteoReader(Iterator[Chunk]):
             self.skipped += 1
             self.skipped_lines.append(line)
             if self.skipped <= _LOGGED_SKIPS:
-                reason = next(r for l, r in found if l == line)
+                reason = next(r for at, r in found if at == line)
                 log.warning("%s, line %d: skipped: %s", self.path, line, reason)
 
 

@@ -18,17 +18,17 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from embedding_server.rpc.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import SparseOptimizer
+from embedding_server.rpc.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
 from trainer.batch import PyPersiaBatchData
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,11 @@ class TrainCtx:
         mixed_precision: bool = False,
         distributed: bool | None = None,
     ):
-        self.config = embedding_config if isinstance(embedding_config, EmbeddingConfig) else EmbeddingConfig.load(embedding_config)
+        self.config = (
+            embedding_config
+            if isinstance(embedding_config, EmbeddingConfig)
+            else EmbeddingConfig.load(embedding_config)
+        )
         self.features = list(self.config.slots_config)
         self.device = _pick_device(device_id)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -117,7 +121,7 @@ class TrainCtx:
 
     # ------------------------------------------------------------------ context manager
 
-    def __enter__(self) -> "TrainCtx":
+    def __enter__(self) -> TrainCtx:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,7 +202,11 @@ class TrainCtx:
         if self.rank == 0:
             directory.mkdir(parents=True, exist_ok=True)
             self.client.dump(str(directory / SPARSE_DIR))
-            state = {"model": self.model.state_dict(), "optimizer": self.dense_optimizer.state_dict(), "step": self.step}
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.dense_optimizer.state_dict(),
+                "step": self.step,
+            }
             if self.mixed_precision:
                 state["scaler"] = self.scaler.state_dict()
             buffer = io.BytesIO()

@@ -15,9 +15,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,6 @@ import pyarrow.compute as pc
 
 from embedding_server.core.batch import SparseFeature
 from trainer.batch import PyPersiaBatchData
-
 
 DenseTransform = Literal["log1p", "none"]
 DEFAULT_CHUNK_ROWS = 65536
@@ -105,7 +105,7 @@ class Chunk:
                 return f
         raise KeyError(f"no sparse feature '{name}'; the chunk has {', '.join(self.feature_names)}")
 
-    def slice(self, start: int, stop: int) -> "Chunk":
+    def slice(self, start: int, stop: int) -> Chunk:
         """Rows ``start:stop`` (clipped like a Python slice); ids are views, offsets rebased."""
         start, stop, _ = slice(start, stop).indices(len(self))
         stop = max(start, stop)
@@ -116,7 +116,7 @@ class Chunk:
             None if self.raw_dense is None else self.raw_dense[start:stop],
         )
 
-    def take(self, rows: np.ndarray) -> "Chunk":
+    def take(self, rows: np.ndarray) -> Chunk:
         """The given rows (any order, repeats allowed), gathering each sample's id list."""
         rows = np.asarray(rows, np.int64)
         return Chunk(
@@ -129,7 +129,9 @@ class Chunk:
 
 def _check_matrix(what: str, array: Any, dtype: type, rows: int) -> None:
     if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D {np.dtype(dtype).name} array, got {getattr(array, 'dtype', type(array))}")
+        raise ValueError(
+            f"{what} must be a 2-D {np.dtype(dtype).name} array, got {getattr(array, 'dtype', type(array))}"
+        )
     if array.shape[0] != rows:
         raise ValueError(f"{what} has {array.shape[0]} rows, labels have {rows}")
 
@@ -320,7 +322,7 @@ class ColumnMapping:
     dense_transform: DenseTransform = "none"
 
     @classmethod
-    def criteo(cls, dense_transform: DenseTransform = "log1p") -> "ColumnMapping":
+    def criteo(cls, dense_transform: DenseTransform = "log1p") -> ColumnMapping:
         """Criteo's columns by name: ``label``, ``I1..I13`` dense, ``C1..C26`` hex strings."""
         return cls(
             label="label",
@@ -474,7 +476,9 @@ def _sparse_column(
         values = column.fill_null(0).to_numpy(zero_copy_only=False)
         first_bad = _first(present & (values < 0)) if values.dtype.kind == "i" else None
         if first_bad is not None:
-            raise DataFormatError(path, f"sparse feature '{name}': negative id {values[first_bad]}", row=first_row + first_bad)
+            raise DataFormatError(
+                path, f"sparse feature '{name}': negative id {values[first_bad]}", row=first_row + first_bad
+            )
         return single_id_feature(name, values.astype(np.uint64), present)
     if string_ids == "hex":
         ids, present, bad = parse_hex_ids(column)

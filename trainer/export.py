@@ -10,13 +10,20 @@ Example:
 from __future__ import annotations
 
 import io
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from embedding_server.core.config import EmbeddingConfig
-from embedding_server.core.model_spec import DENSE_DIR, MODEL_FILE, SPEC_FILE, DenseModelSpec, parse_version_dir, version_dir
+from embedding_server.core.model_spec import (
+    DENSE_DIR,
+    MODEL_FILE,
+    SPEC_FILE,
+    DenseModelSpec,
+    parse_version_dir,
+    version_dir,
+)
 from embedding_server.storage.urls import open_storage
 
 

@@ -21,9 +21,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,8 @@ from tqdm import tqdm
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.config_schema import build, option, read_yaml
 from embedding_server.core.errors import ConfigError
-from embedding_server.modelroot.incremental import publish_checkpoint, watermark_of
 from embedding_server.core.optimizers import SparseOptimizer, optimizer_from_dict
+from embedding_server.modelroot.incremental import publish_checkpoint, watermark_of
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
 from trainer.export import export_dense
@@ -61,10 +62,17 @@ class SyntheticDataConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_paths: list[str] = option(default_factory=list, doc="training files or globs (Criteo TSV/CSV, .parquet, .orc); empty = synthetic data")
-    eval_paths: list[str] = option(default_factory=list, doc="held-out files; empty = synthetic rows kept out of training, or (with train_paths) the first training batches")
+    train_paths: list[str] = option(
+        default_factory=list, doc="training files or globs (Criteo TSV/CSV, .parquet, .orc); empty = synthetic data"
+    )
+    eval_paths: list[str] = option(
+        default_factory=list,
+        doc="held-out files; empty = synthetic rows kept out of training, or (with train_paths) the first training batches",
+    )
     format: str = option("auto", doc="auto (by extension and first line), tsv, csv, parquet or orc")
-    synthetic: SyntheticDataConfig = option(default_factory=SyntheticDataConfig, doc="generated Criteo-like data with a planted model")
+    synthetic: SyntheticDataConfig = option(
+        default_factory=SyntheticDataConfig, doc="generated Criteo-like data with a planted model"
+    )
     batch_size: int = option(1024, doc="samples per step (per rank)")
     prefetch: int = option(4, doc="batches prepared ahead in a background thread")
 
@@ -129,9 +137,12 @@ class OutputConfig:
     export_every: int = option(0, doc="export every N steps (0 = only at the end)")
     checkpoint_every: int = option(0, doc="checkpoint every N steps (0 = only at the end)")
     sparse_checkpoint_every: int = option(
-        0, doc="publish a full sparse checkpoint to model_root/checkpoints every N steps (0 = with the first export and at the end)"
+        0,
+        doc="publish a full sparse checkpoint to model_root/checkpoints every N steps (0 = with the first export and at the end)",
     )
-    keep_checkpoints: int = option(3, doc="full sparse checkpoints kept in model_root (older ones and the packets they include are deleted)")
+    keep_checkpoints: int = option(
+        3, doc="full sparse checkpoints kept in model_root (older ones and the packets they include are deleted)"
+    )
 
     def __post_init__(self) -> None:
         if self.export_every < 0 or self.checkpoint_every < 0 or self.sparse_checkpoint_every < 0:
@@ -146,20 +157,25 @@ class JobConfig:
 
     embedding_config: str = option(doc="path of embedding_config.yml")
     global_config: str = option("", doc="path of global_config.yml for the in-process store (capacity, initialisation)")
-    embedding_servers: list[str] = option(default_factory=list, doc="host:port of remote shards in order; empty = in-process tables")
+    embedding_servers: list[str] = option(
+        default_factory=list, doc="host:port of remote shards in order; empty = in-process tables"
+    )
     num_shards: int = option(1, doc="in-process shards")
     resume_from: str = option("", doc="a checkpoint directory to start from")
     data: DataConfig = option(default_factory=DataConfig, doc="training and evaluation data")
     model: ModelConfig = option(default_factory=ModelConfig, doc="the dense model")
-    dense_optimizer: DenseOptimizerConfig = option(default_factory=DenseOptimizerConfig, doc="optimizer of the dense model")
+    dense_optimizer: DenseOptimizerConfig = option(
+        default_factory=DenseOptimizerConfig, doc="optimizer of the dense model"
+    )
     sparse_optimizer: dict[str, Any] = option(
-        default_factory=lambda: {"type": "adagrad", "lr": 0.05}, doc="sparse optimizer: type (sgd, adagrad or adam) plus its parameters, as in global_config.yml"
+        default_factory=lambda: {"type": "adagrad", "lr": 0.05},
+        doc="sparse optimizer: type (sgd, adagrad or adam) plus its parameters, as in global_config.yml",
     )
     train: TrainConfig = option(default_factory=TrainConfig, doc="the training loop")
     output: OutputConfig = option(default_factory=OutputConfig, doc="where results go")
 
     @classmethod
-    def load(cls, path: str | Path) -> "JobConfig":
+    def load(cls, path: str | Path) -> JobConfig:
         """Read and validate ``job.yml``, resolving its paths against the file's folder.
 
         Raises:
@@ -180,12 +196,18 @@ def _with_paths(job: JobConfig, base: Path) -> JobConfig:
         return p if not p or "://" in p or os.path.isabs(p) else str(base / p)
 
     data = dataclasses.replace(
-        job.data, train_paths=[resolve(p) for p in job.data.train_paths], eval_paths=[resolve(p) for p in job.data.eval_paths]
+        job.data,
+        train_paths=[resolve(p) for p in job.data.train_paths],
+        eval_paths=[resolve(p) for p in job.data.eval_paths],
     )
     output = dataclasses.replace(job.output, dir=resolve(job.output.dir), model_root=resolve(job.output.model_root))
     return dataclasses.replace(
-        job, embedding_config=resolve(job.embedding_config), global_config=resolve(job.global_config),
-        resume_from=resolve(job.resume_from), data=data, output=output,
+        job,
+        embedding_config=resolve(job.embedding_config),
+        global_config=resolve(job.global_config),
+        resume_from=resolve(job.resume_from),
+        data=data,
+        output=output,
     )
 
 
@@ -209,8 +231,14 @@ def job_sources(data: DataConfig, eval_batches: int) -> tuple[DataLoader, list[P
     else:
         generator = SyntheticCriteo(seed=data.synthetic.seed)
         train = DataLoader(generator, data.batch_size, prefetch=data.prefetch, num_rows=data.synthetic.rows or None)
-        held_out = DataLoader(generator, data.batch_size, rank=0, world_size=1, start_row=HELD_OUT_START,
-                              num_rows=eval_batches * data.batch_size)
+        held_out = DataLoader(
+            generator,
+            data.batch_size,
+            rank=0,
+            world_size=1,
+            start_row=HELD_OUT_START,
+            num_rows=eval_batches * data.batch_size,
+        )
     with held_out:
         evals = list(itertools.islice(held_out, eval_batches))
     if not evals:
@@ -281,7 +309,16 @@ def run_job(job: JobConfig, progress: bool = True) -> JobResult:
         return _loop(ctx, job, train_data, eval_data, dense_width, out_dir, rank, progress)
 
 
-def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list[PyPersiaBatchData], dense_width: int, out_dir: Path, rank: int, progress: bool) -> JobResult:
+def _loop(
+    ctx: TrainCtx,
+    job: JobConfig,
+    train_data: DataLoader,
+    eval_data: list[PyPersiaBatchData],
+    dense_width: int,
+    out_dir: Path,
+    rank: int,
+    progress: bool,
+) -> JobResult:
     metrics = _MetricsWriter(out_dir / "metrics.jsonl" if rank == 0 else None)
     versions: list[int] = []
     start, samples, losses = time.perf_counter(), 0, []
@@ -309,8 +346,14 @@ def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list
                 rate = window_samples / max(now - window_start, 1e-9)
                 window_start, window_samples = now, 0
                 recent_loss = float(np.mean(losses[-job.train.log_every :]))
-                metrics.write(step=step, loss=recent_loss, eval_auc=last_eval["auc"],
-                              eval_loss=last_eval["loss"], samples_per_s=rate, elapsed_s=now - start)
+                metrics.write(
+                    step=step,
+                    loss=recent_loss,
+                    eval_auc=last_eval["auc"],
+                    eval_loss=last_eval["loss"],
+                    samples_per_s=rate,
+                    elapsed_s=now - start,
+                )
                 bar.set_postfix(loss=f"{recent_loss:.4f}", auc=f"{last_eval['auc']:.4f}", samples_s=f"{rate:,.0f}")
             if job.output.model_root and job.output.export_every and step % job.output.export_every == 0 and rank == 0:
                 versions.append(_publish(ctx, job, dense_width, first=not versions))
@@ -324,10 +367,22 @@ def _loop(ctx: TrainCtx, job: JobConfig, train_data: DataLoader, eval_data: list
         bar.close()
         _close(batches)
     ctx.dump_checkpoint(out_dir / "checkpoint")
-    if job.output.model_root and rank == 0 and (not versions or job.output.export_every == 0 or ctx.step % job.output.export_every):
+    if (
+        job.output.model_root
+        and rank == 0
+        and (not versions or job.output.export_every == 0 or ctx.step % job.output.export_every)
+    ):
         versions.append(_publish(ctx, job, dense_width, first=not versions, last=True))
-    result = JobResult(ctx.step, samples, time.perf_counter() - start, float(np.mean(losses[-job.train.log_every :])) if losses else float("nan"),
-                       last_eval["auc"], last_eval["loss"], versions, str(out_dir / "checkpoint"))
+    result = JobResult(
+        ctx.step,
+        samples,
+        time.perf_counter() - start,
+        float(np.mean(losses[-job.train.log_every :])) if losses else float("nan"),
+        last_eval["auc"],
+        last_eval["loss"],
+        versions,
+        str(out_dir / "checkpoint"),
+    )
     metrics.write(final=True, **result.__dict__)
     metrics.close()
     if rank == 0:
@@ -346,8 +401,14 @@ def _publish(ctx: TrainCtx, job: JobConfig, dense_width: int, first: bool, last:
         url = publish_checkpoint(ctx.client, job.output.model_root, keep=job.output.keep_checkpoints)
         log.info("published sparse checkpoint %s", url)
     publishers = getattr(ctx.client, "publishers", [])
-    return export_dense(ctx.model, ctx.config, job.output.model_root, step=ctx.step, dense_width=dense_width,
-                        sparse_watermark=watermark_of(publishers) if publishers else None)
+    return export_dense(
+        ctx.model,
+        ctx.config,
+        job.output.model_root,
+        step=ctx.step,
+        dense_width=dense_width,
+        sparse_watermark=watermark_of(publishers) if publishers else None,
+    )
 
 
 def evaluate(ctx: TrainCtx, batches: list[PyPersiaBatchData]) -> dict[str, float]:
@@ -413,8 +474,12 @@ def _close(iterator: Any) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model from a job.yml", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a model from a job.yml",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="path of job.yml")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

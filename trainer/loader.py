@@ -30,9 +30,10 @@ import os
 import queue
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence, Union
+from typing import Literal
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from trainer.synthetic import SyntheticCriteo
 log = logging.getLogger(__name__)
 
 FileFormat = Literal["criteo", "tsv", "csv", "parquet", "orc"]
-Source = Union[str, Path, Sequence[Union[str, Path]], SyntheticCriteo, Chunk]
+Source = str | Path | Sequence[str | Path] | SyntheticCriteo | Chunk
 _JOIN_SECONDS = 30.0
 
 
@@ -141,8 +142,21 @@ class DataLoader:
         self.prefetch = prefetch
         self.epoch = 0
         self._plan = _Plan(
-            files, synthetic, memory, num_rows, start_row, batch_size, rank, world_size, drop_last,
-            shuffle_files, seed, fmt, mapping, chunk_rows, on_error,
+            files,
+            synthetic,
+            memory,
+            num_rows,
+            start_row,
+            batch_size,
+            rank,
+            world_size,
+            drop_last,
+            shuffle_files,
+            seed,
+            fmt,
+            mapping,
+            chunk_rows,
+            on_error,
         )
         self._live: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
 
@@ -175,7 +189,7 @@ class DataLoader:
         for iterator in list(self._live):
             iterator.close()
 
-    def __enter__(self) -> "DataLoader":
+    def __enter__(self) -> DataLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,7 @@ class DLRM(nn.Module):
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
 
-    def forward(self, dense: Tensor, sparse: List[Tensor]) -> Tensor:
+    def forward(self, dense: Tensor, sparse: list[Tensor]) -> Tensor:
         x = self.bottom(dense)
         vectors = torch.stack([x] + [_pooled(s) for s in sparse], dim=1)  # [B, F+1, D]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, F+1, F+1]
@@ -95,12 +95,14 @@ class DeepCTR(nn.Module):
         targets: output columns (tasks).
     """
 
-    def __init__(self, dense_width: int, embedding_dims: Sequence[int], hidden: Sequence[int] = (256, 128), targets: int = 1):
+    def __init__(
+        self, dense_width: int, embedding_dims: Sequence[int], hidden: Sequence[int] = (256, 128), targets: int = 1
+    ):
         super().__init__()
         if dense_width < 0 or targets <= 0 or any(d <= 0 for d in embedding_dims):
             raise ValueError("DeepCTR sizes must be positive")
         self.net = mlp([dense_width + sum(embedding_dims), *hidden, targets], final_activation=False)
 
-    def forward(self, dense: Tensor, sparse: List[Tensor]) -> Tensor:
+    def forward(self, dense: Tensor, sparse: list[Tensor]) -> Tensor:
         x = torch.cat([dense] + [_pooled(s) for s in sparse], dim=1)
         return torch.sigmoid(self.net(x))

@@ -22,7 +22,7 @@ are hashed to ``id_bits``-bit values, as Criteo's hexadecimal categorical values
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -124,7 +124,9 @@ class SyntheticCriteo:
         # Dense features: x = floor(expm1(max(N(mu, sigma), 0))), integers >= 0; some missing.
         self.dense_mu = rng.uniform(0.3, 4.0, num_dense)
         self.dense_sigma = rng.uniform(0.6, 2.0, num_dense)
-        self.dense_missing = np.where(rng.random(num_dense) < 0.3, rng.uniform(0.2, 0.45, num_dense), rng.uniform(0, 0.05, num_dense))
+        self.dense_missing = np.where(
+            rng.random(num_dense) < 0.3, rng.uniform(0.2, 0.45, num_dense), rng.uniform(0, 0.05, num_dense)
+        )
         # The planted model.
         beta = rng.normal(size=num_dense)
         self.beta = beta * dense_signal / max(np.sqrt(np.sum((beta * self.dense_sigma) ** 2)), 1e-12)
@@ -134,7 +136,9 @@ class SyntheticCriteo:
         self.pair = tuple(rng.choice(num_sparse, 2, replace=False)) if num_sparse >= 2 else None
         keys = rng.integers(0, 2**63, size=(5, max(num_sparse, num_dense, 1)), dtype=np.uint64)
         self._key_missing, self._key_rank, self._key_id, self._key_weight, self._key_dense = keys
-        self._key_a, self._key_b, self._key_label, self._key_row, self._key_count = rng.integers(0, 2**63, 5, dtype=np.uint64)
+        self._key_a, self._key_b, self._key_label, self._key_row, self._key_count = rng.integers(
+            0, 2**63, 5, dtype=np.uint64
+        )
         self.bias = 0.0
         self.bias = self._calibrate(positive_rate)
 

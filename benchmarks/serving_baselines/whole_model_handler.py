@@ -46,4 +46,6 @@ class WholeModelHandler(BaseHandler):
         offsets = [torch.from_numpy(f.offsets.astype("int64")) for f in features]
         with torch.inference_mode():
             scores = self.model(torch.from_numpy(dense), ids, offsets).to(torch.float32).reshape(dense.shape[0], -1)
-        return [json.dumps({"scores": (c[:, 0] if c.shape[1] == 1 else c).tolist()}) for c in torch.split(scores, sizes)]
+        return [
+            json.dumps({"scores": (c[:, 0] if c.shape[1] == 1 else c).tolist()}) for c in torch.split(scores, sizes)
+        ]

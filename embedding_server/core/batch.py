@@ -11,16 +11,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 
 from embedding_server.core import batch_kernels
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError, describe_value
-
 
 _INT64 = np.dtype(np.int64)
 _UINT64 = np.dtype(np.uint64)
@@ -45,10 +44,14 @@ class SparseFeature:
 
     def __post_init__(self) -> None:
         if not isinstance(self.ids, np.ndarray) or self.ids.dtype != np.uint64 or self.ids.ndim != 1:
-            raise InvalidRequestError(f"feature '{self.name}': ids must be a 1-D uint64 array, got {describe_value(self.ids)}")
+            raise InvalidRequestError(
+                f"feature '{self.name}': ids must be a 1-D uint64 array, got {describe_value(self.ids)}"
+            )
         off = self.offsets
         if not isinstance(off, np.ndarray) or off.dtype != np.int64 or off.ndim != 1 or off.shape[0] < 1:
-            raise InvalidRequestError(f"feature '{self.name}': offsets must be a 1-D int64 array of batch_size + 1 entries")
+            raise InvalidRequestError(
+                f"feature '{self.name}': offsets must be a 1-D int64 array of batch_size + 1 entries"
+            )
         lengths = off[1:] - off[:-1]
         if off[0] != 0 or off[-1] != self.ids.shape[0] or (lengths < 0).any():
             raise InvalidRequestError(
@@ -57,7 +60,7 @@ class SparseFeature:
         object.__setattr__(self, "lengths", lengths)  # fills the cached property: computed once
 
     @classmethod
-    def from_lists(cls, name: str, samples: Sequence[object]) -> "SparseFeature":
+    def from_lists(cls, name: str, samples: Sequence[object]) -> SparseFeature:
         """Build from one id array (or list of non-negative ints) per sample.
 
         Raises:
@@ -71,7 +74,7 @@ class SparseFeature:
         return cls(name, ids.astype(np.uint64, copy=False), offsets)
 
     @classmethod
-    def _checked(cls, name: str, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> "SparseFeature":
+    def _checked(cls, name: str, ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> SparseFeature:
         """A feature whose arrays :class:`KeyedIds` has validated: skips the constructor's checks."""
         feature = object.__new__(cls)
         # What __init__ and __post_init__ would set (lengths fills the cached property);
@@ -121,25 +124,32 @@ class KeyedIds(Sequence[SparseFeature]):
         if not isinstance(ids, np.ndarray) or ids.dtype != _UINT64 or ids.ndim != 1:
             raise InvalidRequestError(f"ids must be a 1-D uint64 array, got {describe_value(ids)}")
         if (
-            not isinstance(offsets, np.ndarray) or offsets.dtype != _INT64 or offsets.ndim != 2
-            or offsets.shape[0] != len(self.names) or offsets.shape[1] < 1
+            not isinstance(offsets, np.ndarray)
+            or offsets.dtype != _INT64
+            or offsets.ndim != 2
+            or offsets.shape[0] != len(self.names)
+            or offsets.shape[1] < 1
         ):
             raise InvalidRequestError(
                 f"offsets must be an int64 array [{len(self.names)} features, batch_size + 1], got {describe_value(offsets)}"
             )
         if len(set(self.names)) != len(self.names):
-            raise InvalidRequestError(f"a sparse feature appears twice: {sorted({n for n in self.names if self.names.count(n) > 1})}")
+            raise InvalidRequestError(
+                f"a sparse feature appears twice: {sorted({n for n in self.names if self.names.count(n) > 1})}"
+            )
         lengths = np.empty((offsets.shape[0], offsets.shape[1] - 1), np.int64)
         bounds = np.empty(offsets.shape[0] + 1, np.int64)
         bad = batch_kernels.check_offsets(offsets, lengths, bounds)
         if bad >= 0:
             raise InvalidRequestError(f"feature '{self.names[bad]}': offsets must rise from 0 to the number of ids")
         if bounds[-1] != ids.shape[0]:
-            raise InvalidRequestError(f"the features' offsets describe {int(bounds[-1])} ids, but {ids.shape[0]} ids were given")
+            raise InvalidRequestError(
+                f"the features' offsets describe {int(bounds[-1])} ids, but {ids.shape[0]} ids were given"
+            )
         self.ids, self.offsets, self.lengths, self.bounds = ids, offsets, lengths, bounds
 
     @classmethod
-    def from_features(cls, features: Sequence[SparseFeature]) -> "KeyedIds":
+    def from_features(cls, features: Sequence[SparseFeature]) -> KeyedIds:
         """The features (each valid, all of one batch size) in one layout; ``features`` itself
         when it already is one.
 
@@ -150,7 +160,9 @@ class KeyedIds(Sequence[SparseFeature]):
             return features
         sizes = {f.batch_size for f in features}
         if len(sizes) > 1:
-            raise InvalidRequestError(f"features disagree on the batch size: { {f.name: f.batch_size for f in features} }")
+            raise InvalidRequestError(
+                f"features disagree on the batch size: { {f.name: f.batch_size for f in features} }"
+            )
         offsets = np.stack([f.offsets for f in features]) if features else np.zeros((0, 1), np.int64)
         ids = np.concatenate([f.ids for f in features]) if features else np.zeros(0, np.uint64)
         return cls([f.name for f in features], ids, offsets)
@@ -164,13 +176,15 @@ class KeyedIds(Sequence[SparseFeature]):
         """Ids per feature, int64 ``[features]``."""
         return self.offsets[:, -1]
 
-    def select(self, names: Sequence[str]) -> "KeyedIds":
+    def select(self, names: Sequence[str]) -> KeyedIds:
         """These features (a subset, in this order) in a new layout; ``self`` when it is already that."""
         if tuple(names) == self.names:
             return self
         index = {n: k for k, n in enumerate(self.names)}
         picked = [index[n] for n in names]
-        ids = np.concatenate([self.ids[self.bounds[k] : self.bounds[k + 1]] for k in picked]) if picked else self.ids[:0]
+        ids = (
+            np.concatenate([self.ids[self.bounds[k] : self.bounds[k + 1]] for k in picked]) if picked else self.ids[:0]
+        )
         return KeyedIds(names, ids, self.offsets[picked])
 
     def __len__(self) -> int:
@@ -203,7 +217,9 @@ def check_batch(features: Sequence[SparseFeature], config: EmbeddingConfig) -> i
             f"unknown feature '{unknown[0]}'; embedding_config.yml defines: {', '.join(config.slots_config)}"
         )
     if len(set(names)) != len(names):
-        raise InvalidRequestError(f"feature '{next(n for n in names if names.count(n) > 1)}' appears twice in the batch")
+        raise InvalidRequestError(
+            f"feature '{next(n for n in names if names.count(n) > 1)}' appears twice in the batch"
+        )
     if isinstance(features, KeyedIds):
         batch_size = features.batch_size  # one offsets table: the features agree
     else:
@@ -219,9 +235,7 @@ def check_batch(features: Sequence[SparseFeature], config: EmbeddingConfig) -> i
 def _as_ids(name: str, index: int, sample: object) -> np.ndarray:
     if isinstance(sample, np.ndarray):
         if sample.dtype != np.uint64:
-            raise InvalidRequestError(
-                f"feature '{name}', sample {index}: ids must be uint64, got {sample.dtype}"
-            )
+            raise InvalidRequestError(f"feature '{name}', sample {index}: ids must be uint64, got {sample.dtype}")
         if sample.ndim != 1:
             raise InvalidRequestError(f"feature '{name}', sample {index}: ids must be 1-D, got shape {sample.shape}")
         return sample
@@ -231,5 +245,6 @@ def _as_ids(name: str, index: int, sample: object) -> np.ndarray:
         if any(v < 0 or v >= 2**64 for v in sample):
             raise InvalidRequestError(f"feature '{name}', sample {index}: ids must be in [0, 2**64)")
         return np.array(sample, np.uint64)
-    raise InvalidRequestError(f"feature '{name}', sample {index}: expected a uint64 array or a list, got {type(sample).__name__}")
-
+    raise InvalidRequestError(
+        f"feature '{name}', sample {index}: expected a uint64 array or a list, got {type(sample).__name__}"
+    )

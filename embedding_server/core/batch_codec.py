@@ -91,7 +91,11 @@ def check_parts(data: BatchData) -> int:
         if not isinstance(t, np.ndarray) or t.ndim != 2 or t.dtype != np.float32:
             raise InvalidRequestError(f"target[{i}] must be a 2-D float32 array [batch, t], got {describe_value(t)}")
     # The sizes alone first; the message naming every part is built only for a bad batch.
-    sparse_sizes = {data.sparse.batch_size} if isinstance(data.sparse, KeyedIds) and len(data.sparse) else {f.batch_size for f in data.sparse}
+    sparse_sizes = (
+        {data.sparse.batch_size}
+        if isinstance(data.sparse, KeyedIds) and len(data.sparse)
+        else {f.batch_size for f in data.sparse}
+    )
     sizes = {d.shape[0] for d in data.dense} | sparse_sizes | {t.shape[0] for t in data.targets}
     if not sizes:
         raise InvalidRequestError("empty batch: no dense, sparse or target parts")
@@ -154,7 +158,9 @@ def decode_batch(buffer: bytes | bytearray | memoryview, max_bytes: int | None =
     if magic != MAGIC:
         raise InvalidRequestError(f"not a ctrserve batch: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
-        raise InvalidRequestError(f"batch format version {version} is not supported (this build reads {FORMAT_VERSION})")
+        raise InvalidRequestError(
+            f"batch format version {version} is not supported (this build reads {FORMAT_VERSION})"
+        )
     body_end = len(view) - _CRC.size
     if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > body_end:
         raise InvalidRequestError(f"batch header length {header_len} does not fit in {len(view)} bytes")
@@ -174,7 +180,9 @@ def _parse_header(raw: bytes) -> dict:
     if not isinstance(header, dict) or set(header) != {"batch_size", "dense", "sparse", "targets", "meta"}:
         raise InvalidRequestError("batch header must hold exactly batch_size, dense, sparse, targets and meta")
     if not _is_count(header["batch_size"]):
-        raise InvalidRequestError(f"batch header: batch_size must be a non-negative integer, got {header['batch_size']!r}")
+        raise InvalidRequestError(
+            f"batch header: batch_size must be a non-negative integer, got {header['batch_size']!r}"
+        )
     for key, fields in (("dense", {"dtype", "width"}), ("sparse", {"name", "ids"}), ("targets", {"width"})):
         entries = header[key]
         if not isinstance(entries, list) or not all(isinstance(e, dict) and e.keys() == fields for e in entries):
@@ -193,7 +201,9 @@ def _read_payload(header: dict, payload: memoryview) -> BatchData:
     for i, d in enumerate(header["dense"]):
         dtype = DENSE_DTYPES.get(d["dtype"]) if isinstance(d["dtype"], str) else None
         if dtype is None or not _is_count(d["width"]):
-            raise InvalidRequestError(f"batch header: dense[{i}] needs a dtype in {sorted(DENSE_DTYPES)} and a width >= 0")
+            raise InvalidRequestError(
+                f"batch header: dense[{i}] needs a dtype in {sorted(DENSE_DTYPES)} and a width >= 0"
+            )
         data.dense.append(reader.take(dtype, batch * d["width"], f"dense[{i}]").reshape(batch, d["width"]))
     data.sparse = _read_sparse(reader, batch, header["sparse"])
     for i, t in enumerate(header["targets"]):
@@ -201,12 +211,14 @@ def _read_payload(header: dict, payload: memoryview) -> BatchData:
             raise InvalidRequestError(f"batch header: target[{i}] width must be >= 0")
         data.targets.append(reader.take(_TARGET, batch * t["width"], f"target[{i}]").reshape(batch, t["width"]))
     if reader.pos != len(payload):
-        raise InvalidRequestError(f"batch payload has {len(payload) - reader.pos} bytes beyond what its header describes")
+        raise InvalidRequestError(
+            f"batch payload has {len(payload) - reader.pos} bytes beyond what its header describes"
+        )
     check_parts(data)
     return data
 
 
-def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> KeyedIds:
+def _read_sparse(reader: _Reader, batch: int, entries: list[dict]) -> KeyedIds:
     """The sparse features: per feature int64 offsets [batch + 1], then uint64 ids.
 
     Offsets and ids are both 8-byte words, so the whole section is read as one array and one
@@ -228,9 +240,13 @@ def _read_sparse(reader: "_Reader", batch: int, entries: list[dict]) -> KeyedIds
     signed = reader.take(_OFFSETS, total, "sparse features")
     table = np.empty((len(entries), batch + 1), np.int64)
     ids = np.empty(total - table.size, np.uint64)
-    bad = batch_kernels.split_sparse_section(signed, signed.view(np.uint64), batch, np.asarray(counts, np.int64), table, ids)
+    bad = batch_kernels.split_sparse_section(
+        signed, signed.view(np.uint64), batch, np.asarray(counts, np.int64), table, ids
+    )
     if bad >= 0:
-        raise InvalidRequestError(f"feature '{names[bad]}': offsets must rise from 0 to the number of ids ({counts[bad]})")
+        raise InvalidRequestError(
+            f"feature '{names[bad]}': offsets must rise from 0 to the number of ids ({counts[bad]})"
+        )
     return KeyedIds(names, ids, table)  # checks the offsets, all features at once
 
 

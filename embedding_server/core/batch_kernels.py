@@ -32,7 +32,6 @@ def split_sparse_section(signed, unsigned, batch, counts, offsets, ids):
     return -1
 
 
-
 @njit(cache=True, nogil=True)
 def check_offsets(offsets, lengths, bounds):
     """Fill ``lengths[k, i]`` (ids of sample ``i`` of feature ``k``) and ``bounds`` (where each

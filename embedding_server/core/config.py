@@ -16,14 +16,14 @@ import dataclasses
 import hashlib
 import json
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from embedding_server.core.config_schema import build, option, read_yaml
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.optimizers import Adagrad, SparseOptimizer, optimizer_from_dict
-
 
 # --------------------------------------------------------------------------- embedding_config.yml
 
@@ -56,7 +56,7 @@ class SlotConfig:
     sample_fixed_size: int = option(
         10, doc="for embedding_summation: false, ids kept per sample (extra ids are dropped, fewer are masked)"
     )
-    hash_stack_config: Optional[HashStackConfig] = option(None, doc="optional hash stacking of raw ids")
+    hash_stack_config: HashStackConfig | None = option(None, doc="optional hash stacking of raw ids")
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -124,7 +124,9 @@ class EmbeddingConfig:
                 feature_table[member] = group
             dims = {self.slots_config[m].dim for m in members}
             if len(dims) > 1:
-                raise ValueError(f"feature group '{group}' mixes dims {sorted(dims)}; features sharing a table need one dim")
+                raise ValueError(
+                    f"feature group '{group}' mixes dims {sorted(dims)}; features sharing a table need one dim"
+                )
         for name in self.slots_config:
             feature_table.setdefault(name, name)
         tables: dict[str, TableSpec] = {}
@@ -136,7 +138,7 @@ class EmbeddingConfig:
         object.__setattr__(self, "_feature_table", feature_table)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "embedding_config.yml") -> "EmbeddingConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "embedding_config.yml") -> EmbeddingConfig:
         data = dict(data)
         if "slot_configs" in data:
             if "slots_config" in data:
@@ -145,7 +147,7 @@ class EmbeddingConfig:
         return build(cls, data, source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "EmbeddingConfig":
+    def load(cls, path: str | Path) -> EmbeddingConfig:
         """Read and validate an ``embedding_config.yml``."""
         return cls.from_dict(read_yaml(path), str(path))
 
@@ -214,20 +216,27 @@ class CommonConfig:
 
 @dataclass(frozen=True)
 class ParameterServerConfig:
-    capacity: int = option(1_000_000, doc="rows each embedding server holds, summed over its tables; LRU eviction beyond")
+    capacity: int = option(
+        1_000_000, doc="rows each embedding server holds, summed over its tables; LRU eviction beyond"
+    )
     max_ids_per_request: int = option(4_000_000, doc="largest number of ids one lookup or gradient request may carry")
     max_request_bytes: int = option(
         512 << 20, doc="largest gRPC message a server accepts, in bytes (larger: RESOURCE_EXHAUSTED before it is read)"
     )
-    weight_bound: float = option(0.0, doc="clip every weight to [-weight_bound, weight_bound] after an update (0 = off)")
+    weight_bound: float = option(
+        0.0, doc="clip every weight to [-weight_bound, weight_bound] after an update (0 = off)"
+    )
     enable_incremental_update: bool = option(False, doc="train mode: publish changed rows as incremental packets")
-    incremental_buffer_size: int = option(1_000_000, doc="changed rows that trigger a packet as soon as they are pending")
+    incremental_buffer_size: int = option(
+        1_000_000, doc="changed rows that trigger a packet as soon as they are pending"
+    )
     incremental_dir: str = option(
         "", doc="the model root's packet folder, <model root>/incremental (a path, file://, s3:// or hdfs:// URL)"
     )
     incremental_flush_interval: float = option(10.0, doc="seconds at most between a row's change and its packet")
     storage: dict[str, Any] = option(
-        default_factory=dict, doc="options for s3:// and hdfs:// storage: endpoint, access_key, secret_key, region, ... (see the README)"
+        default_factory=dict,
+        doc="options for s3:// and hdfs:// storage: endpoint, access_key, secret_key, region, ... (see the README)",
     )
 
     def __post_init__(self) -> None:
@@ -250,7 +259,10 @@ class ParameterServerConfig:
 
 @dataclass(frozen=True)
 class InitializationConfig:
-    method: str = option("bounded_uniform", doc="bounded_uniform (in [lower, upper)) or bounded_normal (mean, std, clipped to [lower, upper])")
+    method: str = option(
+        "bounded_uniform",
+        doc="bounded_uniform (in [lower, upper)) or bounded_normal (mean, std, clipped to [lower, upper])",
+    )
     lower: float = option(-0.01, doc="lower bound of initial values")
     upper: float = option(0.01, doc="upper bound of initial values")
     mean: float = option(0.0, doc="bounded_normal: mean")
@@ -276,9 +288,12 @@ class SecurityConfig:
     tls_cert_file: str = option("", doc="PEM certificate the server presents; enables TLS (with tls_key_file)")
     tls_key_file: str = option("", doc="PEM private key of tls_cert_file")
     tls_client_ca_file: str = option("", doc="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
-    token_file: str = option("", doc="file holding the shared token callers must send as 'authorization: Bearer <token>'")
+    token_file: str = option(
+        "", doc="file holding the shared token callers must send as 'authorization: Bearer <token>'"
+    )
     token_env: str = option(
-        "CTRSERVE_EMBEDDING_TOKEN", doc="environment variable holding the token when token_file is empty (unset: no token)"
+        "CTRSERVE_EMBEDDING_TOKEN",
+        doc="environment variable holding the token when token_file is empty (unset: no token)",
     )
 
     def __post_init__(self) -> None:
@@ -310,14 +325,14 @@ class GlobalConfig:
     sparse_optimizer: SparseOptimizer = field(default_factory=Adagrad)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "global_config.yml") -> "GlobalConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "global_config.yml") -> GlobalConfig:
         data = dict(data)
         optimizer = optimizer_from_dict(data.pop("sparse_optimizer", {}) or {}, source, "sparse_optimizer")
         base = build(cls, data, source)
         return dataclasses.replace(base, sparse_optimizer=optimizer)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GlobalConfig":
+    def load(cls, path: str | Path) -> GlobalConfig:
         """Read and validate a ``global_config.yml``."""
         return cls.from_dict(read_yaml(path), str(path))
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -96,7 +98,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
@@ -108,8 +110,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: '{path}' must be a mapping, got {type(value).__name__}")
         return {
-            _convert(key_tp, k, source, path): _convert(val_tp, v, source, _join(path, k))
-            for k, v in value.items()
+            _convert(key_tp, k, source, path): _convert(val_tp, v, source, _join(path, k)) for k, v in value.items()
         }
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -19,7 +19,7 @@ class ShardUnavailableError(RuntimeError):
 
 
 def describe_value(x: object) -> str:
-    """"uint64 array of shape (3,)" or a type name, for error messages."""
+    """ "uint64 array of shape (3,)" or a type name, for error messages."""
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
     if shape is not None and dtype is not None:
         return f"{dtype} array of shape {tuple(shape)}"

@@ -93,10 +93,12 @@ class DenseModelSpec:
     format_version: int = SPEC_FORMAT_VERSION
 
     @classmethod
-    def for_config(cls, config: EmbeddingConfig, **kwargs: Any) -> "DenseModelSpec":
+    def for_config(cls, config: EmbeddingConfig, **kwargs: Any) -> DenseModelSpec:
         """A spec whose features are every slot of ``config`` in file order."""
         features = [
-            FeatureSpec(name, slot.dim, slot.embedding_summation, 0 if slot.embedding_summation else slot.sample_fixed_size)
+            FeatureSpec(
+                name, slot.dim, slot.embedding_summation, 0 if slot.embedding_summation else slot.sample_fixed_size
+            )
             for name, slot in config.slots_config.items()
         ]
         return cls(features=features, embedding_config=config.to_dict(), **kwargs)
@@ -105,7 +107,7 @@ class DenseModelSpec:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str | bytes, source: str = SPEC_FILE) -> "DenseModelSpec":
+    def from_json(cls, text: str | bytes, source: str = SPEC_FILE) -> DenseModelSpec:
         """Parse and validate a ``model.json``.
 
         Raises:

@@ -16,8 +16,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 from embedding_server.core.config_schema import build, option
 from embedding_server.core.errors import ConfigError
@@ -130,7 +131,7 @@ class Adam:
         return {"type": "adam", **d}
 
 
-SparseOptimizer = Union[SGD, Adagrad, Adam]
+SparseOptimizer = SGD | Adagrad | Adam
 OPTIMIZERS: dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
 
 
@@ -145,9 +146,7 @@ def optimizer_from_dict(data: Mapping[str, Any], source: str = "optimizer", path
     params = dict(data)
     kind = str(params.pop("type", "adagrad")).lower()
     if kind not in OPTIMIZERS:
-        raise ConfigError(
-            f"{source}: '{_join(path, 'type')}' must be one of {sorted(OPTIMIZERS)}, got {kind!r}"
-        )
+        raise ConfigError(f"{source}: '{_join(path, 'type')}' must be one of {sorted(OPTIMIZERS)}, got {kind!r}")
     return build(OPTIMIZERS[kind], params, source, path)
 
 

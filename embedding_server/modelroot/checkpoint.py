@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,12 @@ def dump_shard(store: EmbeddingStore, directory: str | Storage) -> tuple[list[st
 
 
 def write_manifest(
-    directory: str | Storage, num_shards: int, files: list[str], rows: int, config_dict: dict, optimizer_dict: dict,
+    directory: str | Storage,
+    num_shards: int,
+    files: list[str],
+    rows: int,
+    config_dict: dict,
+    optimizer_dict: dict,
     watermark: dict[str, int] | None = None,
 ) -> None:
     """Publish the manifest that makes a checkpoint complete (always written last).
@@ -72,7 +77,9 @@ def write_manifest(
     open_storage(directory).write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
-def dump_stores(stores: Sequence[EmbeddingStore], directory: str | Storage, watermark: dict[str, int] | None = None) -> None:
+def dump_stores(
+    stores: Sequence[EmbeddingStore], directory: str | Storage, watermark: dict[str, int] | None = None
+) -> None:
     """Checkpoint in-process shards: each shard's files, then the manifest (with ``watermark``)."""
     files, rows = [], 0
     for store in stores:
@@ -150,7 +157,9 @@ def _encode(rows: TableRows, store: EmbeddingStore) -> bytes:
         ("weight", pa.FixedSizeListArray.from_arrays(pa.array(rows.weights.reshape(-1), pa.float32()), dim)),
     ]
     if width:  # optimizer state (absent for SGD and in infer mode)
-        columns.append(("state", pa.FixedSizeListArray.from_arrays(pa.array(rows.state.reshape(-1), pa.float32()), width)))
+        columns.append(
+            ("state", pa.FixedSizeListArray.from_arrays(pa.array(rows.state.reshape(-1), pa.float32()), width))
+        )
     metadata = {
         "format": FORMAT,
         "version": str(FORMAT_VERSION),
@@ -183,7 +192,9 @@ def _decode(storage: Storage, path: str, store: EmbeddingStore) -> TableRows:
         raise InvalidRequestError(f"{where}: table '{name}' is not in this server's embedding_config.yml")
     dim = int(meta.get("dim", -1))
     if dim != spec.dim:
-        raise InvalidRequestError(f"{where}: table '{name}' has dim {dim} in the checkpoint but {spec.dim} in the config")
+        raise InvalidRequestError(
+            f"{where}: table '{name}' has dim {dim} in the checkpoint but {spec.dim} in the config"
+        )
     width = int(meta.get("state_width", 0))
     n = table.num_rows
     ids = table.column("id").to_numpy().astype(np.uint64, copy=False)

@@ -57,18 +57,18 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from embedding_server.modelroot import checkpoint
-from embedding_server.store.cpus import format_cpu_list, pin_this_thread, usable_cpus
 from embedding_server.core.errors import InvalidRequestError
+from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.packets import (
     CHECKPOINTS_DIR,
     FIRST_SEQ,
@@ -83,6 +83,7 @@ from embedding_server.modelroot.packets import (
 )
 from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageNotFoundError
 from embedding_server.storage.urls import open_storage
+from embedding_server.store.cpus import format_cpu_list, pin_this_thread, usable_cpus
 from embedding_server.store.store import EmbeddingStore, TableRows
 
 log = logging.getLogger("ctrserve.embedding_server.modelroot.hotload")
@@ -136,7 +137,11 @@ class FollowOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.apply_niceness, int) or isinstance(self.apply_niceness, bool) or not 0 <= self.apply_niceness <= 19:
+        if (
+            not isinstance(self.apply_niceness, int)
+            or isinstance(self.apply_niceness, bool)
+            or not 0 <= self.apply_niceness <= 19
+        ):
             raise ValueError(f"apply_niceness must be an integer in 0..19, got {self.apply_niceness!r}")
         if self.apply_cpus is not None:
             try:
@@ -250,8 +255,11 @@ class ModelRootFollower:
         self._freshness = None
         if registry is not None:
             self._freshness = Histogram(
-                "ctrserve_embedding_packet_freshness_seconds", "packet creation to applied in this server",
-                list(labels), buckets=_FRESHNESS_BUCKETS, registry=registry,
+                "ctrserve_embedding_packet_freshness_seconds",
+                "packet creation to applied in this server",
+                list(labels),
+                buckets=_FRESHNESS_BUCKETS,
+                registry=registry,
             )
             if labels:
                 self._freshness = self._freshness.labels(**labels)
@@ -264,7 +272,7 @@ class ModelRootFollower:
         """Whether the initial checkpoint load and packet replay are done."""
         return self._synced.is_set() and self._error is None
 
-    def start(self) -> "ModelRootFollower":
+    def start(self) -> ModelRootFollower:
         """Start the background thread: the initial load and replay, then following."""
         if self._thread is not None:
             raise RuntimeError("the follower was already started")
@@ -304,7 +312,7 @@ class ModelRootFollower:
                 thread.join(timeout)
         self._stop_observer()
 
-    def __enter__(self) -> "ModelRootFollower":
+    def __enter__(self) -> ModelRootFollower:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -356,15 +364,25 @@ class ModelRootFollower:
                     loaded = True
                 self._follow_pass()
             except StorageError as exc:
-                self._say("storage", logging.WARNING, "model root %s: %s; retrying in %.1f s", self.storage.url, exc,
-                          self.options.poll_interval_s)
+                self._say(
+                    "storage",
+                    logging.WARNING,
+                    "model root %s: %s; retrying in %.1f s",
+                    self.storage.url,
+                    exc,
+                    self.options.poll_interval_s,
+                )
                 self._stopping.wait(self.options.poll_interval_s)
                 continue
             self._forget("storage")
             with self._lock:
                 streams = ", ".join(f"{s.label} at seq {s.watermark}" for s in self._streams.values()) or "no packets"
-            log.info("model root %s loaded: checkpoint %s, %s", self.storage.url,
-                     self._checkpoint.name if self._checkpoint else "(none)", streams)
+            log.info(
+                "model root %s loaded: checkpoint %s, %s",
+                self.storage.url,
+                self._checkpoint.name if self._checkpoint else "(none)",
+                streams,
+            )
             return
 
     def _lower_priority(self) -> None:
@@ -373,7 +391,9 @@ class ModelRootFollower:
             return
         try:
             tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.options.apply_niceness))
+            os.setpriority(
+                os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.options.apply_niceness)
+            )
         except OSError as exc:  # e.g. a sandbox that forbids it: applies then compete with lookups
             log.warning("cannot lower the priority of the packet-applying thread: %s", exc)
 
@@ -435,12 +455,20 @@ class ModelRootFollower:
                 self._broken.add(ckpt.name)
                 continue
             self._adopt(ckpt)
-            log.info("loaded checkpoint %s: %d rows for shard %d of %d (training shards %d, watermark %s)",
-                     ckpt.name, rows, self.store.shard_index, self.store.num_shards, ckpt.num_shards,
-                     ckpt.watermark or "none")
+            log.info(
+                "loaded checkpoint %s: %d rows for shard %d of %d (training shards %d, watermark %s)",
+                ckpt.name,
+                rows,
+                self.store.shard_index,
+                self.store.num_shards,
+                ckpt.num_shards,
+                ckpt.watermark or "none",
+            )
             return
         if tried:
-            raise HotloadError(f"model root {self.storage.url}: no complete checkpoint could be loaded (see the errors above)")
+            raise HotloadError(
+                f"model root {self.storage.url}: no complete checkpoint could be loaded (see the errors above)"
+            )
 
     def _complete_checkpoints(self) -> Iterator[_Checkpoint]:
         """Complete, loadable-looking checkpoints, newest first (manifests read lazily)."""
@@ -457,8 +485,9 @@ class ModelRootFollower:
         folder = self.storage.child(f"{CHECKPOINTS_DIR}/{name}")
         try:
             manifest = checkpoint.read_manifest(folder)
-            ckpt = _Checkpoint(name, int(manifest["num_shards"]), _parse_watermark(manifest.get("watermark")),
-                               tuple(manifest["files"]))
+            ckpt = _Checkpoint(
+                name, int(manifest["num_shards"]), _parse_watermark(manifest.get("watermark")), tuple(manifest["files"])
+            )
         except InvalidRequestError as exc:
             if "no manifest.json" in str(exc):
                 return None  # still being written
@@ -489,7 +518,9 @@ class ModelRootFollower:
             rows = self._owned(checkpoint.read_table_file(folder, path, self.store))
             if rows.ids.shape[0]:  # serving keeps no optimizer state
                 width = self.store.optimizer.state_width(rows.table.dim)
-                parts.append(TableRows(rows.table, rows.ids, rows.weights, np.zeros((rows.ids.shape[0], width), np.float32)))
+                parts.append(
+                    TableRows(rows.table, rows.ids, rows.weights, np.zeros((rows.ids.shape[0], width), np.float32))
+                )
         evicted = self.store.put_many(parts)
         with self._lock:
             self._counters.rows_evicted += evicted
@@ -530,8 +561,13 @@ class ModelRootFollower:
             self._broken.add(ckpt.name)
             return
         self._adopt(ckpt)
-        log.warning("switched to checkpoint %s (%s before, %d training shards now): applied %d rows; following its packets",
-                    ckpt.name, before, ckpt.num_shards, rows)
+        log.warning(
+            "switched to checkpoint %s (%s before, %d training shards now): applied %d rows; following its packets",
+            ckpt.name,
+            before,
+            ckpt.num_shards,
+            rows,
+        )
 
     def _catch_up(self, ckpt: _Checkpoint, shards: set[int]) -> None:
         try:
@@ -546,8 +582,12 @@ class ModelRootFollower:
                     s.watermark = ckpt.watermark.get(s.shard, FIRST_SEQ - 1)
                     self._close_gap(s)
             self._checkpoint = ckpt
-        log.warning("packets of training shard(s) %s needed next are gone; caught up from checkpoint %s (%d rows)",
-                    sorted(shards), ckpt.name, rows)
+        log.warning(
+            "packets of training shard(s) %s needed next are gone; caught up from checkpoint %s (%d rows)",
+            sorted(shards),
+            ckpt.name,
+            rows,
+        )
 
     # ------------------------------------------------------------------ packets
 
@@ -555,8 +595,14 @@ class ModelRootFollower:
         """One look at the model root: checkpoints, then every followed shard's new packets."""
         top = self.storage.list_dir("")
         if CHECKPOINTS_DIR not in top and INCREMENTAL_DIR not in top:
-            self._say("root", logging.WARNING, "model root %s has no %s/ or %s/ yet; waiting for it",
-                      self.storage.url, CHECKPOINTS_DIR, INCREMENTAL_DIR)
+            self._say(
+                "root",
+                logging.WARNING,
+                "model root %s has no %s/ or %s/ yet; waiting for it",
+                self.storage.url,
+                CHECKPOINTS_DIR,
+                INCREMENTAL_DIR,
+            )
             return
         self._forget("root")
         if self._synced.is_set():
@@ -572,19 +618,35 @@ class ModelRootFollower:
         for name in self.storage.list_dir(INCREMENTAL_DIR):
             layout = parse_shard_dir(name)
             if layout is None:
-                self._say(f"odd:{name}", logging.WARNING, "ignoring %s/%s: not a shard-SSSSS-of-NNNNN folder", INCREMENTAL_DIR, name)
+                self._say(
+                    f"odd:{name}",
+                    logging.WARNING,
+                    "ignoring %s/%s: not a shard-SSSSS-of-NNNNN folder",
+                    INCREMENTAL_DIR,
+                    name,
+                )
             elif layout not in self._streams:
                 if self._checkpoint is not None:
-                    self._say(f"foreign:{name}", logging.WARNING,
-                              "ignoring packets in %s/%s: checkpoint %s was written by %d training shards",
-                              INCREMENTAL_DIR, name, self._checkpoint.name, self._checkpoint.num_shards)
+                    self._say(
+                        f"foreign:{name}",
+                        logging.WARNING,
+                        "ignoring packets in %s/%s: checkpoint %s was written by %d training shards",
+                        INCREMENTAL_DIR,
+                        name,
+                        self._checkpoint.name,
+                        self._checkpoint.num_shards,
+                    )
                     continue
                 with self._lock:
                     self._streams[layout] = _Stream(layout[0], layout[1], FIRST_SEQ - 1)
         counts = {n for _, n in self._streams}
         if len(counts) > 1:
-            self._say("layouts", logging.WARNING, "packets of several training shard counts %s and no checkpoint: "
-                      "following each folder on its own", sorted(counts))
+            self._say(
+                "layouts",
+                logging.WARNING,
+                "packets of several training shard counts %s and no checkpoint: following each folder on its own",
+                sorted(counts),
+            )
 
     def _follow_stream(self, stream: _Stream) -> None:
         """Apply the stream's next packets in order; open, alarm or close its gap.
@@ -595,7 +657,9 @@ class ModelRootFollower:
         """
         seqs = {s for s in map(parse_packet_name, self.storage.list_dir(stream.folder)) if s is not None}
         if not seqs:
-            self._say(f"empty:{stream.folder}", logging.INFO, "waiting for packets in %s/%s", self.storage.url, stream.folder)
+            self._say(
+                f"empty:{stream.folder}", logging.INFO, "waiting for packets in %s/%s", self.storage.url, stream.folder
+            )
             return
         self._forget(f"empty:{stream.folder}")
         ahead: Future | None = None
@@ -639,8 +703,10 @@ class ModelRootFollower:
         except PacketError as exc:
             return str(exc)
         if (packet.shard, packet.num_shards, packet.seq) != (stream.shard, stream.num_shards, seq):
-            return (f"{where}: the packet says shard {packet.shard} of {packet.num_shards}, seq {packet.seq}; its "
-                    f"place says shard {stream.shard} of {stream.num_shards}, seq {seq}")
+            return (
+                f"{where}: the packet says shard {packet.shard} of {packet.num_shards}, seq {packet.seq}; its "
+                f"place says shard {stream.shard} of {stream.num_shards}, seq {seq}"
+            )
         return packet
 
     def _apply(self, stream: _Stream, seq: int, loaded: Packet | str | None) -> bool:
@@ -673,10 +739,19 @@ class ModelRootFollower:
         if self._freshness is not None:
             self._freshness.observe(delay)
         if evicted:
-            log.info("packet %s: evicted %d least recently used rows to make room (capacity %d)", where, evicted,
-                     self.store.capacity)
-        log.debug("applied packet %s: %d of %d rows are this shard's, %.3f s after it was made", where, rows,
-                  packet.rows, delay)
+            log.info(
+                "packet %s: evicted %d least recently used rows to make room (capacity %d)",
+                where,
+                evicted,
+                self.store.capacity,
+            )
+        log.debug(
+            "applied packet %s: %d of %d rows are this shard's, %.3f s after it was made",
+            where,
+            rows,
+            packet.rows,
+            delay,
+        )
         return True
 
     def _owned(self, rows: TableRows) -> TableRows:
@@ -687,8 +762,13 @@ class ModelRootFollower:
         return TableRows(rows.table, rows.ids[mine], rows.weights[mine], rows.state[mine])
 
     def _quarantine(self, stream: _Stream, seq: int, where: str, reason: str) -> None:
-        log.error("quarantined packet %s (%s, seq %d): %s; skipping it, later packets still apply",
-                  where, stream.label, seq, reason)
+        log.error(
+            "quarantined packet %s (%s, seq %d): %s; skipping it, later packets still apply",
+            where,
+            stream.label,
+            seq,
+            reason,
+        )
         with self._lock:
             stream.watermark = seq
             if stream.waiting_for == seq:
@@ -705,15 +785,24 @@ class ModelRootFollower:
                 log.info("%s: packet seq %d is missing while later ones exist; waiting for it", stream.label, missing)
             if not stream.alarmed and now - stream.gap_since >= self.options.gap_timeout_s:
                 stream.alarmed = True
-                log.warning("%s: packet seq %d still missing after %.0f s (%s/%s); not applying later packets "
-                            "until it arrives", stream.label, missing, now - stream.gap_since, self.storage.url,
-                            f"{stream.folder}/{packet_name(missing)}")
+                log.warning(
+                    "%s: packet seq %d still missing after %.0f s (%s/%s); not applying later packets until it arrives",
+                    stream.label,
+                    missing,
+                    now - stream.gap_since,
+                    self.storage.url,
+                    f"{stream.folder}/{packet_name(missing)}",
+                )
 
     def _close_gap(self, stream: _Stream) -> None:
         """(Holding ``_lock``.) The gap the stream waited on is over."""
         if stream.waiting_for is not None and stream.alarmed:
-            log.info("%s: gap at seq %d closed after %.1f s", stream.label, stream.waiting_for,
-                     time.monotonic() - stream.gap_since)
+            log.info(
+                "%s: gap at seq %d closed after %.1f s",
+                stream.label,
+                stream.waiting_for,
+                time.monotonic() - stream.gap_since,
+            )
         stream.waiting_for, stream.gap_since, stream.alarmed = None, None, False
 
     # ------------------------------------------------------------------ watching
@@ -735,8 +824,14 @@ class ModelRootFollower:
             observer.schedule(_WakeOnPublish(self._wake), str(root), recursive=True)
             observer.start()
         except (OSError, RuntimeError) as exc:
-            self._say("inotify", logging.WARNING, "cannot watch %s with inotify (%s); polling every %.1f s instead",
-                      root, exc, self.options.poll_interval_s)
+            self._say(
+                "inotify",
+                logging.WARNING,
+                "cannot watch %s with inotify (%s); polling every %.1f s instead",
+                root,
+                exc,
+                self.options.poll_interval_s,
+            )
             return
         self._observer = observer
         self._wake.set()  # anything published before the watch started is picked up now
@@ -766,9 +861,12 @@ class ModelRootFollower:
             delays = np.array(c.delays) if c.delays else np.zeros(1)
             streams = [
                 {
-                    "shard": s.shard, "num_shards": s.num_shards, "watermark": s.watermark,
+                    "shard": s.shard,
+                    "num_shards": s.num_shards,
+                    "watermark": s.watermark,
                     "waiting_for": -1 if s.waiting_for is None else s.waiting_for,
-                    "gap_seconds": 0.0 if s.gap_since is None else now - s.gap_since, "gap_alarm": s.alarmed,
+                    "gap_seconds": 0.0 if s.gap_since is None else now - s.gap_since,
+                    "gap_alarm": s.alarmed,
                 }
                 for _, s in sorted(self._streams.items(), key=lambda kv: (kv[0][1], kv[0][0]))
             ]
@@ -842,19 +940,27 @@ class _FollowerCollector:
             family = CounterMetricFamily(f"ctrserve_embedding_{key}", help_text, labels=names)
             family.add_metric(values, stats[key])
             yield family
-        synced = GaugeMetricFamily("ctrserve_embedding_hotload_synced", "initial checkpoint load and replay done", labels=names)
+        synced = GaugeMetricFamily(
+            "ctrserve_embedding_hotload_synced", "initial checkpoint load and replay done", labels=names
+        )
         synced.add_metric(values, 1.0 if stats["synced"] else 0.0)
         yield synced
-        pending = GaugeMetricFamily("ctrserve_embedding_huge_pages_pending",
-                                    "1 while rows loaded at start-up are being moved onto huge pages", labels=names)
+        pending = GaugeMetricFamily(
+            "ctrserve_embedding_huge_pages_pending",
+            "1 while rows loaded at start-up are being moved onto huge pages",
+            labels=names,
+        )
         pending.add_metric(values, 1.0 if stats["huge_pages_pending"] else 0.0)
         yield pending
         stream_labels = names + ["training_shard", "training_shards"]
-        watermark = GaugeMetricFamily("ctrserve_embedding_watermark", "last packet seq applied per training shard",
-                                      labels=stream_labels)
-        alarm = GaugeMetricFamily("ctrserve_embedding_packet_gap_alarm",
-                                  "1 while a missing packet has been waited for longer than the gap timeout",
-                                  labels=stream_labels)
+        watermark = GaugeMetricFamily(
+            "ctrserve_embedding_watermark", "last packet seq applied per training shard", labels=stream_labels
+        )
+        alarm = GaugeMetricFamily(
+            "ctrserve_embedding_packet_gap_alarm",
+            "1 while a missing packet has been waited for longer than the gap timeout",
+            labels=stream_labels,
+        )
         for s in stats["streams"]:
             key = values + [str(s["shard"]), str(s["num_shards"])]
             watermark.add_metric(key, s["watermark"])

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from embedding_server.modelroot import checkpoint
-from embedding_server.modelroot.packets import CHECKPOINTS_DIR, INCREMENTAL_DIR, encode_packet, packet_name, parse_packet_name
+from embedding_server.modelroot.packets import (
+    CHECKPOINTS_DIR,
+    INCREMENTAL_DIR,
+    encode_packet,
+    packet_name,
+    parse_packet_name,
+)
 from embedding_server.storage.base import Storage, StorageError
 from embedding_server.storage.urls import open_storage
 from embedding_server.store.store import EmbeddingStore, TableRows, last_occurrences
@@ -83,7 +89,7 @@ class PacketPublisher:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "PacketPublisher":
+    def start(self) -> PacketPublisher:
         """Flush in a background thread from now on; the store wakes it when its buffer fills."""
         self.store.change_listener = self._on_change
         self._thread = threading.Thread(target=self._run, name=f"packets-shard{self.store.shard_index}", daemon=True)
@@ -131,8 +137,13 @@ class PacketPublisher:
             if not tables:
                 return self.last_seq
             seq = self.last_seq + 1
-            data = encode_packet(tables, shard=self.store.shard_index, num_shards=self.store.num_shards, seq=seq,
-                                 fingerprint=self.store.config.fingerprint())
+            data = encode_packet(
+                tables,
+                shard=self.store.shard_index,
+                num_shards=self.store.num_shards,
+                seq=seq,
+                fingerprint=self.store.config.fingerprint(),
+            )
             try:
                 self.storage.write_atomic(packet_name(seq), data)
             except Exception:
@@ -147,9 +158,13 @@ class PacketPublisher:
             return seq
 
     def stats(self) -> dict[str, int]:
-        return {"last_seq": self.last_seq, "packets_published": self.packets_published,
-                "rows_published": self.rows_published, "publish_failures": self.failures,
-                "pending_rows": self.store.pending_changes + sum(t.ids.shape[0] for t in self._retry)}
+        return {
+            "last_seq": self.last_seq,
+            "packets_published": self.packets_published,
+            "rows_published": self.rows_published,
+            "publish_failures": self.failures,
+            "pending_rows": self.store.pending_changes + sum(t.ids.shape[0] for t in self._retry),
+        }
 
 
 def merge_newest(older: list[TableRows], newer: list[TableRows]) -> list[TableRows]:

@@ -24,19 +24,18 @@ Example:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from embedding_server.store import kernels
 from embedding_server.core.batch import KeyedIds, SparseFeature, check_batch
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig, SlotConfig
-from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import SparseOptimizer
-from embedding_server.store.store import EmbeddingStore, TableRows, unique_keys
+from embedding_server.store import kernels
+from embedding_server.store.store import EmbeddingStore, unique_keys
 
 _NO_WEIGHTS = np.zeros(0, np.float32)
 _MAX_PLANS = 64  # feature lists whose lookup plan a client keeps (see EmbeddingClient._plan)
@@ -178,7 +177,12 @@ class EmbeddingClient(abc.ABC):
                 part = KeyedIds.from_features([_hash_stacked(f, slot) for f, slot in zip(part, group.slots)])
             ids = part.ids
             tables = np.repeat(group.tables, part.counts)
-            if not requires_grad and group.all_pooled and ids.shape[0] == part.lengths.size and (part.lengths == 1).all():
+            if (
+                not requires_grad
+                and group.all_pooled
+                and ids.shape[0] == part.lengths.size
+                and (part.lengths == 1).all()
+            ):
                 # Every sample of every feature pools exactly one row: the pooled result is that
                 # row (sum of one; mean and sqrt scaling divide by 1), so key i's vector is row i
                 # of the answer and feature k is the k-th block of batch_size rows.
@@ -190,10 +194,16 @@ class EmbeddingClient(abc.ABC):
             if not requires_grad and group.all_pooled:
                 # Serving: pool in one compiled pass; each feature is a view of the result.
                 lengths = part.lengths.reshape(-1)
-                weights = _fill_weights([(part.lengths[k], slot) for k, slot in enumerate(group.slots)]) if group.scaled else None
+                weights = (
+                    _fill_weights([(part.lengths[k], slot) for k, slot in enumerate(group.slots)])
+                    if group.scaled
+                    else None
+                )
                 bags = np.empty((lengths.shape[0], group.dim), np.float32)
                 kernels.pool_bags(values, inverse, lengths, _NO_WEIGHTS if weights is None else weights.numpy(), bags)
-                result.embeddings.update(zip(group.names, torch.from_numpy(bags).view(len(group.names), batch_size, group.dim).unbind(0)))
+                result.embeddings.update(
+                    zip(group.names, torch.from_numpy(bags).view(len(group.names), batch_size, group.dim).unbind(0))
+                )
                 continue
             # Rows decoded straight from a gRPC buffer are read-only; torch needs its own copy.
             rows = torch.from_numpy(values if values.flags.writeable else values.copy())
@@ -203,7 +213,7 @@ class EmbeddingClient(abc.ABC):
             result.embeddings.update(_assemble(group, part, torch.from_numpy(inverse), rows))
         return result
 
-    def _plan(self, names: tuple[str, ...]) -> list["_DimGroup"]:
+    def _plan(self, names: tuple[str, ...]) -> list[_DimGroup]:
         """The features of each dim, resolved once per feature list (serving sends the same
         list every request; per-feature Python work cost more than the lookup itself)."""
         plan = self._plans.get(names)
@@ -274,18 +284,24 @@ class _DimGroup:
     stacked: bool  # some feature has hash stacking
 
     @classmethod
-    def of(cls, config: EmbeddingConfig, dim: int, names: list[str]) -> "_DimGroup":
+    def of(cls, config: EmbeddingConfig, dim: int, names: list[str]) -> _DimGroup:
         slots = tuple(config.slots_config[n] for n in names)
         pooled = [k for k, slot in enumerate(slots) if slot.embedding_summation]
         return cls(
-            dim, tuple(names), slots, np.array([config.table_of(n).index for n in names], np.uint16),
-            np.array(pooled, np.int64), len(pooled) == len(slots),
+            dim,
+            tuple(names),
+            slots,
+            np.array([config.table_of(n).index for n in names], np.uint16),
+            np.array(pooled, np.int64),
+            len(pooled) == len(slots),
             any(slots[k].mean_scaling or slots[k].sqrt_scaling for k in pooled),
             any(slot.hash_stack_config is not None for slot in slots),
         )
 
 
-def _assemble(group: _DimGroup, part: KeyedIds, inverse: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor | RawEmbedding]:
+def _assemble(
+    group: _DimGroup, part: KeyedIds, inverse: torch.Tensor, rows: torch.Tensor
+) -> dict[str, torch.Tensor | RawEmbedding]:
     """Pool (or lay out) each feature's rows. All pooled features go through one pooling call
     on their concatenated keys (``inverse`` holds each key's row in ``rows``, features in
     order); the per-feature work is only for raw slots."""
@@ -294,18 +310,27 @@ def _assemble(group: _DimGroup, part: KeyedIds, inverse: torch.Tensor, rows: tor
     for k, slot in enumerate(group.slots):
         if not slot.embedding_summation:
             out[group.names[k]] = _raw(
-                inverse[bounds[k] : bounds[k + 1]], torch.from_numpy(part.offsets[k]), rows, slot.sample_fixed_size, batch_size, group.dim
+                inverse[bounds[k] : bounds[k + 1]],
+                torch.from_numpy(part.offsets[k]),
+                rows,
+                slot.sample_fixed_size,
+                batch_size,
+                group.dim,
             )
     if group.pooled.shape[0]:
         idx = inverse if group.all_pooled else torch.cat([inverse[bounds[k] : bounds[k + 1]] for k in group.pooled])
         lengths = part.lengths if group.all_pooled else part.lengths[group.pooled]
-        weights = _fill_weights([(lengths[i], group.slots[k]) for i, k in enumerate(group.pooled)]) if group.scaled else None
+        weights = (
+            _fill_weights([(lengths[i], group.slots[k]) for i, k in enumerate(group.pooled)]) if group.scaled else None
+        )
         bags = _pool(idx, lengths.reshape(-1), weights, rows, group.dim)
         out.update(zip((group.names[k] for k in group.pooled), bags.split(batch_size)))
     return out
 
 
-def _pool(idx: torch.Tensor, lengths: np.ndarray, weights: torch.Tensor | None, rows: torch.Tensor, dim: int) -> torch.Tensor:
+def _pool(
+    idx: torch.Tensor, lengths: np.ndarray, weights: torch.Tensor | None, rows: torch.Tensor, dim: int
+) -> torch.Tensor:
     """``[bags, dim]``: bag ``j`` sums the rows of its ``lengths[j]`` keys (``idx`` holds each
     key's row in ``rows``, bags in order), each times its ``weights`` entry when given (mean and
     sqrt scaling weigh the one id of a bag by 1, so bags of at most one id need none)."""
@@ -351,10 +376,14 @@ def _fill_weights(parts: list[tuple[np.ndarray, SlotConfig]]) -> torch.Tensor | 
     weights = [_bag_weights(lengths, slot) for lengths, slot in parts]
     if all(w is None for w in weights):
         return None
-    return torch.cat([w if w is not None else torch.ones(int(lengths.sum())) for w, (lengths, _) in zip(weights, parts)])
+    return torch.cat(
+        [w if w is not None else torch.ones(int(lengths.sum())) for w, (lengths, _) in zip(weights, parts)]
+    )
 
 
-def _raw(idx: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, fixed: int, batch_size: int, dim: int) -> RawEmbedding:
+def _raw(
+    idx: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor, fixed: int, batch_size: int, dim: int
+) -> RawEmbedding:
     lengths = offsets[1:] - offsets[:-1]
     pos = torch.arange(idx.shape[0]) - torch.repeat_interleave(offsets[:-1], lengths)
     keep = pos < fixed
@@ -396,7 +425,7 @@ class InProcessEmbeddingClient(EmbeddingClient):
         for publisher in publishers:
             publisher.close()
 
-    def __enter__(self) -> "InProcessEmbeddingClient":
+    def __enter__(self) -> InProcessEmbeddingClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -427,7 +456,6 @@ class InProcessEmbeddingClient(EmbeddingClient):
 
     def dump(self, directory: str) -> None:
         from embedding_server.modelroot import checkpoint
-
         from embedding_server.modelroot.incremental import watermark_of
 
         # Publish pending rows first: the checkpoint then includes every packet up to its watermark.

@@ -108,14 +108,26 @@ class ServerGroup:
         try:
             for server in old:
                 port = server.address.rpartition(":")[2]
-                command = [port if i and server.command[i - 1] == "--port" else arg for i, arg in enumerate(server.command)]
+                command = [
+                    port if i and server.command[i - 1] == "--port" else arg for i, arg in enumerate(server.command)
+                ]
                 server.ready_file.unlink(missing_ok=True)
                 started.append((_spawn(command, server.log_path, append=True), command))
             new = []
             for server, (proc, command) in zip(old, started):
                 info = _wait_ready(proc, server.ready_file, server.log_path, timeout)
-                new.append(ServerProcess(proc, info["address"], info["metrics_port"], server.log_path,
-                                         server.shard, server.replica, command, server.ready_file))
+                new.append(
+                    ServerProcess(
+                        proc,
+                        info["address"],
+                        info["metrics_port"],
+                        server.log_path,
+                        server.shard,
+                        server.replica,
+                        command,
+                        server.ready_file,
+                    )
+                )
         except BaseException:
             for proc, _ in started:
                 _terminate(proc)
@@ -136,7 +148,7 @@ class ServerGroup:
         extra_args: list[str] | None = None,
         timeout: float = 60.0,
         replicas: int = 1,
-    ) -> "ServerGroup":
+    ) -> ServerGroup:
         """Start ``replicas`` servers of each of ``num_shards`` shards; wait until every one serves.
 
         Args:
@@ -158,10 +170,22 @@ class ServerGroup:
                 ready.unlink(missing_ok=True)
                 log_path = workdir / f"{name}.log"
                 cmd = [
-                    sys.executable, "-m", "ctrserve", "embedding-server",
-                    "--embedding-config", str(embedding_config), "--global-config", str(global_config),
-                    "--shard-index", str(i), "--num-shards", str(num_shards), "--port", "0",
-                    "--ready-file", str(ready),
+                    sys.executable,
+                    "-m",
+                    "ctrserve",
+                    "embedding-server",
+                    "--embedding-config",
+                    str(embedding_config),
+                    "--global-config",
+                    str(global_config),
+                    "--shard-index",
+                    str(i),
+                    "--num-shards",
+                    str(num_shards),
+                    "--port",
+                    "0",
+                    "--ready-file",
+                    str(ready),
                 ]
                 if mode:
                     cmd += ["--mode", mode]
@@ -171,7 +195,9 @@ class ServerGroup:
                 pending.append((_spawn(cmd, log_path), ready, log_path, i, r, cmd))
             for proc, ready, log_path, i, r, cmd in pending:
                 info = _wait_ready(proc, ready, log_path, timeout)
-                group.servers.append(ServerProcess(proc, info["address"], info["metrics_port"], log_path, i, r, cmd, ready))
+                group.servers.append(
+                    ServerProcess(proc, info["address"], info["metrics_port"], log_path, i, r, cmd, ready)
+                )
         except BaseException:
             for proc, *_ in pending:
                 _terminate(proc)
@@ -185,7 +211,7 @@ class ServerGroup:
                 s.process.send_signal(signal.SIGTERM)
         return [_terminate(s.process, timeout, signalled=True) for s in self.servers]
 
-    def __enter__(self) -> "ServerGroup":
+    def __enter__(self) -> ServerGroup:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -44,14 +44,14 @@ import stat
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
 
-from embedding_server.rpc import wire
 from embedding_server.core.errors import ConfigError
+from embedding_server.rpc import wire
 
 log = logging.getLogger("ctrserve.local_lookup")
 
@@ -191,7 +191,7 @@ class LocalLookupServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
-    def start(self) -> "LocalLookupServer":
+    def start(self) -> LocalLookupServer:
         if len(os.fsencode(self.path)) > MAX_PATH_BYTES:
             raise ConfigError(f"local lookup socket path {self.path!r} is longer than {MAX_PATH_BYTES} bytes")
         _remove_stale(self.path)
@@ -341,7 +341,7 @@ class LocalLookupChannel:
         self._closed = False
 
     @classmethod
-    def attach(cls, path: str, instance_id: str, token: str | None) -> tuple["LocalLookupChannel | None", str]:
+    def attach(cls, path: str, instance_id: str, token: str | None) -> tuple[LocalLookupChannel | None, str]:
         """(channel, "") when ``path`` answers HELLO with ``instance_id``, else (None, why not)."""
         channel = cls(path, instance_id, token)
         try:
@@ -358,9 +358,11 @@ class LocalLookupChannel:
             frame = read_frame(conn, wire.MAX_MESSAGE_BYTES)
             if frame is None:
                 raise FrameError("the server closed the connection")
-        except socket.timeout:
+        except TimeoutError:
             conn.close()
-            raise LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"local socket {self.path}: no answer within {timeout} s") from None
+            raise LocalRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"local socket {self.path}: no answer within {timeout} s"
+            ) from None
         except (OSError, FrameError) as exc:
             conn.close()
             raise LocalRpcError(grpc.StatusCode.UNAVAILABLE, f"local socket {self.path}: {exc}") from None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -32,13 +32,22 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         names = list(labels)
         self._labels = labels
-        self._requests = Counter("ctrserve_embedding_requests", "RPCs served", names + ["method"], registry=self.registry)
-        self._errors = Counter("ctrserve_embedding_errors", "RPCs that failed", names + ["method", "code"], registry=self.registry)
+        self._requests = Counter(
+            "ctrserve_embedding_requests", "RPCs served", names + ["method"], registry=self.registry
+        )
+        self._errors = Counter(
+            "ctrserve_embedding_errors", "RPCs that failed", names + ["method", "code"], registry=self.registry
+        )
         self._latency = Histogram(
-            "ctrserve_embedding_request_seconds", "RPC latency", names + ["method"], buckets=_LATENCY_BUCKETS,
+            "ctrserve_embedding_request_seconds",
+            "RPC latency",
+            names + ["method"],
+            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._keys = Counter("ctrserve_embedding_keys", "keys looked up or updated", names + ["method"], registry=self.registry)
+        self._keys = Counter(
+            "ctrserve_embedding_keys", "keys looked up or updated", names + ["method"], registry=self.registry
+        )
         self._recent: dict[str, deque] = {}
         self._method_children: dict[str, tuple] = {}
         self._counts: dict[str, list[int]] = {}

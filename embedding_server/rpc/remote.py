@@ -36,19 +36,19 @@ from __future__ import annotations
 import json
 import queue
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_server.modelroot import checkpoint
-
-from embedding_server.rpc import wire
-from embedding_server.rpc.client import EmbeddingClient
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
-from embedding_server.rpc.local_lookup import LocalLookupChannel, LocalRpcError
 from embedding_server.core.optimizers import SparseOptimizer
+from embedding_server.modelroot import checkpoint
+from embedding_server.rpc import wire
+from embedding_server.rpc.client import EmbeddingClient
+from embedding_server.rpc.local_lookup import LocalLookupChannel, LocalRpcError
 from embedding_server.rpc.replicas import Addresses, HealthProber, Replica, ReplicaSet, log, normalize_addresses
 from embedding_server.rpc.security import ClientSecurity, make_channel
 from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME
@@ -64,11 +64,17 @@ RECONNECT_OPTIONS = [
 START_GRACE_S = 0.5
 # Failures that say "this replica cannot answer now": try another one. INVALID_ARGUMENT (the
 # request's fault) and UNAUTHENTICATED/PERMISSION_DENIED (the client's) are never retried.
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 # Of those, the ones that mark the replica down until a health probe says it is back.
 MARKS_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -130,7 +136,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
         self._prober.stop()
         self._close_channels()
 
-    def __enter__(self) -> "RemoteEmbeddingClient":
+    def __enter__(self) -> RemoteEmbeddingClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,15 +233,21 @@ class RemoteEmbeddingClient(EmbeddingClient):
             log.debug("embedding shard %d: %s: lookups stay on gRPC: %s", replica.shard, replica.address, problem)
             return
         replica.local = channel
-        log.info("embedding shard %d: %s: lookups over its local socket %s", replica.shard, replica.address, channel.path)
+        log.info(
+            "embedding shard %d: %s: lookups over its local socket %s", replica.shard, replica.address, channel.path
+        )
 
     def _detach_local(self, replica: Replica, error: LocalRpcError) -> None:
         channel, replica.local = replica.local, None
         if channel is not None:
             channel.close()
             self._reattach.add(replica)
-            log.warning("embedding shard %d: %s: local socket failed (%s); lookups go over gRPC",
-                        replica.shard, replica.address, error.details())
+            log.warning(
+                "embedding shard %d: %s: local socket failed (%s); lookups go over gRPC",
+                replica.shard,
+                replica.address,
+                error.details(),
+            )
 
     def _reattach_local(self) -> None:
         """After a probe round: ask each up replica whose local socket broke for its Info again
@@ -301,14 +313,18 @@ class RemoteEmbeddingClient(EmbeddingClient):
     def _attempt_timeout(self, shard: int) -> float:
         return self.attempt_timeout or self.timeout / len(self.addresses[shard])
 
-    def _start(self, shard: int, send: Callable[[Replica, float], grpc.Future], timeout: float | None = None) -> "_ShardCall":
+    def _start(
+        self, shard: int, send: Callable[[Replica, float], grpc.Future], timeout: float | None = None
+    ) -> _ShardCall:
         """Send one request to ``shard``; the returned call fails over to other replicas."""
         limit = self.timeout if timeout is None else timeout
         return _ShardCall(self, shard, send, time.monotonic() + limit).start()
 
     def _read(self, method: str, shard: int, request: Any, timeout: float | None = None) -> Any:
         """Call ``method`` on one replica of ``shard``, failing over to the others."""
-        return self._start(shard, lambda r, t: getattr(r.stubs["service"], method).future(request, timeout=t), timeout).result()
+        return self._start(
+            shard, lambda r, t: getattr(r.stubs["service"], method).future(request, timeout=t), timeout
+        ).result()
 
     def _broadcast(self, method: str, shard: int, request: Any, timeout: float | None = None) -> list[Any]:
         """Call ``method`` on every replica of ``shard`` (writes); all must succeed.
@@ -318,7 +334,9 @@ class RemoteEmbeddingClient(EmbeddingClient):
             InvalidRequestError: a replica refused the request.
         """
         replicas = self.replica_sets[shard].replicas
-        calls = [(r, getattr(r.stubs["service"], method).future(request, timeout=timeout or self.timeout)) for r in replicas]
+        calls = [
+            (r, getattr(r.stubs["service"], method).future(request, timeout=timeout or self.timeout)) for r in replicas
+        ]
         out = []
         for replica, future in calls:
             try:
@@ -374,7 +392,9 @@ class RemoteEmbeddingClient(EmbeddingClient):
     def _push_shards(self, requests):
         for s, ids, tables, grads in requests:
             request = pb.PushGradientsRequest(
-                ids=wire.encode(ids, wire.IDS), tables=wire.encode(tables, wire.TABLES), grads=wire.encode(grads, wire.VALUES)
+                ids=wire.encode(ids, wire.IDS),
+                tables=wire.encode(tables, wire.TABLES),
+                grads=wire.encode(grads, wire.VALUES),
             )
             self._broadcast("PushGradients", s, request)
 
@@ -389,8 +409,16 @@ class RemoteEmbeddingClient(EmbeddingClient):
         """Per shard, ``{"address", "up", "reason", "outstanding", "transport"}`` of each replica
         (``transport``: "local" when its lookups go over its local socket, else "grpc")."""
         return [
-            [{"address": r.address, "up": r.up, "reason": r.reason, "outstanding": r.outstanding,
-              "transport": "local" if r.local is not None else "grpc"} for r in rs.replicas]
+            [
+                {
+                    "address": r.address,
+                    "up": r.up,
+                    "reason": r.reason,
+                    "outstanding": r.outstanding,
+                    "transport": "local" if r.local is not None else "grpc",
+                }
+                for r in rs.replicas
+            ]
             for rs in self.replica_sets
         ]
 
@@ -406,11 +434,20 @@ class RemoteEmbeddingClient(EmbeddingClient):
                 {
                     "address": call.replica.address,
                     "replicas": states[s],
-                    "rows": r.rows, "capacity": r.capacity, "hits": r.hits, "misses": r.misses,
-                    "evictions": r.evictions, "inserts": r.inserts,
+                    "rows": r.rows,
+                    "capacity": r.capacity,
+                    "hits": r.hits,
+                    "misses": r.misses,
+                    "evictions": r.evictions,
+                    "inserts": r.inserts,
                     "methods": [
-                        {"method": m.method, "requests": m.requests, "errors": m.errors,
-                         "latency_p50_ms": m.latency_p50_ms, "latency_p99_ms": m.latency_p99_ms}
+                        {
+                            "method": m.method,
+                            "requests": m.requests,
+                            "errors": m.errors,
+                            "latency_p50_ms": m.latency_p50_ms,
+                            "latency_p99_ms": m.latency_p99_ms,
+                        }
                         for m in r.methods
                     ],
                     # An infer-mode server following a model root: its watermarks and freshness.
@@ -425,7 +462,12 @@ class RemoteEmbeddingClient(EmbeddingClient):
         """Every shard's rows from one replica each (replicas hold the same rows)."""
         request = pb.DumpRequest(directory=directory)
         calls = [
-            (s, self._start(s, lambda r, t: r.stubs["service"].Dump.future(request, timeout=None), timeout=float("inf")))
+            (
+                s,
+                self._start(
+                    s, lambda r, t: r.stubs["service"].Dump.future(request, timeout=None), timeout=float("inf")
+                ),
+            )
             for s in range(self.num_shards)
         ]
         files, rows, watermark = [], 0, {}
@@ -454,8 +496,13 @@ class _ShardCall:
         deadline: ``time.monotonic()`` after which no replica is tried any more.
     """
 
-    def __init__(self, client: RemoteEmbeddingClient, shard: int, send: Callable[[Replica, float | None], grpc.Future],
-                 deadline: float):
+    def __init__(
+        self,
+        client: RemoteEmbeddingClient,
+        shard: int,
+        send: Callable[[Replica, float | None], grpc.Future],
+        deadline: float,
+    ):
         self.client = client
         self.shard = shard
         self.replica_set = client.replica_sets[shard]
@@ -466,7 +513,7 @@ class _ShardCall:
         self._next = iter(self.replica_set.candidates())
         self._failures: list[str] = []
 
-    def start(self) -> "_ShardCall":
+    def start(self) -> _ShardCall:
         if not self._try_next():
             raise self._unavailable()
         return self
@@ -525,7 +572,7 @@ class _Completed:
         self._value, self._error = value, error
 
     @classmethod
-    def call(cls, method: Any, request: Any, timeout: float | None) -> "_Completed":
+    def call(cls, method: Any, request: Any, timeout: float | None) -> _Completed:
         try:
             return cls(method(request, timeout=timeout))
         except grpc.RpcError as exc:
@@ -536,7 +583,7 @@ class _Completed:
             raise self._error
         return self._value
 
-    def add_done_callback(self, fn: Callable[["_Completed"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[_Completed], None]) -> None:
         fn(self)
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -71,8 +72,7 @@ def normalize_addresses(addresses: Addresses) -> list[list[str]]:
         bad = [r for r in replicas if not is_address(r)]
         if not replicas or bad:
             raise ConfigError(
-                f"embedding servers: shard {i} must be 'host:port' replicas separated by '{REPLICA_SEP}', "
-                f"got {item!r}"
+                f"embedding servers: shard {i} must be 'host:port' replicas separated by '{REPLICA_SEP}', got {item!r}"
             )
         shards.append(replicas)
     if not shards:
@@ -148,8 +148,12 @@ class ReplicaSet:
             self._turn = (self._turn + 1) % n
             ranked = sorted(
                 range(n),
-                key=lambda i: (not self.replicas[i].up, self.replicas[i].outstanding, self.replicas[i].local is None,
-                               (i - self._turn) % n),
+                key=lambda i: (
+                    not self.replicas[i].up,
+                    self.replicas[i].outstanding,
+                    self.replicas[i].local is None,
+                    (i - self._turn) % n,
+                ),
             )
             return [self.replicas[i] for i in ranked if self.replicas[i].up or self.replicas[i].validated]
 
@@ -198,8 +202,13 @@ class HealthProber:
         after_round: called after each round (it must not raise), for the client's other upkeep.
     """
 
-    def __init__(self, sets: Sequence[ReplicaSet], probe: Callable[[Replica], str | None], interval: float,
-                 after_round: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        sets: Sequence[ReplicaSet],
+        probe: Callable[[Replica], str | None],
+        interval: float,
+        after_round: Callable[[], None] | None = None,
+    ):
         self.sets = list(sets)
         self.probe = probe
         self.interval = interval
@@ -207,7 +216,7 @@ class HealthProber:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedding-health-prober", daemon=True)
 
-    def start(self) -> "HealthProber":
+    def start(self) -> HealthProber:
         self._thread.start()
         return self
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -73,8 +74,9 @@ def check_token(token: str, source: str) -> str:
     return token
 
 
-def resolve_token(token_file: str | None, token_env: str | None = TOKEN_ENV,
-                  environ: Mapping[str, str] = os.environ) -> str | None:
+def resolve_token(
+    token_file: str | None, token_env: str | None = TOKEN_ENV, environ: Mapping[str, str] = os.environ
+) -> str | None:
     """The token from ``token_file``, else from ``$token_env``, else from
     ``$CTRSERVE_EMBEDDING_TOKEN_FILE``; None when none is set.
 
@@ -134,11 +136,13 @@ class ServerSecurity:
             check_token(self.token, "security token")
 
     def __repr__(self) -> str:  # never print the token
-        return (f"ServerSecurity(tls={self.tls}, mutual_tls={bool(self.tls_client_ca_file)}, "
-                f"token={'set' if self.token else 'none'})")
+        return (
+            f"ServerSecurity(tls={self.tls}, mutual_tls={bool(self.tls_client_ca_file)}, "
+            f"token={'set' if self.token else 'none'})"
+        )
 
     @classmethod
-    def from_settings(cls, settings: Any, environ: Mapping[str, str] = os.environ) -> "ServerSecurity":
+    def from_settings(cls, settings: Any, environ: Mapping[str, str] = os.environ) -> ServerSecurity:
         """From a ``security`` config section (:class:`~embedding_server.core.config.SecurityConfig`
         or anything with the same attributes); the token comes from its file or environment variable.
 
@@ -209,7 +213,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         value = values[0] if isinstance(values[0], str) else values[0].decode(errors="replace")
         if len(values) > 1 or not value.lower().startswith(_BEARER):
             return "malformed 'authorization' metadata: expected exactly one 'Bearer <token>'"
-        if not hmac.compare_digest(value[len(_BEARER):].strip().encode(), self._expected):
+        if not hmac.compare_digest(value[len(_BEARER) :].strip().encode(), self._expected):
             return "wrong token in 'authorization' metadata"
         return None
 
@@ -250,15 +254,19 @@ class ClientSecurity:
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ConfigError("client security: tls_cert_file and tls_key_file go together (the client's certificate and key)")
+            raise ConfigError(
+                "client security: tls_cert_file and tls_key_file go together (the client's certificate and key)"
+            )
         if (self.tls_cert_file or self.tls_server_name) and not self.tls_ca_file:
             raise ConfigError("client security: a client certificate or tls_server_name needs tls_ca_file (TLS)")
         if self.token is not None:
             check_token(self.token, "client token")
 
     def __repr__(self) -> str:  # never print the token
-        return (f"ClientSecurity(tls={self.tls}, client_cert={bool(self.tls_cert_file)}, "
-                f"token={'set' if self.token else 'none'})")
+        return (
+            f"ClientSecurity(tls={self.tls}, client_cert={bool(self.tls_cert_file)}, "
+            f"token={'set' if self.token else 'none'})"
+        )
 
     @property
     def tls(self) -> bool:
@@ -287,7 +295,9 @@ class ClientSecurity:
         return channel
 
 
-def make_channel(address: str, options: Sequence[tuple[str, Any]] = (), security: ClientSecurity | None = None) -> grpc.Channel:
+def make_channel(
+    address: str, options: Sequence[tuple[str, Any]] = (), security: ClientSecurity | None = None
+) -> grpc.Channel:
     """A channel to an embedding server: plain text without ``security``, else as it says."""
     if security is None:
         return grpc.insecure_channel(address, options=list(options))
@@ -302,8 +312,14 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"] + [self._entry]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._with_token(client_call_details), request)

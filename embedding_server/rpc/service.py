@@ -17,23 +17,22 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from embedding_server.modelroot import checkpoint
-
-from embedding_server.rpc import wire
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError
+from embedding_server.core.optimizers import optimizer_from_dict
+from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
 from embedding_server.modelroot.incremental import PacketPublisher
+from embedding_server.rpc import wire
 from embedding_server.rpc.local_lookup import LocalLookupServer, default_socket_path
 from embedding_server.rpc.metrics import ServerMetrics
-from embedding_server.core.optimizers import optimizer_from_dict
 from embedding_server.rpc.security import ServerSecurity
 from embedding_server.storage.base import StorageError
 from embedding_server.store.store import EmbeddingStore
@@ -106,7 +105,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def Lookup(self, request, context):
         """Returns the serialized LookupResponse (see :func:`add_servicer`)."""
-        return self._call("Lookup", context, lambda: self.lookup_message(request.ids, request.tables), len(request.ids) // 8)
+        return self._call(
+            "Lookup", context, lambda: self.lookup_message(request.ids, request.tables), len(request.ids) // 8
+        )
 
     def PushGradients(self, request, context):
         def run():
@@ -257,8 +258,11 @@ def start_server(
     store = EmbeddingStore(config, global_config, shard_index, num_shards)
     store.warm_up()
     metrics = ServerMetrics({"shard": str(shard_index)}, store.counters)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(global_config),
-                         interceptors=security.interceptors())
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=server_options(global_config),
+        interceptors=security.interceptors(),
+    )
     # Train mode with incremental updates: changed rows go out as packets of this shard.
     publisher = PacketPublisher(store).start() if store.tracks_changes else None
     servicer = EmbeddingServicer(store, metrics, publisher)
@@ -267,7 +271,9 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if local_socket is not None:
         path = default_socket_path(shard_index) if local_socket == "auto" else local_socket
-        servicer.local = LocalLookupServer(path, servicer.answer_local, security.token, global_config.server.max_request_bytes)
+        servicer.local = LocalLookupServer(
+            path, servicer.answer_local, security.token, global_config.server.max_request_bytes
+        )
     try:
         bound = security.add_port(server, f"{host}:{port}")
     except RuntimeError as exc:
@@ -277,8 +283,14 @@ def start_server(
     _warn_if_exposed(host, security)
     follower = None
     if model_root is not None:
-        follower = ModelRootFollower(store, model_root, follow_options, storage_options=global_config.server.storage,
-                                     registry=metrics.registry, labels={"shard": str(shard_index)})
+        follower = ModelRootFollower(
+            store,
+            model_root,
+            follow_options,
+            storage_options=global_config.server.storage,
+            registry=metrics.registry,
+            labels={"shard": str(shard_index)},
+        )
         servicer.follower = follower
         try:
             follower.start().wait_synced()  # the first lookup already sees the newest state
@@ -307,13 +319,28 @@ def start_server(
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "embedding server shard %d/%d (%s mode, capacity %d rows) listening on %s:%d (%s)%s%s",
-        shard_index, num_shards, store.mode, store.capacity, host, bound, _describe(security),
+        shard_index,
+        num_shards,
+        store.mode,
+        store.capacity,
+        host,
+        bound,
+        _describe(security),
         f", local lookups on {servicer.local.path}" if servicer.local else "",
         f", metrics on http://{host}:{bound_metrics}/metrics" if bound_metrics else "",
     )
-    return RunningServer(server, health_servicer, store, metrics, host, bound, bound_metrics, publisher, follower=follower,
-                         local=servicer.local)
-
+    return RunningServer(
+        server,
+        health_servicer,
+        store,
+        metrics,
+        host,
+        bound,
+        bound_metrics,
+        publisher,
+        follower=follower,
+        local=servicer.local,
+    )
 
 
 def server_options(global_config: GlobalConfig) -> list[tuple[str, int]]:
@@ -338,5 +365,6 @@ def _warn_if_exposed(host: str, security: ServerSecurity) -> None:
     log.warning(
         "embedding server bound to %s with %s: other machines can reach it; set the global config's "
         "'security' section (TLS certificate and a token file) in production, see deploy/production/",
-        host, _describe(security),
+        host,
+        _describe(security),
     )

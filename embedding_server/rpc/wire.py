@@ -106,8 +106,12 @@ def encode_lookup_request(ids: np.ndarray, tables: np.ndarray) -> bytes:
     table_array = np.ascontiguousarray(tables, dtype=TABLES)
     return b"".join(
         (
-            bytes([_REQUEST_IDS]), _varint(id_array.nbytes), memoryview(id_array).cast("B"),
-            bytes([_REQUEST_TABLES]), _varint(table_array.nbytes), memoryview(table_array).cast("B"),
+            bytes([_REQUEST_IDS]),
+            _varint(id_array.nbytes),
+            memoryview(id_array).cast("B"),
+            bytes([_REQUEST_TABLES]),
+            _varint(table_array.nbytes),
+            memoryview(table_array).cast("B"),
         )
     )
 

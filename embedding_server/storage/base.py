@@ -38,13 +38,13 @@ import os
 import shutil
 import stat as stat_module
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
-
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ class StorageOptions:
                 raise StorageError(f"storage option {f.name}: expected a string, got {value!r}")
         for name in ("connect_timeout_s", "request_timeout_s"):
             timeout = getattr(self, name)
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            if (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, (int, float))
+                or not math.isfinite(timeout)
+                or timeout <= 0
+            ):
                 raise StorageError(f"storage option {name}: expected a positive number of seconds, got {timeout!r}")
         attempts = self.max_attempts
         if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 20:
@@ -131,7 +136,7 @@ class StorageOptions:
             _check_endpoint(self.endpoint)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None) -> "StorageOptions":
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None) -> StorageOptions:
         """Options from a mapping (e.g. the ``storage`` section of ``global_config.yml``).
 
         Args:
@@ -150,7 +155,9 @@ class StorageOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
-            raise StorageError(f"{subject}: unknown option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}")
+            raise StorageError(
+                f"{subject}: unknown option(s) {', '.join(unknown)}; known options are {', '.join(sorted(known))}"
+            )
         values = dict(data)
         for name in ("connect_timeout_s", "request_timeout_s"):
             if isinstance(values.get(name), int) and not isinstance(values[name], bool):
@@ -162,7 +169,7 @@ class StorageOptions:
                 raise
             raise StorageError(f"{where}: {exc}") from None
 
-    def with_env(self, environ: Mapping[str, str] | None = None) -> "StorageOptions":
+    def with_env(self, environ: Mapping[str, str] | None = None) -> StorageOptions:
         """A copy with every empty string option filled from the environment (see ENV_FALLBACKS).
 
         Args:
@@ -178,7 +185,7 @@ class StorageOptions:
             if getattr(self, name) or variable is None:
                 continue
             value = env[variable]
-            updates[name] = value[len("FILE:"):] if name == "kerb_ticket" and value.startswith("FILE:") else value
+            updates[name] = value[len("FILE:") :] if name == "kerb_ticket" and value.startswith("FILE:") else value
             sources.append(variable)
         try:
             return dataclasses.replace(self, **updates)
@@ -197,7 +204,7 @@ def _check_endpoint(endpoint: str) -> None:
         problem = "it must be only scheme://host[:port], with no path, query or credentials"
     else:
         try:
-            parsed.port
+            _ = parsed.port
         except ValueError:
             problem = "its port is not a number from 0 to 65535"
     if problem:
@@ -313,7 +320,7 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def child(self, path: str) -> "Storage":
+    def child(self, path: str) -> Storage:
         """A storage rooted at ``path`` below this one, with the same connection settings.
 
         Raises:
@@ -466,5 +473,5 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"{self._where(path)}: delete failed: {exc}") from exc
 
-    def child(self, path: str) -> "LocalStorage":
+    def child(self, path: str) -> LocalStorage:
         return LocalStorage(self.join_url(path))

@@ -35,8 +35,8 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -113,7 +113,7 @@ class ArrowStorage(Storage):
             raise StorageError(f"{self.url}: a file path below the storage root is needed, not the root itself")
         return self._key(path)
 
-    def child(self, path: str) -> "ArrowStorage":
+    def child(self, path: str) -> ArrowStorage:
         return type(self)(self.join_url(path), self._conn, self._key(path))
 
     # -- errors ------------------------------------------------------------------------------
@@ -163,7 +163,9 @@ class ArrowStorage(Storage):
     def read_bytes(self, path: str, max_bytes: int | None = None) -> bytes:
         data, size, _ = self._read_once(path, max_bytes)
         if len(data) != size:
-            raise StorageError(f"{self._where(path)}: read {len(data)} bytes of a {size}-byte file; it changed while being read")
+            raise StorageError(
+                f"{self._where(path)}: read {len(data)} bytes of a {size}-byte file; it changed while being read"
+            )
         return data
 
     def _read_once(self, path: str, max_bytes: int | None) -> tuple[bytes, int, dict]:
@@ -198,7 +200,7 @@ class ArrowStorage(Storage):
         prefix = key.rstrip("/") + "/"
         # Entries are the root's paths plus a name; a backend that answers fully qualified
         # paths (hdfs://host:port/...) gets its last component taken instead.
-        names = [info.path[len(prefix):] if info.path.startswith(prefix) else info.base_name for info in infos]
+        names = [info.path[len(prefix) :] if info.path.startswith(prefix) else info.base_name for info in infos]
         return plain_names(self._where(path), names)
 
     def stat(self, path: str) -> StorageStat:
@@ -230,7 +232,7 @@ class S3Storage(ArrowStorage):
     """Objects under ``s3://bucket/prefix`` on an S3 service (Ceph's RADOS Gateway, AWS, ...)."""
 
     @classmethod
-    def open(cls, url: str, options: StorageOptions) -> "S3Storage":
+    def open(cls, url: str, options: StorageOptions) -> S3Storage:
         """Parse ``url`` and connect with ``options`` (no request is sent yet).
 
         Args:
@@ -341,8 +343,10 @@ class S3Storage(ArrowStorage):
         code = match.group(1) if match else ""
         conn = self._conn
         if code in _ACCESS_ERRORS:
-            reason = (f"access denied by {conn.describe}: the access key '{conn.access_key}' or its secret key is "
-                      f"wrong, or the user may not use bucket '{conn.bucket}'")
+            reason = (
+                f"access denied by {conn.describe}: the access key '{conn.access_key}' or its secret key is "
+                f"wrong, or the user may not use bucket '{conn.bucket}'"
+            )
         elif code == "NO_SUCH_BUCKET":
             reason = f"bucket '{conn.bucket}' does not exist at {conn.describe}"
         elif code == "NETWORK_CONNECTION":
@@ -399,7 +403,7 @@ class HdfsStorage(ArrowStorage):
     """Files under ``hdfs://host:port/path`` through pyarrow's HadoopFileSystem (libhdfs)."""
 
     @classmethod
-    def open(cls, url: str, options: StorageOptions) -> "HdfsStorage":
+    def open(cls, url: str, options: StorageOptions) -> HdfsStorage:
         """Parse ``url`` and connect to the name node.
 
         Args:
@@ -421,7 +425,7 @@ class HdfsStorage(ArrowStorage):
         return cls.with_filesystem(url, filesystem)
 
     @classmethod
-    def with_filesystem(cls, url: str, filesystem: pafs.FileSystem) -> "HdfsStorage":
+    def with_filesystem(cls, url: str, filesystem: pafs.FileSystem) -> HdfsStorage:
         """The storage for ``url`` over an already connected pyarrow file system.
 
         For callers that manage the HadoopFileSystem themselves, and for tests, which pass a

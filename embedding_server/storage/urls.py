@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageOptions
 
 
 def open_storage(
-    url: "str | os.PathLike[str] | Storage",
-    options: "StorageOptions | Mapping[str, Any] | None" = None,
+    url: str | os.PathLike[str] | Storage,
+    options: StorageOptions | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> Storage:
     """The storage for a path or URL.

@@ -273,9 +273,14 @@ def _prefetch_intrinsic(for_write: bool):
             )
             i8p = ir.IntType(8).as_pointer()
             i32 = ir.IntType(32)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+            )
             # (address, 0 = read / 1 = write, locality 3 = keep in all cache levels, 1 = data)
-            builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, int(for_write)), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            builder.call(
+                fn,
+                [builder.bitcast(ptr, i8p), ir.Constant(i32, int(for_write)), ir.Constant(i32, 3), ir.Constant(i32, 1)],
+            )
             return context.get_dummy_value()
 
         return types.void(array, index), codegen
@@ -299,8 +304,12 @@ def _row_copy_intrinsic(width_of_dst: bool):
             dst_struct = context.make_array(dst_type)(context, builder, args[0])
             src_struct = context.make_array(src_type)(context, builder, args[2])
             zero = context.get_constant(types.intp, 0)
-            dst_ptr = cgutils.get_item_pointer(context, builder, dst_type, dst_struct, [args[1], zero], wraparound=False)
-            src_ptr = cgutils.get_item_pointer(context, builder, src_type, src_struct, [args[3], zero], wraparound=False)
+            dst_ptr = cgutils.get_item_pointer(
+                context, builder, dst_type, dst_struct, [args[1], zero], wraparound=False
+            )
+            src_ptr = cgutils.get_item_pointer(
+                context, builder, src_type, src_struct, [args[3], zero], wraparound=False
+            )
             width = cgutils.unpack_tuple(builder, (dst_struct if width_of_dst else src_struct).shape, 2)[1]
             itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(dst_type.dtype)))
             cgutils.raw_memcpy(builder, dst_ptr, src_ptr, builder.mul(width, itemsize), 1)
@@ -375,8 +384,23 @@ _GROUP = 64
 
 @njit(cache=True, nogil=True)
 def lookup(
-    slots, row_slot, row_tick, weights, state, meta, free, salts, dims,
-    ids, tables, start, insert, init_kind, init_params, state_init, rows,
+    slots,
+    row_slot,
+    row_tick,
+    weights,
+    state,
+    meta,
+    free,
+    salts,
+    dims,
+    ids,
+    tables,
+    start,
+    insert,
+    init_kind,
+    init_params,
+    state_init,
+    rows,
 ):
     """Find the row of every (tables[i], ids[i]), i >= start, and write it to rows[i].
 
@@ -461,7 +485,9 @@ def find_rows(slots, salts, ids, tables, out_rows):
 
 
 @njit(cache=True, nogil=True)
-def put_rows(slots, row_slot, row_tick, weights, state, meta, free, salts, dims, state_widths, ids, tables, values, states):
+def put_rows(
+    slots, row_slot, row_tick, weights, state, meta, free, salts, dims, state_widths, ids, tables, values, states
+):
     """Insert or overwrite rows with given vectors and optimizer state (checkpoint loading).
 
     The caller guarantees enough free rows; the rows count as used by the current request.
@@ -565,8 +591,24 @@ def _peek_row(meta, free, capacity, ahead):
 
 
 @njit(cache=True, nogil=True)
-def stage_rows(slots, row_slot, row_tick, weights, next_row, meta, free, salts, ids, tables, values,
-               fold_slot, fold_info, fold_old, fold_new, count):
+def stage_rows(
+    slots,
+    row_slot,
+    row_tick,
+    weights,
+    next_row,
+    meta,
+    free,
+    salts,
+    ids,
+    tables,
+    values,
+    fold_slot,
+    fold_info,
+    fold_old,
+    fold_new,
+    count,
+):
     """Write each key's value into a fresh row, invisible to lookups until the commit (see above).
 
     Appends one fold entry per distinct key from index ``count`` on (slot, final info word, old
@@ -709,8 +751,8 @@ def apply_gradients(weights, state, rows, dims, tabs, grads, kind, params, weigh
             eps = params[4]
             t = state[r, 2 * dim] + 1.0
             state[r, 2 * dim] = t
-            bc1 = 1.0 - b1 ** t
-            bc2 = 1.0 - b2 ** t
+            bc1 = 1.0 - b1**t
+            bc2 = 1.0 - b2**t
             for j in range(dim):
                 g = grads[i, j] + wd * weights[r, j]
                 m = np.float32(b1 * state[r, j] + (1.0 - b1) * g)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from collections.abc import Callable
 from errno import EINVAL, ENOSYS
-from typing import Callable
 
 import numpy as np
 
@@ -70,8 +70,9 @@ def use_huge_pages(array: np.ndarray, on: bool) -> None:
     _madvise(array.ctypes.data, _buffer_bytes(array.nbytes), _MADV_HUGEPAGE if on else _MADV_NOHUGEPAGE)
 
 
-def collapse(array: np.ndarray, start: int, end: int, chunk_bytes: int = 16 << 20,
-             stopped: Callable[[], bool] = lambda: False) -> bool:
+def collapse(
+    array: np.ndarray, start: int, end: int, chunk_bytes: int = 16 << 20, stopped: Callable[[], bool] = lambda: False
+) -> bool:
     """Move the committed memory of ``array[start:end]`` (first-axis rows, widened to whole huge
     pages) onto huge pages now, ``chunk_bytes`` per call, checking ``stopped`` between calls.
     Safe while other threads use the array (the kernel copies each 2 MiB under its page-table
@@ -93,7 +94,9 @@ def collapse(array: np.ndarray, start: int, end: int, chunk_bytes: int = 16 << 2
     # The huge pages the rows touch, in chunks that start on huge-page boundaries (the kernel
     # collapses only the whole huge pages inside the range it is given), clipped to the buffer.
     first = (base + start * row_bytes) // HUGE_PAGE * HUGE_PAGE
-    stop = min(base + _buffer_bytes(array.nbytes), -(-(base + min(end, array.shape[0]) * row_bytes) // HUGE_PAGE) * HUGE_PAGE)
+    stop = min(
+        base + _buffer_bytes(array.nbytes), -(-(base + min(end, array.shape[0]) * row_bytes) // HUGE_PAGE) * HUGE_PAGE
+    )
     for address in range(first, stop, chunk_bytes):
         if stopped():
             return False

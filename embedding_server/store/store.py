@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from embedding_server.store import kernels
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig, TableSpec
 from embedding_server.core.errors import InvalidRequestError, describe_value
-from embedding_server.store.memory import collapse, fresh_buffer, populate, use_huge_pages
 from embedding_server.core.optimizers import SGD, SparseOptimizer
+from embedding_server.store import kernels
+from embedding_server.store.memory import collapse, fresh_buffer, populate, use_huge_pages
 
 
 @dataclass
@@ -124,7 +124,8 @@ class EmbeddingStore:
         optimizer keeps the same per-row state layout (e.g. a new learning rate)."""
         with self._lock:
             if len(self) and any(
-                optimizer.state_width(t.dim) != self._optimizer.state_width(t.dim) or type(optimizer) is not type(self._optimizer)
+                optimizer.state_width(t.dim) != self._optimizer.state_width(t.dim)
+                or type(optimizer) is not type(self._optimizer)
                 for t in self._tables
             ):
                 raise InvalidRequestError(
@@ -152,7 +153,9 @@ class EmbeddingStore:
         on a small scratch store of the same tables, so that the first request or packet does
         not wait for it (seconds when compiling). A server calls this before it says ready."""
         server = dataclasses.replace(self.global_config.server, capacity=64, enable_incremental_update=False)
-        scratch = EmbeddingStore(self.config, dataclasses.replace(self.global_config, embedding_parameter_server_config=server))
+        scratch = EmbeddingStore(
+            self.config, dataclasses.replace(self.global_config, embedding_parameter_server_config=server)
+        )
         table = self._tables[0]
         width = int(scratch._state_widths[0])
         ids = np.arange(1, 41, dtype=np.uint64)
@@ -160,10 +163,16 @@ class EmbeddingStore:
         frozen_ids, frozen_tables = ids.copy(), tables.copy()  # requests arrive as read-only buffers
         frozen_ids.setflags(write=False)
         frozen_tables.setflags(write=False)
-        rows = TableRows(table, ids, np.ones((ids.shape[0], table.dim), np.float32), np.zeros((ids.shape[0], width), np.float32))
+        rows = TableRows(
+            table, ids, np.ones((ids.shape[0], table.dim), np.float32), np.zeros((ids.shape[0], width), np.float32)
+        )
         scratch.put_many([rows])  # 2 x 40 rows > 64: the one-step path
         scratch.put_many([TableRows(table, ids[:8], rows.weights[:8], rows.state[:8])])  # staged in infer mode
-        stages = (kernels.STAGE_NONE, kernels.STAGE_STAGING, kernels.STAGE_COMMITTED) if self.mode == "infer" else (kernels.STAGE_NONE,)
+        stages = (
+            (kernels.STAGE_NONE, kernels.STAGE_STAGING, kernels.STAGE_COMMITTED)
+            if self.mode == "infer"
+            else (kernels.STAGE_NONE,)
+        )
         for stage in stages:
             scratch._meta[kernels.META_STAGE] = stage
             for keys, tabs in ((ids, tables), (frozen_ids, frozen_tables)):
@@ -209,8 +218,15 @@ class EmbeddingStore:
             out = np.empty((ids.shape[0], dim), np.float32)
         elif callable(out):
             out = out(dim)
-        if out.dtype != np.float32 or out.shape != (ids.shape[0], dim) or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"out must be a writable C-contiguous float32 array of shape {(ids.shape[0], dim)}, got {describe_value(out)}")
+        if (
+            out.dtype != np.float32
+            or out.shape != (ids.shape[0], dim)
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+        ):
+            raise ValueError(
+                f"out must be a writable C-contiguous float32 array of shape {(ids.shape[0], dim)}, got {describe_value(out)}"
+            )
         insert = self.mode == "train"
         if insert:
             self._check_fits(ids, tables)
@@ -219,12 +235,30 @@ class EmbeddingStore:
             rows = np.empty(ids.shape[0], np.int64)
             if self._meta[kernels.META_STAGE] != kernels.STAGE_NONE:
                 missing = kernels.gather_staged(
-                    self._slots, self._row_tick, self._weights, self._next_row, self._meta, self._salts, ids, tables,
-                    count_repeats, out, rows,
+                    self._slots,
+                    self._row_tick,
+                    self._weights,
+                    self._next_row,
+                    self._meta,
+                    self._salts,
+                    ids,
+                    tables,
+                    count_repeats,
+                    out,
+                    rows,
                 )
             else:
                 missing = kernels.gather_hits(
-                    self._slots, self._row_tick, self._weights, self._meta, self._salts, ids, tables, count_repeats, out, rows
+                    self._slots,
+                    self._row_tick,
+                    self._weights,
+                    self._meta,
+                    self._salts,
+                    ids,
+                    tables,
+                    count_repeats,
+                    out,
+                    rows,
                 )
             if missing:
                 sel = np.flatnonzero(rows < 0)
@@ -256,7 +290,9 @@ class EmbeddingStore:
         if grads.dtype != np.float32:
             raise InvalidRequestError(f"gradients must be float32, got {grads.dtype}")
         if grads.shape != (ids.shape[0], dim):
-            raise InvalidRequestError(f"gradient shape {tuple(grads.shape)} does not match {ids.shape[0]} ids of dim {dim}")
+            raise InvalidRequestError(
+                f"gradient shape {tuple(grads.shape)} does not match {ids.shape[0]} ids of dim {dim}"
+            )
         if not np.isfinite(grads).all():
             raise InvalidRequestError("gradients contain NaN or infinity")
         uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
@@ -270,8 +306,15 @@ class EmbeddingStore:
             self._meta[kernels.META_TICK] += 1
             rows = self._find_or_insert_locked(ids, tables, True)
             kernels.apply_gradients(
-                self._weights, self._state, rows, self._dims, tables, np.ascontiguousarray(grads), self._kind,
-                self._opt_params, float(self.global_config.server.weight_bound),
+                self._weights,
+                self._state,
+                rows,
+                self._dims,
+                tables,
+                np.ascontiguousarray(grads),
+                self._kind,
+                self._opt_params,
+                float(self.global_config.server.weight_bound),
             )
             if self.tracks_changes:
                 self._dirty_count += int(rows.shape[0] - np.count_nonzero(self._dirty[rows]))
@@ -288,9 +331,23 @@ class EmbeddingStore:
         start = 0
         while True:
             start = kernels.lookup(
-                self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
-                self._salts, self._dims, ids, tables, start, insert, self._init_kind, self._init_params,
-                self._state_init, rows,
+                self._slots,
+                self._row_slot,
+                self._row_tick,
+                self._weights,
+                self._state,
+                self._meta,
+                self._free,
+                self._salts,
+                self._dims,
+                ids,
+                tables,
+                start,
+                insert,
+                self._init_kind,
+                self._init_params,
+                self._state_init,
+                rows,
             )
             if start == ids.shape[0]:
                 return rows
@@ -353,7 +410,9 @@ class EmbeddingStore:
             RuntimeError: the store does not track changes (infer mode, or incremental updates off).
         """
         if not self.tracks_changes:
-            raise RuntimeError("this store does not track changes: enable_incremental_update is off or it serves (infer mode)")
+            raise RuntimeError(
+                "this store does not track changes: enable_incremental_update is off or it serves (infer mode)"
+            )
         with self._lock:
             live = np.flatnonzero(self._dirty).astype(np.int64)
             ids = np.empty(live.shape[0], np.uint64)
@@ -371,8 +430,14 @@ class EmbeddingStore:
         for i, table in enumerate(self._tables):
             sel = latest[all_tabs[latest] == i]
             if sel.shape[0]:
-                out.append(TableRows(table, all_ids[sel], np.ascontiguousarray(all_weights[sel, : table.dim]),
-                                     np.zeros((sel.shape[0], 0), np.float32)))
+                out.append(
+                    TableRows(
+                        table,
+                        all_ids[sel],
+                        np.ascontiguousarray(all_weights[sel, : table.dim]),
+                        np.zeros((sel.shape[0], 0), np.float32),
+                    )
+                )
         return out
 
     # ------------------------------------------------------------------ whole-table access
@@ -470,8 +535,20 @@ class EmbeddingStore:
                 self._evict_locked()
         for part_ids, part_tables, weights, state in parts:
             kernels.put_rows(
-                self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._meta, self._free,
-                self._salts, self._dims, self._state_widths, part_ids, part_tables, weights, state,
+                self._slots,
+                self._row_slot,
+                self._row_tick,
+                self._weights,
+                self._state,
+                self._meta,
+                self._free,
+                self._salts,
+                self._dims,
+                self._state_widths,
+                part_ids,
+                part_tables,
+                weights,
+                state,
             )
         return int(self._meta[kernels.META_EVICTIONS]) - evictions
 
@@ -491,13 +568,29 @@ class EmbeddingStore:
                     self._evict_locked()
             evicted = int(meta[kernels.META_EVICTIONS]) - evictions
             meta[kernels.META_STAGE] = kernels.STAGE_STAGING
-        self._commit_rows(int(meta[kernels.META_SIZE]) + n, ahead=n if self.commit_ahead else 0)  # the next is likely as big
+        self._commit_rows(
+            int(meta[kernels.META_SIZE]) + n, ahead=n if self.commit_ahead else 0
+        )  # the next is likely as big
         fold_slot, fold_info, fold_old, fold_new, freed = self._fold_arrays(n)
         count = 0
         for part_ids, part_tables, weights, _ in parts:
             count = kernels.stage_rows(
-                self._slots, self._row_slot, self._row_tick, self._weights, self._next_row, meta, self._free,
-                self._salts, part_ids, part_tables, weights, fold_slot, fold_info, fold_old, fold_new, count,
+                self._slots,
+                self._row_slot,
+                self._row_tick,
+                self._weights,
+                self._next_row,
+                meta,
+                self._free,
+                self._salts,
+                part_ids,
+                part_tables,
+                weights,
+                fold_slot,
+                fold_info,
+                fold_old,
+                fold_new,
+                count,
             )
         with self._lock:
             meta[kernels.META_STAGE] = kernels.STAGE_COMMITTED  # the whole batch becomes visible here
@@ -520,7 +613,9 @@ class EmbeddingStore:
             self._committing = None
         self._commit_now(end)
         if ahead > 0 and end + ahead > self._committed_rows and self._committed_rows < self.capacity:
-            self._committing = threading.Thread(target=self._commit_now, args=(end + ahead,), name="commit-ahead", daemon=True)
+            self._committing = threading.Thread(
+                target=self._commit_now, args=(end + ahead,), name="commit-ahead", daemon=True
+            )
             self._committing.start()
 
     def _commit_now(self, end: int) -> None:
@@ -574,7 +669,9 @@ class EmbeddingStore:
             return True
         committed = self._committed_rows  # the writer only grows it; rows past it commit on huge pages
         # The index is committed whole with the first rows (see _commit_now).
-        ranges = [(self._slots, self._slots.shape[0] if committed else 0)] + [(a, committed) for a in self._row_arrays()]
+        ranges = [(self._slots, self._slots.shape[0] if committed else 0)] + [
+            (a, committed) for a in self._row_arrays()
+        ]
         for array, rows in ranges:
             if not collapse(array, 0, rows, stopped=stopped):  # huge pages on even where nothing is committed yet
                 return False
@@ -645,7 +742,9 @@ class EmbeddingStore:
         if not isinstance(ids, np.ndarray) or ids.dtype != np.uint64 or ids.ndim != 1:
             raise InvalidRequestError(f"ids must be a 1-D uint64 array, got {describe_value(ids)}")
         if not isinstance(tables, np.ndarray) or tables.dtype != np.uint16 or tables.shape != ids.shape:
-            raise InvalidRequestError(f"tables must be a uint16 array shaped like ids {ids.shape}, got {describe_value(tables)}")
+            raise InvalidRequestError(
+                f"tables must be a uint16 array shaped like ids {ids.shape}, got {describe_value(tables)}"
+            )
         if ids.shape[0] == 0:
             raise InvalidRequestError("empty request: no ids")
         limit = self.global_config.server.max_ids_per_request
@@ -657,7 +756,9 @@ class EmbeddingStore:
 
     def _request_dim(self, tables: np.ndarray) -> int:
         if int(tables.max()) >= len(self._tables):
-            raise InvalidRequestError(f"table index {int(tables.max())} out of range: {len(self._tables)} tables configured")
+            raise InvalidRequestError(
+                f"table index {int(tables.max())} out of range: {len(self._tables)} tables configured"
+            )
         if self._single_dim:
             return int(self._dims[0])
         used = np.flatnonzero(np.bincount(tables, minlength=len(self._tables)))
@@ -729,4 +830,3 @@ def unique_keys(ids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.nda
     inverse = np.empty(n, np.int64)
     count = kernels.unique_keys(ids, tables, uniq_ids, uniq_tabs, inverse)
     return uniq_ids[:count], uniq_tabs[:count], inverse
-
