@@ -87,7 +87,7 @@ class ManagementClient(TorchServeConnection):
             ManagementError: e.g. 409 when that version is already registered, 404 when the
                 archive is not found.
         """
-        params = {
+        params: dict[str, Any] = {
             "url": url,
             "initial_workers": initial_workers,
             "batch_size": batch_size,

@@ -224,7 +224,8 @@ def _render_config(base: Path, ports: dict[str, int], extra: Mapping[str, str]) 
 def _free_ports(count: int) -> list[int]:
     """Distinct loopback ports free right now; worker ports (+1, +2, ... of the last) are left
     to TorchServe, so the last port is picked with room above it."""
-    sockets, ports = [], []
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
         while len(ports) < count:
             s = socket.socket()

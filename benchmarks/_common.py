@@ -10,6 +10,9 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class OtherLoad:
@@ -39,8 +42,8 @@ class OtherLoad:
 
 
 def measure(
-    fn: Callable[[object], object],
-    items: Sequence,
+    fn: Callable[[T], object],
+    items: Sequence[T],
     warmup: int,
     baseline: Callable[[int], object],
     samples: list[float],
@@ -51,7 +54,8 @@ def measure(
     for i in range(warmup):
         fn(items[i % len(items)])
         baseline(i)
-    path_t, base_t = [], []
+    path_t: list[float] = []
+    base_t: list[float] = []
     for k, item in enumerate(items):
         for first in (True, False) if k % 2 else (False, True):
             t0 = time.perf_counter()

@@ -56,7 +56,7 @@ Parts (the S3 one runs first, see 2):
    A busy window's packets are written and fsynced beforehand to a folder next to the model
    root and renamed into it when the window starts (a rename is how an atomic publish ends), so
    the window measures the server applying them, not this process writing 150 MB of files
-   (writing alone, with no apply, raised the lookup p99 about 1.7x here).
+   (writing alone, with no apply, disturbs the lookups too).
    ``lookup_p99_ratio`` = p99 latency in busy windows / p99 in idle windows (the same-run
    baseline). ``lookup_live_apply_rows_per_s``: rows written in a busy window / (first write to
    the server's watermark reaching the last packet), a lower bound of the server's apply rate
@@ -437,11 +437,11 @@ def measure_apply_rate(args, emb, tmp: Path, results: dict) -> None:
 
 
 def fresh_memory_commit_gbps(nbytes: int = 256 << 20) -> float:
-    """GB/s at which this machine commits fresh anonymous memory with huge pages asked for, as
-    a growing store once did (``memory.populate``; a start-up replay now commits on 4 KiB pages).
-    Taken after part 3's replays freed their stores, so it is mostly memory given back moments
-    before: 0.36-0.45 GB/s in five full runs of the second session on 2026-12-03 (7.5 in one),
-    9.5-11.6 GB/s in every run of the third (see benchmarks/README)."""
+    """GB/s at which this machine commits fresh anonymous memory with huge pages asked for
+    (``memory.populate``; a start-up replay commits on 4 KiB pages instead, see
+    :mod:`embedding_server.store.memory`). Taken after part 3's replays freed their stores, so
+    it is mostly memory given back moments before, whose rate varies widely between runs
+    (benchmarks/README.md has the figures)."""
     from embedding_server.store.memory import fresh_buffer, populate
 
     buffer = fresh_buffer(nbytes)
@@ -478,7 +478,9 @@ def lookup_windows(
     batches = [
         tuple(a[pick] for a in pool) for pick in (rng.choice(pool[0].shape[0], n, replace=False) for _ in range(64))
     ]
-    idle, busy, rates = [], [], []
+    idle: list[float] = []
+    busy: list[float] = []
+    rates: list[float] = []
 
     def lookups_until(done: threading.Event, out: list[float]) -> None:
         k = 0
@@ -582,7 +584,12 @@ def measure_lookup_under_apply(
 ) -> None:
     """Part 4: lookups through ``serving`` from the local server in idle windows vs windows in
     which big packets are applied; figures under ``prefix``."""
-    folder = trainer.publisher.storage.root  # the training shard's packet folder under the model root
+    from embedding_server.storage.base import LocalStorage
+
+    storage = trainer.publisher.storage
+    if not isinstance(storage, LocalStorage):
+        raise RuntimeError(f"part 4 renames packets into place and needs a local model root, not {storage.url}")
+    folder = storage.root  # the training shard's packet folder under the model root
 
     def watermark() -> int:
         streams = serving.stats()[0]["hotload"]["streams"]
@@ -860,6 +867,7 @@ def start_servers(
     """Start one infer-mode server per (workdir, extra args), all at once; each is stopped by ``stack``."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from embedding_server.core.config import JobType
     from embedding_server.rpc.launcher import ServerGroup
 
     t0 = time.monotonic()
@@ -871,7 +879,7 @@ def start_servers(
                 infer_path,
                 num_shards=1,
                 workdir=workdir,
-                mode="infer",
+                mode=JobType.INFER,
                 metrics=True,
                 extra_args=extra,
             )

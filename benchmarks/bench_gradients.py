@@ -190,10 +190,10 @@ def main() -> int:
             assert (r >= 0).all()
             resolved.append((r, k_tabs, grads))
         kind, params = opt.params()
-        params = np.array(params, np.float64)
+        param_array = np.array(params, np.float64)
 
         def kernel(p):
-            kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kind, params, 0.0)
+            kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kind, param_array, 0.0)
 
         report(
             results,

@@ -32,6 +32,7 @@ The last line printed is one JSON object with every figure: ``store_ratio``, ``i
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -114,6 +115,11 @@ def fill(client, vocab: list[np.ndarray]) -> float:
     return time.perf_counter() - t0
 
 
+def _store_lookup(store, keys: tuple[np.ndarray, np.ndarray]) -> object:
+    """One timed store lookup (``store`` is bound with functools.partial: run() deletes its name)."""
+    return store.lookup(*keys)
+
+
 def total_misses(client) -> int:
     return sum(s["misses"] for s in client.stats())
 
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         results,
         "store",
         "EmbeddingStore.lookup (kernel path)",
-        measure(lambda kb, store=store: store.lookup(*kb), key_batches, args.warmup, baseline, baseline.samples),
+        measure(functools.partial(_store_lookup, store), key_batches, args.warmup, baseline, baseline.samples),
         *per_batch,
     )
     report(
@@ -210,8 +216,10 @@ def run(args: argparse.Namespace) -> dict:
 
     # ---------------------------------------------------------------- over gRPC
     if not args.skip_grpc:
+        from embedding_server.core.config import JobType
         from embedding_server.rpc.launcher import ServerGroup
         from embedding_server.rpc.remote import RemoteEmbeddingClient
+        from embedding_server.rpc.replicas import Transport
 
         with tempfile.TemporaryDirectory(prefix="bench_lookup_") as tmp:
             emb_path = Path(tmp) / "embedding_config.yml"
@@ -224,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
                 glob_path.write_text(yaml.safe_dump(global_config_dict(capacity), sort_keys=False))
                 t0 = time.perf_counter()
                 group = ServerGroup.start(
-                    emb_path, glob_path, num_shards=shards, workdir=Path(tmp) / f"run{shards}", mode="train"
+                    emb_path, glob_path, num_shards=shards, workdir=Path(tmp) / f"run{shards}", mode=JobType.TRAIN
                 )
                 try:
                     start_s = time.perf_counter() - t0
@@ -236,8 +244,9 @@ def run(args: argparse.Namespace) -> dict:
                             flush=True,
                         )
                     servers = "1 server" if shards == 1 else f"{shards} shards"
-                    for transport, local in (("grpc", False), ("local", True)):
-                        path = transport if shards == 1 else f"{transport}_{shards}shard"
+                    for transport in (Transport.GRPC, Transport.LOCAL):
+                        path = transport.value if shards == 1 else f"{transport}_{shards}shard"
+                        local = transport is Transport.LOCAL
                         with RemoteEmbeddingClient(emb, group.addresses, timeout=120.0, local_lookups=local) as remote:
                             used = {r["transport"] for rs in remote.replica_states() for r in rs}
                             if used != {transport}:
@@ -246,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
                             report(
                                 results,
                                 path,
-                                f"RemoteEmbeddingClient, {servers}, {'gRPC' if transport == 'grpc' else 'local socket'}",
+                                f"RemoteEmbeddingClient, {servers}, {'local socket' if local else 'gRPC'}",
                                 measure(remote.lookup, feature_batches, args.warmup, baseline, baseline.samples),
                                 *per_batch,
                             )

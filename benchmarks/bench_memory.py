@@ -169,6 +169,8 @@ def main() -> int:
         summary[f"ratio_{tag}"] = round(ratio, 4)
         summary[f"allocated_bytes_per_row_{tag}"] = round(r["allocated"] / n, 2)
         summary[f"fill_rows_per_s_{tag}"] = round(n / r["fill_s"])
+    if ratio is None:
+        raise SystemExit("no store size to measure (--sizes is empty)")
     summary["ratio"] = round(ratio, 4)
     print(json.dumps(summary))
     return 0

@@ -10,8 +10,8 @@ served id is present in the tables. One TorchServe instance (``deploy/torchserve
 WARN logging, started in the background while the tables are built) serves three models, each
 registered with one worker and no server-side batching (``batch_size`` 1), and every worker runs
 torch with ``--worker-threads`` intra-op threads (``OMP_NUM_THREADS``, default 1: with torch's
-default of one thread per core, three workers, the embedding server and the clients on 2 busy
-cores ran the dense model up to 100x slower). All three are called through
+default of one thread per core, three workers, the embedding server and the clients would
+oversubscribe the cores and slow the dense model down many times). All three are called through
 :class:`handler.client.PredictionClient` over gRPC ``Predictions``:
 
 * ``ctrserve``  ctrserve's ``deepctr``-style archive: ``PersiaHandler`` decodes the batch bytes,
@@ -33,8 +33,8 @@ postprocess}_ms`` (medians).
 
 ``--quick``: 8,192 rows, 60 sequential requests per contender (20 at batch 512), 2 concurrent
 rounds of 8 x 4 requests (1 at batch 512). Full: 32,768 rows, 600 sequential requests (200 at batch
-512), 8 rounds of 8 x 12 (4 at batch 512). On a busy 2-core machine (load average 6-8) quick
-took 56-94 s, most of it TorchServe's three workers starting (10-25 s), and full about 2.5 min.
+512), 8 rounds of 8 x 12 (4 at batch 512). Most of a quick run's time is TorchServe's three
+workers starting.
 
 Cases: every batch size, ``seq`` (one client, one request at a time) and ``c8`` (8 client
 threads, each with its own gRPC channel, sending back to back). The contenders' timed work is
@@ -183,6 +183,7 @@ def _whole_model_class():
 
         def __init__(self, vocab: np.ndarray, rows: np.ndarray):
             super().__init__()
+            self.vocab: Tensor  # declared for type checkers (a buffer reads as Tensor | Module)
             self.register_buffer("vocab", torch.from_numpy(vocab.astype(np.int64)))
             self.size = int(vocab.shape[0])
             weights = torch.zeros(self.size + 1, rows.shape[1])
@@ -372,9 +373,9 @@ def breakdown(
                     t1 = time.perf_counter()
                     prepared = handler.preprocess([item])  # decode again + lookup + tensors
                     t2 = time.perf_counter()
-                    scores = handler.inference(prepared)
+                    scored = handler.inference(prepared)  # the same batch, its scores set
                     t3 = time.perf_counter()
-                    handler.postprocess(scores, prepared)
+                    handler.postprocess(scored)
                     t4 = time.perf_counter()
                     if k >= 3:
                         for key, dt in zip(steps, (t1 - t0, (t2 - t1) - (t1 - t0), t3 - t2, t4 - t3)):
@@ -424,7 +425,7 @@ def run(args: argparse.Namespace) -> dict:
     from archiver.build import archive_model
     from archiver.torchserve import TorchServeProcess
     from embedding_server.core.batch import SparseFeature
-    from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+    from embedding_server.core.config import EmbeddingConfig, GlobalConfig, JobType
     from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
     from embedding_server.rpc.launcher import ServerGroup
     from handler.client import PredictionClient
@@ -546,7 +547,7 @@ def run(args: argparse.Namespace) -> dict:
                     glob_path,
                     num_shards=1,
                     workdir=tmp / "embedding",
-                    mode="infer",
+                    mode=JobType.INFER,
                     extra_args=["--load", str(tmp / "checkpoint")],
                 )
             )
@@ -565,8 +566,8 @@ def run(args: argparse.Namespace) -> dict:
                 mgmt.wait_ready(name, None, 120.0)
 
         with ThreadPoolExecutor(len(CONTENDERS)) as registrars:
-            for job in [registrars.submit(register, c) for c in CONTENDERS]:
-                job.result()
+            for registration in [registrars.submit(register, c) for c in CONTENDERS]:
+                registration.result()
         print(
             f"  embedding server + archives {t_archived - t0:.1f} s, TorchServe with 3 models ready "
             f"{time.perf_counter() - t_archived:.1f} s",

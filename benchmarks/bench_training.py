@@ -70,9 +70,10 @@ class PlainModel(nn.Module):
 
     def __init__(self, vocab_sizes: list[int], dense: DLRM):
         super().__init__()
-        self.tables = nn.ModuleList(nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in vocab_sizes)
-        for t in self.tables:
+        tables = [nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in vocab_sizes]
+        for t in tables:
             nn.init.uniform_(t.weight, -0.01, 0.01)  # the store's default bounded_uniform
+        self.tables = nn.ModuleList(tables)
         self.dense = dense
 
     def forward(self, dense: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -16,8 +16,9 @@ publisher rolling dense versions in, gRPC client threads); this script changes w
   is growth <= max(``--rss-bound-mb`` MiB, ``--rss-bound-pct`` %) per process present at both
   ends, this one (the load driver with the publisher thread and the freshness probe) included.
   Workers of dense versions retired meanwhile are gone by the end: with ``--export-every``
-  large enough for one version per run (e.g. 4000 on a 2-core machine) one worker lives from
-  the baseline to the end and is bound too;
+  large enough for one version per run (the steps a run holds depend on the machine;
+  benchmarks/README.md gives the value used there) one worker lives from the baseline to the
+  end and is bound too;
 * **updates published vs applied**: after the load, the trainer is stopped (its last packets go
   out), every server must reach the last sequence number of every training shard, and each
   server's ``packets_applied`` must equal the packets published after the checkpoint it started
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=200,
         help="trainer steps between dense versions, the first one included (default 200); a value "
-        "that gives one version per run (e.g. 2000 here) keeps one set of TorchServe workers alive "
+        "that gives one version per run (see benchmarks/README.md) keeps one set of TorchServe workers alive "
         "from the baseline to the end, so their memory is measured too",
     )
     parser.add_argument(

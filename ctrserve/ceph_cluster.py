@@ -2,9 +2,9 @@
 
 For tests, CI and the demo: one monitor, one OSD on ``memstore`` (data in RAM) and one
 ``radosgw``, every file (config, data, logs, sockets, pid files) inside one directory, ports
-picked free on 127.0.0.1. It starts in about 2-3 s and needs no manager daemon, no systemd and
-no authentication set-up (``auth ... required = none``); S3 requests are still signed and
-checked against the S3 user it creates.
+picked free on 127.0.0.1. It starts in seconds (data in RAM) and needs no manager daemon, no
+systemd and no authentication set-up (``auth ... required = none``); S3 requests are still
+signed and checked against the S3 user it creates.
 
 Library use (the pytest fixture in ``tests/conftest.py`` does this)::
 

@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from embedding_server.storage.kinds import StorageKind
+
 log = logging.getLogger("ctrserve.demo")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,8 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", type=int, default=1, help="embedding server shards in infer mode (default 1)")
     p.add_argument(
         "--storage",
-        choices=["local", "s3"],
-        default="local",
+        type=StorageKind,
+        choices=[StorageKind.LOCAL, StorageKind.S3],
+        default=StorageKind.LOCAL,
         help="model root on the local disk (default) or on a Ceph S3 gateway started for the demo",
     )
     p.add_argument("--workdir", help="configs, logs, model root and the report go here (default: a new temp dir)")
@@ -102,7 +105,7 @@ class DemoOptions:
     workdir: Path
     duration: float = 60.0
     shards: int = 1
-    storage: str = "local"
+    storage: StorageKind = StorageKind.LOCAL
     live: bool = True
     clients: int = 2
     request_rows: int = 64
@@ -686,7 +689,7 @@ def summarize(
     latencies = [s.latency_s for s in ok]
     versions = sorted({s.version for s in ok})
     served, missed = probe.served(), probe.missed()
-    delays = [p.delay_s for p in served]
+    delays = [d for p in served if (d := p.delay_s) is not None]  # served probes all have one
     hot = [s.get("hotload") or {} for s in server_stats]
     gaps = _largest_gap(samples)
     return {
@@ -793,7 +796,9 @@ def plot(ticks: list[Tick], probes: list[Probe], stream_start_unix: float, path:
             ax_lat.axvline(cur.t, color="grey", alpha=0.4, linestyle="--")
             ax_lat.annotate(f"v{cur.model_version}", (cur.t, 0), xycoords=("data", "axes fraction"), fontsize=8)
     ax_lat.set(title="gRPC prediction latency (dashed: new model version served)", ylabel="ms")
-    served = [(p.served_at - stream_start_unix, p.delay_s) for p in probes if p.served_at is not None]
+    served = [
+        (p.served_at - stream_start_unix, d) for p in probes if p.served_at is not None and (d := p.delay_s) is not None
+    ]
     ax_fresh.scatter(
         [x for x, _ in served],
         [y for _, y in served],
@@ -881,7 +886,7 @@ class Demo:
         """Start everything (each stop registered on ``stack`` as soon as it started), stream
         for ``duration`` seconds, then ask the trainer to finish."""
         opts = self.options
-        if opts.storage == "s3":
+        if opts.storage is StorageKind.S3:
             self._start_ceph(stack)
         files = write_configs(self.workdir, self.model_root, opts, max_seconds=opts.duration + 600)
         self.files = files
@@ -973,6 +978,7 @@ class Demo:
         return wait
 
     def _start_servers(self, stack: contextlib.ExitStack, files: DemoFiles, trainer: TrainerProcess) -> Any:
+        from embedding_server.core.config import JobType
         from embedding_server.modelroot.incremental import complete_checkpoints
         from embedding_server.rpc.launcher import ServerGroup
 
@@ -992,7 +998,7 @@ class Demo:
             files.serving_global,
             n,
             self.workdir / "embedding",
-            mode="infer",
+            mode=JobType.INFER,
             metrics=True,
             extra_args=extra,
             timeout=180.0,
@@ -1098,7 +1104,7 @@ class Demo:
         span = now - (previous.t if previous else 0.0)
         latencies = [s.latency_s for s in window if s.ok]
         hot = [s.get("hotload") or {} for s in stats]
-        delays = [p.delay_s for p in probe.served()]
+        delays = [d for p in probe.served() if (d := p.delay_s) is not None]
         step, auc = read_training(self.files.train_dir / "metrics.jsonl")
         return Tick(
             t=now,

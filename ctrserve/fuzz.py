@@ -69,7 +69,7 @@ ODD_VALUES: list[Any] = [
     "é" * 3,
 ]
 #: Peak traced bytes one input may allocate: a fixed allowance plus a multiple of its size
-#: (parsed JSON takes ~20x its bytes in Python objects).
+#: (parsed JSON takes many times its bytes in Python objects).
 ALLOC_FIXED = 32 << 20
 ALLOC_PER_INPUT_BYTE = 40
 EMB = EmbeddingConfig.from_dict(
@@ -152,18 +152,18 @@ def mutate_json_value(rng: random.Random, value: Any, depth: int = 0) -> Any:
             out[key] = mutate_json_value(rng, value[key], depth + 1)
         return out
     if isinstance(value, list) and value and rng.random() < 0.8:
-        out = list(value)
-        i = rng.randrange(len(out))
+        items = list(value)
+        i = rng.randrange(len(items))
         choice = rng.random()
         if choice < 0.15:
-            del out[i]
+            del items[i]
         elif choice < 0.25:
-            out.insert(i, rng.choice(ODD_VALUES + HUGE))
+            items.insert(i, rng.choice(ODD_VALUES + HUGE))
         elif choice < 0.3:
-            out = out * rng.randint(2, 4)
+            items = items * rng.randint(2, 4)
         else:
-            out[i] = mutate_json_value(rng, out[i], depth + 1)
-        return out
+            items[i] = mutate_json_value(rng, items[i], depth + 1)
+        return items
     return rng.choice(ODD_VALUES + HUGE + [[[]] * rng.randint(0, 5), [[2**64 - 1, 0]], "[" * 50])
 
 
@@ -173,15 +173,16 @@ def mutate_json_value(rng: random.Random, value: Any, depth: int = 0) -> Any:
 def random_batch(rng: random.Random) -> BatchData:
     batch = rng.choice((0, 1, 2, 5, 17))
     nprng = np.random.default_rng(rng.randrange(2**32))
-    data = BatchData(meta=rng.choice(({}, {"request": "r1", "n": 3, "x": 0.5})))
+    metas: tuple[dict[str, str | int | float], ...] = ({}, {"request": "r1", "n": 3, "x": 0.5})
+    data = BatchData(meta=rng.choice(metas))
     for dtype in rng.sample([np.float32, np.float64, np.int32, np.int64], rng.randint(0, 2)):
         data.dense.append(nprng.normal(size=(batch, rng.randint(0, 4))).astype(dtype))
-    for name in rng.sample(["C1", "C2", "H1", "other", "é"], rng.randint(0 if data.dense else 1, 3)):
-        data.sparse.append(
-            SparseFeature.from_lists(
-                name, [nprng.integers(0, 2**63, rng.randint(0, 4)).astype(np.uint64) for _ in range(batch)]
-            )
+    data.sparse = [
+        SparseFeature.from_lists(
+            name, [nprng.integers(0, 2**63, rng.randint(0, 4)).astype(np.uint64) for _ in range(batch)]
         )
+        for name in rng.sample(["C1", "C2", "H1", "other", "é"], rng.randint(0 if data.dense else 1, 3))
+    ]
     if rng.random() < 0.3:
         data.targets.append(nprng.random((batch, 1)).astype(np.float32))
     return data
@@ -227,7 +228,7 @@ def mutate_batch_payload(rng: random.Random, encoded: bytes) -> bytes:
 
 def claimed_huge_batches() -> list[bytes]:
     """Valid frames whose headers claim ~10^12 elements with a tiny payload."""
-    base = {"dense": [], "sparse": [], "targets": [], "meta": {}}
+    base: dict[str, Any] = {"dense": [], "sparse": [], "targets": [], "meta": {}}
     return [
         _frame(json.dumps({**base, "batch_size": 10**12, "sparse": [{"name": "C1", "ids": 10**12}]}).encode(), b""),
         _frame(
@@ -454,8 +455,9 @@ def _valid_request(rng: random.Random) -> dict:
     }
 
 
-def request_input(rng: random.Random) -> dict:
-    """A TorchServe request item: ``{"body" | "data" | "batch": bytes | str | dict}``."""
+def request_input(rng: random.Random) -> dict | list | None:
+    """A TorchServe request item: ``{"body" | "data" | "batch": bytes | str | dict}`` (rarely a
+    malformed item: None, a list or a dict without those keys)."""
     doc = _valid_request(rng)
     kind = rng.random()
     if kind < 0.35:

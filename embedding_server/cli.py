@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from embedding_server.core.config import CommonConfig, EmbeddingConfig, GlobalConfig, SecurityConfig
+from embedding_server.core.config import CommonConfig, EmbeddingConfig, GlobalConfig, JobType, SecurityConfig
 from embedding_server.core.errors import ConfigError
 from embedding_server.modelroot.hotload import FollowOptions, HotloadError
 from embedding_server.rpc.security import ClientSecurity, ServerSecurity, resolve_token
@@ -31,7 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-shards", type=int, default=1, help="number of shards (default 1)")
     p.add_argument("--port", type=int, default=0, help="gRPC port (default 0: pick a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--mode", choices=["train", "infer"], help="override common_config.job_type")
+    p.add_argument("--mode", type=JobType, choices=list(JobType), help="override common_config.job_type")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: pick one)")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
     p.add_argument("--load", metavar="CHECKPOINT", help="load this checkpoint directory before serving")
@@ -40,8 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default="auto",
         metavar="PATH|auto|off",
         help="also answer lookups on this Unix socket; clients on this machine find it through Info and use it "
-        "instead of gRPC (~0.1 ms instead of ~0.7 ms a lookup). auto (default): a fresh path in a private per-user "
-        "directory; off: gRPC only",
+        "instead of gRPC, whose own machinery is most of a small lookup's cost. auto (default): a fresh path in a "
+        "private per-user directory; off: gRPC only",
     )
     p.add_argument(
         "--ready-file", help="write {address, port, metrics_port, pid, local_socket} as JSON here once serving"
@@ -223,7 +223,7 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> FollowOptio
     if not args.model_root:
         return None
     problem = ""
-    if glob.mode != "infer":
+    if glob.mode is not JobType.INFER:
         problem = "--model-root needs infer mode (--mode infer or common_config.job_type: infer)"
     elif args.load:
         problem = "--model-root and --load exclude each other: the model root's newest checkpoint is loaded"

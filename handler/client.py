@@ -191,7 +191,7 @@ def parse_response(text: bytes | str) -> Prediction:
     try:
         data = json.loads(text)
     except ValueError:
-        raise PredictionError(502, f"the server answered something other than JSON: {bytes(text[:80])!r}") from None
+        raise PredictionError(502, f"the server answered something other than JSON: {text[:80]!r}") from None
     if not isinstance(data, dict):
         raise PredictionError(502, f"the server answered a JSON {type(data).__name__}, expected an object")
     if "error" in data:

@@ -26,6 +26,11 @@ answers it with that 4xx status, but TorchServe 0.12's gRPC frontend ignores per
 statuses and answers OK with that body, which :class:`handler.client.PredictionClient` turns
 into the same :class:`~handler.client.PredictionError`. The worker stays up in every case.
 
+The handler follows TorchServe's template: :class:`~ts.torch_handler.base_handler.BaseHandler`'s
+``handle`` runs :meth:`~PersiaHandler.preprocess` (decode, the lone-bad-request check, the lookup),
+:meth:`~PersiaHandler.inference` (the dense model; the batch comes back with its scores) and
+:meth:`~PersiaHandler.postprocess` (one JSON string per request), and records ``HandlerTime``.
+
 Example (what TorchServe does with it)::
 
     handler = PersiaHandler()
@@ -35,22 +40,25 @@ Example (what TorchServe does with it)::
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
+from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
-from embedding_server.rpc.client import RawEmbedding
+from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.request import DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import SERVING_FILE, ServingConfig
@@ -58,6 +66,13 @@ from handler.timing import TimingMetrics  # not defined here: TorchServe takes a
 
 logger = logging.getLogger(__name__)
 JSON_CONTENT_TYPE = "application/json"
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _timed(method: _Method) -> _Method:
+    """TorchServe's ``@timed`` (a ``ts_handler_<name>`` metric when the model's config sets
+    ``handler: {profile: true}``), keeping the method's name, docstring and signature."""
+    return cast(_Method, functools.wraps(method)(timed(method)))
 
 
 class PersiaHandler(BaseHandler):
@@ -70,16 +85,18 @@ class PersiaHandler(BaseHandler):
     Raises:
         ConfigError: from :meth:`initialize` when model.json, serving.yml or the embedding
             server list is missing or invalid (the worker does not start; TorchServe logs it).
-        PredictionException: from :meth:`handle` with a 4xx code for a bad lone request, 503
-            when the embedding servers cannot answer.
+        PredictionException: from ``handle`` (by :meth:`preprocess`) with a 4xx code for a bad
+            lone request, 503 when the embedding servers cannot answer.
     """
+
+    # Set by configure() (which initialize() calls) before TorchServe sends any request.
+    spec: DenseModelSpec
+    serving: ServingConfig
+    embeddings: EmbeddingClient
+    decoder: RequestDecoder
 
     def __init__(self) -> None:
         super().__init__()
-        self.spec: DenseModelSpec | None = None
-        self.serving: ServingConfig | None = None
-        self.embeddings: RemoteEmbeddingClient | None = None
-        self.decoder: RequestDecoder | None = None
         self._watermark: dict[str, Any] = {}
         self._tail_cache: tuple[dict, str] | None = None  # see _result_tail
         self._stop = threading.Event()
@@ -160,27 +177,17 @@ class PersiaHandler(BaseHandler):
         for _ in range(calls):
             self.model(dense, sparse)
 
-    # ------------------------------------------------------------------ TorchServe entry point
+    # ------------------------------------------------------------------ TorchServe's steps
+    # BaseHandler.handle sets self.context and runs preprocess -> inference -> postprocess.
 
-    def handle(self, data: list[dict], context: Any) -> list[str]:
-        """One JSON result per request of TorchServe's batch ``data``.
-
-        Raises:
-            PredictionException: a lone request is bad (4xx), or the lookup failed (503).
-        """
-        self.context = context
-        prepared = self.preprocess(data)
-        if len(prepared.outcomes) == 1 and isinstance(prepared.outcomes[0], RequestError):
-            error = prepared.outcomes[0]
-            raise PredictionException(error.message, error.code)
-        return self.postprocess(self.inference(prepared), prepared)
-
+    @_timed
     def preprocess(self, data: list[dict]) -> PreparedBatch:
         """Decode every request, look up the embeddings of all valid ones at once, build tensors.
 
         Raises:
-            PredictionException: 503 when the embedding servers cannot answer, 400 when they
-                refuse the merged lookup.
+            PredictionException: the batch is one bad request (its 4xx code: TorchServe answers
+                it as the request's status); 503 when the embedding servers cannot answer, 400
+                when they refuse the merged lookup.
         """
         outcomes: list[DecodedRequest | RequestError] = []
         for item in data:
@@ -188,6 +195,9 @@ class PersiaHandler(BaseHandler):
                 outcomes.append(self.decoder.decode(item))
             except RequestError as error:
                 outcomes.append(error)
+        if len(outcomes) == 1 and isinstance(outcomes[0], RequestError):
+            # Alone, it fails the whole batch; among others it gets its own status in postprocess.
+            raise PredictionException(outcomes[0].message, outcomes[0].code)
         valid = [o for o in outcomes if isinstance(o, DecodedRequest)]
         prepared = PreparedBatch(outcomes)
         if not valid:
@@ -208,25 +218,27 @@ class PersiaHandler(BaseHandler):
         prepared.sparse = [self._model_input(embeddings[name]) for name in self.decoder.feature_names]
         return prepared
 
-    def inference(self, prepared: PreparedBatch, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-        """Scores ``[samples, targets]`` (CPU, float32) of all valid requests; None if there are none."""
-        if prepared.dense is None:
-            return None
+    @_timed
+    def inference(self, data: PreparedBatch, *args: Any, **kwargs: Any) -> PreparedBatch:
+        """Run the dense model once on all valid requests of ``data`` and return ``data`` with
+        its ``scores`` set: ``[samples, targets]``, CPU float32 (left None when no request is valid)."""
+        if data.dense is None:
+            return data
         started = time.perf_counter()
         with torch.inference_mode():
-            scores = self.model(prepared.dense, prepared.sparse)
+            scores = self.model(data.dense, data.sparse)
         scores = scores.detach().to("cpu", torch.float32)
         self._record_time("DenseInferenceTime", started)
-        return scores.reshape(scores.shape[0], -1)
+        data.scores = scores.reshape(scores.shape[0], -1)
+        return data
 
-    def postprocess(self, scores: torch.Tensor | None, prepared: PreparedBatch | None = None) -> list[str]:
-        """Split ``scores`` back into one JSON string per request (errors where a request was bad)."""
-        if prepared is None:
-            raise TypeError("PersiaHandler.postprocess needs the PreparedBatch its scores belong to")
-        per_request = iter(torch.split(scores, prepared.sizes) if scores is not None else ())
-        tail = self._result_tail(len(prepared.outcomes))
+    @_timed
+    def postprocess(self, data: PreparedBatch) -> list[str]:
+        """One JSON string per request: its share of ``data.scores``, or its error."""
+        per_request = iter(torch.split(data.scores, data.sizes) if data.scores is not None else ())
+        tail = self._result_tail(len(data.outcomes))
         results = []
-        for idx, outcome in enumerate(prepared.outcomes):
+        for idx, outcome in enumerate(data.outcomes):
             self._set_content_type(idx)
             if isinstance(outcome, RequestError):
                 self._set_status(idx, outcome)
@@ -275,10 +287,10 @@ class PersiaHandler(BaseHandler):
             self.context.set_response_status(error.code, phrase, idx)
 
     # ------------------------------------------------------------------ embedding watermark
-    # THE ONE PLACE that reads the embedding servers' watermark. The servers do not report one
-    # yet (incremental updates are being added to them): whatever their stats() give under
-    # "watermark" is reported per shard, else the result is an empty dict. It is re-read in a
-    # background thread every watermark_refresh_s so no request waits for the Stats RPCs.
+    # THE ONE PLACE that reads the embedding servers' watermark: a server following a model root
+    # reports one in its stats() (training shard -> last packet applied); servers that follow
+    # none report nothing, and the result is then an empty dict. It is re-read in a background
+    # thread every watermark_refresh_s so no request waits for the Stats RPCs.
 
     def read_embedding_watermark(self) -> dict[str, Any]:
         """``{shard index: watermark}`` for every shard whose stats carry a "watermark"."""

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from embedding_server.core.batch import KeyedIds, SparseFeature
 from embedding_server.core.batch_codec import MAGIC, BatchData, check_parts, decode_batch
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.model_spec import DenseModelSpec
+
+if TYPE_CHECKING:
+    import torch  # only for annotations: decoding needs no torch
 
 #: Keys of a TorchServe request item that may hold the body, in the order they are tried:
 #: ``batch`` (gRPC ``input`` map key clients use), ``body`` (REST raw body), ``data`` (form field).
@@ -338,13 +341,15 @@ def _batch_from_json(body: Any) -> BatchData:
     data = BatchData()
     if body.get("dense") is not None:
         data.dense.append(_json_dense(body["dense"]))
+    features: list[SparseFeature] = []
     for name, samples in sparse.items():
         if not isinstance(samples, list) or not all(isinstance(s, list) for s in samples):
             raise RequestError(f"'sparse'.'{name}' must be a list with one list of ids per sample")
         try:
-            data.sparse.append(SparseFeature.from_lists(name, samples))
+            features.append(SparseFeature.from_lists(name, samples))
         except InvalidRequestError as exc:
             raise RequestError(str(exc)) from None
+    data.sparse = features
     return data
 
 
@@ -361,16 +366,20 @@ def _json_dense(rows: Any) -> np.ndarray:
 
 @dataclass
 class PreparedBatch:
-    """What ``preprocess`` hands to ``inference``: every request's outcome and the merged inputs.
+    """What the handler's ``preprocess`` hands to ``inference``, and ``inference`` (with the
+    scores) to ``postprocess``: every request's outcome, the merged inputs and the scores.
 
     Args:
         outcomes: per TorchServe request, its :class:`DecodedRequest` or its :class:`RequestError`.
         dense: merged dense input on the model's device (None when no request is valid).
         sparse: merged embeddings, one tensor per model feature, on the model's device.
-        sizes: samples per valid request, in order.
+        sizes: samples per valid request, in order (empty when no request is valid).
+        scores: the model's ``[samples, targets]`` CPU float32 tensor of the valid requests, set
+            by ``inference`` (None when no request is valid).
     """
 
     outcomes: list[DecodedRequest | RequestError]
     dense: Any = None
     sparse: list[Any] | None = None
-    sizes: list[int] | None = None
+    sizes: list[int] = field(default_factory=list)
+    scores: torch.Tensor | None = None

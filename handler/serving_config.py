@@ -18,7 +18,7 @@ Example ``serving.yml``::
     metrics_interval_s: 1.0       # the handler's timing metrics: mean per interval (0: every request)
     max_ids_per_request: 4000000  # ids of all features of one request
     max_ids_per_sample: 10000     # ids of one feature in one sample
-    max_json_request_bytes: 8388608   # bytes of a JSON body (parsed JSON is 10-20x its size)
+    max_json_request_bytes: 8388608   # bytes of a JSON body (parsed JSON is many times its size)
     torch_threads: 1              # torch intra-op threads per worker (0: torch's default)
     # Secured embedding servers (see deploy/production/): TLS, client certificate, shared token.
     embedding_tls_ca_file: /etc/ctrserve/tls/ca.pem
@@ -61,8 +61,8 @@ class ServingConfig:
             also the bound on the 503 answered when every replica of a shard is down.
         connect_timeout_s: seconds a starting worker waits for one replica of every shard.
         embedding_local_lookups: look up over an embedding server's local Unix socket when it
-            runs on this machine (found automatically; ~0.1 ms instead of ~0.7 ms per lookup);
-            false keeps every lookup on gRPC.
+            runs on this machine (found automatically; it skips gRPC's machinery, most of a small
+            lookup's cost); false keeps every lookup on gRPC.
         max_batch_size: largest number of samples in one request (larger: HTTP 400).
         max_request_bytes: largest request body (larger: HTTP 400).
         watermark_refresh_s: seconds between reads of the embedding servers' watermark.

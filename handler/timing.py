@@ -15,10 +15,10 @@ class TimingMetrics:
     TorchServe's metrics as their mean over each ``interval_s`` seconds (0: every value).
 
     Each metric TorchServe records is a line the worker writes to the frontend, which parses
-    it into a Prometheus gauge: per request, two such lines cost about 0.3 ms of a ~10 ms
-    request on a 2-core machine (the write wakes the frontend, which then competes for a core
-    with the lookup). A gauge scraped every few seconds shows the last value it was given, so
-    one mean per second tells more than the last request's time, at a fraction of the cost.
+    it into a Prometheus gauge: a cost paid inside every request (the write wakes the
+    frontend, which then competes for a core with the lookup). A gauge scraped every few
+    seconds shows the last value it was given, so one mean per second tells more than the last
+    request's time, at a fraction of the cost.
 
     Args:
         interval_s: seconds over which values are averaged before they are recorded.

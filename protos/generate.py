@@ -41,15 +41,17 @@ def torchserve_jar() -> Path | None:
     return jar if jar.exists() else None
 
 
-def _older(stub: Path, source: Path) -> bool:
-    return not stub.exists() or stub.stat().st_mtime < source.stat().st_mtime
+def _older(stem: str, source: Path) -> bool:
+    """Whether ``stem``'s message module or its typing stub is missing or older than ``source``."""
+    stubs = (OUT / f"{stem}_pb2.py", OUT / f"{stem}_pb2.pyi")
+    return any(not stub.exists() or stub.stat().st_mtime < source.stat().st_mtime for stub in stubs)
 
 
 def _stale() -> bool:
-    if any(_older(OUT / (Path(name).stem + "_pb2.py"), HERE / name) for name in PROTOS):
+    if any(_older(Path(name).stem, HERE / name) for name in PROTOS):
         return True
     jar = torchserve_jar()
-    return jar is not None and any(_older(OUT / (Path(n).stem + "_pb2.py"), jar) for n in TORCHSERVE_PROTOS)
+    return jar is not None and any(_older(Path(n).stem, jar) for n in TORCHSERVE_PROTOS)
 
 
 def _compile(proto: Path, includes: list[Path], out: Path) -> None:
@@ -59,6 +61,7 @@ def _compile(proto: Path, includes: list[Path], out: Path) -> None:
         "grpc_tools.protoc",
         *(f"-I{i}" for i in includes),
         f"--python_out={out}",
+        f"--pyi_out={out}",  # typed message stubs (``*_pb2.pyi``) for mypy
         f"--grpc_python_out={out}",
         str(proto),
     ]

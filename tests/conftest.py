@@ -1,4 +1,26 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures and the test tiers.
+
+Tiers (markers registered in pyproject.toml, which also turns on ``--strict-markers``):
+
+* ``unit``: no child process (no embedding server, TorchServe or other subprocess) and fast; an
+  embedding server started in this process (``start_server``) on loopback is fine. The whole tier
+  runs in well under 90 s on 2 cores: ``pytest -m unit``.
+* ``process``: starts real child processes (``ServerGroup``, TorchServe, ``subprocess``), or is
+  too slow for the unit tier (each such test says why in a comment).
+* ``ceph``: uses the real Ceph cluster (the ``ceph_s3`` fixture below); these are ``process``
+  tests too.
+
+A module sets ``pytestmark`` where all its tests are one tier, and marks each test otherwise.
+:func:`pytest_collection_modifyitems` checks the marks when tests are collected and fails the
+collection, naming every wrong test, where a test has neither ``unit`` nor ``process`` or both,
+where a test uses ``ceph_s3`` (as an argument, or through another fixture's arguments) without
+``ceph`` and ``process``, or where a ``ceph`` test is not also ``process``. Nothing is marked
+automatically: the tier is visible in the test file. A fixture that asks for ``ceph_s3`` only
+at run time (``request.getfixturevalue``, as test_storage.py's backend fixture does for its
+``s3`` parameter) is not seen at collection, so such a parameter carries its marks itself
+(``pytest.param(..., marks=...)``).
+
+Fixtures (tests never import one another; what several files share is here):
 
 ``ceph_s3`` (session scope): a real single-node Ceph cluster (one monitor, one memstore OSD, the
 RADOS Gateway on a free loopback port; all state in a temporary directory) started with
@@ -6,22 +28,84 @@ RADOS Gateway on a free loopback port; all state in a temporary directory) start
 2-3 s the first time a test asks for it and is stopped (SIGTERM, then SIGKILL after a short
 grace) when the session ends. Without Ceph's programs installed the tests that use it fail
 with the install command; they are not skipped.
+
+``tiny_ctr`` (session scope): a :class:`TinyCtrKit`, the serving tests' tiny real dense model
+(an MLP over ``concat(dense, pooled embeddings, flattened raw embeddings)`` scripted with
+``torch.jit.script``, written as ``model.pt`` beside a ``model.json`` made with
+:meth:`DenseModelSpec.for_config`, exactly what the trainer exports), its embedding and global
+configs, request batches in bytes and JSON form, and the independent computation of expected
+scores.
+
+``server_configs`` (module scope): ``(embedding_config.yml, global_config.yml)`` of the embedding
+service tests (four features, one of them raw, two tables of dim 8 and one of dim 4).
+
+``lookup_checks`` (session scope): a :class:`LookupChecks`, random batches for ``server_configs``'
+features and the bit-for-bit comparison of two lookup results.
+
+``wait_until`` (session scope): polls a predicate until it is truthy, failing after a timeout.
+
+``huge_page_bytes``: the bytes on huge pages of the memory area holding an array, read from
+``/proc/self/smaps``; it skips the test where the kernel cannot collapse pages onto huge pages
+(``MADV_COLLAPSE``: Linux 6.1+ with transparent huge pages not turned off).
 """
 
 from __future__ import annotations
 
+import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 
 from ctrserve import ceph_cluster
+from embedding_server.core.batch import SparseFeature
+from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, version_dir
+from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
+from trainer.batch import PyPersiaBatchData
 
 REPO = Path(__file__).resolve().parents[1]
 CEPH_TEST_BUCKET = "ctrserve-test"
+TIERS = ("unit", "process")
+
+
+# ----------------------------------------------------------------------------------------- tiers
+
+
+def tier_problems(item: pytest.Item) -> list[str]:
+    """What is wrong with one test's tier marks (nothing: an empty list)."""
+    marks = {mark.name for mark in item.iter_markers()}
+    tiers = [tier for tier in TIERS if tier in marks]
+    uses_ceph = "ceph_s3" in getattr(item, "fixturenames", ())
+    problems = []
+    if not tiers:
+        problems.append("has neither the 'unit' nor the 'process' mark")
+    elif len(tiers) > 1:
+        problems.append("has both the 'unit' and the 'process' mark")
+    if uses_ceph and not {"ceph", "process"} <= marks:
+        problems.append("uses the ceph_s3 fixture, so it must be marked 'ceph' and 'process'")
+    if "ceph" in marks and "process" not in marks:
+        problems.append("is marked 'ceph' (a real Ceph cluster: child processes) but not 'process'")
+    return problems
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wrong = [f"  {item.nodeid}: {problem}" for item in items for problem in tier_problems(item)]
+    if wrong:
+        raise pytest.UsageError(
+            "tests without their right tier marks (see tests/conftest.py: every test is 'unit' or "
+            "'process'; tests using ceph_s3 are also 'ceph'):\n" + "\n".join(wrong)
+        )
+
+
+# ------------------------------------------------------------------------------------------ Ceph
 
 
 @dataclass(frozen=True)
@@ -72,3 +156,221 @@ def ceph_s3():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ the serving tests' model
+
+
+class TinyCtr(torch.nn.Module):
+    """``sigmoid(MLP(concat(dense, flattened embeddings)))``: one score per sample."""
+
+    def __init__(self, in_width: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = torch.nn.Linear(in_width, 16)
+        self.out = torch.nn.Linear(16, 1)
+
+    def forward(self, dense: torch.Tensor, sparse: list[torch.Tensor]) -> torch.Tensor:
+        parts = [dense]
+        for s in sparse:
+            parts.append(s.reshape(s.shape[0], -1))
+        return torch.sigmoid(self.out(torch.relu(self.hidden(torch.cat(parts, 1)))))
+
+
+class TinyCtrKit:
+    """The serving tests' model, configs, request batches and expected scores."""
+
+    DENSE_WIDTH = 5
+    EMB = {
+        "slots_config": {
+            "C1": {"dim": 8},
+            "C2": {"dim": 8, "sqrt_scaling": True},
+            "C3": {"dim": 4, "mean_scaling": True},
+            "H1": {"dim": 4, "embedding_summation": False, "sample_fixed_size": 3},
+        },
+    }
+    CRITEO_EMB = {"slots_config": {f"C{i}": {"dim": 4} for i in range(1, 27)}}
+    GLOBAL = {
+        "common_config": {"job_type": "train"},
+        "embedding_parameter_server_config": {"capacity": 100_000},
+    }
+
+    def write_configs(self, directory: Path, emb_config: dict | None = None) -> tuple[Path, Path]:
+        """``embedding_config.yml`` (``EMB`` unless given) and ``global_config.yml`` in ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        emb, glob = directory / "embedding_config.yml", directory / "global_config.yml"
+        emb.write_text(yaml.safe_dump(self.EMB if emb_config is None else emb_config, sort_keys=False))
+        glob.write_text(yaml.safe_dump(self.GLOBAL))
+        return emb, glob
+
+    def export_version(
+        self,
+        model_root: Path,
+        version: int,
+        seed: int,
+        emb_config: dict | None = None,
+        dense_width: int | None = None,
+    ) -> Path:
+        """Write ``<model_root>/dense/vN/{model.pt, model.json}`` (model.json last, as the trainer)."""
+        config = EmbeddingConfig.from_dict(self.EMB if emb_config is None else emb_config)
+        dense_width = self.DENSE_WIDTH if dense_width is None else dense_width
+        spec = DenseModelSpec.for_config(config, version=version, step=100 * version, dense_width=dense_width)
+        in_width = dense_width + sum(f.dim * (f.sample_fixed_size if not f.pooled else 1) for f in spec.features)
+        target = model_root / version_dir(version)
+        target.mkdir(parents=True, exist_ok=True)
+        torch.jit.script(TinyCtr(in_width, seed).eval()).save(str(target / MODEL_FILE))
+        (target / SPEC_FILE).write_text(spec.to_json())
+        return target
+
+    def random_batch(self, rng: np.random.Generator, batch_size: int) -> PyPersiaBatchData:
+        """A request batch as clients build it (with a target, which serving ignores)."""
+        batch = PyPersiaBatchData()
+        batch.add_dense([rng.normal(size=(batch_size, self.DENSE_WIDTH)).astype(np.float32)])
+
+        def lists(high: int, max_len: int) -> list[np.ndarray]:
+            return [rng.integers(0, high, rng.integers(0, max_len + 1)).astype(np.uint64) for _ in range(batch_size)]
+
+        batch.add_sparse([("C1", lists(1000, 3)), ("C2", lists(50, 4)), ("C3", lists(2**62, 2)), ("H1", lists(300, 5))])
+        batch.add_target(rng.integers(0, 2, (batch_size, 1)).astype(np.float32))
+        return batch
+
+    @staticmethod
+    def as_json(batch: PyPersiaBatchData) -> dict:
+        """The same batch as the handler's JSON request form."""
+        return {
+            "dense": batch.dense_matrix().tolist(),
+            "sparse": {
+                f.name: [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)]
+                for f in batch.sparse
+            },
+        }
+
+    @staticmethod
+    def expected_scores(model_dir: Path, embeddings: EmbeddingClient, batch: PyPersiaBatchData) -> np.ndarray:
+        """The independent computation: the same TorchScript file run directly on embeddings looked
+        up directly from the embedding servers."""
+        spec = DenseModelSpec.from_json((model_dir / SPEC_FILE).read_text())
+        model = torch.jit.load(str(model_dir / MODEL_FILE))
+        by_name: dict[str, SparseFeature] = {f.name: f for f in batch.sparse}
+        looked_up = embeddings.lookup([by_name[f.name] for f in spec.features])
+        inputs = []
+        for f in spec.features:
+            value = looked_up.embeddings[f.name]
+            inputs.append(value.values if isinstance(value, RawEmbedding) else value)
+        with torch.no_grad():
+            return model(torch.from_numpy(batch.dense_matrix()), inputs)[:, 0].numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_ctr() -> TinyCtrKit:
+    return TinyCtrKit()
+
+
+# -------------------------------------------------------------------- the embedding service tests'
+
+
+SERVICE_EMB = {
+    "slots_config": {
+        "user": {"dim": 8},
+        "item": {"dim": 8, "sqrt_scaling": True},
+        "history": {"dim": 8, "embedding_summation": False, "sample_fixed_size": 4},
+        "query": {"dim": 4, "mean_scaling": True},
+    },
+    "feature_groups": {"items": ["item", "history"]},
+}
+SERVICE_GLOBAL = {
+    "embedding_parameter_server_config": {"capacity": 50_000},
+    "sparse_optimizer": {"type": "adagrad", "lr": 0.05},
+}
+
+
+@pytest.fixture(scope="module")
+def server_configs(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("cfg")
+    (d / "emb.yml").write_text(yaml.safe_dump(SERVICE_EMB, sort_keys=False))
+    (d / "global.yml").write_text(yaml.safe_dump(SERVICE_GLOBAL))
+    return d / "emb.yml", d / "global.yml"
+
+
+class LookupChecks:
+    """Batches for ``server_configs``' features, and the comparison of two lookup results."""
+
+    @staticmethod
+    def random_batch(rng: np.random.Generator, batch: int = 32) -> list[SparseFeature]:
+        def lists(high, max_len):
+            return [rng.integers(0, high, rng.integers(0, max_len + 1)).astype(np.uint64) for _ in range(batch)]
+
+        return [
+            SparseFeature.from_lists("user", lists(2**63, 3)),
+            SparseFeature.from_lists("item", lists(500, 5)),
+            SparseFeature.from_lists("history", lists(500, 6)),
+            SparseFeature.from_lists("query", lists(1000, 4)),
+        ]
+
+    @staticmethod
+    def assert_same(a, b) -> None:
+        """Every embedding of lookup result ``a`` equals ``b``'s bit for bit (raw ones with their mask)."""
+        for name, value in a.embeddings.items():
+            other = b.embeddings[name]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), name
+            else:
+                assert torch.equal(value.values, other.values) and torch.equal(value.mask, other.mask), name
+
+
+@pytest.fixture(scope="session")
+def lookup_checks() -> LookupChecks:
+    return LookupChecks()
+
+
+# ------------------------------------------------------------------------------------ waiting, memory
+
+
+def poll_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it is truthy (returning its value); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def wait_until() -> Callable[..., object]:
+    return poll_until
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def collapse_supported() -> bool:
+    """Linux 6.1+ (MADV_COLLAPSE) with transparent huge pages not turned off."""
+    if platform.system() != "Linux" or not THP.exists() or "[never]" in THP.read_text():
+        return False
+    major, minor = (int(part) for part in platform.release().split(".")[:2])
+    return (major, minor) >= (6, 1)
+
+
+def bytes_on_huge_pages(array: np.ndarray) -> int:
+    """Bytes on huge pages of the kernel's memory area that holds ``array``'s first byte (areas
+    with the same settings may be merged, so this can include a neighbour's: never less)."""
+    address = array.ctypes.data
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no memory area holds address {address:#x}")
+
+
+@pytest.fixture()
+def huge_page_bytes() -> Callable[[np.ndarray], int]:
+    if not collapse_supported():
+        pytest.skip("needs Linux 6.1+ with transparent huge pages")
+    return bytes_on_huge_pages

@@ -7,9 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from embedding_server.core.config import EmbeddingConfig, GlobalConfig, HashStackConfig, SlotConfig
+from embedding_server.core.config import (
+    EmbeddingConfig,
+    GlobalConfig,
+    HashStackConfig,
+    InitMethod,
+    JobType,
+    Pooling,
+    SlotConfig,
+)
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.optimizers import SGD, Adagrad, Adam, optimizer_from_dict
+
+pytestmark = pytest.mark.unit
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -59,6 +69,7 @@ def test_slot_defaults_apply_when_only_dim_is_given(tmp_path):
     slot = cfg.slot("user")
     assert slot == SlotConfig(dim=8)
     assert (slot.embedding_summation, slot.sqrt_scaling, slot.mean_scaling) == (True, False, False)
+    assert slot.pooling is Pooling.SUM
     assert slot.sample_fixed_size == 10
     assert slot.hash_stack_config is None
     assert cfg.feature_index_prefix_bit == 8
@@ -92,6 +103,8 @@ def test_every_slot_option_is_read_from_yaml(tmp_path):
     assert cfg.slot("item").sqrt_scaling is True
     assert cfg.slot("item").hash_stack_config == HashStackConfig(hash_stack_rounds=2, embedding_size=1000)
     assert cfg.slot("tag").mean_scaling is True
+    # PERSIA's flags select the pooling
+    assert [cfg.slot(name).pooling for name in ("user", "item", "tag")] == [Pooling.NONE, Pooling.SQRTN, Pooling.MEAN]
     # One table per ungrouped feature, indexed in file order.
     assert [(t.name, t.index, t.dim, t.features) for t in cfg.tables.values()] == [
         ("user", 0, 16, ("user",)),
@@ -485,12 +498,12 @@ def test_embedding_config_round_trips_through_to_dict(tmp_path):
 
 def test_global_defaults_from_empty_file(tmp_path):
     cfg = load_global(tmp_path, "")
-    assert cfg.mode == "train"
+    assert cfg.mode is JobType.TRAIN
     assert cfg.server.capacity == 1_000_000
     assert cfg.server.max_ids_per_request == 4_000_000
     assert cfg.server.weight_bound == 0.0
     assert cfg.server.enable_incremental_update is False
-    assert cfg.initialization.method == "bounded_uniform"
+    assert cfg.initialization.method is InitMethod.BOUNDED_UNIFORM
     assert (cfg.initialization.lower, cfg.initialization.upper) == (-0.01, 0.01)
     assert cfg.sparse_optimizer == Adagrad()
     assert cfg == GlobalConfig.from_dict({})
@@ -515,7 +528,7 @@ def test_global_values_are_read_from_yaml(tmp_path):
           seed: 7
         """,
     )
-    assert cfg.mode == "infer"
+    assert cfg.mode is JobType.INFER
     assert cfg.server.capacity == 5000
     assert cfg.server.max_ids_per_request == 100
     assert cfg.server.weight_bound == 2.0 and isinstance(cfg.server.weight_bound, float)
@@ -572,30 +585,37 @@ def test_bad_incremental_and_storage_settings_are_refused(tmp_path, body, messag
 
 
 @pytest.mark.parametrize(
-    "job_type, mode", [("train", "train"), ("infer", "infer"), ("INFER", "infer"), ("Train", "train")]
+    "job_type, mode",
+    [("train", JobType.TRAIN), ("infer", JobType.INFER), ("INFER", JobType.INFER), ("Train", JobType.TRAIN)],
 )
 def test_job_type_is_accepted_case_insensitively(tmp_path, job_type, mode):
     cfg = load_global(tmp_path, f"common_config:\n  job_type: {job_type}\n")
-    assert cfg.mode == mode
-    assert cfg.common_config.job_type == mode
+    assert cfg.mode is mode
+    assert cfg.common_config.job_type is mode
 
 
 @pytest.mark.parametrize("job_type", ["serve", "training", "''"])
 def test_unknown_job_type_is_refused(tmp_path, job_type):
     message = global_error(tmp_path, f"common_config:\n  job_type: {job_type}\n")
-    assert "'common_config'" in message
-    assert "job_type must be 'train' or 'infer'" in message
+    assert "'common_config.job_type' must be one of 'train', 'infer', got" in message
 
 
 def test_job_type_of_wrong_type_is_refused(tmp_path):
     message = global_error(tmp_path, "common_config:\n  job_type: 1\n")
-    assert "'common_config.job_type' must be a string, got 1" in message
+    assert "'common_config.job_type' must be one of 'train', 'infer', got 1" in message
+
+
+def test_job_type_given_in_code_takes_the_file_spellings():
+    from embedding_server.core.config import CommonConfig
+
+    assert CommonConfig(job_type="Infer").job_type is JobType.INFER
+    with pytest.raises(ValueError, match="job_type must be 'train' or 'infer', got 'serve'"):
+        CommonConfig(job_type="serve")
 
 
 def test_unknown_initialization_method_is_refused(tmp_path):
     message = global_error(tmp_path, "initialization: {method: gaussian}\n")
-    assert "'initialization'" in message
-    assert "method must be 'bounded_uniform' or 'bounded_normal', got 'gaussian'" in message
+    assert "'initialization.method' must be one of 'bounded_uniform', 'bounded_normal', got 'gaussian'" in message
 
 
 @pytest.mark.parametrize(
@@ -762,3 +782,12 @@ def test_non_finite_floats_are_refused(tmp_path, value):
 def test_exponent_string_that_is_not_a_number_is_still_refused(tmp_path):
     message = global_error(tmp_path, "sparse_optimizer: {type: sgd, lr: 1e-3x}\n")
     assert "'sparse_optimizer.lr' must be a number, got '1e-3x'" in message
+
+
+def test_config_reference_prints_enum_defaults_as_their_yaml_spelling():
+    from ctrserve.reference import reference_markdown
+
+    text = reference_markdown()
+    assert "| `common_config.job_type` | `'train'` |" in text
+    assert "| `initialization.method` | `'bounded_uniform'` |" in text
+    assert "JobType" not in text and "InitMethod" not in text

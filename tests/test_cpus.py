@@ -9,6 +9,8 @@ import pytest
 
 from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, pin_this_thread, usable_cpus
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "text, cpus", [("0", {0}), ("0-3,8", {0, 1, 2, 3, 8}), (" 2 , 0-1 ", {0, 1, 2}), ("5,5-6", {5, 6})]

@@ -25,6 +25,8 @@ from trainer.data import Chunk, ColumnMapping, DataFormatError, concat_chunks, r
 from trainer.loader import DataLoader
 from trainer.synthetic import SyntheticCriteo
 
+pytestmark = pytest.mark.unit
+
 SAMPLE = Path("/work/shared/data/criteo_sample.csv")
 
 

@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FRESHNESS_GOAL_S = 10.0
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(300)]
 
 
 def start_demo(workdir: Path, *args: str) -> subprocess.Popen:

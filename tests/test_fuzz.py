@@ -14,6 +14,8 @@ import pytest
 
 from ctrserve.fuzz import TARGETS, run_in_subprocess
 
+pytestmark = pytest.mark.process
+
 #: Generated inputs per target in the default test run (about 15 s in all on 2 busy cores).
 INPUTS = {"batch": 2000, "packet": 400, "request": 1500}
 SEED = 20261123

@@ -1,50 +1,52 @@
-"""The serving pieces that need no running TorchServe: request decoding and validation, the
-serving config, batch merging, the client's response parsing, archive building, the publisher's
-version scan, and the generated TorchServe stubs.
+"""The serving pieces of the ``handler`` package that need no running TorchServe: request
+decoding and validation, the request limits of ``serving.yml`` (max_request_bytes,
+max_json_request_bytes, max_batch_size, max_ids_per_request, max_ids_per_sample: each refused
+with a message naming its key, the handler answering the next good request as before), the
+serving config, batch merging, the timing metrics and the client's response parsing.
 
-The handler's ``handle`` is called here with TorchServe's own ``Context`` class (not a running
-TorchServe) and an in-process embedding client, only to check what a running TorchServe cannot
-show directly: the per-request statuses of a mixed batch. Everything else about the handler is
-tested through a real TorchServe in ``test_torchserve.py``.
+The handler's ``handle`` (TorchServe's ``BaseHandler.handle``, running the handler's
+preprocess, inference and postprocess) is called here with TorchServe's own ``Context`` class and
+metrics cache (not a running TorchServe) and an in-process embedding client, to check what a
+running TorchServe cannot show directly: the per-request statuses of a mixed batch, the metrics
+recorded, the 503 of an unavailable shard. Everything else about the handler is tested through a
+real TorchServe in ``test_torchserve.py``; archive building and the publisher's version scan are
+in ``test_archiver.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import ts
-from torchserve_support import DENSE_WIDTH, EMB, GLOBAL, as_json, expected_scores, export_version, random_batch
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import PredictionException
 
-from archiver.build import archive_model
-from archiver.publish import Publisher, PublishSettings
 from embedding_server.core.batch import SparseFeature
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
-from embedding_server.core.errors import ConfigError
+from embedding_server.core.errors import ConfigError, ShardUnavailableError
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
 from embedding_server.rpc.client import InProcessEmbeddingClient
 from handler.client import PredictionError, parse_response
 from handler.persia_handler import PersiaHandler
-from handler.request import RequestDecoder, RequestError, merge_requests
+from handler.request import Limits, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import ENV_SERVERS, ServingConfig
 from handler.timing import TimingMetrics
 from trainer.batch import PyPersiaBatchData
+
+pytestmark = pytest.mark.unit
 
 TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return export_version(tmp_path_factory.mktemp("root"), 4, seed=4)
+def model_dir(tmp_path_factory, tiny_ctr):
+    return tiny_ctr.export_version(tmp_path_factory.mktemp("root"), 4, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +62,13 @@ def decoder(spec) -> RequestDecoder:
 # ------------------------------------------------------------------------------ decoding
 
 
-def test_bytes_and_json_decode_to_the_same_request(decoder):
-    batch = random_batch(np.random.default_rng(0), 6)
+def test_bytes_and_json_decode_to_the_same_request(decoder, tiny_ctr):
+    batch = tiny_ctr.random_batch(np.random.default_rng(0), 6)
     from_bytes = decoder.decode({"body": batch.to_bytes()})
     for item in (
-        {"body": as_json(batch)},
-        {"data": json.dumps(as_json(batch))},
-        {"batch": json.dumps(as_json(batch)).encode()},
+        {"body": tiny_ctr.as_json(batch)},
+        {"data": json.dumps(tiny_ctr.as_json(batch))},
+        {"batch": json.dumps(tiny_ctr.as_json(batch)).encode()},
     ):
         from_json = decoder.decode(item)
         np.testing.assert_array_equal(from_json.dense, from_bytes.dense)
@@ -78,86 +80,106 @@ def test_bytes_and_json_decode_to_the_same_request(decoder):
     assert from_bytes.dense.dtype == np.float32 and from_bytes.batch_size == 6
 
 
-def test_features_are_put_in_model_order_and_dense_parts_concatenated(decoder):
+def test_features_are_put_in_model_order_and_dense_parts_concatenated(decoder, tiny_ctr):
     batch = PyPersiaBatchData()
-    batch.add_dense([np.ones((2, 2), np.float64), np.zeros((2, DENSE_WIDTH - 2), np.int32)])
+    batch.add_dense([np.ones((2, 2), np.float64), np.zeros((2, tiny_ctr.DENSE_WIDTH - 2), np.int32)])
     batch.add_sparse([(name, [np.array([1], np.uint64), np.array([], np.uint64)]) for name in ("H1", "C3", "C1", "C2")])
     decoded = decoder.decode({"body": batch.to_bytes()})
     assert [f.name for f in decoded.sparse] == ["C1", "C2", "C3", "H1"]
     assert decoded.dense.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
 
 
-def _corrupted() -> bytes:
-    data = bytearray(random_batch(np.random.default_rng(9), 2).to_bytes())
+def _corrupted(kit) -> bytes:
+    data = bytearray(kit.random_batch(np.random.default_rng(9), 2).to_bytes())
     data[-10] ^= 0xFF
     return bytes(data)
 
 
-def _json_request(**changes) -> dict:
+def _json_request(kit, **changes) -> dict:
     body = {
-        "dense": [[0.5] * DENSE_WIDTH] * 2,
+        "dense": [[0.5] * kit.DENSE_WIDTH] * 2,
         "sparse": {"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4, 5], [6]]},
     }
     body.update(changes)
     return body
 
 
+# (the request item, made from the tiny_ctr kit; what the refusal must say)
+BAD_REQUESTS = [
+    (lambda kit: {"body": b""}, "empty request body"),
+    (lambda kit: {}, "empty request body"),
+    (lambda kit: None, "empty request body"),
+    (lambda kit: {"body": _corrupted(kit)}, "undecodable batch bytes: batch checksum mismatch"),
+    (lambda kit: {"body": b"CTRB\x01\x00\x00\x00garbage"}, "undecodable batch bytes: batch bytes too short"),
+    (lambda kit: {"body": b"\x00\x01binary"}, "neither ctrserve batch bytes"),
+    (lambda kit: {"body": b"{not json"}, "invalid JSON"),
+    (
+        lambda kit: {
+            "body": _json_request(
+                kit, sparse={"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]], "X": [[1], [2]]}
+            )
+        },
+        "unknown feature 'X'; the model takes: C1, C2, C3, H1",
+    ),
+    (
+        lambda kit: {"body": _json_request(kit, sparse={"C1": [[1], []], "C2": [[2], [3]], "H1": [[4], [6]]})},
+        "missing feature 'C3'",
+    ),
+    (
+        lambda kit: {"body": _json_request(kit, dense=[[0.5] * (kit.DENSE_WIDTH + 1)] * 2)},
+        "dense width 6 does not match the model's dense_width 5",
+    ),
+    (
+        lambda kit: {"body": _json_request(kit, dense=[[0.5] * kit.DENSE_WIDTH, [0.5]])},
+        "'dense' rows have different lengths",
+    ),
+    (
+        lambda kit: {"body": _json_request(kit, dense=[["1"] * kit.DENSE_WIDTH] * 2)},
+        "'dense' rows must hold only numbers",
+    ),
+    (
+        lambda kit: {"body": _json_request(kit, dense=[[float("nan")] * kit.DENSE_WIDTH] * 2)},
+        "dense values must be finite",
+    ),
+    (
+        lambda kit: {"body": _json_request(kit, dense=[[0.5] * kit.DENSE_WIDTH] * 3)},
+        "batch parts disagree on the batch size",
+    ),
+    (
+        lambda kit: {
+            "body": _json_request(kit, sparse={"C1": [[-1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]]})
+        },
+        "ids must be in [0, 2**64)",
+    ),
+    (lambda kit: {"body": _json_request(kit, extra=1)}, "unknown keys ['extra'] in the JSON request"),
+    (
+        lambda kit: {"body": _json_request(kit, dense=[], sparse={"C1": [], "C2": [], "C3": [], "H1": []})},
+        "empty batch: the request holds 0 samples",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "item, message",
-    [
-        ({"body": b""}, "empty request body"),
-        ({}, "empty request body"),
-        (None, "empty request body"),
-        ({"body": _corrupted()}, "undecodable batch bytes: batch checksum mismatch"),
-        ({"body": b"CTRB\x01\x00\x00\x00garbage"}, "undecodable batch bytes: batch bytes too short"),
-        ({"body": b"\x00\x01binary"}, "neither ctrserve batch bytes"),
-        ({"body": b"{not json"}, "invalid JSON"),
-        (
-            {
-                "body": _json_request(
-                    sparse={"C1": [[1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]], "X": [[1], [2]]}
-                )
-            },
-            "unknown feature 'X'; the model takes: C1, C2, C3, H1",
-        ),
-        ({"body": _json_request(sparse={"C1": [[1], []], "C2": [[2], [3]], "H1": [[4], [6]]})}, "missing feature 'C3'"),
-        (
-            {"body": _json_request(dense=[[0.5] * (DENSE_WIDTH + 1)] * 2)},
-            "dense width 6 does not match the model's dense_width 5",
-        ),
-        ({"body": _json_request(dense=[[0.5] * DENSE_WIDTH, [0.5]])}, "'dense' rows have different lengths"),
-        ({"body": _json_request(dense=[["1"] * DENSE_WIDTH] * 2)}, "'dense' rows must hold only numbers"),
-        ({"body": _json_request(dense=[[float("nan")] * DENSE_WIDTH] * 2)}, "dense values must be finite"),
-        ({"body": _json_request(dense=[[0.5] * DENSE_WIDTH] * 3)}, "batch parts disagree on the batch size"),
-        (
-            {"body": _json_request(sparse={"C1": [[-1], []], "C2": [[2], [3]], "C3": [[], []], "H1": [[4], [6]]})},
-            "ids must be in [0, 2**64)",
-        ),
-        ({"body": _json_request(extra=1)}, "unknown keys ['extra'] in the JSON request"),
-        (
-            {"body": _json_request(dense=[], sparse={"C1": [], "C2": [], "C3": [], "H1": []})},
-            "empty batch: the request holds 0 samples",
-        ),
-    ],
+    "make_item, message", BAD_REQUESTS, ids=[f"item{i}-{m}" for i, (_, m) in enumerate(BAD_REQUESTS)]
 )
-def test_bad_requests_are_refused_with_a_precise_message(decoder, item, message):
+def test_bad_requests_are_refused_with_a_precise_message(decoder, make_item, message, tiny_ctr):
     with pytest.raises(RequestError) as err:
-        decoder.decode(item)
+        decoder.decode(make_item(tiny_ctr))
     assert message in err.value.message
     assert err.value.code == 400
 
 
-def test_limits_on_samples_and_bytes(spec):
-    batch = random_batch(np.random.default_rng(2), 9)
+def test_limits_on_samples_and_bytes(spec, tiny_ctr):
+    batch = tiny_ctr.random_batch(np.random.default_rng(2), 9)
     with pytest.raises(RequestError, match="batch of 9 samples exceeds the limit of 8 samples per request"):
         RequestDecoder(spec, max_batch_size=8, max_request_bytes=1 << 20).decode({"body": batch.to_bytes()})
     with pytest.raises(RequestError, match="exceeds the limit of 100 bytes"):
         RequestDecoder(spec, max_batch_size=64, max_request_bytes=100).decode({"body": batch.to_bytes()})
 
 
-def test_merge_concatenates_requests_like_one_batch(decoder):
+def test_merge_concatenates_requests_like_one_batch(decoder, tiny_ctr):
     rng = np.random.default_rng(3)
-    parts = [random_batch(rng, n) for n in (3, 1, 4)]
+    parts = [tiny_ctr.random_batch(rng, n) for n in (3, 1, 4)]
     merged_dense, merged, sizes = merge_requests(
         [decoder.decode({"body": p.to_bytes()}) for p in parts], decoder.feature_names
     )
@@ -172,6 +194,127 @@ def test_merge_concatenates_requests_like_one_batch(decoder):
         expected = SparseFeature.from_lists(feature.name, samples)
         np.testing.assert_array_equal(feature.ids, expected.ids)
         np.testing.assert_array_equal(feature.offsets, expected.offsets)
+
+
+# ------------------------------------------------------------------------------ request limits (serving.yml)
+# Each limit is configurable and refused with a message naming its key and the request's value
+# (HTTP 400 / PredictionException); the handler answers the next good request as before.
+
+
+def _limited_handler(kit, model_dir, spec, **limits) -> PersiaHandler:
+    handler = PersiaHandler()
+    embeddings = InProcessEmbeddingClient(
+        EmbeddingConfig.from_dict(kit.EMB), GlobalConfig.from_dict(kit.GLOBAL), num_shards=1
+    )
+    handler.configure(
+        spec, torch.jit.load(str(model_dir / MODEL_FILE)), embeddings, ServingConfig(**limits), torch.device("cpu")
+    )
+    return handler
+
+
+def _batch(samples: int, ids_per_sample: int = 1, features=("C1", "C2", "C3", "H1")) -> PyPersiaBatchData:
+    batch = PyPersiaBatchData()
+    batch.add_dense([np.zeros((samples, 5), np.float32)])
+    batch.add_sparse([(f, [np.arange(ids_per_sample, dtype=np.uint64)] * samples) for f in features])
+    return batch
+
+
+def _refused(handler: PersiaHandler, body) -> str:
+    with pytest.raises(PredictionException) as err:
+        handler.handle([{"body": body}], worker_context(1))
+    assert err.value.error_code == 400
+    return err.value.message
+
+
+def _served(handler: PersiaHandler, body, samples: int) -> None:
+    answer = parse_response(handler.handle([{"body": body}], worker_context(1))[0])
+    assert len(answer.scores) == samples
+
+
+# (serving.yml limits, a request over them made from the tiny_ctr kit, what the message must
+# say); each case is followed by a request within the limits, answered by the same handler.
+CASES = {
+    "max_request_bytes": (
+        dict(max_request_bytes=2000),
+        lambda kit: _batch(40).to_bytes(),
+        ["exceeds the limit of 2000 bytes (max_request_bytes)", "request of "],
+    ),
+    "max_json_request_bytes": (
+        dict(max_json_request_bytes=500),
+        lambda kit: json.dumps(kit.as_json(_batch(20))).encode(),
+        ["exceeds the limit of 500 bytes (max_json_request_bytes)"],
+    ),
+    "max_json_request_bytes_text": (
+        dict(max_json_request_bytes=500),
+        lambda kit: json.dumps(kit.as_json(_batch(20))),
+        ["characters exceeds the limit of 500 bytes (max_json_request_bytes)"],
+    ),
+    "max_batch_size": (
+        dict(max_batch_size=8),
+        lambda kit: _batch(9).to_bytes(),
+        ["batch of 9 samples exceeds the limit of 8 samples per request (max_batch_size)"],
+    ),
+    "max_ids_per_request": (
+        dict(max_ids_per_request=30),
+        lambda kit: _batch(4, 2).to_bytes(),
+        ["request carries 32 ids; the limit is 30 ids per request (max_ids_per_request)"],
+    ),
+    "max_ids_per_sample": (
+        dict(max_ids_per_sample=3),
+        lambda kit: _batch(2, 4).to_bytes(),
+        ["feature 'C1' has 4 ids in sample 0; the limit is 3 ids per sample (max_ids_per_sample)"],
+    ),
+    "max_ids_per_sample_json": (
+        dict(max_ids_per_sample=3),
+        lambda kit: kit.as_json(_batch(2, 4)),
+        ["has 4 ids in sample 0", "(max_ids_per_sample)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_handler_limit_is_enforced_and_the_handler_keeps_serving(model_dir, spec, case, tiny_ctr):
+    limits, make, messages = CASES[case]
+    handler = _limited_handler(tiny_ctr, model_dir, spec, **limits)
+    message = _refused(handler, make(tiny_ctr))
+    for expected in messages:
+        assert expected in message
+    _served(handler, _batch(2).to_bytes(), 2)
+    _served(handler, tiny_ctr.as_json(_batch(3)), 3)
+
+
+def test_limits_at_their_exact_value_are_accepted(spec):
+    batch = _batch(4, 3)
+    size = len(batch.to_bytes())
+    decoder = RequestDecoder.from_serving(
+        spec, ServingConfig(max_request_bytes=size, max_batch_size=4, max_ids_per_request=48, max_ids_per_sample=3)
+    )
+    assert decoder.decode({"body": batch.to_bytes()}).batch_size == 4
+    assert decoder.limits == Limits(4, size, 48, 3)
+
+
+def test_limits_come_from_serving_yml_and_are_validated(tmp_path):
+    path = tmp_path / "serving.yml"
+    path.write_text("max_ids_per_request: 100\nmax_ids_per_sample: 5\nmax_json_request_bytes: 1000\n")
+    config = ServingConfig.load(path)
+    assert Limits.from_config(config) == Limits(4096, 64 << 20, 100, 5, 1000)
+    for key in (
+        "max_ids_per_request",
+        "max_ids_per_sample",
+        "max_json_request_bytes",
+        "max_batch_size",
+        "max_request_bytes",
+    ):
+        for bad in (0, -1, 1.5, True, "10"):
+            with pytest.raises(ConfigError, match=f"'{key}' must be a positive integer"):
+                ServingConfig.from_dict({key: bad})
+
+
+def test_deeply_nested_json_is_a_clear_400(spec):
+    decoder = RequestDecoder(spec, max_batch_size=64, max_request_bytes=1 << 20)
+    with pytest.raises(RequestError, match="invalid JSON") as err:
+        decoder.decode({"body": b'{"sparse": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"})
+    assert err.value.code == 400
 
 
 # ------------------------------------------------------------------------------ serving config
@@ -212,11 +355,22 @@ def test_initialize_without_embedding_servers_says_how_to_configure_them(model_d
         PersiaHandler().initialize(Context("deepctr", str(model_dir), {}, 1, None, "0.12.0"))
 
 
-def _metrics_cache() -> MetricsCacheYamlImpl:
+def metrics_cache() -> MetricsCacheYamlImpl:
     """TorchServe's own metrics cache (what a worker's context.metrics is), with its default config."""
     cache = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     cache.initialize_cache()
     return cache
+
+
+def worker_context(requests: int) -> Context:
+    """A ``Context`` as a TorchServe worker hands it to ``handle`` for a batch of ``requests``:
+    its metrics cache, an (empty) model config, a request processor and an id per request."""
+    metrics = metrics_cache()
+    metrics.model_name = "deepctr"  # as the worker sets it when it loads the model
+    context = Context("deepctr", "/nonexistent", {}, requests, None, "0.12.0", metrics=metrics, model_yaml_config={})
+    context.request_processor = [RequestProcessor({}) for _ in range(requests)]
+    context.request_ids = metrics.request_ids = {i: f"request-{i}" for i in range(requests)}  # as Service.predict
+    return context
 
 
 def _recorded(caplog: pytest.LogCaptureFixture) -> list[tuple[str, float]]:
@@ -234,7 +388,7 @@ def test_handler_module_defines_the_one_class_torchserve_loads():
 
 
 def test_timing_metrics_are_recorded_as_means_once_per_interval(caplog):
-    cache = _metrics_cache()
+    cache = metrics_cache()
     caplog.set_level(logging.INFO, logger="ts.metrics")
     now = [100.0]
     timings = TimingMetrics(interval_s=1.0, clock=lambda: now[0])
@@ -250,7 +404,7 @@ def test_timing_metrics_are_recorded_as_means_once_per_interval(caplog):
 
 
 def test_timing_metrics_with_interval_zero_record_every_value(caplog):
-    cache = _metrics_cache()
+    cache = metrics_cache()
     caplog.set_level(logging.INFO, logger="ts.metrics")
     timings = TimingMetrics(interval_s=0.0)
     for ms in (1.0, 2.5):
@@ -262,29 +416,35 @@ def test_timing_metrics_with_interval_zero_record_every_value(caplog):
 
 
 @pytest.fixture()
-def handler(model_dir, spec) -> PersiaHandler:
+def handler(model_dir, spec, tiny_ctr) -> PersiaHandler:
     h = PersiaHandler()
-    embeddings = InProcessEmbeddingClient(EmbeddingConfig.from_dict(EMB), GlobalConfig.from_dict(GLOBAL), num_shards=2)
+    embeddings = InProcessEmbeddingClient(
+        EmbeddingConfig.from_dict(tiny_ctr.EMB), GlobalConfig.from_dict(tiny_ctr.GLOBAL), num_shards=2
+    )
     model = torch.jit.load(str(model_dir / MODEL_FILE))
     h.configure(spec, model, embeddings, ServingConfig(max_batch_size=64), torch.device("cpu"))
     return h
 
 
-def _context(requests: int) -> Context:
-    context = Context("deepctr", "/nonexistent", {}, requests, None, "0.12.0")
-    context.request_processor = [RequestProcessor({}) for _ in range(requests)]
-    return context
+def test_handle_is_torchserves_template_method():
+    from ts.torch_handler.base_handler import BaseHandler
+
+    assert PersiaHandler.handle is BaseHandler.handle  # preprocess -> inference -> postprocess, HandlerTime
 
 
-def test_mixed_batch_gives_each_request_its_scores_or_its_own_error(handler, model_dir):
+def test_mixed_batch_gives_each_request_its_scores_or_its_own_error(handler, model_dir, tiny_ctr):
     rng = np.random.default_rng(4)
-    good = [random_batch(rng, 2), random_batch(rng, 5)]
-    context = _context(3)
-    results = handler.handle([{"body": good[0].to_bytes()}, {"body": b"junk"}, {"body": as_json(good[1])}], context)
+    good = [tiny_ctr.random_batch(rng, 2), tiny_ctr.random_batch(rng, 5)]
+    context = worker_context(3)
+    results = handler.handle(
+        [{"body": good[0].to_bytes()}, {"body": b"junk"}, {"body": tiny_ctr.as_json(good[1])}], context
+    )
     assert len(results) == 3
     for index, batch in ((0, good[0]), (2, good[1])):
         answer = parse_response(results[index])
-        np.testing.assert_allclose(answer.scores, expected_scores(model_dir, handler.embeddings, batch), atol=TOL)
+        np.testing.assert_allclose(
+            answer.scores, tiny_ctr.expected_scores(model_dir, handler.embeddings, batch), atol=TOL
+        )
         assert answer.model_version == 4 and answer.raw["batch_requests"] == 3
         assert context.get_response_status(index) == (200, None)
     code, phrase = context.get_response_status(1)
@@ -296,8 +456,34 @@ def test_mixed_batch_gives_each_request_its_scores_or_its_own_error(handler, mod
 
 def test_a_lone_bad_request_raises_prediction_exception_with_4xx(handler):
     with pytest.raises(PredictionException) as err:
-        handler.handle([{"body": b""}], _context(1))
+        handler.handle([{"body": b""}], worker_context(1))
     assert err.value.error_code == 400 and "empty request body" in err.value.message
+
+
+def test_a_batch_of_only_bad_requests_answers_each_with_its_error(handler):
+    context = worker_context(2)
+    results = handler.handle([{"body": b""}, {"body": b"junk"}], context)
+    assert [json.loads(r)["code"] for r in results] == [400, 400]
+    assert [context.get_response_status(i)[0] for i in range(2)] == [400, 400]
+
+
+def test_an_unavailable_shard_raises_503(handler, monkeypatch, tiny_ctr):
+    def down(features):
+        raise ShardUnavailableError("shard 1: every replica down")
+
+    monkeypatch.setattr(handler.embeddings, "lookup", down)
+    batch = tiny_ctr.random_batch(np.random.default_rng(5), 2)
+    with pytest.raises(PredictionException) as err:
+        handler.handle([{"body": batch.to_bytes()}], worker_context(1))
+    assert err.value.error_code == 503 and "every replica down" in err.value.message
+
+
+def test_handle_records_the_stage_timings_and_handler_time(handler, spec, caplog, tiny_ctr):
+    handler.configure(spec, handler.model, handler.embeddings, ServingConfig(metrics_interval_s=0), handler.device)
+    caplog.set_level(logging.INFO, logger="ts.metrics")
+    batch = tiny_ctr.random_batch(np.random.default_rng(6), 3)
+    handler.handle([{"body": batch.to_bytes()}], worker_context(1))
+    assert [name for name, _ in _recorded(caplog)] == ["EmbeddingLookupTime", "DenseInferenceTime", "HandlerTime"]
 
 
 # ------------------------------------------------------------------------------ client, archive, publish, protos
@@ -310,45 +496,6 @@ def test_parse_response_refuses_what_is_not_the_handlers_json():
         parse_response(b'{"x": 1}')
     ok = parse_response(b'{"scores": [0.25, 0.5], "model_version": 7, "embedding_watermark": {"0": 3}}')
     assert ok.scores.tolist() == [0.25, 0.5] and ok.model_version == 7 and ok.embedding_watermark == {"0": 3}
-
-
-def test_archive_holds_model_spec_serving_config_and_handler(model_dir, tmp_path):
-    serving = tmp_path / "my-serving.yml"
-    serving.write_text("embedding_servers: ['127.0.0.1:7001']\n")
-    mar = archive_model(model_dir, tmp_path / "store", serving_config=serving)
-    assert mar == tmp_path / "store" / "deepctr.mar"
-    with zipfile.ZipFile(mar) as archive:
-        names = set(archive.namelist())
-        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-    assert {"model.pt", "model.json", "serving.yml", "persia_handler.py"} <= names
-    assert manifest["model"]["modelName"] == "deepctr" and manifest["model"]["modelVersion"] == "4"
-    assert manifest["model"]["handler"] == "persia_handler.py"
-    serving.write_text("embedding_server: ['127.0.0.1:7001']\n")
-    with pytest.raises(ConfigError, match="unknown keys"):
-        archive_model(model_dir, tmp_path / "store", serving_config=serving)
-    with pytest.raises(ConfigError, match="has no model.pt"):
-        archive_model(tmp_path, tmp_path / "store")
-
-
-def test_publisher_sees_only_complete_versions(tmp_path):
-    for version in (1, 3):
-        export_version(tmp_path, version, seed=version)
-    (tmp_path / "dense" / "v00000005").mkdir()  # being written: no model.json yet
-    (tmp_path / "dense" / "notes").mkdir()
-    publisher = Publisher(management=None, settings=PublishSettings(str(tmp_path), str(tmp_path / "store")))
-    assert publisher.complete_versions() == [1, 3]
-    assert publisher.mar_stem(3) == "deepctr-v00000003"
-    with pytest.raises(ConfigError, match="--keep must be >= 1"):
-        PublishSettings(str(tmp_path), str(tmp_path / "store"), keep=0)
-
-
-def test_torchserve_stubs_are_generated_not_committed():
-    from protos.torchserve import inference_pb2, management_pb2
-
-    assert "Predictions" in inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].methods_by_name
-    assert "SetDefault" in management_pb2.DESCRIPTOR.services_by_name["ManagementAPIsService"].methods_by_name
-    tracked = subprocess.run(["git", "ls-files", "protos"], capture_output=True, text=True, check=True).stdout.split()
-    assert not any(name.endswith(("inference.proto", "management.proto")) or "_generated" in name for name in tracked)
 
 
 def test_embedding_watermark_is_what_the_shards_report_under_watermark(handler):

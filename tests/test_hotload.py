@@ -25,8 +25,6 @@ import pyarrow as pa
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
-from replica_support import wait_until
-from test_memory import huge_page_bytes, requires_collapse
 
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
@@ -188,6 +186,7 @@ def followers():
 # ----------------------------------------------------------------------------- the store
 
 
+@pytest.mark.unit
 def test_put_many_applies_every_table_or_nothing(emb):
     store = infer_stores(emb)[0]
     user, query = emb.tables["user"], emb.tables["query"]
@@ -202,6 +201,7 @@ def test_put_many_applies_every_table_or_nothing(emb):
     assert (store.lookup(np.arange(3, dtype=np.uint64), np.full(3, query.index, np.uint16)) == 2.0).all()
 
 
+@pytest.mark.unit
 def test_staged_applies_keep_a_repeated_keys_last_value_and_recycle_replaced_rows(emb):
     store = infer_stores(emb, capacity=1000)[0]
     user = emb.tables["user"]
@@ -216,6 +216,7 @@ def test_staged_applies_keep_a_repeated_keys_last_value_and_recycle_replaced_row
     assert len(store) == 300 and store.counters()["evictions"] == 0
 
 
+@pytest.mark.unit
 def test_staged_applies_commit_memory_only_ahead_of_the_rows_they_use(emb):
     store = infer_stores(emb, capacity=1_000_000)[0]
     user = emb.tables["user"]
@@ -226,6 +227,7 @@ def test_staged_applies_commit_memory_only_ahead_of_the_rows_they_use(emb):
     assert store._committed_rows == 1 << 16
 
 
+@pytest.mark.unit
 def test_committing_ahead_keeps_values_and_commits_at_most_one_packet_beyond_what_is_used(emb):
     store = infer_stores(emb, capacity=1_000_000)[0]
     store.commit_ahead = True
@@ -254,8 +256,8 @@ def test_committing_ahead_keeps_values_and_commits_at_most_one_packet_beyond_wha
     assert store._committing is None
 
 
-@requires_collapse
-def test_a_store_filled_on_small_pages_moves_its_rows_onto_huge_pages_intact(emb):
+@pytest.mark.unit
+def test_a_store_filled_on_small_pages_moves_its_rows_onto_huge_pages_intact(emb, huge_page_bytes):
     store = infer_stores(emb, capacity=400_000)[0]
     assert store.defer_huge_pages() and store.huge_pages_pending
     user = emb.tables["user"]
@@ -274,8 +276,8 @@ def test_a_store_filled_on_small_pages_moves_its_rows_onto_huge_pages_intact(emb
     assert store.lookup(more, np.full(n, user.index, np.uint16)).tobytes() == values.tobytes()
 
 
-@requires_collapse
-def test_a_store_deferred_while_empty_commits_its_first_rows_on_huge_pages_once_adopted(emb):
+@pytest.mark.unit
+def test_a_store_deferred_while_empty_commits_its_first_rows_on_huge_pages_once_adopted(emb, huge_page_bytes):
     store = infer_stores(emb, capacity=400_000)[0]  # e.g. a follower on a model root with nothing published yet
     assert store.defer_huge_pages()
     assert store.adopt_huge_pages() and not store.huge_pages_pending
@@ -286,6 +288,7 @@ def test_a_store_deferred_while_empty_commits_its_first_rows_on_huge_pages_once_
     assert huge_page_bytes(store._weights) >= n * 8 * 4 // HUGE_PAGE * HUGE_PAGE
 
 
+@pytest.mark.unit
 def test_a_store_that_holds_rows_keeps_its_pages_and_has_nothing_to_move(emb):
     store = infer_stores(emb)[0]
     user = emb.tables["user"]
@@ -296,6 +299,7 @@ def test_a_store_that_holds_rows_keeps_its_pages_and_has_nothing_to_move(emb):
     assert not store.huge_pages_pending and store.adopt_huge_pages()
 
 
+@pytest.mark.unit
 def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
     store = infer_stores(emb, capacity=100)[0]
     user = emb.tables["user"]
@@ -340,7 +344,10 @@ def test_put_many_evicts_least_recently_used_rows_in_infer_mode_only(emb):
 # ----------------------------------------------------------------------------- start and replay
 
 
-def test_newest_checkpoint_plus_newer_packets_serve_the_trainers_values_bit_for_bit(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_newest_checkpoint_plus_newer_packets_serve_the_trainers_values_bit_for_bit(
+    emb, tmp_path, followers, wait_until
+):
     trainer = Trainer(emb, tmp_path)
     trainer.step_and_publish()
     trainer.checkpoint(1)
@@ -366,6 +373,7 @@ def test_newest_checkpoint_plus_newer_packets_serve_the_trainers_values_bit_for_
     assert_serves_trainer_state(emb, trainer, stores)
 
 
+@pytest.mark.unit
 def test_a_broken_newest_checkpoint_falls_back_to_an_older_one_and_none_loading_is_an_error(
     emb, tmp_path, followers, caplog
 ):
@@ -390,7 +398,8 @@ def test_a_broken_newest_checkpoint_falls_back_to_an_older_one_and_none_loading_
     lost.stop()
 
 
-def test_two_training_shards_serve_from_one_and_from_three_serving_shards(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_two_training_shards_serve_from_one_and_from_three_serving_shards(emb, tmp_path, followers, wait_until):
     trainer = Trainer(emb, tmp_path, num_shards=2)
     trainer.step_and_publish()
     trainer.checkpoint(1)
@@ -400,12 +409,13 @@ def test_two_training_shards_serve_from_one_and_from_three_serving_shards(emb, t
         group = [followers(store, str(tmp_path)) for store in stores]
         trainer.step_and_publish()
         for follower in group:
-            wait_until(lambda: watermarks(follower) == trainer.seq, what="every packet")
+            wait_until(lambda f=follower: watermarks(f) == trainer.seq, what="every packet")
         assert_serves_trainer_state(emb, trainer, stores)
         assert sum(len(s) for s in stores) == sum(len(s) for s in trainer.stores)
 
 
-def test_packets_written_out_of_order_are_applied_in_order(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_packets_written_out_of_order_are_applied_in_order(emb, tmp_path, followers, wait_until):
     trainer = Trainer(emb, tmp_path, num_shards=1)
     user = emb.tables["user"]
     ids = np.arange(100, dtype=np.uint64)
@@ -426,7 +436,8 @@ def test_packets_written_out_of_order_are_applied_in_order(emb, tmp_path, follow
     assert follower.stats()["streams"][0]["waiting_for"] == -1
 
 
-def test_duplicate_packets_are_skipped(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_duplicate_packets_are_skipped(emb, tmp_path, followers, wait_until):
     trainer = Trainer(emb, tmp_path, num_shards=1)
     user = emb.tables["user"]
 
@@ -446,7 +457,10 @@ def test_duplicate_packets_are_skipped(emb, tmp_path, followers):
     assert follower.stats()["packets_applied"] == 3
 
 
-def test_gap_waits_raises_the_alarm_after_the_timeout_and_applies_once_filled(emb, tmp_path, followers, caplog):
+@pytest.mark.unit
+def test_gap_waits_raises_the_alarm_after_the_timeout_and_applies_once_filled(
+    emb, tmp_path, followers, caplog, wait_until
+):
     caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     trainer = Trainer(emb, tmp_path, num_shards=1)
     registry = CollectorRegistry()
@@ -470,7 +484,8 @@ def test_gap_waits_raises_the_alarm_after_the_timeout_and_applies_once_filled(em
     assert_serves_trainer_state(emb, trainer, [store])
 
 
-def test_missing_model_root_and_late_packet_folders_are_waited_for(emb, tmp_path, followers, caplog):
+@pytest.mark.unit
+def test_missing_model_root_and_late_packet_folders_are_waited_for(emb, tmp_path, followers, caplog, wait_until):
     caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     root = tmp_path / "not-yet" / "model"
     store = infer_stores(emb)[0]
@@ -498,7 +513,10 @@ def other_format_version(data: bytes) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_apply(emb, tmp_path, followers, caplog):
+@pytest.mark.unit
+def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_apply(
+    emb, tmp_path, followers, caplog, wait_until
+):
     caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     trainer = Trainer(emb, tmp_path, num_shards=1)
     store = infer_stores(emb)[0]
@@ -537,7 +555,8 @@ def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_ap
         assert got.tobytes() == rows.weights.tobytes()
 
 
-def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers, wait_until):
     """Packet k sets 40,000 stored rows to k and inserts 100 new rows of value k: one lookup of all
     of them sees packet k whole (its new rows k, later packets' new rows still absent: 0) or
     not at all. The store has room to stage, so packets apply while lookups run."""
@@ -576,7 +595,7 @@ def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
     try:
         for k in range(1, 40):
             trainer.publish(0, constant(float(k)))
-            wait_until(lambda: watermarks(follower) == [k], what=f"packet {k}")
+            wait_until(lambda k=k: watermarks(follower) == [k], what=f"packet {k}")
     finally:
         stop.set()
         thread.join()
@@ -584,7 +603,8 @@ def test_a_reader_never_sees_half_of_a_packet(emb, tmp_path, followers):
     assert lookups[0] > 40
 
 
-def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path, followers, wait_until):
     trainer = Trainer(emb, tmp_path, num_shards=1)
     trainer.publish(
         0,
@@ -606,8 +626,9 @@ def test_once_synced_the_follower_applies_at_a_lower_cpu_priority(emb, tmp_path,
         FollowOptions(apply_niceness=20)
 
 
+@pytest.mark.unit
 def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_process_keeps_its_own(
-    emb, tmp_path, followers
+    emb, tmp_path, followers, wait_until
 ):
     trainer = Trainer(emb, tmp_path, num_shards=1)
     trainer.step_and_publish()
@@ -624,8 +645,10 @@ def test_once_synced_the_follower_applies_on_its_own_cpus_and_the_rest_of_the_pr
             FollowOptions(apply_cpus=bad)
 
 
-@requires_collapse
-def test_the_start_up_replay_commits_small_pages_and_serving_moves_them_onto_huge_pages(emb, tmp_path, caplog):
+@pytest.mark.unit
+def test_the_start_up_replay_commits_small_pages_and_serving_moves_them_onto_huge_pages(
+    emb, tmp_path, caplog, wait_until, huge_page_bytes
+):
     caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     trainer = Trainer(emb, tmp_path, num_shards=1)
     for _ in range(3):
@@ -647,7 +670,8 @@ def test_the_start_up_replay_commits_small_pages_and_serving_moves_them_onto_hug
         follower.stop()
 
 
-def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_freshness_and_watermark_metrics(emb, tmp_path, followers, wait_until):
     trainer = Trainer(emb, tmp_path, num_shards=2)
     registry = CollectorRegistry()
     store = infer_stores(emb)[0]
@@ -671,7 +695,8 @@ def test_freshness_and_watermark_metrics(emb, tmp_path, followers):
     assert 'ctrserve_embedding_huge_pages_pending{shard="0"} 0.0' in generate_latest(registry).decode()
 
 
-def test_newer_checkpoint_catches_up_a_shard_whose_packets_are_gone(emb, tmp_path, followers):
+@pytest.mark.unit
+def test_newer_checkpoint_catches_up_a_shard_whose_packets_are_gone(emb, tmp_path, followers, wait_until):
     trainer = Trainer(emb, tmp_path, num_shards=2)
     trainer.step_and_publish()
     store = infer_stores(emb)[0]
@@ -691,7 +716,8 @@ def test_newer_checkpoint_catches_up_a_shard_whose_packets_are_gone(emb, tmp_pat
     assert_serves_trainer_state(emb, trainer, [store])
 
 
-def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, followers, caplog):
+@pytest.mark.unit
+def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, followers, caplog, wait_until):
     caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
     old = Trainer(emb, tmp_path, num_shards=2)
     old.step_and_publish()
@@ -748,7 +774,10 @@ def server_watermarks(client: RemoteEmbeddingClient) -> list[list[int]]:
     return [[s["watermark"] for s in shard["hotload"]["streams"]] for shard in client.stats()]
 
 
-def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corrupt_packet(emb, config_files, tmp_path):
+@pytest.mark.process
+def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corrupt_packet(
+    emb, config_files, tmp_path, wait_until
+):
     root = tmp_path / "model"
     trainer = Trainer(emb, root, num_shards=2)
     trainer.step_and_publish()
@@ -817,7 +846,8 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
     assert "quarantined packet" in log_text and "ERROR" in log_text
 
 
-def test_server_with_a_gap_alarms_and_a_late_root_is_waited_for(emb, config_files, tmp_path):
+@pytest.mark.process
+def test_server_with_a_gap_alarms_and_a_late_root_is_waited_for(emb, config_files, tmp_path, wait_until):
     root = tmp_path / "late" / "model"
     with (
         ServerGroup.start(
@@ -844,7 +874,8 @@ def test_server_with_a_gap_alarms_and_a_late_root_is_waited_for(emb, config_file
     assert "packet seq 1 still missing" in log_text and log_text.count("has no checkpoints/ or incremental/ yet") == 1
 
 
-def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_files, tmp_path):
+@pytest.mark.process
+def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_files, tmp_path, wait_until):
     root = tmp_path / "model"
     trainer = Trainer(emb, root, num_shards=2)
     trainer.step_and_publish()
@@ -882,6 +913,7 @@ def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_fi
         assert_remote_serves_trainer_state(emb, trainer, client)
 
 
+@pytest.mark.process
 def test_model_root_needs_infer_mode(config_files, tmp_path):
     result = subprocess.run(
         [
@@ -914,7 +946,8 @@ def thread_cpus(pid: int) -> dict[int, str]:
     return cpus
 
 
-def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, config_files, tmp_path):
+@pytest.mark.process
+def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, config_files, tmp_path, wait_until):
     root = tmp_path / "model"
     trainer = Trainer(emb, root, num_shards=1)
     trainer.step_and_publish()
@@ -950,6 +983,7 @@ def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, 
     assert f"applied on CPUs {format_cpu_list(apply)}" in group.servers[0].log_path.read_text()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -984,7 +1018,9 @@ def test_cpu_placement_flags_that_cannot_hold_are_refused(config_files, tmp_path
     assert message in result.stderr
 
 
-def test_server_follows_an_s3_model_root_on_ceph(emb, config_files, tmp_path, ceph_s3, monkeypatch):
+@pytest.mark.process
+@pytest.mark.ceph
+def test_server_follows_an_s3_model_root_on_ceph(emb, config_files, tmp_path, ceph_s3, monkeypatch, wait_until):
     for name, value in ceph_s3.env().items():
         monkeypatch.setenv(name, value)  # the server processes inherit them
     root = f"s3://{ceph_s3.bucket}/hotload-{uuid.uuid4().hex[:8]}"

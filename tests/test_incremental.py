@@ -12,7 +12,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from replica_support import wait_until
 
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.modelroot import checkpoint
@@ -76,6 +75,7 @@ def packets_of(root: Path, shard: int = 0, num_shards: int = 1) -> list[int]:
     )
 
 
+@pytest.mark.unit
 def test_changed_rows_are_taken_once_with_their_current_values(tmp_path):
     store = EmbeddingStore(CONFIG, global_config(tmp_path))
     push(store, [1, 2, 2, 3], USER)
@@ -89,6 +89,7 @@ def test_changed_rows_are_taken_once_with_their_current_values(tmp_path):
     assert store.pending_changes == 0 and store.take_changes() == []
 
 
+@pytest.mark.unit
 def test_rows_evicted_before_a_flush_are_published_with_their_last_value(tmp_path):
     store = EmbeddingStore(CONFIG, global_config(tmp_path, capacity=64))
     push(store, [1, 2], USER)
@@ -101,6 +102,7 @@ def test_rows_evicted_before_a_flush_are_published_with_their_last_value(tmp_pat
     np.testing.assert_array_equal(changes[("user", 2)], before[1])
 
 
+@pytest.mark.unit
 def test_an_evicted_row_updated_again_publishes_its_newest_value(tmp_path):
     store = EmbeddingStore(CONFIG, global_config(tmp_path, capacity=64))
     push(store, [1], USER)
@@ -112,6 +114,7 @@ def test_an_evicted_row_updated_again_publishes_its_newest_value(tmp_path):
     np.testing.assert_array_equal(as_dict(changes)[("user", 1)], store.lookup(*keys([1], USER))[0])
 
 
+@pytest.mark.unit
 def test_stores_without_incremental_updates_do_not_track(tmp_path):
     plain = EmbeddingStore(CONFIG, GlobalConfig.from_dict({}))
     infer = EmbeddingStore(CONFIG, GlobalConfig.from_dict({"common_config": {"job_type": "infer"}}))
@@ -123,7 +126,8 @@ def test_stores_without_incremental_updates_do_not_track(tmp_path):
         PacketPublisher(plain, str(tmp_path))
 
 
-def test_a_full_buffer_publishes_a_packet_without_waiting_for_the_interval(tmp_path):
+@pytest.mark.unit
+def test_a_full_buffer_publishes_a_packet_without_waiting_for_the_interval(tmp_path, wait_until):
     store = EmbeddingStore(CONFIG, global_config(tmp_path, incremental_buffer_size=3))
     publisher = PacketPublisher(store).start()
     try:
@@ -135,7 +139,8 @@ def test_a_full_buffer_publishes_a_packet_without_waiting_for_the_interval(tmp_p
         publisher.close()
 
 
-def test_the_interval_publishes_pending_rows(tmp_path):
+@pytest.mark.unit
+def test_the_interval_publishes_pending_rows(tmp_path, wait_until):
     store = EmbeddingStore(CONFIG, global_config(tmp_path, incremental_flush_interval=0.2))
     publisher = PacketPublisher(store).start()
     try:
@@ -145,6 +150,7 @@ def test_the_interval_publishes_pending_rows(tmp_path):
         publisher.close()
 
 
+@pytest.mark.unit
 def test_close_publishes_pending_rows_and_a_restart_continues_the_sequence(tmp_path):
     store = EmbeddingStore(CONFIG, global_config(tmp_path))
     publisher = PacketPublisher(store).start()
@@ -159,6 +165,7 @@ def test_close_publishes_pending_rows_and_a_restart_continues_the_sequence(tmp_p
     assert restarted.stats()["packets_published"] == 1 and restarted.stats()["pending_rows"] == 0
 
 
+@pytest.mark.unit
 def test_packets_are_plain_arrow_files_with_their_metadata(tmp_path):
     store = EmbeddingStore(CONFIG, global_config(tmp_path))
     push(store, [1, 2], USER)
@@ -199,6 +206,7 @@ def _sample_packet() -> bytes:
     return encode_packet(rows, shard=0, num_shards=1, seq=1, fingerprint=CONFIG.fingerprint())
 
 
+@pytest.mark.unit
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 255))
 def test_a_flipped_byte_is_detected_or_harmless(position, flip):
@@ -245,6 +253,7 @@ print(json.dumps({"decoded": decoded, "refused": refused}))
 """
 
 
+@pytest.mark.process
 def test_every_byte_of_a_packet_flipped_truncated_or_overwritten_is_refused_or_harmless():
     """Every single-byte flip, truncation and 8-byte huge value at every offset of a packet: it
     decodes to the original rows (padding was hit) or is refused with PacketError; in a child
@@ -264,18 +273,21 @@ def test_every_byte_of_a_packet_flipped_truncated_or_overwritten_is_refused_or_h
     assert counts["refused"] > counts["decoded"] > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cut", [1, 50, 200])
 def test_truncated_packets_are_refused(cut):
     with pytest.raises(PacketError, match="not a readable Arrow file|checksum"):
         decode_packet(_sample_packet()[:-cut], CONFIG)
 
 
+@pytest.mark.unit
 def test_packets_of_other_tables_are_refused():
     other = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 2}}})
     with pytest.raises(PacketError, match="fingerprint"):
         decode_packet(_sample_packet(), other)
 
 
+@pytest.mark.unit
 def test_checkpoint_plus_newer_packets_reproduce_the_trainers_rows(tmp_path):
     """The whole published life: packets, a checkpoint with its watermark, more packets; a reader
     that loads the checkpoint and replays only packets above the watermark gets every row the
@@ -327,6 +339,7 @@ def test_checkpoint_plus_newer_packets_reproduce_the_trainers_rows(tmp_path):
     np.testing.assert_array_equal(served, np.stack([final[("user", int(i))] for i in ids]))
 
 
+@pytest.mark.unit
 def test_retention_keeps_the_newest_checkpoints_and_the_packets_they_need(tmp_path):
     client = InProcessEmbeddingClient(CONFIG, global_config(tmp_path))
     try:
@@ -352,6 +365,7 @@ def test_retention_keeps_the_newest_checkpoints_and_the_packets_they_need(tmp_pa
     assert result == {"checkpoints": 3, "packets": 4}
 
 
+@pytest.mark.process
 def test_servers_publish_packets_and_checkpoint_watermarks(tmp_path):
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     root = tmp_path / "root"

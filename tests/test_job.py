@@ -50,6 +50,7 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240
     )
 
 
+@pytest.mark.process
 def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
     job = write_job(tmp_path)
     proc = run_cli("train", "--config", str(job), "--no-progress", cwd=tmp_path)
@@ -79,6 +80,7 @@ def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
     assert resumed["steps"] == 50 and resumed["samples"] == 10 * 256 and resumed["exported_versions"] == [3]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -93,11 +95,13 @@ def test_bad_job_configs_name_the_key(tmp_path, override, message):
         JobConfig.load(write_job(tmp_path, **override))
 
 
+@pytest.mark.process
 def test_bad_job_config_exits_2_with_the_message(tmp_path):
     proc = run_cli("train", "--config", str(write_job(tmp_path, train={"stepz": 3})), cwd=tmp_path)
     assert proc.returncode == 2 and "unknown key 'train.stepz'" in proc.stderr
 
 
+@pytest.mark.process
 def test_torchrun_two_ranks_share_the_embedding_servers(tmp_path):
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 500_000}}))

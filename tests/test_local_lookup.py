@@ -30,22 +30,23 @@ from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.rpc.security import ClientSecurity, ServerSecurity
 from embedding_server.rpc.service import start_server
 from protos.embedding import pb
-from tests.test_service import assert_same, configs, random_batch  # noqa: F401 (configs: a fixture used here)
 
 TOKEN = "local-lookup-test-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def two_shards(configs, tmp_path_factory):
-    with ServerGroup.start(*configs, num_shards=2, workdir=tmp_path_factory.mktemp("srv")) as group:
+def two_shards(server_configs, tmp_path_factory):
+    with ServerGroup.start(*server_configs, num_shards=2, workdir=tmp_path_factory.mktemp("srv")) as group:
         yield group
 
 
 @pytest.fixture()
-def in_process_server(configs, tmp_path):
+def in_process_server(server_configs, tmp_path):
     """A server in this process with its socket at a known path (stopped after the test)."""
     server = start_server(
-        EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1]), local_socket=str(tmp_path / "s.sock")
+        EmbeddingConfig.load(server_configs[0]),
+        GlobalConfig.load(server_configs[1]),
+        local_socket=str(tmp_path / "s.sock"),
     )
     yield server
     server.stop(grace=0)
@@ -59,8 +60,9 @@ def request_bytes(ids, tables) -> bytes:
     return wire.encode_lookup_request(np.asarray(ids, "<u8"), np.asarray(tables, "<u2"))
 
 
-def test_local_and_grpc_lookups_give_bit_identical_answers_on_two_shards(configs, two_shards):
-    emb = EmbeddingConfig.load(configs[0])
+@pytest.mark.process
+def test_local_and_grpc_lookups_give_bit_identical_answers_on_two_shards(server_configs, two_shards, lookup_checks):
+    emb = EmbeddingConfig.load(server_configs[0])
     rng = np.random.default_rng(3)
     with (
         RemoteEmbeddingClient(emb, two_shards.addresses) as local,
@@ -72,25 +74,27 @@ def test_local_and_grpc_lookups_give_bit_identical_answers_on_two_shards(configs
         def lookups_served() -> int:
             return sum(m["requests"] for s in remote.stats() for m in s["methods"] if m["method"] == "Lookup")
 
-        batches = [random_batch(rng) for _ in range(3)]
+        batches = [lookup_checks.random_batch(rng) for _ in range(3)]
         start = lookups_served()
         over_grpc = [remote.lookup(batch) for batch in batches]
         middle = lookups_served()
         for batch, expected in zip(batches, over_grpc):
-            assert_same(expected, local.lookup(batch))
+            lookup_checks.assert_same(expected, local.lookup(batch))
         # the servers count the socket's lookups as they count gRPC ones: per batch, one per
         # embedding dim (8 and 4) per shard
         assert lookups_served() - middle == middle - start == 3 * 2 * 2
 
 
-def test_info_reports_a_private_socket_that_disappears_when_the_server_stops(configs, tmp_path):
-    server = start_server(EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1]))  # the "auto" path
+@pytest.mark.unit
+def test_info_reports_a_private_socket_that_disappears_when_the_server_stops(server_configs, tmp_path):
+    emb, glob = EmbeddingConfig.load(server_configs[0]), GlobalConfig.load(server_configs[1])
+    server = start_server(emb, glob)  # the "auto" path
     try:
         path = server.local.path
         mode = os.stat(path).st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
         assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
-        with RemoteEmbeddingClient(EmbeddingConfig.load(configs[0]), [server.address]) as client:
+        with RemoteEmbeddingClient(emb, [server.address]) as client:
             info = info_of(client)
             assert (info.local_socket, info.instance_id) == (path, server.local.instance_id)
     finally:
@@ -98,8 +102,9 @@ def test_info_reports_a_private_socket_that_disappears_when_the_server_stops(con
     assert not os.path.exists(path)
 
 
-def test_a_socket_of_another_server_instance_or_a_wrong_token_is_not_used(configs, tmp_path):
-    emb, glob = EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1])
+@pytest.mark.unit
+def test_a_socket_of_another_server_instance_or_a_wrong_token_is_not_used(server_configs, tmp_path):
+    emb, glob = EmbeddingConfig.load(server_configs[0]), GlobalConfig.load(server_configs[1])
     server = start_server(emb, glob, local_socket=str(tmp_path / "t.sock"), security=ServerSecurity(token=TOKEN))
     try:
         path, instance = server.local.path, server.local.instance_id
@@ -118,6 +123,7 @@ def test_a_socket_of_another_server_instance_or_a_wrong_token_is_not_used(config
         server.stop(grace=0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "body, message",
     [
@@ -144,6 +150,7 @@ def test_a_bad_lookup_on_the_socket_is_invalid_argument_and_the_connection_keeps
     channel.close()
 
 
+@pytest.mark.unit
 def test_frames_that_break_the_protocol_end_only_their_own_connection(in_process_server):
     path, instance = in_process_server.local.path, in_process_server.local.instance_id
 
@@ -183,10 +190,11 @@ def test_frames_that_break_the_protocol_end_only_their_own_connection(in_process
     channel.close()
 
 
+@pytest.mark.unit
 def test_the_socket_path_must_not_be_a_live_socket_or_another_file_and_a_stale_one_is_replaced(
-    configs, in_process_server, tmp_path
+    server_configs, in_process_server, tmp_path
 ):
-    emb, glob = EmbeddingConfig.load(configs[0]), GlobalConfig.load(configs[1])
+    emb, glob = EmbeddingConfig.load(server_configs[0]), GlobalConfig.load(server_configs[1])
     with pytest.raises(ConfigError, match="in use by another server"):
         start_server(emb, glob, local_socket=in_process_server.local.path)
     (tmp_path / "file").write_text("x")
@@ -204,11 +212,12 @@ def test_the_socket_path_must_not_be_a_live_socket_or_another_file_and_a_stale_o
         start_server(emb, glob, local_socket=str(tmp_path / ("x" * 120)))
 
 
-def test_a_client_falls_back_to_grpc_when_the_socket_goes_and_reattaches_after_a_restart(configs, tmp_path):
-    emb = EmbeddingConfig.load(configs[0])
+@pytest.mark.process
+def test_a_client_falls_back_to_grpc_when_the_socket_goes_and_reattaches_after_a_restart(server_configs, tmp_path):
+    emb = EmbeddingConfig.load(server_configs[0])
     ids, tables = np.arange(1, 9, dtype=np.uint64), np.zeros(8, np.uint16)
     with (
-        ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "srv") as group,
+        ServerGroup.start(*server_configs, num_shards=1, workdir=tmp_path / "srv") as group,
         RemoteEmbeddingClient(emb, group.addresses, timeout=10, probe_interval=0.1) as client,
     ):
         expected = client.lookup_rows(ids, tables, 8).copy()
@@ -235,14 +244,16 @@ def test_a_client_falls_back_to_grpc_when_the_socket_goes_and_reattaches_after_a
         assert client.replica_sets[0].replicas[0].local.path == new_socket
 
 
-def test_invalid_requests_raise_the_same_error_over_both_transports(configs, two_shards):
-    emb = EmbeddingConfig.load(configs[0])
+@pytest.mark.process
+def test_invalid_requests_raise_the_same_error_over_both_transports(server_configs, two_shards):
+    emb = EmbeddingConfig.load(server_configs[0])
     for local in (True, False):
         with RemoteEmbeddingClient(emb, two_shards.addresses, local_lookups=local) as client:
             with pytest.raises(InvalidRequestError, match="table index 9 out of range"):
                 client.lookup_rows(np.array([1], np.uint64), np.array([9], np.uint16), 8)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keys, dim", [(1, 4), (1514, 16), (3, 1000), (100_000, 16)])
 def test_lookup_responses_put_aligned_rows_that_any_protobuf_parser_reads(keys, dim):
     message, values = wire.lookup_response(keys, dim)
@@ -256,13 +267,18 @@ def test_lookup_responses_put_aligned_rows_that_any_protobuf_parser_reads(keys, 
     assert values.ctypes.data % wire.VALUES_ALIGN == 0 and got.ctypes.data % wire.VALUES_ALIGN == 0
 
 
-def test_reads_prefer_the_replica_on_this_machine_when_none_is_busier(configs, tmp_path):
-    emb = EmbeddingConfig.load(configs[0])
+@pytest.mark.process
+def test_reads_prefer_the_replica_on_this_machine_when_none_is_busier(server_configs, tmp_path):
+    emb = EmbeddingConfig.load(server_configs[0])
     with (
         ServerGroup.start(
-            *configs, num_shards=1, workdir=tmp_path / "remote", mode="infer", extra_args=["--local-socket", "off"]
+            *server_configs,
+            num_shards=1,
+            workdir=tmp_path / "remote",
+            mode="infer",
+            extra_args=["--local-socket", "off"],
         ) as remote_like,
-        ServerGroup.start(*configs, num_shards=1, workdir=tmp_path / "local", mode="infer") as local,
+        ServerGroup.start(*server_configs, num_shards=1, workdir=tmp_path / "local", mode="infer") as local,
     ):
         addresses = [[remote_like.addresses[0], local.addresses[0]]]
         with RemoteEmbeddingClient(emb, addresses) as client:

@@ -6,42 +6,14 @@ from anything this project records.
 
 from __future__ import annotations
 
-import platform
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from embedding_server.store.memory import HUGE_PAGE, collapse, fresh_buffer, populate, use_huge_pages
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def collapse_supported() -> bool:
-    """Linux 6.1+ (MADV_COLLAPSE) with transparent huge pages not turned off."""
-    if platform.system() != "Linux" or not THP.exists() or "[never]" in THP.read_text():
-        return False
-    major, minor = (int(part) for part in platform.release().split(".")[:2])
-    return (major, minor) >= (6, 1)
-
-
-requires_collapse = pytest.mark.skipif(not collapse_supported(), reason="needs Linux 6.1+ with transparent huge pages")
-
-
-def huge_page_bytes(array: np.ndarray) -> int:
-    """Bytes on huge pages of the kernel's memory area that holds ``array``'s first byte (areas
-    with the same settings may be merged, so this can include a neighbour's: never less)."""
-    address = array.ctypes.data
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no memory area holds address {address:#x}")
+pytestmark = pytest.mark.unit
 
 
 def small_page_array(nbytes: int) -> np.ndarray:
@@ -51,8 +23,7 @@ def small_page_array(nbytes: int) -> np.ndarray:
     return array
 
 
-@requires_collapse
-def test_collapse_moves_rows_written_on_small_pages_onto_huge_pages_keeping_their_values():
+def test_collapse_moves_rows_written_on_small_pages_onto_huge_pages_keeping_their_values(huge_page_bytes):
     array = small_page_array(8 * HUGE_PAGE)
     rows = array.shape[0] // 2  # half of it used: 4 huge pages' worth
     pattern = np.arange(rows * 16, dtype=np.float32).reshape(rows, 16)
@@ -64,8 +35,7 @@ def test_collapse_moves_rows_written_on_small_pages_onto_huge_pages_keeping_thei
     assert not array[rows:].any()
 
 
-@requires_collapse
-def test_collapse_keeps_values_a_writer_changes_meanwhile():
+def test_collapse_keeps_values_a_writer_changes_meanwhile(huge_page_bytes):
     array = small_page_array(16 * HUGE_PAGE)
     rows = array.shape[0]
     populate(array, 0, rows)
@@ -91,8 +61,7 @@ def test_collapse_keeps_values_a_writer_changes_meanwhile():
     assert huge_page_bytes(array) >= 16 * HUGE_PAGE
 
 
-@requires_collapse
-def test_collapse_told_to_stop_returns_false_and_moves_nothing():
+def test_collapse_told_to_stop_returns_false_and_moves_nothing(huge_page_bytes):
     array = small_page_array(4 * HUGE_PAGE)
     array[:] = 1.0
     assert not collapse(array, 0, array.shape[0], stopped=lambda: True)

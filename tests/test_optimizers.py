@@ -10,6 +10,8 @@ from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.optimizers import SGD, Adagrad, Adam
 from embedding_server.store.store import EmbeddingStore
 
+pytestmark = pytest.mark.unit
+
 DIM = 6
 POOL = np.array([3, 17, 2**40 + 5, 99, 2**63 + 11, 1234567], np.uint64)
 

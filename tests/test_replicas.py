@@ -1,43 +1,87 @@
-"""Replicas and failover of the embedding client, with REAL server processes.
+"""Replicas and failover of the embedding client (``embedding_server.rpc.replicas``), with REAL
+server processes.
 
 Two shards, each run as two infer-mode replicas following one model root, so both replicas of a
 shard answer the same rows. Replicas are SIGKILLed and restarted on their old port while a
 client keeps looking up; the client must fail over without a failed lookup, report a shard whose
 replicas are all down within its deadline, and take restarted replicas back by itself.
+
+Failover through a REAL TorchServe: the handler's embedding shards run as replicas. Two shards x
+two infer-mode replicas follow one model root; TorchServe's worker finds them through
+``CTRSERVE_EMBEDDING_SERVERS`` in the string form (``a|b,c|d``). A client streams predictions
+over gRPC while one replica of each shard is SIGKILLed: no request may fail, and the p99 latency
+during the failure is printed as a ratio to the p99 before (a reported figure, not a threshold).
+With every replica of a shard down the handler answers 503 within a bounded time, and serves
+again by itself once a replica returns.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import yaml
-from replica_support import follow_args, seed_model_root, wait_until
 
-from embedding_server.core.config import EmbeddingConfig
+from archiver.build import archive_model
+from archiver.torchserve import TorchServeProcess
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError, ShardUnavailableError
+from embedding_server.modelroot import checkpoint
+from embedding_server.modelroot.packets import CHECKPOINTS_DIR
+from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.rpc.replicas import Replica, ReplicaSet, format_addresses, normalize_addresses
+from embedding_server.storage.urls import open_storage
+from handler.client import PredictionClient, PredictionError
 from handler.serving_config import ENV_SERVERS, ServingConfig
 from protos.embedding import pb, pb_grpc
 
 pytestmark = pytest.mark.timeout(180)
+FAILOVER_TIMEOUT_S = 240  # TorchServe starts within the first failover test
 
 EMB = {"slots_config": {"user": {"dim": 8}, "item": {"dim": 4}}}
 TIMEOUT = 2.0  # the client's per-call deadline
+TRAIN = {"embedding_parameter_server_config": {"capacity": 50_000}, "sparse_optimizer": {"type": "adagrad", "lr": 0.1}}
+
+
+def seed_model_root(emb: EmbeddingConfig, root: Path, vocab: int = 1000, seed: int = 0) -> None:
+    """Train ids ``0..vocab-1`` of every table one random step and publish the rows as the model
+    root's only sparse checkpoint (what a trainer leaves behind), so replicas serve non-zero rows."""
+    rng = np.random.default_rng(seed)
+    with InProcessEmbeddingClient(emb, GlobalConfig.from_dict(TRAIN), num_shards=2) as trainer:
+        for table in emb.tables.values():
+            ids = np.arange(vocab, dtype=np.uint64)
+            tables = np.full(vocab, table.index, np.uint16)
+            trainer.lookup_rows(ids, tables, table.dim)
+            trainer.push_rows(ids, tables, rng.normal(size=(vocab, table.dim)).astype(np.float32))
+        folder = open_storage(str(root)).child(f"{CHECKPOINTS_DIR}/{1:020d}")
+        checkpoint.dump_stores(trainer.stores, folder)
+
+
+def follow_args(root: Path) -> list[str]:
+    """Server arguments that follow ``root`` quickly."""
+    return ["--model-root", str(root), "--poll-interval", "0.1", "--rescan-interval", "1"]
+
+
+def p99(latencies: list[float]) -> float:
+    """The 99th percentile of ``latencies`` (seconds)."""
+    return float(np.percentile(np.asarray(latencies), 99))
 
 
 # ----------------------------------------------------------------------------- addresses and selection
 
 
+@pytest.mark.unit
 def test_address_forms_parse_to_replicas_per_shard():
     grouped = [["h1:7001", "h2:7001"], ["h3:7002"]]
     assert normalize_addresses("h1:7001|h2:7001,h3:7002") == grouped
@@ -56,6 +100,7 @@ def test_address_forms_parse_to_replicas_per_shard():
             normalize_addresses(bad)
 
 
+@pytest.mark.unit
 def test_serving_config_and_environment_take_replicas():
     config = ServingConfig.from_dict({"embedding_servers": [["h1:7001", "h2:7001"], "h3:7002"]})
     assert config.embedding_servers == ("h1:7001|h2:7001", "h3:7002")
@@ -73,6 +118,7 @@ def _replica_set(n: int) -> ReplicaSet:
     return ReplicaSet(0, replicas)
 
 
+@pytest.mark.unit
 def test_reads_rotate_over_up_replicas_prefer_the_least_busy_and_skip_down_ones(caplog):
     replicas = _replica_set(3)
     firsts = [replicas.candidates()[0].address for _ in range(6)]
@@ -146,6 +192,7 @@ def is_up(client: RemoteEmbeddingClient, shard: int, address: str) -> bool:
     return any(r["address"] == address and r["up"] for r in client.replica_states()[shard])
 
 
+@pytest.mark.process
 def test_replicas_of_a_shard_are_validated_and_reads_spread_over_them(emb, group):
     ids, tables, dim = keys(emb)
     with RemoteEmbeddingClient(emb, format_addresses(group.replica_addresses), timeout=TIMEOUT) as client:
@@ -161,7 +208,10 @@ def test_replicas_of_a_shard_are_validated_and_reads_spread_over_them(emb, group
         RemoteEmbeddingClient(emb, [[a00, a10], [a11]], timeout=TIMEOUT)
 
 
-def test_killing_one_replica_of_each_shard_fails_no_lookup_and_restarted_replicas_are_used_again(emb, group):
+@pytest.mark.process
+def test_killing_one_replica_of_each_shard_fails_no_lookup_and_restarted_replicas_are_used_again(
+    emb, group, wait_until
+):
     ids, tables, dim = keys(emb)
     with RemoteEmbeddingClient(emb, group.replica_addresses, timeout=TIMEOUT, probe_interval=0.2) as client:
         expected = client.lookup_rows(ids, tables, dim).tobytes()
@@ -196,7 +246,8 @@ def test_killing_one_replica_of_each_shard_fails_no_lookup_and_restarted_replica
         assert all(lookup_requests(s.address) >= 5 for s in restarted), "a restarted replica got no reads"
 
 
-def test_a_hung_replica_times_out_and_its_shard_answers_from_the_other(emb, group):
+@pytest.mark.process
+def test_a_hung_replica_times_out_and_its_shard_answers_from_the_other(emb, group, wait_until):
     """SIGSTOP: the replica accepts connections but never answers (DEADLINE_EXCEEDED)."""
     ids, tables, dim = keys(emb)
     hung = group.server(0, 0)
@@ -214,7 +265,8 @@ def test_a_hung_replica_times_out_and_its_shard_answers_from_the_other(emb, grou
         wait_until(lambda: is_up(client, 0, hung.address), what="the resumed replica to be marked up")
 
 
-def test_a_shard_with_every_replica_down_fails_within_the_deadline_then_recovers(emb, group, caplog):
+@pytest.mark.process
+def test_a_shard_with_every_replica_down_fails_within_the_deadline_then_recovers(emb, group, caplog, wait_until):
     ids, tables, dim = keys(emb)
     with RemoteEmbeddingClient(emb, group.replica_addresses, timeout=TIMEOUT, probe_interval=0.2) as client:
         expected = client.lookup_rows(ids, tables, dim).tobytes()
@@ -233,7 +285,8 @@ def test_a_shard_with_every_replica_down_fails_within_the_deadline_then_recovers
         assert client.lookup_rows(ids, tables, dim).tobytes() == expected  # the same client, no reconnect by hand
 
 
-def test_a_replica_down_at_start_is_allowed_and_joins_when_it_serves(emb, group):
+@pytest.mark.process
+def test_a_replica_down_at_start_is_allowed_and_joins_when_it_serves(emb, group, wait_until):
     ids, tables, dim = keys(emb)
     group.kill(0, 1)
     late = group.server(0, 1).address
@@ -261,3 +314,121 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- failover through a real TorchServe
+
+
+LOOKUP_TIMEOUT_S = 2.0  # serving.yml embedding_timeout_s: the bound on a 503
+REQUESTS_PER_PHASE = 150
+
+
+class ReplicatedTorchServe:
+    """Replicated embedding servers and a TorchServe whose worker uses them."""
+
+    def __init__(self, group: ServerGroup, ts: TorchServeProcess):
+        self.group, self.ts = group, ts
+
+    def client(self) -> PredictionClient:
+        return PredictionClient(self.ts.grpc_inference_url, model_name="deepctr", timeout=30)
+
+    def all_running(self) -> None:
+        stopped = [(s.shard, s.replica) for s in self.group.servers if s.process.poll() is not None]
+        if stopped:
+            self.group.restart_many(stopped)
+
+
+@pytest.fixture(scope="module")
+def replicated_torchserve(tmp_path_factory, tiny_ctr):
+    root = tmp_path_factory.mktemp("failover")
+    emb_path, glob_path = tiny_ctr.write_configs(root / "cfg")
+    seed_model_root(EmbeddingConfig.from_dict(tiny_ctr.EMB), root / "model_root")
+    version = tiny_ctr.export_version(root / "model_root", 1, seed=1)
+    (root / "serving.yml").write_text(json.dumps({"embedding_timeout_s": LOOKUP_TIMEOUT_S, "max_batch_size": 256}))
+    archive_model(version, root / "store", serving_config=root / "serving.yml")
+    with ServerGroup.start(
+        emb_path,
+        glob_path,
+        num_shards=2,
+        workdir=root / "embedding",
+        mode="infer",
+        replicas=2,
+        extra_args=follow_args(root / "model_root"),
+    ) as group:
+        environment = {ENV_SERVERS: format_addresses(group.replica_addresses)}
+        with TorchServeProcess.start(
+            root / "store", root / "torchserve", models={"deepctr": "deepctr.mar"}, environment=environment
+        ) as ts:
+            yield ReplicatedTorchServe(group, ts)
+
+
+def timed_predictions(
+    client: PredictionClient, batch, count: int, expected: np.ndarray
+) -> tuple[list[float], list[Exception]]:
+    """Send ``batch`` ``count`` times; latencies of the answers and every failure (a wrong score counts)."""
+    latencies, failures = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        try:
+            scores = client.predict(batch)
+        except PredictionError as exc:
+            failures.append(exc)
+            continue
+        latencies.append(time.perf_counter() - started)
+        if not np.array_equal(scores, expected):
+            failures.append(AssertionError(f"scores changed: {scores[:4]} != {expected[:4]}"))
+    return latencies, failures
+
+
+@pytest.mark.process
+@pytest.mark.timeout(FAILOVER_TIMEOUT_S)
+def test_killing_one_replica_of_each_shard_fails_no_prediction(replicated_torchserve, tiny_ctr):
+    replicated_torchserve.all_running()
+    batch = tiny_ctr.random_batch(np.random.default_rng(3), 16)
+    with replicated_torchserve.client() as client:
+        expected = client.predict(batch)
+        assert np.abs(expected).sum() > 0
+        timed_predictions(client, batch, 20, expected)  # warm up
+        before, failed_before = timed_predictions(client, batch, REQUESTS_PER_PHASE, expected)
+        replicated_torchserve.group.kill(0, 0)
+        replicated_torchserve.group.kill(1, 1)
+        during, failed_during = timed_predictions(client, batch, REQUESTS_PER_PHASE, expected)
+    assert failed_before == [] and failed_during == []
+    ratio = p99(during) / p99(before)
+    print(
+        f"\nfailover: p99 before {p99(before) * 1e3:.2f} ms (p50 {np.median(before) * 1e3:.2f}), with one replica of "
+        f"each shard SIGKILLed {p99(during) * 1e3:.2f} ms (p50 {np.median(during) * 1e3:.2f}): p99 ratio {ratio:.2f} "
+        f"({len(during)} requests, 0 failed)"
+    )
+    assert np.isfinite(ratio) and ratio > 0
+
+
+@pytest.mark.process
+@pytest.mark.timeout(FAILOVER_TIMEOUT_S)
+def test_every_replica_of_a_shard_down_answers_503_in_bounded_time_and_recovers(
+    replicated_torchserve, tiny_ctr, wait_until
+):
+    group = replicated_torchserve.group
+    batch = tiny_ctr.random_batch(np.random.default_rng(4), 8)
+    with replicated_torchserve.client() as client:
+        expected = client.predict(batch)
+        for server in [s for s in group.servers if s.shard == 0]:
+            group.kill(0, server.replica)
+        for _ in range(3):  # the worker stays up and keeps answering the same way
+            started = time.monotonic()
+            with pytest.raises(PredictionError) as info:
+                client.predict(batch)
+            elapsed = time.monotonic() - started
+            assert info.value.code == 503, info.value
+            assert elapsed < LOOKUP_TIMEOUT_S + 3.0, f"the 503 took {elapsed:.1f} s"
+        assert "embedding servers unavailable" in info.value.message and "embedding shard 0" in info.value.message
+        group.restart(0, 1)
+
+        def serves_again() -> bool:
+            try:
+                return np.array_equal(client.predict(batch), expected)
+            except PredictionError as exc:
+                assert exc.code == 503, exc
+                return False
+
+        wait_until(serves_again, timeout=30, what="predictions to succeed after a replica returned")

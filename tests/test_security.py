@@ -79,6 +79,7 @@ def _tls_server(pki: Path, mutual: bool = False, token: str | None = None) -> Se
 # --------------------------------------------------------------------------- TLS
 
 
+@pytest.mark.process
 def test_tls_serves_clients_that_trust_the_ca_and_refuses_others(pki, other_pki):
     server = _serve(_tls_server(pki))
     try:
@@ -100,6 +101,7 @@ def test_tls_serves_clients_that_trust_the_ca_and_refuses_others(pki, other_pki)
         server.stop(0)
 
 
+@pytest.mark.process
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(pki, other_pki):
     server = _serve(_tls_server(pki, mutual=True))
     ca = str(pki / "ca.pem")
@@ -121,6 +123,7 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(pki, other_pki):
 # --------------------------------------------------------------------------- token
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_token_is_required_and_checked(pki, tls):
     server = _serve(_tls_server(pki, token=TOKEN) if tls else ServerSecurity(token=TOKEN))
@@ -150,6 +153,7 @@ def test_token_is_required_and_checked(pki, tls):
         server.stop(0)
 
 
+@pytest.mark.unit
 def test_malformed_authorization_is_refused():
     server = _serve(ServerSecurity(token=TOKEN))
     channel = grpc.insecure_channel(server.address)
@@ -164,6 +168,7 @@ def test_malformed_authorization_is_refused():
         server.stop(0)
 
 
+@pytest.mark.unit
 def test_token_sources_and_validation(tmp_path, monkeypatch):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -188,6 +193,7 @@ def test_token_sources_and_validation(tmp_path, monkeypatch):
         GlobalConfig.from_dict({"security": {"tls_cert_file": "server.pem"}})
 
 
+@pytest.mark.process
 def test_cli_server_with_tls_and_token_from_the_production_example(pki, tmp_path):
     """``ctrserve embedding-server`` reads the security section; the token file is not a flag value."""
     example = yaml.safe_load((REPO / "deploy/production/global_config.yml").read_text())
@@ -284,6 +290,7 @@ def _forbidden_calls(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.unit
 def test_no_unsafe_deserialisation_in_the_source_tree():
     problems = []
     files = [p for d in SOURCE_DIRS for p in (REPO / d).rglob("*.py") if "_generated" not in p.parts]
@@ -296,6 +303,7 @@ def test_no_unsafe_deserialisation_in_the_source_tree():
     assert problems == [], "unsafe deserialisation (add to ALLOWED only with a reason):\n" + "\n".join(problems)
 
 
+@pytest.mark.unit
 def test_the_audit_catches_what_it_should():
     code = (
         "import pickle\ntorch.load(f)\ntorch.load(f, weights_only=False)\nnp.load(f, allow_pickle=True)\nyaml.load(s)\n"
@@ -341,18 +349,20 @@ HOSTILE_NAMES = [
 ]
 
 
+@pytest.mark.unit
 def test_listing_names_are_plain_on_every_backend(tmp_path):
-    from embedding_server.storage.base import plain_names
+    from embedding_server.storage.base import StorageError, plain_names
     from embedding_server.storage.urls import open_storage
 
     assert plain_names("x", HOSTILE_NAMES + ["ok"]) == ["C:\\x", "\\\\server\\share", "ok"]
     storage = open_storage(str(tmp_path))
     for name in HOSTILE_NAMES:
         if name and "/" in name or name.startswith("/"):
-            with pytest.raises(Exception):
+            with pytest.raises(StorageError, match="must be relative and stay inside the storage root"):
                 storage.read_bytes(name)
 
 
+@pytest.mark.unit
 def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     """Hot-loading, retention and publishing pick names by pattern, so a listing entry like
     ``../x`` or ``/abs`` never becomes a path they read or delete."""
@@ -385,6 +395,7 @@ def test_readers_of_listings_accept_only_their_patterns(tmp_path):
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == names[1:]
 
 
+@pytest.mark.unit
 def test_torchserve_production_config_keeps_token_authorization_on():
     text = (REPO / "deploy/torchserve/config.production.properties").read_text()
     settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
@@ -395,6 +406,7 @@ def test_torchserve_production_config_keeps_token_authorization_on():
 # --------------------------------------------------------------------------- the client and the handler's settings
 
 
+@pytest.mark.process
 def test_remote_client_with_handler_settings_reaches_a_secured_server(pki):
     from embedding_server.core.errors import ShardUnavailableError
     from embedding_server.rpc.remote import RemoteEmbeddingClient
@@ -431,6 +443,7 @@ def test_remote_client_with_handler_settings_reaches_a_secured_server(pki):
         ServingConfig.from_dict({"embedding_token_file": 5})
 
 
+@pytest.mark.process
 def test_embedding_admin_reaches_a_secured_server(pki):
     token = (pki / "token").read_text().strip()
     server = _serve(_tls_server(pki, token=token))

@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 import uuid
+from functools import partial
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -35,7 +36,12 @@ from embedding_server.storage.base import (
 from embedding_server.storage.remote import HdfsStorage, S3Storage, parse_hdfs_url, parse_s3_url
 from embedding_server.storage.urls import open_storage
 
-BACKENDS = ["local", "s3", "hdfs"]
+# The s3 backend runs on the real Ceph cluster (child processes); the others in this process.
+BACKENDS = [
+    pytest.param("local", marks=pytest.mark.unit),
+    pytest.param("s3", marks=[pytest.mark.process, pytest.mark.ceph]),
+    pytest.param("hdfs", marks=pytest.mark.unit),
+]
 
 
 class HdfsLikeHandler(pafs.FileSystemHandler):
@@ -351,10 +357,14 @@ def test_new_objects_appear_only_complete(backend_storage):
 # --------------------------------------------------------------------------- S3 on Ceph
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_ceph_starts_quickly(ceph_s3):
     assert ceph_s3.start_seconds < 20, f"Ceph took {ceph_s3.start_seconds:.1f} s to start"
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_s3_writes_put_no_temporary_objects(ceph_s3):
     st = open_storage(f"s3://{ceph_s3.bucket}/{uuid.uuid4().hex}", ceph_s3.options())
     st.write_atomic("a/one.bin", b"1" * 100)
@@ -365,16 +375,18 @@ def test_s3_writes_put_no_temporary_objects(ceph_s3):
     st.delete("")
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_s3_bad_credentials_are_refused(ceph_s3):
     good = open_storage(f"s3://{ceph_s3.bucket}/creds", ceph_s3.options())
     good.write_atomic("x", b"1")
     for options in (ceph_s3.options(secret_key="not-the-secret"), ceph_s3.options(access_key="NOSUCHKEY")):
         st = open_storage(f"s3://{ceph_s3.bucket}/creds", options)
         for action, call in (
-            ("read", lambda: st.read_bytes("x")),
-            ("write", lambda: st.write_atomic("y", b"1")),
-            ("listing", lambda: st.list_dir("")),
-            ("existence check", lambda: st.exists("x")),
+            ("read", partial(st.read_bytes, "x")),
+            ("write", partial(st.write_atomic, "y", b"1")),
+            ("listing", partial(st.list_dir, "")),
+            ("existence check", partial(st.exists, "x")),
         ):
             with pytest.raises(StorageError, match=f"s3://{ceph_s3.bucket}/creds.*{action} failed: access denied"):
                 call()
@@ -382,6 +394,8 @@ def test_s3_bad_credentials_are_refused(ceph_s3):
     good.delete("")
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_s3_missing_bucket_is_named(ceph_s3):
     st = open_storage("s3://no-such-bucket/prefix", ceph_s3.options())
     for call in (
@@ -397,6 +411,8 @@ def test_s3_missing_bucket_is_named(ceph_s3):
         assert not isinstance(caught.value, StorageNotFoundError)
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_s3_unreachable_endpoint_is_named(ceph_s3):
     options = ceph_s3.options(endpoint="http://127.0.0.1:1", max_attempts=1, connect_timeout_s=1)
     st = open_storage(f"s3://{ceph_s3.bucket}/x", options)
@@ -408,6 +424,8 @@ def test_s3_unreachable_endpoint_is_named(ceph_s3):
         st.list_dir("")
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_s3_settings_come_from_the_environment(ceph_s3, monkeypatch):
     for name, value in ceph_s3.env().items():
         monkeypatch.setenv(name, value)
@@ -417,6 +435,7 @@ def test_s3_settings_come_from_the_environment(ceph_s3, monkeypatch):
     st.delete("")
 
 
+@pytest.mark.unit
 def test_s3_without_credentials_is_refused_before_any_request(monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -424,6 +443,8 @@ def test_s3_without_credentials_is_refused_before_any_request(monkeypatch):
         open_storage("s3://bucket/prefix", endpoint="http://127.0.0.1:7480")
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_s3_listing_skips_keys_that_are_not_plain_names(ceph_s3):
     st = open_storage(f"s3://{ceph_s3.bucket}/{uuid.uuid4().hex}", ceph_s3.options())
     st.write_atomic("d/ok", b"1")
@@ -433,6 +454,8 @@ def test_s3_listing_skips_keys_that_are_not_plain_names(ceph_s3):
     st.delete("")
 
 
+@pytest.mark.process
+@pytest.mark.ceph
 def test_checkpoint_dump_and_load_through_s3_is_bit_identical(ceph_s3, monkeypatch):
     from embedding_server.core.batch import SparseFeature
     from embedding_server.core.config import EmbeddingConfig, GlobalConfig
@@ -469,6 +492,7 @@ def test_checkpoint_dump_and_load_through_s3_is_bit_identical(ceph_s3, monkeypat
 # --------------------------------------------------------------------------- options and URLs
 
 
+@pytest.mark.unit
 def test_options_from_dict_rejects_unknown_keys_and_bad_values():
     assert StorageOptions.from_dict(None) == StorageOptions()
     opts = StorageOptions.from_dict({"endpoint": "http://127.0.0.1:7480", "connect_timeout_s": 2, "max_attempts": 5})
@@ -496,6 +520,7 @@ def test_options_from_dict_rejects_unknown_keys_and_bad_values():
         StorageOptions.from_dict(["endpoint"])
 
 
+@pytest.mark.unit
 def test_options_from_environment_never_override_explicit_ones():
     env = {
         "CTRSERVE_S3_ENDPOINT": "http://ceph:7480",
@@ -514,11 +539,13 @@ def test_options_from_environment_never_override_explicit_ones():
         StorageOptions().with_env({"CTRSERVE_S3_ENDPOINT": "ceph:7480"})
 
 
+@pytest.mark.unit
 def test_secrets_stay_out_of_repr():
     text = repr(StorageOptions(access_key="AK", secret_key="very-secret", session_token="tok"))
     assert "AK" in text and "very-secret" not in text and "tok" not in text
 
 
+@pytest.mark.unit
 def test_open_storage_dispatch_and_refusals(tmp_path):
     local = open_storage(f"file://{tmp_path}")
     assert isinstance(local, LocalStorage) and open_storage(local) is local
@@ -534,6 +561,21 @@ def test_open_storage_dispatch_and_refusals(tmp_path):
         open_storage(str(tmp_path), nonsense=1)
 
 
+@pytest.mark.unit
+def test_storage_kind_of_url():
+    from embedding_server.storage.kinds import StorageKind
+
+    assert [StorageKind.of_url(u) for u in ("/a/b", "rel/x", "file:///a", "s3://bucket/p", "hdfs://nn:8020/p")] == [
+        StorageKind.LOCAL,
+        StorageKind.LOCAL,
+        StorageKind.LOCAL,
+        StorageKind.S3,
+        StorageKind.HDFS,
+    ]
+    assert StorageKind.of_url("gs://bucket/x") is None
+
+
+@pytest.mark.unit
 def test_s3_url_parsing():
     assert parse_s3_url("s3://models") == ("models", "")
     assert parse_s3_url("s3://models/") == ("models", "")
@@ -549,6 +591,7 @@ def test_s3_url_parsing():
             parse_s3_url(url)
 
 
+@pytest.mark.unit
 def test_hdfs_url_parsing():
     assert parse_hdfs_url("hdfs://namenode:9000/models/a") == ("namenode", 9000, "/models/a")
     assert parse_hdfs_url("hdfs://namenode/models/") == ("namenode", 8020, "/models")
@@ -564,6 +607,7 @@ def test_hdfs_url_parsing():
             parse_hdfs_url(url)
 
 
+@pytest.mark.unit
 def test_hdfs_options_reach_pyarrow(monkeypatch, tmp_path):
     calls = []
 
@@ -581,6 +625,7 @@ def test_hdfs_options_reach_pyarrow(monkeypatch, tmp_path):
     assert (tmp_path / "m" / "x" / "y").read_bytes() == b"1"
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(bool(os.environ.get("CTRSERVE_TEST_HDFS_URL")), reason="a Hadoop client is configured here")
 def test_hdfs_without_a_hadoop_client_says_what_to_install():
     with pytest.raises(StorageError) as caught:
@@ -590,6 +635,7 @@ def test_hdfs_without_a_hadoop_client_says_what_to_install():
     assert "JAVA_HOME" in message and "CLASSPATH" in message and len(message) < 600
 
 
+@pytest.mark.unit
 def test_hdfs_replaces_existing_files_although_its_rename_does_not(tmp_path):
     handler = HdfsLikeHandler()
     st = HdfsStorage.with_filesystem(f"hdfs://nn:8020{tmp_path}", pafs.PyFileSystem(handler))
@@ -599,11 +645,13 @@ def test_hdfs_replaces_existing_files_although_its_rename_does_not(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f"]  # no temporary file left behind
 
 
+@pytest.mark.unit
 def test_plain_names_drops_unsafe_and_hidden_entries(caplog):
     assert plain_names("s3://b/p", ["b", "a", "..", ".", "", "x/y", ".tmp", "n\0ul"]) == ["a", "b"]
     assert caplog.text.count("not a plain file name") == 5
 
 
+@pytest.mark.unit
 def test_local_storage_behaviour_is_unchanged(tmp_path):
     st = LocalStorage(str(tmp_path))
     st.write_atomic("a/b.txt", b"hi")

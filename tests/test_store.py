@@ -1,5 +1,7 @@
-"""EmbeddingStore: LRU eviction, deterministic initialisation, infer mode, request validation and
-checkpoints (dump/load through InProcessEmbeddingClient)."""
+"""EmbeddingStore: LRU eviction, deterministic initialisation, infer mode, request validation,
+checkpoints (dump/load through InProcessEmbeddingClient), and the fast lookup paths (the
+pipelined gather with ``out=`` and ``count_repeats=False``, cache-line-aligned rows) against the
+general path they short-cut."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import Adagrad, Adam
 from embedding_server.rpc.client import InProcessEmbeddingClient
-from embedding_server.store.store import EmbeddingStore
+from embedding_server.store import kernels
+from embedding_server.store.store import EmbeddingStore, unique_keys
+
+pytestmark = pytest.mark.unit
 
 EMB = EmbeddingConfig.from_dict({"slots_config": {"a": {"dim": 4}, "b": {"dim": 4}, "c": {"dim": 8}}})
 A, B, C = 0, 1, 2  # table indexes
@@ -588,3 +593,89 @@ def test_set_optimizer_on_populated_store_keeps_rows_with_new_lr():
     store.set_optimizer(Adam(lr=0.5))
     assert store.optimizer == Adam(lr=0.5)
     assert len(store) == 1
+
+
+# ---------------------------------------------------------------------- the fast paths: pipelined gather, aligned rows
+# Checked against the general path they short-cut: same vectors, same counters, same LRU order.
+
+# four tables: three of dim 4 (sum, mean, sqrt pooling) and one of dim 16
+PIPELINE_EMB = EmbeddingConfig.from_dict(
+    {
+        "slots_config": {
+            "a": {"dim": 4},
+            "b": {"dim": 4, "mean_scaling": True},
+            "c": {"dim": 4, "sqrt_scaling": True},
+            "d": {"dim": 16},
+        }
+    }
+)
+
+
+def repeated_keys(rng: np.random.Generator, n: int, vocab: int, tables: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Random keys of the dim-4 tables, with many repeats."""
+    return rng.integers(0, vocab, n).astype(np.uint64), rng.integers(0, tables, n).astype(np.uint16)
+
+
+def lru_state(store: EmbeddingStore):
+    """Counters and every row (in LRU order) with its vector and optimizer state."""
+    return store.counters(), [
+        (r.table.name, r.ids.tolist(), r.weights.tolist(), r.state.tolist()) for r in store.rows()
+    ]
+
+
+def test_rows_start_on_cache_line_boundaries():
+    store = EmbeddingStore(PIPELINE_EMB, glob())
+    assert store._weights.ctypes.data % 64 == 0 and store._state.ctypes.data % 64 == 0
+    assert store._weights.shape == (65, 16) and not store._weights.any()
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_count_repeats_false_matches_a_deduplicated_request(mode):
+    """Vectors, counters, inserts, evictions and LRU order are those of asking for the distinct
+    keys (what a client that deduplicates does), including requests that must evict."""
+    rng = np.random.default_rng(1)
+    fast, reference = EmbeddingStore(PIPELINE_EMB, glob(40, mode)), EmbeddingStore(PIPELINE_EMB, glob(40, mode))
+    for _ in range(30):
+        ids, tables = repeated_keys(rng, int(rng.integers(1, 41)), 30)  # at most capacity keys
+        got = fast.lookup(ids, tables, count_repeats=False)
+        uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
+        want = reference.lookup(uniq_ids, uniq_tabs)[inverse]
+        np.testing.assert_array_equal(got, want)
+        assert lru_state(fast) == lru_state(reference)
+    assert fast.counters()["evictions"] > 0 or mode == "infer"
+
+
+def test_counting_every_key_matches_a_key_by_key_reference():
+    """With count_repeats (the default) a repeated key is one miss then hits, as before."""
+    store = EmbeddingStore(PIPELINE_EMB, glob())
+    store.lookup(np.array([5], np.uint64), np.array([0], np.uint16))
+    ids = np.array([5, 7, 7, 5, 9], np.uint64)
+    out = store.lookup(ids, np.zeros(5, np.uint16))
+    c = store.counters()
+    assert (c["hits"], c["misses"], c["inserts"], c["rows"]) == (3, 3, 3, 3)
+    np.testing.assert_array_equal(out[0], out[3])
+    np.testing.assert_array_equal(out[1], out[2])
+
+
+def test_lookup_writes_into_the_given_buffer():
+    store = EmbeddingStore(PIPELINE_EMB, glob())
+    ids, tables = np.array([1, 2, 1], np.uint64), np.zeros(3, np.uint16)
+    out = np.full((3, 4), np.nan, np.float32)
+    assert store.lookup(ids, tables, out=out) is out
+    np.testing.assert_array_equal(out, store.lookup(ids, tables))
+    for bad in (np.zeros((3, 5), np.float32), np.zeros((3, 4), np.float64), np.zeros((4, 3), np.float32).T):
+        with pytest.raises(ValueError, match="out must be"):
+            store.lookup(ids, tables, out=bad)
+
+
+def test_mixed_hits_and_misses_in_one_request_keep_request_order():
+    store = EmbeddingStore(PIPELINE_EMB, glob())
+    first = store.lookup(np.array([3, 4], np.uint64), np.zeros(2, np.uint16))
+    ids = np.array([10, 3, 11, 4, 10], np.uint64)
+    out = store.lookup(ids, np.zeros(5, np.uint16))
+    np.testing.assert_array_equal(out[[1, 3]], first)
+    np.testing.assert_array_equal(out[0], out[4])
+    # New keys got rows in order of first appearance: 10 before 11.
+    rows = np.empty(2, np.int64)
+    kernels.find_rows(store._slots, store._salts, np.array([10, 11], np.uint64), np.zeros(2, np.uint16), rows)
+    assert rows.tolist() == [2, 3] and store.counters()["inserts"] == 4

@@ -81,7 +81,7 @@ class PyPersiaBatchData:
     def _add(self, dense=(), sparse=(), targets=()) -> None:
         candidate = BatchData(
             self.data.dense + list(dense),
-            self.data.sparse + list(sparse),
+            [*self.data.sparse, *sparse],
             self.data.targets + list(targets),
             self.data.meta,
         )
@@ -101,7 +101,7 @@ class PyPersiaBatchData:
         return self.data.dense
 
     @property
-    def sparse(self) -> list[SparseFeature]:
+    def sparse(self) -> Sequence[SparseFeature]:
         return self.data.sparse
 
     @property

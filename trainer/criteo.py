@@ -199,9 +199,9 @@ class CriteoReader(Iterator[Chunk]):
 
         lines = self._lines(first_line, rows_before, n)
         self._raise_or_skip(batch, bad, reasons, lines)
-        keep = ~bad
+        keep: np.ndarray | slice = ~bad
         if not bad.any():
-            keep = slice(None)  # type: ignore[assignment]
+            keep = slice(None)
         raw = raw[keep]
         return Chunk(
             transform_dense(raw, self.dense_transform),
@@ -231,7 +231,10 @@ class CriteoReader(Iterator[Chunk]):
         self, batch: pa.RecordBatch, bad: np.ndarray, reasons: list[tuple[np.ndarray, str]], lines: np.ndarray
     ) -> None:
         found = [
-            (int(lines[i]), _describe(batch, i, reason)) for i in np.flatnonzero(bad) for m, reason in reasons if m[i]
+            (int(lines[i]), _describe(batch, int(i), reason))
+            for i in np.flatnonzero(bad)
+            for m, reason in reasons
+            if m[i]
         ]
         seen = {line for line, _ in found}
         # Column-count errors up to this batch's last line belong with it.

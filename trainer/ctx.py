@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, JobType
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import SparseOptimizer
 from embedding_server.rpc.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
@@ -107,7 +107,7 @@ class TrainCtx:
             global_config = GlobalConfig.from_dict({})
         elif not isinstance(global_config, GlobalConfig):
             global_config = GlobalConfig.load(global_config)
-        if global_config.mode != "train":
+        if global_config.mode is not JobType.TRAIN:
             raise ValueError("the trainer's in-process store needs common_config.job_type: train")
         return InProcessEmbeddingClient(self.config, global_config, num_shards)
 

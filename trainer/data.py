@@ -165,8 +165,8 @@ def concat_chunks(chunks: Sequence[Chunk]) -> Chunk:
     if any(c.feature_names != names for c in chunks):
         raise ValueError("chunks have different sparse features")
     sparse = [_concat_feature([c.sparse[i] for c in chunks]) for i in range(len(names))]
-    raws = [c.raw_dense for c in chunks]
-    raw = None if any(r is None for r in raws) else np.concatenate(raws)  # type: ignore[arg-type]
+    raws = [c.raw_dense for c in chunks if c.raw_dense is not None]
+    raw = np.concatenate(raws) if len(raws) == len(chunks) else None
     return Chunk(np.concatenate([c.dense for c in chunks]), sparse, np.concatenate([c.labels for c in chunks]), raw)
 
 

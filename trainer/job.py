@@ -39,7 +39,7 @@ from embedding_server.modelroot.incremental import publish_checkpoint, watermark
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
 from trainer.export import export_dense
-from trainer.loader import DataLoader
+from trainer.loader import DataLoader, FileFormat
 from trainer.metrics import log_loss, roc_auc
 from trainer.models import DLRM, DeepCTR
 from trainer.synthetic import SyntheticCriteo
@@ -58,6 +58,16 @@ class SyntheticDataConfig:
     def __post_init__(self) -> None:
         if self.rows < 0:
             raise ValueError(f"rows must be >= 0, got {self.rows}")
+
+
+#: DataConfig.format -> the loader's ``fmt`` (None: by extension and first line)
+_LOADER_FORMATS: dict[str, FileFormat | None] = {
+    "auto": None,
+    "tsv": "tsv",
+    "csv": "csv",
+    "parquet": "parquet",
+    "orc": "orc",
+}
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
-        if self.format not in ("auto", "tsv", "csv", "parquet", "orc"):
+        if self.format not in _LOADER_FORMATS:
             raise ValueError(f"format must be auto, tsv, csv, parquet or orc, got {self.format!r}")
 
 
@@ -224,7 +234,7 @@ def job_sources(data: DataConfig, eval_batches: int) -> tuple[DataLoader, list[P
         FileNotFoundError: a path or glob matches no file.
         ConfigError: the held-out data is empty.
     """
-    fmt = None if data.format == "auto" else data.format
+    fmt = _LOADER_FORMATS[data.format]
     if data.train_paths:
         train = DataLoader(data.train_paths, data.batch_size, prefetch=data.prefetch, fmt=fmt)
         held_out = DataLoader(data.eval_paths or data.train_paths, data.batch_size, rank=0, world_size=1, fmt=fmt)

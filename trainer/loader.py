@@ -138,7 +138,7 @@ class DataLoader:
         rank, world_size = resolve_rank(rank, world_size)
         synthetic = source if isinstance(source, SyntheticCriteo) else None
         memory = source if isinstance(source, Chunk) else None
-        files = () if synthetic is not None or memory is not None else tuple(expand_paths(source))  # type: ignore[arg-type]
+        files = () if isinstance(source, (SyntheticCriteo, Chunk)) else tuple(expand_paths(source))
         self.prefetch = prefetch
         self.epoch = 0
         self._plan = _Plan(
@@ -251,7 +251,7 @@ def _rank_chunks(plan: _Plan, epoch: int) -> Iterator[Chunk]:
 def _file_chunks(plan: _Plan, files: Sequence[str]) -> Iterator[Chunk]:
     for path in files:
         fmt = plan.fmt or _format_of(path)
-        if fmt in ("parquet", "orc"):
+        if fmt == "parquet" or fmt == "orc":
             mapping = plan.mapping or ColumnMapping.criteo()
             yield from read_table(path, fmt, mapping=mapping, chunk_rows=plan.chunk_rows)
         else:

@@ -73,6 +73,10 @@ class DLRM(nn.Module):
         pairs = vectors * (vectors - 1) // 2
         self.top = mlp([embedding_dim + pairs, *top_mlp, targets], final_activation=False)
         rows, cols = torch.triu_indices(vectors, vectors, offset=1)
+        # the vector pairs whose dots are taken; declared for type checkers, which see a buffer
+        # as nn.Module.__getattr__'s Tensor | Module (TorchScript refuses class-level annotations)
+        self.pair_rows: Tensor
+        self.pair_cols: Tensor
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
+from embedding_server.core.batch import KeyedIds
 from embedding_server.core.model_spec import DenseModelSpec
 from handler.request import DecodedRequest, RequestDecoder, RequestError, merge_requests
 
@@ -32,20 +34,28 @@ class WholeModelHandler(BaseHandler):
         self.manifest = context.manifest
         self.initialized = True
 
-    def handle(self, data, context):
-        self.context = context
+    # BaseHandler.handle runs these, as it does PersiaHandler's: both pay TorchServe's same per-batch work.
+
+    def preprocess(self, data: list[dict]) -> tuple[np.ndarray, KeyedIds, list[int]]:
         requests: list[DecodedRequest] = []
         for item in data:
             try:
                 requests.append(self.decoder.decode(item))
             except RequestError as error:
                 raise PredictionException(error.message, error.code) from None
-        dense, features, sizes = merge_requests(requests, self.decoder.feature_names)
+        return merge_requests(requests, self.decoder.feature_names)
+
+    def inference(self, data, *args, **kwargs):
+        dense, features, sizes = data
         # Copies (the decoded arrays may be read-only views of the body); ids < 2**63 here (32-bit hashes).
         ids = [torch.from_numpy(f.ids.astype("int64")) for f in features]
         offsets = [torch.from_numpy(f.offsets.astype("int64")) for f in features]
         with torch.inference_mode():
             scores = self.model(torch.from_numpy(dense), ids, offsets).to(torch.float32).reshape(dense.shape[0], -1)
+        return scores, sizes
+
+    def postprocess(self, data):
+        scores, sizes = data
         return [
             json.dumps({"scores": (c[:, 0] if c.shape[1] == 1 else c).tolist()}) for c in torch.split(scores, sizes)
         ]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Ceph daemons the s3:// tests and the demo start on loopback (ctrserve/ceph_cluster.py):
 # a monitor, an OSD, the RADOS Gateway (S3) and the admin tools. Debian/Ubuntu; uses sudo when
-# not root. Does nothing when they are already installed. About 30-40 s and ~300 MB the first time.
+# not root. Does nothing when they are already installed; the first run downloads the packages.
 set -euo pipefail
 needed=(monmaptool ceph-mon ceph-osd ceph radosgw radosgw-admin uuidgen)
 missing=()

@@ -46,7 +46,12 @@ FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sHHI")
 _CRC = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
-DENSE_DTYPES = {"f32": np.dtype("<f4"), "f64": np.dtype("<f8"), "i32": np.dtype("<i4"), "i64": np.dtype("<i8")}
+DENSE_DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype("<f4"),
+    "f64": np.dtype("<f8"),
+    "i32": np.dtype("<i4"),
+    "i64": np.dtype("<i8"),
+}
 _OFFSETS = np.dtype("<i8")
 _IDS = np.dtype("<u8")
 _TARGET = np.dtype("<f4")
@@ -127,7 +132,10 @@ def encode_batch(data: BatchData) -> bytes:
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     parts = [header_bytes]
     for d in data.dense:
-        parts.append(np.ascontiguousarray(d, DENSE_DTYPES[_dtype_code(d.dtype)]).tobytes())
+        code = _dtype_code(d.dtype)
+        if code is None:  # never: check_parts refused other dtypes
+            raise InvalidRequestError(f"dense dtype {d.dtype}; use one of float32, float64, int32, int64")
+        parts.append(np.ascontiguousarray(d, DENSE_DTYPES[code]).tobytes())
     for f in data.sparse:
         parts.append(np.ascontiguousarray(f.offsets, _OFFSETS).tobytes())
         parts.append(np.ascontiguousarray(f.ids, _IDS).tobytes())

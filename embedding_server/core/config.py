@@ -18,6 +18,7 @@ import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,24 @@ from embedding_server.core.errors import ConfigError
 from embedding_server.core.optimizers import Adagrad, SparseOptimizer, optimizer_from_dict
 
 # --------------------------------------------------------------------------- embedding_config.yml
+
+
+class Pooling(str, Enum):
+    """How a slot turns a sample's rows into the model's input (from the slot's PERSIA flags
+    ``embedding_summation``, ``sqrt_scaling`` and ``mean_scaling``; see :attr:`SlotConfig.pooling`)."""
+
+    SUM = "sum"  # one [dim] vector: the sum of the rows
+    MEAN = "mean"  # the sum divided by the number of ids
+    SQRTN = "sqrtn"  # the sum divided by sqrt(number of ids)
+    NONE = "none"  # not pooled: [sample_fixed_size, dim] plus a mask
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def pooled(self) -> bool:
+        """One vector per sample (every pooling but :attr:`NONE`)."""
+        return self is not Pooling.NONE
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,15 @@ class SlotConfig:
             raise ValueError(f"sample_fixed_size must be > 0, got {self.sample_fixed_size}")
         if self.sqrt_scaling and self.mean_scaling:
             raise ValueError("sqrt_scaling and mean_scaling are exclusive: pick one")
+
+    @property
+    def pooling(self) -> Pooling:
+        """What the flags select (the scaling flags matter only with embedding_summation)."""
+        if not self.embedding_summation:
+            return Pooling.NONE
+        if self.mean_scaling:
+            return Pooling.MEAN
+        return Pooling.SQRTN if self.sqrt_scaling else Pooling.SUM
 
 
 @dataclass(frozen=True)
@@ -131,9 +159,9 @@ class EmbeddingConfig:
             feature_table.setdefault(name, name)
         tables: dict[str, TableSpec] = {}
         for feature, table in feature_table.items():
-            members = tuple(f for f in self.slots_config if feature_table[f] == table)
+            table_features = tuple(f for f in self.slots_config if feature_table[f] == table)
             if table not in tables:
-                tables[table] = TableSpec(table, len(tables), self.slots_config[feature].dim, members)
+                tables[table] = TableSpec(table, len(tables), self.slots_config[feature].dim, table_features)
         object.__setattr__(self, "tables", tables)
         object.__setattr__(self, "_feature_table", feature_table)
 
@@ -180,7 +208,7 @@ class EmbeddingConfig:
         """A plain mapping that :meth:`from_dict` turns back into an equal config."""
         slots = {}
         for name, s in self.slots_config.items():
-            d = {
+            d: dict[str, Any] = {
                 "dim": s.dim,
                 "embedding_summation": s.embedding_summation,
                 "sqrt_scaling": s.sqrt_scaling,
@@ -203,15 +231,35 @@ class EmbeddingConfig:
 # --------------------------------------------------------------------------- global_config.yml
 
 
+class JobType(str, Enum):
+    """What the embedding servers (and the trainer's in-process store) are for."""
+
+    TRAIN = "train"  # lookups insert unseen rows, gradients apply
+    INFER = "infer"  # read-only serving: unseen ids read as zeros
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def _missing_(cls, value: object) -> JobType | None:
+        # any case: PERSIA's own configs spell them Train and Infer
+        if isinstance(value, str):
+            return next((m for m in cls if m.value == value.lower()), None)
+        return None
+
+
 @dataclass(frozen=True)
 class CommonConfig:
-    job_type: str = option("train", doc="train (lookups insert rows, gradients apply) or infer (read-only serving)")
+    job_type: JobType = option(
+        JobType.TRAIN, doc="train (lookups insert rows, gradients apply) or infer (read-only serving); any case"
+    )
 
     def __post_init__(self) -> None:
-        mode = self.job_type.lower()
-        if mode not in ("train", "infer"):
-            raise ValueError(f"job_type must be 'train' or 'infer', got {self.job_type!r}")
-        object.__setattr__(self, "job_type", mode)
+        # CommonConfig(job_type="infer") from code: the same spellings as the file
+        try:
+            object.__setattr__(self, "job_type", JobType(self.job_type))
+        except ValueError:
+            raise ValueError(f"job_type must be 'train' or 'infer', got {self.job_type!r}") from None
 
 
 @dataclass(frozen=True)
@@ -236,7 +284,7 @@ class ParameterServerConfig:
     incremental_flush_interval: float = option(10.0, doc="seconds at most between a row's change and its packet")
     storage: dict[str, Any] = option(
         default_factory=dict,
-        doc="options for s3:// and hdfs:// storage: endpoint, access_key, secret_key, region, ... (see the README)",
+        doc="options for s3:// and hdfs:// storage: endpoint, access_key, secret_key, region, ... (see docs/operations.md, Storage)",
     )
 
     def __post_init__(self) -> None:
@@ -257,10 +305,20 @@ class ParameterServerConfig:
             raise ValueError(str(exc)) from None
 
 
+class InitMethod(str, Enum):
+    """How train mode initialises an unseen id's row (deterministically from the id)."""
+
+    BOUNDED_UNIFORM = "bounded_uniform"  # uniform in [lower, upper)
+    BOUNDED_NORMAL = "bounded_normal"  # normal(mean, std), clipped to [lower, upper]
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class InitializationConfig:
-    method: str = option(
-        "bounded_uniform",
+    method: InitMethod = option(
+        InitMethod.BOUNDED_UNIFORM,
         doc="bounded_uniform (in [lower, upper)) or bounded_normal (mean, std, clipped to [lower, upper])",
     )
     lower: float = option(-0.01, doc="lower bound of initial values")
@@ -270,8 +328,10 @@ class InitializationConfig:
     seed: int = option(0, doc="seed mixed with the table and id: the same id gets the same vector on any shard")
 
     def __post_init__(self) -> None:
-        if self.method not in ("bounded_uniform", "bounded_normal"):
-            raise ValueError(f"method must be 'bounded_uniform' or 'bounded_normal', got {self.method!r}")
+        try:
+            object.__setattr__(self, "method", InitMethod(self.method))
+        except ValueError:
+            raise ValueError(f"method must be 'bounded_uniform' or 'bounded_normal', got {self.method!r}") from None
         if not self.lower < self.upper:
             raise ValueError(f"lower ({self.lower}) must be < upper ({self.upper})")
         if self.std <= 0:
@@ -341,5 +401,5 @@ class GlobalConfig:
         return self.embedding_parameter_server_config
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> JobType:
         return self.common_config.job_type

@@ -3,7 +3,8 @@
 Config dataclasses declare each field with :func:`option`, which records the documentation
 shown by ``ctrserve config-reference`` and in the README. :func:`build` turns a mapping into a
 dataclass, refusing unknown keys (with a "did you mean" hint) and wrong types, and naming the
-file and dotted key path in every message. Range checks live in each dataclass's
+file and dotted key path in every message. A field typed with an :class:`enum.Enum` takes the
+member's value as its YAML spelling. Range checks live in each dataclass's
 ``__post_init__`` and raise :class:`ValueError`; :func:`build` re-raises them as
 :class:`ConfigError` with the key path attached.
 """
@@ -12,18 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import math
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from embedding_server.core.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def option(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -103,7 +108,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, source, path)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, source, path)
     if origin is dict:
         key_tp, val_tp = args
@@ -118,6 +123,8 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         item_tp = args[0]
         items = [_convert(item_tp, v, source, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _convert_enum(tp, value, source, path)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{path}' must be true or false, got {value!r}")
@@ -145,7 +152,24 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {path}")
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+def _convert_enum(tp: type[enum.Enum], value: Any, source: str, path: str) -> enum.Enum:
+    """The member of ``tp`` that ``value`` (a string) names; the enum's own ``_missing_`` may
+    accept other spellings (e.g. PERSIA's ``Train``)."""
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(repr(member.value) for member in tp)
+    raise ConfigError(f"{source}: '{path}' must be one of {allowed}, got {value!r}")
+
+
+def _shown(value: Any) -> str:
+    """A default as ``ctrserve config-reference`` prints it: an enum member as its YAML value."""
+    return repr(value.value if isinstance(value, enum.Enum) else value)
+
+
+def describe(cls: type[DataclassInstance], prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, documentation) for every field of ``cls``, nested ones included."""
     rows = []
     hints = typing.get_type_hints(cls)
@@ -154,14 +178,14 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         key = _join(prefix, f.name)
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             rows.append((key, "(section)", f.metadata.get("doc", "")))
             rows.extend(describe(tp, key))
             continue
         if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+            default = _shown(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            default = _shown(f.default_factory())
         else:
             default = "(required)"
         rows.append((key, default, f.metadata.get("doc", "")))

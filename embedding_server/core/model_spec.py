@@ -96,9 +96,7 @@ class DenseModelSpec:
     def for_config(cls, config: EmbeddingConfig, **kwargs: Any) -> DenseModelSpec:
         """A spec whose features are every slot of ``config`` in file order."""
         features = [
-            FeatureSpec(
-                name, slot.dim, slot.embedding_summation, 0 if slot.embedding_summation else slot.sample_fixed_size
-            )
+            FeatureSpec(name, slot.dim, slot.pooling.pooled, 0 if slot.pooling.pooled else slot.sample_fixed_size)
             for name, slot in config.slots_config.items()
         ]
         return cls(features=features, embedding_config=config.to_dict(), **kwargs)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from embedding_server.core.config import JobType
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import optimizer_from_dict
 from embedding_server.storage.base import Storage
@@ -126,12 +127,12 @@ def load_store(store: EmbeddingStore, directory: str | Storage) -> int:
             f"capacity of {store.capacity} rows; raise capacity or use more shards"
         )
     store.clear()
-    if store.mode == "train":
+    if store.mode is JobType.TRAIN:
         store.set_optimizer(optimizer)
     loaded = 0
     for rows, mine in zip(decoded, masks):
         width = store.optimizer.state_width(rows.table.dim)
-        state = rows.state[mine] if store.mode == "train" else np.zeros((int(mine.sum()), width), np.float32)
+        state = rows.state[mine] if store.mode is JobType.TRAIN else np.zeros((int(mine.sum()), width), np.float32)
         store.put(TableRows(rows.table, rows.ids[mine], rows.weights[mine], state))
         loaded += int(mine.sum())
     return loaded

@@ -61,12 +61,14 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from embedding_server.core.config import JobType
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.packets import (
@@ -85,6 +87,9 @@ from embedding_server.storage.base import LocalStorage, Storage, StorageError, S
 from embedding_server.storage.urls import open_storage
 from embedding_server.store.cpus import format_cpu_list, pin_this_thread, usable_cpus
 from embedding_server.store.store import EmbeddingStore, TableRows
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("ctrserve.embedding_server.modelroot.hotload")
 
@@ -231,7 +236,7 @@ class ModelRootFollower:
         registry: CollectorRegistry | None = None,
         labels: Mapping[str, str] | None = None,
     ):
-        if store.mode != "infer":
+        if store.mode is not JobType.INFER:
             raise ValueError(f"a model root is followed by an infer-mode store, not a {store.mode}-mode one")
         self.store = store
         self.options = options or FollowOptions()
@@ -250,7 +255,7 @@ class ModelRootFollower:
         self._thread: threading.Thread | None = None
         self._huge_pages: threading.Thread | None = None  # see _move_to_huge_pages
         self._readahead: ThreadPoolExecutor | None = None  # reads the next packet during the initial replay
-        self._observer = None
+        self._observer: BaseObserver | None = None
         labels = dict(labels or {})
         self._freshness = None
         if registry is not None:
@@ -652,8 +657,8 @@ class ModelRootFollower:
         """Apply the stream's next packets in order; open, alarm or close its gap.
 
         During the initial replay the next packet is read and decoded in a second thread while
-        the current one is applied (a starting server catches up about 1.4x faster; it serves
-        nothing yet). Once synced, one thread does both and leaves the other cores to lookups.
+        the current one is applied (a starting server catches up sooner, and it serves nothing
+        yet). Once synced, one thread does both and leaves the other cores to lookups.
         """
         seqs = {s for s in map(parse_packet_name, self.storage.list_dir(stream.folder)) if s is not None}
         if not seqs:
@@ -783,20 +788,23 @@ class ModelRootFollower:
             if stream.waiting_for != missing:
                 stream.waiting_for, stream.gap_since, stream.alarmed = missing, now, False
                 log.info("%s: packet seq %d is missing while later ones exist; waiting for it", stream.label, missing)
-            if not stream.alarmed and now - stream.gap_since >= self.options.gap_timeout_s:
+            since = stream.gap_since
+            if since is None:  # never: set together with waiting_for
+                raise RuntimeError(f"{stream.label}: waiting for packet seq {missing} with no start time")
+            if not stream.alarmed and now - since >= self.options.gap_timeout_s:
                 stream.alarmed = True
                 log.warning(
                     "%s: packet seq %d still missing after %.0f s (%s/%s); not applying later packets until it arrives",
                     stream.label,
                     missing,
-                    now - stream.gap_since,
+                    now - since,
                     self.storage.url,
                     f"{stream.folder}/{packet_name(missing)}",
                 )
 
     def _close_gap(self, stream: _Stream) -> None:
         """(Holding ``_lock``.) The gap the stream waited on is over."""
-        if stream.waiting_for is not None and stream.alarmed:
+        if stream.waiting_for is not None and stream.gap_since is not None and stream.alarmed:
             log.info(
                 "%s: gap at seq %d closed after %.1f s",
                 stream.label,
@@ -904,7 +912,7 @@ def _parse_watermark(value: Any) -> dict[int, int]:
     return {int(k): int(v) for k, v in value.items()}
 
 
-class _WakeOnPublish:
+class _WakeOnPublish(FileSystemEventHandler):
     """watchdog handler: wake the follower when a file is published or removed under the root.
 
     Only creations, renames, deletions and closes after writing count; the follower's own reads
@@ -916,7 +924,7 @@ class _WakeOnPublish:
     def __init__(self, wake: threading.Event):
         self._wake = wake
 
-    def dispatch(self, event) -> None:
+    def dispatch(self, event: FileSystemEvent) -> None:
         if event.event_type in self._EVENTS:
             self._wake.set()
 
@@ -962,8 +970,8 @@ class _FollowerCollector:
             labels=stream_labels,
         )
         for s in stats["streams"]:
-            key = values + [str(s["shard"]), str(s["num_shards"])]
-            watermark.add_metric(key, s["watermark"])
-            alarm.add_metric(key, 1.0 if s["gap_alarm"] else 0.0)
+            label_values = values + [str(s["shard"]), str(s["num_shards"])]
+            watermark.add_metric(label_values, s["watermark"])
+            alarm.add_metric(label_values, 1.0 if s["gap_alarm"] else 0.0)
         yield watermark
         yield alarm

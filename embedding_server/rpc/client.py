@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from embedding_server.core.batch import KeyedIds, SparseFeature, check_batch
-from embedding_server.core.config import EmbeddingConfig, GlobalConfig, SlotConfig
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, Pooling, SlotConfig
 from embedding_server.core.optimizers import SparseOptimizer
 from embedding_server.store import kernels
 from embedding_server.store.store import EmbeddingStore, unique_keys
@@ -186,8 +186,8 @@ class EmbeddingClient(abc.ABC):
                 # Every sample of every feature pools exactly one row: the pooled result is that
                 # row (sum of one; mean and sqrt scaling divide by 1), so key i's vector is row i
                 # of the answer and feature k is the k-th block of batch_size rows.
-                values = torch.from_numpy(self._lookup_keys(ids, tables, group.dim))
-                result.embeddings.update(zip(group.names, values.split(batch_size)))
+                rows_per_key = torch.from_numpy(self._lookup_keys(ids, tables, group.dim))
+                result.embeddings.update(zip(group.names, rows_per_key.split(batch_size)))
                 continue
             uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
             values = self.lookup_rows(uniq_ids, uniq_tabs, group.dim)
@@ -269,6 +269,10 @@ def _hash_stacked(f: SparseFeature, slot: SlotConfig) -> SparseFeature:
     return SparseFeature(f.name, hashed.reshape(-1), f.offsets * rounds)
 
 
+#: the poolings that weigh each id (by 1/n or 1/sqrt(n)) before summing
+_SCALED = frozenset({Pooling.MEAN, Pooling.SQRTN})
+
+
 @dataclass(frozen=True)
 class _DimGroup:
     """The features of one batch that share an embedding dim: they are deduplicated and looked
@@ -286,7 +290,7 @@ class _DimGroup:
     @classmethod
     def of(cls, config: EmbeddingConfig, dim: int, names: list[str]) -> _DimGroup:
         slots = tuple(config.slots_config[n] for n in names)
-        pooled = [k for k, slot in enumerate(slots) if slot.embedding_summation]
+        pooled = [k for k, slot in enumerate(slots) if slot.pooling.pooled]
         return cls(
             dim,
             tuple(names),
@@ -294,7 +298,7 @@ class _DimGroup:
             np.array([config.table_of(n).index for n in names], np.uint16),
             np.array(pooled, np.int64),
             len(pooled) == len(slots),
-            any(slots[k].mean_scaling or slots[k].sqrt_scaling for k in pooled),
+            any(slots[k].pooling in _SCALED for k in pooled),
             any(slot.hash_stack_config is not None for slot in slots),
         )
 
@@ -308,7 +312,7 @@ def _assemble(
     out: dict[str, torch.Tensor | RawEmbedding] = {}
     batch_size, bounds = part.batch_size, part.bounds
     for k, slot in enumerate(group.slots):
-        if not slot.embedding_summation:
+        if slot.pooling is Pooling.NONE:
             out[group.names[k]] = _raw(
                 inverse[bounds[k] : bounds[k + 1]],
                 torch.from_numpy(part.offsets[k]),
@@ -341,7 +345,7 @@ def _pool(
         return rows.index_select(0, idx)
     if (lengths <= 1).all():
         # Bags of zero or one id (missing values): the row where there is an id, a zero row
-        # (appended) where not, in one gather: half the time of zeros + index_copy. cat and
+        # (appended) where not, in one gather instead of zeros plus an index_copy. cat and
         # index_select are differentiable, so gradients flow as above.
         src = np.full(lengths.shape[0], rows.shape[0], np.int64)
         src[lengths == 1] = idx.numpy()
@@ -362,11 +366,12 @@ def _pool(
 def _bag_weights(lengths: np.ndarray, slot: SlotConfig) -> torch.Tensor | None:
     """Per-id weights for mean or sqrt scaling. ``lengths`` count hash-stacked ids; the scale
     uses the number of raw ids (the rounds of one raw id sum into that id's embedding)."""
-    if not (slot.mean_scaling or slot.sqrt_scaling):
+    pooling = slot.pooling
+    if pooling not in _SCALED:
         return None
     rounds = slot.hash_stack_config.hash_stack_rounds if slot.hash_stack_config else 1
     n = np.maximum(lengths // rounds, 1).astype(np.float32)
-    scale = 1.0 / (n if slot.mean_scaling else np.sqrt(n))
+    scale = 1.0 / (n if pooling is Pooling.MEAN else np.sqrt(n))
     return torch.from_numpy(np.repeat(scale, lengths).astype(np.float32))
 
 

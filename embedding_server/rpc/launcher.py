@@ -31,6 +31,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embedding_server.core.config import JobType
+
 
 @dataclass
 class ServerProcess:
@@ -104,18 +106,23 @@ class ServerGroup:
         running = [s.address for s in old if s.process.poll() is None]
         if running:
             raise RuntimeError(f"cannot restart {', '.join(running)}: still running")
+        ready_files = []
+        for server in old:
+            if server.ready_file is None:
+                raise RuntimeError(f"cannot restart {server.address}: it was not started by ServerGroup.start")
+            ready_files.append(server.ready_file)
         started = []
         try:
-            for server in old:
+            for server, ready in zip(old, ready_files):
                 port = server.address.rpartition(":")[2]
                 command = [
                     port if i and server.command[i - 1] == "--port" else arg for i, arg in enumerate(server.command)
                 ]
-                server.ready_file.unlink(missing_ok=True)
+                ready.unlink(missing_ok=True)
                 started.append((_spawn(command, server.log_path, append=True), command))
             new = []
-            for server, (proc, command) in zip(old, started):
-                info = _wait_ready(proc, server.ready_file, server.log_path, timeout)
+            for server, ready, (proc, command) in zip(old, ready_files, started):
+                info = _wait_ready(proc, ready, server.log_path, timeout)
                 new.append(
                     ServerProcess(
                         proc,
@@ -125,7 +132,7 @@ class ServerGroup:
                         server.shard,
                         server.replica,
                         command,
-                        server.ready_file,
+                        ready,
                     )
                 )
         except BaseException:
@@ -143,7 +150,7 @@ class ServerGroup:
         global_config: str | Path,
         num_shards: int,
         workdir: str | Path,
-        mode: str | None = None,
+        mode: JobType | str | None = None,
         metrics: bool = False,
         extra_args: list[str] | None = None,
         timeout: float = 60.0,
@@ -152,6 +159,7 @@ class ServerGroup:
         """Start ``replicas`` servers of each of ``num_shards`` shards; wait until every one serves.
 
         Args:
+            mode: overrides the global config's job type (``--mode``).
             replicas: servers per shard; more than one only makes sense for infer-mode servers
                 following one model root (``extra_args=["--model-root", URL]``).
 
@@ -188,7 +196,7 @@ class ServerGroup:
                     str(ready),
                 ]
                 if mode:
-                    cmd += ["--mode", mode]
+                    cmd += ["--mode", JobType(mode).value]
                 if metrics:
                     cmd += ["--metrics-port", "0"]
                 cmd += extra_args or []

@@ -1,9 +1,9 @@
 """Lookups over a Unix socket, for clients on the embedding server's own machine.
 
-A Python gRPC round trip of a batch-64 Criteo lookup costs ~0.7 ms here, nearly all of it
-gRPC's own machinery on both sides; the same bytes over a Unix socket cost ~0.1 ms. A TorchServe
-worker beside its embedding server (one machine, or a pod sharing a volume) therefore looks up
-through the server's local socket, found without configuration:
+Most of a small lookup's Python gRPC round trip is gRPC's own machinery on both sides, not the
+bytes it moves; the same bytes over a Unix socket skip it (``benchmarks/README.md`` has the
+figures). A TorchServe worker beside its embedding server (one machine, or a pod sharing a
+volume) therefore looks up through the server's local socket, found without configuration:
 
 1. the server listens on a Unix socket (``--local-socket``; by default a fresh path in a private
    per-user directory) besides its gRPC port and reports the path, and a random id of this server
@@ -66,7 +66,7 @@ ATTACH_TIMEOUT_S = 2.0
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 #: What the server answers a request with: (status, LookupResponse bytes or error message).
-Answer = Callable[[memoryview], tuple[grpc.StatusCode, object]]
+Answer = Callable[[memoryview], tuple[grpc.StatusCode, bytes | str]]
 
 
 class FrameError(Exception):
@@ -80,7 +80,7 @@ class FrameTooLarge(FrameError):
 def _recv_exact(sock: socket.socket, size: int) -> memoryview | None:
     """``size`` bytes (a writable view of fresh memory), or None when the peer closed before
     the first byte. The memory is not zeroed first: a 100k-key answer is 6 MB."""
-    view = memoryview(np.empty(size, np.uint8))
+    view = np.empty(size, np.uint8).data
     got = 0
     while got < size:
         n = sock.recv_into(view[got:], size - got)
@@ -204,7 +204,7 @@ class LocalLookupServer:
             listener.close()
             raise ConfigError(f"cannot listen on local lookup socket {self.path}: {exc}") from None
         self._listener = listener
-        threading.Thread(target=self._accept, name="local-lookup-accept", daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener,), name="local-lookup-accept", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -227,10 +227,10 @@ class LocalLookupServer:
         except FileNotFoundError:
             pass
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return  # closed by stop()
             with self._lock:
@@ -278,8 +278,8 @@ class LocalLookupServer:
         if kind != LOOKUP:
             send_frame(conn, grpc.StatusCode.INVALID_ARGUMENT.value[0], f"unknown frame kind {kind}".encode())
             return False
-        status, result = self.answer(body)
-        send_frame(conn, status.value[0], result if status is grpc.StatusCode.OK else str(result).encode())
+        status, result = self.answer(body)  # the response bytes when OK, else the error message
+        send_frame(conn, status.value[0], result.encode() if isinstance(result, str) else result)
         return True
 
 

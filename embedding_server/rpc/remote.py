@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.config import EmbeddingConfig, JobType
 from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
 from embedding_server.core.optimizers import SparseOptimizer
 from embedding_server.modelroot import checkpoint
@@ -277,7 +277,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
                 f"{replica.address} runs with different tables than this client's embedding_config.yml "
                 f"(fingerprint {info.config_fingerprint} != {self.config.fingerprint()})"
             )
-        if info.mode == "train" and len(self.addresses[shard]) > 1:
+        if info.mode == JobType.TRAIN.value and len(self.addresses[shard]) > 1:
             return (
                 f"{replica.address} is a train-mode server listed with other replicas of shard {shard}: "
                 "train mode takes one server per shard (replicas serve infer-mode servers on one model root)"
@@ -314,7 +314,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
         return self.attempt_timeout or self.timeout / len(self.addresses[shard])
 
     def _start(
-        self, shard: int, send: Callable[[Replica, float], grpc.Future], timeout: float | None = None
+        self, shard: int, send: Callable[[Replica, float | None], grpc.Future], timeout: float | None = None
     ) -> _ShardCall:
         """Send one request to ``shard``; the returned call fails over to other replicas."""
         limit = self.timeout if timeout is None else timeout
@@ -359,25 +359,30 @@ class RemoteEmbeddingClient(EmbeddingClient):
         parallel = len(requests) > 1
         for s, ids, tables in requests:
             payload = wire.encode_lookup_request(ids, tables)
-            calls.append(self._start(s, lambda r, t, p=payload: self._send_lookup(r, p, t, parallel)))
+            calls.append(self._start(s, self._lookup_sender(payload, parallel)))
         out = []
         for call, (s, ids, _) in zip(calls, requests):
             answer = call.result()
             try:
                 got_dim, values = wire.decode_lookup_response(answer)
             except ValueError as exc:
-                raise ShardUnavailableError(f"embedding shard {s} ({call.replica.address}): {exc}") from None
+                raise ShardUnavailableError(f"embedding shard {s} ({call.address}): {exc}") from None
             if got_dim != dim or values.shape[0] != ids.shape[0] * dim:
                 raise ShardUnavailableError(
-                    f"embedding shard {s} ({call.replica.address}) answered {values.shape[0]} floats of dim {got_dim} "
+                    f"embedding shard {s} ({call.address}) answered {values.shape[0]} floats of dim {got_dim} "
                     f"for {ids.shape[0]} ids of dim {dim}"
                 )
             out.append(values.reshape(ids.shape[0], dim))
         return out
 
+    def _lookup_sender(self, payload: bytes, parallel: bool) -> Callable[[Replica, float | None], Any]:
+        """What a :class:`_ShardCall` starts the LookupRequest ``payload`` on a replica with."""
+        return lambda replica, timeout: self._send_lookup(replica, payload, timeout, parallel)
+
     def _send_lookup(self, replica: Replica, payload: bytes, timeout: float | None, parallel: bool) -> Any:
         """Start one serialized LookupRequest on ``replica``: over its local socket when it has one
-        (synchronous: ~0.1 ms), else over gRPC (a future when ``parallel``)."""
+        (synchronous: a round trip too short to be worth a thread), else over gRPC (a future when
+        ``parallel``)."""
         local = replica.local
         if local is not None:
             try:
@@ -407,7 +412,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
 
     def replica_states(self) -> list[list[dict]]:
         """Per shard, ``{"address", "up", "reason", "outstanding", "transport"}`` of each replica
-        (``transport``: "local" when its lookups go over its local socket, else "grpc")."""
+        (``transport``: a :class:`~embedding_server.rpc.replicas.Transport`)."""
         return [
             [
                 {
@@ -415,7 +420,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
                     "up": r.up,
                     "reason": r.reason,
                     "outstanding": r.outstanding,
-                    "transport": "local" if r.local is not None else "grpc",
+                    "transport": r.transport,
                 }
                 for r in rs.replicas
             ]
@@ -432,7 +437,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
             r = call.result()
             out.append(
                 {
-                    "address": call.replica.address,
+                    "address": call.address,
                     "replicas": states[s],
                     "rows": r.rows,
                     "capacity": r.capacity,
@@ -518,6 +523,12 @@ class _ShardCall:
             raise self._unavailable()
         return self
 
+    @property
+    def address(self) -> str:
+        """The address of the replica the request was last sent to (after :meth:`result`: the
+        one that answered)."""
+        return self.replica.address if self.replica is not None else "(not started)"
+
     def result(self) -> Any:
         """The first successful answer.
 
@@ -526,20 +537,23 @@ class _ShardCall:
             ShardUnavailableError: every replica failed, or the deadline passed.
         """
         while True:
+            replica, future = self.replica, self.future
+            if replica is None or future is None:
+                raise RuntimeError("_ShardCall.result() called before start()")
             try:
-                return self.future.result()
+                return future.result()
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details()
                 if code not in RETRYABLE:
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise InvalidRequestError(details) from None
                     raise ShardUnavailableError(
-                        f"embedding shard {self.shard} ({self.replica.address}): {code.name}: {details}"
+                        f"embedding shard {self.shard} ({replica.address}): {code.name}: {details}"
                     ) from None
                 reason = f"{code.name}: {details}"
-                self._failures.append(f"{self.replica.address}: {reason}")
+                self._failures.append(f"{replica.address}: {reason}")
                 if code in MARKS_DOWN:
-                    self.replica_set.mark_down(self.replica, reason)
+                    self.replica_set.mark_down(replica, reason)
                 if not self._try_next():
                     raise self._unavailable() from None
 
@@ -555,7 +569,7 @@ class _ShardCall:
         self.replica = replica
         self.replica_set.started(replica)
         self.future = self.send(replica, None if timeout == float("inf") else timeout)
-        self.future.add_done_callback(lambda _, r=replica: self.replica_set.finished(r))
+        self.future.add_done_callback(lambda _: self.replica_set.finished(replica))
         return True
 
     def _unavailable(self) -> ShardUnavailableError:

@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import grpc
@@ -92,6 +93,16 @@ def format_addresses(shards: Sequence[Sequence[str]]) -> str:
 # ---------------------------------------------------------------------------- health state
 
 
+class Transport(str, Enum):
+    """How a client's lookups reach a replica."""
+
+    GRPC = "grpc"  # the replica's gRPC service
+    LOCAL = "local"  # the server's local Unix socket (same machine; see embedding_server.rpc.local_lookup)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(eq=False)
 class Replica:
     """One server of one shard, with the client's view of its health.
@@ -118,6 +129,11 @@ class Replica:
     outstanding: int = 0
     reason: str = "not checked yet"
     local: Any = None
+
+    @property
+    def transport(self) -> Transport:
+        """Where its lookups go now."""
+        return Transport.GRPC if self.local is None else Transport.LOCAL
 
 
 class ReplicaSet:

@@ -180,6 +180,8 @@ class ServerSecurity:
         key = _read_pem(self.tls_key_file, "tls_key_file")
         cert = _read_pem(self.tls_cert_file, "tls_cert_file")
         client_ca = _read_pem(self.tls_client_ca_file, "tls_client_ca_file")
+        if key is None or cert is None:  # __post_init__ requires both with tls_cert_file
+            raise ConfigError("security: tls_cert_file and tls_key_file go together (the server's certificate and key)")
         credentials = grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )

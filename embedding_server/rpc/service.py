@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +41,8 @@ from protos.embedding import pb, pb_grpc
 
 log = logging.getLogger("ctrserve.embedding_server")
 
+R = TypeVar("R")
+
 SERVICE_NAME = "ctrserve.embedding.v1.EmbeddingService"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -57,8 +60,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self.follower: ModelRootFollower | None = None  # infer mode with a model root (set by start_server)
         self.local: LocalLookupServer | None = None  # the local lookup socket (set by start_server)
 
-    def answer(self, method: str, fn: Callable[[], object], keys: int = 0) -> tuple[grpc.StatusCode, object]:
-        """``(OK, fn())``, or the status and message a failure of ``fn`` is answered with; the
+    def answer(self, method: str, fn: Callable[[], R], keys: int = 0) -> tuple[grpc.StatusCode, R | str]:
+        """``(OK, fn())``, or the status and message (a string) a failure of ``fn`` is answered with; the
         request is counted and timed in the metrics either way. Used by the gRPC methods and
         by the local socket (:mod:`~embedding_server.rpc.local_lookup`)."""
         try:
@@ -73,7 +76,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def _call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], object], keys: int = 0):
         status, result = self.answer(method, fn, keys)
         if status is not grpc.StatusCode.OK:
-            context.abort(status, result)
+            context.abort(status, str(result))
         return result
 
     def lookup_message(self, ids: bytes | memoryview, tables: bytes | memoryview) -> bytes:
@@ -94,7 +97,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self.store.lookup(id_array, table_array, out=response_values)
         return message[0]
 
-    def answer_local(self, request: memoryview) -> tuple[grpc.StatusCode, object]:
+    def answer_local(self, request: memoryview) -> tuple[grpc.StatusCode, bytes | str]:
         """Status and LookupResponse bytes (or message) of a serialized LookupRequest that came
         over the local socket (:mod:`~embedding_server.rpc.local_lookup`)."""
         try:
@@ -134,7 +137,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return pb.InfoResponse(
             shard_index=store.shard_index,
             num_shards=store.num_shards,
-            mode=store.mode,
+            mode=store.mode.value,
             config_fingerprint=store.config.fingerprint(),
             optimizer_json=json.dumps(store.optimizer.to_dict()),
             capacity=store.capacity,
@@ -298,8 +301,8 @@ def start_server(
             follower.stop()
             raise
     # Everything loaded so far (modules, config, the store's arrays) lives as long as the server:
-    # keep it out of the garbage collector's full passes, which otherwise hold the GIL for ~50 ms
-    # every few packets and stall every lookup meanwhile (measured here during packet applies).
+    # keep it out of the garbage collector's full passes, which would otherwise walk it all with the
+    # GIL held every few packets and stall every lookup meanwhile.
     gc.freeze()
     if servicer.local is not None:
         try:

@@ -25,7 +25,7 @@ def encode(array: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
-def decode(buffer: bytes, dtype: np.dtype, field: str) -> np.ndarray:
+def decode(buffer: bytes | bytearray | memoryview, dtype: np.dtype, field: str) -> np.ndarray:
     """A 1-D array over ``buffer`` (no copy; read-only)."""
     if len(buffer) % dtype.itemsize:
         raise InvalidRequestError(
@@ -34,7 +34,9 @@ def decode(buffer: bytes, dtype: np.dtype, field: str) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
 
 
-def decode_keys(ids: bytes, tables: bytes) -> tuple[np.ndarray, np.ndarray]:
+def decode_keys(
+    ids: bytes | bytearray | memoryview, tables: bytes | bytearray | memoryview
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 ids, uint16 table indexes) of a request, checked to have equal lengths."""
     id_array = decode(ids, IDS, "ids")
     table_array = decode(tables, TABLES, "tables")
@@ -67,8 +69,8 @@ _RESPONSE_DIM = 1 << 3 | _VARINT  # LookupResponse.dim = 1
 _RESPONSE_VALUES = 2 << 3 | _LEN  # LookupResponse.values = 2
 _RESPONSE_PADDING = 3 << 3 | _LEN  # LookupResponse.padding = 3
 #: Where LookupResponse.values starts in the message: a multiple of this many bytes. A bytes
-#: object's data and a numpy buffer are 16-byte aligned, so the float32 rows are too. Unaligned
-#: rows cost the server 10-25 us more to fill per batch-64 lookup, and every reader more after.
+#: object's data and a numpy buffer are 16-byte aligned, so the float32 rows are too: unaligned
+#: rows are slower for the server to fill and for every reader after.
 VALUES_ALIGN = 16
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -87,7 +89,7 @@ def _varint(value: int) -> bytes:
         out.append(low | 0x80)
 
 
-def _read_varint(buffer: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(buffer: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(buffer) or shift > 63:
@@ -108,10 +110,10 @@ def encode_lookup_request(ids: np.ndarray, tables: np.ndarray) -> bytes:
         (
             bytes([_REQUEST_IDS]),
             _varint(id_array.nbytes),
-            memoryview(id_array).cast("B"),
+            id_array.data.cast("B"),
             bytes([_REQUEST_TABLES]),
             _varint(table_array.nbytes),
-            memoryview(table_array).cast("B"),
+            table_array.data.cast("B"),
         )
     )
 
@@ -131,10 +133,14 @@ def lookup_response(num_keys: int, dim: int) -> tuple[bytes, np.ndarray]:
     header = head + bytes([_RESPONSE_PADDING, pad]) + bytes(pad) + tail
     message = _new_bytes(None, len(header) + payload)
     address = ctypes.cast(ctypes.c_char_p(message), ctypes.c_void_p).value
+    if address is None:  # never: a bytes object always has a buffer
+        raise MemoryError("no buffer address for a new bytes object")
     memory = (ctypes.c_char * len(message)).from_address(address)
-    memory.owner = message  # the values view keeps the bytes alive (from_address alone does not)
-    memory[: len(header)] = header
-    values = np.frombuffer(memory, dtype=VALUES, count=num_keys * dim, offset=len(header))
+    # the values view keeps the bytes alive (from_address alone does not); ctypes instances take
+    # new attributes, which typeshed's Array does not declare
+    memory.owner = message  # type: ignore[attr-defined]
+    ctypes.memmove(address, header, len(header))
+    values = np.frombuffer(memoryview(memory), dtype=VALUES, count=num_keys * dim, offset=len(header))
     return message, values.reshape(num_keys, dim)
 
 
@@ -173,10 +179,11 @@ def decode_lookup_request(message: bytes | bytearray | memoryview) -> tuple[memo
     """
     fields = _scan(message, "LookupRequest")
     view = memoryview(message)
-    spans = [fields.get(tag, (0, 0)) for tag in (_REQUEST_IDS, _REQUEST_TABLES)]
-    if not all(isinstance(span, tuple) for span in spans):
+    ids_span = fields.get(_REQUEST_IDS, (0, 0))
+    tables_span = fields.get(_REQUEST_TABLES, (0, 0))
+    if not isinstance(ids_span, tuple) or not isinstance(tables_span, tuple):
         raise ValueError("malformed LookupRequest: ids and tables must be bytes fields")
-    (ids_at, ids_len), (tables_at, tables_len) = spans
+    (ids_at, ids_len), (tables_at, tables_len) = ids_span, tables_span
     return view[ids_at : ids_at + ids_len], view[tables_at : tables_at + tables_len]
 
 
@@ -189,7 +196,8 @@ def decode_lookup_response(message: bytes | bytearray) -> tuple[int, np.ndarray]
     """
     fields = _scan(message, "LookupResponse")
     dim = fields.get(_RESPONSE_DIM, 0)
-    start, size = fields.get(_RESPONSE_VALUES, (0, 0))
-    if not isinstance(dim, int) or size % VALUES.itemsize:
+    values = fields.get(_RESPONSE_VALUES, (0, 0))
+    if not isinstance(dim, int) or not isinstance(values, tuple) or values[1] % VALUES.itemsize:
         raise ValueError("malformed LookupResponse: truncated message")
+    start, size = values
     return dim, np.frombuffer(message, dtype=VALUES, count=size // VALUES.itemsize, offset=start)

@@ -179,7 +179,8 @@ class StorageOptions:
             StorageError: a variable holds an invalid value (e.g. a malformed endpoint).
         """
         env = os.environ if environ is None else environ
-        updates, sources = {}, []
+        updates: dict[str, Any] = {}  # string options only (ENV_FALLBACKS names no other)
+        sources = []
         for name, variables in ENV_FALLBACKS.items():
             variable = next((v for v in variables if env.get(v)), None)
             if getattr(self, name) or variable is None:
@@ -395,8 +396,8 @@ class LocalStorage(Storage):
         with self._reading(path) as fh:
             size = os.fstat(fh.fileno()).st_size
             check_size(self._where(path), size, max_bytes)
-            # pyarrow's pool keeps freed memory for the next packet: a new 37 MB bytes object
-            # costs a fresh mapping and its page faults each time (33 vs 5 ms measured here).
+            # pyarrow's pool keeps freed memory for the next packet, where a new bytes object of a
+            # packet's size costs a fresh mapping and its page faults each time.
             view = memoryview(pa.allocate_buffer(size + 1))  # one byte more: a file that grew is noticed
             got = 0
             while got <= size and (k := fh.readinto(view[got:])):

@@ -231,6 +231,11 @@ class ArrowStorage(Storage):
 class S3Storage(ArrowStorage):
     """Objects under ``s3://bucket/prefix`` on an S3 service (Ceph's RADOS Gateway, AWS, ...)."""
 
+    _conn: _S3Connection
+
+    def __init__(self, url: str, connection: _S3Connection, root: str):
+        super().__init__(url, connection, root)
+
     @classmethod
     def open(cls, url: str, options: StorageOptions) -> S3Storage:
         """Parse ``url`` and connect with ``options`` (no request is sent yet).

@@ -1,6 +1,7 @@
 """Opening a storage root by path or URL.
 
-:func:`open_storage` picks the implementation for a URL (the interface is
+:func:`open_storage` picks the implementation for a URL by its
+:class:`~embedding_server.storage.kinds.StorageKind` (the interface is
 :class:`~embedding_server.storage.base.Storage`):
 
 ==============================  ===========================================================
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageOptions
+from embedding_server.storage.kinds import StorageKind
 
 
 def open_storage(
@@ -62,14 +64,15 @@ def open_storage(
         options = StorageOptions.from_dict(options)
     if overrides:
         options = StorageOptions.from_dict({**dataclasses.asdict(options), **overrides})
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file"):
+    kind = StorageKind.of_url(url)
+    if kind is None:
+        raise StorageError(
+            f"storage URL {url!r}: scheme '{urlparse(url).scheme}://' is not supported; "
+            "use a local path, file://, s3:// or hdfs://"
+        )
+    if kind is StorageKind.LOCAL:
         return LocalStorage(url)
-    if scheme in ("s3", "hdfs"):
-        from embedding_server.storage import remote as storage_remote  # pyarrow.fs is only needed for remote URLs
+    from embedding_server.storage import remote as storage_remote  # pyarrow.fs is only needed for remote URLs
 
-        opener = storage_remote.S3Storage if scheme == "s3" else storage_remote.HdfsStorage
-        return opener.open(url, options.with_env())
-    raise StorageError(
-        f"storage URL {url!r}: scheme '{scheme}://' is not supported; use a local path, file://, s3:// or hdfs://"
-    )
+    opener = storage_remote.S3Storage if kind is StorageKind.S3 else storage_remote.HdfsStorage
+    return opener.open(url, options.with_env())

@@ -1,8 +1,8 @@
 """Compiled kernels of the embedding store: hash index, LRU ticks, initialisation, optimizers.
 
 Why numba: a lookup must map ~100k uint64 ids per batch to rows at a rate close to a plain
-``numpy.take`` (tens of millions of keys/s). A Python dict does about 1M keys/s, and a
-vectorised numpy open-addressing table needs several passes over the batch. numba compiles
+``numpy.take`` of the same rows. A Python dict is far slower per key, and a vectorised numpy
+open-addressing table needs several passes over the batch. numba compiles
 these loops to machine code from plain Python (no C toolchain at install time, results cached
 on disk), releases the GIL so gRPC threads keep serving, and is a widely used dependency.
 
@@ -19,8 +19,8 @@ Layout of one store (capacity ``C`` rows, ``S`` ~ C / 0.7 slots):
 * ``meta``     int64[META_LEN] sizes, the tick, counters, the free-list cursor, the stage.
 
 Deletion uses backward-shift (no tombstones), so probe chains stay short under churn. An exact
-linked-list LRU was measured here at ~4x the cost per lookup (four scattered writes per hit);
-ticks cost one write and give the same order at request granularity.
+linked-list LRU costs four scattered writes per hit; ticks cost one write and give the same
+order at request granularity.
 
 A lookup of a large batch is bound by memory latency: every key costs a cache miss on its slot,
 one on its tick and one on its vector, each depending on the one before. :func:`gather_hits`
@@ -332,7 +332,9 @@ def _hash_and_prefetch(slots, salts, ids, tables, i, hashes):
     _prefetch(slots, _home(h, slots.shape[0]))
 
 
-_AHEAD = 8  # keys between the stages of gather_hits' pipeline (measured best of 4..16 here)
+# Keys between the stages of gather_hits' pipeline: enough cache misses in flight to hide memory
+# latency, few enough that the prefetched lines are still cached when their stage comes.
+_AHEAD = 8
 _RING = 32  # >= 2 * _AHEAD, a power of two
 
 
@@ -348,7 +350,7 @@ def gather_hits(slots, row_tick, weights, meta, salts, ids, tables, count_repeat
 
     Three stages, ``_AHEAD`` keys apart: hash the key and prefetch its home slot; probe the
     (now cached) slots and prefetch the row's vector and tick; copy the vector and write the
-    tick. Measured here at 1M rows: about 1.7x faster than probing and gathering separately.
+    tick. Probing and gathering in separate passes would wait on each key's cache misses in turn.
     """
     n = ids.shape[0]
     tick = np.uint32(meta[META_TICK])
@@ -412,8 +414,8 @@ def lookup(
     pushes (which need rows, not vectors).
 
     Keys go in groups of ``_GROUP``: first every key's home slot is loaded (independent loads
-    the CPU overlaps), then the probes run on warm cache lines. Measured here: 2.4x faster than
-    probing one key at a time, where each cache miss waits for the previous one.
+    the CPU overlaps), then the probes run on warm cache lines, instead of probing one key at a
+    time, where each cache miss waits for the previous one.
     """
     capacity = row_slot.shape[0]
     num_slots = slots.shape[0]
@@ -534,8 +536,8 @@ def gather_staged(slots, row_tick, weights, next_row, meta, salts, ids, tables, 
     """:func:`gather_hits` while a packet is staged: hidden keys count as not stored until the
     commit; after it, a row's staged successor in ``next_row`` (row + 1, 0 = none) is read
     instead of the row. One more pipeline stage resolves the successor. (Its last stage repeats
-    gather_hits' on purpose: sharing it through an inlined helper that counted into an array
-    cost gather_hits 30% here, in_process_ratio 0.53 -> 0.37.)"""
+    gather_hits' on purpose: sharing it through an inlined helper that counts into an array
+    slows gather_hits, the hot path of every lookup, markedly.)"""
     n = ids.shape[0]
     tick = np.uint32(meta[META_TICK])
     committed = meta[META_STAGE] == STAGE_COMMITTED
@@ -618,8 +620,8 @@ def stage_rows(
     Pipelined like :func:`gather_hits`: hash and prefetch the home slot; probe (warming the
     slots) and prefetch the row's ``next_row`` entry; then probe again on warm lines (an earlier
     key may have taken the empty slot the first probe ended at) and write, prefetching the
-    vector and tick of the fresh row the key ``_AHEAD`` places on will get (measured here:
-    about 1.4x faster than without the fresh-row prefetches).
+    vector and tick of the fresh row the key ``_AHEAD`` places on will get, so its write finds
+    them cached.
     """
     capacity = row_slot.shape[0]
     tick = np.uint32(meta[META_TICK])

@@ -1,15 +1,15 @@
 """Large buffers on fresh anonymous memory with transparent huge pages asked for.
 
-A fresh 37 MB buffer costs about 26 ms of page faults here with 4 KiB pages and about 5 ms with
-2 MiB pages; random row access across a big table also misses the TLB far less often. Linux
-serves ``MADV_HUGEPAGE`` regions with huge pages when its setting is ``madvise`` (the default of
-most distributions) or ``always``; elsewhere these are plain zeroed pages.
+A fresh buffer on 2 MiB pages takes far fewer page faults than on 4 KiB pages, and random row
+access across a big table misses the TLB far less often. Linux serves ``MADV_HUGEPAGE`` regions
+with huge pages when its setting is ``madvise`` (the default of most distributions) or
+``always``; elsewhere these are plain zeroed pages.
 
-Committing memory with huge pages is not always the cheap way, though: on this development VM,
-memory the machine has not touched lately commits at 0.3-0.5 GB/s on huge pages and 1.7-2.9 GB/s
-on 4 KiB pages (memory freed a moment before: 3-10 GB/s on huge pages). A store filled at
-start-up therefore commits on 4 KiB pages (:func:`use_huge_pages` off) and moves its rows onto
-huge pages afterwards, in the background (:func:`collapse`).
+Committing memory with huge pages is not always the cheap way, though: memory the machine has
+not touched lately can commit several times slower on huge pages than on 4 KiB pages (the
+kernel must find and zero whole 2 MiB pages; ``benchmarks/README.md`` has the rates). A store
+filled at start-up therefore commits on 4 KiB pages (:func:`use_huge_pages` off) and moves its
+rows onto huge pages afterwards, in the background (:func:`collapse`).
 """
 
 from __future__ import annotations

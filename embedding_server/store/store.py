@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_server.core.config import EmbeddingConfig, GlobalConfig, TableSpec
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, InitMethod, JobType, TableSpec
 from embedding_server.core.errors import InvalidRequestError, describe_value
 from embedding_server.core.optimizers import SGD, SparseOptimizer
 from embedding_server.store import kernels
@@ -53,6 +53,8 @@ class EmbeddingStore:
         InvalidRequestError: from every method, for malformed ids, tables or gradients.
     """
 
+    _state: np.ndarray  # float32 [capacity, state width]; set (and resized) by _set_optimizer_locked
+
     def __init__(self, config: EmbeddingConfig, global_config: GlobalConfig, shard_index: int = 0, num_shards: int = 1):
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
@@ -73,7 +75,7 @@ class EmbeddingStore:
         self._dims = np.array([t.dim for t in tables], np.int64)
         self._single_dim = len(set(self._dims.tolist())) == 1
         init = global_config.initialization
-        self._init_kind = 0 if init.method == "bounded_uniform" else 1
+        self._init_kind = 0 if init.method is InitMethod.BOUNDED_UNIFORM else 1
         self._init_params = np.array([init.lower, init.upper, init.mean, init.std, float(init.seed)], np.float64)
         if self.capacity >= 2**31 - 1:
             raise ValueError(f"capacity {self.capacity} is too large for one shard; use more shards")
@@ -90,28 +92,27 @@ class EmbeddingStore:
         # a row is on it at most once, so capacity entries always suffice.
         self._free = _zeroed(self.capacity, np.int64)
         # Infer mode: a staged packet apply's fresh row of each replaced row (row + 1, 0 = none).
-        self._next_row = _zeroed(self.capacity if self.mode == "infer" else 0, np.int32)
+        self._next_row = _zeroed(self.capacity if self.mode is JobType.INFER else 0, np.int32)
         self._fold: tuple[np.ndarray, ...] | None = None  # see _fold_arrays
         self._committed_rows = 0  # rows whose memory _commit_rows committed ahead of staged applies
         self._committing: threading.Thread | None = None  # see _commit_rows
         # Staged applies commit the next packet's fresh rows in a second thread (see _commit_rows).
         # A follower turns it on for its start-up replay, where nothing is served yet; while
-        # serving it would be one more busy thread beside the lookups on the same cores (in-process
-        # busy lookup p99 with it on: 0.66 and 0.90 ms; off: 0.55-0.98 ms over four runs, so no
-        # difference beyond this VM's noise either way).
+        # serving it would be one more busy thread beside the lookups on the same cores, for no
+        # gain in lookup latency.
         self.commit_ahead = False
         self._huge_pages_deferred = False  # see defer_huge_pages
         self.evictions_per_sweep = max(1, self.capacity // 64)
         # Incremental updates: rows changed since the last packet, and the last values of changed
         # rows evicted before it (so an eviction never loses an update).
-        self.tracks_changes = self.mode == "train" and global_config.server.enable_incremental_update
+        self.tracks_changes = self.mode is JobType.TRAIN and global_config.server.enable_incremental_update
         self._dirty = np.zeros(self.capacity if self.tracks_changes else 0, np.bool_)
         self._dirty_count = 0
         self._evicted_changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # Called (outside the lock) after each gradient update while changes are tracked.
         self.change_listener: Callable[[], None] | None = None
         # Serving needs no optimizer state: an infer-mode store keeps none (SGD has none).
-        self._set_optimizer_locked(global_config.sparse_optimizer if self.mode == "train" else SGD())
+        self._set_optimizer_locked(global_config.sparse_optimizer if self.mode is JobType.TRAIN else SGD())
 
     # ------------------------------------------------------------------ optimizer
 
@@ -170,7 +171,7 @@ class EmbeddingStore:
         scratch.put_many([TableRows(table, ids[:8], rows.weights[:8], rows.state[:8])])  # staged in infer mode
         stages = (
             (kernels.STAGE_NONE, kernels.STAGE_STAGING, kernels.STAGE_COMMITTED)
-            if self.mode == "infer"
+            if self.mode is JobType.INFER
             else (kernels.STAGE_NONE,)
         )
         for stage in stages:
@@ -180,7 +181,7 @@ class EmbeddingStore:
                     scratch.lookup(keys, tabs, count_repeats=count_repeats)
                     scratch.lookup(keys + np.uint64(1000), tabs, count_repeats=count_repeats)  # not stored
         scratch._meta[kernels.META_STAGE] = kernels.STAGE_NONE
-        if self.mode == "train":
+        if self.mode is JobType.TRAIN:
             scratch.apply_gradients(frozen_ids, frozen_tables, np.ones((ids.shape[0], table.dim), np.float32))
         list(scratch.rows())
 
@@ -227,7 +228,7 @@ class EmbeddingStore:
             raise ValueError(
                 f"out must be a writable C-contiguous float32 array of shape {(ids.shape[0], dim)}, got {describe_value(out)}"
             )
-        insert = self.mode == "train"
+        insert = self.mode is JobType.TRAIN
         if insert:
             self._check_fits(ids, tables)
         with self._lock:
@@ -283,7 +284,7 @@ class EmbeddingStore:
         Keys that are not stored (never looked up, or evicted since) are inserted with their
         initial value first, as a lookup would have done.
         """
-        if self.mode != "train":
+        if self.mode is not JobType.TRAIN:
             raise InvalidRequestError("this embedding server runs in infer mode and does not accept gradients")
         dim = self._check_keys(ids, tables)
         grads = np.asarray(grads)
@@ -501,7 +502,7 @@ class EmbeddingStore:
             >>> store.put_many(packet.tables)  # an infer-mode store: all rows or none visible
             0
         """
-        evict = self.mode == "infer" if evict is None else evict
+        evict = self.mode is JobType.INFER if evict is None else evict
         parts = [part for part in map(self._checked_rows, batch) if part[0].shape[0]]
         if not parts:
             return 0
@@ -509,7 +510,7 @@ class EmbeddingStore:
         if n > self.capacity and unique_keys(*_keys_of(parts))[0].shape[0] > self.capacity:
             raise InvalidRequestError(f"{n} rows: more distinct rows than this shard's capacity of {self.capacity}")
         with self._write_lock:
-            if self.mode == "infer" and 2 * n <= self.capacity and (evict or self._available_rows() >= n):
+            if self.mode is JobType.INFER and 2 * n <= self.capacity and (evict or self._available_rows() >= n):
                 return self._put_staged(parts, n)
             with self._lock:
                 return self._put_locked(parts, *_keys_of(parts), evict)
@@ -606,8 +607,8 @@ class EmbeddingStore:
         the whole index the first time: random inserts touch all of its pages early anyway) in
         a few calls instead of one page fault at a time (see ``memory.populate``). Then, in a
         thread of its own, the rows up to ``end + ahead``: the next packet's fresh rows are
-        committed while this one is staged (huge pages fault in at ~0.4-1 GB/s on this VM; in
-        line, that was a third of a growing store's apply time). The next call waits for it."""
+        committed while this one is staged (huge pages fault in slowly, and committing them in
+        line would be a large share of a growing store's apply time). The next call waits for it."""
         if self._committing is not None:
             self._committing.join()  # (without the GIL)
             self._committing = None
@@ -632,9 +633,9 @@ class EmbeddingStore:
     def defer_huge_pages(self) -> bool:
         """Commit this empty store's rows on 4 KiB pages until :meth:`adopt_huge_pages`.
 
-        A follower's start-up replay fills a new store at the rate memory is committed; on this
-        development VM memory it has not touched lately commits 4-6x faster on 4 KiB pages than
-        on huge pages (see :mod:`~embedding_server.store.memory`), while lookups run best on huge pages
+        A follower's start-up replay fills a new store at the rate memory is committed; memory the
+        machine has not touched lately can commit several times faster on 4 KiB pages than on
+        huge pages (see :mod:`~embedding_server.store.memory`), while lookups run best on huge pages
         (fewer TLB misses). So the replay commits small pages and the rows move onto huge pages
         once serving, in the background.
 

@@ -93,6 +93,7 @@ def reference_embeddings(batch: PyPersiaBatchData, rows: dict[tuple[str, int], t
     return inputs
 
 
+@pytest.mark.unit
 def test_one_step_matches_an_independent_sgd_computation():
     batch = make_batch(np.random.default_rng(3))
     model = make_model()
@@ -138,6 +139,7 @@ def _ctx(model, sparse=None, **kwargs) -> TrainCtx:
     )
 
 
+@pytest.mark.unit
 def test_resuming_from_a_checkpoint_gives_identical_parameters(tmp_path):
     rng = np.random.default_rng(7)
     batches = [make_batch(rng) for _ in range(6)]
@@ -158,6 +160,7 @@ def test_resuming_from_a_checkpoint_gives_identical_parameters(tmp_path):
             np.testing.assert_array_equal(rows, expected_rows[name])
 
 
+@pytest.mark.unit
 def test_training_on_a_learnable_signal_raises_auc():
     rng = np.random.default_rng(11)
     batches = []
@@ -176,6 +179,7 @@ def test_training_on_a_learnable_signal_raises_auc():
     assert log_loss(labels, scores) < 0.5
 
 
+@pytest.mark.unit
 def test_forward_refuses_batches_the_model_cannot_take():
     with _ctx(make_model()) as ctx:
         no_target = make_batch(np.random.default_rng(0))
@@ -195,17 +199,20 @@ def test_forward_refuses_batches_the_model_cannot_take():
             ctx.backward(torch.zeros(()))
 
 
+@pytest.mark.unit
 def test_mixed_precision_is_off_on_the_cpu():
     with _ctx(make_model(), mixed_precision=True) as ctx:
         assert ctx.device.type == "cpu" and not ctx.mixed_precision
         train(ctx, [make_batch(np.random.default_rng(0))])
 
 
+@pytest.mark.unit
 def test_data_parallel_without_shared_servers_is_refused():
     with pytest.raises(ValueError, match="needs embedding servers"):
         _ctx(make_model(), distributed=True)
 
 
+@pytest.mark.unit
 def test_export_writes_torchscript_and_spec_that_reproduce_the_model(tmp_path):
     batch = make_batch(np.random.default_rng(5))
     root = str(tmp_path / "root")
@@ -231,12 +238,14 @@ def test_export_writes_torchscript_and_spec_that_reproduce_the_model(tmp_path):
     torch.testing.assert_close(scripted(dense, sparse), expected, rtol=0, atol=0)
 
 
+@pytest.mark.unit
 def test_an_incomplete_version_without_its_json_is_not_counted(tmp_path):
     (tmp_path / "dense/v00000007").mkdir(parents=True)
     (tmp_path / "dense/v00000007/model.pt").write_bytes(b"partial")
     assert latest_version(str(tmp_path)) == 0
 
 
+@pytest.mark.unit
 def test_model_spec_rejects_malformed_json():
     from embedding_server.core.errors import ConfigError
 
@@ -253,6 +262,7 @@ def test_model_spec_rejects_malformed_json():
         DenseModelSpec.from_json("{")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "model", [DLRM(DENSE_WIDTH, 3, 4, bottom_mlp=(8,), top_mlp=(8,)), DeepCTR(DENSE_WIDTH, [4, 4, 4])]
 )
@@ -265,6 +275,7 @@ def test_ready_models_script_and_match_eager(model):
     torch.testing.assert_close(scripted(dense, sparse), out)
 
 
+@pytest.mark.unit
 def test_auc_matches_the_pairwise_definition():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
@@ -275,6 +286,7 @@ def test_auc_matches_the_pairwise_definition():
     assert np.isnan(roc_auc(np.ones(3), np.arange(3)))
 
 
+@pytest.mark.process
 def test_remote_shards_train_exactly_like_the_in_process_store(tmp_path):
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 10_000}}))

@@ -16,6 +16,8 @@ from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
 from trainer.batch import PyPersiaBatchData
 
+pytestmark = pytest.mark.unit
+
 CONFIG = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}, "item": {"dim": 4}}})
 
 
