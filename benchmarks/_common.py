@@ -1,8 +1,10 @@
-"""Helpers shared by the timing benchmarks: the other-load meter, interleaved timing against a
-same-run baseline, and reporting (see README.md for the conventions they implement)."""
+"""Helpers shared by the timing benchmarks: the argument parser made from a benchmark's
+docstring, the other-load meter, interleaved timing against a same-run baseline, and reporting
+(see README.md for the conventions they implement)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -13,6 +15,15 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: the first paragraph of its docstring ``doc`` describes it,
+    the rest follows the options as written."""
+    description, epilog = doc.split("\n\n", 1)
+    return argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog
+    )
 
 
 class OtherLoad:

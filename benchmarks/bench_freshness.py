@@ -110,7 +110,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import OtherLoad, rounded  # noqa: E402
+from _common import OtherLoad, doc_parser, rounded  # noqa: E402
 
 NUM_TABLES = 26
 DIM = 16
@@ -122,11 +122,7 @@ HEAVY_ID_BASE = 1 << 40  # heavy-apply rows never collide with the freshness row
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="small run: under 60 s on 2 cores")
     p.add_argument("--updates", type=int, help="timed flushes per storage (default 100; quick 20)")
     p.add_argument("--s3-updates", type=int, help="timed flushes on S3 (default 100; quick 8)")

@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import OtherLoad, measure, report, rounded  # noqa: E402
+from _common import OtherLoad, doc_parser, measure, report, rounded  # noqa: E402
 
 if TYPE_CHECKING:
     from embedding_server.core.optimizers import Adagrad
@@ -45,11 +45,7 @@ FILL_CHUNK = 100_000
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="small run (200k rows, fewer pushes): under 60 s")
     p.add_argument("--rows", type=int, help="rows in all tables together (default 1,000,000; quick 200,000)")
     p.add_argument("--pushes", type=int, help="timed pushes per path (default 40; quick 20)")

@@ -45,7 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import OtherLoad, measure, print_summary, report, rounded  # noqa: E402
+from _common import OtherLoad, doc_parser, measure, print_summary, report, rounded  # noqa: E402
 
 BATCH = 4096
 NUM_FEATURES = 26
@@ -54,11 +54,7 @@ FILL_CHUNK = 131_072
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="small run (200k rows, fewer batches): under 60 s")
     p.add_argument("--rows", type=int, help="rows in all tables together (default 1,000,000; quick 200,000)")
     p.add_argument("--batches", type=int, help="timed batches per path (default 40; quick 20)")

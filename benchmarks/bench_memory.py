@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import doc_parser  # noqa: E402
+
 NUM_FEATURES = 26
 DIM = 16
 RAW_BYTES_PER_ROW = DIM * 4 + DIM * 4  # float32 vector + float32 Adagrad accumulator
@@ -33,11 +36,7 @@ CHUNK = 100_000
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="sizes 200k and 1M rows instead of 1M and 10M: under 60 s")
     p.add_argument("--sizes", type=int, nargs="+", help="row counts to measure (overrides the mode's sizes)")
     p.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)  # internal: measure one size here

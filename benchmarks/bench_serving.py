@@ -76,7 +76,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from _common import OtherLoad, print_summary, rounded  # noqa: E402
+from _common import OtherLoad, doc_parser, print_summary, rounded  # noqa: E402
 
 NUM_DENSE = 13
 NUM_FEATURES = 26
@@ -88,11 +88,7 @@ GOALS = {"p50_ratio": 1.3, "p99_ratio": 1.5}
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    p = doc_parser(__doc__)
     p.add_argument(
         "--quick", action="store_true", help="small run (fewer rows and requests): under 60 s with TorchServe's start"
     )

@@ -42,6 +42,9 @@ service tests (four features, one of them raw, two tables of dim 8 and one of di
 ``lookup_checks`` (session scope): a :class:`LookupChecks`, random batches for ``server_configs``'
 features and the bit-for-bit comparison of two lookup results.
 
+``pooling_emb`` (session scope): the fast-path tests' embedding config, three tables of dim 4
+(sum, mean and sqrt pooling: ``a``, ``b``, ``c``) and one of dim 16 (``d``).
+
 ``wait_until`` (session scope): polls a predicate until it is truthy, failing after a timeout.
 
 ``huge_page_bytes``: the bytes on huge pages of the memory area holding an array, read from
@@ -321,6 +324,20 @@ class LookupChecks:
 @pytest.fixture(scope="session")
 def lookup_checks() -> LookupChecks:
     return LookupChecks()
+
+
+@pytest.fixture(scope="session")
+def pooling_emb() -> EmbeddingConfig:
+    return EmbeddingConfig.from_dict(
+        {
+            "slots_config": {
+                "a": {"dim": 4},
+                "b": {"dim": 4, "mean_scaling": True},
+                "c": {"dim": 4, "sqrt_scaling": True},
+                "d": {"dim": 16},
+            }
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------ waiting, memory

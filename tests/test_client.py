@@ -527,17 +527,7 @@ def test_bags_of_zero_or_one_id_pool_to_the_row_or_zeros_and_backpropagate_into_
 # The clients' one-id-per-bag pooling and serving pooling, checked against embedding_bag (the
 # general path they short-cut): same vectors, same counters, same gradients.
 
-# three tables of dim 4 (sum, mean, sqrt pooling) and one of dim 16
-POOLING_EMB = EmbeddingConfig.from_dict(
-    {
-        "slots_config": {
-            "a": {"dim": 4},
-            "b": {"dim": 4, "mean_scaling": True},
-            "c": {"dim": 4, "sqrt_scaling": True},
-            "d": {"dim": 16},
-        }
-    }
-)
+# The tables: conftest's pooling_emb (three of dim 4 with sum, mean, sqrt pooling, one of dim 16).
 
 
 def pooling_glob(capacity: int = 64, mode: str = "train") -> GlobalConfig:
@@ -555,38 +545,40 @@ def one_id_batch(rng: np.random.Generator, batch_size: int, names=("a", "b", "c"
     return [SparseFeature(n, rng.integers(0, 20, batch_size).astype(np.uint64), offsets) for n in names]
 
 
-def reference_pooling(group: _KeyGroup, features: list[SparseFeature], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference_pooling(
+    emb: EmbeddingConfig, group: _KeyGroup, features: list[SparseFeature], rows: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """embedding_bag over the distinct rows, as the general path pools (mean / sqrt weight 1)."""
     by_key = {(int(t), int(i)): k for k, (i, t) in enumerate(zip(group.ids, group.tables))}
     out = {}
     for f in features:
-        t = POOLING_EMB.table_of(f.name).index
+        t = emb.table_of(f.name).index
         idx = torch.tensor([by_key[(t, int(i))] for i in f.ids])
         out[f.name] = F.embedding_bag(idx, rows, torch.from_numpy(f.offsets[:-1]), mode="sum")
     return out
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
-def test_one_id_per_bag_gives_embedding_bag_values_bit_for_bit(num_shards):
+def test_one_id_per_bag_gives_embedding_bag_values_bit_for_bit(num_shards, pooling_emb):
     rng = np.random.default_rng(2)
-    client = InProcessEmbeddingClient(POOLING_EMB, pooling_glob(200), num_shards)
+    client = InProcessEmbeddingClient(pooling_emb, pooling_glob(200), num_shards)
     features = one_id_batch(rng, 50)
     fast = client.lookup(features)
     assert not fast.groups  # nothing to push: no distinct-row tensor was built
     general = client.lookup(features, requires_grad=True)
     (group,) = general.groups
-    expected = reference_pooling(group, features, group.rows.detach())
+    expected = reference_pooling(pooling_emb, group, features, group.rows.detach())
     for f in features:
         assert torch.equal(fast[f.name], expected[f.name])
         assert torch.equal(general[f.name].detach(), expected[f.name])
         assert fast[f.name].shape == (50, 4) and fast[f.name].dtype == torch.float32
 
 
-def test_one_id_per_bag_counts_distinct_keys_like_the_general_path():
+def test_one_id_per_bag_counts_distinct_keys_like_the_general_path(pooling_emb):
     rng = np.random.default_rng(3)
     fast, general = (
-        InProcessEmbeddingClient(POOLING_EMB, pooling_glob(200)),
-        InProcessEmbeddingClient(POOLING_EMB, pooling_glob(200), 2),
+        InProcessEmbeddingClient(pooling_emb, pooling_glob(200)),
+        InProcessEmbeddingClient(pooling_emb, pooling_glob(200), 2),
     )
     for _ in range(5):
         features = one_id_batch(rng, 40)
@@ -596,11 +588,11 @@ def test_one_id_per_bag_counts_distinct_keys_like_the_general_path():
     assert totals[:3] == totals[3:]
 
 
-def test_one_id_per_bag_gradients_match_embedding_bag():
+def test_one_id_per_bag_gradients_match_embedding_bag(pooling_emb):
     """index_select's backward sums the gradients of repeated ids into their row, as
     embedding_bag's does; push_gradients then updates each row once."""
     rng = np.random.default_rng(4)
-    client = InProcessEmbeddingClient(POOLING_EMB, pooling_glob(200))
+    client = InProcessEmbeddingClient(pooling_emb, pooling_glob(200))
     features = one_id_batch(rng, 30)
     result = client.lookup(features, requires_grad=True)
     (group,) = result.groups
@@ -608,13 +600,13 @@ def test_one_id_per_bag_gradients_match_embedding_bag():
     sum((result[f.name] * weights * (k + 1)).sum() for k, f in enumerate(features)).backward()
 
     rows = group.rows.detach().clone().requires_grad_(True)
-    expected = reference_pooling(group, features, rows)
+    expected = reference_pooling(pooling_emb, group, features, rows)
     sum((expected[f.name] * weights * (k + 1)).sum() for k, f in enumerate(features)).backward()
     torch.testing.assert_close(group.rows.grad, rows.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_mixed_bag_sizes_still_pool_with_embedding_bag():
-    client = InProcessEmbeddingClient(POOLING_EMB, pooling_glob(200))
+def test_mixed_bag_sizes_still_pool_with_embedding_bag(pooling_emb):
+    client = InProcessEmbeddingClient(pooling_emb, pooling_glob(200))
     single = SparseFeature.from_lists("a", [[1], [2]])
     double = SparseFeature.from_lists("b", [[1, 2], [3]])  # mean of two ids in sample 0
     result = client.lookup([single, double])
@@ -642,15 +634,15 @@ def zero_or_one_id_batch(rng: np.random.Generator, batch_size: int, names=("a", 
     return out
 
 
-def test_bags_of_zero_or_one_id_match_embedding_bag_values_and_gradients():
+def test_bags_of_zero_or_one_id_match_embedding_bag_values_and_gradients(pooling_emb):
     rng = np.random.default_rng(5)
-    client = InProcessEmbeddingClient(POOLING_EMB, pooling_glob(200))
+    client = InProcessEmbeddingClient(pooling_emb, pooling_glob(200))
     features = zero_or_one_id_batch(rng, 40)
     assert any((f.lengths == 0).any() for f in features) and any((f.lengths == 1).any() for f in features)
     result = client.lookup(features, requires_grad=True)
     (group,) = result.groups
     rows = group.rows.detach().clone().requires_grad_(True)
-    expected = reference_pooling(group, features, rows)
+    expected = reference_pooling(pooling_emb, group, features, rows)
     for f in features:
         assert torch.equal(result[f.name].detach(), expected[f.name].detach())
         assert not result[f.name][torch.from_numpy(f.lengths == 0)].any()  # missing: zeros
@@ -660,11 +652,11 @@ def test_bags_of_zero_or_one_id_match_embedding_bag_values_and_gradients():
     torch.testing.assert_close(group.rows.grad, rows.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_serving_pooling_equals_embedding_bag_for_bags_of_any_size_and_scaling():
+def test_serving_pooling_equals_embedding_bag_for_bags_of_any_size_and_scaling(pooling_emb):
     """Without gradients every pooled dim group is summed by kernels.pool_bags; the training path
     (requires_grad) pools the same rows with embedding_bag and its per-id weights."""
     rng = np.random.default_rng(6)
-    client = InProcessEmbeddingClient(POOLING_EMB, pooling_glob(400))
+    client = InProcessEmbeddingClient(pooling_emb, pooling_glob(400))
     features = []
     for name in ("a", "b", "c"):  # sum, mean, sqrt
         lengths = rng.integers(0, 5, 60)

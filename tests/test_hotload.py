@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -32,7 +31,7 @@ from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.hotload import FollowOptions, HotloadError, ModelRootFollower
 from embedding_server.modelroot.packets import CHECKPOINTS_DIR, FIRST_SEQ, encode_packet, packet_dir, packet_name
 from embedding_server.rpc.client import InProcessEmbeddingClient
-from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.launcher import ServerGroup, ctrserve_command, server_command
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.storage.base import Storage
 from embedding_server.storage.urls import open_storage
@@ -822,18 +821,9 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
             in metrics
         )
 
+        servers = ",".join(group.addresses)
         admin = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ctrserve",
-                "embedding-admin",
-                "stats",
-                "--servers",
-                ",".join(group.addresses),
-                "--embedding-config",
-                str(config_files[0]),
-            ],
+            ctrserve_command("embedding-admin", "stats", "--servers", servers, "--embedding-config", config_files[0]),
             capture_output=True,
             text=True,
             timeout=60,
@@ -916,21 +906,7 @@ def test_server_killed_mid_stream_restarts_to_the_identical_state(emb, config_fi
 @pytest.mark.process
 def test_model_root_needs_infer_mode(config_files, tmp_path):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctrserve",
-            "embedding-server",
-            "--embedding-config",
-            str(config_files[0]),
-            "--global-config",
-            str(config_files[1]),
-            "--model-root",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        server_command(*config_files, "--model-root", tmp_path), capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert "--model-root needs infer mode" in result.stderr
@@ -997,19 +973,7 @@ def test_server_applies_packets_on_its_apply_cpus_and_serves_on_the_others(emb, 
 def test_cpu_placement_flags_that_cannot_hold_are_refused(config_files, tmp_path, flags, message):
     fill = {"root": str(tmp_path), "all": format_cpu_list(usable_cpus()), "none": str(max(usable_cpus()) + 64)}
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctrserve",
-            "embedding-server",
-            "--embedding-config",
-            str(config_files[0]),
-            "--global-config",
-            str(config_files[1]),
-            "--mode",
-            "infer",
-        ]
-        + [f.format(**fill) for f in flags],
+        server_command(*config_files, "--mode", "infer", *(f.format(**fill) for f in flags)),
         capture_output=True,
         text=True,
         timeout=60,

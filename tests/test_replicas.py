@@ -73,6 +73,19 @@ def follow_args(root: Path) -> list[str]:
     return ["--model-root", str(root), "--poll-interval", "0.1", "--rescan-interval", "1"]
 
 
+def start_replicated(embedding_config: Path, global_config: Path, workdir: Path, model_root: Path) -> ServerGroup:
+    """2 shards x 2 infer-mode replicas following ``model_root``."""
+    return ServerGroup.start(
+        embedding_config,
+        global_config,
+        num_shards=2,
+        workdir=workdir,
+        mode="infer",
+        replicas=2,
+        extra_args=follow_args(model_root),
+    )
+
+
 def p99(latencies: list[float]) -> float:
     """The 99th percentile of ``latencies`` (seconds)."""
     return float(np.percentile(np.asarray(latencies), 99))
@@ -155,15 +168,7 @@ def replicated(emb, tmp_path_factory):
     (root / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (root / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 50_000}}))
     seed_model_root(emb, root / "model")
-    with ServerGroup.start(
-        root / "emb.yml",
-        root / "global.yml",
-        num_shards=2,
-        workdir=root / "servers",
-        mode="infer",
-        replicas=2,
-        extra_args=follow_args(root / "model"),
-    ) as group:
+    with start_replicated(root / "emb.yml", root / "global.yml", root / "servers", root / "model") as group:
         yield group
 
 
@@ -346,15 +351,7 @@ def replicated_torchserve(tmp_path_factory, tiny_ctr):
     version = tiny_ctr.export_version(root / "model_root", 1, seed=1)
     (root / "serving.yml").write_text(json.dumps({"embedding_timeout_s": LOOKUP_TIMEOUT_S, "max_batch_size": 256}))
     archive_model(version, root / "store", serving_config=root / "serving.yml")
-    with ServerGroup.start(
-        emb_path,
-        glob_path,
-        num_shards=2,
-        workdir=root / "embedding",
-        mode="infer",
-        replicas=2,
-        extra_args=follow_args(root / "model_root"),
-    ) as group:
+    with start_replicated(emb_path, glob_path, root / "embedding", root / "model_root") as group:
         environment = {ENV_SERVERS: format_addresses(group.replica_addresses)}
         with TorchServeProcess.start(
             root / "store", root / "torchserve", models={"deepctr": "deepctr.mar"}, environment=environment

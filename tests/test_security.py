@@ -13,7 +13,6 @@ import ast
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError
+from embedding_server.rpc.launcher import ctrserve_command, server_command
 from embedding_server.rpc.security import ClientSecurity, ServerSecurity, make_channel, resolve_token
 from embedding_server.rpc.service import CHANNEL_OPTIONS, start_server
 from protos.embedding import pb, pb_grpc
@@ -207,20 +207,7 @@ def test_cli_server_with_tls_and_token_from_the_production_example(pki, tmp_path
     (tmp_path / "global.yml").write_text(yaml.safe_dump(example))
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB.to_dict()))
     ready = tmp_path / "ready.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ctrserve",
-        "embedding-server",
-        "--embedding-config",
-        str(tmp_path / "emb.yml"),
-        "--global-config",
-        str(tmp_path / "global.yml"),
-        "--mode",
-        "infer",
-        "--ready-file",
-        str(ready),
-    ]
+    cmd = server_command(tmp_path / "emb.yml", tmp_path / "global.yml", "--mode", "infer", "--ready-file", ready)
     process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -449,19 +436,10 @@ def test_embedding_admin_reaches_a_secured_server(pki):
     server = _serve(_tls_server(pki, token=token))
     emb_file = pki / "emb.yml"
     emb_file.write_text(yaml.safe_dump(EMB.to_dict()))
-    base = [
-        sys.executable,
-        "-m",
-        "ctrserve",
-        "embedding-admin",
-        "stats",
-        "--servers",
-        server.address,
-        "--embedding-config",
-        str(emb_file),
-        "--tls-ca",
-        str(pki / "ca.pem"),
-    ]
+    ca = pki / "ca.pem"
+    base = ctrserve_command(
+        "embedding-admin", "stats", "--servers", server.address, "--embedding-config", emb_file, "--tls-ca", ca
+    )
     try:
         ok = subprocess.run(
             base + ["--token-file", str(pki / "token")], cwd=REPO, capture_output=True, text=True, timeout=60

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import urllib.request
 
 import grpc
@@ -24,7 +23,7 @@ from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError
 from embedding_server.rpc import wire
 from embedding_server.rpc.client import InProcessEmbeddingClient
-from embedding_server.rpc.launcher import ServerGroup
+from embedding_server.rpc.launcher import ServerGroup, ctrserve_command, server_command
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from embedding_server.rpc.security import make_channel
 from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME, start_server
@@ -239,30 +238,14 @@ def test_cli_reports_config_errors_with_file_and_key(tmp_path):
     emb.write_text(yaml.safe_dump({"slots_config": {"user": {"dimm": 8}}}))
     glob = tmp_path / "global.yml"
     glob.write_text("{}")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctrserve",
-            "embedding-server",
-            "--embedding-config",
-            str(emb),
-            "--global-config",
-            str(glob),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = subprocess.run(server_command(emb, glob), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert str(emb) in proc.stderr and "slots_config.user.dimm" in proc.stderr and "did you mean 'dim'" in proc.stderr
 
 
 @pytest.mark.process
 def test_cli_help_lists_every_subcommand():
-    out = subprocess.run(
-        [sys.executable, "-m", "ctrserve", "--help"], capture_output=True, text=True, timeout=120
-    ).stdout
+    out = subprocess.run(ctrserve_command("--help"), capture_output=True, text=True, timeout=120).stdout
     for command in ("embedding-server", "embedding-admin", "demo", "config-reference"):
         assert command in out
 

@@ -598,17 +598,7 @@ def test_set_optimizer_on_populated_store_keeps_rows_with_new_lr():
 # ---------------------------------------------------------------------- the fast paths: pipelined gather, aligned rows
 # Checked against the general path they short-cut: same vectors, same counters, same LRU order.
 
-# four tables: three of dim 4 (sum, mean, sqrt pooling) and one of dim 16
-PIPELINE_EMB = EmbeddingConfig.from_dict(
-    {
-        "slots_config": {
-            "a": {"dim": 4},
-            "b": {"dim": 4, "mean_scaling": True},
-            "c": {"dim": 4, "sqrt_scaling": True},
-            "d": {"dim": 16},
-        }
-    }
-)
+# The tables: conftest's pooling_emb (three of dim 4 with sum, mean, sqrt pooling, one of dim 16).
 
 
 def repeated_keys(rng: np.random.Generator, n: int, vocab: int, tables: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -623,18 +613,18 @@ def lru_state(store: EmbeddingStore):
     ]
 
 
-def test_rows_start_on_cache_line_boundaries():
-    store = EmbeddingStore(PIPELINE_EMB, glob())
+def test_rows_start_on_cache_line_boundaries(pooling_emb):
+    store = EmbeddingStore(pooling_emb, glob())
     assert store._weights.ctypes.data % 64 == 0 and store._state.ctypes.data % 64 == 0
     assert store._weights.shape == (65, 16) and not store._weights.any()
 
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
-def test_count_repeats_false_matches_a_deduplicated_request(mode):
+def test_count_repeats_false_matches_a_deduplicated_request(mode, pooling_emb):
     """Vectors, counters, inserts, evictions and LRU order are those of asking for the distinct
     keys (what a client that deduplicates does), including requests that must evict."""
     rng = np.random.default_rng(1)
-    fast, reference = EmbeddingStore(PIPELINE_EMB, glob(40, mode)), EmbeddingStore(PIPELINE_EMB, glob(40, mode))
+    fast, reference = EmbeddingStore(pooling_emb, glob(40, mode)), EmbeddingStore(pooling_emb, glob(40, mode))
     for _ in range(30):
         ids, tables = repeated_keys(rng, int(rng.integers(1, 41)), 30)  # at most capacity keys
         got = fast.lookup(ids, tables, count_repeats=False)
@@ -645,9 +635,9 @@ def test_count_repeats_false_matches_a_deduplicated_request(mode):
     assert fast.counters()["evictions"] > 0 or mode == "infer"
 
 
-def test_counting_every_key_matches_a_key_by_key_reference():
+def test_counting_every_key_matches_a_key_by_key_reference(pooling_emb):
     """With count_repeats (the default) a repeated key is one miss then hits, as before."""
-    store = EmbeddingStore(PIPELINE_EMB, glob())
+    store = EmbeddingStore(pooling_emb, glob())
     store.lookup(np.array([5], np.uint64), np.array([0], np.uint16))
     ids = np.array([5, 7, 7, 5, 9], np.uint64)
     out = store.lookup(ids, np.zeros(5, np.uint16))
@@ -657,8 +647,8 @@ def test_counting_every_key_matches_a_key_by_key_reference():
     np.testing.assert_array_equal(out[1], out[2])
 
 
-def test_lookup_writes_into_the_given_buffer():
-    store = EmbeddingStore(PIPELINE_EMB, glob())
+def test_lookup_writes_into_the_given_buffer(pooling_emb):
+    store = EmbeddingStore(pooling_emb, glob())
     ids, tables = np.array([1, 2, 1], np.uint64), np.zeros(3, np.uint16)
     out = np.full((3, 4), np.nan, np.float32)
     assert store.lookup(ids, tables, out=out) is out
@@ -668,8 +658,8 @@ def test_lookup_writes_into_the_given_buffer():
             store.lookup(ids, tables, out=bad)
 
 
-def test_mixed_hits_and_misses_in_one_request_keep_request_order():
-    store = EmbeddingStore(PIPELINE_EMB, glob())
+def test_mixed_hits_and_misses_in_one_request_keep_request_order(pooling_emb):
+    store = EmbeddingStore(pooling_emb, glob())
     first = store.lookup(np.array([3, 4], np.uint64), np.zeros(2, np.uint16))
     ids = np.array([10, 3, 11, 4, 10], np.uint64)
     out = store.lookup(ids, np.zeros(5, np.uint16))

@@ -49,6 +49,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -57,7 +58,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,11 +454,9 @@ class ModelRootFollower:
         tried = False
         for ckpt in self._complete_checkpoints():
             tried = True
-            try:
-                rows = checkpoint.load_store(self.store, self.storage.child(ckpt.path))
-            except (InvalidRequestError, StorageNotFoundError) as exc:
-                log.error("checkpoint %s cannot be loaded, trying an older one: %s", ckpt.name, exc)
-                self._broken.add(ckpt.name)
+            load = functools.partial(checkpoint.load_store, self.store, self.storage.child(ckpt.path))
+            rows = self._loaded_or_broken(ckpt, load, ", trying an older one", StorageNotFoundError)
+            if rows is None:
                 continue
             self._adopt(ckpt)
             log.info(
@@ -505,6 +504,20 @@ class ModelRootFollower:
             return None
         self._manifests[name] = ckpt
         return ckpt
+
+    def _loaded_or_broken(
+        self, ckpt: _Checkpoint, load: Callable[[], int], instead: str, *errors: type[Exception]
+    ) -> int | None:
+        """The rows ``load`` wrote from ``ckpt``; None when it raised InvalidRequestError or one of
+        ``errors``: then ``ckpt`` is broken (never tried again) and the error is logged, saying
+        what happens ``instead``."""
+        caught: tuple[type[Exception], ...] = (InvalidRequestError, *errors)
+        try:
+            return load()
+        except caught as exc:
+            log.error("checkpoint %s cannot be loaded%s: %s", ckpt.name, instead, exc)
+            self._broken.add(ckpt.name)
+            return None
 
     def _adopt(self, ckpt: _Checkpoint) -> None:
         """Follow ``ckpt``'s training shards from its watermark on."""
@@ -559,11 +572,9 @@ class ModelRootFollower:
 
     def _switch_to(self, ckpt: _Checkpoint) -> None:
         before = f"{self._checkpoint.num_shards} training shards" if self._checkpoint else "no checkpoint"
-        try:
-            rows = self._apply_checkpoint_shards(ckpt, set(range(ckpt.num_shards)))
-        except InvalidRequestError as exc:
-            log.error("checkpoint %s cannot be loaded; staying on the current state: %s", ckpt.name, exc)
-            self._broken.add(ckpt.name)
+        load = functools.partial(self._apply_checkpoint_shards, ckpt, set(range(ckpt.num_shards)))
+        rows = self._loaded_or_broken(ckpt, load, "; staying on the current state")
+        if rows is None:
             return
         self._adopt(ckpt)
         log.warning(
@@ -575,11 +586,9 @@ class ModelRootFollower:
         )
 
     def _catch_up(self, ckpt: _Checkpoint, shards: set[int]) -> None:
-        try:
-            rows = self._apply_checkpoint_shards(ckpt, shards)
-        except InvalidRequestError as exc:
-            log.error("checkpoint %s cannot be loaded to catch up: %s", ckpt.name, exc)
-            self._broken.add(ckpt.name)
+        load = functools.partial(self._apply_checkpoint_shards, ckpt, shards)
+        rows = self._loaded_or_broken(ckpt, load, " to catch up")
+        if rows is None:
             return
         with self._lock:
             for s in self._streams.values():

@@ -177,15 +177,9 @@ class ServerGroup:
                 ready = workdir / f"{name}.ready.json"
                 ready.unlink(missing_ok=True)
                 log_path = workdir / f"{name}.log"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "ctrserve",
-                    "embedding-server",
-                    "--embedding-config",
-                    str(embedding_config),
-                    "--global-config",
-                    str(global_config),
+                cmd = server_command(
+                    embedding_config,
+                    global_config,
                     "--shard-index",
                     str(i),
                     "--num-shards",
@@ -193,8 +187,8 @@ class ServerGroup:
                     "--port",
                     "0",
                     "--ready-file",
-                    str(ready),
-                ]
+                    ready,
+                )
                 if mode:
                     cmd += ["--mode", JobType(mode).value]
                 if metrics:
@@ -224,6 +218,18 @@ class ServerGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def ctrserve_command(*args: str | Path) -> list[str]:
+    """The command line that runs ``ctrserve ARGS`` with this interpreter (``python -m ctrserve``)."""
+    return [sys.executable, "-m", "ctrserve", *map(str, args)]
+
+
+def server_command(embedding_config: str | Path, global_config: str | Path, *args: str | Path) -> list[str]:
+    """The command line of ``ctrserve embedding-server`` with its two config files, then ``args``."""
+    return ctrserve_command(
+        "embedding-server", "--embedding-config", embedding_config, "--global-config", global_config, *args
+    )
 
 
 def wait_serving(address: str, timeout: float) -> None:

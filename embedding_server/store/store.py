@@ -234,32 +234,14 @@ class EmbeddingStore:
         with self._lock:
             self._meta[kernels.META_TICK] += 1
             rows = np.empty(ids.shape[0], np.int64)
+            request = ids, tables, count_repeats, out, rows
             if self._meta[kernels.META_STAGE] != kernels.STAGE_NONE:
                 missing = kernels.gather_staged(
-                    self._slots,
-                    self._row_tick,
-                    self._weights,
-                    self._next_row,
-                    self._meta,
-                    self._salts,
-                    ids,
-                    tables,
-                    count_repeats,
-                    out,
-                    rows,
+                    self._slots, self._row_tick, self._weights, self._next_row, self._meta, self._salts, *request
                 )
             else:
                 missing = kernels.gather_hits(
-                    self._slots,
-                    self._row_tick,
-                    self._weights,
-                    self._meta,
-                    self._salts,
-                    ids,
-                    tables,
-                    count_repeats,
-                    out,
-                    rows,
+                    self._slots, self._row_tick, self._weights, self._meta, self._salts, *request
                 )
             if missing:
                 sel = np.flatnonzero(rows < 0)
@@ -332,15 +314,7 @@ class EmbeddingStore:
         start = 0
         while True:
             start = kernels.lookup(
-                self._slots,
-                self._row_slot,
-                self._row_tick,
-                self._weights,
-                self._state,
-                self._meta,
-                self._free,
-                self._salts,
-                self._dims,
+                *self._insert_arrays(),
                 ids,
                 tables,
                 start,
@@ -535,22 +509,7 @@ class EmbeddingStore:
             while len(self) + new > self.capacity:
                 self._evict_locked()
         for part_ids, part_tables, weights, state in parts:
-            kernels.put_rows(
-                self._slots,
-                self._row_slot,
-                self._row_tick,
-                self._weights,
-                self._state,
-                self._meta,
-                self._free,
-                self._salts,
-                self._dims,
-                self._state_widths,
-                part_ids,
-                part_tables,
-                weights,
-                state,
-            )
+            kernels.put_rows(*self._insert_arrays(), self._state_widths, part_ids, part_tables, weights, state)
         return int(self._meta[kernels.META_EVICTIONS]) - evictions
 
     def _put_staged(self, parts: list, n: int) -> int:
@@ -679,6 +638,20 @@ class EmbeddingStore:
         self._huge_pages_deferred = False
         return True
 
+    def _insert_arrays(self) -> _InsertArrays:
+        """The arrays the inserting kernels (``lookup``, ``put_rows``) take first, in their order."""
+        return (
+            self._slots,
+            self._row_slot,
+            self._row_tick,
+            self._weights,
+            self._state,
+            self._meta,
+            self._free,
+            self._salts,
+            self._dims,
+        )
+
     def _row_arrays(self) -> tuple[np.ndarray, ...]:
         """The per-row arrays a growing infer-mode store commits ahead of its rows (``_commit_now``)."""
         return self._weights, self._row_slot, self._row_tick, self._next_row
@@ -797,6 +770,11 @@ class EmbeddingStore:
 
 
 _COMMIT_CHUNK_ROWS = 1 << 16
+#: What ``EmbeddingStore._insert_arrays`` returns: nine arrays, spelled out so that mypy counts the
+#: kernels' arguments.
+_InsertArrays = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
+]
 
 
 def _keys_of(parts: list) -> tuple[np.ndarray, np.ndarray]:
