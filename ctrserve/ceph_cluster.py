@@ -288,11 +288,10 @@ class CephCluster:
         cmd = [argv[0], "-c", self.conf, *argv[1:]]
         try:
             done = subprocess.run(
-                cmd,
+                self._with_death_signal(cmd),
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
-                preexec_fn=_kill_me_with_parent if self.die_with_parent else None,
             )
         except subprocess.TimeoutExpired:
             raise CephError(f"`{' '.join(cmd)}` did not finish in {timeout_s:.0f} s; logs in {self.root}/log") from None
@@ -308,12 +307,11 @@ class CephCluster:
         log = open(Path(self.root) / "log" / f"{name}.stdout", "wb")
         with log:
             proc = subprocess.Popen(
-                [argv[0], "-c", self.conf, *argv[1:]],
+                self._with_death_signal([argv[0], "-c", self.conf, *argv[1:]]),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_kill_me_with_parent if self.die_with_parent else None,
             )
         self.pids[name] = proc.pid
         self._save()
@@ -357,18 +355,22 @@ class CephCluster:
             return False
         return self.conf.encode() in cmdline
 
+    def _with_death_signal(self, cmd: list[str]) -> list[str]:
+        """``cmd`` run through ``setpriv --pdeathsig KILL`` when the daemons must die with this
+        process. setpriv (util-linux) sets the signal and execs the tool, so the child runs no
+        Python between fork and exec: a ``preexec_fn`` would, and in a process whose gRPC
+        threads are running that child can abort in gRPC's fork handlers."""
+        if not self.die_with_parent:
+            return cmd
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise CephError("die_with_parent needs util-linux's setpriv on the PATH (apt-get install util-linux)")
+        return [setpriv, "--pdeathsig", "KILL", *cmd]
+
     def _save(self) -> None:
         Path(self.root, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
         exports = "".join(f"export {k}={v}\n" for k, v in self.env().items())
         Path(self.root, ENV_FILE).write_text(exports)
-
-
-def _kill_me_with_parent() -> None:
-    """In a forked child: ask Linux to SIGKILL this process when its parent dies."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _signal(pid: int, sig: int) -> None:
