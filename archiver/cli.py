@@ -1,6 +1,7 @@
 """Command-line jobs of packaging and publishing: archive, register, set-default, unregister,
 list, publish. Management commands talk REST (``--management http://...``) or gRPC
-(``--management grpc://...``)."""
+(``--management grpc://...``), with TorchServe's management key from ``--key-file``,
+``--token-file`` or the environment (:mod:`handler.torchserve_keys`), never from the command line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+
+from handler.torchserve_keys import add_key_arguments, key_from_arguments
 
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 
@@ -88,7 +91,7 @@ def _management_parser(sub: argparse._SubParsersAction, name: str, text: str) ->
         default=DEFAULT_MANAGEMENT,
         help=f"http://host:port (REST) or grpc://host:port (gRPC) (default {DEFAULT_MANAGEMENT})",
     )
-    p.add_argument("--token", help="management key when token authorization is on")
+    add_key_arguments(p, "management")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call (default 120)")
     return p
 
@@ -96,7 +99,7 @@ def _management_parser(sub: argparse._SubParsersAction, name: str, text: str) ->
 def _client(args: argparse.Namespace):
     from archiver.management import ManagementClient
 
-    return ManagementClient(args.management, timeout=args.timeout, token=args.token)
+    return ManagementClient(args.management, timeout=args.timeout, token=key_from_arguments(args, "management"))
 
 
 def run_archive(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 import requests
 
-from handler.client import TorchServeConnection, grpc_error_message, http_code
+from handler.client import KEY_REFUSED, TorchServeConnection, grpc_error_message, http_code
+from handler.torchserve_keys import TorchServeKey, key_refused
 
 
 class ManagementError(RuntimeError):
@@ -49,16 +50,21 @@ class ManagementClient(TorchServeConnection):
             (gRPC management port).
         timeout: seconds per call (a synchronous registration waits for its workers, so
             :meth:`register` allows ``timeout`` plus the startup time).
-        token: management key when token authorization is on.
+        token: TorchServe's management key when token authorization is on: a
+            :class:`~handler.torchserve_keys.TorchServeKey` or a fixed key. When TorchServe
+            refuses it the call is retried once with the key read again from its source; over
+            REST a key from TorchServe's key file that expired is first renewed through this
+            address's token API (``/token?type=management``, with the file's API key).
 
     Raises:
         ValueError: an address with another scheme.
     """
 
-    def __init__(self, address: str, timeout: float = 30.0, token: str | None = None):
-        super().__init__(address)
+    def __init__(self, address: str, timeout: float = 30.0, token: str | TorchServeKey | None = None):
+        super().__init__(address, token=token, kind="management")
         self.timeout = timeout
-        self.token = token
+        if self.protocol == "rest" and self.token is not None:
+            self.token = self.token.renewing_through(self._base)
         if self.protocol == "grpc":
             from protos.torchserve import management_pb2, management_pb2_grpc
 
@@ -193,13 +199,19 @@ class ManagementClient(TorchServeConnection):
     # ------------------------------------------------------------------ transports
 
     def _rest(self, method: str, path: str, params: dict | None = None, timeout: float | None = None) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            response = self._session.request(
-                method, self._base + path, params=params, headers=headers, timeout=timeout or self.timeout
-            )
-        except requests.RequestException as exc:
-            raise ManagementError(503, f"{self._base}: {exc}") from None
+        for attempt in range(2):
+            key = self._authorization()
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            try:
+                response = self._session.request(
+                    method, self._base + path, params=params, headers=headers, timeout=timeout or self.timeout
+                )
+            except requests.RequestException as exc:
+                raise ManagementError(503, f"{self._base}: {exc}") from None
+            # A refused key did nothing on the server: the call is safe to send again.
+            if attempt == 0 and key_refused(response.status_code, response.content) and self._retry_with_new_key(key):
+                continue
+            break
         data = _json_or_text(response.content)
         if response.status_code >= 300:
             message = data.get("message", data) if isinstance(data, dict) else data
@@ -207,12 +219,17 @@ class ManagementClient(TorchServeConnection):
         return data
 
     def _grpc(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
-        try:
-            response = getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            raise ManagementError(http_code(exc.code()), grpc_error_message(exc)) from None
-        return _json_or_text(response.msg.encode())
+        for attempt in range(2):
+            key = self._authorization()
+            metadata = [("authorization", f"Bearer {key}")] if key else None
+            try:
+                response = getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                if attempt == 0 and exc.code() in KEY_REFUSED and self._retry_with_new_key(key):
+                    continue
+                raise ManagementError(http_code(exc.code()), grpc_error_message(exc)) from None
+            return _json_or_text(response.msg.encode())
+        raise AssertionError("unreachable")
 
 
 def _rest_params(params: dict) -> dict:

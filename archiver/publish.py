@@ -32,7 +32,7 @@ from pathlib import Path
 from archiver.build import DEFAULT_NAME, archive_model
 from archiver.management import ManagementClient, ManagementError
 from embedding_server.core.errors import ConfigError
-from embedding_server.core.model_spec import DENSE_DIR, MODEL_FILE, SPEC_FILE, parse_version_dir, version_dir
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, list_versions, version_dir
 from embedding_server.storage.urls import open_storage
 
 log = logging.getLogger("ctrserve.publish")
@@ -94,9 +94,9 @@ class Publisher:
         self.storage = open_storage(settings.model_root)
 
     def complete_versions(self) -> list[int]:
-        """Versions under ``dense/`` whose model.json exists, ascending."""
-        versions = (parse_version_dir(name) for name in self.storage.list_dir(DENSE_DIR))
-        return sorted(v for v in versions if v is not None and self.storage.exists(f"{version_dir(v)}/{SPEC_FILE}"))
+        """Versions under ``dense/`` whose model.json exists, ascending (other folder names are
+        ignored, one WARNING each: :func:`~embedding_server.core.model_spec.list_versions`)."""
+        return [v for v in list_versions(self.storage, log) if self.storage.exists(f"{version_dir(v)}/{SPEC_FILE}")]
 
     def poll_once(self) -> int | None:
         """Publish the newest complete version if it is newer than every registered one.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archiver.management import ManagementClient, ManagementError
+from handler.torchserve_keys import KEY_FILE, TorchServeKey
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = REPO / "deploy" / "torchserve" / "config.local.properties"
@@ -128,8 +129,17 @@ class TorchServeProcess:
 
     def management(self, grpc: bool = False) -> ManagementClient:
         """A management client of this instance (REST, or gRPC when ``grpc``), with the
-        management key when token authorization is on."""
-        return ManagementClient(self.grpc_management_url if grpc else self.management_url, token=self.key("management"))
+        management key of its key file when token authorization is on (read again when
+        TorchServe refuses it; renewed over REST when expired)."""
+        return ManagementClient(
+            self.grpc_management_url if grpc else self.management_url, token=self.token("management")
+        )
+
+    def token(self, kind: str) -> TorchServeKey | None:
+        """The ``management`` or ``inference`` key of this instance's key file, as clients take it
+        (None when token authorization is off: no key file)."""
+        path = self.workdir / KEY_FILE
+        return TorchServeKey(kind, key_file=path) if path.exists() else None
 
     def key(self, kind: str) -> str | None:
         """The ``management`` or ``inference`` key TorchServe wrote to ``key_file.json`` in its

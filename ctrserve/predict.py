@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from handler.torchserve_keys import add_key_arguments, key_from_arguments
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,7 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per request (default 64)")
     p.add_argument("--limit", type=int, help="score at most this many samples")
     p.add_argument("--output", help="write scores here (one per line) instead of standard output")
-    p.add_argument("--token", help="inference key when token authorization is on")
+    add_key_arguments(p, "inference")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     p.set_defaults(func=run_predict)
 
@@ -49,7 +51,8 @@ def _predict(args: argparse.Namespace) -> int:
     scores: list[np.ndarray] = []
     sent = 0
     started = time.perf_counter()
-    with PredictionClient(address, args.model, args.version, args.timeout, args.token) as client:
+    token = key_from_arguments(args, "inference")
+    with PredictionClient(address, args.model, args.version, args.timeout, token) as client:
         for chunk in read_criteo(args.input, chunk_rows=args.batch_size):
             if args.limit is not None and sent >= args.limit:
                 break

@@ -15,7 +15,13 @@ from pathlib import Path
 from embedding_server.core.config import CommonConfig, EmbeddingConfig, GlobalConfig, JobType, SecurityConfig
 from embedding_server.core.errors import ConfigError
 from embedding_server.modelroot.hotload import FollowOptions, HotloadError
-from embedding_server.rpc.security import ClientSecurity, ServerSecurity, resolve_token
+from embedding_server.rpc.security import (
+    ClientSecurity,
+    ServerSecurity,
+    read_token_file,
+    resolve_admin_token,
+    resolve_token,
+)
 from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
 
 
@@ -75,6 +81,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="seconds a missing packet is waited for before the gap alarm goes off (default 30)",
     )
     p.add_argument(
+        "--unreadable-retry",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds an unreadable packet (incomplete, corrupt, not a regular file, ...) is retried with backoff "
+        "before it is declared bad; its training shard is then held there, gap alarm up, until a newer checkpoint "
+        "includes it or an operator skips it with 'embedding-admin skip-packet' (default 60)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a read of one packet file that takes longer counts as unreadable (default 60)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="packets pending and none applied for this long make the follower stalled: health service "
+        "ctrserve.embedding.v1.Hotload answers NOT_SERVING, stats and metrics say why (default 120)",
+    )
+    p.add_argument(
         "--apply-niceness",
         type=int,
         default=10,
@@ -104,32 +134,72 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     sec = p.add_argument_group(
         "security",
-        "TLS and the shared token (default: the global config's 'security' section; both off). The token "
-        "is never a flag: give a file, or set CTRSERVE_EMBEDDING_TOKEN in the environment",
+        "TLS, the read and admin tokens, and where Dump and Load may go (default: the global config's 'security' "
+        "section: TLS off, reads without a token, admin calls refused). Tokens are never flags: give a file, or "
+        "set CTRSERVE_EMBEDDING_TOKEN / CTRSERVE_EMBEDDING_ADMIN_TOKEN in the environment",
     )
     sec.add_argument("--tls-cert", metavar="PEM", help="certificate the server presents (enables TLS; needs --tls-key)")
     sec.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     sec.add_argument("--tls-client-ca", metavar="PEM", help="demand client certificates signed by this CA (mutual TLS)")
-    sec.add_argument("--token-file", metavar="FILE", help="file holding the shared token callers must send")
+    sec.add_argument(
+        "--token-file", metavar="FILE", help="file holding the read token callers must send (Lookup, Info, Stats)"
+    )
+    sec.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="file holding the admin token callers must send for Dump, Load, SetOptimizer and PushGradients",
+    )
+    sec.add_argument(
+        "--admin-root",
+        action="append",
+        metavar="DIR|URL",
+        help="a directory, or an s3:// or hdfs:// URL prefix, that Dump may write and Load may read (repeatable; "
+        "replaces security.admin_roots; none: Dump and Load are refused)",
+    )
+    sec.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        default=None,
+        help="without an admin token, serve admin calls to every caller; only with a loopback --host, on a machine "
+        "whose local users may all load, dump and train this server",
+    )
     p.set_defaults(func=run_server)
 
     a = sub.add_parser(
         "embedding-admin",
-        help="stats, dump or load of running embedding servers",
+        help="stats, dump, load or skip-packet of running embedding servers",
         description="Administer a running set of embedding servers (addresses in shard order).",
     )
-    a.add_argument("action", choices=["stats", "dump", "load"], help="what to do")
+    a.add_argument(
+        "action",
+        choices=["stats", "dump", "load", "skip-packet"],
+        help="what to do (dump, load and skip-packet are admin calls: they need the admin token, and the directory "
+        "of dump and load must lie in the servers' admin roots)",
+    )
     a.add_argument("--servers", required=True, help="comma-separated host:port of shard 0, 1, ...")
     a.add_argument("--embedding-config", required=True, help="embedding_config.yml the servers run with")
     a.add_argument("--directory", help="checkpoint directory for dump and load")
+    skip = a.add_argument_group(
+        "skip-packet",
+        "servers following a model root: give up on the packet a training shard is held at (unreadable after "
+        "--unreadable-retry, or missing while later ones exist); its rows are not applied and stats and handler "
+        "responses list the seq as skipped. Every replica of every serving shard is asked. An admin call",
+    )
+    skip.add_argument("--training-shard", type=int, metavar="S", help="the training shard (packet stream)")
+    skip.add_argument("--training-shards", type=int, metavar="N", help="the training shard count")
+    skip.add_argument("--seq", type=int, help="the packet's sequence number (the one the stream is held at)")
     tls = a.add_argument_group(
-        "security", "for secured servers; the token comes from --token-file or CTRSERVE_EMBEDDING_TOKEN"
+        "security",
+        "for secured servers; the token comes from --token-file, else the environment: for dump and load "
+        "CTRSERVE_EMBEDDING_ADMIN_TOKEN(_FILE) first, for stats CTRSERVE_EMBEDDING_TOKEN(_FILE) first",
     )
     tls.add_argument("--tls-ca", metavar="PEM", help="CA that signed the servers' certificates (enables TLS)")
     tls.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers demanding mutual TLS")
     tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     tls.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the servers' certificates")
-    tls.add_argument("--token-file", metavar="FILE", help="file holding the servers' shared token")
+    tls.add_argument(
+        "--token-file", metavar="FILE", help="file holding the token to send (the admin token for dump and load)"
+    )
     a.set_defaults(func=run_admin)
 
 
@@ -211,6 +281,9 @@ def _security_settings(args: argparse.Namespace, glob: GlobalConfig) -> Security
         "tls_key_file": args.tls_key,
         "tls_client_ca_file": args.tls_client_ca,
         "token_file": args.token_file,
+        "admin_token_file": args.admin_token_file,
+        "admin_roots": tuple(args.admin_root) if args.admin_root else None,
+        "allow_unauthenticated_admin": args.allow_unauthenticated_admin,
     }
     try:
         return dataclasses.replace(glob.security, **{k: v for k, v in flags.items() if v})
@@ -232,6 +305,9 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> FollowOptio
             "--poll-interval": args.poll_interval,
             "--rescan-interval": args.rescan_interval,
             "--gap-timeout": args.gap_timeout,
+            "--unreadable-retry": args.unreadable_retry,
+            "--read-timeout": args.read_timeout,
+            "--stall-timeout": args.stall_timeout,
         }
         problem = next(
             (
@@ -246,6 +322,9 @@ def _follow_options(args: argparse.Namespace, glob: GlobalConfig) -> FollowOptio
                 poll_interval_s=args.poll_interval,
                 rescan_interval_s=args.rescan_interval,
                 gap_timeout_s=args.gap_timeout,
+                unreadable_retry_s=args.unreadable_retry,
+                read_timeout_s=args.read_timeout,
+                stall_timeout_s=args.stall_timeout,
                 apply_niceness=args.apply_niceness,
                 apply_cpus=args.apply_cpus,
             )
@@ -295,12 +374,20 @@ def _place_serving_threads(args: argparse.Namespace) -> str:
 
 
 def _client_security(args: argparse.Namespace) -> ClientSecurity | None:
-    """TLS and token settings of ``embedding-admin`` (None when none is given or in the environment).
+    """TLS and token settings of ``embedding-admin`` (None when none is given or in the environment):
+    the token of ``--token-file``, else, for dump and load, the admin token of the environment
+    before the read token, and for stats the reverse.
 
     Raises:
         ConfigError: an unreadable token or an incomplete certificate setting.
     """
-    token = resolve_token(args.token_file)
+    token: str | None
+    if args.token_file:
+        token = read_token_file(args.token_file)
+    elif args.action in ("dump", "load", "skip-packet"):
+        token = resolve_admin_token() or resolve_token(None)
+    else:
+        token = resolve_token(None) or resolve_admin_token()
     if not (args.tls_ca or args.tls_cert or token):
         return None
     return ClientSecurity(
@@ -328,6 +415,8 @@ def run_admin(args: argparse.Namespace) -> int:
             json.dump(client.stats(), sys.stdout, indent=2)
             print()
             return 0
+        if args.action == "skip-packet":
+            return _skip_packet(client, args)
         if not args.directory:
             print(f"embedding-admin {args.action}: --directory is required", file=sys.stderr)
             return 2
@@ -336,3 +425,27 @@ def run_admin(args: argparse.Namespace) -> int:
             f"{args.action} of {client.num_shards} shard(s) {'to' if args.action == 'dump' else 'from'} {args.directory}: done"
         )
     return 0
+
+
+def _skip_packet(client, args: argparse.Namespace) -> int:
+    """``embedding-admin skip-packet``: print every replica's answer as JSON; 0 when all skipped
+    (or had skipped) the packet, 1 when one refused, 2 for missing flags."""
+    missing = [
+        flag
+        for flag, value in (
+            ("--training-shard", args.training_shard),
+            ("--training-shards", args.training_shards),
+            ("--seq", args.seq),
+        )
+        if value is None
+    ]
+    if missing:
+        print(f"embedding-admin skip-packet: {', '.join(missing)} required", file=sys.stderr)
+        return 2
+    answers = client.skip_packet(args.training_shard, args.training_shards, args.seq)
+    json.dump(answers, sys.stdout, indent=2)
+    print()
+    refused = [a for shard in answers for a in shard if not a["ok"]]
+    for answer in refused:
+        print(f"embedding-admin skip-packet: {answer['address']}: {answer['error']}", file=sys.stderr)
+    return 1 if refused else 0

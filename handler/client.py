@@ -24,6 +24,8 @@ import grpc
 import numpy as np
 import requests
 
+from handler.torchserve_keys import TorchServeKey, as_key, key_refused
+
 DEFAULT_MODEL = "deepctr"
 BATCH_KEY = "batch"
 _GRPC_TO_HTTP = {
@@ -37,6 +39,8 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+#: What TorchServe answers a missing, wrong or expired key with over gRPC.
+KEY_REFUSED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 
 
 class PredictionError(RuntimeError):
@@ -77,13 +81,24 @@ class TorchServeConnection:
     Args:
         address: ``grpc://host:port`` or ``http(s)://host:port``.
         default_scheme: scheme assumed for a bare ``host:port`` (None: a scheme is required).
+        token: TorchServe's key for this API when token authorization is on: a
+            :class:`~handler.torchserve_keys.TorchServeKey` (read again, and retried once with,
+            when TorchServe refuses it) or a fixed key.
+        kind: ``inference`` or ``management``: which key a fixed ``token`` is.
 
     Raises:
         ValueError: an address with another scheme.
     """
 
-    def __init__(self, address: str, default_scheme: str | None = None):
+    def __init__(
+        self,
+        address: str,
+        default_scheme: str | None = None,
+        token: str | TorchServeKey | None = None,
+        kind: str = "inference",
+    ):
         self.address = address
+        self.token = as_key(token, kind)
         parsed = urlparse(address if "://" in address or default_scheme is None else f"{default_scheme}://{address}")
         if parsed.scheme == "grpc":
             self.protocol = "grpc"
@@ -94,6 +109,15 @@ class TorchServeConnection:
             self._session = requests.Session()
         else:
             raise ValueError(f"address must be grpc://host:port or http(s)://host:port, got {address!r}")
+
+    def _authorization(self) -> str | None:
+        """The key to send now (None: none), read from its source on first use."""
+        return self.token.current() if self.token is not None else None
+
+    def _retry_with_new_key(self, refused: str | None) -> bool:
+        """After TorchServe refused the key ``refused``: True when its source gave another one
+        (read again, or renewed) to retry the call with once."""
+        return self.token is not None and refused is not None and self.token.refresh(refused) is not None
 
     def close(self) -> None:
         if self.protocol == "grpc":
@@ -117,7 +141,9 @@ class PredictionClient(TorchServeConnection):
         model_name: registered model name.
         model_version: a specific version; None for the default one.
         timeout: seconds per request.
-        token: TorchServe inference key when token authorization is on.
+        token: TorchServe's inference key when token authorization is on: a
+            :class:`~handler.torchserve_keys.TorchServeKey` (e.g. from TorchServe's key file; read
+            again when TorchServe refuses it, and the request retried once) or a fixed key.
 
     Raises:
         ValueError: an address with another scheme.
@@ -129,13 +155,12 @@ class PredictionClient(TorchServeConnection):
         model_name: str = DEFAULT_MODEL,
         model_version: str | int | None = None,
         timeout: float = 30.0,
-        token: str | None = None,
+        token: str | TorchServeKey | None = None,
     ):
-        super().__init__(address, default_scheme="grpc")
+        super().__init__(address, default_scheme="grpc", token=token, kind="inference")
         self.model_name = model_name
         self.model_version = "" if model_version is None else str(model_version)
         self.timeout = timeout
-        self.token = token
         if self.protocol == "grpc":
             from protos.torchserve import inference_pb2, inference_pb2_grpc
 
@@ -161,21 +186,31 @@ class PredictionClient(TorchServeConnection):
         request = self._pb.PredictionsRequest(
             model_name=self.model_name, model_version=self.model_version, input={BATCH_KEY: body}
         )
-        metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
-        try:
-            return self._stub.Predictions(request, timeout=self.timeout, metadata=metadata).prediction
-        except grpc.RpcError as exc:
-            raise PredictionError(http_code(exc.code()), grpc_error_message(exc)) from None
+        for attempt in range(2):
+            key = self._authorization()
+            metadata = [("authorization", f"Bearer {key}")] if key else None
+            try:
+                return self._stub.Predictions(request, timeout=self.timeout, metadata=metadata).prediction
+            except grpc.RpcError as exc:
+                if attempt == 0 and exc.code() in KEY_REFUSED and self._retry_with_new_key(key):
+                    continue
+                raise PredictionError(http_code(exc.code()), grpc_error_message(exc)) from None
+        raise AssertionError("unreachable")
 
     def _send_rest(self, body: bytes, is_json: bool) -> bytes:
         url = f"{self._base}/predictions/{self.model_name}" + (f"/{self.model_version}" if self.model_version else "")
         headers = {"Content-Type": "application/json" if is_json else "application/octet-stream"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            response = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise PredictionError(503, f"{url}: {exc}") from None
+        for attempt in range(2):
+            key = self._authorization()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            try:
+                response = self._session.post(url, data=body, headers=headers, timeout=self.timeout)
+            except requests.RequestException as exc:
+                raise PredictionError(503, f"{url}: {exc}") from None
+            if attempt == 0 and key_refused(response.status_code, response.content) and self._retry_with_new_key(key):
+                continue
+            break
         if response.status_code != 200:
             raise PredictionError(response.status_code, _error_message(response.content) or response.reason)
         return response.content

@@ -14,6 +14,7 @@ servers, the dense model runs once under ``torch.inference_mode`` on the GPU Tor
      "model_version": 3, "model_step": 1200,
      "sparse_watermark": {...},            # what the dense version was exported at
      "embedding_watermark": {...},         # what the embedding servers report now
+     "embedding_skipped": {...},           # packets they skipped (operator), {} when none
      "batch_requests": 1}                  # requests TorchServe batched together with this one
 
 Bad requests: when the TorchServe batch holds one request (the usual case, and always without
@@ -44,6 +45,7 @@ import functools
 import gc
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -60,7 +62,7 @@ from embedding_server.core.errors import ConfigError, InvalidRequestError, Shard
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
 from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
 from embedding_server.rpc.remote import RemoteEmbeddingClient
-from handler.request import DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
+from handler.request import DECODE_ENV, DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import SERVING_FILE, ServingConfig
 from handler.timing import TimingMetrics  # not defined here: TorchServe takes a handler module's only class
 
@@ -97,14 +99,17 @@ class PersiaHandler(BaseHandler):
 
     def __init__(self) -> None:
         super().__init__()
-        self._watermark: dict[str, Any] = {}
-        self._tail_cache: tuple[dict, str] | None = None  # see _result_tail
+        self._embedding_state: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # see read_embedding_state
+        self._tail_cache: tuple[object, str] | None = None  # see _result_tail
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     def initialize(self, context: Any) -> None:
         """Load model.pt, model.json and serving.yml from the model directory; connect to the shards."""
+        # Every body as the bytes that came: otherwise the worker parses application/json before
+        # preprocess, past the JSON size limit meant to stop that parse (see handler.request).
+        os.environ[DECODE_ENV] = "false"
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         self.context = context
@@ -251,18 +256,19 @@ class PersiaHandler(BaseHandler):
     def _result_tail(self, batch_requests: int) -> str:
         """The JSON of a result after its scores (the same for every request of a batch): built
         once per watermark refresh, as the nested watermarks cost more to encode than the scores."""
-        watermark = self._watermark  # replaced, never changed, by the refresh thread
+        state = self._embedding_state  # replaced, never changed, by the refresh thread
         cached = self._tail_cache
-        if cached is None or cached[0] is not watermark:
+        if cached is None or cached[0] is not state:
             body = json.dumps(
                 {
                     "model_version": self.spec.version,
                     "model_step": self.spec.step,
                     "sparse_watermark": self.spec.sparse_watermark,
-                    "embedding_watermark": watermark,
+                    "embedding_watermark": state[0],
+                    "embedding_skipped": state[1],
                 }
             )
-            cached = self._tail_cache = (watermark, ", " + body[1:-1])
+            cached = self._tail_cache = (state, ", " + body[1:-1])
         # batch_requests: how many requests TorchServe batched together with this one
         return f'{cached[1]}, "batch_requests": {batch_requests}}}'
 
@@ -290,17 +296,28 @@ class PersiaHandler(BaseHandler):
     # THE ONE PLACE that reads the embedding servers' watermark: a server following a model root
     # reports one in its stats() (training shard -> last packet applied); servers that follow
     # none report nothing, and the result is then an empty dict. It is re-read in a background
-    # thread every watermark_refresh_s so no request waits for the Stats RPCs.
+    # thread every watermark_refresh_s so no request waits for the Stats RPCs. Beside it, the
+    # packets an operator skipped (SkipPacket): replicas at one watermark serve the same values
+    # unless one of them says it skipped a packet (embedding_server/modelroot/hotload.py).
 
     def read_embedding_watermark(self) -> dict[str, Any]:
         """``{shard index: watermark}`` for every shard whose stats carry a "watermark"."""
-        return {str(i): shard["watermark"] for i, shard in enumerate(self.embeddings.stats()) if "watermark" in shard}
+        return self.read_embedding_state()[0]
+
+    def read_embedding_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``({shard index: watermark}, {shard index: {training shard: [skipped seqs]}})`` from
+        one round of Stats: the first for every shard whose stats carry a "watermark", the second
+        for every shard that skipped a packet."""
+        stats = self.embeddings.stats()
+        watermark = {str(i): shard["watermark"] for i, shard in enumerate(stats) if "watermark" in shard}
+        skipped = {str(i): shard["skipped"] for i, shard in enumerate(stats) if shard.get("skipped")}
+        return watermark, skipped
 
     def _start_watermark_refresh(self) -> None:
         def refresh() -> None:
             while True:
                 try:
-                    self._watermark = self.read_embedding_watermark()
+                    self._embedding_state = self.read_embedding_state()
                 except (ShardUnavailableError, InvalidRequestError) as exc:
                     logger.warning("could not read the embedding watermark: %s", exc)
                 if self._stop.wait(self.serving.watermark_refresh_s):

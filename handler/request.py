@@ -15,6 +15,13 @@ per sample; each message names the limit's key and the request's value. 413 woul
 TorchServe 0.12's REST frontend rewrites a handler's 413 into 507 "Insufficient Storage", which
 reads as a server fault. Nothing here imports TorchServe, so it is unit-testable on its own.
 
+Every limit holds for every content type. TorchServe's Python worker parses an
+``application/json`` body (and decodes ``text/*``) before the handler sees it, which would put
+the JSON size check after the very parse it guards against; the handler therefore turns that off
+(:data:`DECODE_ENV` = ``false`` in the worker, set by ``PersiaHandler.initialize``) and gets every
+body as the bytes that came. A body that arrives parsed anyway (another worker, a direct caller)
+is measured re-encoded as compact JSON and held to the same limits.
+
 Example:
     >>> decoder = RequestDecoder(spec, max_batch_size=1024, max_request_bytes=1 << 20)
     >>> request = decoder.decode({"body": batch.to_bytes()})
@@ -41,6 +48,9 @@ if TYPE_CHECKING:
 #: Keys of a TorchServe request item that may hold the body, in the order they are tried:
 #: ``batch`` (gRPC ``input`` map key clients use), ``body`` (REST raw body), ``data`` (form field).
 BODY_KEYS = ("batch", "body", "data")
+#: TorchServe worker's environment variable: "false" hands request bodies to the handler
+#: undecoded, whatever their content type (read by the worker for every request).
+DECODE_ENV = "TS_DECODE_INPUT_REQUEST"
 _JSON_KEYS = {"dense", "sparse"}
 
 
@@ -167,6 +177,14 @@ class RequestDecoder:
                 )
             self._check_json_size(len(body), "characters")
             body = _json_from_bytes(body.encode("utf-8", errors="replace"))
+        else:  # parsed before it got here: measured as compact JSON, no smaller than what came
+            size = _json_size(body)
+            if size > self.max_request_bytes:
+                raise RequestError(
+                    f"request of {size} bytes (as JSON) exceeds the limit of {self.max_request_bytes} bytes "
+                    "(max_request_bytes)"
+                )
+            self._check_json_size(size, "bytes (re-encoded)")
         return self._from_batch(_batch_from_json(body))
 
     def _from_batch(self, data: BatchData, batch_size: int | None = None) -> DecodedRequest:
@@ -314,6 +332,18 @@ def _checked_batch_size(data: BatchData) -> int:
     if data.dense:
         return int(data.dense[0].shape[0])
     return data.sparse[0].batch_size if data.sparse else int(data.targets[0].shape[0])
+
+
+def _json_size(body: Any) -> int:
+    """Characters of ``body`` written as compact JSON (ASCII: as many bytes).
+
+    Raises:
+        RequestError: nested too deep to write.
+    """
+    try:
+        return len(json.dumps(body, separators=(",", ":")))
+    except (RecursionError, TypeError, ValueError) as exc:
+        raise RequestError(f"undecodable request: the JSON cannot be measured: {exc}") from None
 
 
 def _json_from_bytes(raw: bytes | bytearray | memoryview) -> Any:

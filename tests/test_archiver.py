@@ -50,3 +50,39 @@ def test_publisher_sees_only_complete_versions(tmp_path, tiny_ctr):
     assert publisher.mar_stem(3) == "deepctr-v00000003"
     with pytest.raises(ConfigError, match="--keep must be >= 1"):
         PublishSettings(str(tmp_path), str(tmp_path / "store"), keep=0)
+
+
+@pytest.mark.unit
+def test_torchserve_keys_come_from_files_or_the_environment_never_the_command_line(tmp_path, capsys):
+    from ctrserve.cli import main
+    from handler.torchserve_keys import KEY_FILE_ENV, TOKEN_ENV, TOKEN_FILE_ENV, TorchServeKey, key_refused
+
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"management": {"key": "m1"}, "inference": {"key": "i1"}, "API": {"key": "a"}}))
+    token_file = tmp_path / "token"
+    token_file.write_text("t1\n")
+    env = {TOKEN_ENV: "e1", TOKEN_FILE_ENV: str(token_file), KEY_FILE_ENV: str(key_file)}
+    assert TorchServeKey.resolve("inference", environ=env).current() == "t1"  # token file first
+    assert TorchServeKey.resolve("inference", environ={**env, TOKEN_FILE_ENV: ""}).current() == "i1"
+    assert TorchServeKey.resolve("management", key_file=str(key_file), environ=env).current() == "m1"
+    assert TorchServeKey.resolve("management", environ={}) is None
+    # Refused: the source is read again; a new key is retried with, the same one is not.
+    key = TorchServeKey("inference", key_file=key_file)
+    assert key.current() == "i1" and key.refresh("i1") is None
+    key_file.write_text(json.dumps({"inference": {"key": "i2"}}))
+    assert key.refresh("i1") == "i2" and key.current() == "i2"
+    with pytest.raises(ConfigError, match="no 'management' key"):
+        TorchServeKey("management", key_file=key_file).current()
+    token_file.write_text("two words")
+    with pytest.raises(ConfigError, match="spaces or control characters"):
+        TorchServeKey("inference", token_file=token_file).current()
+    refusal = json.dumps({"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed"})
+    assert key_refused(400, refusal.encode()) and key_refused(401, b"") and not key_refused(400, b'{"type": "x"}')
+    for argv in (
+        ["list", "--token", "secret"],
+        ["predict", "--rest", "http://127.0.0.1:1", "--input", "x.tsv", "--token", "secret"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "--token was removed: a key on the command line is visible to every user" in capsys.readouterr().err

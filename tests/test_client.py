@@ -15,6 +15,7 @@ from embedding_server.core.batch import KeyedIds, SparseFeature
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding, _KeyGroup
+from embedding_server.store.store import TableRows
 
 pytestmark = pytest.mark.unit
 
@@ -292,6 +293,85 @@ def test_infer_mode_client_reads_zeros():
     torch.testing.assert_close(out["user"], torch.zeros(1, 4))
     torch.testing.assert_close(out["hist"].values, torch.zeros(1, 3, 4))
     assert out["hist"].mask.tolist() == [[True, False, False]]
+
+
+def infer_copy(stores) -> InProcessEmbeddingClient:
+    """An infer-mode client holding exactly the rows of ``stores`` (what serving would load)."""
+    served = client(mode="infer")
+    for store in stores:
+        for rows in store.rows():
+            served.stores[0].put(
+                TableRows(rows.table, rows.ids, rows.weights, np.zeros((rows.ids.shape[0], 0), np.float32))
+            )
+    return served
+
+
+def keys_of(stores) -> set[tuple[str, int]]:
+    return {(rows.table.name, int(i)) for store in stores for rows in store.rows() for i in rows.ids}
+
+
+@pytest.mark.parametrize("transport", ["in-process", "grpc", "local socket"])
+def test_lookup_without_insert_answers_what_serving_answers_and_inserts_nothing(transport):
+    """``insert=False`` (evaluation): a train-mode shard answers unseen ids with zeros, as an
+    infer-mode one does, and keeps its rows as they are; through the in-process client, the
+    gRPC request's ``no_insert`` flag and the local socket alike."""
+    from embedding_server.rpc.remote import RemoteEmbeddingClient
+    from embedding_server.rpc.service import start_server
+
+    trained_batch = [
+        feat("user", [[1], [2], [3]]),
+        feat("item", [[1, 2], [3], []]),
+        feat("hist", [[4, 5], [6], [7, 8, 9, 4]]),
+        feat("clicked", [[1], [2, 3], []]),
+        feat("city", [[11], [12], [13]]),
+    ]
+    # Known and never-seen ids mixed, with repeats and empty bags; the second batch takes the
+    # one-id-per-bag fast path.
+    eval_batches = [
+        [
+            feat("user", [[1], [100], [3, 101]]),
+            feat("item", [[100, 2], [], [3, 3, 102]]),
+            feat("hist", [[104, 5], [6, 106], []]),
+            feat("clicked", [[1, 200], [201], [2]]),
+            feat("city", [[11, 300], [301], [13]]),
+        ],
+        [feat("user", [[1], [100], [2], [101]])],
+    ]
+    server = None
+    if transport == "in-process":
+        c = client(num_shards=3)
+        stores = c.stores
+    else:
+        server = start_server(
+            EMB, glob(), port=0, workers=2, local_socket="auto" if transport == "local socket" else None
+        )
+        c = RemoteEmbeddingClient(EMB, [server.address], local_lookups=transport == "local socket")
+        stores = [server.store]
+    try:
+        if server is not None:
+            assert c.replica_states()[0][0]["transport"] == ("local" if transport == "local socket" else "grpc")
+        c.lookup(trained_batch, requires_grad=True)  # training's lookups insert, as before
+        trained = keys_of(stores)
+        rows = sum(len(s) for s in stores)
+        assert rows == len(trained) > 0
+        served = infer_copy(stores)
+        for batch in eval_batches:
+            got = as_numpy(c.lookup(batch, insert=False))
+            want = as_numpy(served.lookup(batch))
+            assert got.keys() == want.keys()
+            for name in got:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        assert keys_of(stores) == trained and sum(len(s) for s in stores) == rows
+        user = np.full(2, EMB.table_of("user").index, np.uint16)
+        unseen = c.lookup_rows(np.array([100, 1000], np.uint64), user, 4, insert=False)
+        np.testing.assert_array_equal(unseen, np.zeros((2, 4), np.float32))
+        assert keys_of(stores) == trained
+        c.lookup(eval_batches[1])  # without insert=False the unseen ids become rows
+        assert keys_of(stores) - trained == {("user", 100), ("user", 101)}
+    finally:
+        c.close()
+        if server is not None:
+            server.stop(0)
 
 
 # --------------------------------------------------------------------------- invalid requests

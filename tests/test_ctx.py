@@ -160,6 +160,131 @@ def test_resuming_from_a_checkpoint_gives_identical_parameters(tmp_path):
             np.testing.assert_array_equal(rows, expected_rows[name])
 
 
+def sparse_rows(ctx: TrainCtx) -> dict[tuple[str, int], tuple[bytes, bytes]]:
+    """Every row the context's in-process tables hold: (table, id) -> (weight, optimizer state) bytes."""
+    return {
+        (rows.table.name, int(i)): (rows.weights[k].tobytes(), rows.state[k].tobytes())
+        for store in ctx.client.stores
+        for rows in store.rows()
+        for k, i in enumerate(rows.ids)
+    }
+
+
+def batch_keys(batches) -> set[tuple[str, int]]:
+    return {(CONFIG.table_of(f.name).name, int(i)) for b in batches for f in b.sparse for i in f.ids}
+
+
+@pytest.mark.unit
+def test_evaluation_inserts_no_rows_and_scores_like_the_served_model(tmp_path):
+    """Evaluating on held-out ids changes no table: the checkpoint holds exactly the trained ids,
+    and the scores are those of an infer-mode store loaded from it (zeros for unseen ids)."""
+    from embedding_server.core.config import GlobalConfig
+    from embedding_server.rpc.client import InProcessEmbeddingClient, RawEmbedding
+    from trainer.job import evaluate
+
+    rng = np.random.default_rng(17)
+    train_batches = [make_batch(rng) for _ in range(3)]
+    held_out = [make_batch(rng, vocab=30) for _ in range(2)] + [make_batch(rng, vocab=1000)]
+    for b in held_out[2:]:  # ids far outside the trained vocabulary, next to trained ones
+        for f in b.sparse:
+            f.ids[::2] += np.uint64(5000)
+    with _ctx(make_model(), num_shards=2) as ctx:
+        train(ctx, train_batches)
+        trained = sparse_rows(ctx)
+        assert set(trained) == batch_keys(train_batches)
+        assert batch_keys(held_out) - set(trained), "the held-out batches must hold ids never trained"
+        figures = evaluate(ctx, held_out)
+        scores = [ctx.predict(b) for b in held_out]
+        assert sparse_rows(ctx) == trained  # not one row inserted, evicted or changed
+        assert sum(s["rows"] for s in ctx.client.stats()) == len(trained)
+        ctx.dump_checkpoint(tmp_path / "ckpt")
+        model = ctx.model
+    served = InProcessEmbeddingClient(CONFIG, GlobalConfig.from_dict({"common_config": {"job_type": "infer"}}))
+    served.load(str(tmp_path / "ckpt/sparse"))
+    assert {(r.table.name, int(i)) for s in served.stores for r in s.rows() for i in r.ids} == set(trained)
+    model.eval()
+    with torch.inference_mode():
+        for batch, got in zip(held_out, scores):
+            lookup = served.lookup([next(f for f in batch.sparse if f.name == n) for n in CONFIG.slots_config])
+            sparse = [
+                lookup[n].values if isinstance(lookup[n], RawEmbedding) else lookup[n] for n in CONFIG.slots_config
+            ]
+            want = model(torch.from_numpy(batch.dense_matrix()), sparse)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    labels = np.concatenate([b.targets[0][:, 0] for b in held_out])
+    all_scores = torch.cat(scores).numpy()[:, 0]
+    assert figures == {"auc": roc_auc(labels, all_scores), "loss": log_loss(labels, all_scores)}
+
+
+def dense_state(ctx: TrainCtx) -> dict:
+    return {"model": ctx.model.state_dict(), "optimizer": ctx.dense_optimizer.state_dict(), "step": ctx.step}
+
+
+def assert_same_dense_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+
+
+@pytest.mark.process  # the real Ceph cluster (ceph_s3) runs as child processes
+@pytest.mark.ceph
+def test_checkpoint_round_trips_through_s3_exactly(ceph_s3, tmp_path, monkeypatch):
+    """dump_checkpoint("s3://bucket/prefix") writes every part through the storage layer (nothing
+    local), and a fresh context (other initial model, other shard count) loads it back exactly."""
+    from embedding_server.storage.urls import open_storage
+
+    for name, value in ceph_s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    url = f"s3://{ceph_s3.bucket}/test_ctx/{tmp_path.name}/ckpt"
+    rng = np.random.default_rng(23)
+    batches = [make_batch(rng) for _ in range(4)]
+    with _ctx(make_model(), num_shards=2) as ctx:
+        train(ctx, batches)
+        ctx.dump_checkpoint(url)
+        expected_rows, expected_dense = sparse_rows(ctx), copy.deepcopy(dense_state(ctx))
+    assert list(tmp_path.iterdir()) == []  # no local folder named after the URL
+    storage = open_storage(url)
+    assert storage.list_dir() == ["dense.pt", "sparse"]
+    assert "manifest.json" in storage.list_dir("sparse")
+    with _ctx(make_model(seed=5), num_shards=3) as resumed:
+        resumed.load_checkpoint(url)
+        assert_same_dense_state(dense_state(resumed), expected_dense)
+        assert sparse_rows(resumed) == expected_rows
+        assert len(expected_rows) == len(batch_keys(batches))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("hdfs://namenode:9000/models/ckpt", "cannot connect to HDFS: .*Hadoop client"),
+        ("gs://bucket/ckpt", "scheme 'gs://' is not supported"),
+    ],
+)
+def test_checkpoint_urls_without_a_usable_storage_fail_clearly_and_create_nothing_locally(
+    tmp_path, monkeypatch, url, message
+):
+    """No HDFS client here: dump and load fail with the storage layer's clear error, and
+    nothing (least of all a folder named 'hdfs:') appears in the working directory."""
+    from embedding_server.storage.base import StorageError
+
+    monkeypatch.chdir(tmp_path)
+    with _ctx(make_model()) as ctx:
+        train(ctx, [make_batch(np.random.default_rng(2))])
+        with pytest.raises(StorageError, match=message):
+            ctx.dump_checkpoint(url)
+        assert list(tmp_path.iterdir()) == []  # the old code made ./hdfs:/namenode:9000/models/ckpt
+        with pytest.raises(StorageError, match=message):
+            ctx.load_checkpoint(url)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.unit
 def test_training_on_a_learnable_signal_raises_auc():
     rng = np.random.default_rng(11)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,13 @@ from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSp
 from embedding_server.rpc.client import InProcessEmbeddingClient
 from handler.client import PredictionError, parse_response
 from handler.persia_handler import PersiaHandler
-from handler.request import Limits, RequestDecoder, RequestError, merge_requests
+from handler.request import DECODE_ENV, Limits, RequestDecoder, RequestError, merge_requests
 from handler.serving_config import ENV_SERVERS, ServingConfig
 from handler.timing import TimingMetrics
 from trainer.batch import PyPersiaBatchData
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parent.parent
 
 TOL = 1e-6
 
@@ -244,6 +246,11 @@ CASES = {
         lambda kit: json.dumps(kit.as_json(_batch(20))).encode(),
         ["exceeds the limit of 500 bytes (max_json_request_bytes)"],
     ),
+    "max_json_request_bytes_parsed": (  # a body TorchServe's worker parsed already: measured re-encoded
+        dict(max_json_request_bytes=500),
+        lambda kit: kit.as_json(_batch(20)),
+        ["bytes (re-encoded) exceeds the limit of 500 bytes (max_json_request_bytes)"],
+    ),
     "max_json_request_bytes_text": (
         dict(max_json_request_bytes=500),
         lambda kit: json.dumps(kit.as_json(_batch(20))),
@@ -310,6 +317,20 @@ def test_limits_come_from_serving_yml_and_are_validated(tmp_path):
                 ServingConfig.from_dict({key: bad})
 
 
+@pytest.mark.parametrize("name", ["local", "production"])
+def test_torchserve_body_size_settings_agree_with_serving_yml_defaults(name):
+    # TorchServe refuses a body over max_request_size itself (REST 413, gRPC RESOURCE_EXHAUSTED) before
+    # any worker holds it; equal to the handler's max_request_bytes, every body the handler would take
+    # gets through and nothing larger is queued. Answers (scores of at most max_batch_size samples)
+    # are far smaller than max_response_size.
+    text = (REPO / "deploy" / "torchserve" / f"config.{name}.properties").read_text()
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    defaults = ServingConfig()
+    assert int(settings["max_request_size"]) == defaults.max_request_bytes
+    assert int(settings["max_response_size"]) == defaults.max_request_bytes
+    assert defaults.max_json_request_bytes <= defaults.max_request_bytes
+
+
 def test_deeply_nested_json_is_a_clear_400(spec):
     decoder = RequestDecoder(spec, max_batch_size=64, max_request_bytes=1 << 20)
     with pytest.raises(RequestError, match="invalid JSON") as err:
@@ -351,8 +372,10 @@ def test_serving_config_is_strict_and_the_environment_overrides_addresses(tmp_pa
 
 def test_initialize_without_embedding_servers_says_how_to_configure_them(model_dir, monkeypatch):
     monkeypatch.delenv(ENV_SERVERS, raising=False)
+    monkeypatch.setenv(DECODE_ENV, "true")  # restored after the test: TorchServe started later inherits nothing
     with pytest.raises(ConfigError, match="no embedding servers: set embedding_servers in serving.yml"):
         PersiaHandler().initialize(Context("deepctr", str(model_dir), {}, 1, None, "0.12.0"))
+    assert os.environ[DECODE_ENV] == "false"  # the worker hands bodies over undecoded from now on
 
 
 def metrics_cache() -> MetricsCacheYamlImpl:
@@ -506,6 +529,21 @@ def test_embedding_watermark_is_what_the_shards_report_under_watermark(handler):
     assert handler.read_embedding_watermark() == {}  # the in-process stores report none yet
     handler.embeddings = Shards()
     assert handler.read_embedding_watermark() == {"0": 17}
+
+
+def test_responses_name_the_packets_the_embedding_shards_skipped(handler):
+    """Replicas at one watermark serve the same values unless one skipped a packet (SkipPacket):
+    every response says which, per embedding shard and training shard."""
+
+    class Shards:
+        def stats(self):
+            return [{"watermark": {"0": 9, "1": 7}, "skipped": {"1": [4]}}, {"watermark": {"0": 9, "1": 7}}]
+
+    handler.embeddings = Shards()
+    handler._embedding_state = handler.read_embedding_state()
+    tail = json.loads("{" + handler._result_tail(1)[2:])
+    assert tail["embedding_watermark"] == {"0": {"0": 9, "1": 7}, "1": {"0": 9, "1": 7}}
+    assert tail["embedding_skipped"] == {"0": {"1": [4]}} and tail["batch_requests"] == 1
 
 
 def test_warm_up_runs_the_model_on_a_zero_sample_of_every_input_shape(handler, spec):

@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -33,7 +35,7 @@ from embedding_server.modelroot.packets import CHECKPOINTS_DIR, FIRST_SEQ, encod
 from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.rpc.launcher import ServerGroup, ctrserve_command, server_command
 from embedding_server.rpc.remote import RemoteEmbeddingClient
-from embedding_server.storage.base import Storage
+from embedding_server.storage.base import LocalStorage, Storage
 from embedding_server.storage.urls import open_storage
 from embedding_server.store import kernels
 from embedding_server.store.cpus import format_cpu_list, usable_cpus
@@ -120,10 +122,9 @@ class Trainer:
         (default: every shard's last published seq)."""
         name = f"{number:020d}"
         folder = self.storage.child(f"{CHECKPOINTS_DIR}/{name}")
-        checkpoint.dump_stores(self.stores, folder)
-        manifest = json.loads(folder.read_bytes(checkpoint.MANIFEST))
-        manifest["watermark"] = {str(s): seq for s, seq in enumerate(self.seq if watermark is None else watermark)}
-        folder.write_atomic(checkpoint.MANIFEST, json.dumps(manifest).encode())
+        # The manifest is written once, last, with the watermark: a follower may read it at once.
+        marks = {str(s): seq for s, seq in enumerate(self.seq if watermark is None else watermark)}
+        checkpoint.dump_stores(self.stores, folder, marks)
         return name
 
     def expected(self, table: str) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +164,10 @@ def infer_stores(emb: EmbeddingConfig, num_shards: int = 1, capacity: int = 20_0
 
 def watermarks(follower: ModelRootFollower) -> list[int]:
     return [s["watermark"] for s in follower.stats()["streams"]]
+
+
+def stream_of(follower: ModelRootFollower, index: int = 0) -> dict:
+    return follower.stats()["streams"][index]
 
 
 @pytest.fixture
@@ -513,7 +518,7 @@ def other_format_version(data: bytes) -> bytes:
 
 
 @pytest.mark.unit
-def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_apply(
+def test_corrupt_truncated_and_foreign_packets_hold_their_shard_until_an_operator_skips_them(
     emb, tmp_path, followers, caplog, wait_until
 ):
     caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
@@ -521,9 +526,9 @@ def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_ap
     store = infer_stores(emb)[0]
     registry = CollectorRegistry()
     trainer.step_and_publish()
-    follower = followers(store, str(tmp_path), registry=registry)
+    options = dataclasses.replace(FAST, unreadable_retry_s=0.3)
+    follower = followers(store, str(tmp_path), options, registry=registry)
     folder = packet_dir(0, 1)
-    bad = {}
     for seq, spoil in ((1, "corrupt"), (2, "truncated"), (3, "version"), (4, "misplaced")):
         data = trainer.encode(0, trainer.step()[0], seq)
         if spoil == "corrupt":
@@ -534,24 +539,279 @@ def test_corrupt_truncated_and_foreign_packets_are_quarantined_and_later_ones_ap
             data = other_format_version(data)
         else:
             data = trainer.encode(0, [], seq + 1)  # says seq 5 but lies at seq 4
-        bad[seq] = spoil
         trainer.storage.write_atomic(f"{folder}/{packet_name(seq)}", data)
     trainer.seq[0] = 4
     last = trainer.step_and_publish()[0]  # seq 5: fine
+    for seq in (1, 2, 3, 4):  # each holds the shard (later packets wait) until the operator skips it
+        wait_until(lambda seq=seq: stream_of(follower)["held"] and watermarks(follower) == [seq - 1], what=f"{seq}")
+        stream = stream_of(follower)
+        assert stream["gap_alarm"] and stream["waiting_for"] == seq and stream["unreadable_seq"] == seq
+        with pytest.raises(InvalidRequestError, match=f"held at seq {seq}, not {seq + 1}"):
+            follower.skip_packet(0, 1, seq + 1)
+        assert follower.skip_packet(0, 1, seq) == {
+            "watermark": seq,
+            "skipped": list(range(1, seq + 1)),
+            "already_skipped": False,
+        }
     wait_until(lambda: watermarks(follower) == [5], what="the packet after the bad ones")
+    assert follower.skip_packet(0, 1, 4)["already_skipped"]
     stats = follower.stats()
-    assert stats["packets_quarantined"] == 4 and stats["packets_applied"] == 2
-    assert len(stats["quarantined"]) == 4
+    assert stats["packets_quarantined"] == 4 and stats["packets_skipped"] == 4 and stats["packets_applied"] == 2
+    assert len(stats["quarantined"]) == 4 and stats["streams"][0]["skipped"] == [1, 2, 3, 4]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 4 and all("quarantined packet" in m for m in errors), errors
+    assert len(errors) == 4 and all("still cannot be read" in m and "holding the shard" in m for m in errors), errors
     assert "checksum mismatch" in errors[0] or "not a readable Arrow file" in errors[0]
     assert "not a readable Arrow file" in errors[1] or "checksum mismatch" in errors[1]
     assert "format version '2'" in errors[2] and "its place says" in errors[3]
-    assert "ctrserve_embedding_packets_quarantined_total 4.0" in generate_latest(registry).decode()
+    text = generate_latest(registry).decode()
+    assert (
+        "ctrserve_embedding_packets_quarantined_total 4.0" in text
+        and "ctrserve_embedding_packets_skipped_total 4.0" in text
+    )
     # The server kept serving, and the packet after the bad ones was applied bit for bit.
     for rows in last:
         got = serving_lookup([store], rows.table, rows.ids)
         assert got.tobytes() == rows.weights.tobytes()
+
+
+def spoiled(data: bytes) -> bytes:
+    """The packet with one byte in the middle flipped: its checksum no longer matches."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+
+
+@pytest.mark.unit
+def test_replicas_at_one_watermark_serve_the_same_values_through_incomplete_and_corrupt_packets(
+    emb, tmp_path, followers, caplog, wait_until
+):
+    """Replicas once served 0.0144 and 12.0 for one row: a packet seen while incomplete was
+    quarantined (its rows never applied) on running replicas, while one started later had them.
+    Now an incomplete packet is read again until it is whole, and a corrupt one holds its shard
+    until a newer checkpoint includes it or an operator skips it on every replica, which they
+    then name; a newer checkpoint that includes the skipped packet repairs them."""
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
+    options = dataclasses.replace(FAST, unreadable_retry_s=1.0)
+    trainer = Trainer(emb, tmp_path, num_shards=2)
+    trainer.step_and_publish()
+    trainer.checkpoint(1)
+    replicas = [followers(infer_stores(emb)[0], str(tmp_path), options) for _ in range(2)]
+
+    def values(follower: ModelRootFollower) -> bytes:
+        tables = emb.tables.values()
+        return b"".join(serving_lookup([follower.store], t, trainer.expected(t.name)[0]).tobytes() for t in tables)
+
+    def all_at(seqs: list[int], group: list[ModelRootFollower]) -> None:
+        wait_until(lambda: all(watermarks(f) == seqs for f in group), what=f"every replica at {seqs}")
+
+    # 1. Packet 1 of training shard 0 is written in place, in two halves 0.3 s apart.
+    changed = trainer.step()
+    data = trainer.encode(0, changed[0], 1)
+    path = tmp_path / packet_dir(0, 2) / packet_name(1)
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    time.sleep(0.3)  # the replicas see the half (inotify: closed after writing)
+    with open(path, "ab") as fh:
+        fh.write(data[len(data) // 2 :])
+    trainer.seq[0] = 1
+    trainer.publish(1, changed[1])
+    all_at([1, 1], replicas)
+    for follower in replicas:
+        assert_serves_trainer_state(emb, trainer, [follower.store])
+    late = followers(infer_stores(emb)[0], str(tmp_path), options)  # a replica started now
+    assert values(late) == values(replicas[0]) == values(replicas[1])
+    assert not any(f.stats()["packets_quarantined"] for f in replicas)
+    assert any("read and applied after" in r.getMessage() for r in caplog.records)
+    replicas.append(late)
+
+    # 2. Packet 2 of shard 0 is corrupt: every replica holds shard 0 at 1 (shard 1 goes on) until a
+    # newer checkpoint includes it, from which they catch up.
+    changed = trainer.step()
+    trainer.storage.write_atomic(f"{packet_dir(0, 2)}/{packet_name(2)}", spoiled(trainer.encode(0, changed[0], 2)))
+    trainer.seq[0] = 2
+    trainer.publish(1, changed[1])
+    trainer.step_and_publish()
+    wait_until(lambda: all(stream_of(f)["held"] for f in replicas), what="shard 0 held at its corrupt packet")
+    all_at([1, 3], replicas)
+    assert all(stream_of(f)["gap_alarm"] and stream_of(f)["waiting_for"] == 2 for f in replicas)
+    assert values(replicas[0]) == values(replicas[1]) == values(replicas[2])
+    trainer.checkpoint(2)  # includes packet 2 (watermark [3, 3])
+    all_at([3, 3], replicas)
+    for follower in replicas:
+        assert_serves_trainer_state(emb, trainer, [follower.store])
+        assert not stream_of(follower)["held"] and not stream_of(follower)["gap_alarm"]
+
+    # 3. Packet 4 of shard 1 is corrupt and no checkpoint includes it: held on every replica, and
+    # on a replica started now too, until the operator skips it on each.
+    changed = trainer.step()
+    trainer.publish(0, changed[0])
+    trainer.storage.write_atomic(f"{packet_dir(1, 2)}/{packet_name(4)}", spoiled(trainer.encode(1, changed[1], 4)))
+    trainer.seq[1] = 4
+    trainer.step_and_publish()
+    restarted = followers(infer_stores(emb)[0], str(tmp_path), options)
+    replicas.append(restarted)
+    wait_until(lambda: all(stream_of(f, 1)["held"] for f in replicas), what="shard 1 held at its corrupt packet")
+    all_at([5, 3], replicas)
+    assert len({values(f) for f in replicas}) == 1
+    for follower in replicas:
+        assert follower.skip_packet(1, 2, 4)["skipped"] == [4]
+    all_at([5, 5], replicas)
+    assert len({values(f) for f in replicas}) == 1  # not the trainer's: packet 4's rows of shard 1 are missing ...
+    assert all(stream_of(f, 1)["skipped"] == [4] for f in replicas)  # ... and every replica says so
+
+    # 4. A newer checkpoint that includes the skipped packet repairs the replicas.
+    trainer.checkpoint(3)
+    wait_until(lambda: all(stream_of(f, 1)["skipped"] == [] for f in replicas), what="the repair")
+    for follower in replicas:
+        assert watermarks(follower) == [5, 5]
+        assert_serves_trainer_state(emb, trainer, [follower.store])
+
+
+SPECIAL_PACKETS = {
+    "fifo": "is a FIFO, not a regular file",
+    "dev-zero": "outside the storage root",
+    "file-outside": "outside the storage root",
+    "dir-outside": "outside the storage root",
+}
+
+
+def make_special(kind: str, target: Path, outside: Path) -> None:
+    """Put a FIFO, or a symbolic link to /dev/zero, to a file or a directory outside the root, at ``target``."""
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to({"dev-zero": Path("/dev/zero"), "file-outside": outside / "packet.arrow"}.get(kind, outside))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", sorted(SPECIAL_PACKETS))
+def test_a_special_file_as_the_next_packet_is_refused_at_once_and_its_shard_shows_as_held_and_stalled(
+    kind, emb, tmp_path, followers, caplog, wait_until
+):
+    """A FIFO named as the next packet hung the follower forever; a link to /dev/zero was read up
+    to the size bound on every pass; a link out of the model root was followed. Each is refused
+    within a bound, with a log line naming it; later packets wait; stats and metrics show it."""
+    caplog.set_level(logging.INFO, logger="ctrserve.embedding_server.modelroot.hotload")
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    trainer = Trainer(emb, root, num_shards=1)
+    trainer.step_and_publish()
+    options = dataclasses.replace(
+        FAST, unreadable_retry_s=0.5, read_timeout_s=2.0, stall_timeout_s=1.0, max_packet_bytes=64 << 20
+    )
+    registry = CollectorRegistry()
+    store = infer_stores(emb)[0]
+    follower = followers(store, str(root), options, registry=registry, labels={"shard": "0"})
+    good = trainer.encode(0, trainer.step()[0], 1)
+    (outside / "packet.arrow").write_bytes(good)  # a valid packet, but not under the model root
+    target = root / packet_dir(0, 1) / packet_name(1)
+    make_special(kind, target, outside)
+    trainer.seq[0] = 1
+    trainer.step_and_publish()  # seq 2 waits behind it
+    reason = SPECIAL_PACKETS[kind]
+    wait_until(
+        lambda: any(str(target) in r.getMessage() and reason in r.getMessage() for r in caplog.records),
+        timeout=5,
+        what="a log line refusing the special file",
+    )
+    assert stream_of(follower)["unreadable_seq"] == 1 and reason in stream_of(follower)["unreadable_reason"]
+    wait_until(lambda: follower.stats()["stalled"], timeout=10, what="the follower to show it is stalled")
+    stats = follower.stats()
+    assert stats["streams"][0]["held"] and stats["streams"][0]["gap_alarm"] and stats["packets_pending"]
+    assert "seq 1 cannot be read" in stats["stall_reason"] and watermarks(follower) == [0]
+    text = generate_latest(registry).decode()
+    assert 'ctrserve_embedding_hotload_stalled{shard="0"} 1.0' in text
+    assert 'ctrserve_embedding_packets_pending{shard="0"} 1.0' in text
+    assert 'ctrserve_embedding_packet_unreadable{shard="0",training_shard="0",training_shards="1"} 1.0' in text
+    assert 'ctrserve_embedding_seconds_since_last_apply{shard="0"}' in text
+
+    # The real packet replaces it: read at once (it changed), the shard goes on.
+    trainer.storage.write_atomic(f"{packet_dir(0, 1)}/{packet_name(1)}", good)
+    wait_until(lambda: watermarks(follower) == [2], timeout=10, what="the real packet and the next")
+    assert_serves_trainer_state(emb, trainer, [store])
+    stats = follower.stats()
+    assert not stats["stalled"] and not stats["packets_pending"] and stats["streams"][0]["unreadable_seq"] == -1
+    assert not stats["streams"][0]["gap_alarm"] and stats["seconds_since_last_apply"] < 10
+
+
+class HangingStorage(LocalStorage):
+    """A local model root where reading one file blocks until ``release`` is set (a stalled mount)."""
+
+    def __init__(self, url: str, hang_on: str, release: threading.Event):
+        super().__init__(url)
+        self.hang_on, self.release = hang_on, release
+
+    def read_buffer(self, path: str, max_bytes: int | None = None) -> memoryview:
+        if path.endswith(self.hang_on):
+            self.release.wait()
+        return super().read_buffer(path, max_bytes)
+
+
+@pytest.mark.unit
+def test_a_read_that_hangs_is_bounded_in_time_and_the_follower_shows_it_stalled(emb, tmp_path, followers, wait_until):
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    trainer.step_and_publish()
+    release = threading.Event()
+    options = dataclasses.replace(FAST, read_timeout_s=0.3, unreadable_retry_s=30.0, stall_timeout_s=1.0)
+    store = infer_stores(emb)[0]
+    follower = followers(store, HangingStorage(str(tmp_path), packet_name(1), release), options)
+    try:
+        trainer.step_and_publish()  # seq 1: its read hangs
+        trainer.step_and_publish()
+        wait_until(
+            lambda: "did not finish within" in stream_of(follower).get("unreadable_reason", ""),
+            timeout=5,
+            what="the read to time out",
+        )
+        wait_until(lambda: follower.stats()["stalled"], timeout=10, what="the follower to show it is stalled")
+        assert "seq 1 cannot be read" in follower.stats()["stall_reason"] and watermarks(follower) == [0]
+        assert not stream_of(follower)["held"]  # still within unreadable_retry_s
+    finally:
+        release.set()
+    wait_until(lambda: watermarks(follower) == [2], what="the packets once the read returns")
+    assert_serves_trainer_state(emb, trainer, [store])
+    assert not follower.stats()["stalled"] and stream_of(follower)["unreadable_seq"] == -1
+
+
+@pytest.mark.unit
+def test_the_hotload_health_service_says_not_serving_while_the_follower_is_stalled(emb, tmp_path, wait_until):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from embedding_server.rpc.service import HOTLOAD_HEALTH_SERVICE, SERVICE_NAME, start_server
+
+    trainer = Trainer(emb, tmp_path, num_shards=1)
+    trainer.step_and_publish()
+    options = dataclasses.replace(FAST, unreadable_retry_s=0.3, stall_timeout_s=0.6)
+    server = start_server(
+        emb, GlobalConfig.from_dict(INFER), model_root=str(tmp_path), follow_options=options, local_socket=None
+    )
+    try:
+        channel = grpc.insecure_channel(server.address)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        assert status(HOTLOAD_HEALTH_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        os.mkfifo(tmp_path / packet_dir(0, 1) / packet_name(1))
+        trainer.seq[0] = 1
+        trainer.step_and_publish()
+        wait_until(
+            lambda: status(HOTLOAD_HEALTH_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            timeout=10,
+            what="the hotload health to say NOT_SERVING",
+        )
+        for service in ("", SERVICE_NAME):  # lookups go on, from the last state applied
+            assert status(service) == health_pb2.HealthCheckResponse.SERVING
+        assert server.follower is not None and server.follower.skip_packet(0, 1, 1)["watermark"] == 1
+        wait_until(
+            lambda: status(HOTLOAD_HEALTH_SERVICE) == health_pb2.HealthCheckResponse.SERVING,
+            timeout=10,
+            what="the hotload health to recover",
+        )
+        assert watermarks(server.follower) == [2]
+        channel.close()
+    finally:
+        server.stop(0)
 
 
 @pytest.mark.unit
@@ -744,6 +1004,91 @@ def test_a_resharded_trainer_is_followed_from_its_new_checkpoint(emb, tmp_path, 
     assert any("switched to checkpoint" in r.getMessage() for r in caplog.records)
 
 
+# A child process follows model roots whose first packet is a special file, and prints how much
+# its peak resident memory (VmHWM) grew meanwhile, after a warm-up on an ordinary root.
+SPECIAL_FILES_CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+
+import numpy as np
+
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
+from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
+from embedding_server.modelroot.packets import encode_packet, packet_dir, packet_name
+from embedding_server.store.store import EmbeddingStore, TableRows
+
+work, emb_json, infer_json = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+emb = EmbeddingConfig.from_dict(json.loads(emb_json))
+glob = GlobalConfig.from_dict(json.loads(infer_json))
+options = FollowOptions(poll_interval_s=0.05, use_inotify=False, unreadable_retry_s=0.5, max_packet_bytes=512 << 20)
+
+
+def hwm_kib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+
+def follow(root, seconds):
+    follower = ModelRootFollower(EmbeddingStore(emb, glob, 0, 1), str(root), options).start()
+    follower.wait_synced(30)
+    time.sleep(seconds)
+    stats = follower.stats()
+    follower.stop(timeout=1.0)
+    return stats
+
+
+table = emb.tables["user"]
+ids = np.arange(1000, dtype=np.uint64)
+rows = TableRows(table, ids, np.ones((1000, table.dim), np.float32), np.zeros((1000, 0), np.float32))
+warm = work / "warm"
+(warm / packet_dir(0, 1)).mkdir(parents=True)
+(warm / packet_dir(0, 1) / packet_name(0)).write_bytes(
+    encode_packet([rows], shard=0, num_shards=1, seq=0, fingerprint=emb.fingerprint())
+)
+follow(warm, 0.5)
+outside = work / "outside"
+outside.mkdir()
+with open(outside / "big.arrow", "wb") as fh:  # 256 MiB, sparse
+    fh.truncate(256 << 20)
+before = hwm_kib()
+report = {}
+for kind in ("fifo", "dev-zero", "file-outside", "dir-outside"):
+    root = work / kind
+    folder = root / packet_dir(0, 1)
+    folder.mkdir(parents=True)
+    target = folder / packet_name(0)
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to({"dev-zero": Path("/dev/zero"), "file-outside": outside / "big.arrow"}.get(kind, outside))
+    stats = follow(root, 1.5)
+    stream = stats["streams"][0] if stats["streams"] else {}
+    report[kind] = {"reason": stream.get("unreadable_reason", ""), "watermark": stream.get("watermark")}
+report["growth_kib"] = hwm_kib() - before
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.process  # a child process: its peak resident memory is measured
+def test_special_files_as_packets_keep_the_followers_memory_bounded(emb, tmp_path):
+    """A link to /dev/zero was read up to the size bound (2 GiB) on every pass, and a link to a big
+    file outside the root read whole. Now neither is read at all: the peak resident memory of a
+    process following such roots grows by less than 64 MiB (the bound here is 512 MiB)."""
+    result = subprocess.run(
+        [sys.executable, "-c", SPECIAL_FILES_CHILD, str(tmp_path), json.dumps(EMB), json.dumps(INFER)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["growth_kib"] < 64 << 10, f"peak resident memory grew by {report['growth_kib'] >> 10} MiB: {report}"
+    for kind, reason in SPECIAL_PACKETS.items():
+        assert reason in report[kind]["reason"], (kind, report[kind])
+        assert report[kind]["watermark"] == FIRST_SEQ - 1, (kind, report[kind])
+
+
 # ----------------------------------------------------------------------------- real server processes
 
 
@@ -753,6 +1098,15 @@ def config_files(tmp_path_factory) -> tuple[Path, Path]:
     (folder / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (folder / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 20_000}}))
     return folder / "emb.yml", folder / "global.yml"
+
+
+def hotload_health(address: str, service: str = "ctrserve.embedding.v1.Hotload") -> str:
+    """The health status a server answers for ``service`` (its model-root follower by default)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
 def follow_args(root: str, gap_timeout: float = 30.0) -> list[str]:
@@ -774,7 +1128,7 @@ def server_watermarks(client: RemoteEmbeddingClient) -> list[list[int]]:
 
 
 @pytest.mark.process
-def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corrupt_packet(
+def test_servers_are_ready_with_the_newest_state_then_follow_and_hold_at_a_corrupt_packet_until_it_is_skipped(
     emb, config_files, tmp_path, wait_until
 ):
     root = tmp_path / "model"
@@ -790,7 +1144,7 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
             workdir=tmp_path / "servers",
             mode="infer",
             metrics=True,
-            extra_args=follow_args(str(root)),
+            extra_args=follow_args(str(root)) + ["--unreadable-retry", "0.5", "--stall-timeout", "1"],
         ) as group,
         RemoteEmbeddingClient(emb, group.addresses) as client,
     ):
@@ -801,12 +1155,39 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
         assert server_watermarks(client) == [trainer.seq] * 3
         assert stats[1]["watermark"] == {"0": trainer.seq[0], "1": trainer.seq[1]}  # what handlers report
 
-        trainer.storage.write_atomic(f"{packet_dir(0, 2)}/{packet_name(trainer.seq[0] + 1)}", b"not a packet at all")
+        bad = trainer.seq[0] + 1
+        trainer.storage.write_atomic(f"{packet_dir(0, 2)}/{packet_name(bad)}", b"not a packet at all")
         trainer.seq[0] += 1
         trainer.step_and_publish()
+        # Every server holds training shard 0 before the bad packet (shard 1 goes on), alarms, and
+        # its hotload health says NOT_SERVING once stalled, while lookups go on.
+        wait_until(lambda: all(s["hotload"]["streams"][0]["held"] for s in client.stats()), what="every server to hold")
+        assert server_watermarks(client) == [[bad - 1, trainer.seq[1]]] * 3
+        assert all(s["hotload"]["streams"][0]["gap_alarm"] for s in client.stats())
+        wait_until(
+            lambda: [hotload_health(a) for a in group.addresses] == ["NOT_SERVING"] * 3, what="the stall to show"
+        )
+        assert all(s["hotload"]["stalled"] and s["hotload"]["packets_pending"] for s in client.stats())
+        assert [hotload_health(a, "") for a in group.addresses] == ["SERVING"] * 3
+
+        servers = ",".join(group.addresses)
+        skip = ctrserve_command(
+            "embedding-admin", "skip-packet", "--servers", servers, "--embedding-config", config_files[0]
+        )
+        skip += ["--training-shard", "0", "--training-shards", "2", "--seq", str(bad)]
+        wrong = subprocess.run(skip[:-1] + [str(bad + 1)], capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 1 and f"held at seq {bad}, not {bad + 1}" in wrong.stderr
+        done = subprocess.run(skip, capture_output=True, text=True, timeout=60, check=True)
+        answers = json.loads(done.stdout)
+        assert [[a["ok"] and a["skipped"] == [bad] for a in shard] for shard in answers] == [[True]] * 3
         wait_until(lambda: server_watermarks(client) == [trainer.seq] * 3, what="the servers to apply every packet")
-        assert_remote_serves_trainer_state(emb, trainer, client)
-        assert [s["hotload"]["packets_quarantined"] for s in client.stats()] == [1, 1, 1]
+        assert_remote_serves_trainer_state(emb, trainer, client)  # the bad packet held none of the trainer's rows
+        stats = client.stats()
+        assert [s["hotload"]["packets_quarantined"] for s in stats] == [1, 1, 1]
+        assert [s["hotload"]["packets_skipped"] for s in stats] == [1, 1, 1]
+        assert all(s["hotload"]["streams"][0]["skipped"] == [bad] for s in stats)
+        assert all(s["skipped"] == {"0": [bad]} for s in stats)  # what handlers report as embedding_skipped
+        wait_until(lambda: [hotload_health(a) for a in group.addresses] == ["SERVING"] * 3, what="the recovery")
 
         metrics = (
             urllib.request.urlopen(f"http://127.0.0.1:{group.servers[0].metrics_port}/metrics", timeout=10)
@@ -821,7 +1202,6 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
             in metrics
         )
 
-        servers = ",".join(group.addresses)
         admin = subprocess.run(
             ctrserve_command("embedding-admin", "stats", "--servers", servers, "--embedding-config", config_files[0]),
             capture_output=True,
@@ -831,9 +1211,11 @@ def test_servers_are_ready_with_the_newest_state_then_follow_and_survive_a_corru
         )
         shown = json.loads(admin.stdout)
         assert [s["watermark"] for s in shown[2]["hotload"]["streams"]] == trainer.seq
+        assert shown[2]["hotload"]["streams"][0]["skipped"] == [bad]
         assert shown[0]["hotload"]["freshness_p99_s"] >= shown[0]["hotload"]["freshness_p50_s"] >= 0.0
     log_text = group.servers[0].log_path.read_text()
-    assert "quarantined packet" in log_text and "ERROR" in log_text
+    assert "still cannot be read" in log_text and "ERROR" in log_text and "skipped by an operator" in log_text
+    assert "stalled" in log_text and "NOT_SERVING" in log_text
 
 
 @pytest.mark.process

@@ -379,7 +379,9 @@ def test_servers_publish_packets_and_checkpoint_watermarks(tmp_path):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 10_000, 50).astype(np.uint64)
     tables = np.full(50, USER, np.uint16)
-    group = ServerGroup.start(tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv")
+    group = ServerGroup.start(
+        tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv", admin_roots=[root]
+    )
     try:
         with RemoteEmbeddingClient(CONFIG, group.addresses) as client:
             client.lookup_rows(ids, tables, 4)

@@ -88,11 +88,41 @@ def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
         ({"model": {"type": "transformer"}}, "'model': type must be 'dlrm' or 'deepctr'"),
         ({"data": {"batch_size": 0}}, "batch_size must be > 0"),
         ({"sparse_optimizer": {"type": "adagrad", "lrr": 1}}, "unknown key 'sparse_optimizer.lrr'"),
+        ({"resume_from": "gs://bucket/ckpt"}, "resume_from: 'gs://bucket/ckpt' has a scheme no storage supports"),
+        ({"output": {"checkpoint": "ftp://host/ckpt"}}, "checkpoint: 'ftp://host/ckpt' has a scheme no storage"),
+        ({"output": {"model_root": "gs://bucket/root"}}, "model_root: 'gs://bucket/root' has a scheme no storage"),
+        ({"output": {"dir": "s3://bucket/run"}}, "dir must be a local folder .* output.checkpoint"),
     ],
 )
 def test_bad_job_configs_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         JobConfig.load(write_job(tmp_path, **override))
+
+
+@pytest.mark.process  # the real Ceph cluster (ceph_s3) runs as child processes
+@pytest.mark.ceph
+def test_job_checkpoints_resumes_and_exports_on_s3(ceph_s3, tmp_path, monkeypatch):
+    """output.checkpoint, resume_from and output.model_root as s3:// URLs: the checkpoint and the
+    versions land in the bucket (no local folder named after a URL), and a second job resumes
+    from the bucket."""
+    from embedding_server.storage.urls import open_storage
+    from trainer.job import run_job
+
+    for name, value in ceph_s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    prefix = f"s3://{ceph_s3.bucket}/test_job/{tmp_path.name}"
+    train = {"steps": 4, "eval_every": 0, "eval_batches": 2, "log_every": 2}
+    output = {"dir": "run", "model_root": f"{prefix}/root", "checkpoint": f"{prefix}/ckpt", "export_every": 0}
+    first = run_job(JobConfig.load(write_job(tmp_path, train=train, output=output)), progress=False)
+    assert (first.steps, first.checkpoint, first.exported_versions) == (4, f"{prefix}/ckpt", [1])
+    ckpt = open_storage(f"{prefix}/ckpt")
+    assert ckpt.exists("dense.pt") and ckpt.exists("sparse/manifest.json")
+    assert open_storage(f"{prefix}/root").exists("dense/v00000001/model.json")
+    job = write_job(tmp_path, resume_from=f"{prefix}/ckpt", train={**train, "steps": 6}, output=output)
+    second = run_job(JobConfig.load(job), progress=False)
+    assert (second.steps, second.samples, second.exported_versions) == (6, 2 * 256, [2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.yml", "job.yml", "run"]
 
 
 @pytest.mark.process
@@ -106,7 +136,7 @@ def test_torchrun_two_ranks_share_the_embedding_servers(tmp_path):
     (tmp_path / "emb.yml").write_text(yaml.safe_dump(EMB, sort_keys=False))
     (tmp_path / "global.yml").write_text(yaml.safe_dump({"embedding_parameter_server_config": {"capacity": 500_000}}))
     with ServerGroup.start(
-        tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv"
+        tmp_path / "emb.yml", tmp_path / "global.yml", num_shards=2, workdir=tmp_path / "srv", admin_roots=[tmp_path]
     ) as group:
         job = write_job(
             tmp_path,

@@ -3,6 +3,7 @@ gRPC, private, refusing strangers and bad frames, and falling back to gRPC when 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import stat
@@ -188,6 +189,43 @@ def test_frames_that_break_the_protocol_end_only_their_own_connection(in_process
     assert channel is not None, problem
     assert wire.decode_lookup_response(channel(request_bytes([7], [1]), timeout=10))[0] == 8
     channel.close()
+
+
+@pytest.mark.unit
+def test_connections_over_the_cap_are_refused_cleanly_and_idle_ones_are_closed(server_configs, tmp_path, wait_until):
+    emb, glob = EmbeddingConfig.load(server_configs[0]), GlobalConfig.load(server_configs[1])
+    limits = {"local_socket_max_connections": 2, "local_socket_idle_timeout_s": 0.5}
+    glob = dataclasses.replace(glob, embedding_parameter_server_config=dataclasses.replace(glob.server, **limits))
+    server = start_server(emb, glob, local_socket=str(tmp_path / "cap.sock"))
+    path, instance = server.local.path, server.local.instance_id
+    try:
+        first, problem = LocalLookupChannel.attach(path, instance, None)  # each keeps its connection open
+        assert first is not None, problem
+        second, problem = LocalLookupChannel.attach(path, instance, None)
+        assert second is not None, problem
+        # A third connection gets RESOURCE_EXHAUSTED naming the key as soon as it is accepted,
+        # then the connection ends.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(path)
+            status, body = read_frame(conn, 1 << 20)
+            assert status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "2 connections at once (local_socket_max_connections)" in bytes(body).decode()
+            assert read_frame(conn, 1 << 20) is None
+        third, problem = LocalLookupChannel.attach(path, instance, None)
+        assert third is None and "local_socket_max_connections" in problem  # its client keeps gRPC
+        with RemoteEmbeddingClient(emb, [server.address]) as client:
+            assert client.replica_states()[0][0]["transport"] == "grpc"
+            assert client.lookup_rows(np.array([1, 2], np.uint64), np.zeros(2, np.uint16), 8).shape == (2, 8)
+        # Idle connections are closed after local_socket_idle_timeout_s; a channel whose pooled
+        # connection was closed so sends its next lookup on a fresh one without an error.
+        wait_until(lambda: server.local.connections == 0, 10, "idle connections to be closed")
+        assert wire.decode_lookup_response(first(request_bytes([4, 5], [0, 0]), timeout=10))[0] == 8
+        assert server.local.connections == 1
+        first.close()
+        second.close()
+    finally:
+        server.stop(grace=0)
 
 
 @pytest.mark.unit

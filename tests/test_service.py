@@ -2,13 +2,16 @@
 admin, the command line) and, for the request limits of ``global_config.yml``'s
 embedding_parameter_server_config, in this process: max_ids_per_request (``INVALID_ARGUMENT``)
 and max_request_bytes (gRPC's receive cap: ``RESOURCE_EXHAUSTED``), each refused with a message
-naming the limit, and the server answering the next good request as before."""
+naming the limit, and the server answering the next good request as before; and the memory
+bound of requests in flight (max_concurrent_rpcs) on a child process's peak resident memory."""
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
+import threading
 import urllib.request
 
 import grpc
@@ -23,17 +26,29 @@ from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError
 from embedding_server.rpc import wire
 from embedding_server.rpc.client import InProcessEmbeddingClient
+from embedding_server.rpc.guards import RateLimitedLog
 from embedding_server.rpc.launcher import ServerGroup, ctrserve_command, server_command
 from embedding_server.rpc.remote import RemoteEmbeddingClient
-from embedding_server.rpc.security import make_channel
-from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME, start_server
+from embedding_server.rpc.security import ServerSecurity, make_channel
+from embedding_server.rpc.service import (
+    CHANNEL_OPTIONS,
+    SERVICE_NAME,
+    request_memory_bound,
+    requests_in_flight,
+    start_server,
+)
 from protos.embedding import pb, pb_grpc
 
 
 @pytest.fixture(scope="module")
 def two_shards(server_configs, tmp_path_factory):
+    # Admin root: the session's temporary folder, where the tests' tmp_path dumps go.
     with ServerGroup.start(
-        *server_configs, num_shards=2, workdir=tmp_path_factory.mktemp("srv2"), metrics=True
+        *server_configs,
+        num_shards=2,
+        workdir=tmp_path_factory.mktemp("srv2"),
+        metrics=True,
+        admin_roots=[tmp_path_factory.getbasetemp()],
     ) as group:
         yield group
 
@@ -304,3 +319,120 @@ def test_server_limits_are_validated():
     for key in ("max_ids_per_request", "max_request_bytes"):
         with pytest.raises(ConfigError, match=key):
             GlobalConfig.from_dict({"embedding_parameter_server_config": {key: 0}})
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident memory) of a process, in KiB, from the kernel."""
+    with open(f"/proc/{pid}/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
+
+
+@pytest.mark.process
+def test_concurrent_max_size_lookups_beyond_max_concurrent_rpcs_are_refused_and_memory_stays_bounded(tmp_path):
+    # A server whose every answer can be 64 MB (1M ids x dim 16) taking 2 calls at once, hit by 16
+    # at once: the calls over the cap get RESOURCE_EXHAUSTED, and the server's peak resident memory
+    # stays under the documented bound (docs/operations.md, Limits): its resident memory when
+    # ready plus requests_in_flight x request_memory_bound. Without the cap all 16 are taken and
+    # their answers pile up far beyond it.
+    ids = 1_000_000
+    emb = {"slots_config": {"f": {"dim": 16}}}
+    limits = {"capacity": 1000, "max_ids_per_request": ids, "max_request_bytes": 12 << 20, "max_concurrent_rpcs": 2}
+    glob = {"common_config": {"job_type": "infer"}, "embedding_parameter_server_config": limits}
+    (tmp_path / "emb.yml").write_text(yaml.safe_dump(emb))
+    (tmp_path / "glob.yml").write_text(yaml.safe_dump(glob))
+    request = wire.encode_lookup_request(np.arange(ids, dtype=np.uint64), np.zeros(ids, np.uint16))
+    bound_kib = (
+        requests_in_flight(GlobalConfig.from_dict(glob), local_socket=False)
+        * request_memory_bound(EmbeddingConfig.from_dict(emb), GlobalConfig.from_dict(glob))
+        // 1024
+    )
+    with ServerGroup.start(
+        tmp_path / "emb.yml", tmp_path / "glob.yml", 1, tmp_path / "srv", extra_args=["--local-socket", "off"]
+    ) as group:
+        pid = group.servers[0].process.pid
+        channel = make_channel(group.addresses[0], CHANNEL_OPTIONS)
+        lookup = channel.unary_unary(f"/{SERVICE_NAME}/Lookup")
+        assert wire.decode_lookup_response(lookup(request, timeout=60))[0] == 16  # warm: first-call allocations
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the resident memory now
+        ready_kib = _memory_kib(pid)["VmRSS"]
+        codes: list[grpc.StatusCode] = []
+        start = threading.Barrier(16)
+
+        def call() -> None:
+            start.wait()
+            try:
+                lookup(request, timeout=120)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert "Concurrent RPC limit exceeded" in exc.details(), exc.details()
+
+        threads = [threading.Thread(target=call) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        peak_kib = _memory_kib(pid)["VmHWM"]
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert wire.decode_lookup_response(lookup(request, timeout=60))[0] == 16  # still serving
+        channel.close()
+    assert peak_kib - ready_kib <= bound_kib, (
+        f"peak {peak_kib >> 10} MiB is {(peak_kib - ready_kib) >> 10} MiB over the {ready_kib >> 10} MiB when ready; "
+        f"the documented bound allows {bound_kib >> 10} MiB"
+    )
+
+
+# --------------------------------------------------------------------------- requests that are not protobuf
+
+UNDECODABLE = (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x07")  # overlong varint, truncated field, wire type 7
+
+
+@pytest.mark.unit
+def test_undecodable_requests_are_invalid_argument_with_one_rate_limited_log_line(caplog):
+    caplog.set_level(logging.INFO)
+    security = ServerSecurity(allow_unauthenticated_admin=True)  # admin methods reach their decoder too
+    server = start_server(EMB_SERVER, GlobalConfig.from_dict({}), port=0, workers=2, security=security)
+    channel = grpc.insecure_channel(server.address)  # raw bytes out and in (no serializers)
+    methods = [f"/{SERVICE_NAME}/{m}" for m in pb.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name]
+    methods.append("/grpc.health.v1.Health/Check")
+    try:
+        for method in methods:
+            call = channel.unary_unary(method)
+            for payload in UNDECODABLE * 3:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(payload, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, refused.value.details())
+                assert "not a valid" in refused.value.details()
+        # A string field that is not UTF-8 does not decode either.
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(f"/{SERVICE_NAME}/Dump")(b"\x0a\x02\xff\xfe", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # Still serving, and the decoded requests still work.
+        info = pb_grpc.EmbeddingServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert info.num_shards == 1
+    finally:
+        channel.close()
+        server.stop(0)
+    # One WARNING for all of them (the next would come a minute later with the count); no traceback.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "undecodable" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert not any(r.exc_info for r in caplog.records)
+    assert not any("deserializ" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.unit
+def test_rate_limited_log_holds_back_and_counts_lines(caplog):
+    now = [100.0]
+    limited = RateLimitedLog(logging.getLogger("ctrserve.test"), "odd requests", interval=60.0, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="ctrserve.test")
+    assert limited.note("odd request %d", 1)
+    assert not any(limited.note("odd request %d", i) for i in range(2, 6))
+    now[0] += 30
+    assert not limited.note("odd request %d", 6)
+    now[0] += 31
+    assert limited.note("odd request %d", 7)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctrserve.test"]
+    assert len(lines) == 2 and limited.total == 7
+    assert lines[0].startswith("odd request 1") and "at most once per 60 s" in lines[0]
+    assert lines[1].startswith("odd request 7") and "5 more odd requests in the last 60 s were not logged" in lines[1]

@@ -31,6 +31,7 @@ from embedding_server.storage.base import (
     StorageError,
     StorageNotFoundError,
     StorageOptions,
+    UnreadableFileError,
     plain_names,
 )
 from embedding_server.storage.remote import HdfsStorage, S3Storage, parse_hdfs_url, parse_s3_url
@@ -659,3 +660,77 @@ def test_local_storage_behaviour_is_unchanged(tmp_path):
     assert st.list_dir("a") == ["b.txt"] and st.read_bytes("a/b.txt") == b"hi"
     st.delete("a")
     assert not (tmp_path / "a").exists()
+
+
+def _bounded(call, seconds: float = 5.0):
+    """``call()`` on a daemon thread: its result or exception, failing the test if it has not
+    returned within ``seconds`` (a read that blocks must not hang the test run)."""
+    box: list = []
+
+    def run():
+        try:
+            box.append(("ok", call()))
+        except BaseException as exc:  # handed back to the test
+            box.append(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert box, f"the read did not return within {seconds} s"
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+SPECIAL_FILES = {
+    "fifo": ("is a FIFO, not a regular file", lambda path, outside: os.mkfifo(path)),
+    "dev-zero": ("outside the storage root", lambda path, outside: path.symlink_to("/dev/zero")),
+    "file-outside": ("outside the storage root", lambda path, outside: path.symlink_to(outside / "secret.bin")),
+    "dir-outside": ("outside the storage root", lambda path, outside: path.symlink_to(outside)),
+    "dir-inside": ("is a directory, not a regular file", lambda path, outside: path.mkdir()),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", sorted(SPECIAL_FILES))
+def test_local_reads_refuse_special_files_and_links_leaving_the_root_at_once(tmp_path, kind):
+    """Only regular files inside the root are read: a FIFO would block the open forever, /dev/zero
+    would be read up to the size bound, and a link out of the root reads what the root does not hold."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(b"not the model's")
+    st = LocalStorage(str(tmp_path / "root"))
+    st.write_atomic("d/keep.bin", b"kept")
+    message, make = SPECIAL_FILES[kind]
+    make(tmp_path / "root" / "d" / "odd.bin", outside)
+    for read in (st.read_bytes, st.read_buffer, lambda path: st.read_bytes(path, max_bytes=1 << 30)):
+        with pytest.raises(UnreadableFileError, match=message) as caught:
+            _bounded(lambda read=read: read("d/odd.bin"))
+        assert st.join_url("d/odd.bin") in str(caught.value)
+    assert bytes(st.read_buffer("d/keep.bin")) == b"kept"  # regular files still read
+
+
+@pytest.mark.unit
+def test_local_reads_follow_links_that_stay_inside_the_root_and_children_keep_the_root_as_bound(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.bin").write_bytes(b"outside")
+    root = tmp_path / "root"
+    st = LocalStorage(str(root))
+    st.write_atomic("a/real.bin", b"inside")
+    (root / "a" / "link.bin").symlink_to(root / "a" / "real.bin")
+    (root / "elsewhere").symlink_to(outside)
+    assert st.read_bytes("a/link.bin") == b"inside"
+    child = st.child("elsewhere")  # a child storage whose root leads out of the parent's
+    with pytest.raises(UnreadableFileError, match="outside the storage root"):
+        child.read_bytes("f.bin")
+    assert LocalStorage(str(root / "elsewhere")).read_bytes("f.bin") == b"outside"  # a root of its own: fine
+
+
+@pytest.mark.unit
+def test_the_size_bound_is_checked_before_reading_and_is_an_unreadable_file_error(tmp_path):
+    st = LocalStorage(str(tmp_path))
+    st.write_atomic("big.bin", b"z" * 1000)
+    with pytest.raises(UnreadableFileError, match="1000 bytes is more than the allowed 999"):
+        st.read_buffer("big.bin", max_bytes=999)

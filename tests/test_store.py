@@ -18,7 +18,7 @@ from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import Adagrad, Adam
 from embedding_server.rpc.client import InProcessEmbeddingClient
 from embedding_server.store import kernels
-from embedding_server.store.store import EmbeddingStore, unique_keys
+from embedding_server.store.store import EmbeddingStore, TableRows, unique_keys
 
 pytestmark = pytest.mark.unit
 
@@ -283,6 +283,29 @@ def test_infer_mode_reads_zeros_and_inserts_nothing():
     out8 = store.lookup(u64(1), tab(1, C))
     np.testing.assert_array_equal(out8, np.zeros((1, 8), np.float32))
     assert counters(store) == (0, 0, 5, 0, 0)
+
+
+@pytest.mark.parametrize("count_repeats", [True, False])
+def test_train_mode_lookup_without_insert_reads_zeros_for_unseen_ids_and_changes_no_row(count_repeats):
+    """Evaluation lookups (``insert=False``): held rows as they are, unseen ids as the zeros an
+    infer-mode store answers; no row is inserted or evicted, whatever the store's fill."""
+    store = EmbeddingStore(EMB, glob(capacity=4))
+    trained = store.lookup(u64(1, 2, 3, 4), tab(4))  # full: an insert now would evict
+    rows_before = [(r.table.name, r.ids.copy(), r.weights.copy(), r.state.copy()) for r in store.rows()]
+    out = store.lookup(u64(9, 2, 10, 9, 4), tab(5), count_repeats=count_repeats, insert=False)
+    np.testing.assert_array_equal(out[[0, 2, 3]], np.zeros((3, 4), np.float32))
+    np.testing.assert_array_equal(out[[1, 4]], trained[[1, 3]])
+    np.testing.assert_array_equal(store.lookup(u64(7), tab(1, C), insert=False), np.zeros((1, 8), np.float32))
+    assert len(store) == 4 and held(store) == {1, 2, 3, 4}
+    assert store.counters()["inserts"] == 4 and store.counters()["evictions"] == 0
+    assert_same_snapshot((None, rows_before), (None, [(r.table.name, r.ids, r.weights, r.state) for r in store.rows()]))
+    infer = EmbeddingStore(EMB, glob(mode="infer"))
+    rows_a = next(r for r in store.rows() if r.table.index == A)
+    infer.put(TableRows(rows_a.table, rows_a.ids, rows_a.weights, np.zeros((4, 0), np.float32)))
+    np.testing.assert_array_equal(out, infer.lookup(u64(9, 2, 10, 9, 4), tab(5)))
+    # Training's own lookups still insert.
+    store.lookup(u64(9), tab(1))
+    assert 9 in held(store) and store.counters()["inserts"] == 5
 
 
 def test_infer_mode_refuses_gradients():

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from embedding_server.core.config import EmbeddingConfig
 from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.client import PredictionClient, PredictionError
+from handler.torchserve_keys import TorchServeKey
 from trainer.criteo import read_criteo
 from trainer.data import concat_chunks, to_batch
 
@@ -139,6 +141,46 @@ def test_rest_error_is_json_with_status(serving):
     )
     assert response.status_code == 400
     assert "undecodable request" in response.json()["message"]
+
+
+def _json_body_over_8_mib(samples: int, ids_per_list: int = 460) -> bytes:
+    """A valid JSON request of about 9.4 MB (over max_json_request_bytes' default of 8 MiB, under
+    max_request_bytes): ``samples`` samples, each feature of each sample ``ids_per_list`` 19-digit
+    ids out of 500 distinct ones (what the embedding servers then hold is small)."""
+    ids = "[" + ",".join(str(10**18 + 7919 * i) for i in range(ids_per_list)) + "]"
+    feature = "[" + ",".join([ids] * samples) + "]"
+    dense = "[" + ",".join(["[0.5,0.25,0.125,1.0,2.0]"] * samples) + "]"
+    sparse = ",".join(f'"{name}":{feature}' for name in ("C1", "C2", "C3", "H1"))
+    return f'{{"dense":{dense},"sparse":{{{sparse}}}}}'.encode()
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "application/octet-stream"])
+def test_the_json_size_limit_holds_for_every_content_type(serving, tiny_ctr, content_type):
+    # TorchServe's worker parses an application/json body before the handler sees it, so a parsed
+    # body used to skip max_json_request_bytes and be scored; the handler now gets every body as bytes.
+    body = _json_body_over_8_mib(256)  # the fixture's max_batch_size
+    assert 8 << 20 < len(body) < 64 << 20
+    response = requests.post(
+        f"{serving.ts.inference_url}/predictions/deepctr",
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=120,
+    )
+    assert response.status_code == 400, response.text[:300]
+    assert (
+        f"JSON request of {len(body)} bytes exceeds the limit of 8388608 bytes (max_json_request_bytes)"
+        in (response.json()["message"])
+    )
+    with serving.client("rest") as client:  # PredictionClient sends JSON as application/json
+        with pytest.raises(PredictionError, match="max_json_request_bytes") as err:
+            client.predict(json.loads(body))
+        assert err.value.code == 400
+        good = tiny_ctr.random_batch(np.random.default_rng(5), 3)  # the worker keeps serving
+        np.testing.assert_allclose(
+            client.predict(tiny_ctr.as_json(good)),
+            tiny_ctr.expected_scores(serving.version_dir(1), serving.lookups, good),
+            atol=TOL,
+        )
 
 
 def test_torchserve_batching_returns_each_request_its_own_result(serving, tiny_ctr):
@@ -261,6 +303,71 @@ def test_archive_register_set_default_unregister_over_rest_and_grpc(serving, tin
             with pytest.raises(ManagementError) as err:
                 mgmt.describe("no-such-model")
             assert err.value.code == 404
+
+
+def _expirations(key_file: Path) -> float:
+    """The latest expiry (epoch seconds) of the management and inference keys in TorchServe's key file."""
+    keys = json.loads(key_file.read_text())
+    stamps = [keys[kind]["expiration time"] for kind in ("management", "inference")]
+    return max(datetime.fromisoformat(s[:26].rstrip("Z") + "+00:00").timestamp() for s in stamps)
+
+
+def _renew(ts: TorchServeProcess, kind: str) -> None:
+    """What whoever runs TorchServe does before a key expires: TorchServe's token API, with the
+    API key of its key file (TorchServe writes the new key there)."""
+    api_key = json.loads((ts.workdir / "key_file.json").read_text())["API"]["key"]
+    response = requests.get(
+        f"{ts.management_url}/token", params={"type": kind}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_publish_and_predict_keep_working_past_torchserve_key_expiry(serving, tmp_path, capsys, tiny_ctr):
+    """Token authorization on, as in production, with keys that expire after 6 s instead of 60 min:
+    the publisher and the prediction clients read the key file again when TorchServe refuses an
+    expired key; the management client renews it itself through the token API."""
+    root, store = tmp_path / "model_root", tmp_path / "store"
+    store.mkdir()
+    tiny_ctr.export_version(root, 1, seed=1)
+    (tmp_path / "serving.yml").write_text(json.dumps({"embedding_servers": serving.group.addresses}))
+    # token_expiration_min is read as a number of minutes, fractions included: 0.1 is 6 s.
+    properties = {"disable_token_authorization": "false", "token_expiration_min": "0.1"}
+    settings = PublishSettings(str(root), str(store), serving_config=str(tmp_path / "serving.yml"), drain_s=0)
+    batch = tiny_ctr.random_batch(np.random.default_rng(17), 6)
+    with TorchServeProcess.start(store, tmp_path / "torchserve", properties=properties) as ts:
+        key_file = ts.workdir / "key_file.json"
+        inference = TorchServeKey("inference", key_file=key_file)
+        with (
+            ManagementClient(ts.management_url, token=TorchServeKey("management", key_file=key_file)) as mgmt,
+            PredictionClient(ts.inference_url, token=inference) as rest,
+            PredictionClient(ts.grpc_inference_url, token=inference) as grpc_client,
+        ):
+            publisher = Publisher(mgmt, settings)  # one long-lived client, as `ctrserve publish --watch`
+            assert publisher.poll_once() == 1
+            _renew(ts, "inference")
+            for client in (rest, grpc_client):
+                assert client.predict_full(batch).model_version == 1
+            expired = json.loads(key_file.read_text())
+            # The one bare wait of this test: until every key handed out so far has expired.
+            time.sleep(max(0.0, _expirations(key_file) - time.time()) + 0.5)
+            with PredictionClient(ts.inference_url, token=expired["inference"]["key"]) as stale:
+                with pytest.raises(PredictionError, match="Token Authorization failed"):
+                    stale.predict(batch)  # TorchServe refuses it now; a fixed key cannot be read again
+            # The command line renews the expired management key (TorchServe rewrites the file) ...
+            listed = json.loads(
+                ctrserve(capsys, "list", "deepctr", "--management", ts.management_url, "--key-file", str(key_file))
+            )
+            assert [v["modelVersion"] for v in listed] == ["1"]
+            assert json.loads(key_file.read_text())["management"]["key"] != expired["management"]["key"]
+            # ... which the publisher, still holding the expired one, reads again.
+            tiny_ctr.export_version(root, 2, seed=2)
+            assert publisher.poll_once() == 2
+            _renew(ts, "inference")  # the clients hold the expired inference key: refused, read again
+            expected = tiny_ctr.expected_scores(root / "dense" / "v00000002", serving.lookups, batch)
+            for client in (rest, grpc_client):
+                result = client.predict_full(batch)
+                assert result.model_version == 2
+                np.testing.assert_allclose(result.scores, expected, atol=TOL)
 
 
 def ctrserve(capsys, *args: str) -> str:

@@ -29,6 +29,8 @@ from embedding_server.core.config import EmbeddingConfig, GlobalConfig, JobType
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.optimizers import SparseOptimizer
 from embedding_server.rpc.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
+from embedding_server.storage.base import LocalStorage, Storage
+from embedding_server.storage.urls import open_storage
 from trainer.batch import PyPersiaBatchData
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,10 @@ class TrainCtx:
         global_config: capacity and initialisation of the in-process store (default settings
             when omitted); ignored with ``embedding_servers``.
         embedding_servers: ``host:port`` of remote shards in order; ``None`` keeps the sparse
-            tables in this process (``num_shards`` stores).
+            tables in this process (``num_shards`` stores). Training pushes gradients, sets the
+            optimizer and dumps/loads checkpoints: admin calls, so the servers' admin token comes
+            from ``CTRSERVE_EMBEDDING_ADMIN_TOKEN`` or ``CTRSERVE_EMBEDDING_ADMIN_TOKEN_FILE`` when
+            they have one (docs/security.md).
         num_shards: in-process shards (answers do not depend on it).
         device_id: CUDA device index; ``None`` picks ``LOCAL_RANK`` (or 0) when CUDA is present,
             else the CPU.
@@ -101,8 +106,9 @@ class TrainCtx:
     def _make_client(self, global_config, servers: Sequence[str] | None, num_shards: int) -> EmbeddingClient:
         if servers is not None:
             from embedding_server.rpc.remote import RemoteEmbeddingClient
+            from embedding_server.rpc.security import environment_client_security
 
-            return RemoteEmbeddingClient(self.config, list(servers))
+            return RemoteEmbeddingClient(self.config, list(servers), security=environment_client_security(admin=True))
         if global_config is None:
             global_config = GlobalConfig.from_dict({})
         elif not isinstance(global_config, GlobalConfig):
@@ -135,8 +141,13 @@ class TrainCtx:
 
     # ------------------------------------------------------------------ training
 
-    def prepare(self, batch: PyPersiaBatchData, requires_grad: bool) -> tuple[Tensor, list[Tensor], LookupResult]:
+    def prepare(
+        self, batch: PyPersiaBatchData, requires_grad: bool, insert: bool = True
+    ) -> tuple[Tensor, list[Tensor], LookupResult]:
         """Dense matrix and sparse inputs of ``batch`` on the training device.
+
+        ``insert=False`` looks the ids up without inserting unseen ones (they read as zeros, as
+        on an inference server); see :meth:`EmbeddingClient.lookup`.
 
         Raises:
             InvalidRequestError: an unknown feature, or a feature of the model missing from the batch.
@@ -146,7 +157,9 @@ class TrainCtx:
         missing = [name for name in self.features if name not in by_name]
         if missing:
             raise InvalidRequestError(f"the batch lacks sparse features the model takes: {missing}")
-        result = self.client.lookup([by_name[name] for name in self.features], requires_grad=requires_grad)
+        result = self.client.lookup(
+            [by_name[name] for name in self.features], requires_grad=requires_grad, insert=insert
+        )
         sparse = [_as_tensor(result.embeddings[name]).to(self.device, non_blocking=True) for name in self.features]
         dense = torch.from_numpy(batch.dense_matrix()).to(self.device, non_blocking=True)
         return dense, sparse, result
@@ -187,21 +200,36 @@ class TrainCtx:
 
     @torch.inference_mode()
     def predict(self, batch: PyPersiaBatchData) -> Tensor:
-        """Model output for ``batch`` without training (rows are still inserted for unseen ids)."""
+        """Model output for ``batch`` without training, as serving computes it.
+
+        Nothing changes in the embedding tables: ids the tables do not hold read as zeros and
+        are not inserted, which is what an inference server answers for them. Evaluation on
+        held-out data therefore neither adds rows that would be checkpointed, exported and
+        served, nor scores differently from the served model.
+        """
         self.model.eval()
-        dense, sparse, _ = self.prepare(batch, requires_grad=False)
+        dense, sparse, _ = self.prepare(batch, requires_grad=False, insert=False)
         return self.model(dense, sparse).float().cpu()
 
     # ------------------------------------------------------------------ checkpoints
 
-    def dump_checkpoint(self, directory: str | Path) -> None:
+    def dump_checkpoint(self, directory: str | os.PathLike[str]) -> None:
         """Save the dense model, the dense optimizer and every sparse table with its optimizer
         state under ``directory`` (overwriting an earlier checkpoint there). Data-parallel: rank 0
-        writes; every rank waits for it."""
-        directory = Path(directory)
+        writes; every rank waits for it.
+
+        ``directory`` is a local path or a storage URL, as a model root is (``file://``,
+        ``s3://bucket/prefix``, ``hdfs://host:port/path``; connection settings from the
+        environment, see :mod:`embedding_server.storage.base`). Every part goes through the
+        storage layer: the sparse tables to ``<directory>/sparse/`` (manifest last), then the
+        dense state as ``<directory>/dense.pt``, published atomically.
+
+        Raises:
+            StorageError: an unsupported scheme, an unreachable storage, or a failed write.
+        """
         if self.rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            self.client.dump(str(directory / SPARSE_DIR))
+            storage = open_storage(directory)
+            self.client.dump(_sparse_location(storage))
             state = {
                 "model": self.model.state_dict(),
                 "optimizer": self.dense_optimizer.state_dict(),
@@ -211,22 +239,28 @@ class TrainCtx:
                 state["scaler"] = self.scaler.state_dict()
             buffer = io.BytesIO()
             torch.save(state, buffer)
-            tmp = directory / f".{DENSE_STATE_FILE}.tmp"
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, directory / DENSE_STATE_FILE)
+            storage.write_atomic(DENSE_STATE_FILE, buffer.getvalue())
         self._barrier()
 
-    def load_checkpoint(self, directory: str | Path) -> None:
-        """Restore what :meth:`dump_checkpoint` saved (sparse tables into any shard count)."""
-        directory = Path(directory)
-        state = torch.load(directory / DENSE_STATE_FILE, map_location=self.device, weights_only=True)
+    def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
+        """Restore what :meth:`dump_checkpoint` saved (sparse tables into any shard count);
+        ``directory`` is a path or storage URL as there.
+
+        Raises:
+            StorageNotFoundError: no checkpoint at ``directory`` (no ``dense.pt``).
+            StorageError: an unsupported scheme or an unreadable storage.
+            InvalidRequestError: the sparse part is missing, incomplete or does not fit the tables.
+        """
+        storage = open_storage(directory)
+        data = storage.read_bytes(DENSE_STATE_FILE)
+        state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.dense_optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.mixed_precision:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         if self.rank == 0:
-            self.client.load(str(directory / SPARSE_DIR))
+            self.client.load(_sparse_location(storage))
         self._barrier()
 
     def _barrier(self) -> None:
@@ -234,6 +268,15 @@ class TrainCtx:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _sparse_location(storage: Storage) -> str:
+    """Where the sparse tables of the checkpoint in ``storage`` go: a URL below it (an absolute
+    path for a local one, so that remote embedding servers with another working directory
+    write to the same place)."""
+    if isinstance(storage, LocalStorage):
+        return str(storage.root / SPARSE_DIR)
+    return storage.join_url(SPARSE_DIR)
 
 
 def _as_tensor(embedding: Tensor | RawEmbedding) -> Tensor:

@@ -21,7 +21,7 @@ from embedding_server.core.model_spec import (
     MODEL_FILE,
     SPEC_FILE,
     DenseModelSpec,
-    parse_version_dir,
+    list_versions,
     version_dir,
 )
 from embedding_server.storage.urls import open_storage
@@ -32,8 +32,7 @@ def latest_version(model_root: str) -> int:
     storage = open_storage(model_root)
     if not storage.exists(DENSE_DIR):
         return 0
-    versions = [parse_version_dir(name) for name in storage.list_dir(DENSE_DIR)]
-    complete = [v for v in versions if v is not None and storage.exists(f"{version_dir(v)}/{SPEC_FILE}")]
+    complete = [v for v in list_versions(storage) if storage.exists(f"{version_dir(v)}/{SPEC_FILE}")]
     return max(complete, default=0)
 
 

@@ -36,6 +36,7 @@ from embedding_server.core.config_schema import build, option, read_yaml
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.optimizers import SparseOptimizer, optimizer_from_dict
 from embedding_server.modelroot.incremental import publish_checkpoint, watermark_of
+from embedding_server.storage.kinds import StorageKind
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
 from trainer.export import export_dense
@@ -142,8 +143,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = option("runs/job", doc="metrics.jsonl, curves.png and checkpoints go here (relative to job.yml)")
-    model_root: str = option("", doc="export TorchScript versions here (a path or storage URL; empty = no export)")
+    dir: str = option(
+        "runs/job",
+        doc="a local folder for metrics.jsonl, curves.png and (by default) the checkpoint (relative to job.yml)",
+    )
+    model_root: str = option(
+        "", doc="export TorchScript versions here (a path, file://, s3:// or hdfs:// URL; empty = no export)"
+    )
+    checkpoint: str = option(
+        "", doc="the training checkpoint (a path, file://, s3:// or hdfs:// URL; empty = output.dir/checkpoint)"
+    )
     export_every: int = option(0, doc="export every N steps (0 = only at the end)")
     checkpoint_every: int = option(0, doc="checkpoint every N steps (0 = only at the end)")
     sparse_checkpoint_every: int = option(
@@ -159,6 +168,13 @@ class OutputConfig:
             raise ValueError("export_every, checkpoint_every and sparse_checkpoint_every must be >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if "://" in self.dir:
+            raise ValueError(
+                f"dir must be a local folder (metrics.jsonl and curves.png are local files), got {self.dir!r}; "
+                "put the checkpoint on storage with output.checkpoint"
+            )
+        for key in ("model_root", "checkpoint"):
+            _check_location(key, getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,9 @@ class JobConfig:
         default_factory=list, doc="host:port of remote shards in order; empty = in-process tables"
     )
     num_shards: int = option(1, doc="in-process shards")
-    resume_from: str = option("", doc="a checkpoint directory to start from")
+    resume_from: str = option(
+        "", doc="a checkpoint to start from (a path, file://, s3:// or hdfs:// URL, as output.checkpoint)"
+    )
     data: DataConfig = option(default_factory=DataConfig, doc="training and evaluation data")
     model: ModelConfig = option(default_factory=ModelConfig, doc="the dense model")
     dense_optimizer: DenseOptimizerConfig = option(
@@ -183,6 +201,9 @@ class JobConfig:
     )
     train: TrainConfig = option(default_factory=TrainConfig, doc="the training loop")
     output: OutputConfig = option(default_factory=OutputConfig, doc="where results go")
+
+    def __post_init__(self) -> None:
+        _check_location("resume_from", self.resume_from)
 
     @classmethod
     def load(cls, path: str | Path) -> JobConfig:
@@ -201,6 +222,18 @@ class JobConfig:
         return optimizer_from_dict(self.sparse_optimizer, "job.yml", "sparse_optimizer")
 
 
+def _check_location(key: str, location: str) -> None:
+    """Refuse a checkpoint or model-root location whose URL scheme no storage reads.
+
+    Raises:
+        ValueError: ``location`` is a URL of another scheme than file://, s3:// or hdfs://.
+    """
+    if location and StorageKind.of_url(location) is None:
+        raise ValueError(
+            f"{key}: {location!r} has a scheme no storage supports; use a local path, file://, s3:// or hdfs://"
+        )
+
+
 def _with_paths(job: JobConfig, base: Path) -> JobConfig:
     def resolve(p: str) -> str:
         return p if not p or "://" in p or os.path.isabs(p) else str(base / p)
@@ -210,7 +243,12 @@ def _with_paths(job: JobConfig, base: Path) -> JobConfig:
         train_paths=[resolve(p) for p in job.data.train_paths],
         eval_paths=[resolve(p) for p in job.data.eval_paths],
     )
-    output = dataclasses.replace(job.output, dir=resolve(job.output.dir), model_root=resolve(job.output.model_root))
+    output = dataclasses.replace(
+        job.output,
+        dir=resolve(job.output.dir),
+        model_root=resolve(job.output.model_root),
+        checkpoint=resolve(job.output.checkpoint),
+    )
     return dataclasses.replace(
         job,
         embedding_config=resolve(job.embedding_config),
@@ -319,6 +357,11 @@ def run_job(job: JobConfig, progress: bool = True) -> JobResult:
         return _loop(ctx, job, train_data, eval_data, dense_width, out_dir, rank, progress)
 
 
+def checkpoint_location(job: JobConfig) -> str:
+    """Where the job's training checkpoint goes: ``output.checkpoint``, else ``<dir>/checkpoint``."""
+    return job.output.checkpoint or str(Path(job.output.dir) / "checkpoint")
+
+
 def _loop(
     ctx: TrainCtx,
     job: JobConfig,
@@ -330,6 +373,7 @@ def _loop(
     progress: bool,
 ) -> JobResult:
     metrics = _MetricsWriter(out_dir / "metrics.jsonl" if rank == 0 else None)
+    checkpoint = checkpoint_location(job)
     versions: list[int] = []
     start, samples, losses = time.perf_counter(), 0, []
     last_eval = {"auc": float("nan"), "loss": float("nan")}
@@ -368,7 +412,7 @@ def _loop(
             if job.output.model_root and job.output.export_every and step % job.output.export_every == 0 and rank == 0:
                 versions.append(_publish(ctx, job, dense_width, first=not versions))
             if job.output.checkpoint_every and step % job.output.checkpoint_every == 0:
-                ctx.dump_checkpoint(out_dir / "checkpoint")
+                ctx.dump_checkpoint(checkpoint)
             bar.update(1)
             if STOP.is_set() or (job.train.max_seconds and time.perf_counter() - start >= job.train.max_seconds):
                 log.info("stopping after step %d (%s)", step, "signal" if STOP.is_set() else "max_seconds")
@@ -376,7 +420,7 @@ def _loop(
     finally:
         bar.close()
         _close(batches)
-    ctx.dump_checkpoint(out_dir / "checkpoint")
+    ctx.dump_checkpoint(checkpoint)
     if (
         job.output.model_root
         and rank == 0
@@ -391,7 +435,7 @@ def _loop(
         last_eval["auc"],
         last_eval["loss"],
         versions,
-        str(out_dir / "checkpoint"),
+        checkpoint,
     )
     metrics.write(final=True, **result.__dict__)
     metrics.close()
@@ -422,7 +466,9 @@ def _publish(ctx: TrainCtx, job: JobConfig, dense_width: int, first: bool, last:
 
 
 def evaluate(ctx: TrainCtx, batches: list[PyPersiaBatchData]) -> dict[str, float]:
-    """AUC and log loss over held-out batches."""
+    """AUC and log loss over held-out batches, scored as serving scores them: the lookups insert
+    nothing (:meth:`TrainCtx.predict`), so ids never trained read as zeros and never become
+    rows that are checkpointed, exported and served."""
     labels, scores = [], []
     for batch in batches:
         scores.append(ctx.predict(batch).numpy()[:, 0])

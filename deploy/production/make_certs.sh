@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Make a private CA, a server certificate for the embedding servers, a client certificate for
-# trainers and TorchServe handlers (mutual TLS), and a random shared token.
+# trainers and TorchServe handlers (mutual TLS), a random read token and a random admin token.
 #
 #   deploy/production/make_certs.sh OUT_DIR [SERVER_NAME ...]
 #
 # SERVER_NAMEs go into the server certificate's subjectAltName: DNS names, or IP addresses
 # (written as IP:10.0.0.5). Default: localhost and 127.0.0.1. Clients must connect by one of
-# them (or set tls_server_name). Files written to OUT_DIR (private keys and the token mode 600):
+# them (or set tls_server_name). Files written to OUT_DIR (private keys and the tokens mode 600):
 #   ca.pem ca.key            the CA (keep ca.key offline; ca.pem goes to every server and client)
 #   server.pem server.key    for the embedding servers (security.tls_cert_file / tls_key_file)
 #   client.pem client.key    for trainers and handlers (serving.yml embedding_tls_cert_file / _key_file)
-#   token                    the shared token (security.token_file; serving.yml embedding_token_file)
+#   token                    the read token: Lookup, Info, Stats (security.token_file; serving.yml
+#                            embedding_token_file): for TorchServe's workers
+#   admin_token              the admin token: Dump, Load, SetOptimizer, PushGradients too
+#                            (security.admin_token_file; CTRSERVE_EMBEDDING_ADMIN_TOKEN_FILE of trainers
+#                            and of `ctrserve embedding-admin dump|load`): never give it to workers
 # Certificates are valid for DAYS days (environment, default 365). Needs openssl >= 1.1.1.
 set -euo pipefail
 
@@ -53,7 +57,8 @@ sign client "ctrserve client" "extendedKeyUsage=clientAuth
 keyUsage=critical,digitalSignature"
 rm -f "$out/ca.srl"
 
-# The shared token: 32 random bytes, hex.
+# The read and the admin token: 32 random bytes each, hex (never the same).
 openssl rand -hex 32 > "$out/token"
+openssl rand -hex 32 > "$out/admin_token"
 chmod 644 "$out/ca.pem" "$out/server.pem" "$out/client.pem"
-echo "wrote $out: ca.pem server.pem server.key client.pem client.key token (server names: ${names[*]})"
+echo "wrote $out: ca.pem server.pem server.key client.pem client.key token admin_token (server names: ${names[*]})"

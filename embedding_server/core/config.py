@@ -271,6 +271,17 @@ class ParameterServerConfig:
     max_request_bytes: int = option(
         512 << 20, doc="largest gRPC message a server accepts, in bytes (larger: RESOURCE_EXHAUSTED before it is read)"
     )
+    max_concurrent_rpcs: int = option(
+        32,
+        doc="gRPC calls a server holds at once, queued ones included; more are refused with RESOURCE_EXHAUSTED "
+        "(bounds memory: docs/operations.md, Limits)",
+    )
+    local_socket_max_connections: int = option(
+        64, doc="connections the local lookup socket serves at once; more are refused (clients use gRPC)"
+    )
+    local_socket_idle_timeout_s: float = option(
+        300.0, doc="seconds a local lookup connection may wait for its next request before the server closes it"
+    )
     weight_bound: float = option(
         0.0, doc="clip every weight to [-weight_bound, weight_bound] after an update (0 = off)"
     )
@@ -288,9 +299,18 @@ class ParameterServerConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("capacity", "max_ids_per_request", "max_request_bytes", "incremental_buffer_size"):
+        for name in (
+            "capacity",
+            "max_ids_per_request",
+            "max_request_bytes",
+            "incremental_buffer_size",
+            "max_concurrent_rpcs",
+            "local_socket_max_connections",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.local_socket_idle_timeout_s < float("inf"):
+            raise ValueError(f"local_socket_idle_timeout_s must be > 0 seconds, got {self.local_socket_idle_timeout_s}")
         if self.weight_bound < 0:
             raise ValueError(f"weight_bound must be >= 0, got {self.weight_bound}")
         if self.incremental_flush_interval <= 0:
@@ -342,18 +362,41 @@ class InitializationConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    """TLS and the shared token of the embedding servers' gRPC service (see
-    :mod:`embedding_server.rpc.security`); all empty means plain text without a token."""
+    """TLS, the read and admin tokens, and the admin roots of the embedding servers' gRPC service
+    (see :mod:`embedding_server.rpc.security`); all empty means plain text, reads without a token
+    and admin calls (Dump, Load, SetOptimizer, PushGradients) refused."""
 
     tls_cert_file: str = option("", doc="PEM certificate the server presents; enables TLS (with tls_key_file)")
     tls_key_file: str = option("", doc="PEM private key of tls_cert_file")
     tls_client_ca_file: str = option("", doc="PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
     token_file: str = option(
-        "", doc="file holding the shared token callers must send as 'authorization: Bearer <token>'"
+        "",
+        doc="file holding the read token callers must send as 'authorization: Bearer <token>' for Lookup, Info and "
+        "Stats (what TorchServe workers hold; it allows no admin call)",
     )
     token_env: str = option(
         "CTRSERVE_EMBEDDING_TOKEN",
-        doc="environment variable holding the token when token_file is empty (unset: no token)",
+        doc="environment variable holding the read token when token_file is empty (unset: reads need no token)",
+    )
+    admin_token_file: str = option(
+        "",
+        doc="file holding the admin token: needed for Dump, Load, SetOptimizer and PushGradients (trainers, "
+        "operators); it allows reads too and must differ from the read token",
+    )
+    admin_token_env: str = option(
+        "CTRSERVE_EMBEDDING_ADMIN_TOKEN",
+        doc="environment variable holding the admin token when admin_token_file is empty",
+    )
+    allow_unauthenticated_admin: bool = option(
+        False,
+        doc="without an admin token, serve admin calls to every caller (that passes the read token check); only "
+        "for servers bound to loopback on a machine whose users are trusted (ctrserve embedding-server "
+        "--allow-unauthenticated-admin); without it and without an admin token, admin calls are refused",
+    )
+    admin_roots: tuple[str, ...] = option(
+        (),
+        doc="directories (canonicalised, symlinks resolved) and s3:// or hdfs:// URL prefixes that Dump may write "
+        "and Load may read; empty: Dump and Load are refused (--admin-root)",
     )
 
     def __post_init__(self) -> None:

@@ -12,6 +12,10 @@ Model root layout for dense versions::
     <model root>/dense/v00000042/model.json   this spec; written last, so its presence marks
                                               the version complete
 
+Readers of ``dense/`` (:func:`list_versions`: the archiver's publisher, the next export number)
+accept only folder names :func:`version_dir` makes (``v`` and ASCII digits); any other name is
+ignored with one WARNING per name.
+
 Example:
     >>> spec = DenseModelSpec(version=3, step=1200, dense_width=13,
     ...                       features=[FeatureSpec("C1", 16)])
@@ -22,17 +26,23 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError
+from embedding_server.core.names import ascii_pattern, entry_url, warn_odd_name
+from embedding_server.storage.base import Storage
 
 SPEC_FORMAT_VERSION = 1
 DENSE_DIR = "dense"
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
+_VERSION_NAME = ascii_pattern(r"v[0-9]{8}")
+
+log = logging.getLogger("ctrserve.embedding_server.core.model_spec")
 
 
 def version_dir(version: int) -> str:
@@ -41,10 +51,27 @@ def version_dir(version: int) -> str:
 
 
 def parse_version_dir(name: str) -> int | None:
-    """The version of a ``v00000042`` directory name, or None for any other name."""
-    if len(name) == 9 and name[0] == "v" and name[1:].isdigit():
-        return int(name[1:])
-    return None
+    """The version of a ``v00000042`` directory name (exactly ``v`` and 8 ASCII digits, as
+    :func:`version_dir` makes them), or None for any other name."""
+    return int(name[1:]) if _VERSION_NAME.fullmatch(name) else None
+
+
+def list_versions(storage: Storage, logger: logging.Logger | None = None) -> list[int]:
+    """Versions of the ``dense/vNNNNNNNN`` folders under a model root, ascending (complete or
+    not); other names are ignored, with one WARNING per name on ``logger`` (the reader's; default
+    this module's; see :mod:`~embedding_server.core.names`).
+
+    Raises:
+        StorageError: the listing failed.
+    """
+    versions = []
+    for name in storage.list_dir(DENSE_DIR):
+        version = parse_version_dir(name)
+        if version is None:
+            warn_odd_name(logger or log, entry_url(storage.url, DENSE_DIR, name), "dense version folder vNNNNNNNN")
+        else:
+            versions.append(version)
+    return sorted(versions)
 
 
 @dataclass(frozen=True)

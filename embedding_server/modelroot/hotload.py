@@ -17,17 +17,47 @@ thread: local roots through inotify (the ``watchdog`` package) plus a slow safet
 What happens on each irregularity (the server keeps serving through all of them):
 
 * duplicates (a packet at or below the shard's watermark) are ignored;
+* a packet file that appears at or below the watermark (one not in the folder's previous
+  listing) carrying another trainer run id than the packet this follower applied at that seq
+  (a trainer that numbered its packets again from a lower seq): not applied, but one WARNING per
+  file, the ``ctrserve_embedding_foreign_run_packets`` counter and ``foreign_runs`` in
+  :meth:`stats`;
+* names in the listings that are not exactly what the writers make (``[0-9]{20}.arrow``,
+  ``shard-SSSSS-of-NNNNN``, 20-digit checkpoint folders, ASCII digits only) are ignored, one
+  WARNING per name;
 * a gap (the next seq missing while a later one exists) is waited for; after ``gap_timeout_s``
   a WARNING names the missing seq and the ``ctrserve_embedding_packet_gap_alarm`` gauge goes to
   1. Nothing is ever applied out of order. If a newer checkpoint includes the missing packet
   (retention removed it), that shard catches up from the checkpoint's files instead;
 * a missing model root or packet folder is waited for (logged once);
-* a corrupt, truncated, foreign or misplaced packet (or one the store refuses) is quarantined:
-  one ERROR line, the ``..._packets_quarantined`` counter, an entry in :meth:`stats`; it counts
-  as consumed, so later packets still apply. The file is left where it is (a serving host may
-  only have read access);
+* an unreadable packet (incomplete: written in place or copied in parts by an outside tool, or
+  listed by S3 before its content can be read; corrupt, truncated, foreign or misplaced; one the
+  store refuses; not a regular file: a FIFO, a device, a directory; a symbolic link leading out
+  of the model root; larger than ``max_packet_bytes``; a read not done within
+  ``read_timeout_s``) is never skipped silently. It is retried with backoff (0.1 s doubling, at
+  most 5 s apart, and at once when its size or modification time changes) for
+  ``unreadable_retry_s`` seconds (one WARNING line when it first fails); later packets of its
+  training shard wait. Still unreadable after that, it is declared bad: one ERROR line, the
+  ``..._packets_quarantined`` counter, an entry in :meth:`stats`, and the shard is *held* at that
+  sequence number with the gap alarm up. It stays held (the packet is still retried every 60 s
+  and whenever it changes) until a newer checkpoint includes it, from which the shard catches
+  up as for a packet retention removed, or an operator skips it (:meth:`skip_packet`, the
+  ``SkipPacket`` RPC, ``ctrserve embedding-admin skip-packet``; a missing packet a gap waits on
+  can be skipped the same way). Skipped sequence numbers are listed per training shard in
+  :meth:`stats` (and from there in every handler response) until a newer checkpoint that
+  includes them is caught up from; they are not remembered across restarts (a restarted server
+  holds at the same packet again). The file is left where it is (a serving host may only have
+  read access). So replicas at the same watermark serve the same values, or say which packets
+  they skipped;
+* a follower that cannot make progress shows it: :meth:`stall_reason` (``stalled`` in
+  :meth:`stats`, the ``ctrserve_embedding_hotload_stalled`` gauge, and the server's health
+  service ``ctrserve.embedding.v1.Hotload``, which goes ``NOT_SERVING``) once packets are
+  pending and none has been applied for ``stall_timeout_s``, or one pass over the model root has
+  run that long; ``seconds_since_last_apply`` and ``packets_pending`` are in :meth:`stats` and
+  the metrics too;
 * a newer checkpoint of the same training shard count is not loaded (the packets carry the same
-  values, fresher); it is used only to catch up a shard whose needed packets are gone. A newer
+  values, fresher); it is used only to catch up a shard whose needed packet is gone or held
+  unreadable, or that skipped a packet it includes (see above). A newer
   checkpoint of another training shard count (the trainer was resharded) is switched to: its
   rows are applied in one atomic update and its packet folders followed from its watermark;
 * packet folders of a shard count other than the checkpoint's are ignored (WARNING once);
@@ -60,6 +90,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,12 +110,20 @@ from embedding_server.modelroot.packets import (
     Packet,
     PacketError,
     decode_packet,
+    list_checkpoints,
+    list_packets,
+    list_shard_dirs,
     packet_dir,
     packet_name,
-    parse_packet_name,
-    parse_shard_dir,
+    read_packet_origin,
 )
-from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageNotFoundError
+from embedding_server.storage.base import (
+    LocalStorage,
+    Storage,
+    StorageError,
+    StorageNotFoundError,
+    UnreadableFileError,
+)
 from embedding_server.storage.urls import open_storage
 from embedding_server.store.cpus import format_cpu_list, pin_this_thread, usable_cpus
 from embedding_server.store.store import EmbeddingStore, TableRows
@@ -94,9 +133,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ctrserve.embedding_server.modelroot.hotload")
 
-_CHECKPOINT_DIGITS = 20
+_MAX_RUN_RANGES = 256  # per stream: which run's packets were applied at which seqs
 _RECENT_DELAYS = 2048  # freshness samples kept for the p50/p99 in stats
 _RECENT_QUARANTINED = 20
+_RETRY_FIRST_S = 0.1  # an unreadable packet is read again after this, then twice as long each time ...
+_RETRY_MAX_S = 5.0  # ... up to this, until unreadable_retry_s is over
+_HELD_RETRY_S = 60.0  # a packet declared bad is still read again this often (and whenever it changes)
+_MAX_SKIPPED = 100  # skipped seqs kept per training shard (the most recent)
+SKIP_WAIT_S = 30.0  # skip_packet waits this long for the follower thread to take the request
 _FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
 
@@ -114,7 +158,15 @@ class FollowOptions:
         rescan_interval_s: seconds between safety rescans of a local root watched by inotify.
         gap_timeout_s: seconds a missing packet is waited for before the gap alarm goes off
             (the follower keeps waiting after that).
-        max_packet_bytes: larger packet files are quarantined unread.
+        max_packet_bytes: larger packet files are refused unread (the size the storage reports is
+            checked before reading), as unreadable packets (see ``unreadable_retry_s``).
+        unreadable_retry_s: seconds an unreadable packet is retried with backoff before it is
+            declared bad; its training shard is then held at it, with the gap alarm up, until a
+            newer checkpoint includes it or an operator skips it (see the module docstring).
+        read_timeout_s: one read of a packet file that takes longer counts as unreadable (the
+            read goes on in a thread of its own; no other read starts until it ends).
+        stall_timeout_s: packets pending and none applied for this long, or one pass over the
+            model root running this long, make the follower *stalled* (:meth:`ModelRootFollower.stall_reason`).
         use_inotify: watch local roots with inotify (else poll them like remote ones).
         apply_niceness: once synced (serving), the follower thread runs this many nice levels
             below the process (0 to 19; Linux schedules threads on their own), so that packet
@@ -134,12 +186,23 @@ class FollowOptions:
     rescan_interval_s: float = 10.0
     gap_timeout_s: float = 30.0
     max_packet_bytes: int = 2**31
+    unreadable_retry_s: float = 60.0
+    read_timeout_s: float = 60.0
+    stall_timeout_s: float = 120.0
     use_inotify: bool = True
     apply_niceness: int = 10
     apply_cpus: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval_s", "rescan_interval_s", "gap_timeout_s", "max_packet_bytes"):
+        for name in (
+            "poll_interval_s",
+            "rescan_interval_s",
+            "gap_timeout_s",
+            "max_packet_bytes",
+            "unreadable_retry_s",
+            "read_timeout_s",
+            "stall_timeout_s",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -169,6 +232,27 @@ class _Stream:
     waiting_for: int | None = None
     gap_since: float | None = None  # time.monotonic() when the gap was first seen
     alarmed: bool = False
+    unreadable: _Unreadable | None = None  # the next packet, while it cannot be read
+    skipped: list[int] = field(default_factory=list)  # seqs an operator skipped (the most recent)
+    pending_since: float | None = None  # time.monotonic() since packets above the watermark are listed
+    advanced_at: float = field(default_factory=time.monotonic)  # when the watermark last moved
+    listed: set[int] | None = None  # the seqs of the folder's previous listing (None: not listed yet)
+    runs: list[list] = field(default_factory=list)  # [first seq, last seq, run id] of applied packets
+
+    def applied_run(self, seq: int) -> str | None:
+        """The run id of the packet applied at ``seq`` (None: none was applied there by this
+        follower, e.g. the seq came with a checkpoint)."""
+        for first, last, run_id in reversed(self.runs):
+            if first <= seq <= last:
+                return run_id
+        return None
+
+    def record_run(self, seq: int, run_id: str) -> None:
+        if self.runs and self.runs[-1][2] == run_id and self.runs[-1][1] == seq - 1:
+            self.runs[-1][1] = seq
+        else:
+            self.runs.append([seq, seq, run_id])
+            del self.runs[:-_MAX_RUN_RANGES]
 
     @property
     def folder(self) -> str:
@@ -177,6 +261,20 @@ class _Stream:
     @property
     def label(self) -> str:
         return f"training shard {self.shard}/{self.num_shards}"
+
+
+@dataclass
+class _Unreadable:
+    """A stream's next packet while it cannot be read (see the module docstring)."""
+
+    seq: int
+    where: str
+    since: float  # time.monotonic() of the first failed read
+    attempts: int = 0
+    reason: str = ""
+    next_try: float = 0.0
+    stamp: tuple[int, float | None] | None = None  # (size, mtime) when it last failed
+    held: bool = False  # declared bad: retried for unreadable_retry_s in vain
 
 
 @dataclass(frozen=True)
@@ -203,9 +301,12 @@ class _Counters:
     packets_applied: int = 0
     rows_applied: int = 0
     packets_quarantined: int = 0
+    packets_skipped: int = 0
     rows_evicted: int = 0
+    foreign_run_packets: int = 0
     delays: deque = field(default_factory=lambda: deque(maxlen=_RECENT_DELAYS))
     quarantined: deque = field(default_factory=lambda: deque(maxlen=_RECENT_QUARANTINED))
+    foreign_runs: deque = field(default_factory=lambda: deque(maxlen=_RECENT_QUARANTINED))
 
 
 class ModelRootFollower:
@@ -257,6 +358,10 @@ class ModelRootFollower:
         self._huge_pages: threading.Thread | None = None  # see _move_to_huge_pages
         self._readahead: ThreadPoolExecutor | None = None  # reads the next packet during the initial replay
         self._observer: BaseObserver | None = None
+        self._reader = _BoundedReader()  # packet reads, bounded in time (read_timeout_s)
+        self._requests: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the follower thread
+        self._last_apply = time.monotonic()  # of the last packet applied (or the start)
+        self._pass_started: float | None = None  # time.monotonic() of the pass in progress, once synced
         labels = dict(labels or {})
         self._freshness = None
         if registry is not None:
@@ -317,6 +422,7 @@ class ModelRootFollower:
             if thread is not None:
                 thread.join(timeout)
         self._stop_observer()
+        self._reader.close()
 
     def __enter__(self) -> ModelRootFollower:
         return self.start()
@@ -338,16 +444,23 @@ class ModelRootFollower:
             return
         self._lower_priority()
         self._place(widen=False)
+        self._reader.recycle()  # reads go on in a thread of these CPUs and this priority
         if self.store.huge_pages_pending:  # started before _synced is set: wait_huge_pages() sees it
             self._huge_pages = threading.Thread(target=self._move_to_huge_pages, name="huge-pages", daemon=True)
             self._huge_pages.start()  # on this thread's CPUs and priority, which it inherits
+        self._last_apply = time.monotonic()
         self._synced.set()
         while not self._stopping.is_set():
             self._wake.wait(self._wait_seconds())
             self._wake.clear()
             if self._stopping.is_set():
                 return
-            self._pass_safely()
+            self._pass_started = time.monotonic()
+            try:
+                self._run_requests()
+                self._pass_safely()
+            finally:
+                self._pass_started = None
 
     def _initial_sync(self) -> None:
         # Nothing is served yet: read the next packet, and commit its rows' memory, beside the
@@ -445,6 +558,8 @@ class ModelRootFollower:
             for s in self._streams.values():
                 if s.gap_since is not None and not s.alarmed:
                     wait = min(wait, max(0.0, s.gap_since + self.options.gap_timeout_s - now) + 0.01)
+                if s.unreadable is not None:
+                    wait = min(wait, max(0.0, s.unreadable.next_try - now) + 0.01)
         return wait
 
     # ------------------------------------------------------------------ checkpoints
@@ -476,8 +591,7 @@ class ModelRootFollower:
 
     def _complete_checkpoints(self) -> Iterator[_Checkpoint]:
         """Complete, loadable-looking checkpoints, newest first (manifests read lazily)."""
-        names = [n for n in self.storage.list_dir(CHECKPOINTS_DIR) if len(n) == _CHECKPOINT_DIGITS and n.isdigit()]
-        for name in sorted(names, reverse=True):
+        for name in reversed(list_checkpoints(self.storage, log)):
             if name in self._broken:
                 continue
             ckpt = self._manifests.get(name) or self._read_manifest(name)
@@ -557,17 +671,27 @@ class ModelRootFollower:
         with self._lock:
             for s in range(newest.num_shards):  # a shard whose folder retention emptied away
                 self._streams.setdefault((s, newest.num_shards), _Stream(s, newest.num_shards, FIRST_SEQ - 1))
-        gone = {s.shard for s in self._streams.values() if self._next_is_gone(s, newest)}
+        gone = {s.shard for s in self._streams.values() if self._needs_catch_up(s, newest)}
         if gone:
             self._catch_up(newest, gone)
         elif self._checkpoint is None:
             with self._lock:  # its rows already came through the packets: follow its layout only
                 self._checkpoint = newest
 
-    def _next_is_gone(self, stream: _Stream, newest: _Checkpoint) -> bool:
-        """Whether ``newest`` includes the stream's next packet and that packet is not there."""
-        if newest.watermark.get(stream.shard, FIRST_SEQ - 1) <= stream.watermark:
+    def _needs_catch_up(self, stream: _Stream, newest: _Checkpoint) -> bool:
+        """Whether the stream catches up from ``newest``: it includes the stream's next packet and
+        that packet is gone or unreadable, or it includes a packet an operator skipped and is not
+        behind the stream (catching up repairs the skip)."""
+        covered = newest.watermark.get(stream.shard, FIRST_SEQ - 1)
+        if covered < stream.watermark or (covered == stream.watermark and not stream.skipped):
             return False
+        if any(q <= covered for q in stream.skipped):
+            return True
+        if covered == stream.watermark:
+            return False
+        unreadable = stream.unreadable
+        if unreadable is not None and unreadable.seq == stream.watermark + 1:
+            return True
         return not self.storage.exists(f"{stream.folder}/{packet_name(stream.watermark + 1)}")
 
     def _switch_to(self, ckpt: _Checkpoint) -> None:
@@ -594,10 +718,14 @@ class ModelRootFollower:
             for s in self._streams.values():
                 if s.shard in shards:
                     s.watermark = ckpt.watermark.get(s.shard, FIRST_SEQ - 1)
+                    s.unreadable = None
+                    s.skipped = [q for q in s.skipped if q > s.watermark]  # the checkpoint has their rows
+                    s.advanced_at = time.monotonic()
                     self._close_gap(s)
             self._checkpoint = ckpt
         log.warning(
-            "packets of training shard(s) %s needed next are gone; caught up from checkpoint %s (%d rows)",
+            "packets of training shard(s) %s needed next are gone, unreadable or skipped; caught up from "
+            "checkpoint %s (%d rows)",
             sorted(shards),
             ckpt.name,
             rows,
@@ -629,17 +757,9 @@ class ModelRootFollower:
 
     def _discover_streams(self) -> None:
         """Add streams of packet folders that appear; say once about folders that are ignored."""
-        for name in self.storage.list_dir(INCREMENTAL_DIR):
-            layout = parse_shard_dir(name)
-            if layout is None:
-                self._say(
-                    f"odd:{name}",
-                    logging.WARNING,
-                    "ignoring %s/%s: not a shard-SSSSS-of-NNNNN folder",
-                    INCREMENTAL_DIR,
-                    name,
-                )
-            elif layout not in self._streams:
+        for layout in list_shard_dirs(self.storage, log):  # other names: one WARNING each
+            name = checkpoint.shard_dir(*layout)
+            if layout not in self._streams:
                 if self._checkpoint is not None:
                     self._say(
                         f"foreign:{name}",
@@ -669,31 +789,72 @@ class ModelRootFollower:
         the current one is applied (a starting server catches up sooner, and it serves nothing
         yet). Once synced, one thread does both and leaves the other cores to lookups.
         """
-        seqs = {s for s in map(parse_packet_name, self.storage.list_dir(stream.folder)) if s is not None}
+        seqs = set(list_packets(self.storage, stream.folder, log))
+        self._check_foreign_runs(stream, seqs)
         if not seqs:
             self._say(
                 f"empty:{stream.folder}", logging.INFO, "waiting for packets in %s/%s", self.storage.url, stream.folder
             )
+            self._note_pending(stream, seqs)
             return
         self._forget(f"empty:{stream.folder}")
         ahead: Future | None = None
         try:
             while stream.watermark + 1 in seqs and not self._stopping.is_set():
                 seq = stream.watermark + 1
-                loaded = ahead.result() if ahead is not None else self._read(stream, seq)
+                if not self._due(stream, seq):
+                    return  # unreadable: read again once its backoff is over or it changed
+                loaded = ahead.result() if ahead is not None else self._read_bounded(stream, seq)
                 ahead = None
                 if self._readahead is not None and seq + 1 in seqs:
-                    ahead = self._readahead.submit(self._read, stream, seq + 1)
+                    ahead = self._readahead.submit(self._read_bounded, stream, seq + 1)
                 if not self._apply(stream, seq, loaded):
-                    return  # gone or unreadable for now: the next pass looks again
+                    return  # unreadable for now: retried with backoff, later packets wait
         finally:
             if ahead is not None:
                 ahead.cancel()
+            self._note_pending(stream, seqs)
+        if stream.unreadable is not None:  # it was the next packet and is no longer listed
+            with self._lock:
+                stream.unreadable = None
         if any(s > stream.watermark + 1 for s in seqs):
             self._open_gap(stream)
         elif stream.waiting_for is not None:
             with self._lock:
                 self._close_gap(stream)
+
+    def _note_pending(self, stream: _Stream, seqs: set[int]) -> None:
+        """Remember since when packets above the stream's watermark are listed (see stall_reason)."""
+        pending = any(s > stream.watermark for s in seqs)
+        with self._lock:
+            if not pending:
+                stream.pending_since = None
+            elif stream.pending_since is None:
+                stream.pending_since = time.monotonic()
+
+    def _due(self, stream: _Stream, seq: int) -> bool:
+        """Whether packet ``seq`` is to be read now: it has not failed, its backoff is over, or the
+        file changed since it failed."""
+        unreadable = stream.unreadable
+        if unreadable is None or unreadable.seq != seq or time.monotonic() >= unreadable.next_try:
+            return True
+        return self._stamp(f"{stream.folder}/{packet_name(seq)}") != unreadable.stamp
+
+    def _stamp(self, path: str) -> tuple[int, float | None] | None:
+        """(size, mtime) of a packet file as the storage reports it; None when it cannot say."""
+        try:
+            st = self.storage.stat(path)
+        except StorageError:
+            return None
+        return st.size, st.mtime
+
+    def _read_bounded(self, stream: _Stream, seq: int) -> Packet | str | None:
+        """:meth:`_read` within ``read_timeout_s``: a read that takes longer is a reason to retry."""
+        where = self.storage.join_url(f"{stream.folder}/{packet_name(seq)}")
+        try:
+            return self._reader.run(where, functools.partial(self._read, stream, seq), self.options.read_timeout_s)
+        except _ReadTimeout as exc:
+            return str(exc)
 
     def _read(self, stream: _Stream, seq: int) -> Packet | str | None:
         """Packet ``seq`` read and checked: the packet, a reason to quarantine it, or None when it
@@ -708,9 +869,7 @@ class ModelRootFollower:
             data = self.storage.read_buffer(path, max_bytes=self.options.max_packet_bytes)
         except StorageNotFoundError:
             return None
-        except StorageError as exc:
-            if self.storage.size(path) <= self.options.max_packet_bytes:
-                raise
+        except UnreadableFileError as exc:  # too large, not a regular file, outside the root
             return str(exc)
         try:
             packet = decode_packet(data, self.store.config, where)
@@ -724,25 +883,28 @@ class ModelRootFollower:
         return packet
 
     def _apply(self, stream: _Stream, seq: int, loaded: Packet | str | None) -> bool:
-        """Apply packet ``seq`` as :meth:`_read` left it, or quarantine it when it is bad. False
-        when it could not be read."""
+        """Apply packet ``seq`` as :meth:`_read` left it; False (and retried later, see
+        :meth:`_unreadable`) when it could not be read or applied."""
         where = self.storage.join_url(f"{stream.folder}/{packet_name(seq)}")
         if loaded is None:
-            return False
+            loaded = f"{where}: listed, but not found when read"
         if isinstance(loaded, str):
-            self._quarantine(stream, seq, where, loaded)
-            return True
+            self._unreadable(stream, seq, where, loaded)
+            return False
         packet = loaded
         try:
             parts = [self._owned(t) for t in packet.tables]
             evicted = self.store.put_many([p for p in parts if p.ids.shape[0]])
         except InvalidRequestError as exc:
-            self._quarantine(stream, seq, where, str(exc))
-            return True
+            self._unreadable(stream, seq, where, str(exc))
+            return False
         delay = max(0.0, time.time() - packet.created_at)
         rows = sum(p.ids.shape[0] for p in parts)
         with self._lock:
             stream.watermark = seq
+            stream.advanced_at = self._last_apply = time.monotonic()
+            recovered, stream.unreadable = stream.unreadable, None
+            stream.record_run(seq, packet.run_id)
             if stream.waiting_for == seq:
                 self._close_gap(stream)
             c = self._counters
@@ -752,6 +914,15 @@ class ModelRootFollower:
             c.delays.append(delay)
         if self._freshness is not None:
             self._freshness.observe(delay)
+        if recovered is not None:
+            log.info(
+                "packet %s (%s, seq %d) read and applied after %d failed attempt(s) over %.1f s",
+                where,
+                stream.label,
+                seq,
+                recovered.attempts,
+                time.monotonic() - recovered.since,
+            )
         if evicted:
             log.info(
                 "packet %s: evicted %d least recently used rows to make room (capacity %d)",
@@ -775,20 +946,181 @@ class ModelRootFollower:
             return rows
         return TableRows(rows.table, rows.ids[mine], rows.weights[mine], rows.state[mine])
 
-    def _quarantine(self, stream: _Stream, seq: int, where: str, reason: str) -> None:
-        log.error(
-            "quarantined packet %s (%s, seq %d): %s; skipping it, later packets still apply",
-            where,
-            stream.label,
-            seq,
-            reason,
-        )
+    def _unreadable(self, stream: _Stream, seq: int, where: str, reason: str) -> None:
+        """Packet ``seq`` could not be read or applied: schedule its next try, and once
+        ``unreadable_retry_s`` is over declare it bad and hold the stream at it (module docstring)."""
+        stamp = self._stamp(f"{stream.folder}/{packet_name(seq)}")
+        now = time.monotonic()
+        retry_s = self.options.unreadable_retry_s
+        first = declared = False
+        with self._lock:
+            state = stream.unreadable
+            if state is None or state.seq != seq:
+                state = stream.unreadable = _Unreadable(seq, where, now)
+                first = True
+            state.attempts += 1
+            state.reason, state.stamp = reason, stamp
+            deadline = state.since + retry_s
+            if not state.held and now >= deadline:
+                state.held = declared = True
+                stream.waiting_for, stream.gap_since, stream.alarmed = seq, state.since, True
+                self._counters.packets_quarantined += 1
+                self._counters.quarantined.append(f"{where}: {reason}")
+            if state.held:
+                state.next_try = now + _HELD_RETRY_S
+            else:
+                state.next_try = min(now + min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (state.attempts - 1)), deadline)
+            attempts, since = state.attempts, state.since
+        if first and not declared:
+            log.warning(
+                "packet %s (%s, seq %d) cannot be read: %s; retrying for up to %.0f s, later packets of the shard wait",
+                where,
+                stream.label,
+                seq,
+                reason,
+                retry_s,
+            )
+        if declared:
+            log.error(
+                "packet %s (%s, seq %d) still cannot be read after %.1f s and %d attempt(s): %s; holding the shard "
+                "at seq %d (gap alarm up, later packets wait) until a newer checkpoint includes it or an operator "
+                "skips it (ctrserve embedding-admin skip-packet --training-shard %d --training-shards %d --seq %d)",
+                where,
+                stream.label,
+                seq,
+                now - since,
+                attempts,
+                reason,
+                seq,
+                stream.shard,
+                stream.num_shards,
+                seq,
+            )
+
+    # ------------------------------------------------------------------ operator requests
+
+    def skip_packet(self, shard: int, num_shards: int, seq: int, timeout: float = SKIP_WAIT_S) -> dict[str, Any]:
+        """Give up on packet ``seq`` of training shard ``shard`` of ``num_shards``, which the
+        follower is held at (declared bad, still being retried, or missing while later packets
+        exist): its rows are not applied, the shard goes on from ``seq + 1``, and ``seq`` is listed
+        in the stream's ``skipped`` (stats, handler responses) until a newer checkpoint that
+        includes it is caught up from. Skipping a seq already skipped is a no-op. Runs on the
+        follower thread, between passes.
+
+        Returns:
+            ``{"watermark": the shard's watermark now, "skipped": its skipped seqs,
+            "already_skipped": bool}``.
+
+        Raises:
+            InvalidRequestError: no such training shard is followed, ``seq`` is not the packet it
+                is held at, or the follower did not take the request within ``timeout`` seconds.
+        """
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._stopping.is_set():
+            raise InvalidRequestError(f"model root {self.storage.url}: the follower is not running; nothing skipped")
+        request: Future = Future()
+        self._requests.append((functools.partial(self._skip, shard, num_shards, seq), request))
+        self._wake.set()
+        try:
+            return request.result(timeout)
+        except FutureTimeout:
+            if not request.cancel():  # taken just now: its answer comes
+                return request.result()
+            raise InvalidRequestError(
+                f"model root {self.storage.url}: the follower did not take the request within {timeout:.0f} s (it is "
+                "still loading, busy or stalled: see its stats); nothing skipped"
+            ) from None
+
+    def _run_requests(self) -> None:
+        """(The follower thread.) Run the operator requests queued by :meth:`skip_packet`."""
+        while self._requests:
+            fn, request = self._requests.popleft()
+            if not request.set_running_or_notify_cancel():
+                continue
+            try:
+                request.set_result(fn())
+            except Exception as exc:  # the refusal goes back to the caller
+                request.set_exception(exc)
+
+    def _skip(self, shard: int, num_shards: int, seq: int) -> dict[str, Any]:
+        stream = self._streams.get((shard, num_shards))
+        if stream is None:
+            following = ", ".join(s.label for s in self._streams.values()) or "none"
+            raise InvalidRequestError(
+                f"not following training shard {shard} of {num_shards} (following: {following}); nothing skipped"
+            )
+        if seq in stream.skipped:
+            return {"watermark": stream.watermark, "skipped": list(stream.skipped), "already_skipped": True}
+        if seq <= stream.watermark:
+            raise InvalidRequestError(
+                f"{stream.label}: packet seq {seq} is already applied or included in the checkpoint (watermark "
+                f"{stream.watermark}); nothing skipped"
+            )
+        next_seq = stream.watermark + 1
+        unreadable = stream.unreadable
+        if unreadable is not None and unreadable.seq == next_seq:
+            why = f"it cannot be read: {unreadable.reason}"
+        elif stream.waiting_for == next_seq:
+            why = "it is missing while later packets exist"
+        else:
+            raise InvalidRequestError(
+                f"{stream.label}: not held at any packet (it waits for seq {next_seq} in order); nothing skipped"
+            )
+        if seq != next_seq:
+            raise InvalidRequestError(
+                f"{stream.label}: held at seq {next_seq}, not {seq}; packets are skipped one at a time, the one "
+                "held at first; nothing skipped"
+            )
         with self._lock:
             stream.watermark = seq
-            if stream.waiting_for == seq:
-                self._close_gap(stream)
-            self._counters.packets_quarantined += 1
-            self._counters.quarantined.append(f"{where}: {reason}")
+            stream.skipped = (stream.skipped + [seq])[-_MAX_SKIPPED:]
+            stream.unreadable = None
+            stream.advanced_at = time.monotonic()
+            self._close_gap(stream)
+            self._counters.packets_skipped += 1
+        log.warning(
+            "%s: packet seq %d skipped by an operator (%s); its rows are not applied, the shard goes on from seq %d",
+            stream.label,
+            seq,
+            why,
+            seq + 1,
+        )
+        return {"watermark": stream.watermark, "skipped": list(stream.skipped), "already_skipped": False}
+
+    def _check_foreign_runs(self, stream: _Stream, seqs: set[int]) -> None:
+        """Alarm for each packet file that appeared since the previous listing at or below the
+        stream's watermark, where this follower applied a packet of another run: a trainer that
+        numbered its packets again from a lower seq. Its rows are not applied (nothing applies
+        out of order), but they are not dropped silently either."""
+        before, stream.listed = stream.listed, seqs
+        if before is None:  # the first listing: nothing to compare with
+            return
+        for seq in sorted(s for s in seqs - before if s <= stream.watermark):
+            applied = stream.applied_run(seq)
+            if applied is None:
+                continue
+            path = f"{stream.folder}/{packet_name(seq)}"
+            where = self.storage.join_url(path)
+            try:
+                _, _, _, run_id = read_packet_origin(
+                    self.storage.read_buffer(path, max_bytes=self.options.max_packet_bytes), where
+                )
+            except (StorageError, PacketError):  # gone again, or not a packet: nothing to compare
+                continue
+            if run_id == applied:
+                continue
+            log.warning(
+                "%s: packet %s of trainer run %r appeared at or below the watermark %d, where a packet of run %r "
+                "was applied; not applying it (did a trainer number its packets again from a lower seq?)",
+                stream.label,
+                where,
+                run_id,
+                stream.watermark,
+                applied,
+            )
+            with self._lock:
+                self._counters.foreign_run_packets += 1
+                self._counters.foreign_runs.append(f"{where}: run {run_id!r}, applied there: run {applied!r}")
 
     def _open_gap(self, stream: _Stream) -> None:
         missing = stream.watermark + 1
@@ -868,9 +1200,17 @@ class ModelRootFollower:
             ``model_root``, ``checkpoint`` (name or ""), ``synced``, ``huge_pages_pending``
             (rows loaded at start-up are still being moved onto huge pages), ``streams`` (per training
             shard: ``shard``, ``num_shards``, ``watermark``, ``waiting_for`` (-1: no gap),
-            ``gap_seconds``, ``gap_alarm``), ``packets_applied``, ``rows_applied``,
+            ``gap_seconds``, ``gap_alarm``, ``unreadable_seq`` (the next packet while it cannot be
+            read, -1: none), ``unreadable_seconds``, ``unreadable_reason``, ``held`` (declared bad,
+            see the module docstring), ``skipped`` (seqs an operator skipped)), ``packets_applied``, ``rows_applied``,
             ``packets_quarantined``, ``rows_evicted``, ``freshness_p50_s``, ``freshness_p99_s``
-            (0 before any packet) and ``quarantined`` (recent "url: reason" lines).
+            (0 before any packet), ``quarantined`` (recent "url: reason" lines),
+            ``foreign_run_packets`` (packet files of another trainer run found at or below a
+            watermark) and ``foreign_runs`` (recent such files).
+            Also ``packets_skipped`` (by an operator), ``seconds_since_last_apply`` (since the last
+            packet applied, or the start), ``packets_pending`` (packets above a watermark are
+            listed), ``stalled`` and ``stall_reason`` (:meth:`stall_reason`). ``packets_quarantined``
+            counts packets declared bad.
         """
         now = time.monotonic()
         with self._lock:
@@ -884,9 +1224,15 @@ class ModelRootFollower:
                     "waiting_for": -1 if s.waiting_for is None else s.waiting_for,
                     "gap_seconds": 0.0 if s.gap_since is None else now - s.gap_since,
                     "gap_alarm": s.alarmed,
+                    "unreadable_seq": -1 if s.unreadable is None else s.unreadable.seq,
+                    "unreadable_seconds": 0.0 if s.unreadable is None else now - s.unreadable.since,
+                    "unreadable_reason": "" if s.unreadable is None else s.unreadable.reason,
+                    "held": s.unreadable is not None and s.unreadable.held,
+                    "skipped": list(s.skipped),
                 }
                 for _, s in sorted(self._streams.items(), key=lambda kv: (kv[0][1], kv[0][0]))
             ]
+            stall = self._stall_reason(now)
             return {
                 "model_root": self.storage.url,
                 "checkpoint": self._checkpoint.name if self._checkpoint else "",
@@ -896,11 +1242,51 @@ class ModelRootFollower:
                 "packets_applied": c.packets_applied,
                 "rows_applied": c.rows_applied,
                 "packets_quarantined": c.packets_quarantined,
+                "packets_skipped": c.packets_skipped,
                 "rows_evicted": c.rows_evicted,
                 "freshness_p50_s": float(np.percentile(delays, 50)),
                 "freshness_p99_s": float(np.percentile(delays, 99)),
                 "quarantined": list(c.quarantined),
+                "seconds_since_last_apply": now - self._last_apply,
+                "packets_pending": any(s.pending_since is not None for s in self._streams.values()),
+                "stalled": bool(stall),
+                "stall_reason": stall,
+                "foreign_run_packets": c.foreign_run_packets,
+                "foreign_runs": list(c.foreign_runs),
             }
+
+    def stall_reason(self) -> str:
+        """Why the follower is stalled, or "" when it is not: once synced, a training shard has
+        packets pending (listed above its watermark) and none applied for ``stall_timeout_s``
+        (a packet held or retried, a gap), or one pass over the model root has run that long (a
+        read, listing or apply that does not return), or the follower thread ended."""
+        with self._lock:
+            return self._stall_reason(time.monotonic())
+
+    def _stall_reason(self, now: float) -> str:
+        """(Holding ``_lock``.) See :meth:`stall_reason`."""
+        if not self._synced.is_set() or self._error is not None or self._stopping.is_set():
+            return ""
+        limit = self.options.stall_timeout_s
+        if self._thread is not None and not self._thread.is_alive():
+            return "the follower thread has ended"
+        started = self._pass_started
+        if started is not None and now - started >= limit:
+            return f"one pass over the model root has run for {now - started:.0f} s (a read, listing or apply hangs)"
+        for s in self._streams.values():
+            if s.pending_since is None:
+                continue
+            quiet = now - max(s.pending_since, s.advanced_at)
+            if quiet < limit:
+                continue
+            if s.unreadable is not None:
+                why = f"seq {s.unreadable.seq} cannot be read: {s.unreadable.reason}"
+            elif s.waiting_for is not None:
+                why = f"seq {s.waiting_for} is missing"
+            else:
+                why = "packets wait to be applied"
+            return f"{s.label}: packets pending and none applied for {quiet:.0f} s ({why})"
+        return ""
 
     def _say(self, key: str, level: int, message: str, *args: Any) -> None:
         """Log ``message`` once until :meth:`_forget` ``key`` (the condition ended)."""
@@ -919,6 +1305,88 @@ def _parse_watermark(value: Any) -> dict[int, int]:
     if not isinstance(value, dict):
         raise ValueError(f"watermark must be a mapping of training shard to seq, got {json.dumps(value)}")
     return {int(k): int(v) for k, v in value.items()}
+
+
+class _ReadTimeout(Exception):
+    """A read did not finish within its time bound (see :class:`_BoundedReader`)."""
+
+
+class _BoundedReader:
+    """Runs reads on a daemon thread of its own, so that a read that hangs (a stalled mount, a
+    storage request that never answers) holds the follower no longer than a bound. A hung read
+    is left to finish on that thread; no other read starts until it has. The thread is started by
+    the caller of the first read after :meth:`recycle`, whose CPUs and priority it inherits."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._job: tuple[Callable[[], Any], Future] | None = None
+        self._busy: str | None = None  # what is being read
+        self._busy_since = 0.0
+        self._thread: threading.Thread | None = None
+        self._generation = 0  # a thread of an older generation ends once idle
+        self._closed = False
+
+    def run(self, what: str, fn: Callable[[], Any], timeout: float) -> Any:
+        """``fn()``, run on the reader thread.
+
+        Raises:
+            _ReadTimeout: it did not finish within ``timeout`` seconds, or an earlier read still
+                runs after that long.
+        """
+        deadline = time.monotonic() + timeout
+        result: Future = Future()
+        with self._cond:
+            while self._busy is not None:
+                now = time.monotonic()
+                if now >= deadline or now - self._busy_since >= timeout:
+                    raise _ReadTimeout(
+                        f"{what}: not read: the read of {self._busy} has not returned after "
+                        f"{now - self._busy_since:.0f} s, and no other read starts until it does"
+                    )
+                self._cond.wait(min(deadline - now, timeout - (now - self._busy_since)))
+            self._busy, self._busy_since, self._job = what, time.monotonic(), (fn, result)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, args=(self._generation,), name="packet-reader", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+        try:
+            return result.result(max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise _ReadTimeout(f"{what}: the read did not finish within {timeout:.0f} s") from None
+
+    def recycle(self) -> None:
+        """End the reader thread once idle; the next read starts a new one from its caller (the
+        follower thread once it runs on its own CPUs and priority)."""
+        with self._cond:
+            self._generation += 1
+            self._thread = None
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """End the reader thread once its read (if any) returns."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _loop(self, generation: int) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed and generation == self._generation:
+                    self._cond.wait()
+                job = self._job
+                if job is None or self._closed or generation != self._generation:
+                    return
+                self._job = None
+            fn, result = job
+            try:
+                result.set_result(fn())
+            except BaseException as exc:  # handed to the waiting caller
+                result.set_exception(exc)
+            with self._cond:
+                self._busy = None
+                self._cond.notify_all()
 
 
 class _WakeOnPublish(FileSystemEventHandler):
@@ -951,8 +1419,10 @@ class _FollowerCollector:
         for key, help_text in (
             ("packets_applied", "incremental packets applied"),
             ("rows_applied", "packet rows of this shard applied"),
-            ("packets_quarantined", "corrupt, truncated or foreign packets skipped"),
+            ("packets_quarantined", "packets declared bad: still unreadable after the retry time (the shard is held)"),
+            ("packets_skipped", "packets an operator skipped (SkipPacket): their rows were not applied"),
             ("rows_evicted", "rows evicted to make room for packet rows"),
+            ("foreign_run_packets", "packets of another trainer run found at or below the watermark (not applied)"),
         ):
             family = CounterMetricFamily(f"ctrserve_embedding_{key}", help_text, labels=names)
             family.add_metric(values, stats[key])
@@ -962,6 +1432,22 @@ class _FollowerCollector:
         )
         synced.add_metric(values, 1.0 if stats["synced"] else 0.0)
         yield synced
+        for name, help_text, value in (
+            (
+                "seconds_since_last_apply",
+                "seconds since the last packet was applied (or the follower started)",
+                stats["seconds_since_last_apply"],
+            ),
+            (
+                "packets_pending",
+                "1 while packets above a watermark are listed but not applied",
+                stats["packets_pending"],
+            ),
+            ("hotload_stalled", "1 while the follower is stalled (see stats' stall_reason)", stats["stalled"]),
+        ):
+            gauge = GaugeMetricFamily(f"ctrserve_embedding_{name}", help_text, labels=names)
+            gauge.add_metric(values, float(value))
+            yield gauge
         pending = GaugeMetricFamily(
             "ctrserve_embedding_huge_pages_pending",
             "1 while rows loaded at start-up are being moved onto huge pages",
@@ -978,9 +1464,16 @@ class _FollowerCollector:
             "1 while a missing packet has been waited for longer than the gap timeout",
             labels=stream_labels,
         )
+        unreadable = GaugeMetricFamily(
+            "ctrserve_embedding_packet_unreadable",
+            "1 while the next packet of a training shard cannot be read (retried, or held once declared bad)",
+            labels=stream_labels,
+        )
         for s in stats["streams"]:
             label_values = values + [str(s["shard"]), str(s["num_shards"])]
             watermark.add_metric(label_values, s["watermark"])
             alarm.add_metric(label_values, 1.0 if s["gap_alarm"] else 0.0)
+            unreadable.add_metric(label_values, 1.0 if s["unreadable_seq"] >= 0 else 0.0)
         yield watermark
         yield alarm
+        yield unreadable

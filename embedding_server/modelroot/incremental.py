@@ -4,8 +4,19 @@ their watermark, and retention of old ones.
 A train-mode store with ``enable_incremental_update`` records which rows its gradient updates
 changed (and the last value of changed rows it evicts). A :class:`PacketPublisher` turns them
 into a packet (:mod:`embedding_server.modelroot.packets`) when ``incremental_buffer_size`` rows are
-pending, when ``incremental_flush_interval`` seconds have passed, and at shutdown. Sequence
-numbers continue from the packets already in the folder, so a restarted server never reuses one.
+pending, when ``incremental_flush_interval`` seconds have passed, and at shutdown.
+
+Sequence numbers of a training shard strictly increase across restarts, retention, resharding
+and a trainer whose local state is gone: a publisher continues above the largest of the packets
+in the shard's folder, the shard's seq in the newest complete checkpoint of the same training
+shard count (retention may have deleted every packet it includes), and the shard's durable
+``last-seq.json`` marker, rewritten after every packet (:mod:`~embedding_server.modelroot.packets`).
+Every packet carries the publisher's run id, so a server can tell a packet of another run that
+lands at or below its watermark (:mod:`~embedding_server.modelroot.hotload` raises an alarm).
+
+Retention, :func:`complete_checkpoints` and :func:`next_checkpoint_dir` read only exact ASCII
+names (20-digit checkpoint folders, 20-digit packet files); other names are ignored with one
+WARNING per name.
 
 Example:
     >>> publisher = PacketPublisher(store, "/models/ctr/incremental")
@@ -17,26 +28,41 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
+from embedding_server.core.errors import InvalidRequestError
 from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.packets import (
     CHECKPOINTS_DIR,
+    FIRST_SEQ,
     INCREMENTAL_DIR,
+    LAST_SEQ_FILE,
+    PacketError,
+    checkpoint_name,
+    decode_last_seq,
+    encode_last_seq,
     encode_packet,
+    list_checkpoints,
+    list_packets,
     packet_name,
-    parse_packet_name,
+    parse_checkpoint_name,
 )
-from embedding_server.storage.base import Storage, StorageError
+from embedding_server.storage.base import (
+    LocalStorage,
+    Storage,
+    StorageError,
+    StorageNotFoundError,
+    UnreadableFileError,
+)
 from embedding_server.storage.urls import open_storage
 from embedding_server.store.store import EmbeddingStore, TableRows, last_occurrences
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIGITS = 20
 
 
 class PacketPublisher:
@@ -49,6 +75,17 @@ class PacketPublisher:
         buffer_size: pending rows that trigger a packet (default: the store's config).
         flush_interval: seconds at most between a change and its packet (default: the config).
         storage_options: options for ``s3://`` and ``hdfs://`` (default: the config's ``storage``).
+        model_root: where the checkpoints are (their watermarks count for the first seq; see
+            below); default: the folder above ``incremental_dir`` when that is named
+            ``incremental`` (an open remote :class:`Storage` gives none: pass it here).
+        run_id: written into every packet, so servers can tell runs apart (default: a fresh
+            random id for this publisher).
+
+    The first packet's seq is one above the largest of the packets listed in the shard's folder,
+    the shard's seq in the newest complete checkpoint of the same training shard count, and the
+    shard's ``last-seq.json`` marker (:mod:`~embedding_server.modelroot.packets`), which is
+    rewritten after every published packet. When the storage cannot be read at construction,
+    this is retried before the first packet is written (``flush`` raises until it can be read).
 
     Raises:
         ValueError: the store does not track changes.
@@ -61,6 +98,8 @@ class PacketPublisher:
         buffer_size: int | None = None,
         flush_interval: float | None = None,
         storage_options: dict | None = None,
+        model_root: str | Storage | None = None,
+        run_id: str | None = None,
     ):
         if not store.tracks_changes:
             raise ValueError("the store does not track changes (train mode with enable_incremental_update needed)")
@@ -69,23 +108,94 @@ class PacketPublisher:
         root = incremental_dir if incremental_dir is not None else server.incremental_dir
         options = server.storage if storage_options is None and not isinstance(root, Storage) else storage_options
         self.storage = open_storage(root, options).child(checkpoint.shard_dir(store.shard_index, store.num_shards))
+        if model_root is not None:
+            self.model_root: Storage | None = open_storage(
+                model_root, None if isinstance(model_root, Storage) else options
+            )
+        else:
+            self.model_root = _model_root_above(root, options)
+        self.run_id = run_id or uuid.uuid4().hex
         self.buffer_size = buffer_size or server.incremental_buffer_size
         self.flush_interval = flush_interval or server.incremental_flush_interval
-        self.last_seq = max((s for s in map(parse_packet_name, self._existing()) if s is not None), default=-1)
+        self.last_seq = FIRST_SEQ - 1
         self.packets_published = 0
         self.rows_published = 0
         self.failures = 0
+        self.marker_failures = 0
+        self._resumed = False  # last_seq is known (see _resume)
+        self._marker_stale = False  # the last packet's seq is not in the marker yet
         self._retry: list[TableRows] = []
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def _existing(self) -> list[str]:
         try:
-            return self.storage.list_dir("")
-        except (FileNotFoundError, StorageError):
-            return []
+            with self._flush_lock:
+                self._resume()
+        except StorageError as exc:
+            log.warning(
+                "%s: cannot read where shard %d's packets stopped yet (%s); its first packet waits for it",
+                self.storage.url,
+                store.shard_index,
+                exc,
+            )
+
+    @property
+    def label(self) -> str:
+        return f"training shard {self.store.shard_index}/{self.store.num_shards}"
+
+    def _resume(self) -> None:
+        """(Holding ``_flush_lock``.) Set ``last_seq`` above everything this shard ever published.
+
+        Raises:
+            StorageError: the packet folder, its marker or the checkpoints could not be read.
+        """
+        if self._resumed:
+            return
+        listed = max(list_packets(self.storage, "", log), default=FIRST_SEQ - 1)
+        marker = self._read_marker()
+        checkpointed, name = self._checkpoint_watermark()
+        self.last_seq = max(self.last_seq, listed, marker, checkpointed)
+        self._resumed = True
+        log.info(
+            "%s publishes packets from seq %d on, run id %s (last packet listed %d, marker %d, checkpoint %s %d)",
+            self.label,
+            self.last_seq + 1,
+            self.run_id,
+            listed,
+            marker,
+            name or "(none)",
+            checkpointed,
+        )
+
+    def _read_marker(self) -> int:
+        try:
+            return decode_last_seq(
+                self.storage.read_bytes(LAST_SEQ_FILE, max_bytes=1 << 16), self.storage.join_url(LAST_SEQ_FILE)
+            )
+        except StorageNotFoundError:
+            return FIRST_SEQ - 1
+        except (PacketError, UnreadableFileError) as exc:  # rewritten with the next packet; the others still count
+            log.error("%s: ignoring an unreadable marker: %s", self.label, exc)
+            return FIRST_SEQ - 1
+
+    def _checkpoint_watermark(self) -> tuple[int, str]:
+        """This shard's seq in the newest complete checkpoint written by as many training shards
+        as this one's (and that checkpoint's name), or ``(FIRST_SEQ - 1, "")``."""
+        if self.model_root is None:
+            return FIRST_SEQ - 1, ""
+        for name in reversed(list_checkpoints(self.model_root, log)):
+            try:
+                manifest = checkpoint.read_manifest(self.model_root.child(f"{CHECKPOINTS_DIR}/{name}"))
+                if int(manifest["num_shards"]) != self.store.num_shards:
+                    continue
+                watermark = manifest.get("watermark") or {}
+                return int(watermark.get(str(self.store.shard_index), FIRST_SEQ - 1)), name
+            except InvalidRequestError:  # not complete (yet), or not a checkpoint of this format
+                continue
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                log.error("checkpoint %s has a malformed manifest (%s); ignoring it", name, exc)
+        return FIRST_SEQ - 1, ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,9 +242,12 @@ class PacketPublisher:
             StorageError: the packet could not be written; its rows are kept for the next flush.
         """
         with self._flush_lock:
+            self._resume()  # raises while it cannot be known where the shard's packets stopped
             tables = merge_newest(self._retry, self.store.take_changes())
             self._retry = []
             if not tables:
+                if self._marker_stale:
+                    self._write_marker()
                 return self.last_seq
             seq = self.last_seq + 1
             data = encode_packet(
@@ -143,6 +256,7 @@ class PacketPublisher:
                 num_shards=self.store.num_shards,
                 seq=seq,
                 fingerprint=self.store.config.fingerprint(),
+                run_id=self.run_id,
             )
             try:
                 self.storage.write_atomic(packet_name(seq), data)
@@ -155,7 +269,21 @@ class PacketPublisher:
             self.packets_published += 1
             self.rows_published += rows
             log.debug("published packet %d of shard %d: %d rows", seq, self.store.shard_index, rows)
+            self._write_marker()
             return seq
+
+    def _write_marker(self) -> None:
+        """(Holding ``_flush_lock``.) Record ``last_seq`` in the shard's marker; a failure is
+        retried with the next flush (the packet itself is published either way)."""
+        shard, count = self.store.shard_index, self.store.num_shards
+        try:
+            self.storage.write_atomic(LAST_SEQ_FILE, encode_last_seq(self.last_seq, self.run_id, shard, count))
+        except Exception as exc:
+            self._marker_stale = True
+            self.marker_failures += 1
+            log.warning("%s: writing %s failed (%s); retried with the next flush", self.label, LAST_SEQ_FILE, exc)
+        else:
+            self._marker_stale = False
 
     def stats(self) -> dict[str, int]:
         return {
@@ -163,6 +291,7 @@ class PacketPublisher:
             "packets_published": self.packets_published,
             "rows_published": self.rows_published,
             "publish_failures": self.failures,
+            "marker_failures": self.marker_failures,
             "pending_rows": self.store.pending_changes + sum(t.ids.shape[0] for t in self._retry),
         }
 
@@ -186,10 +315,6 @@ def merge_newest(older: list[TableRows], newer: list[TableRows]) -> list[TableRo
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_name(number: int) -> str:
-    return f"{number:0{CHECKPOINT_DIGITS}d}"
-
-
 def complete_checkpoints(model_root: str | Storage, storage_options: dict | None = None) -> list[str]:
     """Names of the complete checkpoints under ``<model root>/checkpoints``, oldest first."""
     storage = open_storage(model_root, storage_options if not isinstance(model_root, Storage) else None)
@@ -198,18 +323,18 @@ def complete_checkpoints(model_root: str | Storage, storage_options: dict | None
 
 
 def _checkpoint_dirs(storage: Storage) -> list[str]:
+    """Checkpoint folder names, oldest first; other names are ignored (one WARNING each)."""
     try:
-        names = storage.list_dir(CHECKPOINTS_DIR)
+        return list_checkpoints(storage, log)
     except (FileNotFoundError, StorageError):
         return []
-    return sorted(n for n in names if len(n) == CHECKPOINT_DIGITS and n.isdigit())
 
 
 def next_checkpoint_dir(model_root: str | Storage, storage_options: dict | None = None) -> str:
     """The URL of a new checkpoint folder, numbered above every existing one (complete or not)."""
     storage = open_storage(model_root, storage_options if not isinstance(model_root, Storage) else None)
     names = _checkpoint_dirs(storage)
-    number = int(names[-1]) + 1 if names else 1
+    number = (parse_checkpoint_name(names[-1]) or 0) + 1 if names else 1
     return storage.join_url(f"{CHECKPOINTS_DIR}/{checkpoint_name(number)}")
 
 
@@ -246,17 +371,18 @@ def retain(model_root: str | Storage, keep: int, storage_options: dict | None = 
 
 
 def _delete_packets_upto(storage: Storage, watermark: dict[str, int], num_shards: int) -> int:
+    """Delete the packets at or below each shard's watermark (never the shard's marker, never
+    names that are not packets)."""
     deleted = 0
     for shard, upto in watermark.items():
         folder = f"{INCREMENTAL_DIR}/{checkpoint.shard_dir(int(shard), num_shards)}"
         try:
-            names = storage.list_dir(folder)
+            seqs = list_packets(storage, folder, log)
         except (FileNotFoundError, StorageError):
             continue
-        for name in names:
-            seq = parse_packet_name(name)
-            if seq is not None and seq <= upto:
-                storage.delete(f"{folder}/{name}")
+        for seq in seqs:
+            if seq <= upto:
+                storage.delete(f"{folder}/{packet_name(seq)}")
                 deleted += 1
     return deleted
 
@@ -268,6 +394,23 @@ def publish_checkpoint(client, model_root: str, keep: int = 3, storage_options: 
     client.dump(url)
     retain(model_root, keep, storage_options)
     return url
+
+
+def _model_root_above(incremental_dir: str | Storage, options: dict | None) -> Storage | None:
+    """The model root of a packet folder named ``incremental`` (None when it is named otherwise,
+    or is an open remote storage whose connection options are not known here)."""
+    url = incremental_dir.url if isinstance(incremental_dir, Storage) else os.fspath(incremental_dir)
+    head, _, tail = url.rstrip("/").rpartition("/")
+    if tail != INCREMENTAL_DIR or not head or head.endswith(("/", ":")):
+        return None
+    if isinstance(incremental_dir, LocalStorage):
+        return LocalStorage(head)
+    if isinstance(incremental_dir, Storage):
+        return None
+    try:
+        return open_storage(head, options)
+    except StorageError:
+        return None
 
 
 def watermark_of(publishers: Sequence[PacketPublisher | None]) -> dict[str, int]:

@@ -7,12 +7,28 @@ A packet is one Arrow IPC file, readable by pyarrow, pandas, DuckDB or Spark::
               weight: list<float32>               the row's current vector (len = the table's dim)
     metadata  format "ctrserve-packet", format_version, shard, num_shards (of the training
               servers), seq (per-shard, only grows), created_at (UNIX seconds), rows,
-              config_fingerprint, checksum (CRC-32 of the table indexes, ids and weights)
+              config_fingerprint, checksum (CRC-32 of the table indexes, ids and weights),
+              run_id (which publisher made it: one random id per publisher instance or one
+              the trainer job gives; absent in older packets, which still decode)
 
 Values, not deltas, so replaying a packet twice is harmless; no optimizer state (serving needs
 none). Under a model root, packets of training shard ``s`` of ``n`` live at
 ``incremental/shard-0000s-of-0000n/<seq, 20 digits>.arrow``; full checkpoints at
 ``checkpoints/<name>/`` record the last ``seq`` per shard they include (their watermark).
+
+Sequence numbers of a training shard strictly increase across restarts, retention (which deletes
+old packets), resharding and a trainer whose local state is gone: a publisher starts above the
+largest of (1) the packets it lists, (2) the shard's seq in the newest complete checkpoint of
+the same training shard count, and (3) the shard's durable marker ``last-seq.json``
+(:data:`LAST_SEQ_FILE`) in its packet folder, a small JSON (``format "ctrserve-last-seq"``,
+``shard``, ``num_shards``, ``seq``, ``run_id``, ``written_at``) written atomically after every
+published packet. It is not a packet: readers of the folder skip it without a word.
+
+Names in listings are taken only in their exact ASCII form (``[0-9]{20}.arrow``,
+``shard-[0-9]{5}-of-[0-9]{5}`` as :func:`shard_dir` makes them, checkpoint folders
+``[0-9]{20}``); :func:`list_packets`, :func:`list_shard_dirs` and :func:`list_checkpoints` ignore
+every other name (digits of other scripts such as ``²``, ``٣``, ``０`` included) with one WARNING
+per name and reader (:mod:`embedding_server.core.names`).
 
 Example:
     >>> data = encode_packet([rows], shard=0, num_shards=1, seq=7, fingerprint=cfg.fingerprint())
@@ -22,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +53,9 @@ from zlib_ng import zlib_ng
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.names import ascii_pattern, entry_url, warn_odd_name
 from embedding_server.modelroot.checkpoint import shard_dir
+from embedding_server.storage.base import Storage
 from embedding_server.store.store import TableRows
 
 FORMAT = "ctrserve-packet"
@@ -45,8 +65,18 @@ CHECKPOINTS_DIR = "checkpoints"
 # A training shard's first packet has this seq; a checkpoint watermark of FIRST_SEQ - 1 (or none
 # for the shard) means the checkpoint includes no packet of it.
 FIRST_SEQ = 0
+#: In each shard's packet folder: the last seq the shard published (see the module docstring).
+LAST_SEQ_FILE = "last-seq.json"
+LAST_SEQ_FORMAT = "ctrserve-last-seq"
 _SEQ_DIGITS = 20
 _SUFFIX = ".arrow"
+_CHECKPOINT_DIGITS = 20
+_PACKET_NAME = ascii_pattern(r"[0-9]{20}\.arrow")
+_SHARD_DIR = ascii_pattern(r"shard-([0-9]{5})-of-([0-9]{5})")
+_CHECKPOINT_NAME = ascii_pattern(r"[0-9]{20}")
+_MAX_RUN_ID = 128
+
+log = logging.getLogger("ctrserve.embedding_server.modelroot.packets")
 
 
 class PacketError(InvalidRequestError):
@@ -63,6 +93,7 @@ class Packet:
     seq: int
     created_at: float
     tables: list[TableRows]
+    run_id: str = ""  # the trainer run (publisher) that made it; "" in packets older than run ids
 
     @property
     def rows(self) -> int:
@@ -80,19 +111,103 @@ def packet_name(seq: int) -> str:
 
 
 def parse_packet_name(name: str) -> int | None:
-    """The sequence number of a packet file name, or None for any other name (temp files too)."""
-    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else ""
-    return int(stem) if len(stem) == _SEQ_DIGITS and stem.isdigit() else None
+    """The sequence number of a packet file name (exactly 20 ASCII digits and ``.arrow``), or
+    None for any other name (temp files, :data:`LAST_SEQ_FILE`, digits of other scripts too)."""
+    return int(name[:_SEQ_DIGITS]) if _PACKET_NAME.fullmatch(name) else None
 
 
 def parse_shard_dir(name: str) -> tuple[int, int] | None:
-    """``(shard, num_shards)`` of a ``shard-00001-of-00002`` name, or None."""
-    parts = name.split("-")
-    if len(parts) == 4 and parts[0] == "shard" and parts[2] == "of" and parts[1].isdigit() and parts[3].isdigit():
-        shard, count = int(parts[1]), int(parts[3])
-        if 0 <= shard < count:
-            return shard, count
-    return None
+    """``(shard, num_shards)`` of a ``shard-00001-of-00002`` name (exactly 5 ASCII digits each,
+    as :func:`~embedding_server.modelroot.checkpoint.shard_dir` makes them), or None."""
+    match = _SHARD_DIR.fullmatch(name)
+    if match is None:
+        return None
+    shard, count = int(match.group(1)), int(match.group(2))
+    return (shard, count) if shard < count else None
+
+
+def checkpoint_name(number: int) -> str:
+    """``00000000000000000007``: a checkpoint folder's name, zero-padded so names sort in order."""
+    return f"{number:0{_CHECKPOINT_DIGITS}d}"
+
+
+def parse_checkpoint_name(name: str) -> int | None:
+    """The number of a checkpoint folder name (exactly 20 ASCII digits), or None."""
+    return int(name) if _CHECKPOINT_NAME.fullmatch(name) else None
+
+
+def list_packets(storage: Storage, folder: str, logger: logging.Logger | None = None) -> list[int]:
+    """Sequence numbers of the packets in a shard's packet ``folder``, ascending. Other names are
+    ignored, with one WARNING per name on ``logger`` (the reader's), except :data:`LAST_SEQ_FILE`.
+
+    Raises:
+        StorageError: the listing failed.
+    """
+    seqs = []
+    for name in storage.list_dir(folder):
+        seq = parse_packet_name(name)
+        if seq is not None:
+            seqs.append(seq)
+        elif name != LAST_SEQ_FILE:
+            warn_odd_name(logger or log, entry_url(storage.url, folder, name), "packet file <20 digits>.arrow")
+    return sorted(seqs)
+
+
+def list_shard_dirs(storage: Storage, logger: logging.Logger | None = None) -> list[tuple[int, int]]:
+    """``(shard, num_shards)`` of every packet folder under ``incremental/``. Other names are
+    ignored, with one WARNING per name on ``logger``.
+
+    Raises:
+        StorageError: the listing failed.
+    """
+    layouts = []
+    for name in storage.list_dir(INCREMENTAL_DIR):
+        layout = parse_shard_dir(name)
+        if layout is None:
+            warn_odd_name(logger or log, entry_url(storage.url, INCREMENTAL_DIR, name), "shard-SSSSS-of-NNNNN folder")
+        else:
+            layouts.append(layout)
+    return layouts
+
+
+def list_checkpoints(storage: Storage, logger: logging.Logger | None = None) -> list[str]:
+    """Names of the checkpoint folders under ``checkpoints/`` (complete or not), oldest first.
+    Other names are ignored, with one WARNING per name on ``logger``.
+
+    Raises:
+        StorageError: the listing failed.
+    """
+    names = []
+    for name in storage.list_dir(CHECKPOINTS_DIR):
+        if parse_checkpoint_name(name) is None:
+            warn_odd_name(logger or log, entry_url(storage.url, CHECKPOINTS_DIR, name), "checkpoint folder <20 digits>")
+        else:
+            names.append(name)
+    return sorted(names)
+
+
+def encode_last_seq(seq: int, run_id: str, shard: int, num_shards: int) -> bytes:
+    """The content of a shard's :data:`LAST_SEQ_FILE`: the last seq it published (JSON)."""
+    marker = {"format": LAST_SEQ_FORMAT, "shard": shard, "num_shards": num_shards, "seq": seq, "run_id": run_id}
+    return json.dumps({**marker, "written_at": time.time()}).encode()
+
+
+def decode_last_seq(data: bytes, where: str = LAST_SEQ_FILE) -> int:
+    """The seq a :data:`LAST_SEQ_FILE` records.
+
+    Raises:
+        PacketError: not such a file (unreadable JSON, another format, no integer seq).
+    """
+    try:
+        marker = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PacketError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(marker, dict):
+        raise PacketError(f"{where}: not a {LAST_SEQ_FORMAT} file")
+    seq = marker.get("seq")
+    if marker.get("format") != LAST_SEQ_FORMAT or not isinstance(seq, int) or isinstance(seq, bool) or seq < -1:
+        raise PacketError(f"{where}: not a {LAST_SEQ_FORMAT} file with an integer seq")
+    return seq
 
 
 def encode_packet(
@@ -103,14 +218,21 @@ def encode_packet(
     seq: int,
     fingerprint: str,
     created_at: float | None = None,
+    run_id: str = "",
 ) -> bytes:
     """The bytes of one packet holding ``tables``' ids and weights (their ``state`` is ignored).
 
+    ``run_id`` names the trainer run that made it (printable ASCII, at most 128 characters;
+    "" leaves it out, as packets older than run ids).
+
     Raises:
-        ValueError: a negative sequence number or weights that disagree with their table's dim.
+        ValueError: a negative sequence number, a malformed ``run_id``, or weights that disagree
+            with their table's dim.
     """
     if seq < 0:
         raise ValueError(f"seq must be >= 0, got {seq}")
+    if not _valid_run_id(run_id):
+        raise ValueError(f"run_id must be at most {_MAX_RUN_ID} printable ASCII characters, got {run_id!r}")
     names = [t.table.name for t in tables]
     index = (
         np.concatenate([np.full(t.ids.shape[0], i, np.int16) for i, t in enumerate(tables)])
@@ -146,6 +268,8 @@ def encode_packet(
         "config_fingerprint": fingerprint,
         "checksum": str(_checksum(names, index, ids, flat)),
     }
+    if run_id:
+        metadata["run_id"] = run_id
     batch = pa.RecordBatch.from_arrays(
         [
             pa.DictionaryArray.from_arrays(pa.array(index, pa.int16()), pa.array(names, pa.string())),
@@ -202,6 +326,9 @@ def decode_packet(data: bytes | memoryview, config: EmbeddingConfig, where: str 
     try:
         shard, num_shards, seq, rows = (int(meta[k]) for k in ("shard", "num_shards", "seq", "rows"))
         created_at, checksum = float(meta["created_at"]), int(meta["checksum"])
+        run_id = meta.get("run_id", "")  # absent in packets older than run ids
+        if not _valid_run_id(run_id):
+            raise ValueError(f"run_id {run_id[:_MAX_RUN_ID]!r} is not at most {_MAX_RUN_ID} printable ASCII characters")
         column = _one_array(table.column("table"))
         if table.num_rows:
             column.dictionary.validate(full=True)
@@ -224,7 +351,31 @@ def decode_packet(data: bytes | memoryview, config: EmbeddingConfig, where: str 
     flat = values[offsets[0] : offsets[-1]] if offsets.shape[0] else values[:0]
     if rows != table.num_rows or _checksum(names, index, ids, flat) != checksum:
         raise PacketError(f"{where}: checksum mismatch: the packet is corrupt or truncated")
-    return Packet(shard, num_shards, seq, created_at, tables)
+    return Packet(shard, num_shards, seq, created_at, tables, run_id)
+
+
+def read_packet_origin(data: bytes | memoryview, where: str = "packet") -> tuple[int, int, int, str]:
+    """``(shard, num_shards, seq, run_id)`` from a packet's metadata alone (its rows are neither
+    read nor verified; :func:`decode_packet` does that).
+
+    Raises:
+        PacketError: not a readable ctrserve packet.
+    """
+    try:
+        meta = pa.ipc.open_file(pa.BufferReader(data)).schema.metadata or {}
+        values = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in meta.items()}
+        if values.get("format") != FORMAT:
+            raise ValueError(f"format {values.get('format')!r}")
+        run_id = values.get("run_id", "")
+        if not _valid_run_id(run_id):
+            raise ValueError(f"run_id {run_id[:_MAX_RUN_ID]!r}")
+        return int(values["shard"]), int(values["num_shards"]), int(values["seq"]), run_id
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        raise PacketError(f"{where}: not a readable ctrserve packet: {exc}") from None
+
+
+def _valid_run_id(run_id: str) -> bool:
+    return isinstance(run_id, str) and len(run_id) <= _MAX_RUN_ID and all(" " <= c <= "~" for c in run_id)
 
 
 def _one_array(column: pa.ChunkedArray) -> pa.Array:

@@ -88,8 +88,11 @@ class EmbeddingClient(abc.ABC):
     # ------------------------------------------------------------------ transport
 
     @abc.abstractmethod
-    def _lookup_shards(self, requests: list[tuple[int, np.ndarray, np.ndarray]], dim: int) -> list[np.ndarray]:
-        """Vectors for each (shard, ids, tables) request, asked concurrently where possible."""
+    def _lookup_shards(
+        self, requests: list[tuple[int, np.ndarray, np.ndarray]], dim: int, insert: bool = True
+    ) -> list[np.ndarray]:
+        """Vectors for each (shard, ids, tables) request, asked concurrently where possible;
+        ``insert=False`` asks train-mode shards not to insert unseen keys (see :meth:`lookup`)."""
 
     @abc.abstractmethod
     def _push_shards(self, requests: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
@@ -103,29 +106,32 @@ class EmbeddingClient(abc.ABC):
         kernels.shard_of(ids, tables, self._salts, self.num_shards, out)
         return out
 
-    def lookup_rows(self, ids: np.ndarray, tables: np.ndarray, dim: int) -> np.ndarray:
-        """Vectors of the given keys (all of tables with this ``dim``) as float32 ``[n, dim]``."""
+    def lookup_rows(self, ids: np.ndarray, tables: np.ndarray, dim: int, insert: bool = True) -> np.ndarray:
+        """Vectors of the given keys (all of tables with this ``dim``) as float32 ``[n, dim]``;
+        ``insert`` as in :meth:`lookup`."""
         if ids.shape[0] == 0:
             return np.zeros((0, dim), np.float32)
         if self.num_shards == 1:
-            return self._lookup_shards([(0, ids, tables)], dim)[0]
+            return self._lookup_shards([(0, ids, tables)], dim, insert)[0]
         order, bounds = self._route(ids, tables)
         shards = [s for s in range(self.num_shards) if bounds[s] < bounds[s + 1]]
         parts = self._lookup_shards(
-            [(s, ids[order[bounds[s] : bounds[s + 1]]], tables[order[bounds[s] : bounds[s + 1]]]) for s in shards], dim
+            [(s, ids[order[bounds[s] : bounds[s + 1]]], tables[order[bounds[s] : bounds[s + 1]]]) for s in shards],
+            dim,
+            insert,
         )
         out = np.empty((ids.shape[0], dim), np.float32)
         for s, part in zip(shards, parts):
             out[order[bounds[s] : bounds[s + 1]]] = part
         return out
 
-    def _lookup_keys(self, ids: np.ndarray, tables: np.ndarray, dim: int) -> np.ndarray:
+    def _lookup_keys(self, ids: np.ndarray, tables: np.ndarray, dim: int, insert: bool = True) -> np.ndarray:
         """Vectors of every key in order, repeated keys included, as a new writable float32
         ``[n, dim]`` array. The shards are asked for each distinct key once (and count it once),
         as :meth:`lookup` always does; a transport that can deduplicate more cheaply overrides
         this."""
         uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
-        values = self.lookup_rows(uniq_ids, uniq_tabs, dim)
+        values = self.lookup_rows(uniq_ids, uniq_tabs, dim, insert)
         return np.take(values, inverse, axis=0, mode="clip")  # inverse is valid; "raise" gathers via a temporary
 
     def push_rows(self, ids: np.ndarray, tables: np.ndarray, grads: np.ndarray) -> None:
@@ -154,7 +160,9 @@ class EmbeddingClient(abc.ABC):
 
     # ------------------------------------------------------------------ batches
 
-    def lookup(self, features: Sequence[SparseFeature], requires_grad: bool = False) -> LookupResult:
+    def lookup(
+        self, features: Sequence[SparseFeature], requires_grad: bool = False, insert: bool = True
+    ) -> LookupResult:
         """Embeddings of a batch of named sparse features.
 
         Args:
@@ -163,6 +171,11 @@ class EmbeddingClient(abc.ABC):
                 hold; the cheapest form).
             requires_grad: make the distinct rows a leaf tensor that collects gradients, for
                 :meth:`push_gradients` after ``backward()``.
+            insert: train-mode shards insert ids they have not seen with their deterministic
+                initial value (the default: training). False reads such ids as zeros and leaves
+                the shards' rows as they are, which is what infer-mode servers answer: use it
+                for evaluation, so that held-out ids never become rows that get checkpointed,
+                exported and served. Infer-mode shards never insert.
 
         Raises:
             InvalidRequestError: unknown feature, disagreeing batch sizes, empty batch, or a
@@ -186,11 +199,11 @@ class EmbeddingClient(abc.ABC):
                 # Every sample of every feature pools exactly one row: the pooled result is that
                 # row (sum of one; mean and sqrt scaling divide by 1), so key i's vector is row i
                 # of the answer and feature k is the k-th block of batch_size rows.
-                rows_per_key = torch.from_numpy(self._lookup_keys(ids, tables, group.dim))
+                rows_per_key = torch.from_numpy(self._lookup_keys(ids, tables, group.dim, insert))
                 result.embeddings.update(zip(group.names, rows_per_key.split(batch_size)))
                 continue
             uniq_ids, uniq_tabs, inverse = unique_keys(ids, tables)
-            values = self.lookup_rows(uniq_ids, uniq_tabs, group.dim)
+            values = self.lookup_rows(uniq_ids, uniq_tabs, group.dim, insert)
             if not requires_grad and group.all_pooled:
                 # Serving: pool in one compiled pass; each feature is a view of the result.
                 lengths = part.lengths.reshape(-1)
@@ -436,21 +449,21 @@ class InProcessEmbeddingClient(EmbeddingClient):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _lookup_shards(self, requests, dim):
-        return [self.stores[s].lookup(ids, tables) for s, ids, tables in requests]
+    def _lookup_shards(self, requests, dim, insert=True):
+        return [self.stores[s].lookup(ids, tables, insert=insert) for s, ids, tables in requests]
 
     def _push_shards(self, requests):
         for s, ids, tables, grads in requests:
             self.stores[s].apply_gradients(ids, tables, grads)
 
-    def _lookup_keys(self, ids, tables, dim):
+    def _lookup_keys(self, ids, tables, dim, insert=True):
         # One store can take the keys as they are, repeats included: it counts each distinct key
         # once and gathers straight into the answer, saving the deduplication and the expansion.
         # (A request over the store's id limit goes the deduplicating way, which may fit under it.)
         store = self.stores[0]
         if self.num_shards == 1 and ids.shape[0] <= self.global_config.server.max_ids_per_request:
-            return store.lookup(ids, tables, count_repeats=False)
-        return super()._lookup_keys(ids, tables, dim)
+            return store.lookup(ids, tables, count_repeats=False, insert=insert)
+        return super()._lookup_keys(ids, tables, dim, insert)
 
     def set_optimizer(self, optimizer: SparseOptimizer) -> None:
         for store in self.stores:

@@ -9,6 +9,12 @@ URL`` in ``extra_args`` so they follow one model root and hold the same rows);
 :meth:`ServerGroup.kill` / :meth:`ServerGroup.restart` take one replica down and bring it back
 on the same port (failover tests and demos).
 
+Admin calls: the servers bind loopback and, unless told otherwise, start with
+``--allow-unauthenticated-admin`` (so the trainer loops of tests, demos and benchmarks push
+gradients, set optimizers, dump and load without an admin token) and with the group's
+``workdir`` as their only admin root; ``admin_roots=[...]`` names others,
+``allow_unauthenticated_admin=False`` keeps admin calls to an admin token in the global config.
+
 Example:
     >>> with ServerGroup.start("emb.yml", "global.yml", num_shards=2, workdir=tmp) as group:
     ...     client = RemoteEmbeddingClient(emb_config, group.addresses)
@@ -25,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +162,8 @@ class ServerGroup:
         extra_args: list[str] | None = None,
         timeout: float = 60.0,
         replicas: int = 1,
+        admin_roots: Sequence[str | Path] | None = None,
+        allow_unauthenticated_admin: bool = True,
     ) -> ServerGroup:
         """Start ``replicas`` servers of each of ``num_shards`` shards; wait until every one serves.
 
@@ -162,6 +171,9 @@ class ServerGroup:
             mode: overrides the global config's job type (``--mode``).
             replicas: servers per shard; more than one only makes sense for infer-mode servers
                 following one model root (``extra_args=["--model-root", URL]``).
+            admin_roots: where Dump and Load may go (``--admin-root``, each); None: ``workdir``.
+            allow_unauthenticated_admin: pass ``--allow-unauthenticated-admin`` (the servers bind
+                loopback; without an admin token any local process may then make admin calls).
 
         Raises:
             RuntimeError: a server exited or did not become ready in ``timeout`` seconds (its
@@ -189,6 +201,10 @@ class ServerGroup:
                     "--ready-file",
                     ready,
                 )
+                for root in [workdir] if admin_roots is None else admin_roots:
+                    cmd += ["--admin-root", str(root)]
+                if allow_unauthenticated_admin:
+                    cmd.append("--allow-unauthenticated-admin")
                 if mode:
                     cmd += ["--mode", JobType(mode).value]
                 if metrics:

@@ -26,9 +26,15 @@ the instance id (HELLO), the LookupResponse (LOOKUP), or a UTF-8 message when no
 Access: the socket file is mode 0600 (the default path's directory 0700), so only the server's
 user can connect; a server with a token also demands it in HELLO.
 
+Bounds: at most ``max_connections`` connections are served at once (global config
+``local_socket_max_connections``); one more is answered RESOURCE_EXHAUSTED and closed, and its
+client uses gRPC. A connection that sends nothing for ``idle_timeout_s`` seconds
+(``local_socket_idle_timeout_s``) is closed; a client whose idle connection was closed so sends
+its lookup again on a fresh one.
+
 Example:
     >>> server = LocalLookupServer("/run/ctrserve/shard0.sock", servicer.answer_local, token=None,
-    ...                            max_request_bytes=64 << 20).start()
+    ...                            max_request_bytes=64 << 20, max_connections=64).start()
     >>> channel, why_not = LocalLookupChannel.attach(server.path, server.instance_id, token=None)
     >>> response = channel(wire.encode_lookup_request(ids, tables), timeout=1.0)
 """
@@ -44,7 +50,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -165,27 +171,43 @@ def _remove_orphans(directory: Path) -> None:
 
 
 class LocalLookupServer:
-    """Answers lookups on a Unix socket, one thread per connected client.
+    """Answers lookups on a Unix socket, one thread per connected client (at most ``max_connections``).
 
     Args:
         path: where the socket is made (its directory must exist). A socket file left there by
             a server that is gone is replaced; a live one, or any other file, is an error.
         answer: ``answer(LookupRequest bytes) -> (status, LookupResponse bytes or message)``;
             the server's :meth:`EmbeddingServicer.answer_local`.
-        token: the token clients must send in HELLO (None: none).
+        token: the token clients must send in HELLO, or several tokens any of which will do (the
+            read and the admin token); None: none.
         max_request_bytes: largest LOOKUP body accepted (a larger one closes the connection
             after a RESOURCE_EXHAUSTED reply).
+        max_connections: connections served at once; one more gets a RESOURCE_EXHAUSTED frame
+            and is closed (each connection is a thread holding up to one request and its answer).
+        idle_timeout_s: seconds a connection may wait for its next frame (or a send may stall)
+            before the server closes it.
 
     Raises:
         ConfigError: from :meth:`start`: the path is too long, in use, or cannot be bound.
     """
 
-    def __init__(self, path: str, answer: Answer, token: str | None, max_request_bytes: int):
+    def __init__(
+        self,
+        path: str,
+        answer: Answer,
+        token: str | Sequence[str] | None,
+        max_request_bytes: int,
+        max_connections: int = 64,
+        idle_timeout_s: float = 300.0,
+    ):
         self.path = path
         self.answer = answer
         self.instance_id = secrets.token_hex(16)
-        self._token = token.encode() if token else None
+        tokens = [token] if isinstance(token, str) else list(token or ())
+        self._tokens = [t.encode() for t in tokens if t] or None
         self._max_request = max_request_bytes
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout_s
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -206,6 +228,12 @@ class LocalLookupServer:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), name="local-lookup-accept", daemon=True).start()
         return self
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now."""
+        with self._lock:
+            return len(self._connections)
 
     def stop(self) -> None:
         """Stop accepting, end every connection (a client then falls back to gRPC), remove the file."""
@@ -234,8 +262,32 @@ class LocalLookupServer:
             except OSError:
                 return  # closed by stop()
             with self._lock:
-                self._connections.add(conn)
+                full = len(self._connections) >= self._max_connections
+                if not full:
+                    self._connections.add(conn)
+            if full:
+                self._refuse(conn)
+                continue
+            conn.settimeout(self._idle_timeout)  # every read and send of this connection
             threading.Thread(target=self._serve, args=(conn,), name="local-lookup", daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Answer a connection over the cap RESOURCE_EXHAUSTED and close it (its client then
+        uses gRPC), without a thread: the short frame fits the socket's buffer."""
+        message = (
+            f"the local lookup socket serves {self._max_connections} connections at once "
+            "(local_socket_max_connections); use gRPC"
+        )
+        log.warning("local lookup connection refused: %s", message)
+        try:
+            conn.settimeout(1.0)
+            send_frame(conn, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message.encode())
+            conn.setblocking(False)
+            conn.recv(4096)  # a HELLO already here: read, so closing is an end of stream, not a reset
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -259,7 +311,7 @@ class LocalLookupServer:
         if kind != HELLO:
             send_frame(conn, grpc.StatusCode.INVALID_ARGUMENT.value[0], b"the first frame must be HELLO")
             return False
-        if self._token is not None and not hmac.compare_digest(bytes(body), self._token):
+        if self._tokens is not None and not any([hmac.compare_digest(bytes(body), t) for t in self._tokens]):
             send_frame(conn, grpc.StatusCode.UNAUTHENTICATED.value[0], b"missing or wrong token")
             return False
         send_frame(conn, grpc.StatusCode.OK.value[0], self.instance_id.encode())
@@ -351,11 +403,15 @@ class LocalLookupChannel:
         return channel, ""
 
     def __call__(self, request: bytes, timeout: float | None = None) -> memoryview:
-        conn = self._take(timeout)
+        conn, reused = self._take(timeout)
         try:
-            conn.settimeout(timeout)
-            send_frame(conn, LOOKUP, request)
-            frame = read_frame(conn, wire.MAX_MESSAGE_BYTES)
+            frame = self._exchange(conn, request, timeout)
+            if frame is None and reused:
+                # The server closed this idle connection (local_socket_idle_timeout_s) before it
+                # read the request: a lookup only reads, so it is sent again on a fresh connection.
+                conn.close()
+                conn = self._connect(self._connect_timeout(timeout))
+                frame = self._exchange(conn, request, timeout)
             if frame is None:
                 raise FrameError("the server closed the connection")
         except TimeoutError:
@@ -380,11 +436,31 @@ class LocalLookupChannel:
         for conn in idle:
             conn.close()
 
-    def _take(self, timeout: float | None) -> socket.socket:
+    @staticmethod
+    def _exchange(conn: socket.socket, request: bytes, timeout: float | None) -> tuple[int, memoryview] | None:
+        """Send one LOOKUP and read its answer; None when the server had closed the connection
+        (nothing of an answer came back).
+
+        Raises:
+            TimeoutError, OSError, FrameError: the connection failed otherwise.
+        """
+        conn.settimeout(timeout)
+        try:
+            send_frame(conn, LOOKUP, request)
+            return read_frame(conn, wire.MAX_MESSAGE_BYTES)
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+    @staticmethod
+    def _connect_timeout(timeout: float | None) -> float:
+        return ATTACH_TIMEOUT_S if timeout is None else min(timeout, ATTACH_TIMEOUT_S)
+
+    def _take(self, timeout: float | None) -> tuple[socket.socket, bool]:
+        """An idle connection (and True), or a new one (and False)."""
         with self._lock:
             if self._idle:
-                return self._idle.pop()
-        return self._connect(ATTACH_TIMEOUT_S if timeout is None else min(timeout, ATTACH_TIMEOUT_S))
+                return self._idle.pop(), True
+        return self._connect(self._connect_timeout(timeout)), False
 
     def _give_back(self, conn: socket.socket) -> None:
         with self._lock:
@@ -399,7 +475,10 @@ class LocalLookupChannel:
         try:
             conn.settimeout(timeout)
             conn.connect(self.path)
-            send_frame(conn, HELLO, self._hello)
+            try:
+                send_frame(conn, HELLO, self._hello)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a server over its connection cap answers and closes at once: read why
             frame = read_frame(conn, 4096)
             if frame is None:
                 raise FrameError("the server closed the connection")

@@ -352,13 +352,13 @@ class RemoteEmbeddingClient(EmbeddingClient):
 
     # ------------------------------------------------------------------ transport
 
-    def _lookup_shards(self, requests, dim):
+    def _lookup_shards(self, requests, dim, insert=True):
         calls = []
         # With one shard there is nothing to overlap: a blocking call skips the thread gRPC
         # starts per future.
         parallel = len(requests) > 1
         for s, ids, tables in requests:
-            payload = wire.encode_lookup_request(ids, tables)
+            payload = wire.encode_lookup_request(ids, tables, insert)
             calls.append(self._start(s, self._lookup_sender(payload, parallel)))
         out = []
         for call, (s, ids, _) in zip(calls, requests):
@@ -461,6 +461,44 @@ class RemoteEmbeddingClient(EmbeddingClient):
             )
             if r.HasField("hotload"):  # {training shard: last packet seq applied}, as handlers report it
                 out[-1]["watermark"] = {str(st.shard): st.watermark for st in r.hotload.streams}
+                # {training shard: seqs an operator skipped}, for the shards with any (handlers report it)
+                out[-1]["skipped"] = {str(st.shard): list(st.skipped) for st in r.hotload.streams if st.skipped}
+        return out
+
+    def skip_packet(self, shard: int, num_shards: int, seq: int) -> list[list[dict]]:
+        """Ask every replica of every serving shard to skip packet ``seq`` of training shard
+        ``shard`` of ``num_shards``, which their model-root followers are held at (see
+        :meth:`~embedding_server.modelroot.hotload.ModelRootFollower.skip_packet`). Every replica
+        is asked even when one refuses, so replicas end up alike.
+
+        Returns:
+            Per serving shard, per replica: ``{"address", "ok", "watermark", "skipped",
+            "already_skipped"}`` or ``{"address", "ok": False, "error"}``.
+        """
+        request = pb.SkipPacketRequest(shard=shard, num_shards=num_shards, seq=seq)
+        calls = [
+            [(r.address, r.stubs["service"].SkipPacket.future(request, timeout=self.timeout)) for r in rs.replicas]
+            for rs in self.replica_sets
+        ]
+        out = []
+        for replicas in calls:
+            answers = []
+            for address, future in replicas:
+                try:
+                    r = future.result()
+                except grpc.RpcError as exc:
+                    answers.append({"address": address, "ok": False, "error": f"{exc.code().name}: {exc.details()}"})
+                    continue
+                answers.append(
+                    {
+                        "address": address,
+                        "ok": True,
+                        "watermark": r.watermark,
+                        "skipped": list(r.skipped),
+                        "already_skipped": r.already_skipped,
+                    }
+                )
+            out.append(answers)
         return out
 
     def dump(self, directory: str) -> None:
@@ -603,7 +641,15 @@ class _Completed:
 
 def hotload_dict(message) -> dict:
     """A ``HotloadStats`` message as the dict :meth:`ModelRootFollower.stats` returns."""
-    out = {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields}
-    out["streams"] = [{field.name: getattr(s, field.name) for field in s.DESCRIPTOR.fields} for s in message.streams]
+    out = {field.name: _plain(getattr(message, field.name)) for field in message.DESCRIPTOR.fields}
+    out["streams"] = [
+        {field.name: _plain(getattr(s, field.name)) for field in s.DESCRIPTOR.fields} for s in message.streams
+    ]
     out["quarantined"] = list(message.quarantined)
+    out["foreign_runs"] = list(message.foreign_runs)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A repeated scalar protobuf field as a list (JSON-serialisable); other values as they are."""
+    return value if isinstance(value, (str, bytes, int, float, bool)) or hasattr(value, "DESCRIPTOR") else list(value)

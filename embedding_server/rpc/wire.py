@@ -65,6 +65,7 @@ _LEN = 2  # protobuf wire type of bytes fields
 _VARINT = 0
 _REQUEST_IDS = 1 << 3 | _LEN  # LookupRequest.ids = 1
 _REQUEST_TABLES = 2 << 3 | _LEN  # LookupRequest.tables = 2
+_REQUEST_NO_INSERT = 3 << 3 | _VARINT  # LookupRequest.no_insert = 3
 _RESPONSE_DIM = 1 << 3 | _VARINT  # LookupResponse.dim = 1
 _RESPONSE_VALUES = 2 << 3 | _LEN  # LookupResponse.values = 2
 _RESPONSE_PADDING = 3 << 3 | _LEN  # LookupResponse.padding = 3
@@ -102,8 +103,9 @@ def _read_varint(buffer: bytes | bytearray | memoryview, pos: int) -> tuple[int,
         shift += 7
 
 
-def encode_lookup_request(ids: np.ndarray, tables: np.ndarray) -> bytes:
-    """A serialized LookupRequest, built with one copy of each array."""
+def encode_lookup_request(ids: np.ndarray, tables: np.ndarray, insert: bool = True) -> bytes:
+    """A serialized LookupRequest, built with one copy of each array; ``insert=False`` sets
+    ``no_insert`` (train-mode servers then answer zeros for unseen keys without inserting them)."""
     id_array = np.ascontiguousarray(ids, dtype=IDS)
     table_array = np.ascontiguousarray(tables, dtype=TABLES)
     return b"".join(
@@ -114,6 +116,7 @@ def encode_lookup_request(ids: np.ndarray, tables: np.ndarray) -> bytes:
             bytes([_REQUEST_TABLES]),
             _varint(table_array.nbytes),
             table_array.data.cast("B"),
+            b"" if insert else bytes([_REQUEST_NO_INSERT, 1]),
         )
     )
 
@@ -171,8 +174,9 @@ def _scan(message: bytes | bytearray | memoryview, what: str) -> dict[int, int |
     return fields
 
 
-def decode_lookup_request(message: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview]:
-    """(ids bytes, tables bytes) of a serialized LookupRequest, as views of ``message``.
+def decode_lookup_request(message: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview, bool]:
+    """(ids bytes, tables bytes, insert) of a serialized LookupRequest: the buffers as views of
+    ``message``; ``insert`` is False where the request sets ``no_insert``.
 
     Raises:
         ValueError: ``message`` is not a LookupRequest.
@@ -181,10 +185,11 @@ def decode_lookup_request(message: bytes | bytearray | memoryview) -> tuple[memo
     view = memoryview(message)
     ids_span = fields.get(_REQUEST_IDS, (0, 0))
     tables_span = fields.get(_REQUEST_TABLES, (0, 0))
+    no_insert = fields.get(_REQUEST_NO_INSERT, 0)
     if not isinstance(ids_span, tuple) or not isinstance(tables_span, tuple):
         raise ValueError("malformed LookupRequest: ids and tables must be bytes fields")
     (ids_at, ids_len), (tables_at, tables_len) = ids_span, tables_span
-    return view[ids_at : ids_at + ids_len], view[tables_at : tables_at + tables_len]
+    return view[ids_at : ids_at + ids_len], view[tables_at : tables_at + tables_len], not no_insert
 
 
 def decode_lookup_response(message: bytes | bytearray) -> tuple[int, np.ndarray]:

@@ -23,7 +23,16 @@ kerb_ticket         ``KRB5CCNAME`` (a ``FILE:`` prefix is dropped)
 ==================  ====================================================================
 
 Every failure is a :class:`StorageError` whose message names the URL and what went wrong;
-a missing file is a :class:`StorageNotFoundError` (also a ``FileNotFoundError``).
+a missing file is a :class:`StorageNotFoundError` (also a ``FileNotFoundError``), and a file that
+is there but refused (larger than the caller's bound, not a regular file, or a local path whose
+symbolic links lead outside the root) an :class:`UnreadableFileError`.
+
+Reads are bounded: ``max_bytes`` is checked against the size the backend reports (``fstat`` of the
+opened file, the S3 object's or HDFS file's size) before any byte is read. Local reads open only
+regular files inside the root: the path is resolved and must stay under the root (a symbolic link
+may point elsewhere inside it), it is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO or device
+put there by an outside tool cannot block the open) and refused unless ``fstat`` says it is a
+regular file.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import errno
 import io
 import logging
 import math
@@ -55,6 +65,11 @@ class StorageError(IOError):
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """The file (or object) asked for does not exist."""
+
+
+class UnreadableFileError(StorageError):
+    """The file is there but refused unread: larger than the caller's bound, not a regular file
+    (a FIFO, a device, a directory), or, locally, its path resolves outside the storage root."""
 
 
 @dataclass(frozen=True)
@@ -360,25 +375,34 @@ def check_size(where: str, size: int, max_bytes: int | None) -> None:
     """Refuse a file of ``size`` bytes when it is over ``max_bytes``.
 
     Raises:
-        StorageError: ``size`` exceeds ``max_bytes``.
+        UnreadableFileError: ``size`` exceeds ``max_bytes``.
     """
     if max_bytes is not None and size > max_bytes:
-        raise StorageError(f"{where}: {size} bytes is more than the allowed {max_bytes} bytes; refusing to read it")
+        raise UnreadableFileError(
+            f"{where}: {size} bytes is more than the allowed {max_bytes} bytes; refusing to read it"
+        )
 
 
 class LocalStorage(Storage):
     """A directory on a local (or locally mounted) file system.
 
     Atomic publish writes a temporary file in the same directory, fsyncs it and renames it over
-    the target, which POSIX guarantees to be atomic.
+    the target, which POSIX guarantees to be atomic. Reads open only regular files whose resolved
+    path stays inside the root (see the module docstring); a child storage keeps its parent's
+    root as that bound.
+
+    Args:
+        url: a path or ``file://`` URL.
+        boundary: reads must stay inside this resolved directory (default: the root itself).
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, boundary: Path | None = None):
         super().__init__(url)
         parsed = urlparse(url)
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StorageError(f"storage URL {url!r}: file:// URLs must name a local path (file:///abs/path)")
         self.root = Path(parsed.path if parsed.scheme == "file" else url).resolve()
+        self.boundary = self.root if boundary is None else boundary
 
     def _path(self, path: str) -> Path:
         return self.root / self._relative(path)
@@ -408,18 +432,48 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _reading(self, path: str) -> Iterator[io.BufferedReader]:
-        """The open file, with OS errors turned into storage errors."""
+        """The open file, with OS errors turned into storage errors (see :meth:`_open_regular`)."""
         try:
-            with open(self._path(path), "rb") as fh:
+            with os.fdopen(self._open_regular(path), "rb") as fh:
                 yield fh
         except StorageError:  # from the caller's checks (an IOError too): as it is
             raise
         except FileNotFoundError:
             raise StorageNotFoundError(f"{self._where(path)}: no such file") from None
-        except IsADirectoryError:
-            raise StorageError(f"{self._where(path)}: is a directory, not a file") from None
         except OSError as exc:
             raise StorageError(f"{self._where(path)}: read failed: {exc}") from exc
+
+    def _open_regular(self, path: str) -> int:
+        """A read-only descriptor of the regular file at ``path``, which must resolve inside the
+        boundary. Opening never blocks (``O_NONBLOCK``: a FIFO without a writer opens at once and
+        is then refused) and follows no link swapped in after the check (``O_NOFOLLOW``).
+
+        Raises:
+            FileNotFoundError: nothing there (a dangling link included).
+            UnreadableFileError: outside the root, or not a regular file.
+            OSError: the open failed otherwise.
+        """
+        where = self._where(path)
+        real = Path(os.path.realpath(self._path(path)))
+        if real != self.boundary and self.boundary not in real.parents:
+            raise UnreadableFileError(
+                f"{where}: resolves to {real}, outside the storage root {self.boundary}; refusing to read it"
+            )
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # replaced by a symbolic link since it was resolved
+                raise UnreadableFileError(f"{where}: is a symbolic link now; refusing to read it") from None
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat_module.S_ISREG(mode):
+                raise UnreadableFileError(f"{where}: is {_file_kind(mode)}, not a regular file; refusing to read it")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def write_atomic(self, path: str, data: bytes) -> None:
         target = self._path(path)
@@ -475,4 +529,19 @@ class LocalStorage(Storage):
             raise StorageError(f"{self._where(path)}: delete failed: {exc}") from exc
 
     def child(self, path: str) -> LocalStorage:
-        return LocalStorage(self.join_url(path))
+        return LocalStorage(self.join_url(path), self.boundary)
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages: "a FIFO", "a directory", ..."""
+    for test, kind in (
+        (stat_module.S_ISDIR, "a directory"),
+        (stat_module.S_ISFIFO, "a FIFO"),
+        (stat_module.S_ISCHR, "a character device"),
+        (stat_module.S_ISBLK, "a block device"),
+        (stat_module.S_ISSOCK, "a socket"),
+        (stat_module.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return f"a special file (mode {mode:o})"

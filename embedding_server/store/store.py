@@ -196,12 +196,13 @@ class EmbeddingStore:
         tables: np.ndarray,
         out: np.ndarray | Callable[[int], np.ndarray] | None = None,
         count_repeats: bool = True,
+        insert: bool = True,
     ) -> np.ndarray:
         """Vectors of the given keys as float32 ``[n, dim]``.
 
         In train mode unseen keys are inserted with their deterministic initial value (the
-        least recently used rows make room when the store is full); in infer mode they read as
-        zeros and are not inserted.
+        least recently used rows make room when the store is full); in infer mode, or with
+        ``insert=False``, they read as zeros and are not inserted.
 
         Args:
             out: a C-contiguous float32 ``[n, dim]`` array to write the vectors into, or a
@@ -210,6 +211,9 @@ class EmbeddingStore:
             count_repeats: count every key in the hit and miss counters (the default). When
                 false, a key repeated within the request counts once, as if the caller had
                 deduplicated the request first (what the batch clients do).
+            insert: train mode: insert unseen keys (the default). False reads them as zeros and
+                leaves the store's rows as they are, exactly what an infer-mode server answers
+                for them (evaluation during training). Infer mode never inserts.
 
         Returns:
             ``out``, or the new array.
@@ -228,7 +232,7 @@ class EmbeddingStore:
             raise ValueError(
                 f"out must be a writable C-contiguous float32 array of shape {(ids.shape[0], dim)}, got {describe_value(out)}"
             )
-        insert = self.mode is JobType.TRAIN
+        insert = insert and self.mode is JobType.TRAIN
         if insert:
             self._check_fits(ids, tables)
         with self._lock:
@@ -245,7 +249,7 @@ class EmbeddingStore:
                 )
             if missing:
                 sel = np.flatnonzero(rows < 0)
-                if not insert:  # infer mode: keys not stored read as zeros
+                if not insert:  # infer mode or insert=False: keys not stored read as zeros
                     out[sel] = 0
                     misses = sel.shape[0] if count_repeats else unique_keys(ids[sel], tables[sel])[0].shape[0]
                     self._meta[kernels.META_LOOKUPS] += misses
