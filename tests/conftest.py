@@ -71,6 +71,7 @@ from ctrserve import ceph_cluster
 from embedding_server.core.batch import SparseFeature
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, version_dir
+from embedding_server.modelroot.hotload import FollowOptions
 from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
 from trainer.batch import PyPersiaBatchData
 
@@ -353,6 +354,13 @@ def poll_until(predicate: Callable[[], object], timeout: float = 30.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def polling_follow() -> FollowOptions:
+    """Follower options that poll a local model root quickly and without inotify, so a test sees
+    exactly what a listing-based follower (S3, HDFS) does."""
+    return FollowOptions(poll_interval_s=0.02, rescan_interval_s=0.2, gap_timeout_s=30.0, use_inotify=False)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pytest
 
 from archiver.publish import Publisher, PublishSettings
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
-from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
+from embedding_server.modelroot.hotload import ModelRootFollower
 from embedding_server.modelroot.incremental import (
     PacketPublisher,
     complete_checkpoints,
@@ -38,7 +38,6 @@ pytestmark = pytest.mark.unit
 
 EMB = {"slots_config": {"user": {"dim": 4}, "item": {"dim": 8}}}
 CONFIG = EmbeddingConfig.from_dict(EMB)
-POLL = FollowOptions(poll_interval_s=0.02, rescan_interval_s=0.2, gap_timeout_s=30.0, use_inotify=False)
 INFER = {"common_config": {"job_type": "infer"}, "embedding_parameter_server_config": {"capacity": 50_000}}
 LONG = 200  # characters: far beyond every real name, within a file system's 255 bytes
 
@@ -160,11 +159,13 @@ def assert_once_each(caplog, logger: str, root: Path, paths: list[str]) -> None:
     assert {p: counts[f"{root}/{p}"] for p in paths} == dict.fromkeys(paths, 1), logger
 
 
-def test_a_follower_keeps_applying_past_odd_names_and_warns_once_each(training, tmp_path, caplog, wait_until):
+def test_a_follower_keeps_applying_past_odd_names_and_warns_once_each(
+    polling_follow, training, tmp_path, caplog, wait_until
+):
     caplog.set_level(logging.WARNING)
     planted = plant(tmp_path)
     store = EmbeddingStore(CONFIG, GlobalConfig.from_dict(INFER))
-    with ModelRootFollower(store, str(tmp_path), POLL) as follower:
+    with ModelRootFollower(store, str(tmp_path), polling_follow) as follower:
         assert follower.wait_synced(30)
         for _ in range(3):  # each packet is at least one more pass over the odd names
             seqs = training.round()
@@ -177,10 +178,14 @@ def test_a_follower_keeps_applying_past_odd_names_and_warns_once_each(training, 
     assert_once_each(caplog, "ctrserve.embedding_server.modelroot.hotload", tmp_path, listed)
 
 
-def test_a_server_starts_past_odd_names(training, tmp_path):
+def test_a_server_starts_past_odd_names(polling_follow, training, tmp_path):
     plant(tmp_path)
     server = start_server(
-        CONFIG, GlobalConfig.from_dict(INFER), model_root=str(tmp_path), follow_options=POLL, local_socket=None
+        CONFIG,
+        GlobalConfig.from_dict(INFER),
+        model_root=str(tmp_path),
+        follow_options=polling_follow,
+        local_socket=None,
     )
     try:
         training.assert_served_by(server.store.lookup)

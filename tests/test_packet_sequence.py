@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.optimizers import Adagrad
 from embedding_server.modelroot import checkpoint
-from embedding_server.modelroot.hotload import FollowOptions, ModelRootFollower
+from embedding_server.modelroot.hotload import ModelRootFollower
 from embedding_server.modelroot.incremental import PacketPublisher, publish_checkpoint
 from embedding_server.modelroot.packets import (
     LAST_SEQ_FILE,
@@ -44,7 +44,6 @@ EMB = {"slots_config": {"user": {"dim": 4}, "item": {"dim": 4}}}
 CONFIG = EmbeddingConfig.from_dict(EMB)
 USER = CONFIG.tables["user"]
 DENSE_WIDTH = 2
-POLL = FollowOptions(poll_interval_s=0.02, rescan_interval_s=0.2, gap_timeout_s=30.0, use_inotify=False)
 
 
 def train_config(root: Path, **server) -> GlobalConfig:
@@ -115,7 +114,9 @@ def assert_serves(store: EmbeddingStore, rows: list[TableRows]) -> None:
     assert compared > 0
 
 
-def test_a_resumed_trainer_continues_its_sequence_after_retention_and_serving_sees_every_update(tmp_path, wait_until):
+def test_a_resumed_trainer_continues_its_sequence_after_retention_and_serving_sees_every_update(
+    polling_follow, tmp_path, wait_until
+):
     """The incident: a job publishes packets and checkpoints (keep=1, so retention deletes every
     packet the newest checkpoint includes), stops, and is resumed from its checkpoint. The
     resumed job must number its packets above the old ones; a follower that followed the whole
@@ -123,7 +124,7 @@ def test_a_resumed_trainer_continues_its_sequence_after_retention_and_serving_se
     root, run = tmp_path / "root", tmp_path / "run"
     rng = np.random.default_rng(0)
     store = infer_store()
-    follower = ModelRootFollower(store, str(root), POLL).start()  # a serving shard, there all along
+    follower = ModelRootFollower(store, str(root), polling_follow).start()  # a serving shard, there all along
     assert follower.wait_synced(30)
 
     def train(ctx: TrainCtx, steps: int) -> None:
@@ -156,7 +157,7 @@ def test_a_resumed_trainer_continues_its_sequence_after_retention_and_serving_se
         assert_serves(store, trainer_rows(resumed))
         assert follower.stats()["foreign_run_packets"] == 0
         restarted = infer_store()  # a server started now: newest checkpoint plus newer packets
-        with ModelRootFollower(restarted, str(root), POLL) as fresh:
+        with ModelRootFollower(restarted, str(root), polling_follow) as fresh:
             assert fresh.wait_synced(30)
             assert follower_watermarks(fresh) == last
             assert_serves(restarted, trainer_rows(resumed))
@@ -287,7 +288,9 @@ def write_packet(root: Path, seq: int, run_id: str, ids, value: float) -> None:
     LocalStorage(str(root)).write_atomic(f"{packet_dir(0, 1)}/{packet_name(seq)}", data)
 
 
-def test_a_packet_of_another_run_at_or_below_the_watermark_raises_the_alarm(tmp_path, caplog, wait_until):
+def test_a_packet_of_another_run_at_or_below_the_watermark_raises_the_alarm(
+    polling_follow, tmp_path, caplog, wait_until
+):
     """What the follower saw in the incident: run A's packets 0..3 applied and then deleted by
     retention, and a restarted run B numbering again from 0. Its packets are not applied (that
     would be out of order) but each one is reported: a WARNING, the stats counter and the
@@ -297,7 +300,7 @@ def test_a_packet_of_another_run_at_or_below_the_watermark_raises_the_alarm(tmp_
         write_packet(tmp_path, seq, "run-A", [seq, 100], float(seq))
     registry = CollectorRegistry()
     store = infer_store()
-    with ModelRootFollower(store, str(tmp_path), POLL, registry=registry, labels={"shard": "0"}) as follower:
+    with ModelRootFollower(store, str(tmp_path), polling_follow, registry=registry, labels={"shard": "0"}) as follower:
         assert follower.wait_synced(30) and follower_watermarks(follower) == [3]
         delete_packets(tmp_path)  # retention, long before the restarted run writes
         wait_until(lambda: any("waiting for packets" in r.getMessage() for r in caplog.records), what="a look")

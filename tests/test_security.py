@@ -320,6 +320,17 @@ def _batch() -> list[SparseFeature]:
     return [SparseFeature.from_lists("user", [[1, 2], [3], []])]
 
 
+def _run_every_admin_call(client: RemoteEmbeddingClient, checkpoint: Path) -> None:
+    """A trainer's whole loop: set the optimizer, push one step's gradients, dump to and load from
+    ``checkpoint`` (each call raises when the server refuses it)."""
+    client.set_optimizer(SGD(lr=0.5))
+    result = client.lookup(_batch(), requires_grad=True)
+    result["user"].sum().backward()
+    client.push_gradients(result)
+    client.dump(str(checkpoint))
+    client.load(str(checkpoint))
+
+
 @pytest.mark.unit
 def test_every_rpc_is_a_read_or_an_admin_method():
     methods = set(pb.DESCRIPTOR.services_by_name["EmbeddingService"].methods_by_name)
@@ -359,12 +370,7 @@ def test_a_default_server_refuses_admin_calls_and_says_how_to_enable_them(tmp_pa
     server = _serve_train(ServerSecurity(allow_unauthenticated_admin=True, admin_roots=(str(tmp_path),)))
     try:
         with RemoteEmbeddingClient(EMB, [server.address]) as client:
-            client.set_optimizer(SGD(lr=0.5))
-            result = client.lookup(_batch(), requires_grad=True)
-            result["user"].sum().backward()
-            client.push_gradients(result)
-            client.dump(str(victim))
-            client.load(str(victim))
+            _run_every_admin_call(client, victim)
         assert (victim / "manifest.json").exists()
         assert json.loads(_rpc(server.address, "Info", pb.InfoRequest()).optimizer_json)["type"] == "sgd"
     finally:
@@ -389,12 +395,7 @@ def test_the_read_token_allows_reads_only_and_the_admin_token_everything(tmp_pat
         # A trainer (admin token) runs its whole loop; its lookups use the local socket, which takes that token too.
         with RemoteEmbeddingClient(EMB, [address], security=ClientSecurity(token=ADMIN_TOKEN)) as trainer:
             assert trainer.replica_states()[0][0]["transport"] == "local"
-            trainer.set_optimizer(SGD(lr=0.5))
-            result = trainer.lookup(_batch(), requires_grad=True)
-            result["user"].sum().backward()
-            trainer.push_gradients(result)
-            trainer.dump(str(checkpoint_dir))
-            trainer.load(str(checkpoint_dir))
+            _run_every_admin_call(trainer, checkpoint_dir)
             trained = trainer.lookup(_batch())["user"]
         # A TorchServe worker (read token) looks up the same rows, and can change nothing.
         with RemoteEmbeddingClient(EMB, [address], security=ClientSecurity(token=TOKEN)) as worker:
@@ -823,12 +824,7 @@ def test_cli_server_admin_flags_allow_admin_calls_inside_the_roots(tmp_path):
         RemoteEmbeddingClient(EMB, group.addresses) as client,
     ):
         assert "--allow-unauthenticated-admin" in group.servers[0].command
-        client.set_optimizer(SGD(lr=0.5))
-        result = client.lookup(_batch(), requires_grad=True)
-        result["user"].sum().backward()
-        client.push_gradients(result)
-        client.dump(str(tmp_path / "ckpts" / "c1"))
-        client.load(str(tmp_path / "ckpts" / "c1"))
+        _run_every_admin_call(client, tmp_path / "ckpts" / "c1")
         with pytest.raises(ShardUnavailableError, match="PERMISSION_DENIED.*admin roots"):
             client.dump(str(tmp_path / "srv" / "c2"))
     assert (tmp_path / "ckpts" / "c1" / "manifest.json").exists() and not (tmp_path / "srv" / "c2").exists()

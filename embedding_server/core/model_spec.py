@@ -33,7 +33,7 @@ from typing import Any
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError
-from embedding_server.core.names import ascii_pattern, entry_url, warn_odd_name
+from embedding_server.core.names import ascii_pattern, parse_listing
 from embedding_server.storage.base import Storage
 
 SPEC_FORMAT_VERSION = 1
@@ -64,13 +64,14 @@ def list_versions(storage: Storage, logger: logging.Logger | None = None) -> lis
     Raises:
         StorageError: the listing failed.
     """
-    versions = []
-    for name in storage.list_dir(DENSE_DIR):
-        version = parse_version_dir(name)
-        if version is None:
-            warn_odd_name(logger or log, entry_url(storage.url, DENSE_DIR, name), "dense version folder vNNNNNNNN")
-        else:
-            versions.append(version)
+    versions = parse_listing(
+        storage.list_dir(DENSE_DIR),
+        parse_version_dir,
+        logger or log,
+        storage.url,
+        DENSE_DIR,
+        "dense version folder vNNNNNNNN",
+    )
     return sorted(versions)
 
 

@@ -19,6 +19,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: Odd names remembered (per reader) so that each is reported once; beyond this many, further
 #: odd names are ignored without a line each (one line says so).
@@ -59,3 +63,26 @@ def warn_odd_name(logger: logging.Logger, url: str, expected: str) -> None:
         logger.warning("more than %d odd names in model root listings; ignoring further ones silently", MAX_REMEMBERED)
     else:
         logger.warning("ignoring %r: not a %s", url, expected)
+
+
+def parse_listing(
+    listing: Iterable[str],
+    parse: Callable[[str], T | None],
+    logger: logging.Logger,
+    root_url: str,
+    folder: str,
+    expected: str,
+    allowed: Iterable[str] = (),
+) -> list[T]:
+    """What ``parse`` makes of each name of a listing of ``folder`` under the storage root
+    ``root_url``, in listing order; a name it refuses (None) is skipped with
+    :func:`warn_odd_name`, unless it is ``allowed``."""
+    allowed = set(allowed)
+    values = []
+    for name in listing:
+        value = parse(name)
+        if value is not None:
+            values.append(value)
+        elif name not in allowed:
+            warn_odd_name(logger, entry_url(root_url, folder, name), expected)
+    return values

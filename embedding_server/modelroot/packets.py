@@ -53,7 +53,7 @@ from zlib_ng import zlib_ng
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
-from embedding_server.core.names import ascii_pattern, entry_url, warn_odd_name
+from embedding_server.core.names import ascii_pattern, parse_listing
 from embedding_server.modelroot.checkpoint import shard_dir
 from embedding_server.storage.base import Storage
 from embedding_server.store.store import TableRows
@@ -143,13 +143,15 @@ def list_packets(storage: Storage, folder: str, logger: logging.Logger | None = 
     Raises:
         StorageError: the listing failed.
     """
-    seqs = []
-    for name in storage.list_dir(folder):
-        seq = parse_packet_name(name)
-        if seq is not None:
-            seqs.append(seq)
-        elif name != LAST_SEQ_FILE:
-            warn_odd_name(logger or log, entry_url(storage.url, folder, name), "packet file <20 digits>.arrow")
+    seqs = parse_listing(
+        storage.list_dir(folder),
+        parse_packet_name,
+        logger or log,
+        storage.url,
+        folder,
+        "packet file <20 digits>.arrow",
+        allowed=[LAST_SEQ_FILE],
+    )
     return sorted(seqs)
 
 
@@ -160,14 +162,14 @@ def list_shard_dirs(storage: Storage, logger: logging.Logger | None = None) -> l
     Raises:
         StorageError: the listing failed.
     """
-    layouts = []
-    for name in storage.list_dir(INCREMENTAL_DIR):
-        layout = parse_shard_dir(name)
-        if layout is None:
-            warn_odd_name(logger or log, entry_url(storage.url, INCREMENTAL_DIR, name), "shard-SSSSS-of-NNNNN folder")
-        else:
-            layouts.append(layout)
-    return layouts
+    return parse_listing(
+        storage.list_dir(INCREMENTAL_DIR),
+        parse_shard_dir,
+        logger or log,
+        storage.url,
+        INCREMENTAL_DIR,
+        "shard-SSSSS-of-NNNNN folder",
+    )
 
 
 def list_checkpoints(storage: Storage, logger: logging.Logger | None = None) -> list[str]:
@@ -177,12 +179,14 @@ def list_checkpoints(storage: Storage, logger: logging.Logger | None = None) -> 
     Raises:
         StorageError: the listing failed.
     """
-    names = []
-    for name in storage.list_dir(CHECKPOINTS_DIR):
-        if parse_checkpoint_name(name) is None:
-            warn_odd_name(logger or log, entry_url(storage.url, CHECKPOINTS_DIR, name), "checkpoint folder <20 digits>")
-        else:
-            names.append(name)
+    names = parse_listing(
+        storage.list_dir(CHECKPOINTS_DIR),
+        lambda name: name if parse_checkpoint_name(name) is not None else None,
+        logger or log,
+        storage.url,
+        CHECKPOINTS_DIR,
+        "checkpoint folder <20 digits>",
+    )
     return sorted(names)
 
 
