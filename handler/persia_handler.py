@@ -218,7 +218,8 @@ class PersiaHandler(BaseHandler):
         except InvalidRequestError as exc:
             raise PredictionException(f"embedding lookup refused: {exc}", 400) from None
         self._record_time("EmbeddingLookupTime", started)
-        prepared.dense = torch.from_numpy(dense).to(self.device)
+        # A lone request's dense values may be a read-only view of its body; torch wants writable memory.
+        prepared.dense = torch.from_numpy(dense if dense.flags.writeable else dense.copy()).to(self.device)
         embeddings = looked_up.embeddings
         prepared.sparse = [self._model_input(embeddings[name]) for name in self.decoder.feature_names]
         return prepared
