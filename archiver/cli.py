@@ -65,6 +65,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-s", type=float, default=5.0, help="seconds between scans (default 5)")
     p.add_argument("--drain-s", type=float, default=2.0, help="seconds before retiring old versions (default 2)")
     p.add_argument("--once", action="store_true", help="publish what is new once and exit")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics (versions published, failures, last publish time) on this port (default off)",
+    )
+    p.add_argument("--metrics-address", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)")
     p.set_defaults(func=run_publish)
 
 
@@ -150,7 +156,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 @_reporting
 def run_publish(args: argparse.Namespace) -> int:
-    from archiver.publish import Publisher, PublishSettings
+    from archiver.publish import Publisher, PublisherMetrics, PublishSettings
 
     settings = PublishSettings(
         args.watch,
@@ -165,7 +171,12 @@ def run_publish(args: argparse.Namespace) -> int:
         poll_s=args.poll_s,
     )
     with _client(args) as mgmt:
-        publisher = Publisher(mgmt, settings)
+        metrics = None
+        if args.metrics_port is not None:
+            metrics = PublisherMetrics()
+            port = metrics.serve_http(args.metrics_port, args.metrics_address)
+            logging.getLogger("ctrserve.publish").info("metrics on http://%s:%d/metrics", args.metrics_address, port)
+        publisher = Publisher(mgmt, settings, metrics)
         if args.once:
             version = publisher.poll_once()
             logging.getLogger("ctrserve.publish").info(

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
 from archiver.build import DEFAULT_NAME, archive_model
 from archiver.management import ManagementClient, ManagementError
 from embedding_server.core.errors import ConfigError
@@ -80,17 +82,53 @@ class PublishSettings:
                 raise ConfigError(f"publish: {key} must be >= 0, got {getattr(self, key)}")
 
 
+class PublisherMetrics:
+    """The publisher's Prometheus metrics, in a registry of their own (``ctrserve publish
+    --metrics-port P``; off by default):
+
+    * ``ctrserve_publisher_versions_published_total`` (counter): versions made the default;
+    * ``ctrserve_publisher_failures_total`` (counter): polls that failed (retried at the next);
+    * ``ctrserve_publisher_last_publish_timestamp_seconds`` (gauge): Unix time of the last publish;
+    * ``ctrserve_publisher_published_version`` (gauge): the version last made the default;
+    * ``ctrserve_publisher_newest_version`` (gauge): the newest complete version in the model root.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.published = Counter("ctrserve_publisher_versions_published", "versions made the default", registry=r)
+        self.failures = Counter("ctrserve_publisher_failures", "polls that failed (retried)", registry=r)
+        self.last_publish = Gauge(
+            "ctrserve_publisher_last_publish_timestamp_seconds", "Unix time of the last publish", registry=r
+        )
+        self.published_version = Gauge(
+            "ctrserve_publisher_published_version", "the version last made the default", registry=r
+        )
+        self.newest_version = Gauge(
+            "ctrserve_publisher_newest_version", "the newest complete version in the model root", registry=r
+        )
+
+    def serve_http(self, port: int, address: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on a daemon thread; returns the bound port (0 picks one)."""
+        httpd, _ = start_http_server(port, addr=address, registry=self.registry)
+        return httpd.server_port
+
+
 class Publisher:
     """Publishes new dense versions from a model root into a running TorchServe.
 
     Args:
         management: management client of that TorchServe.
         settings: see :class:`PublishSettings`.
+        metrics: where to count publishes and failures (None: not counted).
     """
 
-    def __init__(self, management: ManagementClient, settings: PublishSettings):
+    def __init__(
+        self, management: ManagementClient, settings: PublishSettings, metrics: PublisherMetrics | None = None
+    ):
         self.management = management
         self.settings = settings
+        self.metrics = metrics
         self.storage = open_storage(settings.model_root)
 
     def complete_versions(self) -> list[int]:
@@ -104,7 +142,17 @@ class Publisher:
         Returns:
             The version published, or None when there was nothing new.
         """
+        try:
+            return self._poll_once()
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.failures.inc()
+            raise
+
+    def _poll_once(self) -> int | None:
         versions = self.complete_versions()
+        if versions and self.metrics is not None:
+            self.metrics.newest_version.set(versions[-1])
         registered = [int(v) for v in self.management.versions(self.settings.name)]
         if not versions or (registered and versions[-1] <= max(registered)):
             self._ensure_default(registered)
@@ -136,6 +184,10 @@ class Publisher:
             self._retire(str(version), drain=False)
             raise
         self.management.set_default(s.name, str(version))
+        if self.metrics is not None:
+            self.metrics.published.inc()
+            self.metrics.last_publish.set(time.time())
+            self.metrics.published_version.set(version)
         log.info(
             "%s version %d is the default (registered and ready in %.1f s)", s.name, version, time.monotonic() - started
         )

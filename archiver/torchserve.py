@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archiver.management import ManagementClient, ManagementError
+from archiver.templates import template
 from handler.torchserve_keys import KEY_FILE, TorchServeKey
 
-REPO = Path(__file__).resolve().parent.parent
-LOCAL_CONFIG = REPO / "deploy" / "torchserve" / "config.local.properties"
-LOG_CONFIG = REPO / "deploy" / "torchserve" / "log4j2.xml"
+LOCAL_CONFIG = template("torchserve/config.local.properties")
+LOG_CONFIG = template("torchserve/log4j2.xml")
 _PORT_KEYS = ("inference", "management", "metrics", "grpc_inference", "grpc_management", "worker")
 
 

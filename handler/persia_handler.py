@@ -133,6 +133,7 @@ class PersiaHandler(BaseHandler):
             connect_timeout=self.serving.connect_timeout_s,
             security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
             local_lookups=self.serving.embedding_local_lookups,  # the servers' Unix socket when on this machine
+            resolve_interval=self.serving.embedding_resolve_interval_s,  # DNS names: replicas come and go
         )
         if self.serving.torch_threads:
             torch.set_num_threads(self.serving.torch_threads)

@@ -12,6 +12,7 @@ Example ``serving.yml``::
     # or with replicas per shard: [["h1:7001", "h2:7001"], ["h3:7002"]] or ["h1:7001|h2:7001", "h3:7002"]
     embedding_timeout_s: 5.0      # per lookup, failover to other replicas included
     connect_timeout_s: 30.0       # worker start: wait this long for every shard
+    embedding_resolve_interval_s: 30.0   # re-resolve DNS names (e.g. a headless Service per shard)
     max_batch_size: 4096          # samples in one request
     max_request_bytes: 67108864   # bytes of one request body
     watermark_refresh_s: 1.0      # how often the embedding watermark is re-read
@@ -60,6 +61,10 @@ class ServingConfig:
         embedding_timeout_s: seconds allowed per lookup, retries on other replicas included;
             also the bound on the 503 answered when every replica of a shard is down.
         connect_timeout_s: seconds a starting worker waits for one replica of every shard.
+        embedding_resolve_interval_s: seconds between re-resolutions of the embedding servers'
+            DNS names (a name stands for every address it resolves to, each a replica: a
+            Kubernetes headless Service per shard); replicas join and leave without restarting
+            the workers. 0 resolves once, at start.
         embedding_local_lookups: look up over an embedding server's local Unix socket when it
             runs on this machine (found automatically; it skips gRPC's machinery, most of a small
             lookup's cost); false keeps every lookup on gRPC.
@@ -91,6 +96,7 @@ class ServingConfig:
     embedding_servers: tuple[str, ...] = field(default_factory=tuple)
     embedding_timeout_s: float = 5.0
     connect_timeout_s: float = 30.0
+    embedding_resolve_interval_s: float = 30.0
     embedding_local_lookups: bool = True
     max_batch_size: int = 4096
     max_request_bytes: int = 64 << 20
@@ -143,6 +149,11 @@ class ServingConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 raise ConfigError(f"{SERVING_FILE}: '{key}' must be a positive number of seconds, got {value!r}")
+        value = self.embedding_resolve_interval_s
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            raise ConfigError(
+                f"{SERVING_FILE}: 'embedding_resolve_interval_s' must be a number of seconds >= 0, got {value!r}"
+            )
         if not isinstance(self.embedding_local_lookups, bool):
             raise ConfigError(
                 f"{SERVING_FILE}: 'embedding_local_lookups' must be true or false, got {self.embedding_local_lookups!r}"

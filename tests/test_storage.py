@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat as stat_module
 import struct
 import threading
 import time
@@ -437,11 +438,42 @@ def test_s3_settings_come_from_the_environment(ceph_s3, monkeypatch):
 
 
 @pytest.mark.unit
-def test_s3_without_credentials_is_refused_before_any_request(monkeypatch):
+def test_s3_with_one_static_key_is_refused_before_any_request(monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(StorageError, match="no S3 credentials.*AWS_ACCESS_KEY_ID"):
+    with pytest.raises(StorageError, match="access_key is set but secret_key is not.*default credential chain"):
+        open_storage("s3://bucket/prefix", endpoint="http://127.0.0.1:7480", access_key="only-this")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "only-that")
+    with pytest.raises(StorageError, match="secret_key is set but access_key is not"):
         open_storage("s3://bucket/prefix", endpoint="http://127.0.0.1:7480")
+
+
+@pytest.mark.process
+@pytest.mark.ceph
+def test_s3_without_static_keys_uses_the_aws_default_chain_profile_file(ceph_s3, monkeypatch, tmp_path):
+    """No keys in the options or AWS_ACCESS_KEY_ID: pyarrow's S3 client asks the AWS SDK's default
+    chain, here a shared credentials file holding the Ceph user's keys under a named profile."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[ceph]\naws_access_key_id = {ceph_s3.access_key}\naws_secret_access_key = {ceph_s3.secret_key}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_PROFILE", "ceph")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to wait for here
+    url = f"s3://{ceph_s3.bucket}/profile-{uuid.uuid4().hex}"
+    st = open_storage(url, endpoint=ceph_s3.endpoint, region="us-east-1")
+    st.write_atomic("dense/f.bin", b"via the profile")
+    assert open_storage(url, endpoint=ceph_s3.endpoint, region="us-east-1").read_bytes("dense/f.bin") == (
+        b"via the profile"
+    )
+    st.delete("")
+    # The same chain with a wrong key is refused by the gateway, and the message says where keys came from.
+    credentials.write_text(f"[ceph]\naws_access_key_id = {ceph_s3.access_key}\naws_secret_access_key = wrong\n")
+    with pytest.raises(StorageError, match="AWS default chain"):
+        open_storage(url, endpoint=ceph_s3.endpoint, region="us-east-1").read_bytes("dense/f.bin")
 
 
 @pytest.mark.process
@@ -734,3 +766,40 @@ def test_the_size_bound_is_checked_before_reading_and_is_an_unreadable_file_erro
     st.write_atomic("big.bin", b"z" * 1000)
     with pytest.raises(UnreadableFileError, match="1000 bytes is more than the allowed 999"):
         st.read_buffer("big.bin", max_bytes=999)
+
+
+@pytest.mark.unit
+def test_local_writes_are_group_readable_by_default_and_modes_are_configurable(tmp_path):
+    """Files written 0640 and created folders 0750 by default (a server of the writer's group reads
+    them), whatever the umask; both configurable, and ``umask`` honours the process umask."""
+    old = os.umask(0o077)
+    try:
+        st = open_storage(str(tmp_path / "root"))
+        st.write_atomic("incremental/shard-0-of-1/p.bin", b"x")
+        assert stat_module.S_IMODE(os.stat(tmp_path / "root/incremental/shard-0-of-1/p.bin").st_mode) == 0o640
+        for folder in ("root", "root/incremental", "root/incremental/shard-0-of-1"):
+            assert stat_module.S_IMODE(os.stat(tmp_path / folder).st_mode) == 0o750, folder
+        st.child("dense").write_atomic("v1/model.json", b"{}")  # a child keeps the modes
+        assert stat_module.S_IMODE(os.stat(tmp_path / "root/dense/v1/model.json").st_mode) == 0o640
+
+        strict = open_storage(str(tmp_path / "strict"), {"file_mode": "0600", "dir_mode": "0700"})
+        strict.write_atomic("a/f", b"x")
+        assert stat_module.S_IMODE(os.stat(tmp_path / "strict/a/f").st_mode) == 0o600
+        assert stat_module.S_IMODE(os.stat(tmp_path / "strict/a").st_mode) == 0o700
+
+        os.umask(0o002)
+        masked = open_storage(str(tmp_path / "masked"), file_mode="umask", dir_mode="umask")
+        masked.write_atomic("a/f", b"x")
+        assert stat_module.S_IMODE(os.stat(tmp_path / "masked/a/f").st_mode) == 0o664
+        assert stat_module.S_IMODE(os.stat(tmp_path / "masked/a").st_mode) == 0o775
+    finally:
+        os.umask(old)
+    for bad, message in [
+        ({"file_mode": "0440"}, "file_mode.*owner 600"),
+        ({"dir_mode": "0640"}, "dir_mode.*owner 700"),
+        ({"file_mode": "4640"}, "at most 0777"),
+        ({"file_mode": "rw-r-----"}, "octal"),
+        ({"file_mode": 416}, "expected a string"),
+    ]:
+        with pytest.raises(StorageError, match=message):
+            StorageOptions.from_dict(bad)

@@ -27,6 +27,7 @@ from archiver.build import archive_model
 from archiver.management import ManagementClient, ManagementError
 from archiver.publish import Publisher, PublishSettings
 from archiver.torchserve import TorchServeProcess
+from ctrserve import monitoring
 from ctrserve.cli import main
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.rpc.launcher import ServerGroup
@@ -141,6 +142,23 @@ def test_rest_error_is_json_with_status(serving):
     )
     assert response.status_code == 400
     assert "undecodable request" in response.json()["message"]
+
+
+def test_torchserve_exports_the_series_the_dashboards_and_alerts_use(serving, tiny_ctr):
+    """deploy/grafana and deploy/prometheus query TorchServe's own series by name
+    (ctrserve.monitoring.TORCHSERVE_SERIES; tests/test_operations.py checks ctrserve's)."""
+    requests.post(f"{serving.ts.inference_url}/predictions/deepctr", data=b"nonsense")  # a 4xx
+    names: set[str] = set()
+    deadline = time.monotonic() + 20
+    with serving.client("rest") as client:
+        # The handler hands its timings over once per metrics_interval_s (1 s): predict past it.
+        while not monitoring.TORCHSERVE_SERIES <= names and time.monotonic() < deadline:
+            client.predict(tiny_ctr.random_batch(np.random.default_rng(11), 2))
+            time.sleep(0.3)
+            text = requests.get(f"{serving.ts.metrics_url}/metrics", timeout=10).text
+            names |= {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+            names |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert monitoring.TORCHSERVE_SERIES <= names, sorted(monitoring.TORCHSERVE_SERIES - names)
 
 
 def _json_body_over_8_mib(samples: int, ids_per_list: int = 460) -> bytes:

@@ -44,6 +44,7 @@ from trainer.loader import DataLoader, FileFormat
 from trainer.metrics import log_loss, roc_auc
 from trainer.models import DLRM, DeepCTR
 from trainer.synthetic import SyntheticCriteo
+from trainer.telemetry import TrainerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +328,8 @@ class JobResult:
     checkpoint: str = ""
 
 
-def run_job(job: JobConfig, progress: bool = True) -> JobResult:
-    """Train as ``job`` says; returns the final figures.
+def run_job(job: JobConfig, progress: bool = True, telemetry: TrainerMetrics | None = None) -> JobResult:
+    """Train as ``job`` says; returns the final figures (and keeps ``telemetry``'s metrics up to date).
 
     Raises:
         ConfigError: inconsistent settings (for example data-parallel without servers).
@@ -354,7 +355,9 @@ def run_job(job: JobConfig, progress: bool = True) -> JobResult:
     ) as ctx:
         if job.resume_from:
             ctx.load_checkpoint(job.resume_from)
-        return _loop(ctx, job, train_data, eval_data, dense_width, out_dir, rank, progress)
+        if telemetry is not None:
+            telemetry.publishers = lambda: getattr(ctx.client, "publishers", [])
+        return _loop(ctx, job, train_data, eval_data, dense_width, out_dir, rank, progress, telemetry)
 
 
 def checkpoint_location(job: JobConfig) -> str:
@@ -371,6 +374,7 @@ def _loop(
     out_dir: Path,
     rank: int,
     progress: bool,
+    telemetry: TrainerMetrics | None = None,
 ) -> JobResult:
     metrics = _MetricsWriter(out_dir / "metrics.jsonl" if rank == 0 else None)
     checkpoint = checkpoint_location(job)
@@ -392,14 +396,20 @@ def _loop(
             losses.append(loss.item())
             samples += batch.batch_size
             window_samples += batch.batch_size
+            if telemetry is not None:
+                telemetry.stepped(step, batch.batch_size)
             is_last = step == job.train.steps
             if (job.train.eval_every and step % job.train.eval_every == 0) or is_last:
                 last_eval = evaluate(ctx, eval_data)
+                if telemetry is not None:
+                    telemetry.evaluated(last_eval["auc"], last_eval["loss"])
             if step % job.train.log_every == 0 or is_last:
                 now = time.perf_counter()
                 rate = window_samples / max(now - window_start, 1e-9)
                 window_start, window_samples = now, 0
                 recent_loss = float(np.mean(losses[-job.train.log_every :]))
+                if telemetry is not None:
+                    telemetry.logged(recent_loss, rate)
                 metrics.write(
                     step=step,
                     loss=recent_loss,
@@ -411,6 +421,8 @@ def _loop(
                 bar.set_postfix(loss=f"{recent_loss:.4f}", auc=f"{last_eval['auc']:.4f}", samples_s=f"{rate:,.0f}")
             if job.output.model_root and job.output.export_every and step % job.output.export_every == 0 and rank == 0:
                 versions.append(_publish(ctx, job, dense_width, first=not versions))
+                if telemetry is not None:
+                    telemetry.exported()
             if job.output.checkpoint_every and step % job.output.checkpoint_every == 0:
                 ctx.dump_checkpoint(checkpoint)
             bar.update(1)
@@ -427,6 +439,8 @@ def _loop(
         and (not versions or job.output.export_every == 0 or ctx.step % job.output.export_every)
     ):
         versions.append(_publish(ctx, job, dense_width, first=not versions, last=True))
+        if telemetry is not None:
+            telemetry.exported()
     result = JobResult(
         ctx.step,
         samples,
@@ -539,6 +553,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="path of job.yml")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics (steps, samples/s, loss, eval AUC, packets) on this port (rank 0; default off)",
+    )
+    p.add_argument("--metrics-address", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)")
     p.set_defaults(func=_cli)
 
 
@@ -553,7 +573,12 @@ def _cli(args: argparse.Namespace) -> int:
         if args.steps <= 0:
             raise ConfigError(f"--steps must be > 0, got {args.steps}")
         job = dataclasses.replace(job, train=dataclasses.replace(job.train, steps=args.steps))
-    result = run_job(job, progress=not args.no_progress)
+    telemetry = None
+    if args.metrics_port is not None and int(os.environ.get("RANK", "0")) == 0:
+        telemetry = TrainerMetrics()
+        port = telemetry.serve_http(args.metrics_port, args.metrics_address)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_address, port)
+    result = run_job(job, progress=not args.no_progress, telemetry=telemetry)
     # The job is done: a late signal must not turn the clean exit into a kill (Python restores
     # the default handlers of Python-level handlers while it shuts down; it keeps SIG_IGN).
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -295,7 +295,10 @@ class ParameterServerConfig:
     incremental_flush_interval: float = option(10.0, doc="seconds at most between a row's change and its packet")
     storage: dict[str, Any] = option(
         default_factory=dict,
-        doc="options for s3:// and hdfs:// storage: endpoint, access_key, secret_key, region, ... (see docs/operations.md, Storage)",
+        doc=(
+            "options for s3:// and hdfs:// storage (endpoint, access_key, secret_key, region, ...; keys optional: "
+            "the AWS default chain) and local file modes (file_mode '0640', dir_mode '0750'); see docs/operations.md, Storage"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -1,5 +1,8 @@
 """Request statistics of an embedding server, for its Stats RPC and for Prometheus.
 
+Counts are counters (their names end in ``_total``: ``ctrserve_embedding_requests_total``,
+``ctrserve_embedding_store_hits_total``, ...); levels are gauges (``ctrserve_embedding_store_rows``).
+
 Each server owns a :class:`ServerMetrics` with its own Prometheus registry (several servers may
 share a process in tests), exported over HTTP by :meth:`ServerMetrics.serve_http`.
 """
@@ -14,7 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _RECENT = 2048  # latencies kept per method for the p50/p99 in Stats
@@ -124,14 +127,17 @@ class _StoreCollector:
     def collect(self):
         values = self._counters()
         names, label_values = list(self._labels), list(self._labels.values())
+        for key, help_text in (("rows", "rows held"), ("capacity", "row capacity")):
+            gauge = GaugeMetricFamily(f"ctrserve_embedding_store_{key}", help_text, labels=names)
+            gauge.add_metric(label_values, values[key])
+            yield gauge
+        # Counts since the server started: counters, exported as ``ctrserve_embedding_store_<key>_total``.
         for key, help_text in (
-            ("rows", "rows held"),
-            ("capacity", "row capacity"),
             ("hits", "lookups that found their row"),
             ("misses", "lookups of ids not held"),
             ("evictions", "rows evicted to make room"),
             ("inserts", "rows inserted"),
         ):
-            family = GaugeMetricFamily(f"ctrserve_embedding_store_{key}", help_text, labels=names)
-            family.add_metric(label_values, values[key])
-            yield family
+            counter = CounterMetricFamily(f"ctrserve_embedding_store_{key}", help_text, labels=names)
+            counter.add_metric(label_values, values[key])
+            yield counter

@@ -21,6 +21,13 @@ Replicas (see :mod:`embedding_server.rpc.replicas` for the address forms):
   local connection falls back to gRPC at once; the prober re-attaches when the server returns.
 * When every replica of a shard fails, :class:`ShardUnavailableError` names the shard and each
   replica's state; it comes within ``timeout``, never later.
+* **Discovery**: a host given as a DNS name stands for every address it resolves to, each a
+  replica (a Kubernetes headless Service per shard, or a name with several A records; see
+  :mod:`embedding_server.rpc.replicas`). The prober thread resolves names again every
+  ``resolve_interval`` seconds (sooner, at most every second, while a shard has no replica up):
+  new addresses join as replicas once healthy; vanished ones get no new request and their
+  channels close when their calls in flight are done. A name that fails to resolve keeps its
+  replicas (a DNS outage does not empty a shard). TLS still verifies the name, not the address.
 * **Writes** (PushGradients, SetOptimizer, Load) are broadcast to every replica of the shard,
   and raise if any replica cannot take them. Replicas are a serving feature: train-mode
   servers must have one replica per shard (a replica that missed one gradient push would
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +57,17 @@ from embedding_server.modelroot import checkpoint
 from embedding_server.rpc import wire
 from embedding_server.rpc.client import EmbeddingClient
 from embedding_server.rpc.local_lookup import LocalLookupChannel, LocalRpcError
-from embedding_server.rpc.replicas import Addresses, HealthProber, Replica, ReplicaSet, log, normalize_addresses
+from embedding_server.rpc.replicas import (
+    Addresses,
+    GetAddrInfo,
+    HealthProber,
+    Replica,
+    ReplicaSet,
+    is_ip_literal,
+    log,
+    normalize_addresses,
+    resolve_address,
+)
 from embedding_server.rpc.security import ClientSecurity, make_channel
 from embedding_server.rpc.service import CHANNEL_OPTIONS, SERVICE_NAME
 from protos.embedding import pb, pb_grpc
@@ -94,6 +112,9 @@ class RemoteEmbeddingClient(EmbeddingClient):
         security: TLS and token settings of secured servers (None: plain text, no token).
         local_lookups: send a replica's lookups over its server's local socket when this
             process can open it (see the module docstring); False: always gRPC.
+        resolve_interval: seconds between re-resolutions of the DNS names among ``addresses``
+            (0: resolve once, at start).
+        getaddrinfo: the resolver (``socket.getaddrinfo``'s signature; tests pass their own).
 
     Raises:
         ShardUnavailableError: no replica of some shard answers within ``connect_timeout``.
@@ -111,25 +132,32 @@ class RemoteEmbeddingClient(EmbeddingClient):
         probe_interval: float = 0.5,
         security: ClientSecurity | None = None,
         local_lookups: bool = True,
+        resolve_interval: float = 30.0,
+        getaddrinfo: GetAddrInfo = socket.getaddrinfo,
     ):
         shards = normalize_addresses(addresses)
         super().__init__(config, len(shards))
-        self.addresses = shards
+        self.addresses = shards  # as configured: DNS names stay names (replica_sets holds what they resolved to)
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.security = security
         self.local_lookups = local_lookups
+        self.resolve_interval = resolve_interval
+        self.probe_interval = probe_interval
+        self._getaddrinfo = getaddrinfo
+        self._has_names = any(not is_ip_literal(a) for replicas in shards for a in replicas)
+        self._next_resolve = 0.0  # time.monotonic() of the next re-resolution
+        self._draining: list[Replica] = []  # retired replicas whose channels are still open
         self._reattach: set[Replica] = set()  # up replicas whose local socket broke
-        self.replica_sets = [
-            ReplicaSet(s, [self._make_replica(s, address) for address in replicas]) for s, replicas in enumerate(shards)
-        ]
+        self.replica_sets = [ReplicaSet(s, []) for s in range(len(shards))]
         try:
+            self._discover_at_start(connect_timeout)
             self._connect(connect_timeout)
             self.infos = [self._read("Info", s, pb.InfoRequest()) for s in range(self.num_shards)]
         except BaseException:
             self._close_channels()
             raise
-        self._prober = HealthProber(self.replica_sets, self._probe, probe_interval, self._reattach_local).start()
+        self._prober = HealthProber(self.replica_sets, self._probe, probe_interval, self._after_probe_round).start()
 
     def close(self) -> None:
         """Stop the health prober and close every channel."""
@@ -144,26 +172,122 @@ class RemoteEmbeddingClient(EmbeddingClient):
 
     # ------------------------------------------------------------------ channels and replicas
 
-    def _open_channel(self, address: str) -> grpc.Channel:
-        """THE place where channels to embedding servers are made (lookups, admin and probes)."""
-        return make_channel(address, CHANNEL_OPTIONS + RECONNECT_OPTIONS, self.security)  # TLS/token when set
+    def _open_channel(self, address: str, name: str = "") -> grpc.Channel:
+        """THE place where channels to embedding servers are made (lookups, admin and probes).
 
-    def _make_replica(self, shard: int, address: str) -> Replica:
-        channel = self._open_channel(address)
+        ``name``: the DNS entry ``address`` was resolved from; the channel then presents the
+        name as its authority and, with TLS, verifies the name in the server's certificate.
+        """
+        options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS]
+        if name and name != address:
+            options.append(("grpc.default_authority", name))
+            if self.security is not None and self.security.tls and not self.security.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", name.rpartition(":")[0]))
+        return make_channel(address, options, self.security)  # TLS/token when set
+
+    def _make_replica(self, shard: int, address: str, name: str = "") -> Replica:
+        channel = self._open_channel(address, name)
         stubs = {
             "service": pb_grpc.EmbeddingServiceStub(channel),
             # Lookup moves hand-encoded messages (see wire.py): no protobuf copies of the vectors.
             "Lookup": channel.unary_unary(f"/{SERVICE_NAME}/Lookup"),
             "health": health_pb2_grpc.HealthStub(channel),
         }
-        return Replica(shard, address, channel, stubs)
+        return Replica(shard, address, channel, stubs, name=name or address)
 
     def _close_channels(self) -> None:
-        for replica_set in self.replica_sets:
-            for replica in replica_set.replicas:
-                if replica.local is not None:
-                    replica.local.close()
-                replica.channel.close()
+        for replica in [r for rs in self.replica_sets for r in rs.snapshot()] + self._draining:
+            self._close_replica(replica)
+        self._draining = []
+
+    @staticmethod
+    def _close_replica(replica: Replica) -> None:
+        if replica.local is not None:
+            replica.local.close()
+        replica.channel.close()
+
+    # ------------------------------------------------------------------ discovery
+
+    def _resolve_shard(self, shard: int) -> tuple[dict[str, str], set[str]]:
+        """``{address: entry}`` of every configured entry of ``shard``, and the entries whose
+        resolution failed this time (logged)."""
+        found: dict[str, str] = {}
+        failed: set[str] = set()
+        for entry in self.addresses[shard]:
+            try:
+                for address in resolve_address(entry, self._getaddrinfo):
+                    found.setdefault(address, entry)
+            except (OSError, UnicodeError) as exc:
+                failed.add(entry)
+                log.warning("embedding shard %d: cannot resolve %s: %s", shard, entry, exc)
+        return found, failed
+
+    def _discover_at_start(self, timeout: float) -> None:
+        """Resolve every entry; a shard whose names resolve to nothing yet is tried again until
+        ``timeout`` (pods may still be starting)."""
+        deadline = time.monotonic() + timeout
+        for shard in range(self.num_shards):
+            while True:
+                found, failed = self._resolve_shard(shard)
+                if found or time.monotonic() >= deadline:
+                    break
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            if not found:
+                raise ShardUnavailableError(
+                    f"embedding shard {shard}: no address within {timeout:.1f} s: "
+                    f"{', '.join(sorted(failed))} did not resolve"
+                )
+            for address, entry in found.items():
+                self.replica_sets[shard].add(self._make_replica(shard, address, entry))
+        self._next_resolve = time.monotonic() + self.resolve_interval
+
+    def rediscover(self) -> None:
+        """Resolve the DNS names again now: add new addresses as replicas (down until the
+        prober finds them healthy) and retire vanished ones (see :meth:`ReplicaSet.retire`).
+        Entries that fail to resolve keep their replicas."""
+        if not self._has_names:
+            return
+        for shard, replica_set in enumerate(self.replica_sets):
+            found, failed = self._resolve_shard(shard)
+            current = {r.address: r for r in replica_set.snapshot()}
+            for address, entry in found.items():
+                if address not in current:
+                    replica_set.add(self._make_replica(shard, address, entry))
+            for address, replica in current.items():
+                if address not in found and replica.name not in failed:
+                    replica_set.retire(replica)
+                    self._reattach.discard(replica)
+                    self._draining.append(replica)
+
+    def _close_drained(self) -> None:
+        """Close the channels of retired replicas once no call is in flight on them (and a probe
+        round has passed, so a call that picked one just before it was retired has started), or
+        once every call that could be using them is past its deadline."""
+        now = time.monotonic()
+        keep = []
+        for replica in self._draining:
+            age = now - (replica.retired_at or now)
+            idle = replica.outstanding <= 0 and age >= self.probe_interval
+            if idle or (self.timeout != float("inf") and age > self.timeout + 1.0):
+                self._close_replica(replica)
+            else:
+                keep.append(replica)
+        self._draining = keep
+
+    def _after_probe_round(self) -> None:
+        """The prober thread's upkeep after each round: local sockets, discovery, draining."""
+        self._reattach_local()
+        now = time.monotonic()
+        if self._has_names and self.resolve_interval > 0:
+            starving = any(not any(r.up for r in rs.snapshot()) for rs in self.replica_sets)
+            due = self.resolve_interval > 0 and now >= self._next_resolve
+            if due or (starving and now >= self._next_resolve - self.resolve_interval + 1.0):
+                self._next_resolve = now + self.resolve_interval
+                try:
+                    self.rediscover()
+                except Exception:  # the prober thread must live on
+                    log.exception("embedding servers: re-resolving the addresses failed")
+        self._close_drained()
 
     def _connect(self, timeout: float) -> None:
         """Ask every replica's Info at once; return when each shard has a valid replica and
@@ -174,7 +298,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
         answers: queue.Queue = queue.Queue()
         calls = []
         for replica_set in self.replica_sets:
-            for replica in replica_set.replicas:
+            for replica in replica_set.snapshot():
                 future = replica.stubs["service"].Info.future(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
                 future.add_done_callback(lambda f, r=replica: answers.put((r, f)))
                 calls.append(future)
@@ -277,7 +401,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
                 f"{replica.address} runs with different tables than this client's embedding_config.yml "
                 f"(fingerprint {info.config_fingerprint} != {self.config.fingerprint()})"
             )
-        if info.mode == JobType.TRAIN.value and len(self.addresses[shard]) > 1:
+        if info.mode == JobType.TRAIN.value and len(self.replica_sets[shard].snapshot()) > 1:
             return (
                 f"{replica.address} is a train-mode server listed with other replicas of shard {shard}: "
                 "train mode takes one server per shard (replicas serve infer-mode servers on one model root)"
@@ -311,7 +435,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
     # ------------------------------------------------------------------ calls with failover
 
     def _attempt_timeout(self, shard: int) -> float:
-        return self.attempt_timeout or self.timeout / len(self.addresses[shard])
+        return self.attempt_timeout or self.timeout / max(1, len(self.replica_sets[shard].snapshot()))
 
     def _start(
         self, shard: int, send: Callable[[Replica, float | None], grpc.Future], timeout: float | None = None
@@ -333,7 +457,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
             ShardUnavailableError: a replica failed (others may have applied the request).
             InvalidRequestError: a replica refused the request.
         """
-        replicas = self.replica_sets[shard].replicas
+        replicas = self.replica_sets[shard].snapshot()
         calls = [
             (r, getattr(r.stubs["service"], method).future(request, timeout=timeout or self.timeout)) for r in replicas
         ]
@@ -421,8 +545,9 @@ class RemoteEmbeddingClient(EmbeddingClient):
                     "reason": r.reason,
                     "outstanding": r.outstanding,
                     "transport": r.transport,
+                    "name": r.name,
                 }
-                for r in rs.replicas
+                for r in rs.snapshot()
             ]
             for rs in self.replica_sets
         ]
@@ -477,7 +602,7 @@ class RemoteEmbeddingClient(EmbeddingClient):
         """
         request = pb.SkipPacketRequest(shard=shard, num_shards=num_shards, seq=seq)
         calls = [
-            [(r.address, r.stubs["service"].SkipPacket.future(request, timeout=self.timeout)) for r in rs.replicas]
+            [(r.address, r.stubs["service"].SkipPacket.future(request, timeout=self.timeout)) for r in rs.snapshot()]
             for rs in self.replica_sets
         ]
         out = []
@@ -601,6 +726,8 @@ class _ShardCall:
         if remaining <= 0:
             return False
         replica = next(self._next, None)
+        while replica is not None and replica.retired_at is not None:  # dropped by discovery meanwhile
+            replica = next(self._next, None)
         if replica is None:
             return False
         timeout = min(remaining, self.client._attempt_timeout(self.shard))

@@ -11,6 +11,15 @@ Address forms accepted everywhere (client, ``serving.yml``, ``CTRSERVE_EMBEDDING
 * one string: ``"h1:7001|h2:7001,h3:7002"`` (``|`` separates replicas, ``,`` shards); a list
   item may itself be ``"h1:7001|h2:7001"``.
 
+Discovery: a host that is a DNS name (not an IP literal) stands for every address it resolves
+to, each a replica of its shard: a Kubernetes headless Service name per shard
+(``emb-0.emb.ns.svc:7000``, one A record per ready pod), or any name with several A records.
+:func:`resolve_address` resolves one entry (through an injectable ``getaddrinfo``, by default
+:func:`socket.getaddrinfo`); the client re-resolves every ``resolve_interval`` seconds, adds the
+new addresses as replicas and retires vanished ones after their calls in flight finish
+(:meth:`ReplicaSet.retire`). Where a name has IPv4 addresses only those are used (a dual-stack
+pod has one of each, and servers bind IPv4 by default); else its IPv6 ones.
+
 Example:
     >>> normalize_addresses("h1:7001|h2:7001,h3:7002")
     [['h1:7001', 'h2:7001'], ['h3:7002']]
@@ -20,8 +29,11 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -85,6 +97,45 @@ def normalize_addresses(addresses: Addresses) -> list[list[str]]:
     return shards
 
 
+#: ``socket.getaddrinfo``'s signature: (host, port, family=0, type=0, proto=0, flags=0) -> entries
+#: whose last item is the socket address, ``(ip, port, ...)``.
+GetAddrInfo = Callable[..., Sequence[tuple[Any, ...]]]
+
+
+def is_ip_literal(address: str) -> bool:
+    """True when the host of ``host:port`` is an IP address (``[::1]:7001`` included): nothing to resolve."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_address(address: str, getaddrinfo: GetAddrInfo = socket.getaddrinfo) -> list[str]:
+    """The ``ip:port`` addresses a ``host:port`` entry stands for, in the resolver's order,
+    without repeats; an IP literal stands for itself (the resolver is not asked).
+
+    IPv4 addresses are preferred: where the name has any, its IPv6 ones are left out.
+
+    Raises:
+        OSError: the name does not resolve (``socket.gaierror``) or resolves to nothing.
+    """
+    if is_ip_literal(address):
+        return [address]
+    host, _, port = address.rpartition(":")
+    entries = getaddrinfo(host, int(port), 0, socket.SOCK_STREAM)
+    found: dict[str, socket.AddressFamily] = {}
+    for entry in entries:
+        family, ip = entry[0], str(entry[-1][0])
+        found.setdefault(ip, family)
+    v4 = [ip for ip, family in found.items() if family == socket.AF_INET]
+    chosen = v4 or [f"[{ip}]" for ip, family in found.items() if family == socket.AF_INET6]
+    if not chosen:
+        raise OSError(f"{host} resolves to no IPv4 or IPv6 address")
+    return [f"{ip}:{port}" for ip in chosen]
+
+
 def format_addresses(shards: Sequence[Sequence[str]]) -> str:
     """The one-string form: ``|`` between replicas, ``,`` between shards."""
     return SHARD_SEP.join(REPLICA_SEP.join(replicas) for replicas in shards)
@@ -118,6 +169,10 @@ class Replica:
         reason: why it is down (empty while up).
         local: its :class:`~embedding_server.rpc.local_lookup.LocalLookupChannel` when lookups go
             over the server's local socket (same machine), else None (gRPC).
+        name: the configured entry it came from (a DNS name's ``host:port``; its own address
+            when the entry was an IP literal).
+        retired_at: ``time.monotonic()`` when discovery dropped it (no new request goes to it;
+            its channel is closed once its calls in flight are done), else None.
     """
 
     shard: int
@@ -129,6 +184,8 @@ class Replica:
     outstanding: int = 0
     reason: str = "not checked yet"
     local: Any = None
+    name: str = ""
+    retired_at: float | None = None
 
     @property
     def transport(self) -> Transport:
@@ -161,6 +218,8 @@ class ReplicaSet:
         replica reached over its local socket first, then rotating), then validated down ones."""
         with self._lock:
             n = len(self.replicas)
+            if n == 0:
+                return []
             self._turn = (self._turn + 1) % n
             ranked = sorted(
                 range(n),
@@ -172,6 +231,26 @@ class ReplicaSet:
                 ),
             )
             return [self.replicas[i] for i in ranked if self.replicas[i].up or self.replicas[i].validated]
+
+    def snapshot(self) -> list[Replica]:
+        """The current replicas (a copy: discovery may change the set meanwhile)."""
+        with self._lock:
+            return list(self.replicas)
+
+    def add(self, replica: Replica) -> None:
+        """A replica found by discovery; it takes reads once the health prober marks it up."""
+        with self._lock:
+            self.replicas.append(replica)
+        log.info("embedding shard %d: replica %s (%s) added", self.shard, replica.address, replica.name)
+
+    def retire(self, replica: Replica) -> None:
+        """Drop ``replica`` (gone from its name's addresses): no new request goes to it; calls in
+        flight finish (the client closes its channel once ``outstanding`` is 0)."""
+        with self._lock:
+            if replica in self.replicas:
+                self.replicas.remove(replica)
+            replica.retired_at = time.monotonic()
+        log.info("embedding shard %d: replica %s (%s) removed", self.shard, replica.address, replica.name)
 
     def started(self, replica: Replica) -> None:
         """Count a request sent to ``replica``."""

@@ -102,7 +102,7 @@ ENV_FALLBACKS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """Connection settings for remote storage (ignored by local paths).
+    """Connection settings for remote storage, and the permission bits of local files.
 
     Attributes:
         endpoint: S3 endpoint URL, ``http://host:port`` or ``https://host[:port]`` (Ceph's
@@ -117,6 +117,11 @@ class StorageOptions:
         max_attempts: S3 attempts per request, retries included (>= 1).
         hdfs_user: user name for HDFS; empty means the login user.
         kerb_ticket: path of the Kerberos ticket cache for HDFS.
+        file_mode: permission bits of files written to a local model root, in octal (``"0640"``:
+            the owner writes, the group reads, others nothing), or ``"umask"`` for
+            ``0666 & ~umask``. The owner must be able to read and write.
+        dir_mode: permission bits of the folders created in a local model root (``"0750"``), or
+            ``"umask"`` for ``0777 & ~umask``. The owner must have ``rwx``.
     """
 
     endpoint: str = ""
@@ -129,12 +134,16 @@ class StorageOptions:
     max_attempts: int = 3
     hdfs_user: str = ""
     kerb_ticket: str = ""
+    file_mode: str = "0640"
+    dir_mode: str = "0750"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type == "str" and not isinstance(value, str):
                 raise StorageError(f"storage option {f.name}: expected a string, got {value!r}")
+        parse_mode(self.file_mode, "file_mode", 0o600)
+        parse_mode(self.dir_mode, "dir_mode", 0o700)
         for name in ("connect_timeout_s", "request_timeout_s"):
             timeout = getattr(self, name)
             if (
@@ -207,6 +216,41 @@ class StorageOptions:
             return dataclasses.replace(self, **updates)
         except StorageError as exc:
             raise StorageError(f"{exc} (read from the environment: {', '.join(sources)})") from None
+
+
+def parse_mode(value: str, name: str = "file_mode", owner: int = 0o600) -> int | None:
+    """Permission bits from an octal string such as ``"0640"``; None for ``"umask"``.
+
+    Raises:
+        StorageError: not octal, above ``0777`` (no set-id or sticky bits), or without the
+            ``owner`` bits (the writer must keep access to what it writes).
+    """
+    if value == "umask":
+        return None
+    if not isinstance(value, str) or not value or any(c not in "01234567" for c in value):
+        raise StorageError(
+            f"storage option {name}: expected octal permission bits such as '0640' or 'umask', got {value!r}"
+        )
+    mode = int(value, 8)
+    if mode > 0o777 or mode & owner != owner:
+        raise StorageError(
+            f"storage option {name}: {value!r} must be at most 0777 and give the owner {owner:o} (read/write"
+            f"{'/search' if owner == 0o700 else ''})"
+        )
+    return mode
+
+
+def umask() -> int:
+    """The process's umask (read from ``/proc/self/status`` where it can be, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def _check_endpoint(endpoint: str) -> None:
@@ -391,13 +435,23 @@ class LocalStorage(Storage):
     path stays inside the root (see the module docstring); a child storage keeps its parent's
     root as that bound.
 
+    Files are written with ``file_mode`` and the folders a write creates get ``dir_mode``
+    (storage options ``file_mode``/``dir_mode``: 0640 and 0750 by default, so a serving process
+    running as another user of the writer's group can read the model root; ``"umask"`` applies
+    the process umask instead). Existing folders keep their modes.
+
     Args:
         url: a path or ``file://`` URL.
         boundary: reads must stay inside this resolved directory (default: the root itself).
+        file_mode: permission bits of written files (None: ``0666 & ~umask``).
+        dir_mode: permission bits of created folders (None: ``0777 & ~umask``).
     """
 
-    def __init__(self, url: str, boundary: Path | None = None):
+    def __init__(
+        self, url: str, boundary: Path | None = None, file_mode: int | None = 0o640, dir_mode: int | None = 0o750
+    ):
         super().__init__(url)
+        self.file_mode, self.dir_mode = file_mode, dir_mode
         parsed = urlparse(url)
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StorageError(f"storage URL {url!r}: file:// URLs must name a local path (file:///abs/path)")
@@ -478,11 +532,12 @@ class LocalStorage(Storage):
     def write_atomic(self, path: str, data: bytes) -> None:
         target = self._path(path)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(target.parent)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         except OSError as exc:
             raise StorageError(f"{self._where(path)}: write failed: {exc}") from exc
         try:
+            os.fchmod(fd, self.file_mode if self.file_mode is not None else 0o666 & ~umask())  # mkstemp: 0600
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -493,6 +548,23 @@ class LocalStorage(Storage):
             if isinstance(exc, OSError):
                 raise StorageError(f"{self._where(path)}: write failed: {exc}") from exc
             raise
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents with ``dir_mode`` (chmod after mkdir: mkdir's
+        mode is cut by the umask)."""
+        missing = []
+        while not folder.is_dir():
+            missing.append(folder)
+            if folder.parent == folder:
+                break
+            folder = folder.parent
+        for created in reversed(missing):
+            try:
+                created.mkdir()
+            except FileExistsError:
+                continue  # made by a concurrent writer: its mode is its business
+            if self.dir_mode is not None:
+                os.chmod(created, self.dir_mode)
 
     def list_dir(self, path: str = "") -> list[str]:
         p = self._path(path)
@@ -529,7 +601,7 @@ class LocalStorage(Storage):
             raise StorageError(f"{self._where(path)}: delete failed: {exc}") from exc
 
     def child(self, path: str) -> LocalStorage:
-        return LocalStorage(self.join_url(path), self.boundary)
+        return LocalStorage(self.join_url(path), self.boundary, self.file_mode, self.dir_mode)
 
 
 def _file_kind(mode: int) -> str:

@@ -245,13 +245,21 @@ class S3Storage(ArrowStorage):
             options: endpoint and credentials, environment already applied.
 
         Raises:
-            StorageError: malformed URL or bucket name, or missing credentials.
+            StorageError: malformed URL or bucket name, or only one of the two static keys.
+
+        Without static keys (``access_key``/``secret_key`` empty in the options and the
+        environment), pyarrow's S3 client takes credentials from the AWS SDK's default chain: the
+        environment, the shared credentials and config files (``AWS_SHARED_CREDENTIALS_FILE``,
+        ``AWS_CONFIG_FILE``, ``AWS_PROFILE``), web identity (``AWS_WEB_IDENTITY_TOKEN_FILE`` with
+        ``AWS_ROLE_ARN``: IAM roles for Kubernetes service accounts), and the container or
+        instance metadata service.
         """
         bucket, prefix = parse_s3_url(url)
-        if not (options.access_key and options.secret_key):
+        if bool(options.access_key) != bool(options.secret_key):
+            given, missing = ("access_key", "secret_key") if options.access_key else ("secret_key", "access_key")
             raise StorageError(
-                f"{url}: no S3 credentials: set access_key and secret_key in the storage options, or the "
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables"
+                f"{url}: S3 {given} is set but {missing} is not: give both (storage options or AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY), or neither to use the AWS default credential chain"
             )
         for name, value in S3_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
@@ -261,12 +269,12 @@ class S3Storage(ArrowStorage):
             kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
         if options.region:
             kwargs["region"] = options.region
-        if options.session_token:
-            kwargs["session_token"] = options.session_token
+        if options.access_key:  # else the AWS SDK's default credential chain
+            kwargs.update(access_key=options.access_key, secret_key=options.secret_key)
+            if options.session_token:
+                kwargs["session_token"] = options.session_token
         try:
             filesystem = pafs.S3FileSystem(
-                access_key=options.access_key,
-                secret_key=options.secret_key,
                 connect_timeout=float(options.connect_timeout_s),
                 request_timeout=float(options.request_timeout_s),
                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
@@ -349,8 +357,13 @@ class S3Storage(ArrowStorage):
         conn = self._conn
         if code in _ACCESS_ERRORS:
             reason = (
-                f"access denied by {conn.describe}: the access key '{conn.access_key}' or its secret key is "
-                f"wrong, or the user may not use bucket '{conn.bucket}'"
+                f"access denied by {conn.describe}: "
+                + (
+                    f"the access key '{conn.access_key}' or its secret key is wrong"
+                    if conn.access_key
+                    else "the credentials of the AWS default chain (no static keys were set) are missing or wrong"
+                )
+                + f", or the user may not use bucket '{conn.bucket}'"
             )
         elif code == "NO_SUCH_BUCKET":
             reason = f"bucket '{conn.bucket}' does not exist at {conn.describe}"

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
-from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageOptions
+from embedding_server.storage.base import LocalStorage, Storage, StorageError, StorageOptions, parse_mode
 from embedding_server.storage.kinds import StorageKind
 
 
@@ -71,7 +71,7 @@ def open_storage(
             "use a local path, file://, s3:// or hdfs://"
         )
     if kind is StorageKind.LOCAL:
-        return LocalStorage(url)
+        return LocalStorage(url, file_mode=parse_mode(options.file_mode), dir_mode=parse_mode(options.dir_mode))
     from embedding_server.storage import remote as storage_remote  # pyarrow.fs is only needed for remote URLs
 
     opener = storage_remote.S3Storage if kind is StorageKind.S3 else storage_remote.HdfsStorage

@@ -79,20 +79,22 @@ class EmbeddingStore:
         self._init_params = np.array([init.lower, init.upper, init.mean, init.std, float(init.seed)], np.float64)
         if self.capacity >= 2**31 - 1:
             raise ValueError(f"capacity {self.capacity} is too large for one shard; use more shards")
-        num_slots = max(16, int(self.capacity / kernels.LOAD_FACTOR) + 1)
         max_dim = int(self._dims.max())
-        self._slots = _zeroed((num_slots, 2), np.uint64)
-        self._row_slot = _zeroed(self.capacity, np.int32)
-        self._row_tick = _zeroed(self.capacity, np.uint32)
+        self.tracks_changes = self.mode is JobType.TRAIN and global_config.server.enable_incremental_update
+        # Every capacity-sized array, as store_layout() describes it (ctrserve plan sizes shards from it).
+        layout = store_layout(self.capacity, max_dim, 0, self.mode, self.tracks_changes)
+        self._slots = _zeroed(*layout["slots"])
+        self._row_slot = _zeroed(*layout["row_slot"])
+        self._row_tick = _zeroed(*layout["row_tick"])
         # Zeroed memory is mapped lazily: memory is committed as rows are actually used.
         # One extra all-zero row: the answer for ids an infer-mode store does not hold.
-        self._weights = _zeroed((self.capacity + 1, max_dim), np.float32)
+        self._weights = _zeroed(*layout["weights"])
         self._meta = np.zeros(kernels.META_LEN, np.int64)
         # Free rows (evicted, or replaced by a staged apply) are a stack in [FREE_POS, FREE_LEN);
         # a row is on it at most once, so capacity entries always suffice.
-        self._free = _zeroed(self.capacity, np.int64)
+        self._free = _zeroed(*layout["free"])
         # Infer mode: a staged packet apply's fresh row of each replaced row (row + 1, 0 = none).
-        self._next_row = _zeroed(self.capacity if self.mode is JobType.INFER else 0, np.int32)
+        self._next_row = _zeroed(*layout["next_row"])
         self._fold: tuple[np.ndarray, ...] | None = None  # see _fold_arrays
         self._committed_rows = 0  # rows whose memory _commit_rows committed ahead of staged applies
         self._committing: threading.Thread | None = None  # see _commit_rows
@@ -105,8 +107,8 @@ class EmbeddingStore:
         self.evictions_per_sweep = max(1, self.capacity // 64)
         # Incremental updates: rows changed since the last packet, and the last values of changed
         # rows evicted before it (so an eviction never loses an update).
-        self.tracks_changes = self.mode is JobType.TRAIN and global_config.server.enable_incremental_update
-        self._dirty = np.zeros(self.capacity if self.tracks_changes else 0, np.bool_)
+        shape, dtype = layout["dirty"]
+        self._dirty: np.ndarray = np.zeros(shape, dtype)
         self._dirty_count = 0
         self._evicted_changes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # Called (outside the lock) after each gradient update while changes are tracked.
@@ -142,7 +144,7 @@ class EmbeddingStore:
         self._state_widths = np.array([optimizer.state_width(t.dim) for t in self._tables], np.int64)
         width = max(1, int(self._state_widths.max()))
         if not hasattr(self, "_state") or self._state.shape[1] != width:
-            self._state = _zeroed((self.capacity, width), np.float32)
+            self._state = _zeroed(*store_layout(self.capacity, 1, width, self.mode, self.tracks_changes)["state"])
         state_init = np.zeros((len(self._tables), width), np.float32)
         for i, t in enumerate(self._tables):
             init = optimizer.initial_state(t.dim)
@@ -711,8 +713,20 @@ class EmbeddingStore:
 
     def memory_bytes(self) -> int:
         """Bytes of every array the store allocated (touched or not)."""
-        arrays = (self._slots, self._row_slot, self._row_tick, self._weights, self._state, self._next_row, self._free)
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in self.arrays().values())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The store's capacity-sized arrays by their :func:`store_layout` names."""
+        return {
+            "slots": self._slots,
+            "row_slot": self._row_slot,
+            "row_tick": self._row_tick,
+            "weights": self._weights,
+            "state": self._state,
+            "free": self._free,
+            "next_row": self._next_row,
+            "dirty": self._dirty,
+        }
 
     # ------------------------------------------------------------------ validation
 
@@ -784,6 +798,34 @@ _InsertArrays = tuple[
 def _keys_of(parts: list) -> tuple[np.ndarray, np.ndarray]:
     """(ids, table indexes) of ``put_many``'s checked parts, concatenated."""
     return np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
+
+
+def store_layout(
+    capacity: int, max_dim: int, state_width: int, mode: JobType, tracks_changes: bool
+) -> dict[str, tuple[tuple[int, ...], type]]:
+    """Shape and dtype of each array an :class:`EmbeddingStore` of ``capacity`` rows allocates.
+
+    The store allocates from this, and ``ctrserve plan`` (:mod:`embedding_server.store.plan`)
+    sizes shards from it, so the two cannot drift apart.
+
+    Args:
+        capacity: rows.
+        max_dim: the widest table's dim (every row is that wide).
+        state_width: optimizer state floats per row (the widest table's; 0 for SGD and serving).
+        mode: train or infer (infer keeps a next-row link per row for staged packet applies).
+        tracks_changes: train mode with incremental updates (one changed flag per row).
+    """
+    num_slots = max(16, int(capacity / kernels.LOAD_FACTOR) + 1)  # the open-addressing index
+    return {
+        "slots": ((num_slots, 2), np.uint64),  # (key, row) per slot
+        "row_slot": ((capacity,), np.int32),  # a row's slot in the index
+        "row_tick": ((capacity,), np.uint32),  # a row's last use, for LRU eviction
+        "weights": ((capacity + 1, max_dim), np.float32),  # + the all-zero row of unheld ids
+        "state": ((capacity, max(1, state_width)), np.float32),
+        "free": ((capacity,), np.int64),  # the free-row stack
+        "next_row": ((capacity if mode is JobType.INFER else 0,), np.int32),
+        "dirty": ((capacity if tracks_changes else 0,), np.bool_),
+    }
 
 
 def _zeroed(shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
