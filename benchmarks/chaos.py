@@ -5,6 +5,11 @@ test suite.
 
     python benchmarks/chaos.py [--minutes 5] [--seed 0] [--workdir DIR]
     python benchmarks/chaos.py --quick          # 1.5 minutes of chaos
+    python benchmarks/chaos.py --skip kill_trainer   # every kind of event but one (to tell which fails)
+
+``--minutes`` is the chaos itself; starting (TorchServe, the first checkpoint and version) and the
+end (the trainer's clean finish, catching up, the fresh replica, the dumps) add a minute or two,
+each wait bounded.
 
 What runs, on 127.0.0.1 only, each process in its own process group (all stopped at the end, also
 on Ctrl-C, SIGTERM or an exception), in a work directory (default: a new temporary one):
@@ -25,8 +30,11 @@ Chaos, at times drawn from ``--seed`` (at least one event of each kind):
   ``resume_from`` its newest training checkpoint (from scratch only when none exists yet);
 * ``kill_replica``: SIGKILL to one replica; restarted on its port after a short delay;
 * ``kill_publisher``: SIGKILL to ``ctrserve publish --watch``; restarted after a short delay;
-* ``rewrite_packet``: an existing packet rewritten in place in two halves with a pause, as an
-  outside tool's slow copy does (only ever with the packet's own bytes, never creating a file);
+* ``rewrite_packet``: an existing packet (mostly the newest, or one above the newest checkpoint,
+  which a starting replica replays) rewritten in place in two halves with a pause, as an outside
+  tool's slow copy does (only ever with the packet's own bytes, never creating a file); also, half
+  of the time, just before a killed replica starts again, with a pause (3-8 s) that lasts into its
+  start-up replay;
 * ``odd_names``: names readers must ignore in a listed folder (the model root, ``incremental/``,
   each ``shard-*`` folder, ``checkpoints/``, ``dense/``): digits of other scripts
   (``0000000000000000000².arrow``, ``shard-²-of-00002``, ``v0000000٣``), other lengths and
@@ -145,7 +153,8 @@ WHAT_CANNOT_BE_OBSERVED = [
     "watch was not yet added, together with a deletion between two listings) shows as never observed; such "
     "a seq at or below a checkpoint watermark that was observed is reported as 'unverifiable', above every "
     "observed watermark it counts as a skip",
-    "the run id of a packet that retention deleted before it was read is unknown (counted in runs as 'unknown')",
+    "the run id of a packet that retention deleted before it was read is unknown ('run_id_unknown'); such a "
+    "packet is counted as observed but not attributed to a trainer run",
     "the trainer holds no seq in memory that is not on storage: a seq is published when its file appears; a "
     "SIGKILL between a packet's rename and its last-seq.json marker leaves the marker one behind, which the "
     "next run's start (max of listed packets, marker, checkpoint watermark) covers",
@@ -199,8 +208,7 @@ def schedule(seed: int, duration: float, skip: tuple[str, ...] = ()) -> list[Eve
 
 @dataclass
 class SeenPacket:
-    first_seen_s: float
-    run_id: str | None = None
+    run_id: str | None = None  # from its metadata; None until read (or when deleted before that)
     tries: int = 0
 
 
@@ -209,16 +217,14 @@ class RootObserver:
     inotify events (watchdog, recursive) plus a listing of every packet folder every ``interval``
     seconds. Each packet's run id is read from its metadata once (retried while it is rewritten)."""
 
-    def __init__(self, root: Path, began: float, busy: set[str], busy_lock: threading.Lock, interval: float = 0.25):
+    def __init__(self, root: Path, busy: set[str], busy_lock: threading.Lock, interval: float = 0.25):
         self.root = root
-        self.began = began
         self.interval = interval
         self.busy, self.busy_lock = busy, busy_lock
         self.packets: dict[int, dict[int, SeenPacket]] = {s: {} for s in range(TRAINING_SHARDS)}
         self.checkpoints: dict[str, dict[int, int]] = {}  # name -> watermark
         self.events_seen = 0
         self.listings = 0
-        self.overflow = False
         self._lock = threading.Lock()
         self._queue: list[str] = []
         self._stop = threading.Event()
@@ -259,9 +265,6 @@ class RootObserver:
             self._observer.stop()
             self._observer.join(5.0)
 
-    def _now(self) -> float:
-        return time.monotonic() - self.began
-
     def _run(self) -> None:
         next_listing = 0.0
         while not self._stop.wait(0.05):
@@ -293,7 +296,7 @@ class RootObserver:
     def _packet(self, shard: int, seq: int) -> None:
         with self._lock:
             if seq not in self.packets[shard]:
-                self.packets[shard][seq] = SeenPacket(self._now())
+                self.packets[shard][seq] = SeenPacket()
 
     def _checkpoint(self, name: str) -> None:
         if name in self.checkpoints:
@@ -505,7 +508,7 @@ class Chaos:
         self.resume_job.write_text(yaml.safe_dump({**job, "resume_from": str(self.checkpoint_dir)}, sort_keys=False))
         (self.workdir / "outside").mkdir(exist_ok=True)
 
-        self.observer = RootObserver(self.root, self.began, self.busy, self.busy_lock).start()
+        self.observer = RootObserver(self.root, self.busy, self.busy_lock).start()
         stack.callback(self.observer.stop)
         stack.callback(self._stop_trainer_hard)
         self._start_trainer()
@@ -729,6 +732,8 @@ class Chaos:
         if self.replica_state[r] != "down":
             return False
         self.replica_state[r] = "restarting"
+        if self.rng.random() < 0.5:  # a slow copy, long enough to last into the replica's start-up replay
+            self._do(Event(now, -1, "rewrite_packet", delay=self.rng.uniform(3.0, 8.0)), now)
         self._thread(f"restart-replica-{r}", functools.partial(self._restart_replica, r))
         return True
 
@@ -992,8 +997,13 @@ class Chaos:
         seqs = sorted(q for q in map(parse_packet_name, _listdir(folder)) if q is not None)
         if not seqs:
             return False
-        seq = seqs[-1] if self.rng.random() < 0.5 else self.rng.choice(seqs)
-        pause = self.rng.uniform(0.2, 3.0)
+        # mostly packets above the newest checkpoint: those a starting replica replays
+        names = complete_checkpoints(str(self.root))
+        shard = self._packet_folders().index(folder)
+        covered = self.observer.checkpoints.get(names[-1], {}).get(shard, -1) if names and self.observer else -1
+        replayed = [q for q in seqs if q > covered] or seqs
+        seq = seqs[-1] if self.rng.random() < 0.5 else self.rng.choice(replayed)
+        pause = event.delay or self.rng.uniform(0.2, 3.0)
         path = folder / packet_name(seq)
         self._thread(f"rewrite-{seq}", lambda: self._rewrite(path, pause))
         return True

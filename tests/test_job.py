@@ -8,16 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.batch import SparseFeature
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.model_spec import DenseModelSpec
+from embedding_server.modelroot.incremental import publish_checkpoint
 from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
-from trainer.job import JobConfig
+from embedding_server.rpc.security import ServerSecurity
+from embedding_server.rpc.service import start_server
+from trainer.job import JobConfig, run_job
 
 FEATURES = [f"C{i}" for i in range(1, 27)]
 EMB = {"slots_config": {n: {"dim": 8} for n in FEATURES}}
@@ -97,6 +102,78 @@ def test_train_job_writes_metrics_curves_checkpoint_and_versions(tmp_path):
 def test_bad_job_configs_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         JobConfig.load(write_job(tmp_path, **override))
+
+
+def modes_under(top: Path) -> dict[str, set[str]]:
+    """``{"files": {...}, "dirs": {...}}``: the octal permission bits of everything under ``top``
+    (``top`` included), from ``os.stat``."""
+    found: dict[str, set[str]] = {"files": set(), "dirs": {oct(os.stat(top).st_mode & 0o7777)}}
+    for folder, dirs, files in os.walk(top):
+        found["dirs"] |= {oct(os.stat(Path(folder) / d).st_mode & 0o7777) for d in dirs}
+        found["files"] |= {oct(os.stat(Path(folder) / f).st_mode & 0o7777) for f in files}
+    return found
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("file_mode, dir_mode", [("0600", "0700"), ("0644", "0755")])
+def test_every_model_root_writer_uses_the_configured_file_modes(tmp_path, file_mode, dir_mode):
+    """A job whose global config sets storage.file_mode/dir_mode writes its dense exports,
+    packets, sparse checkpoints and training checkpoint with exactly those modes (the defaults
+    are 0640/0750; the process umask is set so it would give neither pair)."""
+    root, checkpoint = tmp_path / "root", tmp_path / "ckpt"
+    (tmp_path / "global.yml").write_text(
+        yaml.safe_dump(
+            {
+                "common_config": {"job_type": "train"},
+                "embedding_parameter_server_config": {
+                    "enable_incremental_update": True,
+                    "incremental_dir": str(root / "incremental"),
+                    "incremental_flush_interval": 0.05,
+                    "storage": {"file_mode": file_mode, "dir_mode": dir_mode},
+                },
+            }
+        )
+    )
+    job = write_job(
+        tmp_path,
+        global_config="global.yml",
+        data={"batch_size": 32, "synthetic": {"seed": 3}},
+        train={"steps": 4, "eval_every": 0, "eval_batches": 1, "log_every": 2},
+        output={"dir": "run", "model_root": str(root), "checkpoint": str(checkpoint), "export_every": 2},
+    )
+    old_umask = os.umask(0o077 if file_mode == "0644" else 0o002)
+    try:
+        result = run_job(JobConfig.load(job), progress=False)
+    finally:
+        os.umask(old_umask)
+    assert result.exported_versions == [1, 2]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "dense", "incremental"]
+    assert list(root.glob("incremental/shard-*/0*.arrow")), "no packet was published"
+    assert list(root.glob("checkpoints/*/manifest.json")) and (checkpoint / "sparse" / "manifest.json").exists()
+    expected = {"files": {oct(int(file_mode, 8))}, "dirs": {oct(int(dir_mode, 8))}}
+    assert modes_under(root) == expected
+    assert modes_under(checkpoint) == expected
+
+
+@pytest.mark.unit
+def test_an_embedding_servers_dump_writes_with_its_own_storage_options(tmp_path):
+    """An embedding server's Dump writes its shard's files with its global config's file modes;
+    the client writes the manifest with the options it is given."""
+    storage = {"file_mode": "0600", "dir_mode": "0700"}
+    config = GlobalConfig.from_dict(
+        {"common_config": {"job_type": "train"}, "embedding_parameter_server_config": {"storage": storage}}
+    )
+    emb = EmbeddingConfig.from_dict({"slots_config": {"C1": {"dim": 4}}})
+    security = ServerSecurity(allow_unauthenticated_admin=True, admin_roots=(str(tmp_path),))
+    server = start_server(emb, config, port=0, workers=2, security=security)
+    try:
+        with RemoteEmbeddingClient(emb, [server.address]) as client:
+            client.lookup([SparseFeature.from_lists("C1", [np.arange(5, dtype=np.uint64)])])  # train mode: inserts
+            url = publish_checkpoint(client, str(tmp_path / "root"), storage_options=storage)
+    finally:
+        server.stop(0)
+    assert Path(url, "manifest.json").exists() and list(Path(url).glob("shard-*/C1.arrow"))
+    assert modes_under(tmp_path / "root") == {"files": {"0o600"}, "dirs": {"0o700"}}
 
 
 @pytest.mark.process  # the real Ceph cluster (ceph_s3) runs as child processes

@@ -94,7 +94,7 @@ def pod_spec(obj: dict) -> dict:
 # --------------------------------------------------------------------------- rendering and schemas
 
 
-def test_every_overlay_renders_and_validates_against_the_kubernetes_schemas(rendered):
+def test_every_overlay_renders_and_validates_against_the_kubernetes_schemas(rendered, tmp_path):
     import kubernetes_validate
 
     custom = {("kubeflow.org/v1", "PyTorchJob"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -114,7 +114,7 @@ def test_every_overlay_renders_and_validates_against_the_kubernetes_schemas(rend
     # The CLI agrees (strict; custom resources warn and exit 0).
     files = []
     for name, docs in rendered.items():
-        path = Path(tempfile.mkdtemp()) / f"{name}.yaml"
+        path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump_all(docs))
         files.append(str(path))
     cli = subprocess.run(
@@ -168,7 +168,7 @@ def test_readiness_means_ready(rendered):
     ts = named(docs, "Deployment", "torchserve")
     torchserve = next(c for c in pod_spec(ts)["containers"] if c["name"] == "torchserve")
     probe = torchserve["readinessProbe"]["exec"]["command"]
-    assert "model-ready" in probe and "--model=deepctr" in probe, probe
+    assert probe[:3] == ["ctrserve", "health", "torchserve"] and "--model=deepctr" in probe, probe
 
 
 def test_shards_follow_the_pod_ordinal_and_the_topology_agrees(rendered):
@@ -307,6 +307,13 @@ def test_configs_in_the_configmap_load_with_their_loaders(rendered, tmp_path):
         JobConfig.load(directory / "job.yml")
 
 
+def test_the_configmaps_logging_file_is_the_one_in_deploy_torchserve():
+    """kustomize reads only files under its kustomization, so the ConfigMap holds a copy of
+    TorchServe's WARN-level log4j2.xml; it must not drift from deploy/torchserve's."""
+    copy = (K8S / "base" / "config" / "log4j2.xml").read_bytes()
+    assert copy == (REPO / "deploy" / "torchserve" / "log4j2.xml").read_bytes()
+
+
 # --------------------------------------------------------------------------- the rehearsal
 
 
@@ -417,7 +424,8 @@ class Rehearsal:
             text = str(local) if text == str(port) else text
         if pod.dirs:  # one pass, longest first: a mapped path is never mapped again
             paths = "|".join(re.escape(path) for path in sorted(pod.dirs, key=len, reverse=True))
-            text = re.sub(rf"(?<![^\s="':,\[])({paths})(?=/|\b|$)", lambda m: str(pod.dirs[m[1]]), text)
+            pattern = r"(?<![^\s=\"':,\[])(" + paths + r")(?=/|\b|$)"  # a path, not a URL's path
+            text = re.sub(pattern, lambda m: str(pod.dirs[m[1]]), text)
         return text
 
     # ---- containers

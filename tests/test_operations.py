@@ -1,7 +1,8 @@
 """Operations: the Grafana dashboards (``deploy/grafana/``) and Prometheus alert rules
 (``deploy/prometheus/``) query only metrics the code exports; counters are counters; the rules
-pass ``promtool check rules`` and their unit tests (``promtool test rules``); the trainer's and
-the publisher's metrics (``--metrics-port``) move as they work.
+pass ``promtool check rules`` and their unit tests (``promtool test rules``); the trainer's
+metrics (``--metrics-port``) move as it works (the publisher's are scraped as it publishes into
+a real TorchServe in tests/test_torchserve.py).
 
 promtool comes with Debian's ``prometheus`` package: ``deploy/prometheus/install.sh`` installs
 it (CI runs it from ``.ci/run``); the promtool tests fail with that hint where it is missing.
@@ -18,10 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from archiver.publish import Publisher, PublisherMetrics, PublishSettings
+from archiver.publish import PublisherMetrics
 from ctrserve import monitoring
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
-from embedding_server.core.model_spec import SPEC_FILE, version_dir
 from embedding_server.rpc.metrics import ServerMetrics
 from embedding_server.store.store import EmbeddingStore
 from trainer.job import JobConfig, run_job
@@ -166,55 +166,3 @@ def test_trainer_metrics_follow_a_training_job(tmp_path):
     assert got["ctrserve_trainer_versions_exported_total"] == len(result.exported_versions) == 2
     assert got["ctrserve_trainer_last_export_timestamp_seconds"] > 0
     assert "ctrserve_trainer_packets_published_total" in got
-
-
-class _FakeManagement:
-    """TorchServe's management API as the publisher uses it; ``broken`` makes register fail."""
-
-    def __init__(self) -> None:
-        self.registered: list[str] = []
-        self.default = ""
-        self.broken = False
-
-    def versions(self, name):
-        return list(self.registered)
-
-    def register(self, mar, **kwargs):
-        if self.broken:
-            raise RuntimeError("TorchServe is away")
-        self.registered.append(mar.split("-v")[-1].removesuffix(".mar").lstrip("0") or "0")
-
-    def wait_ready(self, name, version, timeout):
-        pass
-
-    def set_default(self, name, version):
-        self.default = version
-
-    def default_version(self, name):
-        return self.default
-
-
-@pytest.mark.unit
-def test_publisher_metrics_count_publishes_and_failures(tmp_path, monkeypatch):
-    root = tmp_path / "root"
-    for v in (1, 2):
-        (root / version_dir(v)).mkdir(parents=True)
-        (root / version_dir(v) / SPEC_FILE).write_text("{}")
-    metrics = PublisherMetrics()
-    management = _FakeManagement()
-    publisher = Publisher(management, PublishSettings(str(root), str(tmp_path / "store"), drain_s=0), metrics)  # type: ignore[arg-type]
-    monkeypatch.setattr(publisher, "_archive", lambda version: Path(f"deepctr-v{version:08d}.mar"))
-    port = metrics.serve_http(0)
-    assert publisher.poll_once() == 2
-    got = scrape(port)
-    assert got["ctrserve_publisher_versions_published_total"] == 1
-    assert got["ctrserve_publisher_published_version"] == got["ctrserve_publisher_newest_version"] == 2
-    assert got["ctrserve_publisher_last_publish_timestamp_seconds"] > 0
-    (root / version_dir(3)).mkdir()
-    (root / version_dir(3) / SPEC_FILE).write_text("{}")
-    management.broken = True
-    with pytest.raises(RuntimeError):
-        publisher.poll_once()
-    got = scrape(port)
-    assert got["ctrserve_publisher_failures_total"] == 1 and got["ctrserve_publisher_newest_version"] == 3
-    assert got["ctrserve_publisher_published_version"] == 2

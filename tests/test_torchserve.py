@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -25,7 +27,7 @@ import requests
 
 from archiver.build import archive_model
 from archiver.management import ManagementClient, ManagementError
-from archiver.publish import Publisher, PublishSettings
+from archiver.publish import Publisher, PublisherMetrics, PublishSettings
 from archiver.torchserve import TorchServeProcess
 from ctrserve import monitoring
 from ctrserve.cli import main
@@ -233,9 +235,20 @@ def test_torchserve_batching_returns_each_request_its_own_result(serving, tiny_c
         c.close()
 
 
+def scrape(port: int) -> dict[str, float]:
+    """``{series: value}`` of ``http://127.0.0.1:port/metrics`` (a Prometheus text page)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        series: float(value)
+        for series, _, value in (line.rpartition(" ") for line in text.splitlines() if line and line[0] != "#")
+    }
+
+
 def test_publish_rolls_new_version_without_failing_a_request(serving, tiny_ctr):
     """A client streams requests while the publisher archives, registers, waits for, switches to
-    and retires versions: no request fails and answers move from version 2 to 3."""
+    and retires versions: no request fails and answers move from version 2 to 3. The publisher's
+    metrics (scraped over HTTP) count both publishes, and a poll against a TorchServe that cannot
+    be reached (connection refused) as a failure."""
     settings = PublishSettings(
         str(serving.model_root),
         str(serving.store),
@@ -245,10 +258,18 @@ def test_publish_rolls_new_version_without_failing_a_request(serving, tiny_ctr):
         drain_s=0.5,
     )
     tiny_ctr.export_version(serving.model_root, 2, seed=2)
+    metrics = PublisherMetrics()
+    port = metrics.serve_http(0)
     with ManagementClient(serving.ts.management_url) as mgmt:
-        publisher = Publisher(mgmt, settings)
+        publisher = Publisher(mgmt, settings, metrics)
+        began = time.time()
         assert publisher.poll_once() == 2
+        got = scrape(port)
+        assert got["ctrserve_publisher_versions_published_total"] == 1
+        assert got["ctrserve_publisher_published_version"] == got["ctrserve_publisher_newest_version"] == 2
+        assert began <= got["ctrserve_publisher_last_publish_timestamp_seconds"] <= time.time()
         assert publisher.poll_once() is None  # nothing new
+        assert scrape(port)["ctrserve_publisher_versions_published_total"] == 1
         batch = tiny_ctr.random_batch(np.random.default_rng(5), 16)
         seen, failures, stop = [], [], threading.Event()
 
@@ -274,10 +295,34 @@ def test_publish_rolls_new_version_without_failing_a_request(serving, tiny_ctr):
         assert seen[0] == 2 and seen[-1] == 3 and sorted(seen) == seen
         assert mgmt.versions("rolling") == ["3"] and mgmt.default_version("rolling") == "3"
         assert not (serving.store / "rolling-v00000002.mar").exists()
+    got = scrape(port)
+    assert got["ctrserve_publisher_versions_published_total"] == 2 and got["ctrserve_publisher_failures_total"] == 0
+    assert got["ctrserve_publisher_published_version"] == got["ctrserve_publisher_newest_version"] == 3
+    published_at = got["ctrserve_publisher_last_publish_timestamp_seconds"]
+    # A real failure: version 4 is exported, but the management address refuses connections (a
+    # bound socket that never listens), as when TorchServe is down.
+    v4 = tiny_ctr.export_version(serving.model_root, 4, seed=4)
+    try:
+        with socket.socket() as silent, ManagementClient(f"http://127.0.0.1:{_bound_port(silent)}", timeout=5) as away:
+            with pytest.raises(ManagementError) as err:
+                Publisher(away, settings, metrics).poll_once()
+            assert err.value.code == 503
+    finally:
+        shutil.rmtree(v4)  # the module's other tests see versions 1 to 3 only
+    got = scrape(port)
+    assert got["ctrserve_publisher_failures_total"] == 1 and got["ctrserve_publisher_newest_version"] == 4
+    assert got["ctrserve_publisher_published_version"] == 3 and got["ctrserve_publisher_versions_published_total"] == 2
+    assert got["ctrserve_publisher_last_publish_timestamp_seconds"] == published_at
     with serving.client("rest", model_name="rolling") as client:
         np.testing.assert_allclose(
             client.predict(batch), tiny_ctr.expected_scores(serving.version_dir(3), serving.lookups, batch), atol=TOL
         )
+
+
+def _bound_port(sock: socket.socket) -> int:
+    """Bind ``sock`` to a free loopback port without listening: connections to it are refused."""
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
 
 
 def test_archive_register_set_default_unregister_over_rest_and_grpc(serving, tiny_ctr):

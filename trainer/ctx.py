@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,10 @@ class TrainCtx:
         sparse_optimizer: SGD, Adagrad or Adam (PERSIA's names), run by the embedding store.
         embedding_config: the features and tables (``EmbeddingConfig`` or a path to the YAML).
         global_config: capacity and initialisation of the in-process store (default settings
-            when omitted); ignored with ``embedding_servers``.
+            when omitted); with ``embedding_servers`` only its ``storage`` section is used. That
+            section (connection settings, ``file_mode``/``dir_mode``) opens every location the
+            trainer writes: checkpoints, and the model root's dense exports and sparse
+            checkpoints (:attr:`storage_options`).
         embedding_servers: ``host:port`` of remote shards in order; ``None`` keeps the sparse
             tables in this process (``num_shards`` stores). Training pushes gradients, sets the
             optimizer and dumps/loads checkpoints: admin calls, so the servers' admin token comes
@@ -90,6 +94,10 @@ class TrainCtx:
         self.distributed = self.world_size > 1 if distributed is None else distributed
         if self.distributed and embedding_servers is None:
             raise ValueError("data-parallel training needs embedding servers every rank shares: pass embedding_servers")
+        if global_config is not None and not isinstance(global_config, GlobalConfig):
+            global_config = GlobalConfig.load(global_config)
+        #: the global config's ``storage`` section: how the trainer opens what it writes.
+        self.storage_options: dict[str, Any] = dict(global_config.server.storage) if global_config is not None else {}
         self.client = self._make_client(global_config, embedding_servers, num_shards)
         self.client.set_optimizer(sparse_optimizer)
         self.sparse_optimizer = sparse_optimizer
@@ -103,7 +111,9 @@ class TrainCtx:
         self.step = 0
         self._pending: LookupResult | None = None
 
-    def _make_client(self, global_config, servers: Sequence[str] | None, num_shards: int) -> EmbeddingClient:
+    def _make_client(
+        self, global_config: GlobalConfig | None, servers: Sequence[str] | None, num_shards: int
+    ) -> EmbeddingClient:
         if servers is not None:
             from embedding_server.rpc.remote import RemoteEmbeddingClient
             from embedding_server.rpc.security import environment_client_security
@@ -111,8 +121,6 @@ class TrainCtx:
             return RemoteEmbeddingClient(self.config, list(servers), security=environment_client_security(admin=True))
         if global_config is None:
             global_config = GlobalConfig.from_dict({})
-        elif not isinstance(global_config, GlobalConfig):
-            global_config = GlobalConfig.load(global_config)
         if global_config.mode is not JobType.TRAIN:
             raise ValueError("the trainer's in-process store needs common_config.job_type: train")
         return InProcessEmbeddingClient(self.config, global_config, num_shards)
@@ -219,8 +227,8 @@ class TrainCtx:
         writes; every rank waits for it.
 
         ``directory`` is a local path or a storage URL, as a model root is (``file://``,
-        ``s3://bucket/prefix``, ``hdfs://host:port/path``; connection settings from the
-        environment, see :mod:`embedding_server.storage.base`). Every part goes through the
+        ``s3://bucket/prefix``, ``hdfs://host:port/path``; opened with :attr:`storage_options`,
+        the environment filling in, see :mod:`embedding_server.storage.base`). Every part goes through the
         storage layer: the sparse tables to ``<directory>/sparse/`` (manifest last), then the
         dense state as ``<directory>/dense.pt``, published atomically.
 
@@ -228,8 +236,8 @@ class TrainCtx:
             StorageError: an unsupported scheme, an unreachable storage, or a failed write.
         """
         if self.rank == 0:
-            storage = open_storage(directory)
-            self.client.dump(_sparse_location(storage))
+            storage = open_storage(directory, self.storage_options)
+            self.client.dump(_sparse_location(storage), self.storage_options)
             state = {
                 "model": self.model.state_dict(),
                 "optimizer": self.dense_optimizer.state_dict(),
@@ -251,7 +259,7 @@ class TrainCtx:
             StorageError: an unsupported scheme or an unreadable storage.
             InvalidRequestError: the sparse part is missing, incomplete or does not fit the tables.
         """
-        storage = open_storage(directory)
+        storage = open_storage(directory, self.storage_options)
         data = storage.read_bytes(DENSE_STATE_FILE)
         state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,9 +28,9 @@ from embedding_server.core.model_spec import (
 from embedding_server.storage.urls import open_storage
 
 
-def latest_version(model_root: str) -> int:
+def latest_version(model_root: str, storage_options: Mapping[str, Any] | None = None) -> int:
     """The highest complete dense version under ``model_root`` (0 when there is none)."""
-    storage = open_storage(model_root)
+    storage = open_storage(model_root, storage_options)
     if not storage.exists(DENSE_DIR):
         return 0
     complete = [v for v in list_versions(storage) if storage.exists(f"{version_dir(v)}/{SPEC_FILE}")]
@@ -61,6 +62,7 @@ def export_dense(
     targets: int = 1,
     version: int | None = None,
     sparse_watermark: Mapping[str, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Write a new dense version; returns its number.
 
@@ -73,11 +75,15 @@ def export_dense(
         targets: output columns.
         version: the version number; default one above the newest complete version.
         sparse_watermark: per shard, the last incremental packet the rows include.
+        storage_options: how to open ``model_root``: a global config's ``storage`` section
+            (connection settings; ``file_mode``/``dir_mode`` of the files and folders written
+            to a local root). None: the defaults (0640/0750) and the environment.
 
     Raises:
         ValueError: ``version`` is not above the newest existing version.
     """
-    newest = latest_version(model_root)
+    storage = open_storage(model_root, storage_options)
+    newest = latest_version(model_root, storage_options)
     version = newest + 1 if version is None else version
     if version <= newest:
         raise ValueError(f"version {version} is not above the newest exported version {newest} in {model_root}")
@@ -93,7 +99,6 @@ def export_dense(
         sparse_watermark=dict(sparse_watermark or {}),
         model_class=scripted.original_name,
     )
-    storage = open_storage(model_root)
     storage.write_atomic(f"{version_dir(version)}/{MODEL_FILE}", buffer.getvalue())
     storage.write_atomic(f"{version_dir(version)}/{SPEC_FILE}", spec.to_json().encode())
     return version

@@ -183,7 +183,11 @@ class JobConfig:
     """The contents of ``job.yml``. Paths are relative to the file."""
 
     embedding_config: str = option(doc="path of embedding_config.yml")
-    global_config: str = option("", doc="path of global_config.yml for the in-process store (capacity, initialisation)")
+    global_config: str = option(
+        "",
+        doc="path of global_config.yml for the in-process store (capacity, initialisation); its storage section "
+        "(file modes, connection options) opens what the trainer writes, with embedding_servers too",
+    )
     embedding_servers: list[str] = option(
         default_factory=list, doc="host:port of remote shards in order; empty = in-process tables"
     )
@@ -466,7 +470,9 @@ def _publish(ctx: TrainCtx, job: JobConfig, dense_width: int, first: bool, last:
     """
     every = job.output.sparse_checkpoint_every
     if first or last or (every and ctx.step % every == 0):
-        url = publish_checkpoint(ctx.client, job.output.model_root, keep=job.output.keep_checkpoints)
+        url = publish_checkpoint(
+            ctx.client, job.output.model_root, keep=job.output.keep_checkpoints, storage_options=ctx.storage_options
+        )
         log.info("published sparse checkpoint %s", url)
     publishers = getattr(ctx.client, "publishers", [])
     return export_dense(
@@ -476,6 +482,7 @@ def _publish(ctx: TrainCtx, job: JobConfig, dense_width: int, first: bool, last:
         step=ctx.step,
         dense_width=dense_width,
         sparse_watermark=watermark_of(publishers) if publishers else None,
+        storage_options=ctx.storage_options,
     )
 
 

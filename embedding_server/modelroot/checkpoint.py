@@ -1,7 +1,7 @@
 """Full sparse checkpoints: every shard's rows, with optimizer state, as Arrow IPC files.
 
 Layout under a checkpoint directory (any :mod:`~embedding_server.storage.base` URL, or an open
-:class:`~embedding_server.storage.base.Storage` to use connection options other than the environment's)::
+:class:`~embedding_server.storage.base.Storage`)::
 
     shard-00000-of-00002/<table>.arrow   columns id: uint64, weight: fixed_size_list<float32>[dim],
                                          state: fixed_size_list<float32>[state width]
@@ -11,13 +11,19 @@ Layout under a checkpoint directory (any :mod:`~embedding_server.storage.base` U
 Arrow IPC is self-describing and readable by pyarrow, pandas, DuckDB or Spark; nothing is
 pickled. Loading reads every shard's files and keeps the rows that hash to the loading shard,
 so a checkpoint of 2 shards loads into 1 or 3 shards unchanged.
+
+A directory given as a URL is opened with storage options (connection settings, and the
+``file_mode``/``dir_mode`` of local files and folders): the writers take them as
+``storage_options`` and default to the store's global config's ``storage`` section, so an
+embedding server's Dump writes with its own configured modes.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +44,20 @@ def shard_dir(shard_index: int, num_shards: int) -> str:
     return f"shard-{shard_index:05d}-of-{num_shards:05d}"
 
 
-def dump_shard(store: EmbeddingStore, directory: str | Storage) -> tuple[list[str], int]:
-    """Write one store's tables under ``directory``; returns (relative file paths, rows)."""
-    storage = open_storage(directory)
+def _open(directory: str | Storage, options: Mapping[str, Any] | None) -> Storage:
+    """``directory`` opened with ``options`` (an open :class:`Storage` is used as it is)."""
+    return directory if isinstance(directory, Storage) else open_storage(directory, options)
+
+
+def dump_shard(
+    store: EmbeddingStore, directory: str | Storage, storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[str], int]:
+    """Write one store's tables under ``directory``; returns (relative file paths, rows).
+
+    ``storage_options`` default to the store's global config's ``storage`` section.
+    """
+    options = store.global_config.server.storage if storage_options is None else storage_options
+    storage = _open(directory, options)
     files, total = [], 0
     for rows in store.rows():
         path = f"{shard_dir(store.shard_index, store.num_shards)}/{rows.table.name}.arrow"
@@ -58,11 +75,13 @@ def write_manifest(
     config_dict: dict,
     optimizer_dict: dict,
     watermark: dict[str, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Publish the manifest that makes a checkpoint complete (always written last).
 
     ``watermark`` maps each training shard (as a string) to the last incremental packet whose
-    rows the checkpoint includes; a server replays only packets above it.
+    rows the checkpoint includes; a server replays only packets above it. ``storage_options``
+    open ``directory`` when it is a URL (None: the defaults and the environment).
     """
     manifest = {
         "format": FORMAT,
@@ -75,20 +94,28 @@ def write_manifest(
         "embedding_config": config_dict,
         "watermark": dict(watermark or {}),
     }
-    open_storage(directory).write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
+    _open(directory, storage_options).write_atomic(MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
 def dump_stores(
-    stores: Sequence[EmbeddingStore], directory: str | Storage, watermark: dict[str, int] | None = None
+    stores: Sequence[EmbeddingStore],
+    directory: str | Storage,
+    watermark: dict[str, int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Checkpoint in-process shards: each shard's files, then the manifest (with ``watermark``)."""
+    """Checkpoint in-process shards: each shard's files, then the manifest (with ``watermark``).
+
+    ``storage_options`` default to the first store's global config's ``storage`` section.
+    """
+    first = stores[0]
+    options = first.global_config.server.storage if storage_options is None else storage_options
+    storage = _open(directory, options)
     files, rows = [], 0
     for store in stores:
-        f, n = dump_shard(store, directory)
+        f, n = dump_shard(store, storage)
         files += f
         rows += n
-    first = stores[0]
-    write_manifest(directory, len(stores), files, rows, first.config.to_dict(), first.optimizer.to_dict(), watermark)
+    write_manifest(storage, len(stores), files, rows, first.config.to_dict(), first.optimizer.to_dict(), watermark)
 
 
 def read_manifest(storage: Storage) -> dict:

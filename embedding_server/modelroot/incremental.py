@@ -389,9 +389,11 @@ def _delete_packets_upto(storage: Storage, watermark: dict[str, int], num_shards
 
 def publish_checkpoint(client, model_root: str, keep: int = 3, storage_options: dict | None = None) -> str:
     """Dump every shard (each first publishing its pending packet) as the next checkpoint under
-    ``<model root>/checkpoints`` with its watermark, then apply retention; returns its URL."""
+    ``<model root>/checkpoints`` with its watermark, then apply retention; returns its URL.
+    ``storage_options`` open the model root and the checkpoint (file modes included); None: the
+    client's own global config's where it has one (embedding servers use their own either way)."""
     url = next_checkpoint_dir(model_root, storage_options)
-    client.dump(url)
+    client.dump(url, storage_options)
     retain(model_root, keep, storage_options)
     return url
 

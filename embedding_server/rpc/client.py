@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -259,8 +260,13 @@ class EmbeddingClient(abc.ABC):
         """One dict of counters per shard."""
 
     @abc.abstractmethod
-    def dump(self, directory: str) -> None:
-        """Write every shard's rows (with optimizer state) as a checkpoint under ``directory``."""
+    def dump(self, directory: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """Write every shard's rows (with optimizer state) as a checkpoint under ``directory``.
+
+        ``storage_options`` (a global config's ``storage`` section: connection settings and the
+        ``file_mode``/``dir_mode`` of local files) open ``directory`` for what this process
+        writes; None uses the client's own global config's where it has one.
+        """
 
     @abc.abstractmethod
     def load(self, directory: str) -> None:
@@ -472,12 +478,13 @@ class InProcessEmbeddingClient(EmbeddingClient):
     def stats(self) -> list[dict]:
         return [store.counters() for store in self.stores]
 
-    def dump(self, directory: str) -> None:
+    def dump(self, directory: str, storage_options: Mapping[str, Any] | None = None) -> None:
         from embedding_server.modelroot import checkpoint
         from embedding_server.modelroot.incremental import watermark_of
 
         # Publish pending rows first: the checkpoint then includes every packet up to its watermark.
-        checkpoint.dump_stores(self.stores, directory, watermark_of(self.publishers) if self.publishers else None)
+        watermark = watermark_of(self.publishers) if self.publishers else None
+        checkpoint.dump_stores(self.stores, directory, watermark, storage_options)
 
     def load(self, directory: str) -> None:
         from embedding_server.modelroot import checkpoint

@@ -44,7 +44,7 @@ import json
 import queue
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -626,8 +626,10 @@ class RemoteEmbeddingClient(EmbeddingClient):
             out.append(answers)
         return out
 
-    def dump(self, directory: str) -> None:
-        """Every shard's rows from one replica each (replicas hold the same rows)."""
+    def dump(self, directory: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        """Every shard's rows from one replica each (replicas hold the same rows). Each server
+        writes its files with its own global config's storage options; ``storage_options`` open
+        ``directory`` for the manifest this client writes (None: the defaults)."""
         request = pb.DumpRequest(directory=directory)
         calls = [
             (
@@ -646,7 +648,9 @@ class RemoteEmbeddingClient(EmbeddingClient):
             if response.HasField("watermark"):
                 watermark[str(s)] = response.watermark
         optimizer = json.loads(self._read("Info", 0, pb.InfoRequest()).optimizer_json)
-        checkpoint.write_manifest(directory, self.num_shards, files, rows, self.config.to_dict(), optimizer, watermark)
+        checkpoint.write_manifest(
+            directory, self.num_shards, files, rows, self.config.to_dict(), optimizer, watermark, storage_options
+        )
 
     def load(self, directory: str) -> None:
         """Every replica of every shard loads the checkpoint (no deadline)."""

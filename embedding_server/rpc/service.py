@@ -215,7 +215,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             directory = self._admin_path("Dump", request.directory)
             # Publish pending rows first, so the checkpoint includes every packet up to its watermark.
             watermark = self.publisher.flush() if self.publisher is not None else None
-            files, rows = checkpoint.dump_shard(self.store, directory)
+            # Written with this server's own storage options (global config ``storage``: file modes too).
+            files, rows = checkpoint.dump_shard(self.store, directory, self.store.global_config.server.storage)
             return pb.DumpResponse(rows=rows, files=files, watermark=watermark)
 
         return self._call("Dump", context, run)
@@ -223,7 +224,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def Load(self, request, context):
         def run():
             self._refuse_if_following("Load")
-            storage = open_storage(self._admin_path("Load", request.directory))
+            storage = open_storage(self._admin_path("Load", request.directory), self.store.global_config.server.storage)
             try:
                 complete = storage.exists(checkpoint.MANIFEST)
             except Exception:  # unreadable is as good as missing here: say nothing more about the path
