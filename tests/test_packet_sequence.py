@@ -166,6 +166,91 @@ def test_a_resumed_trainer_continues_its_sequence_after_retention_and_serving_se
         follower.stop()
 
 
+def held_rows(stores) -> dict[str, tuple[bytes, bytes]]:
+    """Every row of every table the stores hold, ordered by id: (ids, weights) as bytes."""
+    parts: dict[str, list[TableRows]] = {}
+    for store in stores:
+        for rows in store.rows():
+            parts.setdefault(rows.table.name, []).append(rows)
+    out = {}
+    for name, group in parts.items():
+        ids = np.concatenate([g.ids for g in group])
+        weights = np.concatenate([g.weights for g in group])
+        order = np.argsort(ids, kind="stable")
+        out[name] = (ids[order].tobytes(), np.ascontiguousarray(weights[order]).tobytes())
+    return out
+
+
+def held_state(stores) -> dict[tuple[str, int], bytes]:
+    """The optimizer state of every row the stores hold."""
+    return {
+        (rows.table.name, int(i)): rows.state[k].tobytes()
+        for store in stores
+        for rows in store.rows()
+        for k, i in enumerate(rows.ids)
+    }
+
+
+@pytest.mark.parametrize("packets_gone", [False, True], ids=["packets-kept", "packets-retained-away"])
+def test_a_trainer_resumed_after_a_kill_adopts_what_the_killed_run_published(
+    packets_gone, polling_follow, tmp_path, wait_until
+):
+    """A run publishes packets past its training checkpoint (changed and new rows), is killed,
+    and is resumed from that checkpoint: it adopts those rows (from the packets, or from the newer
+    model-root checkpoint retention left instead), so a follower that lived through the kill and
+    a fresh one serve exactly the resumed trainer's rows, every row of every table."""
+    root, run = tmp_path / "root", tmp_path / "run"
+    rng = np.random.default_rng(1)
+    store = infer_store()
+    follower = ModelRootFollower(store, str(root), polling_follow).start()
+    assert follower.wait_synced(30)
+
+    def train(ctx: TrainCtx, steps: int, vocab: int) -> list[int]:
+        for _ in range(steps):
+            out, target = ctx.forward(make_batch(rng, vocab=vocab))
+            ctx.backward(F.binary_cross_entropy(out, target))
+        seqs = [p.flush() for p in ctx.client.publishers]
+        wait_until(lambda: follower_watermarks(follower) == seqs, what=f"the follower at {seqs}")
+        return seqs
+
+    first = new_ctx(root)
+    resumed = None
+    try:
+        train(first, 3, vocab=200)
+        publish_checkpoint(first.client, str(root))
+        first.dump_checkpoint(run)  # resume_from
+        checkpointed = held_state(first.client.stores)
+        train(first, 3, vocab=600)  # past the checkpoint: rows changed again, new ids
+        if packets_gone:  # a newer model-root checkpoint; retention deletes the packets it includes
+            publish_checkpoint(first.client, str(root), keep=1)
+            train(first, 2, vocab=800)
+        killed = held_rows(first.client.stores)
+        assert held_rows([store]) == killed  # the follower serves the killed run's rows
+        # SIGKILL: nothing more of the first run is published; a new process resumes.
+        resumed = new_ctx(root)
+        resumed.load_checkpoint(run)
+        assert held_rows(resumed.client.stores) == killed  # it adopted what was published
+        zero = np.zeros(4, np.float32).tobytes()  # Adagrad: one accumulator per dim
+        state = held_state(resumed.client.stores)
+        assert state == {key: checkpointed.get(key, zero) for key in state}  # new ids: zero state
+        assert len(state) > len(checkpointed)
+        train(resumed, 3, vocab=200)
+        publish_checkpoint(resumed.client, str(root))
+        last = [p.flush() for p in resumed.client.publishers]
+        final = held_rows(resumed.client.stores)
+        assert held_rows([store]) == final
+        restarted = infer_store()  # a replica started now: newest checkpoint plus newer packets
+        with ModelRootFollower(restarted, str(root), polling_follow) as fresh:
+            assert fresh.wait_synced(30)
+            assert follower_watermarks(fresh) == follower_watermarks(follower) == last
+            assert held_rows([restarted]) == final
+    finally:
+        if resumed is not None:
+            resumed.close()
+        first.close()
+        follower.stop()
+
+
 def push(store: EmbeddingStore, ids, seed: int = 0) -> None:
     keys = np.asarray(ids, np.uint64)
     tabs = np.full(keys.shape[0], USER.index, np.uint16)

@@ -269,7 +269,25 @@ class TrainCtx:
         self.step = int(state["step"])
         if self.rank == 0:
             self.client.load(_sparse_location(storage))
+            self._adopt_published(storage)
         self._barrier()
+
+    def _adopt_published(self, storage: Storage) -> None:
+        """After loading a checkpoint: adopt the rows the shards published after it (a killed run's
+        packets, which followers already serve), so the trainer holds what every follower does
+        (:func:`~embedding_server.modelroot.incremental.adopt_published`).
+
+        In-process stores only. Remote train-mode servers would need the same on the server side:
+        their Load (or a separate admin call) replaying their own shard's packets above the loaded
+        checkpoint's watermark before they accept gradients.
+        """
+        if not isinstance(self.client, InProcessEmbeddingClient) or not self.client.publishers:
+            return
+        from embedding_server.modelroot import checkpoint
+        from embedding_server.modelroot.incremental import adopt_published
+
+        manifest = checkpoint.read_manifest(storage.child(SPARSE_DIR))
+        adopt_published(self.client.publishers, manifest)
 
     def _barrier(self) -> None:
         if self.distributed:

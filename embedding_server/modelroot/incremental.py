@@ -45,6 +45,7 @@ from embedding_server.modelroot.packets import (
     PacketError,
     checkpoint_name,
     decode_last_seq,
+    decode_packet,
     encode_last_seq,
     encode_packet,
     list_checkpoints,
@@ -396,6 +397,147 @@ def publish_checkpoint(client, model_root: str, keep: int = 3, storage_options: 
     client.dump(url, storage_options)
     retain(model_root, keep, storage_options)
     return url
+
+
+# --------------------------------------------------------------------------- resuming a trainer
+
+
+def adopt_published(publishers: Sequence[PacketPublisher], manifest: dict) -> dict[int, int]:
+    """Bring train-mode stores just loaded from a training checkpoint (``manifest``: its sparse
+    manifest) up to what their shards already published, so that the resumed trainer holds
+    what every follower serves (DESIGN.md durability: one watermark, one set of values).
+
+    A killed run may have published packets above the checkpoint's watermark, with rows the
+    checkpoint does not have; followers that applied them keep them, so the trainer adopts them:
+    per shard, the packets above the checkpoint's watermark are replayed in seq order (existing
+    rows take the packet's weights and keep their optimizer state; new ids get zero state). When
+    packets needed are gone (retention, a newer model-root checkpoint covering them), that
+    checkpoint's rows of the shard are loaded first (weights only, as packets), then the rest
+    of the packets. Only for a checkpoint of the publishers' training shard count (otherwise
+    logged and skipped).
+
+    Returns:
+        ``{shard: seq the store now includes}`` for the shards brought forward.
+
+    Raises:
+        StorageError: the packets or the model root could not be read.
+        InvalidRequestError: a packet or checkpoint file needed is unreadable or does not fit.
+    """
+    if not publishers:
+        return {}
+    count = publishers[0].store.num_shards
+    watermark = manifest.get("watermark") or {}
+    if int(manifest.get("num_shards", -1)) != count:
+        log.warning(
+            "the training checkpoint has %s shards, this trainer %d: not replaying the packets the previous run "
+            "published after it (followers may serve rows of that run this trainer does not have)",
+            manifest.get("num_shards"),
+            count,
+        )
+        return {}
+    out = {}
+    for publisher in publishers:
+        shard = publisher.store.shard_index
+        if str(shard) not in watermark:
+            log.warning(
+                "the training checkpoint records no packet watermark for %s: not replaying its packets",
+                publisher.label,
+            )
+            continue
+        out[shard] = _replay_shard(publisher, int(watermark[str(shard)]))
+    return out
+
+
+def _replay_shard(publisher: PacketPublisher, watermark: int) -> int:
+    """Adopt into ``publisher.store`` the rows its shard published above ``watermark``; returns
+    the seq the store includes afterwards."""
+    store, storage = publisher.store, publisher.storage
+    seqs = [q for q in list_packets(storage, "", log) if q > watermark]
+    merged: list[TableRows] = []
+    base, source = watermark, ""
+    newer = _newer_checkpoint(publisher, watermark)
+    if newer is not None:
+        name, covered, folder, files = newer
+        if not set(range(watermark + 1, covered + 1)) <= set(seqs):  # packets needed are gone
+            for path in files:
+                rows = checkpoint.read_table_file(folder, path, store)
+                merged = merge_newest(merged, [TableRows(rows.table, rows.ids, rows.weights, rows.state[:, :0])])
+            base, source = covered, f"checkpoint {name} (seq {covered}) and "
+    replayed = 0
+    for seq in seqs:
+        if seq <= base:
+            continue
+        if seq != base + replayed + 1:
+            log.error(
+                "%s: packet %d is missing; replaying the packets after the training checkpoint only up to %d",
+                publisher.label,
+                base + replayed + 1,
+                base + replayed,
+            )
+            break
+        where = storage.join_url(packet_name(seq))
+        packet = decode_packet(storage.read_buffer(packet_name(seq)), store.config, where)
+        if (packet.shard, packet.num_shards) != (store.shard_index, store.num_shards):
+            raise InvalidRequestError(f"{where}: a packet of shard {packet.shard}/{packet.num_shards}")
+        merged = merge_newest(merged, packet.tables)
+        replayed += 1
+    adopted = _put_keeping_state(store, merged)
+    if adopted:
+        log.warning(
+            "%s: adopted %d rows the previous run published after the training checkpoint (seq %d): %s%d packet(s) "
+            "up to seq %d",
+            publisher.label,
+            adopted,
+            watermark,
+            source,
+            replayed,
+            base + replayed,
+        )
+    return base + replayed
+
+
+def _newer_checkpoint(publisher: PacketPublisher, watermark: int) -> tuple[str, int, Storage, list[str]] | None:
+    """The newest complete model-root checkpoint of the publisher's training shard count when
+    it includes packets of its shard above ``watermark``: (name, its seq, folder, the shard's
+    files)."""
+    root, store = publisher.model_root, publisher.store
+    if root is None:
+        return None
+    prefix = checkpoint.shard_dir(store.shard_index, store.num_shards) + "/"
+    for name in reversed(_checkpoint_dirs(root)):
+        folder = root.child(f"{CHECKPOINTS_DIR}/{name}")
+        try:
+            manifest = checkpoint.read_manifest(folder)
+        except InvalidRequestError:  # not complete (yet)
+            continue
+        if int(manifest["num_shards"]) != store.num_shards:
+            continue
+        covered = int((manifest.get("watermark") or {}).get(str(store.shard_index), FIRST_SEQ - 1))
+        if covered <= watermark:
+            return None
+        return name, covered, folder, [f for f in manifest["files"] if f.startswith(prefix)]
+    return None
+
+
+def _put_keeping_state(store: EmbeddingStore, tables: list[TableRows]) -> int:
+    """Write ``tables``' weights into a train-mode store: rows it holds keep their optimizer
+    state, new ones start from zero state. Returns the rows written."""
+    if not tables:
+        return 0
+    held = {rows.table.name: rows for rows in store.rows()}
+    parts = []
+    for rows in tables:
+        n = rows.ids.shape[0]
+        state = np.zeros((n, store.optimizer.state_width(rows.table.dim)), np.float32)
+        have = held.get(rows.table.name)
+        if have is not None and have.ids.shape[0] and state.shape[1]:
+            order = np.argsort(have.ids, kind="stable")
+            pos = np.minimum(np.searchsorted(have.ids[order], rows.ids), order.shape[0] - 1)
+            hit = have.ids[order[pos]] == rows.ids
+            state[hit] = have.state[order[pos[hit]]]
+        parts.append(TableRows(rows.table, rows.ids, rows.weights, state))
+    store.put_many(parts, evict=True)
+    return sum(p.ids.shape[0] for p in parts)
 
 
 def _model_root_above(incremental_dir: str | Storage, options: dict | None) -> Storage | None:
