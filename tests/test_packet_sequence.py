@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,10 @@ from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.optimizers import Adagrad
 from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.hotload import ModelRootFollower
-from embedding_server.modelroot.incremental import PacketPublisher, publish_checkpoint
+from embedding_server.modelroot.incremental import PacketPublisher, publish_checkpoint, read_published_packet
 from embedding_server.modelroot.packets import (
     LAST_SEQ_FILE,
+    PacketError,
     decode_packet,
     encode_packet,
     packet_dir,
@@ -404,3 +406,24 @@ def test_a_packet_of_another_run_at_or_below_the_watermark_raises_the_alarm(
     assert len(warnings) == 2 and all("'run-B'" in w and "'run-A'" in w for w in warnings)
     tabs = np.full(2, USER.index, np.uint16)
     np.testing.assert_array_equal(store.lookup(np.array([0, 100], np.uint64), tabs)[:, 0], [0.0, 3.0])
+
+
+def test_a_resumed_trainer_reads_a_packet_being_copied_in_place_again_until_it_is_whole(tmp_path):
+    """Found by benchmarks/chaos.py: a resumed trainer adopting what its killed run published met
+    a packet that an outside tool was rewriting in place, and exited. It reads it again with
+    backoff until whole; a packet that stays unreadable is still refused, naming it."""
+    write_packet(tmp_path, 4, "run-A", [1, 2, 3], 7.0)
+    path = tmp_path / packet_dir(0, 1) / packet_name(4)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # the first half of a slow copy
+    storage = LocalStorage(str(tmp_path / packet_dir(0, 1)))
+    rest = threading.Timer(0.3, lambda: path.write_bytes(whole))
+    rest.start()
+    try:
+        packet = read_published_packet(storage, 4, CONFIG, str(path), retry_s=30.0)
+    finally:
+        rest.join()
+    assert packet.seq == 4 and packet.tables[0].weights.tolist() == [[7.0] * 4] * 3
+    path.write_bytes(whole[: len(whole) // 2])  # a copy that never completes
+    with pytest.raises(PacketError, match=packet_name(4)):
+        read_published_packet(storage, 4, CONFIG, str(path), retry_s=0.3)

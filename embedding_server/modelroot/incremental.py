@@ -30,11 +30,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
+from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.modelroot import checkpoint
 from embedding_server.modelroot.packets import (
@@ -42,6 +44,7 @@ from embedding_server.modelroot.packets import (
     FIRST_SEQ,
     INCREMENTAL_DIR,
     LAST_SEQ_FILE,
+    Packet,
     PacketError,
     checkpoint_name,
     decode_last_seq,
@@ -64,6 +67,9 @@ from embedding_server.storage.urls import open_storage
 from embedding_server.store.store import EmbeddingStore, TableRows, last_occurrences
 
 log = logging.getLogger(__name__)
+
+#: Seconds a resumed trainer reads an unreadable published packet again before giving up.
+ADOPT_RETRY_S = 60.0
 
 
 class PacketPublisher:
@@ -476,7 +482,7 @@ def _replay_shard(publisher: PacketPublisher, watermark: int) -> int:
             )
             break
         where = storage.join_url(packet_name(seq))
-        packet = decode_packet(storage.read_buffer(packet_name(seq)), store.config, where)
+        packet = read_published_packet(storage, seq, store.config, where)
         if (packet.shard, packet.num_shards) != (store.shard_index, store.num_shards):
             raise InvalidRequestError(f"{where}: a packet of shard {packet.shard}/{packet.num_shards}")
         merged = merge_newest(merged, packet.tables)
@@ -494,6 +500,29 @@ def _replay_shard(publisher: PacketPublisher, watermark: int) -> int:
             base + replayed,
         )
     return base + replayed
+
+
+def read_published_packet(
+    storage: Storage, seq: int, config: EmbeddingConfig, where: str, retry_s: float = ADOPT_RETRY_S
+) -> Packet:
+    """Packet ``seq`` of a shard folder, read again with backoff for up to ``retry_s`` seconds
+    while it is unreadable: an outside tool may be copying it in place, as followers also allow
+    for (:class:`~embedding_server.modelroot.hotload.FollowOptions`' ``unreadable_retry_s``).
+
+    Raises:
+        PacketError, UnreadableFileError: still unreadable after ``retry_s`` seconds.
+    """
+    deadline = time.monotonic() + retry_s
+    pause = 0.05
+    while True:
+        try:
+            return decode_packet(storage.read_buffer(packet_name(seq)), config, where)
+        except (PacketError, UnreadableFileError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s unreadable (%s); reading it again in %.2f s", where, exc, pause)
+            time.sleep(pause)  # backoff between reads of a file another process may be writing
+            pause = min(2 * pause, 2.0)
 
 
 def _newer_checkpoint(publisher: PacketPublisher, watermark: int) -> tuple[str, int, Storage, list[str]] | None:
