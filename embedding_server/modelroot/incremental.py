@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a resumed trainer reads an unreadable published packet again before giving up.
 ADOPT_RETRY_S = 60.0
+#: Listings a resumed trainer tries when retention deletes what it listed before it is read.
+_ADOPT_ATTEMPTS = 5
 
 
 class PacketPublisher:
@@ -450,7 +452,16 @@ def adopt_published(publishers: Sequence[PacketPublisher], manifest: dict) -> di
                 publisher.label,
             )
             continue
-        out[shard] = _replay_shard(publisher, int(watermark[str(shard)]))
+        for attempt in range(_ADOPT_ATTEMPTS):
+            try:
+                out[shard] = _replay_shard(publisher, int(watermark[str(shard)]))
+                break
+            except StorageNotFoundError as exc:
+                # Retention removed a packet or checkpoint between the listing and the read (a
+                # newer checkpoint covers it): list again; nothing was put into the store yet.
+                if attempt + 1 == _ADOPT_ATTEMPTS:
+                    raise
+                log.warning("%s: %s; listing the model root again", publisher.label, exc)
     return out
 
 
