@@ -132,7 +132,7 @@ class PersiaHandler(BaseHandler):
             timeout=self.serving.embedding_timeout_s,
             connect_timeout=self.serving.connect_timeout_s,
             security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
-            local_lookups=self.serving.embedding_local_lookups,  # the servers' Unix socket when on this machine
+            local_lookups=self.serving.embedding_local_lookups,  # the servers' Unix socket when they share the host
             resolve_interval=self.serving.embedding_resolve_interval_s,  # DNS names: replicas come and go
         )
         if self.serving.torch_threads:

@@ -177,7 +177,7 @@ class RequestDecoder:
                 )
             self._check_json_size(len(body), "characters")
             body = _json_from_bytes(body.encode("utf-8", errors="replace"))
-        else:  # parsed before it got here: measured as compact JSON, no smaller than what came
+        else:  # parsed before it got here: sized as compact JSON, no smaller than what came
             size = _json_size(body)
             if size > self.max_request_bytes:
                 raise RequestError(
