@@ -12,8 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
-from embedding_server.core.config import CommonConfig, EmbeddingConfig, GlobalConfig, JobType, SecurityConfig
-from embedding_server.core.errors import ConfigError
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, JobType, SecurityConfig
+from embedding_server.core.errors import ConfigError, InvalidRequestError
 from embedding_server.modelroot.hotload import FollowOptions, HotloadError
 from embedding_server.rpc.security import (
     ClientSecurity,
@@ -22,6 +22,7 @@ from embedding_server.rpc.security import (
     resolve_admin_token,
     resolve_token,
 )
+from embedding_server.storage.base import StorageError
 from embedding_server.store.cpus import format_cpu_list, parse_cpu_list, pin_process, placement_supported, usable_cpus
 
 
@@ -34,13 +35,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-config", required=True, help="embedding_config.yml (features and tables)")
     p.add_argument("--global-config", required=True, help="global_config.yml (capacity, optimizer, job type)")
     p.add_argument("--shard-index", type=int, default=0, help="this server's shard (default 0)")
-    p.add_argument("--num-shards", type=int, default=1, help="number of shards (default 1)")
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        help="number of shards (default: in an infer job, the count of common_config.infer_config.servers when "
+        "given; else 1)",
+    )
     p.add_argument("--port", type=int, default=0, help="gRPC port (default 0: pick a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--mode", type=JobType, choices=list(JobType), help="override common_config.job_type")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: pick one)")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
-    p.add_argument("--load", metavar="CHECKPOINT", help="load this checkpoint directory before serving")
+    p.add_argument(
+        "--load",
+        metavar="CHECKPOINT",
+        help="load this checkpoint directory before serving (an infer job's default: common_config.infer_config."
+        "embedding_checkpoint; a trainer's checkpoint directory loads its sparse/ part)",
+    )
     p.add_argument(
         "--local-socket",
         default="auto",
@@ -209,7 +220,11 @@ def run_server(args: argparse.Namespace) -> int:
     emb = EmbeddingConfig.load(args.embedding_config)
     glob = GlobalConfig.load(args.global_config)
     if args.mode:
-        glob = dataclasses.replace(glob, common_config=CommonConfig(job_type=args.mode))
+        glob = dataclasses.replace(glob, common_config=dataclasses.replace(glob.common_config, job_type=args.mode))
+    problem = _persia_job(args, glob)
+    if problem:
+        print(f"ctrserve embedding-server: error: {problem}", file=sys.stderr)
+        return 2
     follow = _follow_options(args, glob)
     if follow is None and args.model_root:
         return 2
@@ -237,10 +252,16 @@ def run_server(args: argparse.Namespace) -> int:
         print(f"ctrserve embedding-server: error: {exc}", file=sys.stderr)
         return 2
     if args.load:
-        from embedding_server.modelroot.checkpoint import load_store
+        from embedding_server.modelroot.checkpoint import embedding_checkpoint, load_store
 
-        rows = load_store(server.store, args.load)
+        try:
+            rows = load_store(server.store, embedding_checkpoint(args.load, glob.server.storage))
+        except (InvalidRequestError, StorageError) as exc:
+            server.stop()
+            print(f"ctrserve embedding-server: error: cannot load {args.load}: {exc}", file=sys.stderr)
+            return 2
         logging.getLogger("ctrserve.embedding_server").info("loaded %d rows from %s", rows, args.load)
+    pusher = _metrics_pusher(server, glob, args.shard_index)
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -262,12 +283,69 @@ def run_server(args: argparse.Namespace) -> int:
         os.replace(tmp, args.ready_file)
     stopping.wait()
     server.stop()
+    if pusher is not None:
+        pusher.stop()
     # Stopped cleanly: a late signal must not turn the exit into a kill (while Python shuts down
     # it puts back the default action of signals it handled; it keeps SIG_IGN).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     logging.getLogger("ctrserve.embedding_server").info("stopped")
     return 0
+
+
+def _persia_job(args: argparse.Namespace, glob: GlobalConfig) -> str:
+    """Apply what PERSIA's ``common_config`` asks of an embedding server: an infer job's
+    ``infer_config`` (its checkpoint becomes ``args.load``, its server count ``args.num_shards``
+    unless given). Returns what is wrong, or "" (after logging what the job type means here)."""
+    log = logging.getLogger("ctrserve.embedding_server")
+    infer = glob.common_config.infer_config
+    if args.num_shards is None:
+        args.num_shards = len(infer.servers) if glob.mode is JobType.INFER and infer.servers else 1
+    elif glob.mode is JobType.INFER and infer.servers and args.num_shards != len(infer.servers):
+        return (
+            f"--num-shards {args.num_shards} disagrees with the {len(infer.servers)} servers of "
+            "common_config.infer_config.servers (clients route ids over that many shards)"
+        )
+    if glob.mode is JobType.INFER and infer.embedding_checkpoint:
+        if args.load or args.model_root:
+            flag = "--load" if args.load else "--model-root"
+            return f"{flag} and common_config.infer_config.embedding_checkpoint both say what to serve: give one"
+        args.load = infer.embedding_checkpoint
+        log.info("infer job: serving the checkpoint %s (common_config.infer_config.embedding_checkpoint)", args.load)
+    if glob.mode is JobType.EVAL:
+        log.info("eval job: lookups insert nothing and gradients are refused (the store is read-only)")
+    if glob.mode is not JobType.TRAIN and glob.server.enable_incremental_update and not args.model_root:
+        log.info(
+            "enable_incremental_update in a %s job publishes nothing; to apply a trainer's packets as they come, "
+            "serve with --model-root (the folder above its incremental_dir)",
+            glob.mode,
+        )
+    return ""
+
+
+def _metrics_pusher(server, glob: GlobalConfig, shard_index: int):
+    """A started :class:`~embedding_server.rpc.metrics.MetricsPusher` when PERSIA's
+    ``metrics_config.enable_metrics`` is on and ``PERSIA_METRICS_GATEWAY_ADDR`` names a
+    Pushgateway (as PERSIA's servers read it); else None."""
+    from embedding_server.rpc.metrics import MetricsPusher
+
+    metrics = glob.common_config.metrics_config
+    gateway = os.environ.get("PERSIA_METRICS_GATEWAY_ADDR", "")
+    if not (metrics.enable_metrics and gateway):
+        return None
+    logging.getLogger("ctrserve.embedding_server").info(
+        "pushing metrics to the Pushgateway at %s every %d s as job %s",
+        gateway,
+        metrics.push_interval_seconds,
+        metrics.job_name,
+    )
+    return MetricsPusher(
+        server.metrics.registry,
+        gateway,
+        metrics.job_name,
+        metrics.push_interval_seconds,
+        {"instance": f"rep_{shard_index}"},
+    ).start()
 
 
 def _security_settings(args: argparse.Namespace, glob: GlobalConfig) -> SecurityConfig:

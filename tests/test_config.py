@@ -563,7 +563,16 @@ def test_negative_weight_bound_is_refused(tmp_path):
 
 
 def test_incremental_update_needs_a_packet_folder(tmp_path):
-    message = global_error(tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true}\n")
+    # PERSIA's default folder applies when none is given; an empty one is refused
+    assert (
+        load_global(
+            tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true}\n"
+        ).server.incremental_dir
+        == "/workspace/incremental_dir/"
+    )
+    message = global_error(
+        tmp_path, "embedding_parameter_server_config: {enable_incremental_update: true, incremental_dir: ''}\n"
+    )
     assert "enable_incremental_update needs incremental_dir" in message
     cfg = load_global(
         tmp_path,
@@ -586,7 +595,15 @@ def test_bad_incremental_and_storage_settings_are_refused(tmp_path, body, messag
 
 @pytest.mark.parametrize(
     "job_type, mode",
-    [("train", JobType.TRAIN), ("infer", JobType.INFER), ("INFER", JobType.INFER), ("Train", JobType.TRAIN)],
+    [
+        ("train", JobType.TRAIN),
+        ("infer", JobType.INFER),
+        ("INFER", JobType.INFER),
+        ("Train", JobType.TRAIN),
+        ("Eval", JobType.EVAL),
+        ("eval", JobType.EVAL),
+        ("Infer", JobType.INFER),
+    ],
 )
 def test_job_type_is_accepted_case_insensitively(tmp_path, job_type, mode):
     cfg = load_global(tmp_path, f"common_config:\n  job_type: {job_type}\n")
@@ -597,19 +614,19 @@ def test_job_type_is_accepted_case_insensitively(tmp_path, job_type, mode):
 @pytest.mark.parametrize("job_type", ["serve", "training", "''"])
 def test_unknown_job_type_is_refused(tmp_path, job_type):
     message = global_error(tmp_path, f"common_config:\n  job_type: {job_type}\n")
-    assert "'common_config.job_type' must be one of 'train', 'infer', got" in message
+    assert "'common_config.job_type' must be one of 'train', 'eval', 'infer', got" in message
 
 
 def test_job_type_of_wrong_type_is_refused(tmp_path):
     message = global_error(tmp_path, "common_config:\n  job_type: 1\n")
-    assert "'common_config.job_type' must be one of 'train', 'infer', got 1" in message
+    assert "'common_config.job_type' must be one of 'train', 'eval', 'infer', got 1" in message
 
 
 def test_job_type_given_in_code_takes_the_file_spellings():
     from embedding_server.core.config import CommonConfig
 
     assert CommonConfig(job_type="Infer").job_type is JobType.INFER
-    with pytest.raises(ValueError, match="job_type must be 'train' or 'infer', got 'serve'"):
+    with pytest.raises(ValueError, match="job_type must be 'train', 'eval' or 'infer', got 'serve'"):
         CommonConfig(job_type="serve")
 
 
@@ -791,3 +808,326 @@ def test_config_reference_prints_enum_defaults_as_their_yaml_spelling():
     assert "| `common_config.job_type` | `'train'` |" in text
     assert "| `initialization.method` | `'bounded_uniform'` |" in text
     assert "JobType" not in text and "InitMethod" not in text
+
+
+# --------------------------------------------------------------------------- PERSIA's files as written
+
+PERSIA = Path(__file__).parent / "data" / "persia"
+
+#: every key of PERSIA's schema that changes nothing here (each must log exactly one line)
+NO_EFFECT_GLOBAL = {
+    "common_config.checkpointing_config.num_workers",
+    "embedding_parameter_server_config.num_hashmap_internal_shards",
+    "embedding_parameter_server_config.incremental_channel_capacity",
+    "embedding_parameter_server_config.storage",
+    "embedding_parameter_server_config.full_amount_manager_buffer_size",
+    "embedding_parameter_server_config.embedding_recycle_pool_capacity",
+    "embedding_parameter_server_config.num_persistence_workers",
+    "embedding_parameter_server_config.num_signs_per_file",
+    "embedding_parameter_server_config.local_buffer_dir",
+    "embedding_worker_config.forward_buffer_size",
+    "embedding_worker_config.buffered_data_expired_sec",
+}
+NO_EFFECT_EMBEDDING = {"feature_index_prefix_bit", "slots_config.user_id.index_prefix"}
+
+
+def no_effect_lines(caplog) -> list[str]:
+    """The dotted keys of the 'has no effect here' lines logged, in order, repeats kept."""
+    return [
+        r.getMessage().split("'")[1]
+        for r in caplog.records
+        if r.name == "ctrserve.config" and "has no effect here" in r.getMessage()
+    ]
+
+
+def test_persias_published_global_configs_load_as_written():
+    train = GlobalConfig.load(PERSIA / "global_config.yml")
+    assert train.mode is JobType.TRAIN
+    assert train.server.capacity == 1_000_000 and train.server.incremental_buffer_size == 5_000_000
+    assert train.common_config.metrics_config.enable_metrics is False
+    assert train.common_config.metrics_config.push_interval_seconds == 10  # written push_interval_sec
+    infer = GlobalConfig.load(PERSIA / "global_config_infer.yml")
+    assert infer.mode is JobType.INFER
+    assert infer.common_config.infer_config.servers == ["embedding_parameter_server:8888"]
+    assert infer.common_config.infer_config.embedding_checkpoint == "/cache/adult_income_ckpt/"
+    assert infer.common_config.metrics_config.enable_metrics is True
+    full = GlobalConfig.load(PERSIA / "global_config_all_keys.yml")
+    assert full.mode is JobType.EVAL and full.mode.store_mode is JobType.INFER
+    assert full.server.storage == {}  # PERSIA's "Ceph": no storage options
+    assert full.common_config.metrics_config.job_name == "persia_default_jobname"
+    assert full.server.incremental_dir == "/workspace/incremental_dir/"
+
+
+def test_persias_published_embedding_configs_load_as_written():
+    published = EmbeddingConfig.load(PERSIA / "embedding_config.yml")
+    assert list(published.tables) == [
+        "workclass",
+        "education",
+        "marital_status",
+        "occupation",
+        "relationship",
+        "race",
+        "gender",
+        "native_country",
+    ]
+    full = EmbeddingConfig.load(PERSIA / "embedding_config_all_keys.yml")
+    assert full.slot("user_id").hash_stack_config is None  # PERSIA's default {0, 0}: off
+    assert full.slot("item_id").hash_stack_config == HashStackConfig(hash_stack_rounds=2, embedding_size=1000)
+    assert full.table_of("user_id") is full.table_of("user_tags")  # feature_groups share a table
+    assert full.slot("click_history").pooling is Pooling.NONE and full.slot("user_tags").pooling is Pooling.SQRTN
+
+
+def test_every_no_effect_key_logs_one_line_with_its_reason(caplog):
+    caplog.set_level("INFO", logger="ctrserve.config")
+    GlobalConfig.load(PERSIA / "global_config_all_keys.yml")
+    logged = no_effect_lines(caplog)
+    assert sorted(logged) == sorted(NO_EFFECT_GLOBAL)  # each once, and only those
+    assert all(str(PERSIA / "global_config_all_keys.yml") in r.getMessage() for r in caplog.records)
+    assert any("no embedding worker" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    EmbeddingConfig.load(PERSIA / "embedding_config_all_keys.yml")
+    assert sorted(no_effect_lines(caplog)) == sorted(NO_EFFECT_EMBEDDING)
+    caplog.clear()
+    GlobalConfig.load(PERSIA / "global_config.yml")  # honoured keys log nothing
+    assert sorted(no_effect_lines(caplog)) == sorted(
+        {
+            "common_config.checkpointing_config.num_workers",
+            "embedding_parameter_server_config.num_hashmap_internal_shards",
+            "embedding_parameter_server_config.incremental_channel_capacity",
+            "embedding_worker_config.forward_buffer_size",
+        }
+    )
+
+
+def test_several_unknown_keys_are_reported_in_one_error(tmp_path):
+    message = global_error(
+        tmp_path,
+        """
+        common_config:
+          job_type: Train
+          metrics_confg: {enable_metrics: false}
+          infer_config: {servers: [], embeding_checkpoint: /x}
+        embedding_parameter_server_config:
+          capacity: 10
+          num_hashmap_shards: 4
+        embedding_worker_config: {forward_buffer: 1}
+        zzz: 1
+        sparse_optimizer: {type: adagrad, lr: 0.1, lrr: 1}
+        """,
+    )
+    path = tmp_path / "global_config.yml"
+    assert message.startswith(f"{path}: 6 unknown keys:")
+    for line in [
+        "unknown key 'common_config.metrics_confg' (did you mean 'metrics_config'?)",
+        "unknown key 'common_config.infer_config.embeding_checkpoint' (did you mean 'embedding_checkpoint'?)",
+        "unknown key 'embedding_parameter_server_config.num_hashmap_shards' (did you mean "
+        "'num_hashmap_internal_shards'?)",
+        "unknown key 'embedding_worker_config.forward_buffer' (did you mean 'forward_buffer_size'?)",
+        "unknown key 'zzz'; known keys: ",
+        "unknown key 'sparse_optimizer.lrr' (did you mean 'lr'?)",
+    ]:
+        assert f"\n  {path}: {line}" in message, line
+
+
+def test_several_unknown_embedding_keys_are_reported_in_one_error(tmp_path):
+    message = embedding_error(
+        tmp_path,
+        """
+        feature_index_prefix_bits: 8
+        slots_config:
+          a: {dim: 8, index_prefx: 0}
+          b: {dim: 8, hash_stack_config: {hash_stack_rounds: 2, embeding_size: 10}}
+        """,
+    )
+    assert ": 3 unknown keys:" in message
+    assert "unknown key 'feature_index_prefix_bits' (did you mean 'feature_index_prefix_bit'?)" in message
+    assert "unknown key 'slots_config.a.index_prefx' (did you mean 'index_prefix'?)" in message
+    assert "unknown key 'slots_config.b.hash_stack_config.embeding_size' (did you mean 'embedding_size'?)" in message
+
+
+@pytest.mark.parametrize("storage", ["Ceph", "Hdfs", "hdfs"])
+def test_persias_storage_kinds_are_accepted(tmp_path, storage, caplog):
+    caplog.set_level("INFO", logger="ctrserve.config")
+    cfg = load_global(tmp_path, f"embedding_parameter_server_config: {{storage: {storage}}}\n")
+    assert cfg.server.storage == {}
+    assert no_effect_lines(caplog) == ["embedding_parameter_server_config.storage"]
+
+
+def test_other_storage_strings_are_refused(tmp_path):
+    message = global_error(tmp_path, "embedding_parameter_server_config: {storage: S3}\n")
+    assert (
+        "'embedding_parameter_server_config.storage' must be a mapping of storage options or PERSIA's Ceph or Hdfs, got 'S3'"
+        in message
+    )
+
+
+def test_index_prefix_set_by_hand_is_refused_as_in_persia(tmp_path):
+    message = embedding_error(tmp_path, "slots_config:\n  a: {dim: 8, index_prefix: 450359962737049600}\n")
+    assert "index_prefix must not be set (got 450359962737049600)" in message
+
+
+@pytest.mark.parametrize(
+    "hash_stack, fragment",
+    [
+        ("{hash_stack_rounds: 2}", "embedding_size must be >= 1 with hash stacking on, got 0"),
+        ("{hash_stack_rounds: -1, embedding_size: 5}", "hash_stack_rounds must be >= 0 (0 = off), got -1"),
+    ],
+)
+def test_hash_stack_on_needs_a_size(tmp_path, hash_stack, fragment):
+    assert fragment in embedding_error(tmp_path, f"slots_config:\n  a: {{dim: 8, hash_stack_config: {hash_stack}}}\n")
+
+
+def test_metrics_push_interval_takes_either_spelling_but_not_two_values(tmp_path):
+    cfg = load_global(tmp_path, "common_config: {metrics_config: {push_interval_seconds: 3}}\n")
+    assert cfg.common_config.metrics_config.push_interval_seconds == 3
+    cfg = load_global(tmp_path, "common_config: {metrics_config: {push_interval_sec: 4}}\n")
+    assert cfg.common_config.metrics_config.push_interval_seconds == 4
+    message = global_error(
+        tmp_path, "common_config: {metrics_config: {push_interval_sec: 4, push_interval_seconds: 3}}\n"
+    )
+    assert "give push_interval_seconds or push_interval_sec, not both" in message
+    assert "push_interval_seconds must be > 0, got 0" in global_error(
+        tmp_path, "common_config: {metrics_config: {push_interval_seconds: 0}}\n"
+    )
+
+
+@pytest.mark.parametrize("address", ["server", "server:", ":80", "server:http", "server:70000"])
+def test_infer_config_servers_must_be_host_and_port(tmp_path, address):
+    message = global_error(tmp_path, f"common_config: {{infer_config: {{servers: ['{address}']}}}}\n")
+    assert f"servers: '{address}' is not host:port" in message
+
+
+# --------------------------------------------------------------------------- tables, combiners, initializers
+
+
+def test_features_naming_one_table_share_it_and_the_table_may_carry_a_features_name(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slots_config:
+          dense2: {dim: 8, table: sparse1}
+          sparse1: {dim: 8}
+          sparse2: {dim: 16}
+          x: {dim: 4, table: crossed}
+          y: {dim: 4, table: crossed}
+        """,
+    )
+    assert list(cfg.tables) == ["sparse1", "sparse2", "crossed"]
+    assert cfg.table_of("dense2") is cfg.table_of("sparse1")
+    assert cfg.tables["sparse1"].features == ("dense2", "sparse1")
+    assert cfg.tables["crossed"].features == ("x", "y") and cfg.tables["crossed"].index == 2
+
+
+def test_feature_groups_still_share_tables_like_the_table_key(tmp_path):
+    grouped = load_embedding(tmp_path, "slots_config: {a: {dim: 4}, b: {dim: 4}}\nfeature_groups: {g: [a, b]}")
+    named = load_embedding(tmp_path, "slots_config: {a: {dim: 4, table: g}, b: {dim: 4, table: g}}")
+    assert grouped.tables == named.tables and grouped.fingerprint() == named.fingerprint()
+    both = load_embedding(tmp_path, "slots_config: {a: {dim: 4, table: g}, b: {dim: 4}}\nfeature_groups: {g: [a, b]}")
+    assert both.tables == grouped.tables
+
+
+@pytest.mark.parametrize(
+    "slots, groups, message",
+    [
+        ("a: {dim: 4, table: b}\n  b: {dim: 4, table: c}", "", "feature 'a' names table 'b', the name of feature 'b'"),
+        ("a: {dim: 4, table: t}\n  b: {dim: 8, table: t}", "", "table 't' mixes dims [4, 8]"),
+        (
+            "a: {dim: 4, table: t}\n  b: {dim: 4}",
+            "g: [a, b]",
+            "feature 'a' names table 't' but is in feature group 'g'",
+        ),
+        (
+            "a: {dim: 4, table: t, initializer: {type: zeros}}\n  b: {dim: 4, table: t, initializer: {type: normal}}",
+            "",
+            "table 't': features 'a', 'b' give different initializers",
+        ),
+        (
+            "a: {dim: 4, table: t, optimizer: {type: sgd}}\n  b: {dim: 4, table: t, optimizer: {type: adam}}",
+            "",
+            "table 't': features 'a', 'b' give different optimizers",
+        ),
+        ("a: {dim: 4, combiner: max}", "", "combiner must be one of sum, mean, sqrtn, tile, got 'max'"),
+        ("a: {dim: 4, combiner: tile}", "", "combiner tile needs tile_len >= 1, got 0"),
+        ("a: {dim: 4, tile_len: 3}", "", "tile_len is for combiner: tile"),
+        ("a: {dim: 4, combiner: sum, tile_len: 3}", "", "tile_len is for combiner: tile, not sum"),
+        ("a: {dim: 4, combiner: mean, sqrt_scaling: true}", "", "combiner mean disagrees with sqrtn_scaling"),
+        ("a: {dim: 4, combiner: sum, embedding_summation: false}", "", "combiner sum needs embedding_summation: true"),
+        (
+            "a: {dim: 4, combiner: tile, tile_len: 2, hash_stack_config: {hash_stack_rounds: 2, embedding_size: 9}}",
+            "",
+            "combiner tile cannot be combined with hash_stack_config",
+        ),
+        ("a: {dim: 4, initializer: {type: gaussian}}", "", "initializer type must be one of normal, truncated_normal"),
+        ("a: {dim: 4, initializer: {std: 1}}", "", "initializer needs a 'type'"),
+        ("a: {dim: 4, initializer: {type: constant, std: 1}}", "", "initializer 'constant' has no parameter 'std'"),
+        ("a: {dim: 4, initializer: {type: normal, std: 0}}", "", "initializer 'normal': std must be > 0, got 0.0"),
+        ("a: {dim: 4, initializer: {type: uniform, lower: 1, upper: 0}}", "", "lower (1.0) must be < upper (0.0)"),
+        ("a: {dim: 4, optimizer: {type: adagrad, lrr: 0.1}}", "", "optimizer: unknown key 'lrr' (did you mean 'lr'?)"),
+        ("a: {dim: 4, optimizer: {type: rmsprop}}", "", "optimizer: 'type' must be one of ['adagrad', 'adam', 'sgd']"),
+    ],
+)
+def test_bad_table_combiner_and_initializer_settings_are_refused(tmp_path, slots, groups, message):
+    text = f"slots_config:\n  {slots}\n" + (f"feature_groups:\n  {groups}\n" if groups else "")
+    assert message in embedding_error(tmp_path, text)
+
+
+def test_combiner_key_and_persia_flags_select_the_same_pooling(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slots_config:
+          s: {dim: 4, combiner: sum}
+          m: {dim: 4, combiner: mean}
+          m2: {dim: 4, mean_scaling: true}
+          q: {dim: 4, combiner: sqrtn, sqrt_scaling: true}
+          q2: {dim: 4, sqrt_scaling: true}
+          t: {dim: 4, combiner: tile, tile_len: 3}
+          r: {dim: 4, embedding_summation: false, sample_fixed_size: 2}
+        """,
+    )
+    pooling = {n: str(s.pooling) for n, s in cfg.slots_config.items()}
+    assert pooling == {"s": "sum", "m": "mean", "m2": "mean", "q": "sqrtn", "q2": "sqrtn", "t": "tile", "r": "none"}
+    assert [s.output_dim for s in cfg.slots_config.values()] == [4, 4, 4, 4, 4, 12, 4]
+
+
+def test_table_settings_round_trip_and_parse(tmp_path):
+    cfg = load_embedding(
+        tmp_path,
+        """
+        slots_config:
+          a: {dim: 8, table: t, initializer: {type: truncated_normal, std: 0.02}, optimizer: {type: sgd, lr: 0.5}}
+          b: {dim: 8, table: t, combiner: tile, tile_len: 4}
+          c: {dim: 4, initializer: {type: constant, value: 1.5}}
+        """,
+    )
+    t = cfg.tables["t"]
+    assert t.initializer is not None and t.initializer.to_dict() == {
+        "type": "truncated_normal",
+        "mean": 0.0,
+        "std": 0.02,
+    }
+    assert t.optimizer == SGD(lr=0.5)
+    assert cfg.tables["c"].initializer.to_dict() == {"type": "constant", "value": 1.5}
+    assert cfg.tables["c"].optimizer is None
+    again = EmbeddingConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.tables == cfg.tables and again.fingerprint() == cfg.fingerprint()
+
+
+def test_fingerprint_follows_the_table_layout_and_settings(tmp_path):
+    import hashlib
+    import json
+
+    base = EmbeddingConfig.from_dict({"slots_config": {"a": {"dim": 4}, "b": {"dim": 4}}})
+    # Configs without table settings keep the digest of [name, index, dim] per table.
+    layout = json.dumps([["a", 0, 4], ["b", 1, 4]], sort_keys=True)
+    assert base.fingerprint() == hashlib.sha256(layout.encode()).hexdigest()[:16]
+    variants = [
+        {"a": {"dim": 4}, "b": {"dim": 4, "table": "a"}},  # b shares a's table
+        {"a": {"dim": 4}, "b": {"dim": 8}},  # another dim
+        {"a": {"dim": 4}, "b": {"dim": 4, "optimizer": {"type": "sgd"}}},
+        {"a": {"dim": 4}, "b": {"dim": 4, "initializer": {"type": "zeros"}}},
+    ]
+    prints = {EmbeddingConfig.from_dict({"slots_config": v}).fingerprint() for v in variants}
+    assert len(prints) == len(variants) and base.fingerprint() not in prints
+    pooled = EmbeddingConfig.from_dict({"slots_config": {"a": {"dim": 4, "combiner": "mean"}, "b": {"dim": 4}}})
+    assert pooled.fingerprint() == base.fingerprint()  # pooling is the client's business

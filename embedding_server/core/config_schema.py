@@ -2,8 +2,11 @@
 
 Config dataclasses declare each field with :func:`option`, which records the documentation
 shown by ``ctrserve config-reference`` and in the README. :func:`build` turns a mapping into a
-dataclass, refusing unknown keys (with a "did you mean" hint) and wrong types, and naming the
-file and dotted key path in every message. A field typed with an :class:`enum.Enum` takes the
+dataclass, refusing unknown keys (every unknown key of the mapping in one error, each with a "did
+you mean" hint where one is close) and wrong types, and naming the file and dotted key path in
+every message. A field declared with ``option(..., no_effect=reason)`` is accepted (another
+system's key, e.g. PERSIA's) and logged once per load, with the reason, when a file gives it.
+A field typed with an :class:`enum.Enum` takes the
 member's value as its YAML spelling. Range checks live in each dataclass's
 ``__post_init__`` and raise :class:`ValueError`; :func:`build` re-raises them as
 :class:`ConfigError` with the key path attached.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import logging
 import math
 import types
 import typing
@@ -30,10 +34,32 @@ if TYPE_CHECKING:
 
 T = TypeVar("T", bound="DataclassInstance")
 
+log = logging.getLogger("ctrserve.config")
 
-def option(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field carrying its documentation string."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"doc": doc})
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    default_factory: Any = dataclasses.MISSING,
+    no_effect: str = "",
+) -> Any:
+    """A dataclass field carrying its documentation string.
+
+    Args:
+        default: the default value (omit, with no ``default_factory``, for a required key).
+        doc: what the key does, for ``ctrserve config-reference``.
+        default_factory: a function giving the default, for mutable defaults.
+        no_effect: for a key accepted only so another system's files load (PERSIA's): why it
+            changes nothing here. :func:`build` logs it once per load when a file gives the key.
+    """
+    metadata = {"doc": doc, "no_effect": no_effect} if no_effect else {"doc": doc}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def log_no_effect(source: str, path: str, reason: str) -> None:
+    """The one log line of a given key that has no effect here (see :func:`option`)."""
+    log.info("%s: '%s' is accepted but has no effect here: %s", source, path, reason)
 
 
 def read_yaml(path: str | Path) -> Mapping[str, Any]:
@@ -55,6 +81,9 @@ def read_yaml(path: str | Path) -> Mapping[str, Any]:
 def build(cls: type[T], data: Any, source: str, path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, validating keys and types.
 
+    Every unknown key of ``data`` (nested sections included) is reported in one error. Keys
+    declared with ``no_effect`` are logged once each (see :func:`option`).
+
     Args:
         cls: the dataclass type.
         data: a mapping (usually parsed YAML).
@@ -62,23 +91,21 @@ def build(cls: type[T], data: Any, source: str, path: str = "") -> T:
         path: the dotted key path of ``data`` inside the file.
 
     Raises:
-        ConfigError: on an unknown key, a wrong type or a value the dataclass rejects.
+        ConfigError: on unknown keys, a wrong type or a value the dataclass rejects.
     """
     where = f"{source}: " + (f"'{path}'" if path else "top level")
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    raise_unknown(source, unknown_keys(cls, data, path))
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{source}: unknown key '{_join(path, key)}'{hint}; known keys: {known}")
         kwargs[key] = _convert(hints[key], value, source, _join(path, key))
+        if fields[key].metadata.get("no_effect"):
+            log_no_effect(source, _join(path, key), fields[key].metadata["no_effect"])
     missing = [
         name
         for name, f in fields.items()
@@ -92,6 +119,55 @@ def build(cls: type[T], data: Any, source: str, path: str = "") -> T:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def raise_unknown(source: str, problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` listing every problem of :func:`unknown_keys` (none: return).
+
+    Raises:
+        ConfigError: one line per unknown key, each as ``<file>: unknown key 'dotted.key' ...``.
+    """
+    if len(problems) == 1:
+        raise ConfigError(f"{source}: {problems[0]}")
+    if problems:
+        listed = "\n".join(f"  {source}: {problem}" for problem in problems)
+        raise ConfigError(f"{source}: {len(problems)} unknown keys:\n{listed}")
+
+
+def unknown_keys(cls: type[DataclassInstance], data: Any, path: str = "") -> list[str]:
+    """Every key of ``data`` that ``cls`` does not declare, nested sections included, as
+    "unknown key 'dotted.path'" plus a "did you mean" hint where a known key is close (else the
+    known keys of that section). Values of the wrong shape are left to :func:`build` to report."""
+    if not isinstance(data, Mapping):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for key, value in data.items():
+        dotted = _join(path, key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(fields))}"
+            problems.append(f"unknown key '{dotted}'{hint}")
+            continue
+        problems += _unknown_below(hints[key], value, dotted)
+    return problems
+
+
+def _unknown_below(tp: Any, value: Any, path: str) -> list[str]:
+    """The unknown keys inside one value of type ``tp`` (a section, or a mapping or list of them)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _unknown_below(inner[0], value, path) if len(inner) == 1 and value is not None else []
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return unknown_keys(tp, value, path)
+    if origin is dict and isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in _unknown_below(args[1], v, _join(path, k))]
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        return [p for i, v in enumerate(value) for p in _unknown_below(args[0], v, f"{path}[{i}]")]
+    return []
 
 
 def _join(path: str, key: Any) -> str:
@@ -178,8 +254,11 @@ def describe(cls: type[DataclassInstance], prefix: str = "") -> list[tuple[str, 
             continue
         key = _join(prefix, f.name)
         tp = hints[f.name]
+        doc = f.metadata.get("doc", "")
+        if f.metadata.get("no_effect"):
+            doc = f"{doc}. No effect here: {f.metadata['no_effect']}"
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            rows.append((key, "(section)", f.metadata.get("doc", "")))
+            rows.append((key, "(section)", doc))
             rows.extend(describe(tp, key))
             continue
         if f.default is not dataclasses.MISSING:
@@ -188,5 +267,5 @@ def describe(cls: type[DataclassInstance], prefix: str = "") -> list[tuple[str, 
             default = _shown(f.default_factory())
         else:
             default = "(required)"
-        rows.append((key, default, f.metadata.get("doc", "")))
+        rows.append((key, default, doc))
     return rows

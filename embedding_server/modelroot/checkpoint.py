@@ -118,6 +118,31 @@ def dump_stores(
     write_manifest(storage, len(stores), files, rows, first.config.to_dict(), first.optimizer.to_dict(), watermark)
 
 
+#: the folder of a trainer's checkpoint that holds its sparse part (trainer.ctx.SPARSE_DIR)
+TRAINER_SPARSE_DIR = "sparse"
+
+
+def embedding_checkpoint(location: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The sparse checkpoint at ``location``: a dump of the embedding servers itself (its
+    manifest at the top), or a trainer's checkpoint directory (the manifest under ``sparse/``),
+    the two things PERSIA's ``infer_config.embedding_checkpoint`` may name.
+
+    Raises:
+        InvalidRequestError: neither holds a manifest.
+        StorageError: an unsupported scheme or an unreachable storage.
+    """
+    storage = open_storage(location, storage_options)
+    if storage.exists(MANIFEST):
+        return storage
+    sparse = storage.child(TRAINER_SPARSE_DIR)
+    if sparse.exists(MANIFEST):
+        return sparse
+    raise InvalidRequestError(
+        f"{storage.url}: no embedding checkpoint: neither {MANIFEST} nor {TRAINER_SPARSE_DIR}/{MANIFEST} "
+        "(a trainer's checkpoint directory) is there"
+    )
+
+
 def read_manifest(storage: Storage) -> dict:
     try:
         manifest = json.loads(storage.read_bytes(MANIFEST))
@@ -158,7 +183,7 @@ def load_store(store: EmbeddingStore, directory: str | Storage) -> int:
         store.set_optimizer(optimizer)
     loaded = 0
     for rows, mine in zip(decoded, masks):
-        width = store.optimizer.state_width(rows.table.dim)
+        width = store.state_width(rows.table)
         state = rows.state[mine] if store.mode is JobType.TRAIN else np.zeros((int(mine.sum()), width), np.float32)
         store.put(TableRows(rows.table, rows.ids[mine], rows.weights[mine], state))
         loaded += int(mine.sum())
@@ -194,7 +219,7 @@ def _encode(rows: TableRows, store: EmbeddingStore) -> bytes:
         "table": rows.table.name,
         "dim": str(dim),
         "state_width": str(width),
-        "optimizer": json.dumps(store.optimizer.to_dict()),
+        "optimizer": json.dumps(store.table_optimizer(rows.table).to_dict()),
     }
     batch = pa.RecordBatch.from_arrays([c for _, c in columns], names=[n for n, _ in columns])
     batch = batch.replace_schema_metadata(metadata)

@@ -9,6 +9,7 @@ share a process in tests), exported over HTTP by :meth:`ServerMetrics.serve_http
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, push_to_gateway, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -117,6 +118,67 @@ class ServerMetrics:
         bound port (``port=0`` picks a free one)."""
         httpd, _ = start_http_server(port, addr=address, registry=self.registry)
         return httpd.server_port
+
+
+class MetricsPusher:
+    """Pushes a registry to a Prometheus Pushgateway at a fixed interval, and once more on
+    :meth:`stop` (what PERSIA's ``metrics_config`` asks of its servers).
+
+    Args:
+        registry: what to push (a server's :attr:`ServerMetrics.registry`).
+        gateway: the Pushgateway's ``host:port`` (or URL).
+        job: the job the metrics are grouped under.
+        interval_s: seconds between pushes.
+        grouping_key: further grouping labels (e.g. ``{"instance": "rep_0"}``).
+
+    Example:
+        >>> pusher = MetricsPusher(metrics.registry, "127.0.0.1:9091", "ctr", 10, {"instance": "rep_0"})
+        >>> pusher.start()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, gateway: str, job: str, interval_s: float, grouping_key: dict[str, str]
+    ):
+        self.registry = registry
+        self.gateway = gateway
+        self.job = job
+        self.interval_s = interval_s
+        self.grouping_key = grouping_key
+        self.pushes = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-push", daemon=True)
+        self._failing = False
+
+    def start(self) -> MetricsPusher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop pushing, after a last push of the final counts."""
+        if self._thread.is_alive():
+            self._stopping.set()
+            self._thread.join()
+            self.push()
+
+    def push(self) -> bool:
+        """One push; a failure is logged (once until a push succeeds again), never raised."""
+        try:
+            push_to_gateway(self.gateway, job=self.job, registry=self.registry, grouping_key=self.grouping_key)
+        except Exception as exc:  # the gateway may be down: serving goes on, the next push retries
+            if not self._failing:
+                _log.warning("pushing metrics to the Pushgateway at %s failed: %s; retrying", self.gateway, exc)
+            self._failing = True
+            return False
+        self._failing = False
+        self.pushes += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            self.push()
+
+
+_log = logging.getLogger("ctrserve.embedding_server.metrics")
 
 
 class _StoreCollector:
