@@ -1,0 +1,94 @@
+"""persia.service: PERSIA's service-address helpers over the registry (served in this process on
+loopback): where the registry address comes from (EMBEDDING_WORKER_SERVICE, PERSIA's default
+name where it resolves, else 127.0.0.1:8887), register/wait through it, the embedding servers from
+PERSIA_EMBEDDING_SERVERS or the registry, and PERSIA_NATS_URL noted once as unused."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import pytest
+
+from persia import service
+from persia.registry import RegistryServer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def registry(monkeypatch):
+    server = RegistryServer(("127.0.0.1", 0))
+    server.start()
+    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", server.address)
+    yield server
+    server.stop()
+
+
+def resolves(name: str) -> bool:
+    try:
+        socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    return True
+
+
+def test_embedding_worker_service_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", "localhost:8887")
+    assert service.get_embedding_worker_services() == ["localhost:8887"]
+
+
+def test_default_is_persias_name_where_it_resolves_else_this_machine(monkeypatch):
+    monkeypatch.delenv("EMBEDDING_WORKER_SERVICE", raising=False)
+    expected = "embedding_worker:8887" if resolves("embedding_worker") else "127.0.0.1:8887"
+    assert service.get_embedding_worker_services() == [expected]
+
+
+def test_bad_embedding_worker_service_is_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", "no-port-here")
+    with pytest.raises(ValueError, match="EMBEDDING_WORKER_SERVICE: address 'no-port-here'"):
+        service.get_embedding_worker_services()
+
+
+def test_register_and_wait_for_services_through_the_registry(registry):
+    service.register_service("nn-worker", 1, "127.0.0.1:5001", size=2)
+    waiter: list[list[str]] = []
+    thread = threading.Thread(target=lambda: waiter.append(service.wait_for_services("nn-worker", timeout=10)))
+    thread.start()
+    service.register_service("nn-worker", 0, "127.0.0.1:5000", size=2)
+    thread.join()
+    assert waiter == [["127.0.0.1:5000", "127.0.0.1:5001"]]
+
+
+def test_wait_for_services_times_out_with_a_clear_message(registry):
+    with pytest.raises(TimeoutError, match="waited 0.2 s for 3 embedding-parameter-server service"):
+        service.wait_for_services(service.EMBEDDING_PARAMETER_SERVER, 3, timeout=0.2)
+
+
+def test_embedding_server_addresses_from_the_registry_in_shard_order(registry, monkeypatch):
+    monkeypatch.delenv("PERSIA_EMBEDDING_SERVERS", raising=False)
+    service.register_service(service.EMBEDDING_PARAMETER_SERVER, 1, "127.0.0.1:8889", size=2)
+    service.register_service(service.EMBEDDING_PARAMETER_SERVER, 0, "127.0.0.1:8888", size=2)
+    assert service.embedding_server_addresses(timeout=5) == ["127.0.0.1:8888", "127.0.0.1:8889"]
+
+
+def test_embedding_servers_from_the_environment_skip_the_registry(monkeypatch):
+    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", "127.0.0.1:1")  # nothing there: must not be asked
+    monkeypatch.setenv("PERSIA_EMBEDDING_SERVERS", " a:1, b:2 ,")
+    assert service.embedding_server_addresses(timeout=0.1) == ["a:1", "b:2"]
+    monkeypatch.setenv("PERSIA_EMBEDDING_SERVERS", "a:1,b")
+    with pytest.raises(ValueError, match="PERSIA_EMBEDDING_SERVERS: address 'b'"):
+        service.embedding_server_addresses()
+
+
+def test_nats_url_is_noted_once_as_unused(monkeypatch, caplog):
+    monkeypatch.setenv("PERSIA_NATS_URL", "nats://0.0.0.0:4222")
+    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", "127.0.0.1:8887")
+    monkeypatch.setattr(service, "_nats_noted", threading.Event())
+    with caplog.at_level(logging.INFO, logger="persia.service"):
+        service.get_embedding_worker_services()
+        service.get_embedding_worker_services()
+    notes = [r.getMessage() for r in caplog.records if "PERSIA_NATS_URL" in r.getMessage()]
+    assert len(notes) == 1
+    assert "nats://0.0.0.0:4222 is not used" in notes[0] and "registry" in notes[0]
