@@ -4,7 +4,8 @@ The file is optional and shipped inside the ``.mar`` (``ctrserve archive --servi
 Every key has a default; unknown keys and mistyped values are errors. The environment variable
 ``CTRSERVE_EMBEDDING_SERVERS`` (``host:port`` of shard 0, 1, ... separated by ``,``; replicas of
 one shard separated by ``|``, e.g. ``h1:7001|h2:7001,h3:7002``) overrides ``embedding_servers``,
-so one archive can be served against different embedding clusters.
+so one archive can be served against different embedding clusters. ``PERSIA_EMBEDDING_SERVERS``
+(the name ``persia.service`` reads, same form) is used when ``CTRSERVE_EMBEDDING_SERVERS`` is not set.
 
 Example ``serving.yml``::
 
@@ -21,6 +22,7 @@ Example ``serving.yml``::
     max_ids_per_sample: 10000     # ids of one feature in one sample
     max_json_request_bytes: 8388608   # bytes of a JSON body (parsed JSON is many times its size)
     torch_threads: 1              # torch intra-op threads per worker (0: torch's default)
+    response_format: ctrserve     # or persia: a flat JSON list of scores, what PERSIA's clients parse
     # Secured embedding servers (see deploy/production/): TLS, client certificate, shared token.
     embedding_tls_ca_file: /etc/ctrserve/tls/ca.pem
     embedding_tls_cert_file: /etc/ctrserve/tls/client.pem
@@ -49,6 +51,11 @@ from embedding_server.rpc.security import TOKEN_ENV, ClientSecurity, resolve_tok
 
 SERVING_FILE = "serving.yml"
 ENV_SERVERS = "CTRSERVE_EMBEDDING_SERVERS"
+#: The same setting under the name ``persia.service`` reads (PERSIA users' environment); used
+#: when ``CTRSERVE_EMBEDDING_SERVERS`` is not set.
+ENV_PERSIA_SERVERS = "PERSIA_EMBEDDING_SERVERS"
+#: ``response_format`` values: ctrserve's JSON object per request, or PERSIA's flat score list.
+RESPONSE_FORMATS = ("ctrserve", "persia")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,11 @@ class ServingConfig:
             the host part of their addresses.
         embedding_token_file: file with the embedding servers' shared token (else the
             environment variables ``CTRSERVE_EMBEDDING_TOKEN`` or ``CTRSERVE_EMBEDDING_TOKEN_FILE``).
+        response_format: ``ctrserve`` (the default): per request a JSON object with the scores,
+            the model version and the watermarks (see :mod:`handler.persia_handler`);
+            ``persia``: per request the flat JSON list of its scores (every target of a sample
+            in turn), which TorchServe writes with an indent of 2: what PERSIA's gRPC client
+            (``serve_client.py``) parses. Errors keep ctrserve's form in both.
 
     Raises:
         ConfigError: a value of the wrong type or out of range.
@@ -111,6 +123,7 @@ class ServingConfig:
     embedding_tls_key_file: str = ""
     embedding_tls_server_name: str = ""
     embedding_token_file: str = ""
+    response_format: str = "ctrserve"
 
     def __post_init__(self) -> None:
         servers = self.embedding_servers
@@ -153,6 +166,11 @@ class ServingConfig:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
             raise ConfigError(
                 f"{SERVING_FILE}: 'embedding_resolve_interval_s' must be a number of seconds >= 0, got {value!r}"
+            )
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ConfigError(
+                f"{SERVING_FILE}: 'response_format' must be one of {', '.join(RESPONSE_FORMATS)}, "
+                f"got {self.response_format!r}"
             )
         if not isinstance(self.embedding_local_lookups, bool):
             raise ConfigError(
@@ -221,20 +239,22 @@ class ServingConfig:
         )
 
     def with_environment(self, environ: Mapping[str, str] = os.environ) -> ServingConfig:
-        """A copy with ``CTRSERVE_EMBEDDING_SERVERS`` (when set) replacing the addresses.
+        """A copy with ``CTRSERVE_EMBEDDING_SERVERS`` (else ``PERSIA_EMBEDDING_SERVERS``), when
+        set, replacing the addresses.
 
         Raises:
             ConfigError: the variable holds something other than comma-separated addresses
                 (replicas of a shard joined by ``|``).
         """
-        value = environ.get(ENV_SERVERS, "").strip()
-        if not value:
+        name = next((n for n in (ENV_SERVERS, ENV_PERSIA_SERVERS) if environ.get(n, "").strip()), None)
+        if name is None:
             return self
+        value = environ[name].strip()
         try:
             shards = normalize_addresses(value)
         except ConfigError:
             raise ConfigError(
-                f"{ENV_SERVERS} must be comma-separated 'host:port' addresses (replicas of a shard joined by "
+                f"{name} must be comma-separated 'host:port' addresses (replicas of a shard joined by "
                 f"'{REPLICA_SEP}'), got {value!r}"
             ) from None
         return dataclasses.replace(self, embedding_servers=tuple(REPLICA_SEP.join(r) for r in shards))

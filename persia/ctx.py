@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from persia.data_ctx import DataCtx
     from persia.infer_ctx import InferCtx
+    from persia.legacy import init_backend
     from persia.train_ctx import BaseCtx, EmbeddingCtx, PreprocessMode, TrainCtx, cnt_ctx, eval_ctx
 
 #: public name -> the module that defines it
@@ -25,9 +26,20 @@ _HOMES = {
     "eval_ctx": "persia.train_ctx",
     "InferCtx": "persia.infer_ctx",
     "DataCtx": "persia.data_ctx",
+    "init_backend": "persia.legacy",  # PERSIA's older documents
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "BaseCtx",
+    "DataCtx",
+    "EmbeddingCtx",
+    "InferCtx",
+    "PreprocessMode",
+    "TrainCtx",
+    "cnt_ctx",
+    "eval_ctx",
+    "init_backend",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,9 @@
 """Serving through a REAL TorchServe 0.12 with REAL embedding servers (2 shards, child processes).
 
-One TorchServe instance per module, isolated (own TEMP/TMPDIR, logs, metrics, free loopback
-ports, own process session; the whole process group is stopped at the end). Scores are
+One TorchServe instance for ctrserve's archives and one for PERSIA's serving flow (a bare
+TorchScript archive, PERSIA's handler shape on ``InferCtx`` and PERSIA's gRPC client), each
+isolated (own TEMP/TMPDIR, logs, metrics, free loopback ports, own process session; the whole
+process group is stopped at the end). Scores are
 compared with an independent computation: the same TorchScript file run directly on
 embeddings looked up directly from the embedding servers.
 
@@ -15,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,18 +27,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 
-from archiver.build import archive_model
+from archiver.build import archive_model, archiver_command, handler_file
 from archiver.management import ManagementClient, ManagementError
 from archiver.publish import Publisher, PublisherMetrics, PublishSettings
 from archiver.torchserve import TorchServeProcess
 from ctrserve import monitoring
 from ctrserve.cli import main
+from embedding_server.core.batch import SparseFeature
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.rpc.launcher import ServerGroup
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.client import PredictionClient, PredictionError
 from handler.torchserve_keys import TorchServeKey
+from persia.embedding.data import IDTypeFeatureWithSingleID, NonIDTypeFeature, PersiaBatch
+from persia.registry import RegistryServer
+from persia.service import EMBEDDING_PARAMETER_SERVER
 from trainer.criteo import read_criteo
 from trainer.data import concat_chunks, to_batch
 
@@ -497,3 +505,162 @@ def test_torchserve_stubs_are_generated_not_committed():
     assert "SetDefault" in management_pb2.DESCRIPTOR.services_by_name["ManagementAPIsService"].methods_by_name
     tracked = subprocess.run(["git", "ls-files", "protos"], capture_output=True, text=True, check=True).stdout.split()
     assert not any(name.endswith(("inference.proto", "management.proto")) or "_generated" in name for name in tracked)
+
+
+# ------------------------------------------- PERSIA's serving flow: bare TorchScript, InferCtx handler, PERSIA client
+
+PERSIA_EMB = {"slots_config": {"workclass": {"dim": 4}, "education": {"dim": 8}, "race": {"dim": 4}}}
+PERSIA_HANDLER = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "persia" / "serve_handler.py"
+PERSIA_CLIENT = PERSIA_HANDLER.with_name("serve_client.py")
+
+
+class PersiaDnn(torch.nn.Module):
+    """A dense model with PERSIA's signature (as PERSIA's adult-income DNN)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.ln1 = torch.nn.Linear(5 + 16, 8)
+        self.ln2 = torch.nn.Linear(8, 1)
+
+    def forward(self, non_id_tensors: list[torch.Tensor], embedding_tensors: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat([non_id_tensors[0]] + embedding_tensors, dim=1)
+        return torch.sigmoid(self.ln2(torch.relu(self.ln1(x))))
+
+
+class PersiaFlow:
+    """One TorchServe with the three ways PERSIA's guide serves: a bare TorchScript archive with
+    ctrserve's handler (``deepctr``), the same with ``response_format: persia``
+    (``deepctr_persia``), and PERSIA's handler shape on ``InferCtx`` (``adult_income``)."""
+
+    def __init__(self, root: Path, group: ServerGroup, ts: TorchServeProcess, data: Path, expected: np.ndarray):
+        self.root, self.group, self.ts, self.data, self.expected = root, group, ts, data, expected
+
+    def run_client(self, model: str) -> subprocess.CompletedProcess:
+        """PERSIA's client, as a user runs it."""
+        address = self.ts.grpc_inference_url[len("grpc://") :]
+        out = self.root / f"{model}.txt"
+        cmd = [sys.executable, str(PERSIA_CLIENT), "--data", str(self.data), "--address", address]
+        return subprocess.run(
+            [*cmd, "--model", model, "--batch-size", "128", "--output", str(out)], capture_output=True, text=True
+        )
+
+
+def _torch_model_archiver(name: str, serialized: Path, handler: Path, out: Path, extra: Path | None = None) -> None:
+    """PERSIA's guide's command: the serialized TorchScript and a handler file, nothing else."""
+    cmd = [archiver_command(), "--model-name", name, "--version", "1.0", "--serialized-file", str(serialized)]
+    cmd += ["--handler", str(handler), "--export-path", str(out), "-f"]
+    subprocess.run(cmd + (["--extra-files", str(extra)] if extra else []), check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def persia_flow(tmp_path_factory, tiny_ctr) -> PersiaFlow:
+    root = tmp_path_factory.mktemp("persia_flow")
+    emb_path, glob_path = tiny_ctr.write_configs(root / "cfg", PERSIA_EMB)
+    rng = np.random.default_rng(21)
+    n = 300
+    dense = rng.normal(size=(n, 5)).astype(np.float32)
+    ids = rng.integers(0, 60, (n, 3)).astype(np.uint64)
+    data = root / "test.npz"
+    np.savez(
+        data,
+        continuous_data=dense,
+        categorical_data=ids,
+        categorical_columns=np.array(list(PERSIA_EMB["slots_config"])),
+        target=rng.integers(0, 2, n).astype(np.float32),
+    )
+    store = root / "store"
+    store.mkdir()
+    scripted = torch.jit.script(PersiaDnn().eval())
+    scripted.save(str(root / "jit_dense.pt"))
+    shutil.copyfile(root / "jit_dense.pt", root / "model.pth")  # the guide's name: TorchServe's BaseHandler refuses it
+    (root / "serving.yml").write_text("response_format: persia\n")
+    _torch_model_archiver("deepctr", root / "model.pth", handler_file(), store)
+    _torch_model_archiver("deepctr_persia", root / "model.pth", handler_file(), store, root / "serving.yml")
+    _torch_model_archiver("adult_income", root / "jit_dense.pt", PERSIA_HANDLER, store)
+    registry = RegistryServer(("127.0.0.1", 0))
+    registry.start()
+    try:
+        with ServerGroup.start(emb_path, glob_path, num_shards=2, workdir=root / "embedding") as group:
+            for index, address in enumerate(group.addresses):
+                registry.entries.put(EMBEDDING_PARAMETER_SERVER, index, address, 2)
+            names = list(PERSIA_EMB["slots_config"])
+            features = [
+                SparseFeature.from_lists(name, [[i] for i in ids[:, k].tolist()]) for k, name in enumerate(names)
+            ]
+            with RemoteEmbeddingClient(EmbeddingConfig.load(emb_path), group.addresses) as direct:
+                direct.lookup(features, insert=True)  # train-mode servers: rows for every id of the data
+                looked_up = direct.lookup(features, insert=False)
+            with torch.no_grad():  # the independent computation: the TorchScript file on direct lookups
+                expected = torch.jit.load(str(root / "jit_dense.pt"))(
+                    [torch.from_numpy(dense)], [looked_up[name] for name in names]
+                )[:, 0].numpy()
+            environment = {"CTRSERVE_EMBEDDING_SERVERS": ",".join(group.addresses)}
+            environment["EMBEDDING_WORKER_SERVICE"] = registry.address
+            models = {name: f"{name}.mar" for name in ("deepctr", "deepctr_persia", "adult_income")}
+            with TorchServeProcess.start(store, root / "torchserve", models=models, environment=environment) as ts:
+                yield PersiaFlow(root, group, ts, data, expected)
+    finally:
+        registry.stop()
+
+
+def test_bare_torchscript_archive_learns_its_features_from_the_embedding_servers(persia_flow):
+    """No model.json: the features come from the embedding servers' Info, the signature (PERSIA's)
+    from the TorchScript; ctrserve's answer stays the default."""
+    with np.load(persia_flow.data) as data:
+        dense, ids = data["continuous_data"][:40], data["categorical_data"][:40]
+    batch = PersiaBatch(
+        [IDTypeFeatureWithSingleID(name, ids[:, k].copy()) for k, name in enumerate(PERSIA_EMB["slots_config"])],
+        non_id_type_features=[NonIDTypeFeature(dense.copy())],
+        requires_grad=False,
+    )
+    with PredictionClient(persia_flow.ts.grpc_inference_url, model_name="deepctr") as client:
+        result = client.predict_full(batch)
+    np.testing.assert_allclose(result.scores, persia_flow.expected[:40], rtol=0, atol=TOL)
+    assert result.model_version == 1  # the archive's --version 1.0
+
+
+def test_persia_client_reads_persia_format_from_both_handlers_not_ctrserve_format(persia_flow):
+    for model in ("adult_income", "deepctr_persia"):
+        run = persia_flow.run_client(model)
+        assert run.returncode == 0, (model, run.stderr[-2000:])
+        assert f"predictions = {len(persia_flow.expected)}" in run.stdout
+        scores = np.loadtxt(persia_flow.root / f"{model}.txt")
+        np.testing.assert_allclose(scores, persia_flow.expected, rtol=0, atol=TOL, err_msg=model)
+    run = persia_flow.run_client("deepctr")  # ctrserve's JSON object: PERSIA's parser finds no scores in it
+    assert run.returncode != 0 and "prediction length(0) does not match label length(128)" in run.stderr
+
+
+def test_raw_inputs_through_torchserve_score_like_the_transformed_ids(serving, tiny_ctr):
+    """A version whose features are made by feature ops, served by TorchServe: a request of raw
+    inputs (JSON, strings included) scores as the same rows sent as transformed ids."""
+    from embedding_server.core.farmhash import fingerprint64_bytes
+
+    slots = json.loads(json.dumps(tiny_ctr.EMB["slots_config"]))
+    slots["C1"]["ops"] = [{"select": "age"}, {"bucketize": [18, 30, 45]}]
+    slots["C2"]["ops"] = [{"select": "tags"}, {"mod": 50}, {"truncate": {"seq_len": 2, "side": "right"}}]
+    version = tiny_ctr.export_version(serving.model_root, 31, seed=31, emb_config={"slots_config": slots})
+    archive_model(version, serving.store, name="rawops", serving_config=serving.serving_yml, file_name="rawops")
+    dense = np.random.default_rng(31).normal(size=(3, tiny_ctr.DENSE_WIDTH)).round(3).tolist()
+    tags = [["sports", "news", "music"], [], ["news"]]
+    h1, c3 = [[5, 6], [], [7]], [[1], [2, 3], []]
+    raw = {"dense": dense, "sparse": {"C3": c3, "H1": h1}, "inputs": {"age": [17.0, 30.0, 52.5], "tags": tags}}
+    transformed = {
+        "dense": dense,
+        "sparse": {
+            "C1": [[0], [2], [3]],
+            "C2": [[fingerprint64_bytes(t) % 50 for t in row][:2] for row in tags],
+            "C3": c3,
+            "H1": h1,
+        },
+    }
+    with ManagementClient(serving.ts.management_url) as mgmt, serving.client("grpc", model_name="rawops") as client:
+        mgmt.register("rawops.mar", initial_workers=1, synchronous=True)
+        try:
+            got, want = client.predict_full(raw), client.predict_full(transformed)
+            assert got.model_version == 31
+            np.testing.assert_array_equal(got.scores, want.scores)
+            with pytest.raises(PredictionError, match="slot 'C2' selects input 'tags', which is missing"):
+                client.predict_full({"dense": dense, "sparse": {"C3": c3, "H1": h1}, "inputs": {"age": [1, 2, 3]}})
+        finally:
+            mgmt.unregister("rawops", "31")

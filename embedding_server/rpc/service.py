@@ -197,6 +197,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             capacity=store.capacity,
             local_socket=self.local.path if self.local else "",
             instance_id=self.local.instance_id if self.local else "",
+            embedding_config_json=json.dumps(store.config.to_dict()),
         )
 
     def Stats(self, request, context):
