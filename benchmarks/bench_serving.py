@@ -29,7 +29,10 @@ Before timing, the scores of one batch per size are checked: ctrserve, baseline 
 agree within 1e-5 (and with the dense model run in this process on the tables' rows). Then
 PersiaHandler's steps are timed in this process against the same embedding server (TorchServe
 left out) to show where ctrserve's extra time goes: ``handler_b<batch>_{decode,lookup,model,
-postprocess}_ms`` (medians).
+postprocess}_ms`` (medians). With ``--ops`` (the default) the whole request is also timed in this
+process with feature ops and without, interleaved: ``handler_b<batch>_total_ms`` (the requests'
+ids), ``handler_b<batch>_ops_total_ms`` (the same rows as raw inputs, every feature made by its
+version's ops, equal scores checked) and ``handler_b<batch>_ops_ratio`` (goal <= 1.1).
 
 ``--quick``: 8,192 rows, 60 sequential requests per contender (20 at batch 512), 2 concurrent
 rounds of 8 x 4 requests (1 at batch 512). Full: 32,768 rows, 600 sequential requests (200 at batch
@@ -116,6 +119,14 @@ def parse_args() -> argparse.Namespace:
         "for all three models (default 1; 0: leave torch's default, one per core)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the request draws (default 0)")
+    p.add_argument(
+        "--ops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the in-process handler on raw-input requests of a version whose every feature has feature "
+        "ops (select, mod, truncate; the same ids), interleaved with the same requests as ids: "
+        "handler_b<batch>_{total,ops_total}_ms and ops_ratio (default on; --no-ops skips it)",
+    )
     args = p.parse_args()
     args.rows = args.rows or (8192 if args.quick else 32768)
     args.batch_sizes = args.batch_sizes or [1, 64, 512]
@@ -384,8 +395,64 @@ def breakdown(
                     + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items()),
                     flush=True,
                 )
+            if args.ops:
+                ops_on_off(results, reps, spec, model, remote, addresses, bodies, handler)
     finally:
         torch.set_num_threads(threads)
+
+
+def ops_on_off(results: dict, reps: int, spec, model, remote, addresses: list[str], bodies: dict, plain) -> None:
+    """The handler's whole request (preprocess, inference, postprocess) with feature ops and
+    without, interleaved request by request on the same embedding server: ``plain`` serves the
+    requests' ids; a second handler serves a version whose every feature is made by ops
+    (``select`` of a raw input of its name, ``mod`` by the largest 64-bit prime, ``truncate`` to
+    1,000 ids: the same ids for this data) from the same requests with raw inputs. Their scores
+    must be equal."""
+    import torch
+
+    from embedding_server.core.batch_codec import BatchData, decode_batch, encode_batch
+    from embedding_server.core.model_spec import DenseModelSpec
+    from handler.persia_handler import PersiaHandler
+    from handler.raw_inputs import add_raw_inputs
+    from handler.serving_config import ServingConfig
+
+    emb = json.loads(json.dumps(spec.embedding_config))
+    for name, slot in emb["slots_config"].items():
+        slot["ops"] = [{"select": name}, {"mod": (1 << 64) - 59}, {"truncate": {"seq_len": 1000, "side": "right"}}]
+    ops_spec = DenseModelSpec.from_json(json.dumps({**json.loads(spec.to_json()), "embedding_config": emb}))
+    with_ops = PersiaHandler()
+    with_ops.configure(
+        ops_spec, model, remote, ServingConfig.from_dict({"embedding_servers": addresses}), torch.device("cpu")
+    )
+    for bs, items in bodies.items():
+        raw_items = []
+        for body in items:
+            data = decode_batch(body)
+            raw_items.append(
+                encode_batch(add_raw_inputs(BatchData(dense=list(data.dense)), {f.name: f for f in data.sparse}))
+            )
+        times: dict[str, list[float]] = {"total": [], "ops_total": []}
+        for k in range(reps + 3):
+            for key, h, body in (("total", plain, items), ("ops_total", with_ops, raw_items))[:: 1 if k % 2 else -1]:
+                t0 = time.perf_counter()
+                scored = h.inference(h.preprocess([{"batch": bytearray(body[k % len(body)])}]))
+                h.postprocess(scored)
+                if k >= 3:
+                    times[key].append(time.perf_counter() - t0)
+                if k == 0:
+                    results.setdefault(f"_scores_{bs}", []).append(scored.scores.numpy())
+        first, second = results.pop(f"_scores_{bs}")
+        if not np.array_equal(first, second):
+            raise RuntimeError(f"batch {bs}: scores with feature ops differ from the scores of the same ids")
+        medians = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
+        results[f"handler_b{bs}_total_ms"] = medians["total"]
+        results[f"handler_b{bs}_ops_total_ms"] = medians["ops_total"]
+        results[f"handler_b{bs}_ops_ratio"] = medians["ops_total"] / medians["total"]
+        print(
+            f"  PersiaHandler whole request in-process, batch {bs:>3}: ids {medians['total']:.2f} ms, raw inputs "
+            f"through feature ops {medians['ops_total']:.2f} ms (x{medians['ops_total'] / medians['total']:.3f})",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------- main

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import numpy as np
 import torch
 from ts.handler_utils.timer import timed
 from ts.torch_handler.base_handler import BaseHandler
@@ -59,11 +60,12 @@ from ts.utils.util import PredictionException
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError, InvalidRequestError, ShardUnavailableError
-from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec
+from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, ModelSignature, model_signature
 from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
 from embedding_server.rpc.remote import RemoteEmbeddingClient
+from embedding_server.rpc.served_config import read_embedding_config
 from handler.request import DECODE_ENV, DecodedRequest, PreparedBatch, RequestDecoder, RequestError, merge_requests
-from handler.serving_config import SERVING_FILE, ServingConfig
+from handler.serving_config import ENV_PERSIA_SERVERS, ENV_SERVERS, SERVING_FILE, ServingConfig
 from handler.timing import TimingMetrics  # not defined here: TorchServe takes a handler module's only class
 
 logger = logging.getLogger(__name__)
@@ -106,7 +108,14 @@ class PersiaHandler(BaseHandler):
     # ------------------------------------------------------------------ lifecycle
 
     def initialize(self, context: Any) -> None:
-        """Load model.pt, model.json and serving.yml from the model directory; connect to the shards."""
+        """Load the TorchScript model, model.json (when the archive has one) and serving.yml from
+        the model directory; connect to the shards.
+
+        A bare archive (``torch-model-archiver --serialized-file model.pth --handler <this file>``,
+        no model.json) is served with the features the embedding servers report (their Info:
+        every slot of their embedding_config.yml, in file order) and the signature of the
+        TorchScript's ``forward``; its dense width is not checked (nobody recorded it).
+        """
         # Every body as the bytes that came: otherwise the worker parses application/json before
         # preprocess, past the JSON size limit meant to stop that parse (see handler.request).
         os.environ[DECODE_ENV] = "false"
@@ -115,30 +124,49 @@ class PersiaHandler(BaseHandler):
         self.context = context
         self.manifest = context.manifest
         self.device = select_device(properties.get("gpu_id"))
-        self.spec = DenseModelSpec.from_json((model_dir / SPEC_FILE).read_text(), source=str(model_dir / SPEC_FILE))
         self.serving = ServingConfig.load(model_dir / SERVING_FILE).with_environment()
         if not self.serving.embedding_servers:
             raise ConfigError(
                 f"no embedding servers: set embedding_servers in {SERVING_FILE} (ctrserve archive --serving-config) "
-                "or the environment variable CTRSERVE_EMBEDDING_SERVERS"
+                f"or the environment variable {ENV_SERVERS} (or {ENV_PERSIA_SERVERS}) of TorchServe, e.g. "
+                f"{ENV_SERVERS}=127.0.0.1:7001,127.0.0.1:7002 (shard order)"
             )
-        if not self.spec.embedding_config:
-            raise ConfigError(f"{model_dir / SPEC_FILE} has no embedding_config: re-export the model")
-        model = torch.jit.load(str(model_dir / MODEL_FILE), map_location=self.device).eval()
-        emb_config = EmbeddingConfig.from_dict(self.spec.embedding_config, source=f"{SPEC_FILE} embedding_config")
+        security = self.serving.client_security()  # TLS and token from serving.yml or the environment
+        model_file = model_dir / serialized_file(self.manifest)
+        model = torch.jit.load(str(model_file), map_location=self.device).eval()
+        recorded = (model_dir / SPEC_FILE).is_file()
+        if recorded:
+            self.spec = DenseModelSpec.from_json((model_dir / SPEC_FILE).read_text(), source=str(model_dir / SPEC_FILE))
+            if not self.spec.embedding_config:
+                raise ConfigError(f"{model_dir / SPEC_FILE} has no embedding_config: re-export the model")
+            emb_config = EmbeddingConfig.from_dict(self.spec.embedding_config, source=f"{SPEC_FILE} embedding_config")
+        else:
+            emb_config = read_embedding_config(
+                self.serving.embedding_replicas, timeout=self.serving.connect_timeout_s, security=security
+            )
+            self.spec = discovered_spec(emb_config, model, self.manifest)
+            logger.info(
+                "%s has no %s: serving %s with the embedding servers' features %s and %s's signature",
+                model_dir,
+                SPEC_FILE,
+                model_file.name,
+                [f.name for f in self.spec.features],
+                ModelSignature(self.spec.signature).value,
+            )
         embeddings = RemoteEmbeddingClient(
             emb_config,
             self.serving.embedding_replicas,
             timeout=self.serving.embedding_timeout_s,
             connect_timeout=self.serving.connect_timeout_s,
-            security=self.serving.client_security(),  # TLS and token from serving.yml or the environment
+            security=security,
             local_lookups=self.serving.embedding_local_lookups,  # the servers' Unix socket when they share the host
             resolve_interval=self.serving.embedding_resolve_interval_s,  # DNS names: replicas come and go
         )
         if self.serving.torch_threads:
             torch.set_num_threads(self.serving.torch_threads)
-        self.configure(self.spec, model, embeddings, self.serving, self.device)
-        self.warm_up()
+        self.configure(self.spec, model, embeddings, self.serving, self.device, check_dense_width=recorded)
+        if recorded and not self.persia_inputs:  # otherwise the input widths are unknown until the first request
+            self.warm_up()
         self._start_watermark_refresh()
         # torch, the model and the clients live as long as the worker: keep them out of the
         # garbage collector's full passes, each a pause of every request in flight.
@@ -152,19 +180,31 @@ class PersiaHandler(BaseHandler):
         )
 
     def configure(
-        self, spec: DenseModelSpec, model: Any, embeddings: Any, serving: ServingConfig, device: torch.device
+        self,
+        spec: DenseModelSpec,
+        model: Any,
+        embeddings: Any,
+        serving: ServingConfig,
+        device: torch.device,
+        check_dense_width: bool = True,
     ) -> None:
         """Use these parts (what :meth:`initialize` loads); tests pass an in-process embedding client.
 
         Args:
-            spec: the model's model.json.
-            model: TorchScript (or any) module with ``forward(dense, sparse)`` on ``device``.
+            spec: the model's model.json (or what :func:`discovered_spec` made for a bare archive).
+            model: TorchScript (or any) module with ``forward(dense, sparse)`` on ``device``, or
+                PERSIA's ``forward(non_id_type_tensors, id_type_tensors)`` when ``spec.signature``
+                says so.
             embeddings: an :class:`~embedding_server.rpc.client.EmbeddingClient` (lookup, stats).
-            serving: limits and timeouts.
+            serving: limits, timeouts and the response format.
             device: where inputs are put.
+            check_dense_width: refuse requests whose dense width is not ``spec.dense_width``.
         """
         self.spec, self.model, self.embeddings, self.serving, self.device = spec, model, embeddings, serving, device
-        self.decoder = RequestDecoder.from_serving(spec, serving)
+        self.persia_inputs = ModelSignature(spec.signature) is ModelSignature.PERSIA
+        self.decoder = RequestDecoder.from_serving(
+            spec, serving, check_dense_width=check_dense_width, keep_non_id=self.persia_inputs
+        )
         self._timings = TimingMetrics(serving.metrics_interval_s)
         self.initialized = True
 
@@ -181,7 +221,14 @@ class PersiaHandler(BaseHandler):
             for f in self.spec.features
         ]
         for _ in range(calls):
-            self.model(dense, sparse)
+            self.run_model(dense, [dense], sparse)
+
+    def run_model(self, dense: torch.Tensor, non_id: list[Any] | None, sparse: list[Any] | None) -> Any:
+        """THE call of the dense model: ``model(dense, sparse)``, or PERSIA's
+        ``model(non_id_type_tensors, id_type_tensors)`` for a model with PERSIA's signature."""
+        if self.persia_inputs:
+            return self.model(non_id, sparse)
+        return self.model(dense, sparse)
 
     # ------------------------------------------------------------------ TorchServe's steps
     # BaseHandler.handle sets self.context and runs preprocess -> inference -> postprocess.
@@ -204,6 +251,8 @@ class PersiaHandler(BaseHandler):
         if len(outcomes) == 1 and isinstance(outcomes[0], RequestError):
             # Alone, it fails the whole batch; among others it gets its own status in postprocess.
             raise PredictionException(outcomes[0].message, outcomes[0].code)
+        if self.persia_inputs:
+            _refuse_other_non_id_layouts(outcomes)
         valid = [o for o in outcomes if isinstance(o, DecodedRequest)]
         prepared = PreparedBatch(outcomes)
         if not valid:
@@ -221,6 +270,8 @@ class PersiaHandler(BaseHandler):
         self._record_time("EmbeddingLookupTime", started)
         # A lone request's dense values may be a read-only view of its body; torch wants writable memory.
         prepared.dense = torch.from_numpy(dense if dense.flags.writeable else dense.copy()).to(self.device)
+        if self.persia_inputs:
+            prepared.non_id = [self._as_input(part) for part in _merged_non_id(valid)]
         embeddings = looked_up.embeddings
         prepared.sparse = [self._model_input(embeddings[name]) for name in self.decoder.feature_names]
         return prepared
@@ -233,7 +284,7 @@ class PersiaHandler(BaseHandler):
             return data
         started = time.perf_counter()
         with torch.inference_mode():
-            scores = self.model(data.dense, data.sparse)
+            scores = self.run_model(data.dense, data.non_id, data.sparse)
         scores = scores.detach().to("cpu", torch.float32)
         self._record_time("DenseInferenceTime", started)
         data.scores = scores.reshape(scores.shape[0], -1)
@@ -244,6 +295,7 @@ class PersiaHandler(BaseHandler):
         """One JSON string per request: its share of ``data.scores``, or its error."""
         per_request = iter(torch.split(data.scores, data.sizes) if data.scores is not None else ())
         tail = self._result_tail(len(data.outcomes))
+        persia_format = self.serving.response_format == "persia"
         results = []
         for idx, outcome in enumerate(data.outcomes):
             self._set_content_type(idx)
@@ -252,6 +304,11 @@ class PersiaHandler(BaseHandler):
                 results.append(json.dumps({"error": outcome.message, "code": outcome.code}))
                 continue
             chunk = next(per_request)
+            if persia_format:
+                # PERSIA's handler returns a flat list, which TorchServe writes with indent=2;
+                # PERSIA's client parses exactly that (one score per line between the brackets).
+                results.append(json.dumps(chunk.reshape(-1).tolist(), indent=2))
+                continue
             results.append('{"scores": ' + json.dumps((chunk[:, 0] if chunk.shape[1] == 1 else chunk).tolist()) + tail)
         return results
 
@@ -275,6 +332,11 @@ class PersiaHandler(BaseHandler):
         return f'{cached[1]}, "batch_requests": {batch_requests}}}'
 
     # ------------------------------------------------------------------ helpers
+
+    def _as_input(self, array: Any) -> torch.Tensor:
+        """A request's numpy array as a tensor on the model's device (copied when read-only:
+        torch wants writable memory, and a lone request's arrays may be views of its body)."""
+        return torch.from_numpy(array if array.flags.writeable else array.copy()).to(self.device)
 
     def _model_input(self, embedding: torch.Tensor | RawEmbedding) -> torch.Tensor:
         values = embedding.values if isinstance(embedding, RawEmbedding) else embedding
@@ -326,6 +388,58 @@ class PersiaHandler(BaseHandler):
                     return
 
         threading.Thread(target=refresh, name="embedding-watermark", daemon=True).start()
+
+
+def serialized_file(manifest: Any) -> str:
+    """The TorchScript file of an archive: the manifest's ``serializedFile`` (whatever
+    ``--serialized-file`` was called: ``model.pt``, PERSIA's ``jit_dense.pt``, ``model.pth``)."""
+    model = manifest.get("model", {}) if isinstance(manifest, dict) else {}
+    return str(model.get("serializedFile") or MODEL_FILE)
+
+
+def discovered_spec(config: EmbeddingConfig, model: Any, manifest: Any) -> DenseModelSpec:
+    """The spec of a bare archive: every slot of the embedding servers' ``config`` in file order
+    (as the trainer feeds them), the signature of ``model``'s ``forward``, the archive's
+    ``--version`` when it is a whole number (``1.0`` reads as 1; else 0), dense width unknown (0)."""
+    raw = str((manifest.get("model", {}) if isinstance(manifest, dict) else {}).get("modelVersion", "0"))
+    try:
+        number = float(raw)
+        version = int(number) if number.is_integer() and number >= 0 else 0
+    except ValueError:
+        version = 0
+    spec = DenseModelSpec.for_config(config, version=version, step=0, dense_width=0, model_class="TorchScript")
+    spec.signature = model_signature(model)
+    return spec
+
+
+def _merged_non_id(requests: list[DecodedRequest]) -> list[Any]:
+    """Each non-ID part of ``requests`` concatenated over them (their layouts agree, see
+    :func:`_refuse_other_non_id_layouts`)."""
+    if len(requests) == 1:
+        return list(requests[0].non_id)
+    return [np.concatenate(parts, axis=0) for parts in zip(*(r.non_id for r in requests))]
+
+
+def _refuse_other_non_id_layouts(outcomes: list[DecodedRequest | RequestError]) -> None:
+    """Replace, in place, every request whose non-ID parts (count, dtypes, shapes past the batch
+    dimension) differ from the first valid request's with a 400: a PERSIA-signature model gets
+    each part as one tensor, so TorchServe-batched requests must agree on them."""
+    first: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    for idx, outcome in enumerate(outcomes):
+        if not isinstance(outcome, DecodedRequest):
+            continue
+        layout = tuple((a.dtype.str, tuple(a.shape[1:])) for a in outcome.non_id)
+        if first is None:
+            first = layout
+        elif layout != first:
+            outcomes[idx] = RequestError(
+                f"non-ID features {_describe_layout(layout)} differ from those of the requests batched with this one "
+                f"{_describe_layout(first)}; send them in separate requests or register the model without batch_size"
+            )
+
+
+def _describe_layout(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
+    return "[" + ", ".join(f"{np.dtype(d).name}{list(shape)}" for d, shape in layout) + "]"
 
 
 def select_device(gpu_id: Any) -> torch.device:

@@ -6,6 +6,10 @@ A request body is either the batch bytes clients build (``PyPersiaBatchData.to_b
     {"dense": [[0.1, 0.2, ...], ...],            # one row of dense_width numbers per sample
      "sparse": {"C1": [[12, 7], [], ...], ...}}  # per feature, one id list per sample
 
+and either form may carry named raw inputs instead of (some) features, which the served
+version's feature ops turn into features (``"inputs": {"age": [31, 45], "tags": [["a"], []]}``;
+see :mod:`handler.raw_inputs`).
+
 Every feature the model takes must be present (a sample may have no ids); features the model
 does not take, a dense width other than the model's, non-finite dense values, an empty body or
 batch, malformed bytes or JSON, and a request over a limit are :class:`RequestError` (HTTP 400,
@@ -39,8 +43,10 @@ import numpy as np
 
 from embedding_server.core.batch import KeyedIds, SparseFeature
 from embedding_server.core.batch_codec import MAGIC, BatchData, check_parts, decode_batch
+from embedding_server.core.dense_layout import BatchLayout, non_id_arrays
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.model_spec import DenseModelSpec
+from handler.raw_inputs import RAW_INPUTS_KEY, RawFeatures, json_inputs, split_raw_inputs
 
 if TYPE_CHECKING:
     import torch  # only for annotations: decoding needs no torch
@@ -51,7 +57,7 @@ BODY_KEYS = ("batch", "body", "data")
 #: TorchServe worker's environment variable: "false" hands request bodies to the handler
 #: undecoded, whatever their content type (read by the worker for every request).
 DECODE_ENV = "TS_DECODE_INPUT_REQUEST"
-_JSON_KEYS = {"dense", "sparse"}
+_JSON_KEYS = {"dense", "sparse", "inputs"}
 
 
 @dataclass(frozen=True)
@@ -100,10 +106,14 @@ class DecodedRequest:
     Args:
         dense: float32 ``[batch, dense_width]``.
         sparse: the model's features in the model's order, each of ``batch`` samples.
+        non_id: the non-ID parts as the client built them (PERSIA's dtypes and shapes, from the
+            batch's layout, see :mod:`~embedding_server.core.dense_layout`); kept only by a
+            decoder made with ``keep_non_id`` (a model with PERSIA's signature takes them).
     """
 
     dense: np.ndarray
     sparse: KeyedIds
+    non_id: tuple[np.ndarray, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -119,6 +129,10 @@ class RequestDecoder:
         max_request_bytes: most bytes per request body.
         max_ids_per_request: most ids per request, all features together.
         max_ids_per_sample: most ids of one feature in one sample.
+        check_dense_width: refuse a dense width other than ``spec.dense_width``; False for a
+            model whose width nobody recorded (a bare TorchScript archive without model.json).
+        keep_non_id: also keep each request's non-ID parts as the client built them
+            (:attr:`DecodedRequest.non_id`).
     """
 
     def __init__(
@@ -129,11 +143,16 @@ class RequestDecoder:
         max_ids_per_request: int = Limits.max_ids_per_request,
         max_ids_per_sample: int = Limits.max_ids_per_sample,
         max_json_request_bytes: int = Limits.max_json_request_bytes,
+        check_dense_width: bool = True,
+        keep_non_id: bool = False,
     ):
         self.spec = spec
+        self.check_dense_width = check_dense_width
+        self.keep_non_id = keep_non_id
         self.feature_names = [f.name for f in spec.features]
         self._feature_order = tuple(self.feature_names)
         self._feature_set = frozenset(self.feature_names)
+        self.raw_features = RawFeatures(spec.feature_pipeline(), self.feature_names)  # the version's feature ops
         self.limits = Limits(
             max_batch_size, max_request_bytes, max_ids_per_request, max_ids_per_sample, max_json_request_bytes
         )
@@ -141,7 +160,9 @@ class RequestDecoder:
         self.max_request_bytes = max_request_bytes
 
     @classmethod
-    def from_serving(cls, spec: DenseModelSpec, serving: Any) -> RequestDecoder:
+    def from_serving(
+        cls, spec: DenseModelSpec, serving: Any, check_dense_width: bool = True, keep_non_id: bool = False
+    ) -> RequestDecoder:
         """A decoder with the limits of a :class:`~handler.serving_config.ServingConfig`."""
         limits = Limits.from_config(serving)
         return cls(
@@ -151,6 +172,8 @@ class RequestDecoder:
             limits.max_ids_per_request,
             limits.max_ids_per_sample,
             limits.max_json_request_bytes,
+            check_dense_width=check_dense_width,
+            keep_non_id=keep_non_id,
         )
 
     def decode(self, item: Mapping[str, Any] | None) -> DecodedRequest:
@@ -185,7 +208,7 @@ class RequestDecoder:
                     "(max_request_bytes)"
                 )
             self._check_json_size(size, "bytes (re-encoded)")
-        return self._from_batch(_batch_from_json(body))
+        return self._from_batch(_batch_from_json(body, self.raw_features.known))
 
     def _from_batch(self, data: BatchData, batch_size: int | None = None) -> DecodedRequest:
         """Validate a decoded batch against the model; ``batch_size`` when its parts are already checked."""
@@ -201,11 +224,30 @@ class RequestDecoder:
                 f"batch of {batch_size} samples exceeds the limit of {self.max_batch_size} samples per request (max_batch_size)"
             )
         try:
-            sparse = KeyedIds.from_features(data.sparse)  # decoded batch bytes already are one
+            features = data.sparse  # decoded batch bytes already are one KeyedIds
+            if RAW_INPUTS_KEY in data.meta:  # raw inputs: the version's feature ops make its features
+                raw = split_raw_inputs(data)
+                features = self.raw_features.features(raw, data.sparse, self.limits.max_ids_per_request)
+            sparse = KeyedIds.from_features(features)
         except InvalidRequestError as exc:
             raise RequestError(str(exc)) from None
         self._check_ids(sparse)
-        return DecodedRequest(self._dense(data, batch_size), self._features(sparse))
+        dense = self._dense(data, batch_size)
+        return DecodedRequest(dense, self._features(sparse), self._non_id(data, dense) if self.keep_non_id else ())
+
+    @staticmethod
+    def _non_id(data: BatchData, dense: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The non-ID parts as the client built them: through the batch's layout when it has one
+        (a PersiaBatch), else its dense parts (one part for a JSON request)."""
+        if not data.dense:
+            return (dense,)
+        try:
+            layout = BatchLayout.from_meta(
+                data.meta, [int(d.shape[1]) for d in data.dense], [int(t.shape[1]) for t in data.targets]
+            )
+        except InvalidRequestError as exc:
+            raise RequestError(str(exc)) from None
+        return tuple(non_id_arrays(data.dense, layout))
 
     def _check_json_size(self, size: int, unit: str) -> None:
         if size > self.limits.max_json_request_bytes:
@@ -241,7 +283,7 @@ class RequestDecoder:
             if len(parts) == 1
             else (np.concatenate(parts, axis=1) if parts else np.zeros((batch_size, 0), np.float32))
         )
-        if dense.shape[1] != self.spec.dense_width:
+        if self.check_dense_width and dense.shape[1] != self.spec.dense_width:
             raise RequestError(
                 f"dense width {dense.shape[1]} does not match the model's dense_width {self.spec.dense_width} "
                 f"(model version {self.spec.version})"
@@ -359,13 +401,15 @@ def _json_from_bytes(raw: bytes | bytearray | memoryview) -> Any:
         raise RequestError(f"undecodable request: invalid JSON: {exc}") from None
 
 
-def _batch_from_json(body: Any) -> BatchData:
+def _batch_from_json(body: Any, input_kinds: Mapping[str, str]) -> BatchData:
     if not isinstance(body, dict):
         raise RequestError(f"a JSON request must be an object with 'dense' and 'sparse', got {type(body).__name__}")
     unknown = sorted(set(body) - _JSON_KEYS)
     if unknown:
-        raise RequestError(f"unknown keys {unknown} in the JSON request; it may hold only 'dense' and 'sparse'")
-    sparse = body.get("sparse")
+        raise RequestError(
+            f"unknown keys {unknown} in the JSON request; it may hold only 'dense', 'sparse' and 'inputs'"
+        )
+    sparse = body.get("sparse", {} if "inputs" in body else None)  # raw inputs may make every feature
     if not isinstance(sparse, dict):
         raise RequestError("a JSON request needs 'sparse': an object mapping each feature to one id list per sample")
     data = BatchData()
@@ -380,6 +424,11 @@ def _batch_from_json(body: Any) -> BatchData:
         except InvalidRequestError as exc:
             raise RequestError(str(exc)) from None
     data.sparse = features
+    if "inputs" in body:
+        try:
+            json_inputs(body["inputs"], data, input_kinds)
+        except InvalidRequestError as exc:
+            raise RequestError(str(exc)) from None
     return data
 
 
@@ -403,6 +452,8 @@ class PreparedBatch:
         outcomes: per TorchServe request, its :class:`DecodedRequest` or its :class:`RequestError`.
         dense: merged dense input on the model's device (None when no request is valid).
         sparse: merged embeddings, one tensor per model feature, on the model's device.
+        non_id: merged non-ID parts as clients built them, on the model's device (a model with
+            PERSIA's signature takes them instead of ``dense``; None otherwise).
         sizes: samples per valid request, in order (empty when no request is valid).
         scores: the model's ``[samples, targets]`` CPU float32 tensor of the valid requests, set
             by ``inference`` (None when no request is valid).
@@ -411,5 +462,6 @@ class PreparedBatch:
     outcomes: list[DecodedRequest | RequestError]
     dense: Any = None
     sparse: list[Any] | None = None
+    non_id: list[Any] | None = None
     sizes: list[int] = field(default_factory=list)
     scores: torch.Tensor | None = None

@@ -36,7 +36,7 @@ from embedding_server.rpc.client import InProcessEmbeddingClient
 from handler.client import PredictionError, parse_response
 from handler.persia_handler import PersiaHandler
 from handler.request import DECODE_ENV, Limits, RequestDecoder, RequestError, merge_requests
-from handler.serving_config import ENV_SERVERS, ServingConfig
+from handler.serving_config import ENV_PERSIA_SERVERS, ENV_SERVERS, ServingConfig
 from handler.timing import TimingMetrics
 from trainer.batch import PyPersiaBatchData
 
@@ -372,9 +372,11 @@ def test_serving_config_is_strict_and_the_environment_overrides_addresses(tmp_pa
 
 def test_initialize_without_embedding_servers_says_how_to_configure_them(model_dir, monkeypatch):
     monkeypatch.delenv(ENV_SERVERS, raising=False)
+    monkeypatch.delenv(ENV_PERSIA_SERVERS, raising=False)
     monkeypatch.setenv(DECODE_ENV, "true")  # restored after the test: TorchServe started later inherits nothing
-    with pytest.raises(ConfigError, match="no embedding servers: set embedding_servers in serving.yml"):
+    with pytest.raises(ConfigError, match="no embedding servers: set embedding_servers in serving.yml") as err:
         PersiaHandler().initialize(Context("deepctr", str(model_dir), {}, 1, None, "0.12.0"))
+    assert f"{ENV_SERVERS} (or {ENV_PERSIA_SERVERS})" in str(err.value)
     assert os.environ[DECODE_ENV] == "false"  # the worker hands bodies over undecoded from now on
 
 
@@ -557,3 +559,152 @@ def test_warm_up_runs_the_model_on_a_zero_sample_of_every_input_shape(handler, s
     handler.warm_up()
     expected = [(1, f.dim) if f.pooled else (1, f.sample_fixed_size, f.dim) for f in spec.features]
     assert calls == [((1, spec.dense_width), expected)] * 2
+
+
+# ------------------------------------------------------------------ raw inputs and feature ops
+
+OPS_EMB = {
+    "slots_config": {
+        "age_b": {"dim": 4, "table": "C1", "ops": [{"select": "age"}, {"bucketize": [18, 30, 45]}]},
+        "C1": {"dim": 4},
+        "tags": {"dim": 4, "ops": [{"select": "tags"}, {"mod": 10}, {"truncate": {"seq_len": 2, "side": "right"}}]},
+        "C1_x_tags": {"dim": 4, "mean_scaling": True, "ops": [{"select": ["C1", "tags"]}, "cross", {"mod": 50}]},
+    }
+}
+
+
+def _ops_emb(modulus: int) -> dict:
+    emb = json.loads(json.dumps(OPS_EMB))
+    emb["slots_config"]["tags"]["ops"][1] = {"mod": modulus}
+    return emb
+
+
+def _ops_handler(root: Path, version: int, modulus: int, tiny_ctr, embeddings) -> PersiaHandler:
+    """A handler of an exported version whose ``tags`` slot takes ``id % modulus``."""
+    model_dir = tiny_ctr.export_version(root, version, seed=version, emb_config=_ops_emb(modulus), dense_width=2)
+    h = PersiaHandler()
+    spec = DenseModelSpec.from_json((model_dir / SPEC_FILE).read_text())
+    h.configure(spec, torch.jit.load(str(model_dir / MODEL_FILE)), embeddings, ServingConfig(), torch.device("cpu"))
+    return h
+
+
+RAW_ROWS = {
+    "age": [17.0, 30.0, 52.5],
+    "C1": [[3], [4, 4], []],
+    "tags": [["sports", "news", "music"], [], ["news"]],
+}
+
+
+def _pre_transformed(modulus: int) -> dict:
+    """The rows of RAW_ROWS with the ops applied by hand (farm fingerprints of the strings,
+    pairs through FarmHash's Fingerprint(uint128)), as the JSON 'sparse' form (only the
+    tags slot depends on ``modulus``)."""
+    from embedding_server.core.farmhash import fingerprint64_bytes, fingerprint_pairs
+
+    raw_tags = [[fingerprint64_bytes(t) for t in row] for row in RAW_ROWS["tags"]]
+    tags = [[t % modulus for t in row][:2] for row in raw_tags]
+    c1 = RAW_ROWS["C1"]
+    crossed = []
+    for xs, ys in zip(c1, raw_tags):  # the cross reads the raw inputs, not the other slots
+
+        xs, ys = list(dict.fromkeys(xs)), list(dict.fromkeys(ys))
+        pairs = [(x, y) for x in xs for y in ys]
+        low = np.array([p[0] for p in pairs], np.uint64)
+        high = np.array([p[1] for p in pairs], np.uint64)
+        crossed.append([int(v) % 50 for v in fingerprint_pairs(low, high)])
+    return {
+        "dense": [[0.5, -1.0], [0.0, 2.0], [1.5, 0.25]],
+        "sparse": {"age_b": [[0], [2], [3]], "C1": c1, "tags": tags, "C1_x_tags": crossed},
+    }
+
+
+def test_raw_inputs_in_json_and_bytes_score_like_the_pre_transformed_ids(tmp_path, tiny_ctr):
+    from embedding_server.core.batch_codec import BatchData, encode_batch
+    from handler.raw_inputs import add_raw_inputs
+
+    config = EmbeddingConfig.from_dict(OPS_EMB)
+    embeddings = InProcessEmbeddingClient(config, GlobalConfig.from_dict(tiny_ctr.GLOBAL), num_shards=2)
+    h = _ops_handler(tmp_path, 1, 10, tiny_ctr, embeddings)
+    expected = parse_response(h.handle([{"body": json.dumps(_pre_transformed(10)).encode()}], worker_context(1))[0])
+    dense = _pre_transformed(10)["dense"]
+    raw_json = {"dense": dense, "inputs": RAW_ROWS}
+    raw_bytes = encode_batch(
+        add_raw_inputs(BatchData(dense=[np.array(dense, np.float32)]), {**RAW_ROWS, "age": np.array(RAW_ROWS["age"])})
+    )
+    mixed = {"dense": dense, "sparse": {"C1": RAW_ROWS["C1"]}, "inputs": {k: RAW_ROWS[k] for k in ("age", "tags", "C1")}}
+    for body in (json.dumps(raw_json).encode(), raw_bytes):
+        answer = parse_response(h.handle([{"body": body}], worker_context(1))[0])
+        np.testing.assert_array_equal(answer.scores, expected.scores)
+    # C1 given as ids and as a raw input: refused, naming it
+    with pytest.raises(PredictionException, match="feature 'C1' given as ids and made from raw inputs"):
+        h.handle([{"body": json.dumps(mixed).encode()}], worker_context(1))
+    # the bucketized age shares C1's table: bucket 2 reads C1's row of id 2
+    looked = embeddings.lookup(
+        [SparseFeature.from_lists("age_b", [[2]]), SparseFeature.from_lists("C1", [[2]])]
+    ).embeddings
+    np.testing.assert_array_equal(looked["age_b"].numpy(), looked["C1"].numpy())
+
+
+def test_each_served_version_applies_the_ops_it_was_trained_with(tmp_path, tiny_ctr):
+    config = EmbeddingConfig.from_dict(OPS_EMB)
+    embeddings = InProcessEmbeddingClient(config, GlobalConfig.from_dict(tiny_ctr.GLOBAL), num_shards=1)
+    v1 = _ops_handler(tmp_path, 1, 10, tiny_ctr, embeddings)
+    v2 = _ops_handler(tmp_path, 2, 7, tiny_ctr, embeddings)
+    raw = json.dumps({"dense": _pre_transformed(10)["dense"], "inputs": RAW_ROWS}).encode()
+
+    def scores(h: PersiaHandler, body: bytes) -> np.ndarray:
+        return parse_response(h.handle([{"body": body}], worker_context(1))[0]).scores
+
+    for h, modulus, other in ((v1, 10, 7), (v2, 7, 10)):
+        own = json.dumps(_pre_transformed(modulus)).encode()
+        np.testing.assert_array_equal(scores(h, raw), scores(h, own))
+        assert not np.array_equal(scores(h, raw), scores(h, json.dumps(_pre_transformed(other)).encode()))
+
+
+def test_bad_raw_inputs_are_400s_naming_the_input(tmp_path, tiny_ctr):
+    config = EmbeddingConfig.from_dict(OPS_EMB)
+    embeddings = InProcessEmbeddingClient(config, GlobalConfig.from_dict(tiny_ctr.GLOBAL))
+    h = _ops_handler(tmp_path, 1, 10, tiny_ctr, embeddings)
+    dense = [[0.0, 0.0]] * 3
+    cases = {
+        "unknown input 'agee'; the model reads the inputs": {"agee": [1, 2, 3]},
+        "slot 'tags' selects input 'tags', which is missing": {"age": [1, 2, 3], "C1": [[1], [2], [3]]},
+        "input 'age' must hold a number or a list of numbers per sample": {**RAW_ROWS, "age": [["a"], [], []]},
+        "input 'age': values must be finite": {**RAW_ROWS, "age": [1.0, float("inf"), 2.0]},
+        "input 'tags': ids must be integers in [0, 2**64) or strings, got -1": {**RAW_ROWS, "tags": [[-1], [], []]},
+        "input 'C1' must be a list with one list of ids per sample": {**RAW_ROWS, "C1": [1, 2, 3]},
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(PredictionException, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("*", r"\*")) as info:
+            h.handle([{"body": json.dumps({"dense": dense, "inputs": inputs}, allow_nan=True).encode()}], worker_context(1))
+        assert info.value.error_code == 400
+    ok = parse_response(h.handle([{"body": json.dumps({"dense": dense, "inputs": RAW_ROWS}).encode()}], worker_context(1))[0])
+    assert len(ok.scores) == 3  # the handler keeps serving
+
+
+# ------------------------------------------------------------------------------ PERSIA's forms
+
+
+def test_response_format_is_ctrserve_or_persia_and_persia_servers_env_is_the_fallback():
+    assert ServingConfig().response_format == "ctrserve"
+    assert ServingConfig.from_dict({"response_format": "persia"}).response_format == "persia"
+    with pytest.raises(ConfigError, match="'response_format' must be one of ctrserve, persia, got 'PERSIA'"):
+        ServingConfig.from_dict({"response_format": "PERSIA"})
+    both = {ENV_SERVERS: "10.0.0.1:1", ENV_PERSIA_SERVERS: "10.0.0.9:9,10.0.0.8:8"}
+    assert ServingConfig().with_environment(both).embedding_servers == ("10.0.0.1:1",)
+    del both[ENV_SERVERS]
+    assert ServingConfig().with_environment(both).embedding_servers == ("10.0.0.9:9", "10.0.0.8:8")
+    with pytest.raises(ConfigError, match=ENV_PERSIA_SERVERS):
+        ServingConfig().with_environment({ENV_PERSIA_SERVERS: "nohost"})
+
+
+def test_persia_response_format_is_the_flat_list_persias_client_parses(handler, model_dir, tiny_ctr):
+    import dataclasses
+
+    batch = tiny_ctr.random_batch(np.random.default_rng(8), 3)
+    expected = tiny_ctr.expected_scores(model_dir, handler.embeddings, batch)
+    handler.serving = dataclasses.replace(handler.serving, response_format="persia")
+    [text] = handler.handle([{"batch": batch.to_bytes()}], worker_context(1))
+    lines = [line.strip().replace(",", "") for line in text.splitlines()][1:-1]  # PERSIA's client's parsing
+    np.testing.assert_allclose([float(x) for x in lines], expected, rtol=0, atol=TOL)
+    assert json.loads(text) == [float(x) for x in lines]

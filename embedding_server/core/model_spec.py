@@ -12,6 +12,11 @@ Model root layout for dense versions::
     <model root>/dense/v00000042/model.json   this spec; written last, so its presence marks
                                               the version complete
 
+The spec records the ``embedding_config.yml`` the version was trained with, its slots' feature
+``ops`` included (:mod:`embedding_server.core.feature_ops`): the handler applies those ops to raw
+request inputs (:meth:`DenseModelSpec.feature_pipeline`), so a served version always transforms
+raw features as its training did.
+
 Readers of ``dense/`` (:func:`list_versions`: the archiver's publisher, the next export number)
 accept only folder names :func:`version_dir` makes (``v`` and ASCII digits); any other name is
 ignored with one WARNING per name.
@@ -25,14 +30,18 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.errors import ConfigError
+from embedding_server.core.feature_ops import FeaturePipeline
 from embedding_server.core.names import ascii_pattern, parse_listing
 from embedding_server.storage.base import Storage
 
@@ -75,13 +84,74 @@ def list_versions(storage: Storage, logger: logging.Logger | None = None) -> lis
     return sorted(versions)
 
 
+class ModelSignature(str, Enum):
+    """How a dense model takes its inputs.
+
+    ``CTRSERVE``: ``forward(dense: Tensor, sparse: List[Tensor])``, the dense parts concatenated
+    as one float32 ``[batch, dense_width]`` tensor. ``PERSIA``: PERSIA's
+    ``forward(non_id_type_tensors: List[Tensor], id_type_tensors: List[Tensor])``, one tensor per
+    non-ID feature as the client built it (dtype and shape). Both take the embeddings alike.
+    """
+
+    CTRSERVE = "ctrserve"
+    PERSIA = "persia"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_LIST_TYPE = re.compile(r"^(typing\.)?(List|list|Sequence|collections\.abc\.Sequence)\[")
+_PERSIA_FIRST_NAMES = ("non_id_type_tensors", "non_id_type_features", "non_id_tensors")
+
+
+def model_signature(module: Any) -> ModelSignature:
+    """Which signature ``module`` (an ``nn.Module``, ``DistributedDataParallel`` or TorchScript
+    module) has, from its ``forward``'s first parameter: a list of tensors is PERSIA's, a tensor
+    is ctrserve's. An unannotated first parameter named like PERSIA's (``non_id_type_tensors``)
+    counts as PERSIA's; anything else as ctrserve's.
+
+    Example:
+        >>> class Persia(torch.nn.Module):
+        ...     def forward(self, non_id_type_tensors: List[Tensor], id_type_tensors: List[Tensor]): ...
+        >>> model_signature(Persia())
+        <ModelSignature.PERSIA: 'persia'>
+    """
+    module = getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
+    schema = getattr(getattr(module, "forward", None), "schema", None)
+    if schema is not None:  # TorchScript: arguments[0] is self
+        arguments = list(schema.arguments)[1:]
+        if not arguments:
+            return ModelSignature.CTRSERVE
+        first_type, first_name = str(arguments[0].type), arguments[0].name
+    else:
+        try:
+            parameters = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError, AttributeError):
+            return ModelSignature.CTRSERVE
+        if not parameters:
+            return ModelSignature.CTRSERVE
+        annotation = parameters[0].annotation
+        first_name = parameters[0].name
+        if annotation is inspect.Parameter.empty:
+            first_type = ""
+        elif isinstance(annotation, str):
+            first_type = annotation
+        else:
+            first_type = getattr(annotation, "__name__", "") if isinstance(annotation, type) else str(annotation)
+    if _LIST_TYPE.match(first_type.replace(" ", "")):
+        return ModelSignature.PERSIA
+    if not first_type and first_name in _PERSIA_FIRST_NAMES:
+        return ModelSignature.PERSIA
+    return ModelSignature.CTRSERVE
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """One sparse input of the dense model.
 
     Args:
         name: feature name from ``embedding_config.yml``.
-        dim: embedding width.
+        dim: embedding width (``tile_len * dim`` for a slot with ``combiner: tile``).
         pooled: True for ``[batch, dim]`` inputs, False for ``[batch, sample_fixed_size, dim]``.
         sample_fixed_size: ids kept per sample when not pooled.
     """
@@ -107,6 +177,8 @@ class DenseModelSpec:
         created_at: UNIX time of the export.
         model_class: the Python class the TorchScript was made from (informative).
         embedding_config: the ``embedding_config.yml`` content the model was trained with.
+        signature: how the model takes its inputs (a :class:`ModelSignature` value; specs
+            written before signatures were recorded read as ``"ctrserve"``).
     """
 
     version: int
@@ -119,15 +191,30 @@ class DenseModelSpec:
     model_class: str = ""
     embedding_config: dict[str, Any] = field(default_factory=dict)
     format_version: int = SPEC_FORMAT_VERSION
+    signature: str = ModelSignature.CTRSERVE.value
 
     @classmethod
     def for_config(cls, config: EmbeddingConfig, **kwargs: Any) -> DenseModelSpec:
         """A spec whose features are every slot of ``config`` in file order."""
         features = [
-            FeatureSpec(name, slot.dim, slot.pooling.pooled, 0 if slot.pooling.pooled else slot.sample_fixed_size)
+            FeatureSpec(
+                name, slot.output_dim, slot.pooling.pooled, 0 if slot.pooling.pooled else slot.sample_fixed_size
+            )
             for name, slot in config.slots_config.items()
         ]
         return cls(features=features, embedding_config=config.to_dict(), **kwargs)
+
+    def feature_pipeline(self) -> FeaturePipeline:
+        """The feature ops this version was trained with: its ``embedding_config``'s slots'
+        ``ops`` (the export records the config, ops included), empty when no slot has any.
+
+        Raises:
+            ConfigError: the recorded embedding_config (or its ops) is invalid.
+        """
+        if not self.embedding_config:
+            return FeaturePipeline({})
+        config = EmbeddingConfig.from_dict(self.embedding_config, source=f"{SPEC_FILE} embedding_config")
+        return FeaturePipeline.from_config(config)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -164,6 +251,10 @@ class DenseModelSpec:
         for key, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{source}: '{key}' must be a non-negative integer, got {value!r}")
+        if self.signature not in {s.value for s in ModelSignature}:
+            raise ConfigError(
+                f"{source}: 'signature' must be one of {[s.value for s in ModelSignature]}, got {self.signature!r}"
+            )
         for f in self.features:
             if not isinstance(f.name, str) or not isinstance(f.dim, int) or f.dim <= 0:
                 raise ConfigError(f"{source}: feature {f!r} needs a name and a dim > 0")
