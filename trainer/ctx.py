@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ from torch import Tensor, nn
 
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig, JobType
 from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.model_spec import ModelSignature, model_signature
 from embedding_server.core.optimizers import SparseOptimizer
 from embedding_server.rpc.client import EmbeddingClient, InProcessEmbeddingClient, LookupResult, RawEmbedding
 from embedding_server.storage.base import LocalStorage, Storage
 from embedding_server.storage.urls import open_storage
 from trainer.batch import PyPersiaBatchData
+from trainer.lookahead import Lookahead, PrefetchedBatch
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class TrainCtx:
     Args:
         model: ``forward(dense, sparse: List[Tensor])`` (see :mod:`trainer.models`).
         dense_optimizer: a ``torch.optim`` optimizer over ``model``'s parameters.
-        sparse_optimizer: SGD, Adagrad or Adam (PERSIA's names), run by the embedding store.
+        sparse_optimizer: SGD, Adagrad or Adam (PERSIA's names), run by the embedding store;
+            ``None`` for a context that only evaluates (the servers keep their optimizer).
         embedding_config: the features and tables (``EmbeddingConfig`` or a path to the YAML).
         global_config: capacity and initialisation of the in-process store (default settings
             when omitted); with ``embedding_servers`` only its ``storage`` section is used. That
@@ -73,7 +76,7 @@ class TrainCtx:
         self,
         model: nn.Module,
         dense_optimizer: torch.optim.Optimizer,
-        sparse_optimizer: SparseOptimizer,
+        sparse_optimizer: SparseOptimizer | None,
         embedding_config: EmbeddingConfig | str | Path,
         global_config: GlobalConfig | str | Path | None = None,
         embedding_servers: Sequence[str] | None = None,
@@ -99,9 +102,13 @@ class TrainCtx:
         #: the global config's ``storage`` section: how the trainer opens what it writes.
         self.storage_options: dict[str, Any] = dict(global_config.server.storage) if global_config is not None else {}
         self.client = self._make_client(global_config, embedding_servers, num_shards)
-        self.client.set_optimizer(sparse_optimizer)
+        if sparse_optimizer is not None:
+            self.client.set_optimizer(sparse_optimizer)
         self.sparse_optimizer = sparse_optimizer
         self.model = model.to(self.device)
+        #: how the model takes its inputs: ctrserve's ``(dense, sparse)`` or PERSIA's
+        #: ``(non_id_type_tensors, id_type_tensors)`` (read from its ``forward``)
+        self.signature = model_signature(model)
         self.dense_optimizer = dense_optimizer
         self.mixed_precision = mixed_precision and self.device.type == "cuda"
         if mixed_precision and not self.mixed_precision:
@@ -110,6 +117,10 @@ class TrainCtx:
         self.train_model: nn.Module = self._wrap_distributed(self.model) if self.distributed else self.model
         self.step = 0
         self._pending: LookupResult | None = None
+        #: the batch of ``_pending`` when it was looked up ahead (its staleness permit)
+        self._pending_prefetch: PrefetchedBatch | None = None
+        #: the most recent :meth:`lookahead` engine (its counters: ``prefetcher.stats()``)
+        self.prefetcher: Lookahead | None = None
 
     def _make_client(
         self, global_config: GlobalConfig | None, servers: Sequence[str] | None, num_shards: int
@@ -149,17 +160,64 @@ class TrainCtx:
 
     # ------------------------------------------------------------------ training
 
+    def lookahead(
+        self,
+        staleness: int | None = None,
+        buffer_size: int = 10,
+        num_workers: int = 1,
+        reproducible: bool = False,
+        requires_grad: Callable[[Any], bool] | None = None,
+    ) -> Lookahead:
+        """An engine that starts the lookups of upcoming batches ahead of the training step
+        (PERSIA's ``embedding_staleness``; see :mod:`trainer.lookahead`). :meth:`forward` and
+        :meth:`predict` use the prefetched lookups of the batches it yields, :meth:`backward`
+        gives their staleness permits back once their gradients are pushed.
+
+        Args:
+            staleness: at most this many training batches looked up whose gradients are not
+                pushed yet (1: synchronous); ``None``: bounded by ``buffer_size``.
+            buffer_size: looked-up batches waiting for the training loop.
+            num_workers: lookup threads.
+            reproducible: lookups and pushes in an order fixed by the stream alone.
+            requires_grad: whether a batch trains (default: its ``requires_grad`` where it has
+                one, else whether it has targets); evaluation passes ``lambda batch: False``.
+
+        Raises:
+            ValueError: a size below 1.
+
+        Example:
+            >>> for batch in ctx.lookahead(staleness=4).iterate(batches):  # doctest: +SKIP
+            ...     output, target = ctx.forward(batch)
+            ...     ctx.backward(F.binary_cross_entropy(output, target))
+        """
+        self.prefetcher = Lookahead(
+            lambda batch, requires_grad, insert: self.prepare(batch, requires_grad, insert),
+            _trains if requires_grad is None else requires_grad,
+            staleness=staleness,
+            buffer_size=buffer_size,
+            num_workers=num_workers,
+            reproducible=reproducible,
+        )
+        return self.prefetcher
+
     def prepare(
-        self, batch: PyPersiaBatchData, requires_grad: bool, insert: bool = True
+        self, batch: PyPersiaBatchData | PrefetchedBatch, requires_grad: bool, insert: bool = True
     ) -> tuple[Tensor, list[Tensor], LookupResult]:
         """Dense matrix and sparse inputs of ``batch`` on the training device.
 
         ``insert=False`` looks the ids up without inserting unseen ones (they read as zeros, as
-        on an inference server); see :meth:`EmbeddingClient.lookup`.
+        on an inference server); see :meth:`EmbeddingClient.lookup`. A :class:`PrefetchedBatch`
+        looked up with the same settings gives its prefetched lookup (else it is looked up
+        again and its staleness permit given back).
 
         Raises:
             InvalidRequestError: an unknown feature, or a feature of the model missing from the batch.
         """
+        if isinstance(batch, PrefetchedBatch):
+            if batch.matches(requires_grad, insert):
+                return batch.result()
+            batch.release()
+            batch = batch.batch
         batch.validate(self.config)
         by_name = {f.name: f for f in batch.sparse}
         missing = [name for name in self.features if name not in by_name]
@@ -172,7 +230,7 @@ class TrainCtx:
         dense = torch.from_numpy(batch.dense_matrix()).to(self.device, non_blocking=True)
         return dense, sparse, result
 
-    def forward(self, batch: PyPersiaBatchData) -> tuple[Tensor, Tensor]:
+    def forward(self, batch: PyPersiaBatchData | PrefetchedBatch) -> tuple[Tensor, Tensor]:
         """Look up, run the model; returns ``(output, target)``: the target parts side by side
         (one column per task).
 
@@ -182,10 +240,13 @@ class TrainCtx:
         if not batch.targets:
             raise InvalidRequestError("a training batch needs a target (add_target)")
         self.train_model.train()
+        if self._pending_prefetch is not None:
+            self._pending_prefetch.release()  # the previous batch got no backward(): no gradients will come
         dense, sparse, self._pending = self.prepare(batch, requires_grad=True)
+        self._pending_prefetch = batch if isinstance(batch, PrefetchedBatch) else None
         target = torch.from_numpy(np.concatenate(batch.targets, axis=1))
         with torch.autocast(self.device.type, enabled=self.mixed_precision):
-            output = self.train_model(dense, sparse)
+            output = self.train_model(*self.model_inputs(batch, dense, sparse))
         return output.float(), target.to(self.device)
 
     def backward(self, loss: Tensor) -> None:
@@ -200,14 +261,19 @@ class TrainCtx:
             for group in self._pending.groups:
                 if group.rows.grad is not None:
                     group.rows.grad.div_(scale)
+        prefetched, self._pending_prefetch = self._pending_prefetch, None
+        if prefetched is not None:
+            prefetched.before_push()
         self.client.push_gradients(self._pending)
         self._pending = None
+        if prefetched is not None:
+            prefetched.release()
         self.scaler.step(self.dense_optimizer)
         self.scaler.update()
         self.step += 1
 
     @torch.inference_mode()
-    def predict(self, batch: PyPersiaBatchData) -> Tensor:
+    def predict(self, batch: PyPersiaBatchData | PrefetchedBatch) -> Tensor:
         """Model output for ``batch`` without training, as serving computes it.
 
         Nothing changes in the embedding tables: ids the tables do not hold read as zeros and
@@ -217,7 +283,18 @@ class TrainCtx:
         """
         self.model.eval()
         dense, sparse, _ = self.prepare(batch, requires_grad=False, insert=False)
-        return self.model(dense, sparse).float().cpu()
+        return self.model(*self.model_inputs(batch, dense, sparse)).float().cpu()
+
+    def model_inputs(
+        self, batch: PyPersiaBatchData | PrefetchedBatch, dense: Tensor, sparse: list[Tensor]
+    ) -> tuple[Tensor | list[Tensor], list[Tensor]]:
+        """The model's arguments in its :attr:`signature`: ``(dense, sparse)``, or PERSIA's
+        ``(non_id_type_tensors, id_type_tensors)`` with each non-ID part as the client built it."""
+        if self.signature is ModelSignature.CTRSERVE:
+            return dense, sparse
+        arrays = (batch.batch if isinstance(batch, PrefetchedBatch) else batch).non_id_arrays()
+        non_id = [torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device) for a in arrays]
+        return non_id, sparse
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -303,6 +380,13 @@ def _sparse_location(storage: Storage) -> str:
     if isinstance(storage, LocalStorage):
         return str(storage.root / SPARSE_DIR)
     return storage.join_url(SPARSE_DIR)
+
+
+def _trains(batch: Any) -> bool:
+    """Whether ``batch`` is a training batch: PERSIA's ``requires_grad`` where the batch has
+    it, else whether it carries targets."""
+    requires_grad = getattr(batch, "requires_grad", None)
+    return bool(batch.targets) if requires_grad is None else bool(requires_grad)
 
 
 def _as_tensor(embedding: Tensor | RawEmbedding) -> Tensor:
