@@ -28,7 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unregister": ("archiver.cli", "add_parsers", "unregister a model version"),
     "list": ("archiver.cli", "add_parsers", "list registered models, or the versions of one"),
     "publish": ("archiver.cli", "add_parsers", "watch a model root and roll new dense versions into TorchServe"),
-    "predict": ("ctrserve.predict", "add_parsers", "score a Criteo TSV/CSV file through TorchServe (gRPC or REST)"),
+    "predict": (
+        "ctrserve.predict",
+        "add_parsers",
+        "score a Criteo TSV/CSV, Parquet or ORC file through TorchServe (gRPC or REST)",
+    ),
     "train": ("trainer.job", "add_parser", "train a model from a job.yml"),
     "demo": ("ctrserve.demo", "add_parser", "train, publish, hot-load and serve fresh predictions, end to end"),
     "config-reference": ("ctrserve.reference", "add_parser", "print every config key with its default"),

@@ -21,7 +21,16 @@ import pytest
 from embedding_server.core.batch import SparseFeature
 from trainer.batch import PyPersiaBatchData
 from trainer.criteo import read_criteo, write_criteo_tsv
-from trainer.data import Chunk, ColumnMapping, DataFormatError, concat_chunks, read_table, rebatch, to_batch
+from trainer.data import (
+    Chunk,
+    ColumnMapping,
+    DataFormatError,
+    DenseColumn,
+    concat_chunks,
+    read_table,
+    rebatch,
+    to_batch,
+)
 from trainer.loader import DataLoader
 from trainer.synthetic import SyntheticCriteo
 
@@ -180,7 +189,7 @@ def test_parquet_and_orc_through_a_mapping(tmp_path, fmt):
     (pq.write_table if fmt == "parquet" else orc.write_table)(table, str(path))
     mapping = ColumnMapping(
         label="y",
-        dense=["age", "visits"],
+        dense=[DenseColumn("age"), DenseColumn("visits")],
         sparse={"user": "user", "hex": "hexid", "dec": "decid", "tags": "tags"},
         string_ids="hex",
     )
@@ -210,12 +219,15 @@ def test_mapping_is_validated_against_the_schema(tmp_path):
     with pytest.raises(DataFormatError, match="no column 'nope'"):
         list(read_table(path, mapping=ColumnMapping("y", sparse={"f": "nope"})))
     with pytest.raises(DataFormatError, match="column 'hexid' has type string; expected a numeric"):
-        list(read_table(path, mapping=ColumnMapping("y", dense=["hexid"])))
-    with pytest.raises(DataFormatError, match="column 'age' has type double; expected an integer, string or list"):
+        list(read_table(path, mapping=ColumnMapping("y", dense=[DenseColumn("hexid")])))
+    with pytest.raises(
+        DataFormatError,
+        match="column 'age' has type double; expected an integer, string, list<integer> or list<string>",
+    ):
         list(read_table(path, mapping=ColumnMapping("y", sparse={"f": "age"})))
     bad_hex = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"y": [0, 1, 0], "h": ["ab", "xyz", "01"]}), str(bad_hex))
-    with pytest.raises(DataFormatError, match=r"row 1: sparse feature 'f': 'xyz' is not a hex id"):
+    with pytest.raises(DataFormatError, match=r"row 1: sparse feature 'f': column 'h': 'xyz' is not a hex id"):
         list(read_table(bad_hex, mapping=ColumnMapping("y", sparse={"f": "h"})))
 
 
@@ -402,3 +414,307 @@ def test_bad_arguments():
         DataLoader(SyntheticCriteo(seed=0), 10, rank=2, world_size=2)
     with pytest.raises(ValueError, match="on_error"):
         read_criteo(SAMPLE, on_error="ignore")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------- list columns (RecIS's shape)
+
+
+def _recis_table(n: int, seed: int) -> tuple[pa.Table, dict]:
+    """Columns in the shape of RecIS's CTR example: label and dense as list<double> (label of
+    length 0 or 1; dense1 up to 8 values, some short, empty or null), ids as list<int64> and
+    list<string> (non-ASCII included), plus a scalar string column."""
+    rng = np.random.default_rng(seed)
+    label = [[float(rng.integers(0, 2))] if rng.random() < 0.8 else [] for _ in range(n)]
+    dense1: list = []
+    for _ in range(n):
+        r = rng.random()
+        dense1.append(None if r < 0.1 else [] if r < 0.2 else rng.random(int(rng.integers(1, 9))).tolist())
+    dense2 = [[float(rng.random())] if rng.random() < 0.7 else [] for _ in range(n)]
+    sparse1 = [rng.integers(0, 10**6, int(rng.integers(0, 4))).tolist() for _ in range(n)]
+    words = ["alpha", "bêta", "γάμμα", "😀x", "z" * 70, "user_42"]
+    sparse5 = [[words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(0, 5)))] for _ in range(n)]
+    user = [words[int(i)] if i < len(words) else None for i in rng.integers(0, len(words) + 1, n)]
+    columns = {
+        "label": pa.array(label, pa.list_(pa.float64())),
+        "dense1": pa.array(dense1, pa.list_(pa.float64())),
+        "dense2": pa.array(dense2, pa.large_list(pa.float32())),
+        "sparse1": pa.array(sparse1, pa.list_(pa.int64())),
+        "sparse5": pa.array(sparse5, pa.list_(pa.string())),
+        "user": pa.array(user, pa.string()),
+    }
+    return pa.table(columns), {
+        "label": label,
+        "dense1": dense1,
+        "dense2": dense2,
+        "sparse1": sparse1,
+        "sparse5": sparse5,
+        "user": user,
+    }
+
+
+RECIS_MAPPING = ColumnMapping(
+    label="label",
+    dense=[
+        DenseColumn("dense1", length=8, defaults=[float(-i) for i in range(8)]),
+        DenseColumn("d2", column="dense2", defaults=[0.5], in_dense=False),
+    ],
+    sparse={"sparse1": "sparse1", "sparse5": "sparse5", "user": "user"},
+    string_ids="farm",
+)
+
+
+def _fixed(row: list | None, defaults: list[float]) -> list[float]:
+    """A fixed-length row by hand: the list's values, then the defaults of the missing positions."""
+    values = list(row or [])
+    return [float(values[i]) if i < len(values) else defaults[i] for i in range(len(defaults))]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+def test_list_columns_give_fixed_length_dense_values_and_farm_ids(tmp_path, fmt):
+    import farmhash
+
+    table, py = _recis_table(300, seed=1)
+    path = tmp_path / f"recis.{fmt}"
+    (pq.write_table if fmt == "parquet" else orc.write_table)(table, str(path))
+    chunks = list(read_table(path, mapping=RECIS_MAPPING, chunk_rows=70))
+    assert [len(c) for c in chunks] == [70, 70, 70, 70, 20]
+    chunk = concat_chunks(chunks)
+    assert chunk.labels[:, 0].tolist() == [r[0] if r else 0.0 for r in py["label"]]
+    expected_dense1 = [_fixed(r, [float(-i) for i in range(8)]) for r in py["dense1"]]
+    assert chunk.dense.shape == (300, 8)  # d2 is a raw input only
+    np.testing.assert_array_equal(chunk.dense, np.array(expected_dense1, np.float32))
+    np.testing.assert_array_equal(chunk.inputs["dense1"], np.array(expected_dense1))
+    d2 = [_fixed(r, [0.5]) for r in py["dense2"]]
+    np.testing.assert_allclose(chunk.inputs["d2"], np.array(d2, np.float32).astype(np.float64))
+    assert chunk.inputs["d2"].shape == (300, 1) and chunk.inputs["d2"].dtype == np.float64
+
+    def lists(f: SparseFeature) -> list[list[int]]:
+        return [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)]
+
+    assert lists(chunk.feature("sparse1")) == py["sparse1"]
+    assert lists(chunk.feature("sparse5")) == [[farmhash.fingerprint64(w) for w in r] for r in py["sparse5"]]
+    assert lists(chunk.feature("user")) == [[farmhash.fingerprint64(u)] if u else [] for u in py["user"]]
+    assert set(chunk.inputs) == {"dense1", "d2", "sparse1", "sparse5", "user"}
+    assert lists(chunk.inputs["sparse5"]) == lists(chunk.feature("sparse5"))  # type: ignore[arg-type]
+
+
+def test_inputs_follow_slice_take_concat_and_rebatch(tmp_path):
+    table, _ = _recis_table(120, seed=2)
+    path = tmp_path / "recis.parquet"
+    pq.write_table(table, str(path))
+    whole = concat_chunks(list(read_table(path, mapping=RECIS_MAPPING, chunk_rows=1000)))
+    rows = np.array([5, 99, 5, 0, 119, 42])
+    taken = whole.take(rows)
+    for name, value in whole.inputs.items():
+        got = taken.inputs[name]
+        if isinstance(value, SparseFeature):
+            assert isinstance(got, SparseFeature)
+            expected = [value.ids[value.offsets[r] : value.offsets[r + 1]].tolist() for r in rows]
+            assert [got.ids[got.offsets[i] : got.offsets[i + 1]].tolist() for i in range(len(rows))] == expected
+        else:
+            np.testing.assert_array_equal(got, value[rows])
+    parts = list(rebatch([whole.slice(0, 33), whole.slice(33, 34), whole.slice(34, 120)], 50))
+    again = concat_chunks(parts)
+    for name, value in whole.inputs.items():
+        got = again.inputs[name]
+        if isinstance(value, SparseFeature):
+            assert isinstance(got, SparseFeature)
+            assert np.array_equal(got.ids, value.ids) and np.array_equal(got.offsets, value.offsets)
+        else:
+            np.testing.assert_array_equal(got, value)
+    # a sparse feature that is also an input stays one object after each operation
+    for c in (whole.slice(3, 9), taken, again):
+        assert c.inputs["sparse1"] is c.feature("sparse1")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("dense1", list(range(9)), "dense input 'dense1': column 'dense1' holds a list of 9 values; its length is 8"),
+        ("sparse1", [3, None], "sparse feature 'sparse1': column 'sparse1' holds a null id"),
+        ("sparse1", [3, -4], "sparse feature 'sparse1': column 'sparse1': negative id -4"),
+        ("label", [1.0, 0.0], "label: column 'label' holds a list of 2 values; its length is 1"),
+    ],
+)
+def test_bad_list_values_name_file_column_and_row(tmp_path, fmt, column, value, message):
+    table, _ = _recis_table(200, seed=3)
+    values = table.column(column).to_pylist()
+    values[157] = value
+    table = table.set_column(
+        table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type)
+    )
+    path = tmp_path / f"bad.{fmt}"
+    (pq.write_table if fmt == "parquet" else orc.write_table)(table, str(path))
+    with pytest.raises(DataFormatError) as err:
+        list(read_table(path, mapping=RECIS_MAPPING, chunk_rows=50))
+    assert str(err.value) == f"{path}, row 157: {message}"
+
+
+def test_list_of_hex_and_decimal_strings_and_wrong_types(tmp_path):
+    path = tmp_path / "ids.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "y": pa.array([0, 1, 0]),
+                "hexes": pa.array([["ff", "0a"], [], ["", "10"]]),
+                "decs": pa.array([["12"], None, ["7", "x7"]]),
+                "scalar": pa.array([1.5, 2.5, 3.5]),
+            }
+        ),
+        str(path),
+    )
+    chunk = concat_chunks(list(read_table(path, mapping=ColumnMapping("y", sparse={"h": "hexes"}))))
+    f = chunk.sparse[0]
+    assert f.ids.tolist() == [255, 10, 16] and f.offsets.tolist() == [0, 2, 2, 3]  # "" is no id
+    with pytest.raises(DataFormatError, match=r"row 2: sparse feature 'd': column 'decs': 'x7' is not a decimal id"):
+        list(read_table(path, mapping=ColumnMapping("y", sparse={"d": "decs"}, string_ids="decimal")))
+    with pytest.raises(DataFormatError, match="column 'scalar' has type double, one value per row, but length is 3"):
+        list(read_table(path, mapping=ColumnMapping("y", dense=[DenseColumn("scalar", length=3)])))
+    with pytest.raises(
+        DataFormatError, match="label: column 'hexes' has type list<element: string>; expected a numeric"
+    ):
+        list(read_table(path, mapping=ColumnMapping("hexes")))
+    with pytest.raises(ValueError, match="string_ids must be hex, decimal or farm"):
+        ColumnMapping("y", string_ids="md5")
+    with pytest.raises(ValueError, match="input 'y2' is mapped twice"):
+        ColumnMapping("y", dense=[DenseColumn("y2")], sparse={"y2": "hexes"})
+
+
+def test_unreadable_file_is_a_data_format_error(tmp_path):
+    path = tmp_path / "broken.orc"
+    path.write_bytes(b"ORC but not really" * 10)
+    with pytest.raises(DataFormatError, match=f"{path}: not a readable orc file"):
+        list(read_table(path, mapping=RECIS_MAPPING))
+
+
+# --------------------------------------------------------------------------------- bounded memory
+
+
+def _peak_while_reading(path: Path, mapping: ColumnMapping) -> tuple[int, int, int]:
+    """(rows read, Arrow memory pool peak, tracemalloc peak) while streaming ``path``, each
+    chunk dropped once read."""
+    import tracemalloc
+
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    tracemalloc.start()
+    try:
+        rows = 0
+        for chunk in read_table(path, mapping=mapping, chunk_rows=4096):
+            rows += len(chunk)
+            del chunk
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        pa.set_memory_pool(previous)
+    return rows, pool.max_memory(), traced_peak
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+def test_reading_streams_row_groups_and_stripes_with_bounded_memory(tmp_path, fmt):
+    n = 400_000
+    rng = np.random.default_rng(4)
+    dense = pa.FixedSizeListArray.from_arrays(pa.array(rng.random(n * 8)), 8).cast(pa.list_(pa.float64()))
+    ids = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), pa.array(rng.integers(0, 2**40, 2 * n))
+    )
+    table = pa.table({"label": pa.array(rng.integers(0, 2, n).astype(np.float64)), "dense1": dense, "ids": ids})
+    decoded = table.nbytes
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, str(path), row_group_size=20_000)
+        assert pq.ParquetFile(str(path)).num_row_groups == 20
+    else:
+        orc.write_table(table, str(path), stripe_size=2 * 1024 * 1024)
+        assert orc.ORCFile(str(path)).nstripes >= 8
+    del table, dense, ids
+    mapping = ColumnMapping("label", dense=[DenseColumn("dense1", length=8)], sparse={"ids": "ids"})
+    rows, arrow_peak, traced_peak = _peak_while_reading(path, mapping)
+    assert rows == n
+    # one row group / stripe plus the chunk being built, far below the whole file decoded
+    assert decoded > 35_000_000
+    assert arrow_peak < decoded / 5, (arrow_peak, decoded)
+    assert traced_peak < decoded / 5, (traced_peak, decoded)
+
+
+# ------------------------------------------------------------------ feature ops in the data path
+
+
+def _ops_chunk(rows: int, seed: int) -> Chunk:
+    """A chunk as a reader makes it: the sparse columns both as features and as named raw inputs,
+    plus a dense raw input ``age`` that only the ops read."""
+    rng = np.random.default_rng(seed)
+    c1 = SparseFeature.from_lists("C1", [rng.integers(0, 50, rng.integers(0, 3)).astype(np.uint64) for _ in range(rows)])
+    tags = SparseFeature.from_lists(
+        "tags", [rng.integers(0, 1 << 63, rng.integers(0, 6), dtype=np.uint64) for _ in range(rows)]
+    )
+    age = rng.uniform(10, 70, (rows, 1))
+    return Chunk(
+        rng.random((rows, 2)).astype(np.float32),
+        [c1, tags],
+        rng.integers(0, 2, (rows, 1)).astype(np.float32),
+        inputs={"C1": c1, "tags": tags, "age": age},
+    )
+
+
+_OPS_SLOTS = {
+    "age_b": {"dim": 4, "table": "C1", "ops": [{"select": "age"}, {"bucketize": [18, 30, 45]}]},
+    "C1": {"dim": 4},
+    "tags": {"dim": 4, "ops": [{"select": "tags"}, "hash", {"mod": 1000}, {"truncate": {"seq_len": 3}}]},
+    "C1_x_tags": {"dim": 4, "ops": [{"select": ["C1", "tags"]}, "cross", {"mod": 50}]},
+}
+
+
+def test_batches_carry_the_slots_the_feature_ops_make_from_the_chunks_inputs():
+    import bisect
+
+    from embedding_server.core.config import EmbeddingConfig
+    from embedding_server.core.farmhash import fingerprint64_u64, fingerprint_pairs
+    from embedding_server.core.feature_ops import FeaturePipeline
+
+    pipeline = FeaturePipeline.from_config(EmbeddingConfig.from_dict({"slots_config": _OPS_SLOTS}))
+    chunk = _ops_chunk(40, seed=11)
+    with DataLoader(chunk, 16, features=pipeline) as loader:
+        batches = list(loader)
+    assert [b.batch_size for b in batches] == [16, 16, 8]
+    start = 0
+    for batch in batches:
+        part = chunk.slice(start, start + batch.batch_size)
+        start += batch.batch_size
+        got = {f.name: [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)] for f in batch.sparse}
+        assert sorted(got) == sorted(_OPS_SLOTS)
+        c1 = [part.inputs["C1"].ids[a:b].tolist() for a, b in zip(part.inputs["C1"].offsets, part.inputs["C1"].offsets[1:])]
+        tags = [part.inputs["tags"].ids[a:b] for a, b in zip(part.inputs["tags"].offsets, part.inputs["tags"].offsets[1:])]
+        assert got["C1"] == c1
+        assert got["age_b"] == [[bisect.bisect_right([18, 30, 45], v)] for v in part.inputs["age"][:, 0]]
+        assert got["tags"] == [(fingerprint64_u64(t) % np.uint64(1000)).tolist()[-3:] for t in tags]
+        crossed = []
+        for xs, ys in zip(c1, tags):
+            pairs = [(x, int(y)) for x in dict.fromkeys(xs) for y in dict.fromkeys(ys.tolist())]
+            low, high = np.array([p[0] for p in pairs], np.uint64), np.array([p[1] for p in pairs], np.uint64)
+            crossed.append((fingerprint_pairs(low, high) % np.uint64(50)).tolist())
+        assert got["C1_x_tags"] == crossed
+    # without the ops the batches carry the chunk's features as read
+    assert [f.name for f in to_batch(chunk).sparse] == ["C1", "tags"]
+
+
+def test_the_trainer_and_the_handler_make_the_same_features_from_the_same_raw_rows():
+    from embedding_server.core.batch_codec import BatchData, encode_batch
+    from embedding_server.core.config import EmbeddingConfig
+    from embedding_server.core.feature_ops import FeaturePipeline
+    from embedding_server.core.model_spec import DenseModelSpec
+    from handler.raw_inputs import add_raw_inputs
+    from handler.request import RequestDecoder
+
+    config = EmbeddingConfig.from_dict({"slots_config": _OPS_SLOTS})
+    chunk = _ops_chunk(30, seed=12)
+    trained = {f.name: f for f in to_batch(chunk, FeaturePipeline.from_config(config)).sparse}
+    decoder = RequestDecoder(DenseModelSpec.for_config(config, version=1, step=0, dense_width=2), 100, 1 << 20)
+    request = encode_batch(add_raw_inputs(BatchData(dense=[chunk.dense]), chunk.inputs))
+    served = decoder.decode({"body": request}).sparse
+    for f in served:
+        np.testing.assert_array_equal(f.ids, trained[f.name].ids)
+        np.testing.assert_array_equal(f.offsets, trained[f.name].offsets)
+    assert sorted(f.name for f in served) == sorted(trained)

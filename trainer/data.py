@@ -2,20 +2,26 @@
 
 A :class:`Chunk` is a block of rows in the layout a batch wants: one float32 dense matrix, one
 CSR :class:`~embedding_server.core.batch.SparseFeature` per sparse feature and a float32 label
-matrix. Readers yield chunks (:func:`read_table` here, :func:`trainer.criteo.read_criteo` for the
+matrix, plus every mapped column as a named raw input (:attr:`Chunk.inputs`, what feature ops
+read). :class:`ColumnMapping` says which columns of a Parquet / ORC file are labels, dense values
+(numeric or fixed-length ``list<numeric>`` columns with defaults, as RecIS's
+``fixedlen_feature``) and sparse ids (integers, strings or lists of either; strings parsed as
+hex or decimal, or hashed with FarmHash's ``Fingerprint64`` like RecIS's ``farm`` hash).
+:func:`read_table` streams a file row group by row group (Parquet) or stripe by stripe (ORC), so
+a file larger than memory trains. Readers yield chunks (:func:`read_table` here, :func:`trainer.criteo.read_criteo` for the
 Criteo text formats, :class:`trainer.synthetic.SyntheticCriteo` for planted synthetic data);
 :class:`trainer.loader.DataLoader` cuts them into batches. Those modules import this one, never
 the other way round.
 
 Example:
-    >>> mapping = ColumnMapping(label="clicked", dense=["age"], sparse={"user": "user_id"})
+    >>> mapping = ColumnMapping(label="clicked", dense=[DenseColumn("age")], sparse={"user": "user_id"})
     >>> for chunk in read_table("part-0.parquet", mapping=mapping):  # doctest: +SKIP
     ...     batch = to_batch(chunk)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,14 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding_server.core.batch import SparseFeature
+from embedding_server.core.config_schema import option
+from embedding_server.core.errors import ConfigError
+from embedding_server.core.farmhash import fingerprint64_strings
+from embedding_server.core.feature_ops import FeaturePipeline
 from trainer.batch import PyPersiaBatchData
 
 DenseTransform = Literal["log1p", "none"]
 DEFAULT_CHUNK_ROWS = 65536
 
 
-class DataFormatError(ValueError):
+class DataFormatError(ConfigError):
     """Training data that cannot be read: names the file and, where known, the line or row.
+
+    A :class:`~embedding_server.core.errors.ConfigError`, so ``ctrserve train`` and ``ctrserve
+    predict`` report it as one line and exit 2, like a bad config.
 
     Attributes:
         path: the file.
@@ -59,8 +72,13 @@ class Chunk:
         dense: float32 ``[n, num_dense]`` (already transformed, see :func:`transform_dense`).
         sparse: one :class:`SparseFeature` of batch size ``n`` per sparse feature.
         labels: float32 ``[n, num_targets]``.
-        raw_dense: optional float64 ``[n, num_dense]`` values before the transform, NaN where
-            missing (kept by the readers so data can be written back unchanged).
+        raw_dense: optional float64 ``[n, num_dense]`` values before the transform (the
+            Criteo readers keep NaN where missing, so data can be written back unchanged; the
+            table reader fills in the columns' defaults).
+        inputs: every mapped column by its mapping name, as the raw inputs of feature ops:
+            float64 ``[n, length]`` values of a dense column (defaults filled in, before the
+            dense transform), or a :class:`SparseFeature` of a sparse column's ids. Sliced,
+            taken and concatenated with the rest of the chunk.
 
     Raises:
         ValueError: parts with the wrong dtype or rank, or disagreeing on ``n``.
@@ -76,6 +94,7 @@ class Chunk:
     sparse: list[SparseFeature]
     labels: np.ndarray
     raw_dense: np.ndarray | None = field(default=None, compare=False)
+    inputs: dict[str, np.ndarray | SparseFeature] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0] if isinstance(self.labels, np.ndarray) else -1
@@ -86,6 +105,14 @@ class Chunk:
         for f in self.sparse:
             if f.batch_size != n:
                 raise ValueError(f"sparse feature '{f.name}' has {f.batch_size} rows, labels have {n}")
+        for name, value in self.inputs.items():
+            if isinstance(value, SparseFeature):
+                if value.batch_size != n:
+                    raise ValueError(f"input '{name}' has {value.batch_size} rows, labels have {n}")
+            elif not isinstance(value, np.ndarray) or value.ndim not in (1, 2) or value.shape[0] != n:
+                raise ValueError(
+                    f"input '{name}' must be a [n] or [n, k] array of {n} rows, got {getattr(value, 'shape', type(value))}"
+                )
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -109,22 +136,41 @@ class Chunk:
         """Rows ``start:stop`` (clipped like a Python slice); ids are views, offsets rebased."""
         start, stop, _ = slice(start, stop).indices(len(self))
         stop = max(start, stop)
+        cut = _SameFeatures(lambda f: _slice_feature(f, start, stop))
         return Chunk(
             self.dense[start:stop],
-            [_slice_feature(f, start, stop) for f in self.sparse],
+            [cut(f) for f in self.sparse],
             self.labels[start:stop],
             None if self.raw_dense is None else self.raw_dense[start:stop],
+            {k: cut(v) if isinstance(v, SparseFeature) else v[start:stop] for k, v in self.inputs.items()},
         )
 
     def take(self, rows: np.ndarray) -> Chunk:
         """The given rows (any order, repeats allowed), gathering each sample's id list."""
         rows = np.asarray(rows, np.int64)
+        gather = _SameFeatures(lambda f: _take_feature(f, rows))
         return Chunk(
             self.dense[rows],
-            [_take_feature(f, rows) for f in self.sparse],
+            [gather(f) for f in self.sparse],
             self.labels[rows],
             None if self.raw_dense is None else self.raw_dense[rows],
+            {k: gather(v) if isinstance(v, SparseFeature) else v[rows] for k, v in self.inputs.items()},
         )
+
+
+class _SameFeatures:
+    """Applies a row operation to sparse features once per feature object: a sparse feature of
+    the chunk is usually also one of its inputs, and must not be cut twice."""
+
+    def __init__(self, operation: Callable[[SparseFeature], SparseFeature]):
+        self._operation = operation
+        self._done: dict[int, SparseFeature] = {}
+
+    def __call__(self, feature: SparseFeature) -> SparseFeature:
+        key = id(feature)
+        if key not in self._done:
+            self._done[key] = self._operation(feature)
+        return self._done[key]
 
 
 def _check_matrix(what: str, array: Any, dtype: type, rows: int) -> None:
@@ -164,10 +210,27 @@ def concat_chunks(chunks: Sequence[Chunk]) -> Chunk:
     names = chunks[0].feature_names
     if any(c.feature_names != names for c in chunks):
         raise ValueError("chunks have different sparse features")
+    input_names = list(chunks[0].inputs)
+    if any(list(c.inputs) != input_names for c in chunks):
+        raise ValueError("chunks have different inputs")
     sparse = [_concat_feature([c.sparse[i] for c in chunks]) for i in range(len(names))]
     raws = [c.raw_dense for c in chunks if c.raw_dense is not None]
     raw = np.concatenate(raws) if len(raws) == len(chunks) else None
-    return Chunk(np.concatenate([c.dense for c in chunks]), sparse, np.concatenate([c.labels for c in chunks]), raw)
+    inputs: dict[str, np.ndarray | SparseFeature] = {}
+    for name in input_names:
+        first = chunks[0].inputs[name]
+        if isinstance(first, SparseFeature):
+            # reuse the concatenation of a sparse feature that is also this input
+            same = [i for i, f in enumerate(chunks[0].sparse) if f is first]
+            if same and all(c.inputs[name] is c.sparse[same[0]] for c in chunks):
+                inputs[name] = sparse[same[0]]
+            else:
+                inputs[name] = _concat_feature([c.inputs[name] for c in chunks])  # type: ignore[misc]
+        else:
+            inputs[name] = np.concatenate([c.inputs[name] for c in chunks])
+    return Chunk(
+        np.concatenate([c.dense for c in chunks]), sparse, np.concatenate([c.labels for c in chunks]), raw, inputs
+    )
 
 
 def _concat_feature(parts: Sequence[SparseFeature]) -> SparseFeature:
@@ -208,12 +271,21 @@ def rebatch(chunks: Iterable[Chunk], rows: int, *, drop_last: bool = False) -> I
         yield concat_chunks(pending)
 
 
-def to_batch(chunk: Chunk) -> PyPersiaBatchData:
+def to_batch(chunk: Chunk, features: FeaturePipeline | None = None) -> PyPersiaBatchData:
     """A :class:`PyPersiaBatchData` of the chunk: dense ``[B, d]`` float32, one sparse feature
-    each, and the labels as the target ``[B, t]``."""
+    each, and the labels as the target ``[B, t]``.
+
+    Args:
+        chunk: the rows.
+        features: the embedding config's feature ops: the slots with ops are computed from the
+            chunk's :attr:`Chunk.inputs` (the serving handler applies the same ops to raw requests).
+
+    Raises:
+        FeatureInputError: an input the ops select is missing from the chunk or of the wrong kind.
+    """
     batch = PyPersiaBatchData()
     batch.add_dense_f32(np.ascontiguousarray(chunk.dense))
-    for feature in chunk.sparse:
+    for feature in chunk.sparse if features is None else features.features(chunk.inputs, chunk.sparse):
         batch.add_sparse_feature(feature)
     batch.add_target(np.ascontiguousarray(chunk.labels))
     return batch
@@ -293,72 +365,201 @@ def single_id_feature(name: str, ids: np.ndarray, present: np.ndarray) -> Sparse
 
 # --------------------------------------------------------------------------------- Parquet / ORC
 
-StringIds = Literal["hex", "decimal"]
+StringIds = Literal["hex", "decimal", "farm"]
+_STRING_IDS = ("hex", "decimal", "farm")
+_TRANSFORMS = ("none", "log1p")
+
+
+@dataclass(frozen=True)
+class DenseColumn:
+    """One dense input: a numeric column (one value per row) or a fixed-length ``list<numeric>``
+    column (``length`` values per row), as RecIS's ``fixedlen_feature(name, defaults)``.
+
+    Args:
+        name: the input's name (in :attr:`Chunk.inputs` and for feature ops).
+        column: the file's column (empty: ``name``).
+        length: values per row. A list shorter than ``length`` (empty and null included) takes
+            the defaults for its missing positions; a longer list is an error naming the row.
+        defaults: ``length`` values for missing entries (empty: zeros).
+        in_dense: part of the model's dense matrix; ``False`` keeps it as a raw input only
+            (e.g. a column that a feature op bucketizes into ids).
+
+    Raises:
+        ValueError: an empty name, a length below 1, or defaults of another length.
+
+    Example:
+        >>> DenseColumn("dense1", length=8).default_values().tolist()
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+
+    name: str = option(doc="the input's name (and the file's column unless 'column' is given)")
+    column: str = option("", doc="the file's column (empty = name)")
+    length: int = option(
+        1,
+        doc="values per row: a numeric column gives 1; a list<numeric> column up to length "
+        "(shorter, empty or null lists take the defaults; a longer list is an error naming the row)",
+    )
+    defaults: list[float] = option(default_factory=list, doc="the 'length' values of missing entries (empty = zeros)")
+    in_dense: bool = option(True, doc="part of the model's dense matrix (false: a raw input for feature ops only)")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a dense column needs a name")
+        if self.length < 1:
+            raise ValueError(f"dense column '{self.name}': length must be >= 1, got {self.length}")
+        if self.defaults and len(self.defaults) != self.length:
+            raise ValueError(f"dense column '{self.name}': {len(self.defaults)} defaults for length {self.length}")
+        object.__setattr__(self, "defaults", [float(v) for v in self.defaults])
+
+    @property
+    def source(self) -> str:
+        """The file's column."""
+        return self.column or self.name
+
+    def default_values(self) -> np.ndarray:
+        """float64 ``[length]``: the declared defaults, or zeros."""
+        if self.defaults:
+            return np.asarray(self.defaults, np.float64)
+        return np.zeros(self.length, np.float64)
 
 
 @dataclass(frozen=True)
 class ColumnMapping:
-    """Which columns of a Parquet / ORC file feed the label, the dense matrix and each sparse feature.
+    """Which columns of a Parquet / ORC file feed the labels, the dense matrix and each sparse feature.
 
     Args:
-        label: the label column (numeric or bool, no nulls), or a list of them for multi-task.
-        dense: numeric columns, in order, for the dense matrix (nulls become 0).
-        sparse: feature name -> column. A sparse column may be an integer column (one id per
-            row, non-negative), a string column (one id per row: hexadecimal such as Criteo's
-            ``"05db9164"`` when ``string_ids="hex"``, base 10 when ``"decimal"``), or a
-            ``list<integer>`` column (variable-length ids). Null or empty means no id.
-        string_ids: how string sparse columns are parsed: ``"hex"`` or ``"decimal"``.
-        dense_transform: ``"none"`` (default: values as stored, nulls 0) or ``"log1p"`` (the
-            Criteo transform, see :func:`transform_dense`).
+        label: the label column: numeric or bool (no nulls), or a ``list<numeric>`` of at most
+            one value per row (an empty or null list is ``label_default``, as RecIS's
+            ``fixedlen_feature("label", [0.0])``).
+        labels: several label columns (multi-task) instead of ``label``.
+        label_default: the label of a row whose list label is empty or null.
+        dense: :class:`DenseColumn` entries in order; the dense matrix is the concatenation of
+            those with ``in_dense``.
+        sparse: feature name -> column. A sparse column holds integers (non-negative), strings,
+            or lists of either; null, an empty list and an empty string mean no id.
+        string_ids: how strings become ids: ``"hex"`` (Criteo's, e.g. ``"05db9164"``),
+            ``"decimal"``, or ``"farm"`` (FarmHash ``Fingerprint64`` of the UTF-8 bytes, RecIS's
+            ``farm`` hash, see :mod:`embedding_server.core.farmhash`).
+        dense_transform: ``"none"`` (values as stored) or ``"log1p"`` (the Criteo transform, see
+            :func:`transform_dense`); the raw inputs stay untransformed.
+
+    Raises:
+        ValueError: no label, both ``label`` and ``labels``, an unknown ``string_ids`` or
+            transform, or two inputs of the same name.
 
     Example:
-        >>> m = ColumnMapping(label="y", dense=["I1", "I2"], sparse={"C1": "c1", "tags": "tag_ids"})
+        >>> m = ColumnMapping(label="y", dense=[DenseColumn("dense1", length=8)], sparse={"tags": "tag_ids"},
+        ...                   string_ids="farm")
+        >>> m.dense_width, m.input_names
+        (8, ['dense1', 'tags'])
     """
 
-    label: str | Sequence[str]
-    dense: Sequence[str] = ()
-    sparse: Mapping[str, str] = field(default_factory=dict)
-    string_ids: StringIds = "hex"
-    dense_transform: DenseTransform = "none"
+    label: str = option("label", doc="the label column: numeric, or a list<numeric> of at most one value")
+    labels: list[str] = option(default_factory=list, doc="several label columns (multi-task), instead of 'label'")
+    label_default: float = option(0.0, doc="the label of a row whose list label is empty or null")
+    dense: list[DenseColumn] = option(
+        default_factory=list, doc="dense inputs in order: {name, column, length, defaults, in_dense} each"
+    )
+    sparse: dict[str, str] = option(
+        default_factory=dict,
+        doc="sparse feature -> column: integer, string, list<integer> or list<string> (null or empty = no id)",
+    )
+    string_ids: str = option(
+        "hex", doc="how strings become ids: hex (Criteo's), decimal, or farm (FarmHash Fingerprint64, RecIS's farm)"
+    )
+    dense_transform: str = option("none", doc="transform of the dense matrix: none or log1p (Criteo's)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", list(self.labels))
+        object.__setattr__(self, "dense", list(self.dense))
+        object.__setattr__(self, "sparse", dict(self.sparse))
+        if self.labels and self.label not in ("", "label"):
+            raise ValueError("give 'label' or 'labels', not both")
+        if not self.label_columns:
+            raise ValueError("the column mapping needs a label column")
+        if self.string_ids not in _STRING_IDS:
+            raise ValueError(f"string_ids must be hex, decimal or farm, got {self.string_ids!r}")
+        if self.dense_transform not in _TRANSFORMS:
+            raise ValueError(f"dense_transform must be none or log1p, got {self.dense_transform!r}")
+        seen: set[str] = set()
+        for name in self.input_names:
+            if name in seen:
+                raise ValueError(f"input '{name}' is mapped twice (dense and sparse names must be unique)")
+            seen.add(name)
 
     @classmethod
     def criteo(cls, dense_transform: DenseTransform = "log1p") -> ColumnMapping:
         """Criteo's columns by name: ``label``, ``I1..I13`` dense, ``C1..C26`` hex strings."""
         return cls(
             label="label",
-            dense=[f"I{i}" for i in range(1, 14)],
+            dense=[DenseColumn(f"I{i}") for i in range(1, 14)],
             sparse={f"C{i}": f"C{i}" for i in range(1, 27)},
             dense_transform=dense_transform,
         )
 
+    @classmethod
+    def load(cls, path: str | Path) -> ColumnMapping:
+        """A mapping from a YAML file holding the keys of ``job.yml``'s ``data.mapping``.
+
+        Raises:
+            ConfigError: a missing file, an unknown key or a bad value (naming the key).
+        """
+        from embedding_server.core.config_schema import build, read_yaml
+
+        return build(cls, read_yaml(path), str(path))
+
     @property
     def label_columns(self) -> list[str]:
-        return [self.label] if isinstance(self.label, str) else list(self.label)
+        return list(self.labels) if self.labels else ([self.label] if self.label else [])
+
+    @property
+    def input_names(self) -> list[str]:
+        """The names of :attr:`Chunk.inputs`: dense inputs, then sparse features."""
+        return [c.name for c in self.dense] + list(self.sparse)
+
+    @property
+    def dense_width(self) -> int:
+        """Columns of the dense matrix."""
+        return sum(c.length for c in self.dense if c.in_dense)
 
     def columns(self) -> list[str]:
         """Every column the mapping reads, without repeats."""
-        return list(dict.fromkeys(self.label_columns + list(self.dense) + list(self.sparse.values())))
+        return list(dict.fromkeys(self.label_columns + [c.source for c in self.dense] + list(self.sparse.values())))
 
     def validate(self, schema: pa.Schema, path: str | Path = "<table>") -> None:
         """Check every mapped column exists with a usable type.
 
         Raises:
             DataFormatError: an unknown column or a column of the wrong type, naming both.
-            ValueError: a malformed mapping (no label, unknown ``string_ids``).
         """
-        if not self.label_columns:
-            raise ValueError("ColumnMapping needs a label column")
-        if self.string_ids not in ("hex", "decimal"):
-            raise ValueError(f"string_ids must be 'hex' or 'decimal', got {self.string_ids!r}")
-        for role, column in [("label", c) for c in self.label_columns] + [("dense", c) for c in self.dense]:
-            _check_numeric(path, schema, role, column)
-        for name, column in self.sparse.items():
-            kind = _sparse_kind(_field(path, schema, f"sparse feature '{name}'", column).type)
-            if kind is None:
+        for column in self.label_columns:
+            t = _field(path, schema, "label", column).type
+            if not (_is_number(t) or (_is_list(t) and _is_number(t.value_type))):
+                raise DataFormatError(
+                    path, f"label: column '{column}' has type {t}; expected a numeric or list<numeric> column"
+                )
+        for dense in self.dense:
+            role = f"dense input '{dense.name}'"
+            t = _field(path, schema, role, dense.source).type
+            if _is_list(t) and _is_number(t.value_type):
+                continue
+            if not _is_number(t):
+                raise DataFormatError(
+                    path, f"{role}: column '{dense.source}' has type {t}; expected a numeric or list<numeric> column"
+                )
+            if dense.length != 1:
                 raise DataFormatError(
                     path,
-                    f"sparse feature '{name}': column '{column}' has type {schema.field(column).type}; "
-                    "expected an integer, string or list<integer> column",
+                    f"{role}: column '{dense.source}' has type {t}, one value per row, but length is {dense.length}; "
+                    "a length above 1 needs a list column",
+                )
+        for name, column in self.sparse.items():
+            t = _field(path, schema, f"sparse feature '{name}'", column).type
+            if _sparse_kind(t) is None:
+                raise DataFormatError(
+                    path,
+                    f"sparse feature '{name}': column '{column}' has type {t}; "
+                    "expected an integer, string, list<integer> or list<string> column",
                 )
 
 
@@ -369,20 +570,31 @@ def _field(path: str | Path, schema: pa.Schema, role: str, column: str) -> pa.Fi
     return schema.field(index)
 
 
-def _check_numeric(path: str | Path, schema: pa.Schema, role: str, column: str) -> None:
-    t = _field(path, schema, role, column).type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
-        raise DataFormatError(path, f"{role}: column '{column}' has type {t}; expected a numeric column")
+def _is_number(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _sparse_kind(t: pa.DataType) -> str | None:
+    """``"int"``, ``"string"``, ``"list"`` (of either) or ``None`` for any other type."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     if pa.types.is_integer(t):
         return "int"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if _is_text(t):
         return "string"
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type):
+    if _is_list(t) and (pa.types.is_integer(t.value_type) or _is_text(t.value_type)):
         return "list"
     return None
 
@@ -394,33 +606,76 @@ def read_table(
     mapping: ColumnMapping,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> Iterator[Chunk]:
-    """Read a Parquet or ORC file through a column mapping, in chunks.
+    """Read a Parquet or ORC file through a column mapping, streaming it in chunks.
+
+    A Parquet file is read row group by row group and an ORC file stripe by stripe, only the
+    mapped columns, so memory holds one row group or stripe (plus the chunk being built) however
+    large the file is.
 
     Args:
         path: the file.
         fmt: ``"parquet"`` or ``"orc"``; by default from the extension (``.parquet``/``.pq``, ``.orc``).
-        mapping: which columns are label, dense and sparse (see :class:`ColumnMapping`).
+        mapping: which columns are labels, dense and sparse (see :class:`ColumnMapping`).
         chunk_rows: the most rows per yielded chunk.
 
     Returns:
-        An iterator of :class:`Chunk` (dense names follow ``mapping.dense``, sparse features
-        are named by the mapping's keys).
+        An iterator of :class:`Chunk` (the dense matrix follows ``mapping.dense``, sparse
+        features are named by the mapping's keys, :attr:`Chunk.inputs` holds every mapped
+        column by its mapping name).
 
     Raises:
-        DataFormatError: mapping and schema disagree, a null label, a negative id, or a string
-            id that does not parse (naming the file and the row).
+        DataFormatError: an unreadable file, mapping and schema disagreeing, a null label, a
+            list longer than its declared length, a negative or null id, or a string id that
+            does not parse (naming the file, the column and the row, 0-based in the file).
         ValueError: unknown format.
     """
-    import pyarrow.dataset as ds
-
     fmt = fmt or table_format(path)
-    dataset = ds.dataset(str(path), format=fmt)
-    mapping.validate(dataset.schema, path)
+    schema, batches = _columnar_batches(path, fmt, mapping, chunk_rows)
+    mapping.validate(schema, path)
     row = 0
-    for record_batch in dataset.to_batches(columns=mapping.columns(), batch_size=chunk_rows):
+    while True:
+        try:
+            record_batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataFormatError(path, f"cannot read the {fmt} file after row {row}: {exc}") from None
+        if record_batch is None:
+            return
         if record_batch.num_rows:
             yield _table_chunk(path, record_batch, mapping, row)
             row += record_batch.num_rows
+
+
+def _columnar_batches(
+    path: str | Path, fmt: str, mapping: ColumnMapping, chunk_rows: int
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The file's schema and a lazy iterator of its mapped columns' record batches."""
+    import pyarrow.orc as orc
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            parquet = pq.ParquetFile(str(path))
+            schema = parquet.schema_arrow
+        elif fmt == "orc":
+            orc_file = orc.ORCFile(str(path))
+            schema = orc_file.schema
+        else:
+            raise ValueError(f"unknown table format {fmt!r}")
+    except (pa.ArrowException, OSError) as exc:
+        raise DataFormatError(path, f"not a readable {fmt} file: {exc}") from None
+    columns = [c for c in mapping.columns() if schema.get_field_index(c) >= 0]
+
+    def parquet_batches() -> Iterator[pa.RecordBatch]:
+        # iter_batches decodes one row group at a time (only the mapped columns)
+        yield from parquet.iter_batches(batch_size=chunk_rows, columns=columns, use_threads=False)
+
+    def orc_batches() -> Iterator[pa.RecordBatch]:
+        for stripe in range(orc_file.nstripes):
+            record_batch = orc_file.read_stripe(stripe, columns=columns)
+            for start in range(0, record_batch.num_rows, chunk_rows):
+                yield record_batch.slice(start, chunk_rows)
+
+    return schema, parquet_batches() if fmt == "parquet" else orc_batches()
 
 
 def table_format(path: str | Path) -> Literal["parquet", "orc"]:
@@ -438,60 +693,146 @@ def table_format(path: str | Path) -> Literal["parquet", "orc"]:
 
 
 def _table_chunk(path: str | Path, batch: pa.RecordBatch, mapping: ColumnMapping, first_row: int) -> Chunk:
-    labels = np.stack([_label_column(path, batch.column(c), c, first_row) for c in mapping.label_columns], axis=1)
     n = batch.num_rows
-    raw = np.stack([_numeric(batch.column(c)) for c in mapping.dense], axis=1) if mapping.dense else np.zeros((n, 0))
-    sparse = [
-        _sparse_column(path, name, batch.column(column), column, mapping.string_ids, first_row)
-        for name, column in mapping.sparse.items()
-    ]
-    return Chunk(transform_dense(raw, mapping.dense_transform), sparse, labels.astype(np.float32), raw)
+    labels = np.concatenate(
+        [_label_values(path, batch.column(c), c, mapping.label_default, first_row) for c in mapping.label_columns],
+        axis=1,
+    )
+    inputs: dict[str, np.ndarray | SparseFeature] = {}
+    dense_parts = []
+    for dense in mapping.dense:
+        values = _fixed_values(path, batch.column(dense.source), dense, f"dense input '{dense.name}'", first_row)
+        inputs[dense.name] = values
+        if dense.in_dense:
+            dense_parts.append(values)
+    raw = np.concatenate(dense_parts, axis=1) if dense_parts else np.zeros((n, 0))
+    sparse = []
+    for name, column in mapping.sparse.items():
+        feature = _sparse_column(path, name, batch.column(column), column, mapping.string_ids, first_row)
+        sparse.append(feature)
+        inputs[name] = feature
+    transform: DenseTransform = "log1p" if mapping.dense_transform == "log1p" else "none"
+    return Chunk(transform_dense(raw, transform), sparse, labels.astype(np.float32), raw, inputs)
 
 
 def _numeric(column: pa.Array) -> np.ndarray:
     return column.cast(pa.float64()).to_numpy(zero_copy_only=False)
 
 
-def _label_column(path: str | Path, column: pa.Array, name: str, first_row: int) -> np.ndarray:
+def _plain(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One contiguous array, dictionaries decoded, string views as large strings."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_string_view(column.type):
+        column = column.cast(pa.large_string())
+    if pa.types.is_fixed_size_list(column.type):
+        column = column.cast(pa.large_list(column.type.value_type))
+    return column
+
+
+def _label_values(path: str | Path, column: pa.Array, name: str, default: float, first_row: int) -> np.ndarray:
+    """float64 ``[n, 1]`` labels of one label column."""
+    column = _plain(column)
+    if _is_list(column.type):
+        return _fixed_values(path, column, DenseColumn(name, defaults=[default]), "label", first_row)
     if column.null_count:
         bad = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataFormatError(path, f"label column '{name}' is null", row=first_row + bad)
-    return _numeric(column)
+        raise DataFormatError(path, f"label: column '{name}' is null", row=first_row + bad)
+    return _numeric(column).reshape(-1, 1)
+
+
+def _fixed_values(path: str | Path, column: pa.Array, dense: DenseColumn, role: str, first_row: int) -> np.ndarray:
+    """float64 ``[n, length]``: a numeric column's values, or the first ``length`` values of
+    each list, defaults where an entry, a list position or a list element is missing."""
+    column = _plain(column)
+    n = len(column)
+    defaults = dense.default_values()
+    if not _is_list(column.type):
+        values = _numeric(column)
+        if column.null_count:
+            values[column.is_null().to_numpy(zero_copy_only=False)] = defaults[0]
+        return values.reshape(n, 1)
+    k = dense.length
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    too_long = _first(lengths > k)
+    if too_long is not None:
+        raise DataFormatError(
+            path,
+            f"{role}: column '{dense.source}' holds a list of {lengths[too_long]} values; its length is {k}",
+            row=first_row + too_long,
+        )
+    flat = column.flatten()  # the values of the non-null lists, in order
+    out = np.broadcast_to(defaults, (n, k)).copy()
+    if len(flat) == 0:
+        return out
+    values = _numeric(flat)
+    present = np.ones(len(flat), bool) if not flat.null_count else flat.is_valid().to_numpy(zero_copy_only=False)
+    starts = np.zeros(n, np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    position = np.arange(k)
+    inside = position < lengths[:, None]
+    index = np.where(inside, starts[:, None] + position, 0)
+    take = inside & present[index]
+    out[take] = values[index[take]]
+    return out
 
 
 def _sparse_column(
-    path: str | Path, name: str, column: pa.Array, column_name: str, string_ids: StringIds, first_row: int
+    path: str | Path, name: str, column: pa.Array, column_name: str, string_ids: str, first_row: int
 ) -> SparseFeature:
-    column = _plain_strings(column)
-    kind = _sparse_kind(column.type)
-    if kind == "list":
-        values = column.flatten()
+    column = _plain(column)
+    role = f"sparse feature '{name}': column '{column_name}'"
+    if _is_list(column.type):
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = np.zeros(len(column) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = _plain(column.flatten())
         if values.null_count:
-            raise DataFormatError(path, f"sparse feature '{name}': column '{column_name}' holds a null id")
-        ids = _non_negative(path, name, values.to_numpy(zero_copy_only=False), None)
-        offsets = column.offsets.to_numpy().astype(np.int64)
-        return SparseFeature(name, ids, offsets - offsets[0])
-    if kind == "int":
-        present = column.is_valid().to_numpy(zero_copy_only=False)
-        values = column.fill_null(0).to_numpy(zero_copy_only=False)
-        first_bad = _first(present & (values < 0)) if values.dtype.kind == "i" else None
+            bad = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+            row = int(np.searchsorted(offsets, bad, side="right")) - 1
+            raise DataFormatError(path, f"{role} holds a null id", row=first_row + row)
+        ids, present, bad_ids = _ids(values, string_ids)
+        first_bad = _first(bad_ids)
         if first_bad is not None:
-            raise DataFormatError(
-                path, f"sparse feature '{name}': negative id {values[first_bad]}", row=first_row + first_bad
-            )
-        return single_id_feature(name, values.astype(np.uint64), present)
-    if string_ids == "hex":
-        ids, present, bad = parse_hex_ids(column)
-    else:
-        ids, present, bad = _parse_decimal_ids(column)
-    first_bad = _first(bad)
+            row = int(np.searchsorted(offsets, first_bad, side="right")) - 1
+            raise DataFormatError(path, f"{role}: {_bad_id(values, first_bad, string_ids)}", row=first_row + row)
+        if not present.all():  # empty strings are no id: drop them from their lists
+            rows = np.repeat(np.arange(len(column)), lengths)
+            np.cumsum(np.bincount(rows[present], minlength=len(column)), out=offsets[1:])
+            ids = ids[present]
+        return SparseFeature(name, np.ascontiguousarray(ids, np.uint64), offsets)
+    ids, present, bad_ids = _ids(column, string_ids)
+    first_bad = _first(bad_ids)
     if first_bad is not None:
-        raise DataFormatError(
-            path,
-            f"sparse feature '{name}': {column[first_bad].as_py()!r} is not a {string_ids} id",
-            row=first_row + first_bad,
-        )
+        raise DataFormatError(path, f"{role}: {_bad_id(column, first_bad, string_ids)}", row=first_row + first_bad)
     return single_id_feature(name, ids, present)
+
+
+def _ids(values: pa.Array, string_ids: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, present, bad)`` of an integer or string array: uint64 ids, a mask of entries that
+    are ids (not null, not an empty string) and a mask of entries that are not valid ids."""
+    if pa.types.is_integer(values.type):
+        present = (
+            np.ones(len(values), bool) if not values.null_count else values.is_valid().to_numpy(zero_copy_only=False)
+        )
+        raw = values.fill_null(0).to_numpy(zero_copy_only=False) if values.null_count else values.to_numpy()
+        bad = present & (raw < 0) if raw.dtype.kind == "i" else np.zeros(len(values), bool)
+        return raw.astype(np.uint64), present, bad
+    if string_ids == "hex":
+        return parse_hex_ids(values)
+    if string_ids == "decimal":
+        return _parse_decimal_ids(values)
+    present = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False) > 0
+    return fingerprint64_strings(values), present, np.zeros(len(values), bool)
+
+
+def _bad_id(values: pa.Array, index: int, string_ids: str) -> str:
+    value = values[index].as_py()
+    if isinstance(value, int):
+        return f"negative id {value}"
+    return f"{value!r} is not a {string_ids} id"
 
 
 def _parse_decimal_ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -507,12 +848,6 @@ def _parse_decimal_ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.nda
     return ids, present, present & ~digits
 
 
-def _non_negative(path: str | Path, name: str, values: np.ndarray, row: int | None) -> np.ndarray:
-    if values.dtype.kind == "i" and values.size and values.min() < 0:
-        raise DataFormatError(path, f"sparse feature '{name}': negative id {values.min()}", row=row)
-    return values.astype(np.uint64)
-
-
 def _first(mask: np.ndarray) -> int | None:
     hits = np.flatnonzero(mask)
     return int(hits[0]) if hits.size else None
@@ -525,6 +860,7 @@ __all__ = [
     "Chunk",
     "CriteoChunk",
     "ColumnMapping",
+    "DenseColumn",
     "DataFormatError",
     "concat_chunks",
     "parse_hex_ids",

@@ -14,6 +14,11 @@ Together the ranks see every row exactly once per epoch. They may get different 
 batches (files of different sizes, a remainder of rows); a data-parallel trainer must agree on a
 step count itself.
 
+Shuffling is seeded, so an epoch's order is the same on every run with the same seed:
+``shuffle_files`` permutes the files with ``(seed, epoch)`` (the same on every rank), and
+``shuffle_buffer_rows`` passes this rank's rows through a bounded shuffle buffer (see
+:func:`shuffle_rows`) seeded with ``(seed, epoch, rank)``.
+
 Example:
     >>> from trainer.synthetic import SyntheticCriteo
     >>> with DataLoader(SyntheticCriteo(seed=1), batch_size=512, num_rows=2048) as loader:
@@ -37,9 +42,10 @@ from typing import Literal
 
 import numpy as np
 
+from embedding_server.core.feature_ops import FeaturePipeline
 from trainer.batch import PyPersiaBatchData
 from trainer.criteo import read_criteo
-from trainer.data import DEFAULT_CHUNK_ROWS, Chunk, ColumnMapping, read_table, rebatch, to_batch
+from trainer.data import DEFAULT_CHUNK_ROWS, Chunk, ColumnMapping, concat_chunks, read_table, rebatch, to_batch
 from trainer.synthetic import SyntheticCriteo
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ class _Plan:
     world_size: int
     drop_last: bool
     shuffle_files: bool
+    shuffle_buffer_rows: int
     seed: int
     fmt: FileFormat | None
     mapping: ColumnMapping | None
@@ -73,13 +80,15 @@ class _Plan:
 class DataLoader:
     """Iterates :class:`PyPersiaBatchData` batches of this rank's rows, prepared in a background thread.
 
-    Each ``iter(loader)`` is one epoch (``shuffle_files`` reshuffles with ``seed + epoch``). Batch
+    Each ``iter(loader)`` is ``epochs`` epochs (one by default); each epoch reshuffles with its
+    number (``(seed, epoch)``). Batch
     ``b`` holds dense float32 ``[B, num_dense]`` (``add_dense_f32``), one sparse feature per
     column (``add_sparse_feature``) and the labels as target ``[B, 1]`` (``add_target``).
 
     Args:
-        source: a path or glob, a list of them (Criteo ``.tsv``/``.txt``/``.csv`` optionally
-            compressed, ``.parquet``/``.pq``, ``.orc``; see ``fmt``), a
+        source: a path, directory or glob, or a list of them (Criteo ``.tsv``/``.txt``/``.csv``
+            optionally compressed, ``.parquet``/``.pq``, ``.orc``; see ``fmt``; a directory
+            means its Parquet and ORC files, see :func:`expand_paths`), a
             :class:`~trainer.synthetic.SyntheticCriteo`, or an in-memory :class:`~trainer.data.Chunk`.
         batch_size: rows per batch.
         prefetch: batches prepared ahead (the bounded queue's size).
@@ -87,7 +96,9 @@ class DataLoader:
         world_size: number of ranks (default ``$WORLD_SIZE`` or 1).
         drop_last: drop a final batch smaller than ``batch_size``.
         shuffle_files: shuffle the file order each epoch (the same way on every rank).
+        shuffle_buffer_rows: shuffle rows through a buffer of this many rows (0: rows in order).
         seed: the shuffle seed.
+        epochs: passes over the data per ``iter(loader)`` (each one reshuffled as its epoch says).
         num_rows: for a synthetic source, rows per epoch in all ranks together (``None``: endless).
         start_row: for a synthetic source, the first row index (use disjoint ranges for train
             and test sets).
@@ -96,6 +107,8 @@ class DataLoader:
             ``label, I1..I13, C1..C26`` with the log1p dense transform).
         chunk_rows: rows read or generated at a time.
         on_error: malformed Criteo lines: ``"raise"`` or ``"skip"`` (see :func:`read_criteo`).
+        features: the embedding config's feature ops, applied to each batch's raw inputs
+            (:func:`~trainer.data.to_batch`); None or empty: the chunks' sparse features as read.
 
     Raises:
         FileNotFoundError: a path or glob matches no file.
@@ -121,16 +134,23 @@ class DataLoader:
         world_size: int | None = None,
         drop_last: bool = False,
         shuffle_files: bool = False,
+        shuffle_buffer_rows: int = 0,
         seed: int = 0,
+        epochs: int = 1,
         num_rows: int | None = None,
         start_row: int = 0,
         fmt: FileFormat | None = None,
         mapping: ColumnMapping | None = None,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         on_error: Literal["raise", "skip"] = "raise",
+        features: FeaturePipeline | None = None,
     ):
         if batch_size < 1 or prefetch < 1 or chunk_rows < 1:
             raise ValueError("batch_size, prefetch and chunk_rows must be >= 1")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if shuffle_buffer_rows < 0:
+            raise ValueError(f"shuffle_buffer_rows must be >= 0, got {shuffle_buffer_rows}")
         if num_rows is not None and num_rows < 0:
             raise ValueError(f"num_rows must be >= 0, got {num_rows}")
         if fmt not in (None, "criteo", "tsv", "csv", "parquet", "orc"):
@@ -140,6 +160,7 @@ class DataLoader:
         memory = source if isinstance(source, Chunk) else None
         files = () if isinstance(source, (SyntheticCriteo, Chunk)) else tuple(expand_paths(source))
         self.prefetch = prefetch
+        self.epochs = epochs
         self.epoch = 0
         self._plan = _Plan(
             files,
@@ -152,6 +173,7 @@ class DataLoader:
             world_size,
             drop_last,
             shuffle_files,
+            shuffle_buffer_rows,
             seed,
             fmt,
             mapping,
@@ -159,6 +181,7 @@ class DataLoader:
             on_error,
         )
         self._live: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
+        self.features = features or None
 
     @property
     def rank(self) -> int:
@@ -174,9 +197,13 @@ class DataLoader:
         return list(self._plan.files)
 
     def __iter__(self) -> Iterator[PyPersiaBatchData]:
-        plan, epoch = self._plan, self.epoch
-        self.epoch += 1
-        iterator = _Prefetcher(lambda: (to_batch(c) for c in _rank_batches(plan, epoch)), self.prefetch)
+        plan, first = self._plan, self.epoch
+        self.epoch += self.epochs
+        epochs = range(first, first + self.epochs)
+        features = self.features
+        iterator = _Prefetcher(
+            lambda: (to_batch(c, features) for epoch in epochs for c in _rank_batches(plan, epoch)), self.prefetch
+        )
         self._live.add(iterator)
         return iterator
 
@@ -209,11 +236,19 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+TABLE_SUFFIXES = (".parquet", ".pq", ".orc")
+
+
 def expand_paths(source: str | Path | Sequence[str | Path]) -> list[str]:
-    """Paths and globs to a list of files (each glob's matches sorted; order otherwise kept).
+    """Paths, directories and globs to a list of files.
+
+    A glob's matches are sorted; a directory (given or matched) stands for the Parquet and ORC
+    files below it (``.parquet``, ``.pq``, ``.orc``, recursively, hidden ones left out) in
+    sorted order; the order of the items is otherwise kept.
 
     Raises:
-        FileNotFoundError: a path that does not exist or a glob without matches.
+        FileNotFoundError: a path that does not exist, a glob without matches, or a directory
+            without Parquet or ORC files.
     """
     items = [source] if isinstance(source, (str, Path)) else list(source)
     files: list[str] = []
@@ -222,7 +257,20 @@ def expand_paths(source: str | Path | Sequence[str | Path]) -> list[str]:
         matches = sorted(glob.glob(text)) if glob.has_magic(text) else ([text] if Path(text).exists() else [])
         if not matches:
             raise FileNotFoundError(f"no training data file matches {text!r}")
-        files.extend(matches)
+        for match in matches:
+            if not Path(match).is_dir():
+                files.append(match)
+                continue
+            found = sorted(
+                str(p)
+                for p in Path(match).rglob("*")
+                if p.suffix.lower() in TABLE_SUFFIXES
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(match).parts)
+            )
+            if not found:
+                raise FileNotFoundError(f"directory {match!r} holds no .parquet, .pq or .orc file")
+            files.extend(found)
     if not files:
         raise FileNotFoundError("no training data files given")
     return files
@@ -232,7 +280,41 @@ def expand_paths(source: str | Path | Sequence[str | Path]) -> list[str]:
 
 
 def _rank_batches(plan: _Plan, epoch: int) -> Iterator[Chunk]:
-    return rebatch(_rank_chunks(plan, epoch), plan.batch_size, drop_last=plan.drop_last)
+    chunks = _rank_chunks(plan, epoch)
+    if plan.shuffle_buffer_rows:
+        rng = np.random.default_rng([plan.seed, epoch, plan.rank])
+        chunks = shuffle_rows(chunks, plan.shuffle_buffer_rows, rng)
+    return rebatch(chunks, plan.batch_size, drop_last=plan.drop_last)
+
+
+def shuffle_rows(chunks: Iterator[Chunk], buffer_rows: int, rng: np.random.Generator) -> Iterator[Chunk]:
+    """Rows of ``chunks`` in a random order, holding at most ``buffer_rows`` plus one chunk.
+
+    The incoming chunk joins the buffer; once the buffer holds more than ``buffer_rows`` rows,
+    it is permuted and the rows beyond ``buffer_rows`` leave, so every row that leaves is a
+    uniform pick among the rows buffered at that time (the bounded shuffle buffer of
+    ``tf.data``, done a chunk at a time). At the end the rest leaves, permuted.
+
+    Args:
+        chunks: the rows in file order.
+        buffer_rows: rows kept back, >= 1 (more mixes rows from further apart).
+        rng: the generator (seed it for a reproducible order).
+
+    Returns:
+        An iterator of chunks holding every input row exactly once.
+    """
+    buffer: Chunk | None = None
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        buffer = chunk if buffer is None else concat_chunks([buffer, chunk])
+        if len(buffer) > buffer_rows:
+            mixed = buffer.take(rng.permutation(len(buffer)))
+            leaving = len(buffer) - buffer_rows
+            yield mixed.slice(0, leaving)
+            buffer = mixed.slice(leaving, len(mixed))
+    if buffer is not None and len(buffer):
+        yield buffer.take(rng.permutation(len(buffer)))
 
 
 def _rank_chunks(plan: _Plan, epoch: int) -> Iterator[Chunk]:
@@ -250,7 +332,7 @@ def _rank_chunks(plan: _Plan, epoch: int) -> Iterator[Chunk]:
 
 def _file_chunks(plan: _Plan, files: Sequence[str]) -> Iterator[Chunk]:
     for path in files:
-        fmt = plan.fmt or _format_of(path)
+        fmt = plan.fmt or file_format(path)
         if fmt == "parquet" or fmt == "orc":
             mapping = plan.mapping or ColumnMapping.criteo()
             yield from read_table(path, fmt, mapping=mapping, chunk_rows=plan.chunk_rows)
@@ -259,7 +341,8 @@ def _file_chunks(plan: _Plan, files: Sequence[str]) -> Iterator[Chunk]:
             yield from read_criteo(path, fmt=criteo_fmt, chunk_rows=plan.chunk_rows, on_error=plan.on_error)
 
 
-def _format_of(path: str) -> FileFormat:
+def file_format(path: str) -> FileFormat:
+    """A file's format from its suffixes: ``"parquet"``, ``"orc"``, else ``"criteo"`` (text)."""
     suffixes = [s.lower() for s in Path(path).suffixes]
     if ".parquet" in suffixes or ".pq" in suffixes:
         return "parquet"
