@@ -147,8 +147,8 @@ def main() -> int:
         np.full(NUM_FEATURES, DIM, np.int64),
         np.zeros(1000, np.uint16),
         g_chk,
-        kind,
-        np.array(params, np.float64),
+        np.full(NUM_FEATURES, kind, np.int64),  # per table: every table runs this Adagrad
+        np.tile(np.array(params, np.float64), (NUM_FEATURES, 1)),
         0.0,
     )
     diff = float(np.abs(w_np - w_st).max())
@@ -186,10 +186,11 @@ def main() -> int:
             assert (r >= 0).all()
             resolved.append((r, k_tabs, grads))
         kind, params = opt.params()
-        param_array = np.array(params, np.float64)
+        kinds = np.full(NUM_FEATURES, kind, np.int64)  # per table: every table runs this Adagrad
+        param_array = np.tile(np.array(params, np.float64), (NUM_FEATURES, 1))
 
         def kernel(p):
-            kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kind, param_array, 0.0)
+            kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kinds, param_array, 0.0)
 
         report(
             results,

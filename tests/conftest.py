@@ -50,6 +50,9 @@ features and the bit-for-bit comparison of two lookup results.
 ``huge_page_bytes``: the bytes on huge pages of the memory area holding an array, read from
 ``/proc/self/smaps``; it skips the test where the kernel cannot collapse pages onto huge pages
 (``MADV_COLLAPSE``: Linux 6.1+ with transparent huge pages not turned off).
+
+``pairwise_auc`` and ``pairwise_gauc`` (session scope): the AUC and the group AUC by counting
+every (positive, negative) pair in plain Python, references for trainer.metrics.
 """
 
 from __future__ import annotations
@@ -399,3 +402,41 @@ def huge_page_bytes() -> Callable[[np.ndarray], int]:
     if not collapse_supported():
         pytest.skip("needs Linux 6.1+ with transparent huge pages")
     return bytes_on_huge_pages
+
+
+def _pairwise_auc(labels, scores) -> float:
+    """AUC by counting every (positive, negative) pair: 1 when the positive scores higher, 1/2 on a tie."""
+    pos = [s for y, s in zip(labels, scores) if y > 0.5]
+    neg = [s for y, s in zip(labels, scores) if y <= 0.5]
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def _pairwise_gauc(labels, scores, groups, weight: str = "impressions") -> float:
+    """GAUC in plain Python: each group's pairwise AUC, groups of one class skipped, the mean
+    weighted by the group's samples (impressions) or positives (clicks); NaN without any group."""
+    by_group: dict = {}
+    for y, s, g in zip(labels, scores, groups):
+        by_group.setdefault(g, []).append((y, s))
+    total, weights = 0.0, 0.0
+    for rows in by_group.values():
+        ys = [y for y, _ in rows]
+        clicks = sum(1 for y in ys if y > 0.5)
+        if clicks in (0, len(ys)):
+            continue
+        w = len(ys) if weight == "impressions" else clicks
+        total += w * _pairwise_auc(ys, [s for _, s in rows])
+        weights += w
+    return total / weights if weights else float("nan")
+
+
+@pytest.fixture(scope="session")
+def pairwise_auc() -> Callable[..., float]:
+    """``pairwise_auc(labels, scores)``: the ROC AUC by counting pairs (a reference for metrics)."""
+    return _pairwise_auc
+
+
+@pytest.fixture(scope="session")
+def pairwise_gauc() -> Callable[..., float]:
+    """``pairwise_gauc(labels, scores, groups, weight)``: GAUC in plain Python (a reference)."""
+    return _pairwise_gauc

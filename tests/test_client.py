@@ -751,3 +751,73 @@ def test_serving_pooling_equals_embedding_bag_for_bags_of_any_size_and_scaling(p
         assert not served[f.name][torch.from_numpy(f.lengths == 0)].any()
         one = torch.from_numpy(f.lengths == 1)
         assert torch.equal(served[f.name][one], trained[f.name].detach()[one])  # a lone id's row, bit for bit
+
+
+# --------------------------------------------------------------------------- combiners and shared tables
+
+COMBINED = EmbeddingConfig.from_dict(
+    {
+        "slots_config": {
+            "seq": {"dim": 4, "combiner": "tile", "tile_len": 3},
+            "tags": {"dim": 4, "table": "seq", "combiner": "mean"},
+            "words": {"dim": 4, "table": "seq", "combiner": "sqrtn"},
+            "plain": {"dim": 4, "combiner": "sum"},
+        }
+    }
+)
+
+
+def stored(c: InProcessEmbeddingClient, table: str, ids) -> np.ndarray:
+    """Vectors straight from the stores, by (table, id): independent of the client's pooling."""
+    index = np.array([COMBINED.tables[table].index], np.uint16)
+    out = []
+    for i in ids:
+        key = np.array([i], np.uint64)
+        (owner,) = [s for s in c.stores if s.owns(key, index)[0]]
+        out.append(owner.lookup(key, index)[0])
+    return np.array(out, np.float32).reshape(len(ids), -1)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_combiners_tile_mean_sqrtn_and_sum_against_the_stored_rows(num_shards):
+    c = InProcessEmbeddingClient(COMBINED, glob(), num_shards=num_shards)
+    samples = [[1, 2, 3, 4, 5], [6], [], [7, 7]]
+    features = [feat("seq", samples), feat("tags", samples), feat("words", samples), feat("plain", samples)]
+    for requires_grad in (False, True):
+        out = c.lookup(features, requires_grad=requires_grad).embeddings
+        assert out["seq"].shape == (4, 12)
+        for i, ids in enumerate(samples):
+            kept = ids[:3]
+            rows = stored(c, "seq", kept) if kept else np.zeros((0, 4), np.float32)
+            tile = np.zeros((3, 4), np.float32)
+            tile[: len(kept)] = rows
+            np.testing.assert_array_equal(out["seq"][i].detach().numpy(), tile.reshape(-1))
+            every = stored(c, "seq", ids) if ids else np.zeros((0, 4), np.float32)
+            n = max(len(ids), 1)
+            np.testing.assert_allclose(out["tags"][i].detach().numpy(), every.sum(0) / n, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                out["words"][i].detach().numpy(), every.sum(0) / np.sqrt(n), rtol=1e-6, atol=1e-7
+            )
+            plain = stored(c, "plain", ids).sum(0) if ids else np.zeros(4, np.float32)
+            np.testing.assert_allclose(out["plain"][i].detach().numpy(), plain, rtol=1e-6, atol=1e-7)
+
+
+def test_tile_gradients_reach_only_the_kept_ids_and_shared_tables_sum_their_features_gradients():
+    c = InProcessEmbeddingClient(COMBINED, glob(optimizer={"type": "sgd", "lr": 1.0}))
+    seq = feat("seq", [[1, 2, 3, 4], [2]])
+    tags = feat("tags", [[2], [9]])  # the same table: id 2's rows are one row
+    before = stored(c, "seq", [1, 2, 3, 4, 9])
+    result = c.lookup([seq, tags], requires_grad=True)
+    weights = torch.arange(24, dtype=torch.float32).reshape(2, 12)
+    tag_weights = torch.full((2, 4), 0.5)
+    ((result["seq"] * weights).sum() + (result["tags"] * tag_weights).sum()).backward()
+    c.push_gradients(result)
+    after = stored(c, "seq", [1, 2, 3, 4, 9])
+    w = weights.numpy().reshape(2, 3, 4)
+    expected = before.copy()
+    expected[0] -= w[0, 0]  # id 1: sample 0, position 0
+    expected[1] -= w[0, 1] + w[1, 0] + 0.5  # id 2: sample 0 pos 1, sample 1 pos 0, and tags (mean of one)
+    expected[2] -= w[0, 2]  # id 3: position 2
+    # id 4 is beyond tile_len: no gradient
+    expected[4] -= 0.5  # id 9 through tags only
+    np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-6)

@@ -213,7 +213,12 @@ def test_evaluation_inserts_no_rows_and_scores_like_the_served_model(tmp_path):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     labels = np.concatenate([b.targets[0][:, 0] for b in held_out])
     all_scores = torch.cat(scores).numpy()[:, 0]
-    assert figures == {"auc": roc_auc(labels, all_scores), "loss": log_loss(labels, all_scores)}
+    assert {k: figures[k] for k in ("auc", "loss", "rows", "gauc")} == {
+        "auc": roc_auc(labels, all_scores),
+        "loss": log_loss(labels, all_scores),
+        "rows": labels.shape[0],
+        "gauc": None,
+    }
 
 
 def dense_state(ctx: TrainCtx) -> dict:

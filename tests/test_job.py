@@ -244,3 +244,195 @@ def test_torchrun_two_ranks_share_the_embedding_servers(tmp_path):
     # Both ranks pushed gradients for every step: 2 ranks x 12 steps per shard (plus rank 0's evaluation lookups).
     pushes = [{m["method"]: m["requests"] for m in s["methods"]}.get("PushGradients") for s in stats]
     assert pushes == [24, 24], stats
+
+
+# --------------------------------------------------------------------------- RecIS-shaped ORC data
+
+RECIS_EMB = {"slots_config": {"sparse1": {"dim": 8}, "sparse5": {"dim": 8}}}
+
+
+def write_recis_orc(folder: Path, files: int, rows: int, seed: int) -> None:
+    """ORC files in the shape of RecIS's CTR example: label and dense2 as list<double> of
+    length 0 or 1, dense1 as list<double> of length 8, ids as list<int64> and list<string>.
+    The label follows the ids (a learnable signal); an empty label list means 0."""
+    import pyarrow as pa
+    import pyarrow.orc as orc
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}-é" for i in range(50)]
+    for k in range(files):
+        user = rng.integers(0, 200, rows)
+        word = rng.integers(0, 50, rows)
+        p = 1 / (1 + np.exp(-(np.where(user % 3 == 0, 2.0, -1.5) + np.where(word % 2 == 0, 1.0, -1.0))))
+        clicked = rng.random(rows) < p
+        table = pa.table(
+            {
+                "label": pa.array([[1.0] if c else ([0.0] if i % 4 else []) for i, c in enumerate(clicked)]),
+                "dense1": pa.array(rng.random((rows, 8)).tolist(), pa.list_(pa.float64())),
+                "dense2": pa.array([[float(v)] if v > 0.3 else [] for v in rng.random(rows)], pa.list_(pa.float64())),
+                "sparse1": pa.array([[int(u)] for u in user], pa.list_(pa.int64())),
+                "sparse5": pa.array([[words[w], words[(w + 1) % 50]] for w in word], pa.list_(pa.string())),
+            }
+        )
+        orc.write_table(table, str(folder / f"data_{k}.orc"))
+
+
+def recis_job(tmp_path: Path, **data) -> Path:
+    (tmp_path / "emb.yml").write_text(yaml.safe_dump(RECIS_EMB, sort_keys=False))
+    job = {
+        "embedding_config": "emb.yml",
+        "data": {
+            "train_paths": ["fake_data"],
+            "eval_paths": ["fake_data/data_0.orc"],
+            "mapping": {
+                "label": "label",
+                "dense": [{"name": "dense1", "length": 8}, {"name": "dense2", "defaults": [0.0]}],
+                "sparse": {"sparse1": "sparse1", "sparse5": "sparse5"},
+                "string_ids": "farm",
+            },
+            "epochs": 3,
+            "shuffle": {"seed": 1, "files": True, "buffer_rows": 1000},
+            "batch_size": 128,
+            **data,
+        },
+        "model": {"type": "deepctr", "hidden": [16]},
+        "dense_optimizer": {"type": "adam", "lr": 0.01},
+        "sparse_optimizer": {"type": "adagrad", "lr": 0.1},
+        "train": {"steps": 200, "eval_every": 0, "eval_batches": 4, "log_every": 10},
+        "output": {"dir": "run"},
+    }
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(job, sort_keys=False))
+    return tmp_path / "job.yml"
+
+
+@pytest.mark.process
+def test_train_on_recis_shaped_orc_files_with_list_columns(tmp_path):
+    write_recis_orc(tmp_path / "fake_data", files=2, rows=2047, seed=5)
+    job = recis_job(tmp_path)
+    settings = yaml.safe_load(job.read_text())
+    settings["train"]["steps"] = 96  # the three epochs exactly, so the last step evaluates
+    job.write_text(yaml.safe_dump(settings, sort_keys=False))
+    proc = run_cli("train", "--config", str(job), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 2 files x 2047 rows in batches of 128 are 31 full batches and a short one, 3 epochs of them
+    assert result["steps"] == 3 * 32 and result["samples"] == 3 * 2 * 2047
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "step" in x and not x.get("final")]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert result["eval_auc"] > 0.7
+
+
+@pytest.mark.process
+def test_bad_rows_stop_training_with_one_line_naming_file_column_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.orc as orc
+
+    write_recis_orc(tmp_path / "fake_data", files=1, rows=300, seed=6)
+    path = tmp_path / "fake_data/data_0.orc"
+    table = orc.read_table(str(path))
+    dense1 = table.column("dense1").to_pylist()
+    dense1[211] = [0.5] * 9
+    table = table.set_column(table.schema.get_field_index("dense1"), "dense1", pa.array(dense1))
+    orc.write_table(table, str(path))
+    proc = run_cli("train", "--config", str(recis_job(tmp_path)), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"ctrserve train: error: {path}, row 211: dense input 'dense1': column 'dense1' holds a list of 9 values; "
+        "its length is 8"
+    )
+
+
+@pytest.mark.unit
+def test_data_mapping_and_shuffle_keys_are_validated(tmp_path):
+    job = JobConfig.load(recis_job(tmp_path))
+    assert job.data.mapping.dense_width == 9 and job.data.mapping.string_ids == "farm"
+    assert job.data.epochs == 3 and job.data.shuffle.buffer_rows == 1000
+    bad = {
+        "mapping": {"label": "label", "dense": [{"name": "dense1", "lenght": 8}]},
+    }
+    with pytest.raises(ConfigError, match=r"unknown key 'data.mapping.dense\[0\].lenght' \(did you mean 'length'\?\)"):
+        JobConfig.load(recis_job(tmp_path, **bad))
+    with pytest.raises(ConfigError, match="'data.mapping': string_ids must be hex, decimal or farm"):
+        JobConfig.load(recis_job(tmp_path, mapping={"string_ids": "md5"}))
+    with pytest.raises(ConfigError, match="dense column 'd': 1 defaults for length 2"):
+        JobConfig.load(recis_job(tmp_path, mapping={"dense": [{"name": "d", "length": 2, "defaults": [1.0]}]}))
+    with pytest.raises(ConfigError, match="unknown key 'data.shuffle.rows'"):
+        JobConfig.load(recis_job(tmp_path, shuffle={"rows": 5}))
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        JobConfig.load(recis_job(tmp_path, epochs=0))
+
+
+def _eval_batches(rng: np.random.Generator, n_batches: int, rows: int):
+    from trainer.batch import PyPersiaBatchData
+
+    batches = []
+    for _ in range(n_batches):
+        users = [[] if rng.random() < 0.1 else [int(rng.integers(0, 12)) * 2**40] for _ in range(rows)]
+        b = PyPersiaBatchData()
+        b.add_dense_f32(rng.random((rows, 2), dtype=np.float32))
+        b.add_sparse_feature(SparseFeature.from_lists("user", users))
+        b.add_sparse_feature(SparseFeature.from_lists("item", [[int(i)] for i in rng.integers(0, 50, rows)]))
+        b.add_target((rng.random((rows, 1)) < 0.3).astype(np.float32))
+        batches.append(b)
+    return batches
+
+
+@pytest.mark.unit
+def test_evaluation_reports_exact_and_bucketed_auc_and_gauc_by_a_features_first_id(pairwise_gauc):
+    from trainer.ctx import TrainCtx
+    from trainer.job import TrainConfig, evaluate
+    from trainer.metrics import roc_auc
+    from trainer.models import DeepCTR
+
+    emb = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}, "item": {"dim": 4}}})
+    torch.manual_seed(0)
+    model = DeepCTR(2, [4, 4], [8])
+    batches = _eval_batches(np.random.default_rng(2), 3, 200)
+    with TrainCtx(
+        model=model,
+        dense_optimizer=torch.optim.Adam(model.parameters()),
+        sparse_optimizer=None,
+        embedding_config=emb,
+        global_config=GlobalConfig.from_dict({"initialization": {"lower": -1.0, "upper": 1.0}}),
+    ) as ctx:
+        for b in batches:  # rows for the ids, so that scores differ by user
+            ctx.forward(b)
+        for weight in ("impressions", "clicks"):
+            figures = evaluate(ctx, batches, TrainConfig(gauc_group="user", gauc_weight=weight))
+            scores = np.concatenate([ctx.predict(b).numpy()[:, 0] for b in batches])
+            labels = np.concatenate([b.targets[0][:, 0] for b in batches])
+            users = [
+                f.ids[f.offsets[i]] if f.offsets[i + 1] > f.offsets[i] else None
+                for b in batches
+                for f in b.sparse
+                if f.name == "user"
+                for i in range(b.batch_size)
+            ]
+            keep = [i for i, u in enumerate(users) if u is not None]
+            want = pairwise_gauc(labels[keep], scores[keep], [users[i] for i in keep], weight)
+            assert figures["gauc"] == pytest.approx(want, abs=1e-12)
+            assert figures["auc"] == roc_auc(labels, scores) and figures["rows"] == 600
+            assert abs(figures["auc_bucketed"] - figures["auc"]) < 1e-3
+        bucketed_only = evaluate(ctx, batches, TrainConfig(exact_auc_max_rows=599))
+        assert bucketed_only["auc"] == bucketed_only["auc_bucketed"] and bucketed_only["gauc"] is None
+        with pytest.raises(ConfigError, match="train.gauc_group: the batches have no sparse feature 'city'"):
+            evaluate(ctx, batches, TrainConfig(gauc_group="city"))
+
+
+@pytest.mark.process
+def test_job_writes_bucketed_auc_and_gauc_to_metrics_jsonl(tmp_path):
+    train = {"steps": 20, "eval_every": 10, "eval_batches": 4, "log_every": 10, "gauc_group": "C1"}
+    result = run_job(JobConfig.load(write_job(tmp_path, train=train, output={"dir": "run"})), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "step" in x]
+    assert [x["step"] for x in steps] == [10, 20]
+    for x in steps:
+        assert 0 < x["eval_gauc"] < 1 and abs(x["eval_auc_bucketed"] - x["eval_auc"]) < 1e-3
+    assert lines[-1]["final"] and lines[-1]["eval_gauc"] == result.eval_gauc == steps[-1]["eval_gauc"]
+    with pytest.raises(ConfigError, match="train.gauc_group: 'C99' is not a feature of"):
+        run_job(JobConfig.load(write_job(tmp_path, train={**train, "gauc_group": "C99"})), progress=False)
+    with pytest.raises(ConfigError, match="gauc_weight must be impressions or clicks, got 'users'"):
+        JobConfig.load(write_job(tmp_path, train={**train, "gauc_weight": "users"}))

@@ -316,6 +316,29 @@ def test_infer_mode_refuses_gradients():
     assert_same_snapshot(before, snapshot(store))
 
 
+@pytest.mark.parametrize("job_type", ["Eval", "eval"])
+def test_eval_job_inserts_nothing_and_applies_no_gradient(job_type, tmp_path):
+    """PERSIA's job_type Eval: a trained checkpoint loads, held rows read as trained, unseen ids
+    read as zeros without being inserted, and gradients are refused with the rows unchanged."""
+    from embedding_server.modelroot.checkpoint import dump_stores, load_store
+
+    trained = EmbeddingStore(EMB, glob())
+    trained.apply_gradients(u64(1, 2, 3), tab(3), np.ones((3, 4), np.float32))
+    weights = trained.lookup(u64(1, 2, 3), tab(3))
+    dump_stores([trained], str(tmp_path / "ckpt"))
+    store = EmbeddingStore(EMB, glob(mode=job_type))
+    assert load_store(store, str(tmp_path / "ckpt")) == 3
+    loaded = store.counters()["inserts"]
+    out = store.lookup(u64(2, 7, 1, 3), tab(4))
+    np.testing.assert_array_equal(out[[0, 2, 3]], weights[[1, 0, 2]])
+    np.testing.assert_array_equal(out[1], np.zeros(4, np.float32))
+    assert len(store) == 3 and held(store) == {1, 2, 3} and store.counters()["inserts"] == loaded
+    before = snapshot(store)
+    with pytest.raises(InvalidRequestError, match="does not accept gradients"):
+        store.apply_gradients(u64(1), tab(1), np.ones((1, 4), np.float32))
+    assert_same_snapshot(before, snapshot(store))
+
+
 # --------------------------------------------------------------------------- request validation
 
 
@@ -692,3 +715,89 @@ def test_mixed_hits_and_misses_in_one_request_keep_request_order(pooling_emb):
     rows = np.empty(2, np.int64)
     kernels.find_rows(store._slots, store._salts, np.array([10, 11], np.uint64), np.zeros(2, np.uint16), rows)
     assert rows.tolist() == [2, 3] and store.counters()["inserts"] == 4
+
+
+# --------------------------------------------------------------------------- per-table settings
+
+
+def table_config(**slots) -> EmbeddingConfig:
+    return EmbeddingConfig.from_dict({"slots_config": slots})
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_table_initializers_draw_their_own_distributions(shards):
+    cfg = table_config(
+        n={"dim": 8, "initializer": {"type": "normal", "mean": 0.5, "std": 0.2}},
+        t={"dim": 8, "initializer": {"type": "truncated_normal", "mean": -1.0, "std": 0.1}},
+        u={"dim": 8, "initializer": {"type": "uniform", "lower": 2.0, "upper": 3.0}},
+        c={"dim": 8, "initializer": {"type": "constant", "value": 0.25}},
+        z={"dim": 8, "initializer": {"type": "zeros"}},
+        g={"dim": 8},  # the global initialization
+    )
+    client = InProcessEmbeddingClient(cfg, glob(capacity=30_000, max_ids=10_000), num_shards=shards)
+    ids = np.arange(1, 2001, dtype=np.uint64)
+    got = {name: client.lookup_rows(ids, tab(2000, cfg.table_of(name).index), 8) for name in "ntucz" + "g"}
+    assert got["n"].mean() == pytest.approx(0.5, abs=0.01) and got["n"].std() == pytest.approx(0.2, rel=0.03)
+    assert got["n"].max() > 0.5 + 3 * 0.2  # unbounded, unlike bounded_normal
+    # A normal truncated at 2 std: within the bounds, std 0.8796 of the untruncated one.
+    assert np.abs(got["t"] + 1.0).max() <= 0.2 + 1e-6
+    assert got["t"].mean() == pytest.approx(-1.0, abs=0.005)
+    assert got["t"].std() == pytest.approx(0.1 * 0.8796, rel=0.03)
+    assert got["u"].min() >= 2.0 and got["u"].max() < 3.0 and got["u"].mean() == pytest.approx(2.5, abs=0.01)
+    assert (got["c"] == np.float32(0.25)).all() and (got["z"] == 0).all()
+    assert got["g"].min() >= -0.01 and got["g"].max() < 0.01  # bounded_uniform's defaults
+    # The same id gets the same vector in a fresh store (a restart) with any shard count.
+    again = InProcessEmbeddingClient(cfg, glob(capacity=30_000, max_ids=10_000), num_shards=4 - shards)
+    for name, values in got.items():
+        np.testing.assert_array_equal(again.lookup_rows(ids, tab(2000, cfg.table_of(name).index), 8), values)
+
+
+def test_default_initialisation_is_unchanged_by_table_initializers():
+    plain = EmbeddingStore(table_config(a={"dim": 4}), glob())
+    mixed = EmbeddingStore(table_config(a={"dim": 4}, b={"dim": 4, "initializer": {"type": "zeros"}}), glob())
+    ids = u64(1, 2, 3)
+    np.testing.assert_array_equal(plain.lookup(ids, tab(3)), mixed.lookup(ids, tab(3)))
+
+
+def test_a_tables_own_optimizer_overrides_the_global_one():
+    cfg = table_config(own={"dim": 4, "optimizer": {"type": "sgd", "lr": 0.5}}, shared={"dim": 4})
+    store = EmbeddingStore(cfg, glob(optimizer={"type": "adagrad", "lr": 0.1, "initial_accumulator_value": 0.0}))
+    ids = u64(5, 6)
+    before = [store.lookup(ids, tab(2, t)).copy() for t in (0, 1)]
+    grads = np.array([[1.0, -2.0, 0.5, 0.0], [0.25, 1.0, -1.0, 3.0]], np.float32)
+    for t in (0, 1):
+        store.apply_gradients(ids, tab(2, t), grads)
+    np.testing.assert_allclose(store.lookup(ids, tab(2, 0)), before[0] - 0.5 * grads, rtol=1e-6)
+    # Adagrad from a zero accumulator: the first step is lr * g / |g| (0 where g is 0).
+    np.testing.assert_allclose(store.lookup(ids, tab(2, 1)), before[1] - 0.1 * np.sign(grads), rtol=1e-6)
+    assert [store.state_width(t) for t in cfg.tables.values()] == [0, 4]
+    # A new global optimizer reaches the table without its own only.
+    store.set_optimizer(Adagrad(lr=0.2, initial_accumulator_value=0.0))
+    assert store.table_optimizer(cfg.tables["own"]).lr == 0.5 and store.table_optimizer(cfg.tables["shared"]).lr == 0.2
+
+
+def test_table_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
+    cfg = table_config(
+        a={"dim": 4, "optimizer": {"type": "adam", "lr": 0.05}},
+        b={"dim": 4},
+        c={"dim": 8, "optimizer": {"type": "sgd", "lr": 0.3}},
+    )
+    src = InProcessEmbeddingClient(cfg, glob(capacity=256), num_shards=2)
+    rng = np.random.default_rng(4)
+    keys = [(rng.integers(0, 2**63, 12, dtype=np.uint64), tab(12, t), d) for t, d in ((0, 4), (1, 4), (2, 8))]
+    for ids, tables, dim in keys:
+        src.push_rows(ids, tables, rng.standard_normal((12, dim)).astype(np.float32))
+    src.dump(str(tmp_path / "ckpt"))
+    manifest = json.loads((tmp_path / "ckpt/manifest.json").read_text())
+    assert manifest["embedding_config"]["slots_config"]["a"]["optimizer"] == {"type": "adam", "lr": 0.05}
+    dst = InProcessEmbeddingClient(cfg, glob(capacity=256), num_shards=3)
+    dst.load(str(tmp_path / "ckpt"))
+    widths = {r.table.name: r.state.shape[1] for s in dst.stores for r in s.rows()}
+    assert widths == {"a": 9, "b": 4, "c": 0}
+    for _ in range(2):
+        for ids, tables, dim in keys:
+            grads = rng.standard_normal((12, dim)).astype(np.float32)
+            src.push_rows(ids, tables, grads)
+            dst.push_rows(ids, tables, grads)
+    for got, want in zip(lookups(dst, keys), lookups(src, keys)):
+        np.testing.assert_array_equal(got, want)

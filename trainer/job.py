@@ -34,14 +34,16 @@ from tqdm import tqdm
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.config_schema import build, option, read_yaml
 from embedding_server.core.errors import ConfigError
+from embedding_server.core.feature_ops import FeaturePipeline
 from embedding_server.core.optimizers import SparseOptimizer, optimizer_from_dict
 from embedding_server.modelroot.incremental import publish_checkpoint, watermark_of
 from embedding_server.storage.kinds import StorageKind
 from trainer.batch import PyPersiaBatchData
 from trainer.ctx import TrainCtx
+from trainer.data import ColumnMapping
 from trainer.export import export_dense
 from trainer.loader import DataLoader, FileFormat
-from trainer.metrics import log_loss, roc_auc
+from trainer.metrics import GAUC_WEIGHTS, BucketedAUC, gauc, log_loss, roc_auc
 from trainer.models import DLRM, DeepCTR
 from trainer.synthetic import SyntheticCriteo
 from trainer.telemetry import TrainerMetrics
@@ -73,9 +75,24 @@ _LOADER_FORMATS: dict[str, FileFormat | None] = {
 
 
 @dataclass(frozen=True)
+class ShuffleConfig:
+    seed: int = option(0, doc="seed of both shuffles (an epoch's order is the same on every run with this seed)")
+    files: bool = option(False, doc="shuffle the order of the training files each epoch (the same way on every rank)")
+    buffer_rows: int = option(
+        0, doc="shuffle training rows through a buffer of this many rows (memory: one row each; 0 = rows in file order)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < 0:
+            raise ValueError(f"buffer_rows must be >= 0, got {self.buffer_rows}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train_paths: list[str] = option(
-        default_factory=list, doc="training files or globs (Criteo TSV/CSV, .parquet, .orc); empty = synthetic data"
+        default_factory=list,
+        doc="training files, directories (their .parquet/.pq/.orc files, recursively, sorted) or globs "
+        "(Criteo TSV/CSV, .parquet, .orc); empty = synthetic data",
     )
     eval_paths: list[str] = option(
         default_factory=list,
@@ -85,12 +102,21 @@ class DataConfig:
     synthetic: SyntheticDataConfig = option(
         default_factory=SyntheticDataConfig, doc="generated Criteo-like data with a planted model"
     )
+    mapping: ColumnMapping = option(
+        default_factory=ColumnMapping.criteo,
+        doc="which columns of Parquet/ORC files are labels, dense inputs and sparse features; "
+        "without this section Criteo's: label, I1..I13 (log1p), C1..C26 (hex)",
+    )
+    epochs: int = option(1, doc="passes over train_paths (training stops earlier at train.steps)")
+    shuffle: ShuffleConfig = option(default_factory=ShuffleConfig, doc="seeded shuffles of the training data")
     batch_size: int = option(1024, doc="samples per step (per rank)")
     prefetch: int = option(4, doc="batches prepared ahead in a background thread")
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.format not in _LOADER_FORMATS:
             raise ValueError(f"format must be auto, tsv, csv, parquet or orc, got {self.format!r}")
 
@@ -131,10 +157,30 @@ class TrainConfig:
     seed: int = option(0, doc="seed of the dense model's initialisation")
     mixed_precision: bool = option(False, doc="torch.amp on CUDA (ignored on the CPU)")
     max_seconds: float = option(0.0, doc="stop after this many seconds of training (0 = no limit)")
+    auc_buckets: int = option(
+        10_000, doc="score buckets of the streaming AUC (eval_auc_bucketed; merged over data-parallel ranks)"
+    )
+    exact_auc_max_rows: int = option(
+        1_000_000,
+        doc="evaluations of at most this many rows (all ranks together) report the exact AUC as eval_auc; "
+        "larger ones report the bucketed AUC there",
+    )
+    gauc_group: str = option(
+        "",
+        doc="a sparse feature whose first id per sample is the sample's group for GAUC (e.g. a user id); "
+        "samples without an id are left out; empty = no GAUC",
+    )
+    gauc_weight: str = option("impressions", doc="GAUC weight of a group: impressions (its samples) or clicks")
 
     def __post_init__(self) -> None:
         if self.max_seconds < 0:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
+        if self.auc_buckets < 2:
+            raise ValueError(f"auc_buckets must be >= 2, got {self.auc_buckets}")
+        if self.exact_auc_max_rows < 0:
+            raise ValueError(f"exact_auc_max_rows must be >= 0, got {self.exact_auc_max_rows}")
+        if self.gauc_weight not in GAUC_WEIGHTS:
+            raise ValueError(f"gauc_weight must be impressions or clicks, got {self.gauc_weight!r}")
         for name in ("steps", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -202,7 +248,8 @@ class JobConfig:
     )
     sparse_optimizer: dict[str, Any] = option(
         default_factory=lambda: {"type": "adagrad", "lr": 0.05},
-        doc="sparse optimizer: type (sgd, adagrad or adam) plus its parameters, as in global_config.yml",
+        doc="sparse optimizer: type (sgd, adagrad or adam) plus its parameters, as in global_config.yml (adagrad's "
+        "initial_accumulator_value: PERSIA's 0.01 unless given; torch.optim.Adagrad's default is 0)",
     )
     train: TrainConfig = option(default_factory=TrainConfig, doc="the training loop")
     output: OutputConfig = option(default_factory=OutputConfig, doc="where results go")
@@ -270,8 +317,11 @@ def _with_paths(job: JobConfig, base: Path) -> JobConfig:
 HELD_OUT_START = 1 << 40  # synthetic rows from here on are never trained on
 
 
-def job_sources(data: DataConfig, eval_batches: int) -> tuple[DataLoader, list[PyPersiaBatchData]]:
-    """The training loader (this rank's share) and the held-out batches every evaluation uses.
+def job_sources(
+    data: DataConfig, eval_batches: int, features: FeaturePipeline | None = None
+) -> tuple[DataLoader, list[PyPersiaBatchData]]:
+    """The training loader (this rank's share) and the held-out batches every evaluation uses;
+    ``features`` (the embedding config's feature ops) make the slots with ops from raw inputs.
 
     Raises:
         FileNotFoundError: a path or glob matches no file.
@@ -279,11 +329,32 @@ def job_sources(data: DataConfig, eval_batches: int) -> tuple[DataLoader, list[P
     """
     fmt = _LOADER_FORMATS[data.format]
     if data.train_paths:
-        train = DataLoader(data.train_paths, data.batch_size, prefetch=data.prefetch, fmt=fmt)
-        held_out = DataLoader(data.eval_paths or data.train_paths, data.batch_size, rank=0, world_size=1, fmt=fmt)
+        train = DataLoader(
+            data.train_paths,
+            data.batch_size,
+            prefetch=data.prefetch,
+            fmt=fmt,
+            mapping=data.mapping,
+            shuffle_files=data.shuffle.files,
+            shuffle_buffer_rows=data.shuffle.buffer_rows,
+            seed=data.shuffle.seed,
+            epochs=data.epochs,
+            features=features,
+        )
+        held_out = DataLoader(
+            data.eval_paths or data.train_paths,
+            data.batch_size,
+            rank=0,
+            world_size=1,
+            fmt=fmt,
+            mapping=data.mapping,
+            features=features,
+        )
     else:
         generator = SyntheticCriteo(seed=data.synthetic.seed)
-        train = DataLoader(generator, data.batch_size, prefetch=data.prefetch, num_rows=data.synthetic.rows or None)
+        train = DataLoader(
+            generator, data.batch_size, prefetch=data.prefetch, num_rows=data.synthetic.rows or None, features=features
+        )
         held_out = DataLoader(
             generator,
             data.batch_size,
@@ -291,6 +362,7 @@ def job_sources(data: DataConfig, eval_batches: int) -> tuple[DataLoader, list[P
             world_size=1,
             start_row=HELD_OUT_START,
             num_rows=eval_batches * data.batch_size,
+            features=features,
         )
     with held_out:
         evals = list(itertools.islice(held_out, eval_batches))
@@ -305,7 +377,7 @@ def build_model(cfg: ModelConfig, config: EmbeddingConfig, dense_width: int) -> 
     Raises:
         ConfigError: DLRM with features of different dims.
     """
-    dims = [slot.dim for slot in config.slots_config.values()]
+    dims = [slot.output_dim for slot in config.slots_config.values()]  # tile: tile_len * dim
     if cfg.type == "deepctr":
         return DeepCTR(dense_width, dims, cfg.hidden)
     if len(set(dims)) != 1:
@@ -330,6 +402,8 @@ class JobResult:
     eval_loss: float
     exported_versions: list[int] = field(default_factory=list)
     checkpoint: str = ""
+    eval_auc_bucketed: float = float("nan")
+    eval_gauc: float | None = None  # None without train.gauc_group
 
 
 def run_job(job: JobConfig, progress: bool = True, telemetry: TrainerMetrics | None = None) -> JobResult:
@@ -339,11 +413,16 @@ def run_job(job: JobConfig, progress: bool = True, telemetry: TrainerMetrics | N
         ConfigError: inconsistent settings (for example data-parallel without servers).
     """
     config = EmbeddingConfig.load(job.embedding_config)
+    if job.train.gauc_group and job.train.gauc_group not in config.slots_config:
+        raise ConfigError(
+            f"train.gauc_group: '{job.train.gauc_group}' is not a feature of {job.embedding_config} "
+            f"(it defines: {', '.join(config.slots_config)})"
+        )
     rank = int(os.environ.get("RANK", "0"))
     out_dir = Path(job.output.dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    train_data, eval_data = job_sources(job.data, job.train.eval_batches)
+    train_data, eval_data = job_sources(job.data, job.train.eval_batches, FeaturePipeline.from_config(config))
     dense_width = eval_data[0].dense_matrix().shape[1]
     torch.manual_seed(job.train.seed)
     model = build_model(job.model, config, dense_width)
@@ -384,7 +463,7 @@ def _loop(
     checkpoint = checkpoint_location(job)
     versions: list[int] = []
     start, samples, losses = time.perf_counter(), 0, []
-    last_eval = {"auc": float("nan"), "loss": float("nan")}
+    last_eval: dict[str, Any] = {"auc": float("nan"), "auc_bucketed": float("nan"), "loss": float("nan"), "gauc": None}
     bar = tqdm(total=job.train.steps, desc="train", unit="step", disable=not progress or rank != 0, dynamic_ncols=True)
     window_start, window_samples = start, 0
     batches: Iterator[PyPersiaBatchData] = iter(train_data)
@@ -404,7 +483,7 @@ def _loop(
                 telemetry.stepped(step, batch.batch_size)
             is_last = step == job.train.steps
             if (job.train.eval_every and step % job.train.eval_every == 0) or is_last:
-                last_eval = evaluate(ctx, eval_data)
+                last_eval = evaluate(ctx, eval_data, job.train)
                 if telemetry is not None:
                     telemetry.evaluated(last_eval["auc"], last_eval["loss"])
             if step % job.train.log_every == 0 or is_last:
@@ -418,6 +497,8 @@ def _loop(
                     step=step,
                     loss=recent_loss,
                     eval_auc=last_eval["auc"],
+                    eval_auc_bucketed=last_eval["auc_bucketed"],
+                    eval_gauc=last_eval["gauc"],
                     eval_loss=last_eval["loss"],
                     samples_per_s=rate,
                     elapsed_s=now - start,
@@ -454,6 +535,8 @@ def _loop(
         last_eval["loss"],
         versions,
         checkpoint,
+        last_eval["auc_bucketed"],
+        last_eval["gauc"],
     )
     metrics.write(final=True, **result.__dict__)
     metrics.close()
@@ -486,18 +569,86 @@ def _publish(ctx: TrainCtx, job: JobConfig, dense_width: int, first: bool, last:
     )
 
 
-def evaluate(ctx: TrainCtx, batches: list[PyPersiaBatchData]) -> dict[str, float]:
-    """AUC and log loss over held-out batches, scored as serving scores them: the lookups insert
-    nothing (:meth:`TrainCtx.predict`), so ids never trained read as zeros and never become
-    rows that are checkpointed, exported and served."""
-    labels, scores = [], []
-    for batch in batches:
-        scores.append(ctx.predict(batch).numpy()[:, 0])
-        labels.append(batch.targets[0][:, 0])
-    if not labels:
-        return {"auc": float("nan"), "loss": float("nan")}
-    y, p = np.concatenate(labels), np.concatenate(scores)
-    return {"auc": roc_auc(y, p), "loss": log_loss(y, p)}
+def evaluate(ctx: TrainCtx, batches: list[PyPersiaBatchData], train: TrainConfig | None = None) -> dict[str, Any]:
+    """AUC, bucketed AUC, GAUC and log loss over held-out batches, scored as serving scores
+    them: the lookups insert nothing (:meth:`TrainCtx.predict`), so ids never trained read as
+    zeros and never become rows that are checkpointed, exported and served.
+
+    Under ``torch.distributed`` each rank scores its share of ``batches`` (every ``world``-th);
+    the bucketed AUC's counts and the loss are summed over the ranks with ``all_reduce``, and
+    the scores are gathered only where the exact AUC or GAUC needs them. Every rank returns the
+    same figures.
+
+    Args:
+        train: the job's ``train`` section (``auc_buckets``, ``exact_auc_max_rows``,
+            ``gauc_group``, ``gauc_weight``); its defaults when not given.
+
+    Returns:
+        ``auc`` (exact up to ``exact_auc_max_rows`` rows, else the bucketed one),
+        ``auc_bucketed``, ``loss``, ``gauc`` (None without ``gauc_group``) and ``rows``.
+
+    Raises:
+        ConfigError: ``gauc_group`` is not a sparse feature of the batches.
+    """
+    import torch.distributed as dist
+
+    cfg = train or TrainConfig()
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = batches[rank::world]
+    bucketed = BucketedAUC(cfg.auc_buckets)
+    labels, scores, groups, grouped = [], [], [], []
+    # Every rank runs as many forwards (a short share scores one batch again, uncounted): a
+    # wrapped model may synchronise buffers in each forward.
+    for i in range(-(-len(batches) // world)):
+        batch = mine[i] if i < len(mine) else batches[0]
+        p = ctx.predict(batch).numpy()[:, 0]
+        if i >= len(mine):
+            continue
+        y = batch.targets[0][:, 0]
+        bucketed.update(y, p)
+        labels.append(y)
+        scores.append(p)
+        if cfg.gauc_group:
+            ids, has = _first_ids(batch, cfg.gauc_group)
+            groups.append(ids)
+            grouped.append(has)
+    y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    p = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    g = np.concatenate(groups) if groups else np.zeros(0, np.uint64)
+    present = np.concatenate(grouped) if grouped else np.zeros(0, np.bool_)
+    loss_sum = torch.tensor([log_loss(y, p) * y.shape[0] if y.shape[0] else 0.0, y.shape[0]], dtype=torch.float64)
+    if distributed:
+        bucketed.all_reduce()
+        dist.all_reduce(loss_sum)
+    rows = int(loss_sum[1])
+    if distributed and (rows <= cfg.exact_auc_max_rows or cfg.gauc_group):
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (y, p, g, present))
+        y, p, g, present = (np.concatenate([part[k] for part in parts]) for k in range(4))
+    if rows == 0:
+        return {"auc": float("nan"), "auc_bucketed": float("nan"), "loss": float("nan"), "gauc": None, "rows": 0}
+    return {
+        "auc": roc_auc(y, p) if rows <= cfg.exact_auc_max_rows else bucketed.value(),
+        "auc_bucketed": bucketed.value(),
+        "loss": float(loss_sum[0]) / rows if distributed else log_loss(y, p),
+        "gauc": gauc(y[present], p[present], g[present], cfg.gauc_weight) if cfg.gauc_group else None,
+        "rows": rows,
+    }
+
+
+def _first_ids(batch: PyPersiaBatchData, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's first id of ``feature`` (uint64; 0 where it has none) and whether it has
+    one (samples without are left out of GAUC)."""
+    found = [f for f in batch.sparse if f.name == feature]
+    if not found:
+        names = ", ".join(f.name for f in batch.sparse)
+        raise ConfigError(f"train.gauc_group: the batches have no sparse feature '{feature}' (they have {names})")
+    f = found[0]
+    has = np.diff(f.offsets) > 0
+    out = np.zeros(has.shape[0], np.uint64)
+    out[has] = f.ids[f.offsets[:-1][has]]
+    return out, has
 
 
 class _MetricsWriter:

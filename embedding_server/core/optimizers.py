@@ -61,7 +61,9 @@ class Adagrad:
     """
 
     lr: float = option(0.01, doc="learning rate")
-    initial_accumulator_value: float = option(0.01, doc="starting value of the squared-gradient accumulator")
+    initial_accumulator_value: float = option(
+        0.01, doc="starting value of the squared-gradient accumulator (PERSIA's 0.01; torch.optim.Adagrad's is 0)"
+    )
     weight_decay: float = option(0.0, doc="L2 penalty added to the gradient")
     g_square_momentum: float = option(1.0, doc="decay of the accumulator before adding g^2 (1 = plain Adagrad)")
     eps: float = option(1e-10, doc="added to sqrt(accumulator) for numerical stability")

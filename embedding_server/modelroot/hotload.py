@@ -649,7 +649,7 @@ class ModelRootFollower:
         for path in ckpt.files_of(shards):
             rows = self._owned(checkpoint.read_table_file(folder, path, self.store))
             if rows.ids.shape[0]:  # serving keeps no optimizer state
-                width = self.store.optimizer.state_width(rows.table.dim)
+                width = self.store.state_width(rows.table)
                 parts.append(
                     TableRows(rows.table, rows.ids, rows.weights, np.zeros((rows.ids.shape[0], width), np.float32))
                 )

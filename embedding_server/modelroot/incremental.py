@@ -568,7 +568,7 @@ def _put_keeping_state(store: EmbeddingStore, tables: list[TableRows]) -> int:
     parts = []
     for rows in tables:
         n = rows.ids.shape[0]
-        state = np.zeros((n, store.optimizer.state_width(rows.table.dim)), np.float32)
+        state = np.zeros((n, store.state_width(rows.table)), np.float32)
         have = held.get(rows.table.name)
         if have is not None and have.ids.shape[0] and state.shape[1]:
             order = np.argsort(have.ids, kind="stable")

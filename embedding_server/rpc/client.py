@@ -5,8 +5,10 @@
 1. hash stacking expands ids where a slot asks for it;
 2. keys of all features whose tables share a ``dim`` are deduplicated together;
 3. each distinct key is routed to its shard (a stable hash), shards are asked in parallel;
-4. the distinct rows are pooled per sample with ``embedding_bag`` (sum, mean or sqrt scaling), or
-   laid out as ``[batch, sample_fixed_size, dim]`` with a mask for raw slots.
+4. the distinct rows are pooled per sample with ``embedding_bag`` (sum, mean or sqrt scaling),
+   tiled (``combiner: tile``: the first ``tile_len`` rows side by side, zero-padded, as one
+   ``[batch, tile_len * dim]`` tensor), or laid out as ``[batch, sample_fixed_size, dim]`` with a
+   mask for raw slots.
 
 Step 4 runs on a tensor of distinct rows that can require grad: after ``loss.backward()``,
 :meth:`EmbeddingClient.push_gradients` sends each row's summed gradient to its shard. The
@@ -62,7 +64,8 @@ class _KeyGroup:
 
 @dataclass
 class LookupResult:
-    """Per feature, a pooled ``[batch, dim]`` tensor or a :class:`RawEmbedding`."""
+    """Per feature, a pooled ``[batch, dim]`` tensor (``[batch, tile_len * dim]`` for tile), or
+    a :class:`RawEmbedding`."""
 
     embeddings: dict[str, torch.Tensor | RawEmbedding]
     groups: list[_KeyGroup] = field(default_factory=list, repr=False)
@@ -301,15 +304,15 @@ class _DimGroup:
     names: tuple[str, ...]
     slots: tuple[SlotConfig, ...]
     tables: np.ndarray  # uint16 table index per feature
-    pooled: np.ndarray  # int64 positions of the pooled features
-    all_pooled: bool
+    pooled: np.ndarray  # int64 positions of the summed features (sum, mean, sqrtn)
+    all_pooled: bool  # every feature is summed
     scaled: bool  # some pooled feature has mean or sqrt scaling
     stacked: bool  # some feature has hash stacking
 
     @classmethod
     def of(cls, config: EmbeddingConfig, dim: int, names: list[str]) -> _DimGroup:
         slots = tuple(config.slots_config[n] for n in names)
-        pooled = [k for k, slot in enumerate(slots) if slot.pooling.pooled]
+        pooled = [k for k, slot in enumerate(slots) if slot.pooling.summed]
         return cls(
             dim,
             tuple(names),
@@ -325,21 +328,23 @@ class _DimGroup:
 def _assemble(
     group: _DimGroup, part: KeyedIds, inverse: torch.Tensor, rows: torch.Tensor
 ) -> dict[str, torch.Tensor | RawEmbedding]:
-    """Pool (or lay out) each feature's rows. All pooled features go through one pooling call
+    """Pool (or lay out) each feature's rows. All summed features go through one pooling call
     on their concatenated keys (``inverse`` holds each key's row in ``rows``, features in
-    order); the per-feature work is only for raw slots."""
+    order); the per-feature work is only for raw and tiled slots."""
     out: dict[str, torch.Tensor | RawEmbedding] = {}
     batch_size, bounds = part.batch_size, part.bounds
     for k, slot in enumerate(group.slots):
-        if slot.pooling is Pooling.NONE:
-            out[group.names[k]] = _raw(
+        if not slot.pooling.summed:
+            raw = _raw(
                 inverse[bounds[k] : bounds[k + 1]],
                 torch.from_numpy(part.offsets[k]),
                 rows,
-                slot.sample_fixed_size,
+                slot.tile_len if slot.pooling is Pooling.TILE else slot.sample_fixed_size,
                 batch_size,
                 group.dim,
             )
+            # tile: the kept rows side by side; padding positions are zeros already
+            out[group.names[k]] = raw.values.reshape(batch_size, -1) if slot.pooling is Pooling.TILE else raw
     if group.pooled.shape[0]:
         idx = inverse if group.all_pooled else torch.cat([inverse[bounds[k] : bounds[k + 1]] for k in group.pooled])
         lengths = part.lengths if group.all_pooled else part.lengths[group.pooled]

@@ -215,20 +215,38 @@ def _slot_delete(slots, row_slot, salts, s):
 @njit(cache=True, inline="always")
 def _init_row(weights, state, r, key, salt, dim, init_kind, init_params, state_init):
     # Counter-based generator: element j of a row depends only on (seed, table, id, j), so any
-    # shard or replica initialises an id identically, in any order.
+    # shard or replica initialises an id identically, in any order. init_kind and init_params
+    # are the table's (see core.initializers): 0 uniform in [lower, upper), 1 normal clipped to
+    # [lower, upper] (unbounded: +-inf), 2 truncated normal (drawn again beyond 2 std), 3 constant.
     base = mix64(key ^ salt ^ np.uint64(init_params[4]))
     lo = init_params[0]
     hi = init_params[1]
+    mean = init_params[2]
+    std = init_params[3]
     for j in range(dim):
         x = mix64(base + np.uint64(j + 1) * _GOLDEN)
         u = np.float64(x >> _S11) * (1.0 / 9007199254740992.0)
         if init_kind == 0:
             v = lo + (hi - lo) * u
+        elif init_kind == 3:
+            v = init_params[5]
         else:
             x2 = mix64(x ^ _M2)
             u2 = np.float64(x2 >> _S11) * (1.0 / 9007199254740992.0)
             z = np.sqrt(-2.0 * np.log(1.0 - u)) * np.cos(2.0 * np.pi * u2)
-            v = min(max(init_params[2] + init_params[3] * z, lo), hi)
+            if init_kind == 2:
+                # Further draws continue the same counter stream; after 64 (odds 0.046^64) clip.
+                attempt = 0
+                while abs(z) > 2.0 and attempt < 64:
+                    attempt += 1
+                    x = mix64(x + _GOLDEN)
+                    x2 = mix64(x ^ _M2)
+                    u = np.float64(x >> _S11) * (1.0 / 9007199254740992.0)
+                    u2 = np.float64(x2 >> _S11) * (1.0 / 9007199254740992.0)
+                    z = np.sqrt(-2.0 * np.log(1.0 - u)) * np.cos(2.0 * np.pi * u2)
+                v = mean + std * min(max(z, -2.0), 2.0)
+            else:
+                v = min(max(mean + std * z, lo), hi)
         weights[r, j] = np.float32(v)
     for j in range(state_init.shape[0]):
         state[r, j] = state_init[j]
@@ -399,12 +417,15 @@ def lookup(
     tables,
     start,
     insert,
-    init_kind,
+    init_kinds,
     init_params,
     state_init,
     rows,
 ):
     """Find the row of every (tables[i], ids[i]), i >= start, and write it to rows[i].
+
+    ``init_kinds`` (int64 per table), ``init_params`` (float64 ``[tables, 6]``) and
+    ``state_init`` (float32 ``[tables, width]``) initialise a new key's row by its table.
 
     With ``insert``: unseen ids are added and initialised. Without: they get the row index
     ``capacity``, which the store keeps as an all-zero row, and nothing is inserted. Returns
@@ -442,7 +463,9 @@ def lookup(
                     return i
                 meta[META_MISSES] += 1
                 _claim(slots, row_slot, row_tick, meta, s, r, key, tab, tick)
-                _init_row(weights, state, r, key, salts[tab], dims[tab], init_kind, init_params, state_init[tab])
+                _init_row(
+                    weights, state, r, key, salts[tab], dims[tab], init_kinds[tab], init_params[tab], state_init[tab]
+                )
             else:
                 meta[META_MISSES] += 1
                 r = capacity
@@ -713,24 +736,27 @@ def row_keys(slots, row_slot, rows, out_ids, out_tables):
 
 
 @njit(cache=True, nogil=True)
-def apply_gradients(weights, state, rows, dims, tabs, grads, kind, params, weight_bound):
-    """Run one optimizer step on each (unique) row with its summed gradient.
+def apply_gradients(weights, state, rows, dims, tabs, grads, kinds, params, weight_bound):
+    """Run one optimizer step on each (unique) row with its summed gradient, by the optimizer
+    of the row's table: ``kinds[table]`` selects it, ``params[table]`` holds its parameters.
 
     Arithmetic follows torch.optim's float32 formulas so results match it to ~1e-7.
     """
-    lr = params[0]
-    wd = params[1]
     for i in range(rows.shape[0]):
         r = rows[i]
-        dim = dims[tabs[i]]
+        tab = tabs[i]
+        dim = dims[tab]
+        kind = kinds[tab]
+        lr = params[tab, 0]
+        wd = params[tab, 1]
         if kind == 0:  # SGD
             for j in range(dim):
                 g = grads[i, j] + wd * weights[r, j]
                 weights[r, j] = weights[r, j] - lr * g
         elif kind == 1:  # Adagrad
-            gsm = params[2]
-            eps = params[3]
-            if params[4] != 0.0:  # vectorwise_shared
+            gsm = params[tab, 2]
+            eps = params[tab, 3]
+            if params[tab, 4] != 0.0:  # vectorwise_shared
                 sq = 0.0
                 for j in range(dim):
                     g = grads[i, j] + wd * weights[r, j]
@@ -748,9 +774,9 @@ def apply_gradients(weights, state, rows, dims, tabs, grads, kind, params, weigh
                     state[r, j] = acc
                     weights[r, j] = weights[r, j] - lr * g / (np.sqrt(acc) + eps)
         else:  # Adam, with the row's own step count in its last state column
-            b1 = params[2]
-            b2 = params[3]
-            eps = params[4]
+            b1 = params[tab, 2]
+            b2 = params[tab, 3]
+            eps = params[tab, 4]
             t = state[r, 2 * dim] + 1.0
             state[r, 2 * dim] = t
             bc1 = 1.0 - b1**t

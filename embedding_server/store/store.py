@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedding_server.core.config import EmbeddingConfig, GlobalConfig, InitMethod, JobType, TableSpec
+from embedding_server.core.config import EmbeddingConfig, GlobalConfig, JobType, TableSpec
 from embedding_server.core.errors import InvalidRequestError, describe_value
 from embedding_server.core.optimizers import SGD, SparseOptimizer
 from embedding_server.store import kernels
@@ -62,7 +62,7 @@ class EmbeddingStore:
         self.global_config = global_config
         self.shard_index = shard_index
         self.num_shards = num_shards
-        self.mode = global_config.mode
+        self.mode = global_config.mode.store_mode  # an eval job reads as infer mode does
         self.capacity = global_config.server.capacity
         # _lock guards the index against concurrent lookups; _write_lock serialises whole-store
         # writers and readers (packet applies, dumps), so a staged apply (see put_many) is never
@@ -74,9 +74,11 @@ class EmbeddingStore:
         self._salts = np.array([t.salt for t in tables], np.uint64)
         self._dims = np.array([t.dim for t in tables], np.int64)
         self._single_dim = len(set(self._dims.tolist())) == 1
+        # Each table's initializer (its own, else the global one) as the kernels take it.
         init = global_config.initialization
-        self._init_kind = 0 if init.method is InitMethod.BOUNDED_UNIFORM else 1
-        self._init_params = np.array([init.lower, init.upper, init.mean, init.std, float(init.seed)], np.float64)
+        inits = [(t.initializer or init.as_initializer()).kernel_params(init.seed) for t in tables]
+        self._init_kinds = np.array([kind for kind, _ in inits], np.int64)
+        self._init_params = np.stack([params for _, params in inits])
         if self.capacity >= 2**31 - 1:
             raise ValueError(f"capacity {self.capacity} is too large for one shard; use more shards")
         max_dim = int(self._dims.max())
@@ -120,16 +122,29 @@ class EmbeddingStore:
 
     @property
     def optimizer(self) -> SparseOptimizer:
+        """The store's sparse optimizer: that of every table without its own (see
+        :meth:`table_optimizer`)."""
         return self._optimizer
 
+    def table_optimizer(self, table: TableSpec) -> SparseOptimizer:
+        """The optimizer that updates ``table``'s rows: the table's own (``optimizer`` in
+        embedding_config.yml; train mode), else :attr:`optimizer`."""
+        return self._table_optimizers[self.config.tables[table.name].index]
+
+    def state_width(self, table: TableSpec) -> int:
+        """Optimizer state floats per row of ``table`` (0 in infer mode and for SGD)."""
+        return int(self._state_widths[self.config.tables[table.name].index])
+
     def set_optimizer(self, optimizer: SparseOptimizer) -> None:
-        """Switch the sparse optimizer. Allowed only while the store is empty, or when the new
-        optimizer keeps the same per-row state layout (e.g. a new learning rate)."""
+        """Switch the sparse optimizer of every table that has none of its own. Allowed only
+        while the store is empty, or when the new optimizer keeps the same per-row state layout
+        (e.g. a new learning rate)."""
         with self._lock:
             if len(self) and any(
                 optimizer.state_width(t.dim) != self._optimizer.state_width(t.dim)
                 or type(optimizer) is not type(self._optimizer)
                 for t in self._tables
+                if not self._own_optimizer(t)
             ):
                 raise InvalidRequestError(
                     f"cannot switch the sparse optimizer from {type(self._optimizer).__name__} to "
@@ -137,17 +152,30 @@ class EmbeddingStore:
                 )
             self._set_optimizer_locked(optimizer)
 
+    def _own_optimizer(self, table: TableSpec) -> bool:
+        """Whether ``table`` is updated by its own optimizer (serving keeps no state: never)."""
+        return table.optimizer is not None and self.mode is JobType.TRAIN
+
     def _set_optimizer_locked(self, optimizer: SparseOptimizer) -> None:
         self._optimizer = optimizer
-        self._kind, params = optimizer.params()
-        self._opt_params = np.array(params, np.float64)
-        self._state_widths = np.array([optimizer.state_width(t.dim) for t in self._tables], np.int64)
+        self._table_optimizers = [
+            t.optimizer if t.optimizer is not None and self._own_optimizer(t) else optimizer for t in self._tables
+        ]
+        # One kernel selector and one parameter row per table (rows padded to the longest).
+        params = [opt.params() for opt in self._table_optimizers]
+        self._kinds = np.array([kind for kind, _ in params], np.int64)
+        self._opt_params = np.zeros((len(params), max(len(p) for _, p in params)), np.float64)
+        for i, (_, p) in enumerate(params):
+            self._opt_params[i, : len(p)] = p
+        self._state_widths = np.array(
+            [opt.state_width(t.dim) for opt, t in zip(self._table_optimizers, self._tables)], np.int64
+        )
         width = max(1, int(self._state_widths.max()))
         if not hasattr(self, "_state") or self._state.shape[1] != width:
             self._state = _zeroed(*store_layout(self.capacity, 1, width, self.mode, self.tracks_changes)["state"])
         state_init = np.zeros((len(self._tables), width), np.float32)
-        for i, t in enumerate(self._tables):
-            init = optimizer.initial_state(t.dim)
+        for i, (opt, t) in enumerate(zip(self._table_optimizers, self._tables)):
+            init = opt.initial_state(t.dim)
             state_init[i, : len(init)] = init
         self._state_init = state_init
 
@@ -301,7 +329,7 @@ class EmbeddingStore:
                 self._dims,
                 tables,
                 np.ascontiguousarray(grads),
-                self._kind,
+                self._kinds,
                 self._opt_params,
                 float(self.global_config.server.weight_bound),
             )
@@ -325,7 +353,7 @@ class EmbeddingStore:
                 tables,
                 start,
                 insert,
-                self._init_kind,
+                self._init_kinds,
                 self._init_params,
                 self._state_init,
                 rows,
@@ -681,7 +709,7 @@ class EmbeddingStore:
         if rows.state.shape != (n, width):
             raise InvalidRequestError(
                 f"table '{table.name}': optimizer state shape {rows.state.shape} != ({n}, {width}) "
-                f"for {type(self._optimizer).__name__}"
+                f"for {type(self._table_optimizers[table.index]).__name__}"
             )
         tables = np.full(n, table.index, np.uint16)
         ids = np.ascontiguousarray(rows.ids, np.uint64)
