@@ -104,6 +104,23 @@ def test_bad_job_configs_name_the_key(tmp_path, override, message):
         JobConfig.load(write_job(tmp_path, **override))
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "sparse, accumulator",
+    [
+        (None, 0.0),  # job.yml's default optimizer
+        ({"type": "adagrad", "lr": 0.05}, 0.0),  # adagrad without the key: torch's default
+        ({"type": "adagrad", "lr": 0.05, "initial_accumulator_value": 0.01}, 0.01),  # PERSIA's, when asked
+    ],
+)
+def test_job_adagrad_starts_its_accumulator_at_torchs_default_unless_set(tmp_path, sparse, accumulator):
+    override = {} if sparse is None else {"sparse_optimizer": sparse}
+    optimizer = JobConfig.load(write_job(tmp_path, **override)).sparse()
+    assert optimizer.initial_accumulator_value == accumulator
+    # PERSIA's files keep PERSIA's default
+    assert GlobalConfig.from_dict({"sparse_optimizer": {"type": "adagrad"}}).sparse_optimizer.initial_accumulator_value == 0.01
+
+
 def modes_under(top: Path) -> dict[str, set[str]]:
     """``{"files": {...}, "dirs": {...}}``: the octal permission bits of everything under ``top``
     (``top`` included), from ``os.stat``."""
