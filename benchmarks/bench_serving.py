@@ -32,7 +32,12 @@ left out) to show where ctrserve's extra time goes: ``handler_b<batch>_{decode,l
 postprocess}_ms`` (medians). With ``--ops`` (the default) the whole request is also timed in this
 process with feature ops and without, interleaved: ``handler_b<batch>_total_ms`` (the requests'
 ids), ``handler_b<batch>_ops_total_ms`` (the same rows as raw inputs, every feature made by its
-version's ops, equal scores checked) and ``handler_b<batch>_ops_ratio`` (goal <= 1.1).
+version's ops, equal scores checked) and ``handler_b<batch>_ops_ratio`` (goal <= 1.1). With
+``--ops`` TorchServe also serves that version with feature ops as a fourth model, ``ops``, and it
+is timed over gRPC with the same rows sent once as the pre-transformed ids and once as raw inputs
+that its ops turn into those ids, interleaved request by request (scores checked equal to each
+other and to ``ctrserve``'s): ``ops_b<batch>_{ids,raw}_{p50,p99}_ms`` and
+``ops_b<batch>_p50_ratio`` (raw / ids; ``ops_p50_ratio`` at batch 64 is the headline, goal <= 1.1).
 
 ``--quick``: 8,192 rows, 60 sequential requests per contender (20 at batch 512), 2 concurrent
 rounds of 8 x 4 requests (1 at batch 512). Full: 32,768 rows, 600 sequential requests (200 at batch
@@ -50,7 +55,8 @@ time), and the ratios ctrserve / baseline and ctrserve / whole (latency: > 1 is 
 
 The last line printed is one JSON object: ``p50_ratio`` and ``p99_ratio`` (ctrserve / baseline,
 batch 64, gRPC, sequential; goals <= 1.3 and <= 1.5), ``ratio`` = ``p50_ratio``,
-``p50_vs_whole`` / ``p99_vs_whole`` (ctrserve / whole, same case), every case's figures
+``p50_vs_whole`` / ``p99_vs_whole`` (ctrserve / whole, same case), ``ops_p50_ratio`` (with
+``--ops``), every case's figures
 (``<contender>_b<batch>_<seq|c8>_{p50_ms,p99_ms,req_per_s}``, ``b<batch>_<seq|c8>_{p50,p99,rps}_ratio``
 and ``..._vs_whole``) and ``other_load`` (the share of the machine other processes used while
 timing; TorchServe, its workers and the embedding server count as this benchmark's own).
@@ -65,6 +71,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +95,7 @@ CONTENDERS = ("ctrserve", "baseline", "whole")
 BASELINES = ROOT / "benchmarks" / "serving_baselines"
 TOL = 1e-5
 GOALS = {"p50_ratio": 1.3, "p99_ratio": 1.5}
+OPS_GOAL = 1.1  # raw inputs through feature ops / the same ids, p50 at batch 64
 
 
 def parse_args() -> argparse.Namespace:
@@ -123,9 +131,10 @@ def parse_args() -> argparse.Namespace:
         "--ops",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time the in-process handler on raw-input requests of a version whose every feature has feature "
-        "ops (select, mod, truncate; the same ids), interleaved with the same requests as ids: "
-        "handler_b<batch>_{total,ops_total}_ms and ops_ratio (default on; --no-ops skips it)",
+        help="also serve a version whose every feature has feature ops (select, mod, truncate; the same ids) and "
+        "time it in-process (handler_b<batch>_{total,ops_total}_ms, ops_ratio) and through TorchServe "
+        "(ops_b<batch>_{ids,raw}_p50_ms, ops_b<batch>_p50_ratio): the same rows as raw inputs and as ids, "
+        "interleaved (default on; --no-ops skips it)",
     )
     args = p.parse_args()
     args.rows = args.rows or (8192 if args.quick else 32768)
@@ -401,36 +410,67 @@ def breakdown(
         torch.set_num_threads(threads)
 
 
+def ops_embedding_config(embedding_config: dict) -> dict:
+    """``embedding_config`` with feature ops on every feature that give the ids the requests
+    carry: ``select`` of the raw input of its name, ``mod`` by the largest 64-bit prime,
+    ``truncate`` to 1,000 ids (no row here has more)."""
+    emb = json.loads(json.dumps(embedding_config))
+    for name, slot in emb["slots_config"].items():
+        slot["ops"] = [{"select": name}, {"mod": (1 << 64) - 59}, {"truncate": {"seq_len": 1000, "side": "right"}}]
+    return emb
+
+
+def raw_body(body: bytes) -> bytes:
+    """The batch bytes ``body`` with its sparse features sent as raw inputs of the same names."""
+    from embedding_server.core.batch_codec import BatchData, decode_batch, encode_batch
+    from handler.raw_inputs import add_raw_inputs
+
+    data = decode_batch(body)
+    return encode_batch(add_raw_inputs(BatchData(dense=list(data.dense)), {f.name: f for f in data.sparse}))
+
+
+def time_ops_served(client, ids_bodies: list[bytes], raw_bodies: list[bytes], n: int, warmup: int) -> dict:
+    """The ``ops`` model over gRPC: each row set sent as ids and as raw inputs, interleaved
+    request by request (alternating which goes first)."""
+    for k in range(warmup):
+        client.predict(ids_bodies[k % len(ids_bodies)])
+        client.predict(raw_bodies[k % len(raw_bodies)])
+    lat: dict[str, list[float]] = {"ids": [], "raw": []}
+    for k in range(n):
+        for key in ("ids", "raw")[:: 1 if k % 2 else -1]:
+            body = (ids_bodies if key == "ids" else raw_bodies)[k % len(ids_bodies)]
+            t0 = time.perf_counter()
+            client.predict(body)
+            lat[key].append(time.perf_counter() - t0)
+    out = {}
+    for key, values in lat.items():
+        p50, p99 = _percentiles(values)
+        out[f"{key}_p50_ms"], out[f"{key}_p99_ms"] = p50, p99
+    out["p50_ratio"] = out["raw_p50_ms"] / out["ids_p50_ms"]
+    out["p99_ratio"] = out["raw_p99_ms"] / out["ids_p99_ms"]
+    return out
+
+
 def ops_on_off(results: dict, reps: int, spec, model, remote, addresses: list[str], bodies: dict, plain) -> None:
     """The handler's whole request (preprocess, inference, postprocess) with feature ops and
     without, interleaved request by request on the same embedding server: ``plain`` serves the
     requests' ids; a second handler serves a version whose every feature is made by ops
-    (``select`` of a raw input of its name, ``mod`` by the largest 64-bit prime, ``truncate`` to
-    1,000 ids: the same ids for this data) from the same requests with raw inputs. Their scores
-    must be equal."""
+    (:func:`ops_embedding_config`: the same ids for this data) from the same requests with raw
+    inputs. Their scores must be equal."""
     import torch
 
-    from embedding_server.core.batch_codec import BatchData, decode_batch, encode_batch
     from embedding_server.core.model_spec import DenseModelSpec
     from handler.persia_handler import PersiaHandler
-    from handler.raw_inputs import add_raw_inputs
     from handler.serving_config import ServingConfig
 
-    emb = json.loads(json.dumps(spec.embedding_config))
-    for name, slot in emb["slots_config"].items():
-        slot["ops"] = [{"select": name}, {"mod": (1 << 64) - 59}, {"truncate": {"seq_len": 1000, "side": "right"}}]
+    emb = ops_embedding_config(spec.embedding_config)
     ops_spec = DenseModelSpec.from_json(json.dumps({**json.loads(spec.to_json()), "embedding_config": emb}))
     with_ops = PersiaHandler()
     with_ops.configure(
         ops_spec, model, remote, ServingConfig.from_dict({"embedding_servers": addresses}), torch.device("cpu")
     )
     for bs, items in bodies.items():
-        raw_items = []
-        for body in items:
-            data = decode_batch(body)
-            raw_items.append(
-                encode_batch(add_raw_inputs(BatchData(dense=list(data.dense)), {f.name: f for f in data.sparse}))
-            )
+        raw_items = [raw_body(body) for body in items]
         times: dict[str, list[float]] = {"total": [], "ops_total": []}
         for k in range(reps + 3):
             for key, h, body in (("total", plain, items), ("ops_total", with_ops, raw_items))[:: 1 if k % 2 else -1]:
@@ -440,6 +480,7 @@ def ops_on_off(results: dict, reps: int, spec, model, remote, addresses: list[st
                 if k >= 3:
                     times[key].append(time.perf_counter() - t0)
                 if k == 0:
+                    assert scored.scores is not None
                     results.setdefault(f"_scores_{bs}", []).append(scored.scores.numpy())
         first, second = results.pop(f"_scores_{bs}")
         if not np.array_equal(first, second):
@@ -564,6 +605,14 @@ def run(args: argparse.Namespace) -> dict:
         )
         version_dir = model_root / "dense" / f"v{version:08d}"
         dense_model = torch.jit.load(str(version_dir / "model.pt")).eval()
+        served = [*CONTENDERS, "ops"] if args.ops else list(CONTENDERS)
+        if args.ops:  # the same version with feature ops on every feature (the same ids for these rows)
+            ops_dir = tmp / "model_root_ops" / "dense" / version_dir.name
+            ops_dir.mkdir(parents=True)
+            shutil.copy(version_dir / "model.pt", ops_dir / "model.pt")
+            spec_json = json.loads((version_dir / "model.json").read_text())
+            spec_json["embedding_config"] = ops_embedding_config(spec_json["embedding_config"])
+            (ops_dir / "model.json").write_text(json.dumps(spec_json))
         whole_dir = tmp / "whole"
         whole_dir.mkdir()
         torch.jit.script(_whole_model_class()(dense_model, vocabs, rows).eval()).save(str(whole_dir / "model.pt"))
@@ -618,6 +667,10 @@ def run(args: argparse.Namespace) -> dict:
             jobs.append(
                 archivers.submit(archive_model, version_dir, store, name="ctrserve", serving_config=tmp / "serving.yml")
             )
+            if args.ops:
+                jobs.append(
+                    archivers.submit(archive_model, ops_dir, store, name="ops", serving_config=tmp / "serving.yml")
+                )
             for job in jobs:
                 job.result()
         t_archived = time.perf_counter()
@@ -628,11 +681,11 @@ def run(args: argparse.Namespace) -> dict:
                 mgmt.register(f"{name}.mar", model_name=name, initial_workers=1, batch_size=1, synchronous=True)
                 mgmt.wait_ready(name, None, 120.0)
 
-        with ThreadPoolExecutor(len(CONTENDERS)) as registrars:
-            for registration in [registrars.submit(register, c) for c in CONTENDERS]:
+        with ThreadPoolExecutor(len(served)) as registrars:
+            for registration in [registrars.submit(register, c) for c in served]:
                 registration.result()
         print(
-            f"  embedding server + archives {t_archived - t0:.1f} s, TorchServe with 3 models ready "
+            f"  embedding server + archives {t_archived - t0:.1f} s, TorchServe with {len(served)} models ready "
             f"{time.perf_counter() - t_archived:.1f} s",
             flush=True,
         )
@@ -671,6 +724,19 @@ def run(args: argparse.Namespace) -> dict:
         if bad:
             raise RuntimeError(f"scores differ beyond {TOL:g}: {bad}")
         results.update({f"max_abs_diff_{k}": v for k, v in worst.items()})
+        raw_bodies: dict[int, list[bytes]] = {}
+        if args.ops:
+            ops_client = client("ops")
+            for bs in args.batch_sizes:
+                raw_bodies[bs] = [raw_body(body) for body in bodies[bs]["ctrserve"]]
+                ids_scores = ops_client.predict(bodies[bs]["ctrserve"][0])
+                raw_scores = ops_client.predict(raw_bodies[bs][0])
+                plain_scores = seq_clients["ctrserve"].predict(bodies[bs]["ctrserve"][0])
+                if not (np.array_equal(ids_scores, raw_scores) and np.array_equal(ids_scores, plain_scores)):
+                    raise RuntimeError(
+                        f"batch {bs}: the ops model's scores of raw inputs, of the same ids, and ctrserve's differ"
+                    )
+            print("  scores agree: the ops model on raw inputs = on the same ids = ctrserve (exactly)", flush=True)
 
         # ------------------------------------------------------------ where ctrserve's time goes
         breakdown(
@@ -702,6 +768,18 @@ def run(args: argparse.Namespace) -> dict:
                 f"c{args.concurrency}",
                 time_concurrent(pool, conc_clients, bodies[bs], rounds, args.per_client, warm=i == 0),
             )
+        if args.ops:
+            print("measuring the ops model (gRPC, sequential): the same rows as ids and as raw inputs, interleaved:")
+            for bs in args.batch_sizes:
+                n = args.requests if bs < 512 else max(10, args.requests // 3)
+                figures = time_ops_served(ops_client, bodies[bs]["ctrserve"], raw_bodies[bs], n, args.warmup)
+                results.update({f"ops_b{bs}_{key}": value for key, value in figures.items()})
+                print(
+                    f"  batch {bs:>3} seq  ids p50 {figures['ids_p50_ms']:7.2f} p99 {figures['ids_p99_ms']:7.2f} ms | "
+                    f"raw inputs through ops p50 {figures['raw_p50_ms']:7.2f} p99 {figures['raw_p99_ms']:7.2f} ms | "
+                    f"raw / ids p50 {figures['p50_ratio']:.3f}x p99 {figures['p99_ratio']:.3f}x",
+                    flush=True,
+                )
         other = load.share()
         timing_s = time.perf_counter() - t_timing
         server_stats = None
@@ -724,6 +802,14 @@ def run(args: argparse.Namespace) -> dict:
         f"p99 {results['p99_vs_whole']:.2f}x",
         flush=True,
     )
+    if args.ops:
+        results["ops_p50_ratio"] = results["ops_b64_p50_ratio"]
+        print(
+            f"  feature ops (batch 64, sequential, TorchServe): raw inputs / ids p50 {results['ops_p50_ratio']:.3f}x "
+            f"(goal <= {OPS_GOAL}: {'met' if results['ops_p50_ratio'] <= OPS_GOAL else 'NOT met'}); in-process "
+            f"handler {results['handler_b64_ops_ratio']:.3f}x",
+            flush=True,
+        )
     if server_stats and "misses" in server_stats:
         results["embedding_server_misses"] = server_stats["misses"]
         if server_stats["misses"]:
@@ -754,6 +840,7 @@ def run(args: argparse.Namespace) -> dict:
         "total_s": round(time.perf_counter() - t_start, 1),
         "p50_goal_met": met["p50_ratio"],
         "p99_goal_met": met["p99_ratio"],
+        **({"ops_p50_goal_met": results["ops_p50_ratio"] <= OPS_GOAL} if args.ops else {}),
         **rounded(results),
     }
 

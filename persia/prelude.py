@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from persia.embedding.data import NdarrayDataBase, PersiaBatch
@@ -40,4 +42,13 @@ def check_pyarray_dtype_valid(data: np.ndarray, dtype: np.dtype | type | None = 
     NdarrayDataBase(data)
 
 
-__all__ = ["PyPersiaBatchData", "check_pyarray_dtype_valid"]
+def __getattr__(name: str) -> Any:
+    # PERSIA's older lookup client, loaded on first use (it brings the inference client's imports)
+    if name == "PersiaEmbeddingClientPyClass":
+        from persia.legacy import PersiaEmbeddingClientPyClass
+
+        return PersiaEmbeddingClientPyClass
+    raise AttributeError(f"module 'persia.prelude' has no attribute '{name}'")
+
+
+__all__ = ["PersiaEmbeddingClientPyClass", "PyPersiaBatchData", "check_pyarray_dtype_valid"]

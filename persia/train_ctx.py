@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from embedding_server.core.config import EmbeddingConfig as SlotsConfig
 from embedding_server.core.config import GlobalConfig
 from embedding_server.core.errors import InvalidRequestError
-from embedding_server.rpc.client import EmbeddingClient, LookupResult
+from embedding_server.rpc.client import LookupResult
 from embedding_server.storage.base import LocalStorage
 from embedding_server.storage.urls import open_storage
 from persia.embedding import EmbeddingConfig, get_default_embedding_config
@@ -147,20 +147,28 @@ class BaseCtx:
 
 
 class _Engine(trainer_ctx.TrainCtx):
-    """ctrserve's training context, optionally on the embedding client of another context."""
+    """ctrserve's training context, optionally on the embedding client of another context's
+    engine (``parent``), whose queued gradient pushes its lookups then wait for too."""
 
-    def __init__(self, *args: Any, shared_client: EmbeddingClient | None = None, **kwargs: Any):
-        self._shared_client = shared_client
+    def __init__(self, *args: Any, parent: trainer_ctx.TrainCtx | None = None, **kwargs: Any):
+        self._parent = parent
         super().__init__(*args, **kwargs)
 
     def _make_client(self, global_config, servers, num_shards):
-        if self._shared_client is not None:
-            return self._shared_client
+        if self._parent is not None:
+            return self._parent.client
         return super()._make_client(global_config, servers, num_shards)
 
+    def _await_pushes(self) -> None:
+        super()._await_pushes()
+        if self._parent is not None:
+            self._parent._await_pushes()
+
     def close(self) -> None:
-        if self._shared_client is None:
+        if self._parent is None:
             super().close()
+        else:
+            self._close_pusher()
 
 
 class EmbeddingCtx(BaseCtx):
@@ -201,6 +209,8 @@ class EmbeddingCtx(BaseCtx):
         _sparse_optimizer: Any = None,
         _dense_optimizer: torch.optim.Optimizer | None = None,
         _mixed_precision: bool = False,
+        _backward_buffer_size: int = 10,
+        _backward_workers_size: int = 8,
     ):
         super().__init__(threadpool_worker_size, device_id)
         self.preprocess_mode = preprocess_mode
@@ -214,13 +224,12 @@ class EmbeddingCtx(BaseCtx):
         self._job_errors: dict[str, BaseException] = {}
         current = _CURRENT_CXT
         parent = current if isinstance(current, EmbeddingCtx) and current.engine is not None else None
-        shared_client = None
+        parent_engine = None
         if embedding_servers is None and parent is not None:
             embedding_servers = parent.embedding_servers
             parent_engine = parent._require_engine()
             slots_config = slots_config if slots_config is not None else parent_engine.config
             global_config = global_config if global_config is not None else parent.global_config
-            shared_client = parent_engine.client
         elif embedding_servers is None:
             from persia.service import embedding_server_addresses
 
@@ -243,7 +252,9 @@ class EmbeddingCtx(BaseCtx):
             embedding_servers=self.embedding_servers or None,
             device_id=self.device_id,
             mixed_precision=_mixed_precision,
-            shared_client=shared_client,
+            backward_buffer_size=_backward_buffer_size,
+            backward_workers_size=_backward_workers_size,
+            parent=parent_engine,
         )
         self._note_server_settings()
 
@@ -507,9 +518,14 @@ class TrainCtx(EmbeddingCtx):
         dense_optimizer: a ``torch.optim`` optimizer of the model's parameters.
         grad_scalar_update_factor: accepted (logged once): ctrserve's gradient scaler backs
             off on non-finite dense and embedding gradients alike.
-        backward_buffer_size: accepted (logged once): gradients are pushed in ``backward``.
-        backward_workers_size: accepted (logged once): the client pushes to all shards in parallel.
-        grad_update_buffer_size: accepted (logged once), as ``backward_buffer_size``.
+        backward_buffer_size: gradient pushes :meth:`backward` queues for the background
+            workers before it waits (0, a ctrserve extension: ``backward`` pushes itself).
+            A batch of a ``DataLoader`` with ``embedding_staleness`` gives its permit back once
+            its push is applied; a failed push is raised by the next ``forward``/``backward``
+            or on leaving the context, which waits for every push.
+        backward_workers_size: threads sending the queued gradient pushes.
+        grad_update_buffer_size: accepted (logged once): each queued push holds its batch's
+            gradients until it is applied.
         lookup_emb_directly: accepted (logged once when False): the nn worker's client always
             talks to the embedding servers directly (ctrserve has no embedding worker).
         mixed_precision: ``torch.autocast`` and a gradient scaler on CUDA; on the CPU it is
@@ -526,7 +542,18 @@ class TrainCtx(EmbeddingCtx):
     Example:
         >>> ctx = TrainCtx(model=model, embedding_optimizer=Adagrad(), dense_optimizer=opt,  # doctest: +SKIP
         ...                embedding_servers=[], slots_config="embedding_config.yml")
+
+    Called without a model and with only the keywords of PERSIA's older ``TrainCtx``
+    (``grad_scaler``, ``sparse_optimizer``, ``port``, ``data_queue_size``, ...; none at all in a
+    TorchServe handler), it makes that older context, :class:`persia.legacy.LegacyTrainCtx`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        from persia.legacy import LEGACY_TRAIN_CTX_KEYWORDS, LegacyTrainCtx
+
+        if cls is TrainCtx and not args and set(kwargs) <= LEGACY_TRAIN_CTX_KEYWORDS:
+            return LegacyTrainCtx(**kwargs)  # not a TrainCtx: Python calls no __init__ on it
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -558,9 +585,11 @@ class TrainCtx(EmbeddingCtx):
             raise ValueError("Model not found, please init context with pytorch model")
         defaults = {
             "grad_scalar_update_factor": (grad_scalar_update_factor, 4, "the gradient scaler's own back-off applies"),
-            "backward_buffer_size": (backward_buffer_size, 10, "backward() pushes the gradients itself"),
-            "backward_workers_size": (backward_workers_size, 8, "the client pushes to every shard in parallel"),
-            "grad_update_buffer_size": (grad_update_buffer_size, 60, "backward() pushes the gradients itself"),
+            "grad_update_buffer_size": (
+                grad_update_buffer_size,
+                60,
+                "each queued gradient push holds its batch's gradients until it is applied",
+            ),
             "lookup_emb_directly": (lookup_emb_directly, True, "the client always looks embeddings up directly"),
             "distributed_option": (distributed_option, None, "data parallelism follows WORLD_SIZE (DDP)"),
         }
@@ -578,8 +607,17 @@ class TrainCtx(EmbeddingCtx):
             _sparse_optimizer=optimizer,
             _dense_optimizer=dense_optimizer,
             _mixed_precision=mixed_precision,
+            _backward_buffer_size=backward_buffer_size,
+            _backward_workers_size=backward_workers_size,
             **kwargs,
         )
+
+    def _exit(self) -> None:
+        try:
+            super()._exit()
+        finally:
+            # Leaving the context waits for every queued gradient push; a failed one is raised here.
+            self._require_engine()._close_pusher()
 
     def forward(self, batch: Any) -> tuple[Tensor, Any]:
         """Look the batch up (with gradients) and run the model in training mode.

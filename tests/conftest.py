@@ -440,3 +440,55 @@ def pairwise_auc() -> Callable[..., float]:
 def pairwise_gauc() -> Callable[..., float]:
     """``pairwise_gauc(labels, scores, groups, weight)``: GAUC in plain Python (a reference)."""
     return _pairwise_gauc
+
+
+class PushControl:
+    """Instruments an embedding client's gradient pushes; the real push still runs. Push ``n``
+    (counted from 0) waits for :meth:`release` when listed in ``hold``, every push first waits
+    ``delay`` seconds (a slow link), and those listed in ``fail`` raise as a lost shard does.
+    Install it before the context's first ``backward`` (its pusher binds the client's method).
+
+    Args:
+        client: the client whose ``push_gradients`` is wrapped.
+        delay: seconds each push takes longer.
+        hold: pushes that wait for :meth:`release`.
+        fail: pushes that raise ``ShardUnavailableError`` instead of being applied.
+    """
+
+    def __init__(self, client: EmbeddingClient, delay: float = 0.0, hold=(), fail=()):
+        import threading
+
+        self._push = client.push_gradients
+        client.push_gradients = self  # type: ignore[method-assign]
+        self.delay = delay
+        self.held = {n: threading.Event() for n in hold}
+        self.fail = set(fail)
+        self.started = 0
+        #: the results whose gradients were applied, in the order they were applied
+        self.applied: list = []
+        self._lock = threading.Lock()
+
+    def release(self, n: int) -> None:
+        self.held[n].set()
+
+    def __call__(self, result) -> None:
+        from embedding_server.core.errors import ShardUnavailableError
+
+        with self._lock:
+            n = self.started
+            self.started += 1
+        if n in self.held:
+            assert self.held[n].wait(30), f"gradient push {n} was never released"
+        if self.delay:
+            time.sleep(self.delay)
+        if n in self.fail:
+            raise ShardUnavailableError(f"embedding shard 1 unavailable (gradient push {n})")
+        self._push(result)
+        with self._lock:
+            self.applied.append(result)
+
+
+@pytest.fixture
+def push_control() -> type[PushControl]:
+    """:class:`PushControl`: slow, held or failing gradient pushes of a training context."""
+    return PushControl

@@ -118,7 +118,10 @@ def test_job_adagrad_starts_its_accumulator_at_torchs_default_unless_set(tmp_pat
     optimizer = JobConfig.load(write_job(tmp_path, **override)).sparse()
     assert optimizer.initial_accumulator_value == accumulator
     # PERSIA's files keep PERSIA's default
-    assert GlobalConfig.from_dict({"sparse_optimizer": {"type": "adagrad"}}).sparse_optimizer.initial_accumulator_value == 0.01
+    assert (
+        GlobalConfig.from_dict({"sparse_optimizer": {"type": "adagrad"}}).sparse_optimizer.initial_accumulator_value
+        == 0.01
+    )
 
 
 def modes_under(top: Path) -> dict[str, set[str]]:

@@ -100,8 +100,12 @@ def test_staleness_bounds_lookups_ahead(staleness, wait_until):
         for k, batch in enumerate(engine.iterate(data)):
             output, target = ctx.forward(batch)
             ahead = min(k + staleness, len(data))
-            # the lookups of the next staleness - 1 batches run ahead of this step, never more
-            wait_until(lambda n=ahead: engine.stats()["train_completed"] >= n, what=f"{ahead} lookups")
+            # once the earlier batches' pushes have landed (in the background), the lookups of
+            # the next staleness - 1 batches run ahead of this step, never more
+            wait_until(
+                lambda n=ahead, k=k: engine.stats()["train_completed"] >= n and engine.stats()["released"] >= k,
+                what=f"{ahead} lookups and {k} pushes",
+            )
             assert engine.stats()["train_started"] == ahead
             assert engine.stats()["outstanding"] == ahead - k
             ctx.backward(F.binary_cross_entropy(output, target))
@@ -206,3 +210,41 @@ def test_bad_sizes_are_refused():
         Lookahead(lambda *a: None, bool, staleness=0)
     with pytest.raises(ValueError, match="buffer_size"):
         Lookahead(lambda *a: None, bool, buffer_size=0)
+
+
+def test_backward_returns_before_its_push_and_the_permit_comes_back_once_it_is_applied(push_control, wait_until):
+    data = batches(3)
+    with make_ctx() as ctx:
+        pushes = push_control(ctx.client, hold=[0])
+        engine = ctx.lookahead(staleness=1, buffer_size=4)
+        items = engine.iterate(data)
+        output, target = ctx.forward(next(items))
+        ctx.backward(F.binary_cross_entropy(output, target))  # returns with its push held
+        assert ctx.push_stats()["in_flight"] == 1 and pushes.applied == []
+        assert engine.stats()["released"] == 0 and engine.stats()["train_started"] == 1
+        pushes.release(0)
+        # staleness 1: the next lookup starts only after the push is applied
+        wait_until(lambda: engine.stats()["train_started"] == 2, what="lookup 1 after push 0")
+        assert len(pushes.applied) == 1 and engine.stats()["released"] == 1
+        for batch in items:
+            output, target = ctx.forward(batch)
+            ctx.backward(F.binary_cross_entropy(output, target))
+    assert ctx.push_stats() == {"submitted": 3, "done": 3, "failed": 0, "in_flight": 0, "waiting": 0}
+
+
+def test_reproducible_pushes_are_applied_in_batch_order_behind_a_slow_one(push_control, wait_until):
+    data = batches(8, seed=7)
+    with make_ctx() as ctx:
+        pushes = push_control(ctx.client, hold=[0])
+        engine = ctx.lookahead(staleness=4, buffer_size=8, reproducible=True)
+        results = []
+        for k, batch in enumerate(engine.iterate(data)):
+            results.append(batch.result()[2])
+            output, target = ctx.forward(batch)
+            ctx.backward(F.binary_cross_entropy(output, target))
+            if k == 1:  # push 1 waits behind the held push 0 instead of overtaking it
+                wait_until(lambda: ctx.push_stats()["waiting"] == 1, what="push 1 waiting for push 0")
+                assert pushes.applied == []
+                pushes.release(0)
+        ctx.flush()
+    assert [id(r) for r in pushes.applied] == [id(r) for r in results]

@@ -18,6 +18,7 @@ import numpy as np
 from embedding_server.core.batch import SparseFeature, check_batch
 from embedding_server.core.batch_codec import BatchData, check_parts, decode_batch, encode_batch
 from embedding_server.core.config import EmbeddingConfig
+from embedding_server.core.dense_layout import BatchLayout, label_arrays, non_id_arrays
 from embedding_server.core.errors import InvalidRequestError, describe_value
 
 
@@ -113,6 +114,28 @@ class PyPersiaBatchData:
         if not self.data.dense:
             return np.zeros((self.batch_size, 0), np.float32)
         return np.concatenate([d.astype(np.float32, copy=False) for d in self.data.dense], axis=1)
+
+    @property
+    def layout(self) -> BatchLayout | None:
+        """The PERSIA layout of the dense and target parts (a ``PersiaBatch``'s; ``None`` for a
+        batch built with ``add_dense``/``add_target``), see :mod:`embedding_server.core.dense_layout`.
+
+        Raises:
+            InvalidRequestError: the batch carries a malformed layout.
+        """
+        return BatchLayout.from_meta(
+            self.data.meta, [d.shape[1] for d in self.data.dense], [t.shape[1] for t in self.data.targets]
+        )
+
+    def non_id_arrays(self) -> list[np.ndarray]:
+        """The dense parts as the client built them (PERSIA's non-ID features: their dtypes and
+        shapes); the dense arrays themselves when the batch has no layout."""
+        return non_id_arrays(self.data.dense, self.layout)
+
+    def label_arrays(self) -> list[np.ndarray]:
+        """The target parts as the client built them (PERSIA's labels: their dtypes and shapes);
+        the target arrays themselves when the batch has no layout."""
+        return label_arrays(self.data.targets, self.layout)
 
     def validate(self, config: EmbeddingConfig) -> int:
         """Check the sparse names against ``config``; returns the batch size.

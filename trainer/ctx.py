@@ -2,8 +2,15 @@
 
 Per batch, :meth:`TrainCtx.forward` looks the sparse features up in the embedding store (rows
 that collect gradients), runs the dense model, and :meth:`TrainCtx.backward` back-propagates,
-pushes each looked-up row's gradient to its shard, where the sparse optimizer runs, and steps
-the dense optimizer locally.
+hands the push of each looked-up row's gradient to its shard (where the sparse optimizer runs)
+to background threads (:mod:`trainer.pusher`, PERSIA's asynchronous backward), and steps the
+dense optimizer locally while the push travels.
+
+The pushes never make training see older rows than synchronous training would: a lookup of a
+plain batch (``forward``, ``predict``, ``prepare``), a new :meth:`TrainCtx.lookahead`, a
+checkpoint and any use of :attr:`TrainCtx.client` first wait for every queued push; only
+batches looked up ahead by a lookahead read rows without the gradients of up to
+``staleness - 1`` earlier batches, as PERSIA's ``embedding_staleness`` allows.
 
 Example:
     >>> with TrainCtx(model=model, dense_optimizer=torch.optim.Adam(model.parameters(), 1e-3),
@@ -35,6 +42,7 @@ from embedding_server.storage.base import LocalStorage, Storage
 from embedding_server.storage.urls import open_storage
 from trainer.batch import PyPersiaBatchData
 from trainer.lookahead import Lookahead, PrefetchedBatch
+from trainer.pusher import GradientPusher
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +75,13 @@ class TrainCtx:
         mixed_precision: ``torch.autocast`` with a gradient scaler on CUDA; ignored on the CPU.
         distributed: wrap the model in ``DistributedDataParallel``; ``None`` means "when
             ``WORLD_SIZE`` > 1" (torchrun sets it). Every rank must share remote embedding servers.
+        backward_buffer_size: gradient pushes queued for the background workers before
+            :meth:`backward` waits (PERSIA's); 0: :meth:`backward` pushes itself, synchronously.
+        backward_workers_size: threads sending queued gradient pushes (PERSIA's).
 
     Raises:
-        ValueError: data-parallel training without remote embedding servers.
+        ValueError: data-parallel training without remote embedding servers, or a negative
+            backward size.
     """
 
     def __init__(
@@ -84,7 +96,19 @@ class TrainCtx:
         device_id: int | None = None,
         mixed_precision: bool = False,
         distributed: bool | None = None,
+        backward_buffer_size: int = 10,
+        backward_workers_size: int = 8,
     ):
+        for name, value, least in (
+            ("backward_buffer_size", backward_buffer_size, 0),
+            ("backward_workers_size", backward_workers_size, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.backward_buffer_size = backward_buffer_size
+        self.backward_workers_size = backward_workers_size
+        #: runs the gradient pushes (made by the first asynchronous backward)
+        self._pusher: GradientPusher | None = None
         self.config = (
             embedding_config
             if isinstance(embedding_config, EmbeddingConfig)
@@ -101,9 +125,9 @@ class TrainCtx:
             global_config = GlobalConfig.load(global_config)
         #: the global config's ``storage`` section: how the trainer opens what it writes.
         self.storage_options: dict[str, Any] = dict(global_config.server.storage) if global_config is not None else {}
-        self.client = self._make_client(global_config, embedding_servers, num_shards)
+        self._client = self._make_client(global_config, embedding_servers, num_shards)
         if sparse_optimizer is not None:
-            self.client.set_optimizer(sparse_optimizer)
+            self._client.set_optimizer(sparse_optimizer)
         self.sparse_optimizer = sparse_optimizer
         self.model = model.to(self.device)
         #: how the model takes its inputs: ctrserve's ``(dense, sparse)`` or PERSIA's
@@ -144,19 +168,77 @@ class TrainCtx:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    @property
+    def client(self) -> EmbeddingClient:
+        """The embedding client, once every gradient push :meth:`backward` queued has been
+        applied (or has failed: the failure is raised by the next :meth:`forward`,
+        :meth:`backward` or :meth:`close`), so that direct calls see every gradient."""
+        self._await_pushes()
+        return self._client
+
     # ------------------------------------------------------------------ context manager
 
     def __enter__(self) -> TrainCtx:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, trace) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the loop's own exception goes on; a push failure is only logged beside it
+            self.close()
+        except Exception:
+            log.exception("while leaving the training context after %s", exc_type.__name__)
 
     def close(self) -> None:
-        """Release the embedding client's connections (in-process tables stay in memory)."""
-        close = getattr(self.client, "close", None)
+        """Wait for the queued gradient pushes and stop their threads, then release the
+        embedding client's connections (in-process tables stay in memory).
+
+        Raises:
+            Exception: what a background gradient push raised, if one failed.
+        """
+        try:
+            self._close_pusher()
+        finally:
+            self._close_client()
+
+    def _close_pusher(self) -> None:
+        pusher, self._pusher = self._pusher, None
+        if pusher is not None:
+            pusher.close()
+
+    def _close_client(self) -> None:
+        close = getattr(self._client, "close", None)
         if close is not None:
             close()
+
+    # ------------------------------------------------------------------ gradient pushes
+
+    def flush(self) -> None:
+        """Wait until every gradient push :meth:`backward` queued is applied on the servers.
+
+        Raises:
+            Exception: what a background gradient push raised (the first failure not raised
+                yet; later failures are counted in its note).
+        """
+        self._await_pushes()
+        self._raise_push_failure()
+
+    def _await_pushes(self) -> None:
+        """Wait for the queued pushes; a failure is kept for :meth:`_raise_push_failure`."""
+        if self._pusher is not None:
+            self._pusher.wait()
+
+    def _raise_push_failure(self) -> None:
+        if self._pusher is not None:
+            self._pusher.raise_failure()
+
+    def push_stats(self) -> dict[str, int]:
+        """The gradient pushes' counters (see :meth:`GradientPusher.stats`; zeros before the
+        first asynchronous push)."""
+        if self._pusher is None:
+            return {"submitted": 0, "done": 0, "failed": 0, "in_flight": 0, "waiting": 0}
+        return self._pusher.stats()
 
     # ------------------------------------------------------------------ training
 
@@ -190,8 +272,11 @@ class TrainCtx:
             ...     output, target = ctx.forward(batch)
             ...     ctx.backward(F.binary_cross_entropy(output, target))
         """
+        # Its first lookups see every gradient pushed so far (an epoch's, or training's before
+        # an evaluation pass): what they read does not depend on how fast earlier pushes were.
+        self._await_pushes()
         self.prefetcher = Lookahead(
-            lambda batch, requires_grad, insert: self.prepare(batch, requires_grad, insert),
+            lambda batch, requires_grad, insert: self._lookup(batch, requires_grad, insert),
             _trains if requires_grad is None else requires_grad,
             staleness=staleness,
             buffer_size=buffer_size,
@@ -208,7 +293,8 @@ class TrainCtx:
         ``insert=False`` looks the ids up without inserting unseen ones (they read as zeros, as
         on an inference server); see :meth:`EmbeddingClient.lookup`. A :class:`PrefetchedBatch`
         looked up with the same settings gives its prefetched lookup (else it is looked up
-        again and its staleness permit given back).
+        again and its staleness permit given back). Any other lookup first waits for the
+        gradient pushes queued so far: it reads what synchronous training would.
 
         Raises:
             InvalidRequestError: an unknown feature, or a feature of the model missing from the batch.
@@ -218,12 +304,20 @@ class TrainCtx:
                 return batch.result()
             batch.release()
             batch = batch.batch
+        self._await_pushes()
+        return self._lookup(batch, requires_grad, insert)
+
+    def _lookup(
+        self, batch: PyPersiaBatchData, requires_grad: bool, insert: bool
+    ) -> tuple[Tensor, list[Tensor], LookupResult]:
+        """:meth:`prepare`'s lookup as it stands, without waiting for queued pushes (the
+        lookahead's threads run it; their permits order them against the pushes)."""
         batch.validate(self.config)
         by_name = {f.name: f for f in batch.sparse}
         missing = [name for name in self.features if name not in by_name]
         if missing:
             raise InvalidRequestError(f"the batch lacks sparse features the model takes: {missing}")
-        result = self.client.lookup(
+        result = self._client.lookup(
             [by_name[name] for name in self.features], requires_grad=requires_grad, insert=insert
         )
         sparse = [_as_tensor(result.embeddings[name]).to(self.device, non_blocking=True) for name in self.features]
@@ -236,7 +330,9 @@ class TrainCtx:
 
         Raises:
             InvalidRequestError: a malformed batch or one without targets.
+            Exception: what an earlier batch's background gradient push raised.
         """
+        self._raise_push_failure()
         if not batch.targets:
             raise InvalidRequestError("a training batch needs a target (add_target)")
         self.train_model.train()
@@ -250,7 +346,16 @@ class TrainCtx:
         return output.float(), target.to(self.device)
 
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss``, push sparse gradients to the store, step the dense optimizer."""
+        """Back-propagate ``loss``, queue the push of the sparse gradients to the store (see
+        ``backward_buffer_size``), step the dense optimizer.
+
+        A batch looked up ahead gives its staleness permit back once its push is applied.
+
+        Raises:
+            RuntimeError: no :meth:`forward` before.
+            Exception: what an earlier batch's background gradient push raised.
+        """
+        self._raise_push_failure()
         if self._pending is None:
             raise RuntimeError("backward() needs a forward() first")
         self.dense_optimizer.zero_grad(set_to_none=True)
@@ -262,15 +367,40 @@ class TrainCtx:
                 if group.rows.grad is not None:
                     group.rows.grad.div_(scale)
         prefetched, self._pending_prefetch = self._pending_prefetch, None
-        if prefetched is not None:
-            prefetched.before_push()
-        self.client.push_gradients(self._pending)
-        self._pending = None
-        if prefetched is not None:
-            prefetched.release()
+        result, self._pending = self._pending, None
+        self._push(result, prefetched)
         self.scaler.step(self.dense_optimizer)
         self.scaler.update()
         self.step += 1
+
+    def _push(self, result: LookupResult, prefetched: PrefetchedBatch | None) -> None:
+        """Push ``result``'s gradients: queued for the pusher's threads, or here with
+        ``backward_buffer_size=0``. A prefetched batch's permit comes back after its push."""
+        before = prefetched.before_push if prefetched is not None else None
+        after = prefetched.release if prefetched is not None else None
+        if self.backward_buffer_size == 0:
+            try:
+                if before is not None:
+                    before()
+                self._client.push_gradients(result)
+            finally:
+                if after is not None:
+                    after()
+            return
+        if self._pusher is None:
+            self._pusher = GradientPusher(
+                self._client.push_gradients, self.backward_buffer_size, self.backward_workers_size
+            )
+        if prefetched is not None:
+            prefetched.push_queued()
+        self._pusher.submit(
+            result,
+            before=before,
+            after=after,
+            # reproducible: the shards apply the gradients in batch order
+            ordered=prefetched is not None and prefetched.reproducible,
+            label=f"training step {self.step}",
+        )
 
     @torch.inference_mode()
     def predict(self, batch: PyPersiaBatchData | PrefetchedBatch) -> Tensor:
@@ -309,12 +439,16 @@ class TrainCtx:
         storage layer: the sparse tables to ``<directory>/sparse/`` (manifest last), then the
         dense state as ``<directory>/dense.pt``, published atomically.
 
+        Every gradient :meth:`backward` queued is applied first, so the checkpoint holds it.
+
         Raises:
             StorageError: an unsupported scheme, an unreachable storage, or a failed write.
+            Exception: what a background gradient push raised (nothing is written then).
         """
+        self.flush()
         if self.rank == 0:
             storage = open_storage(directory, self.storage_options)
-            self.client.dump(_sparse_location(storage), self.storage_options)
+            self._client.dump(_sparse_location(storage), self.storage_options)
             state = {
                 "model": self.model.state_dict(),
                 "optimizer": self.dense_optimizer.state_dict(),
@@ -335,7 +469,9 @@ class TrainCtx:
             StorageNotFoundError: no checkpoint at ``directory`` (no ``dense.pt``).
             StorageError: an unsupported scheme or an unreadable storage.
             InvalidRequestError: the sparse part is missing, incomplete or does not fit the tables.
+            Exception: what a background gradient push raised (nothing is loaded then).
         """
+        self.flush()  # a push still queued must not land on the loaded rows
         storage = open_storage(directory, self.storage_options)
         data = storage.read_bytes(DENSE_STATE_FILE)
         state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
@@ -345,7 +481,7 @@ class TrainCtx:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         if self.rank == 0:
-            self.client.load(_sparse_location(storage))
+            self._client.load(_sparse_location(storage))
             self._adopt_published(storage)
         self._barrier()
 
@@ -358,13 +494,14 @@ class TrainCtx:
         their Load (or a separate admin call) replaying their own shard's packets above the loaded
         checkpoint's watermark before they accept gradients.
         """
-        if not isinstance(self.client, InProcessEmbeddingClient) or not self.client.publishers:
+        client = self._client
+        if not isinstance(client, InProcessEmbeddingClient) or not client.publishers:
             return
         from embedding_server.modelroot import checkpoint
         from embedding_server.modelroot.incremental import adopt_published
 
         manifest = checkpoint.read_manifest(storage.child(SPARSE_DIR))
-        adopt_published(self.client.publishers, manifest)
+        adopt_published(client.publishers, manifest)
 
     def _barrier(self) -> None:
         if self.distributed:

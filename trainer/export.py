@@ -23,6 +23,7 @@ from embedding_server.core.model_spec import (
     SPEC_FILE,
     DenseModelSpec,
     list_versions,
+    model_signature,
     version_dir,
 )
 from embedding_server.storage.urls import open_storage
@@ -67,7 +68,9 @@ def export_dense(
     """Write a new dense version; returns its number.
 
     Args:
-        model: the dense model (``forward(dense, sparse: List[Tensor])``).
+        model: the dense model: ``forward(dense, sparse: List[Tensor])``, or PERSIA's
+            ``forward(non_id_type_tensors: List[Tensor], id_type_tensors: List[Tensor])``; the
+            spec records which (``signature``), so servers call it the same way.
         config: the embedding config the model was trained with.
         model_root: a path or storage URL.
         step: the training step being exported.
@@ -98,6 +101,7 @@ def export_dense(
         targets=targets,
         sparse_watermark=dict(sparse_watermark or {}),
         model_class=scripted.original_name,
+        signature=model_signature(scripted).value,
     )
     storage.write_atomic(f"{version_dir(version)}/{MODEL_FILE}", buffer.getvalue())
     storage.write_atomic(f"{version_dir(version)}/{SPEC_FILE}", spec.to_json().encode())

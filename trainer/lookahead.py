@@ -3,18 +3,21 @@
 A :class:`Lookahead` takes a stream of batches and yields them as :class:`PrefetchedBatch`
 objects whose lookups run in background threads while the model trains on earlier batches.
 Training batches take one of ``staleness`` permits when their lookup starts and give it back
-when their gradients have been pushed (:meth:`PrefetchedBatch.release`, called by
-:meth:`trainer.ctx.TrainCtx.backward`; a batch still holding its permit when the loop asks for
-the next batch gives it back then, as no gradients will come for it), so at most ``staleness`` batches are looked up whose
-gradients are not applied yet: ``staleness=1`` is synchronous training, ``staleness=N`` lets the
-lookups of the next N-1 batches overlap the current step and read rows without the gradients of
-up to N-1 earlier batches. ``None`` bounds the lookahead by ``buffer_size`` only. Batches that
-do not train (``requires_grad`` false: evaluation) take no permit.
+when their gradients have been applied on the servers (:meth:`PrefetchedBatch.release`, called
+after the push :meth:`trainer.ctx.TrainCtx.backward` queued, see :mod:`trainer.pusher`; a batch
+whose push was not queued when the loop asks for the next batch gives it back then, as no
+gradients will come for it), so at most ``staleness`` batches are looked up whose gradients are
+not applied yet: ``staleness=1`` is synchronous training (the next lookup waits for the previous
+push), ``staleness=N`` lets the lookups of the next N-1 batches and the pushes of earlier ones
+overlap the current step, the lookups reading rows without the gradients of up to N-1 earlier
+batches. ``None`` bounds the lookahead by ``buffer_size`` only. Batches that do not train
+(``requires_grad`` false: evaluation) take no permit.
 
 ``reproducible=True`` makes the order of lookups and gradient pushes a function of the stream
-alone: one thread looks batches up in order, and the push of training batch ``k`` waits until
-the lookup of batch ``k + staleness - 1`` is done (or the stream has ended), so lookup ``j``
-always sees exactly the gradients of training batches ``0 .. j - staleness``.
+alone: one thread looks batches up in order, the pushes are applied in batch order, and the push
+of training batch ``k`` waits until the lookup of batch ``k + staleness - 1`` is done (or the
+stream has ended), so lookup ``j`` always sees exactly the gradients of training batches
+``0 .. j - staleness``.
 
 Example:
     >>> engine = ctx.lookahead(staleness=4, buffer_size=10)  # doctest: +SKIP
@@ -73,6 +76,8 @@ class PrefetchedBatch:
         self.train_index = -1
         self._engine = engine
         self._holds_permit = False
+        #: its gradient push is queued: the pusher gives the permit back, not the loop
+        self._push_queued = False
         self._done = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
@@ -82,6 +87,16 @@ class PrefetchedBatch:
         if name.startswith("__") or name == "batch":
             raise AttributeError(name)
         return getattr(self.batch, name)
+
+    @property
+    def reproducible(self) -> bool:
+        """Whether its lookahead orders lookups and pushes (its push must be applied in order)."""
+        return self._engine.reproducible
+
+    def push_queued(self) -> None:
+        """Its gradient push was handed to background threads, which :meth:`release` its permit
+        once the push is applied; asking for the next batch no longer gives it back."""
+        self._push_queued = True
 
     def matches(self, requires_grad: bool, insert: bool) -> bool:
         """Whether the prefetched lookup is the one a step with these settings needs."""
@@ -203,7 +218,7 @@ class Lookahead:
         previous: PrefetchedBatch | None = None
         try:
             while True:
-                if previous is not None:
+                if previous is not None and not previous._push_queued:
                     # The loop asks for the next batch: the last one's backward() has run if it
                     # ever will (evaluation steps have none), so its permit must not block.
                     self._release(previous)

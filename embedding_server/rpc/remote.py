@@ -457,10 +457,25 @@ class RemoteEmbeddingClient(EmbeddingClient):
             ShardUnavailableError: a replica failed (others may have applied the request).
             InvalidRequestError: a replica refused the request.
         """
-        replicas = self.replica_sets[shard].snapshot()
-        calls = [
-            (r, getattr(r.stubs["service"], method).future(request, timeout=timeout or self.timeout)) for r in replicas
-        ]
+        return self._broadcast_results(method, shard, self._broadcast_start(method, shard, request, timeout))
+
+    def _broadcast_start(
+        self, method: str, shard: int, request: Any, timeout: float | None = None, blocking: bool = False
+    ) -> list[tuple[Replica, Any]]:
+        """Start :meth:`_broadcast`'s calls (``blocking``: make them here, one after another);
+        :meth:`_broadcast_results` waits for them."""
+        limit = timeout or self.timeout
+        calls: list[tuple[Replica, Any]] = []
+        for r in self.replica_sets[shard].snapshot():
+            stub = getattr(r.stubs["service"], method)
+            calls.append(
+                (r, _Completed.call(stub, request, limit) if blocking else stub.future(request, timeout=limit))
+            )
+        return calls
+
+    @staticmethod
+    def _broadcast_results(method: str, shard: int, calls: list[tuple[Replica, Any]]) -> list[Any]:
+        """The answers of :meth:`_broadcast_start`'s calls; raises as :meth:`_broadcast`."""
         out = []
         for replica, future in calls:
             try:
@@ -519,13 +534,19 @@ class RemoteEmbeddingClient(EmbeddingClient):
         return stub.future(payload, timeout=timeout) if parallel else _Completed.call(stub, payload, timeout)
 
     def _push_shards(self, requests):
-        for s, ids, tables, grads in requests:
+        # Every shard's push is sent before any answer is awaited: the shards apply in parallel.
+        # The last one is a blocking call on this thread: a future starts a polling thread per
+        # call on an idle channel, which costs more than a small push's round trip.
+        calls = []
+        for k, (s, ids, tables, grads) in enumerate(requests):
             request = pb.PushGradientsRequest(
                 ids=wire.encode(ids, wire.IDS),
                 tables=wire.encode(tables, wire.TABLES),
                 grads=wire.encode(grads, wire.VALUES),
             )
-            self._broadcast("PushGradients", s, request)
+            calls.append((s, self._broadcast_start("PushGradients", s, request, blocking=k == len(requests) - 1)))
+        for s, started in calls:
+            self._broadcast_results("PushGradients", s, started)
 
     # ------------------------------------------------------------------ administration
 
