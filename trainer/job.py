@@ -479,6 +479,7 @@ def _loop(
     last_eval: dict[str, Any] = {"auc": float("nan"), "auc_bucketed": float("nan"), "loss": float("nan"), "gauc": None}
     bar = tqdm(total=job.train.steps, desc="train", unit="step", disable=not progress or rank != 0, dynamic_ncols=True)
     window_start, window_samples = start, 0
+    evaluated_at = 0
     batches: Iterator[PyPersiaBatchData] = iter(train_data)
     try:
         for step in range(ctx.step + 1, job.train.steps + 1):
@@ -497,6 +498,7 @@ def _loop(
             is_last = step == job.train.steps
             if (job.train.eval_every and step % job.train.eval_every == 0) or is_last:
                 last_eval = evaluate(ctx, eval_data, job.train)
+                evaluated_at = step
                 if telemetry is not None:
                     telemetry.evaluated(last_eval["auc"], last_eval["loss"])
             if step % job.train.log_every == 0 or is_last:
@@ -530,6 +532,12 @@ def _loop(
     finally:
         bar.close()
         _close(batches)
+    if ctx.step and evaluated_at != ctx.step and not STOP.is_set():
+        # the data ran out (or max_seconds passed) before train.steps: the result reports the
+        # model as it ends, not as it was at the last scheduled evaluation
+        last_eval = evaluate(ctx, eval_data, job.train)
+        if telemetry is not None:
+            telemetry.evaluated(last_eval["auc"], last_eval["loss"])
     ctx.dump_checkpoint(checkpoint)
     if (
         job.output.model_root
