@@ -646,7 +646,9 @@ def _ops_chunk(rows: int, seed: int) -> Chunk:
     """A chunk as a reader makes it: the sparse columns both as features and as named raw inputs,
     plus a dense raw input ``age`` that only the ops read."""
     rng = np.random.default_rng(seed)
-    c1 = SparseFeature.from_lists("C1", [rng.integers(0, 50, rng.integers(0, 3)).astype(np.uint64) for _ in range(rows)])
+    c1 = SparseFeature.from_lists(
+        "C1", [rng.integers(0, 50, rng.integers(0, 3)).astype(np.uint64) for _ in range(rows)]
+    )
     tags = SparseFeature.from_lists(
         "tags", [rng.integers(0, 1 << 63, rng.integers(0, 6), dtype=np.uint64) for _ in range(rows)]
     )
@@ -683,10 +685,17 @@ def test_batches_carry_the_slots_the_feature_ops_make_from_the_chunks_inputs():
     for batch in batches:
         part = chunk.slice(start, start + batch.batch_size)
         start += batch.batch_size
-        got = {f.name: [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)] for f in batch.sparse}
+        got = {
+            f.name: [f.ids[f.offsets[i] : f.offsets[i + 1]].tolist() for i in range(f.batch_size)] for f in batch.sparse
+        }
         assert sorted(got) == sorted(_OPS_SLOTS)
-        c1 = [part.inputs["C1"].ids[a:b].tolist() for a, b in zip(part.inputs["C1"].offsets, part.inputs["C1"].offsets[1:])]
-        tags = [part.inputs["tags"].ids[a:b] for a, b in zip(part.inputs["tags"].offsets, part.inputs["tags"].offsets[1:])]
+        c1 = [
+            part.inputs["C1"].ids[a:b].tolist()
+            for a, b in zip(part.inputs["C1"].offsets, part.inputs["C1"].offsets[1:])
+        ]
+        tags = [
+            part.inputs["tags"].ids[a:b] for a, b in zip(part.inputs["tags"].offsets, part.inputs["tags"].offsets[1:])
+        ]
         assert got["C1"] == c1
         assert got["age_b"] == [[bisect.bisect_right([18, 30, 45], v)] for v in part.inputs["age"][:, 0]]
         assert got["tags"] == [(fingerprint64_u64(t) % np.uint64(1000)).tolist()[-3:] for t in tags]
@@ -718,3 +727,23 @@ def test_the_trainer_and_the_handler_make_the_same_features_from_the_same_raw_ro
         np.testing.assert_array_equal(f.ids, trained[f.name].ids)
         np.testing.assert_array_equal(f.offsets, trained[f.name].offsets)
     assert sorted(f.name for f in served) == sorted(trained)
+
+
+def test_criteo_and_generated_chunks_name_their_columns_as_inputs_of_feature_ops():
+    from embedding_server.core.config import EmbeddingConfig
+    from embedding_server.core.feature_ops import FeaturePipeline
+
+    slots = {
+        "I1_b": {"dim": 4, "ops": [{"select": "I1"}, {"bucketize": [1.0, 10.0]}]},
+        "C1_m": {"dim": 4, "ops": [{"select": "C1"}, {"mod": 7}]},
+        "C2": {"dim": 4},
+    }
+    pipeline = FeaturePipeline.from_config(EmbeddingConfig.from_dict({"slots_config": slots}))
+    for chunk in (next(read_criteo(SAMPLE)), SyntheticCriteo(seed=3).chunk(50)):
+        raw_i1 = np.nan_to_num(chunk.raw_dense[:, 0], nan=0.0)  # missing is the default 0
+        got = {f.name: f for f in to_batch(chunk, pipeline).sparse}
+        np.testing.assert_array_equal(got["I1_b"].ids, np.searchsorted([1.0, 10.0], raw_i1, side="right"))
+        c1 = chunk.feature("C1")
+        np.testing.assert_array_equal(got["C1_m"].ids, c1.ids % np.uint64(7))
+        np.testing.assert_array_equal(got["C1_m"].offsets, c1.offsets)
+        np.testing.assert_array_equal(got["C2"].ids, chunk.feature("C2").ids)

@@ -37,6 +37,7 @@ from trainer.data import (
     Chunk,
     DataFormatError,
     DenseTransform,
+    named_inputs,
     parse_hex_ids,
     single_id_feature,
     transform_dense,
@@ -203,11 +204,13 @@ class CriteoReader(Iterator[Chunk]):
         if not bad.any():
             keep = slice(None)
         raw = raw[keep]
+        features = [single_id_feature(name, ids[keep], present[keep]) for name, ids, present in sparse]
         return Chunk(
             transform_dense(raw, self.dense_transform),
-            [single_id_feature(name, ids[keep], present[keep]) for name, ids, present in sparse],
+            features,
             labels[keep].astype(np.float32).reshape(-1, 1),
             raw,
+            named_inputs(self.dense_names, raw, features),
         )
 
     # ----------------------------------------------------------------------- errors

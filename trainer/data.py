@@ -291,6 +291,23 @@ def to_batch(chunk: Chunk, features: FeaturePipeline | None = None) -> PyPersiaB
     return batch
 
 
+def named_inputs(
+    dense_names: Sequence[str], raw_dense: np.ndarray, sparse: Sequence[SparseFeature]
+) -> dict[str, np.ndarray | SparseFeature]:
+    """The raw inputs of a chunk whose columns have fixed names (Criteo's readers, generated
+    data): each dense column as float64 ``[n, 1]`` before the transform, missing values 0 (the
+    default a mapping's dense column has), then each sparse feature under its own name.
+
+    Example:
+        >>> sorted(named_inputs(["I1"], np.array([[np.nan]]), []))
+        ['I1']
+    """
+    values = np.nan_to_num(raw_dense, nan=0.0)
+    inputs: dict[str, np.ndarray | SparseFeature] = {name: values[:, j : j + 1] for j, name in enumerate(dense_names)}
+    inputs.update((f.name, f) for f in sparse)
+    return inputs
+
+
 def transform_dense(raw: np.ndarray, kind: DenseTransform = "log1p") -> np.ndarray:
     """Dense values as the model sees them, float32.
 

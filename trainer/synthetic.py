@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from embedding_server.core.batch import SparseFeature
-from trainer.data import Chunk, transform_dense
+from trainer.data import Chunk, named_inputs, transform_dense
 from trainer.metrics import roc_auc
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -188,7 +188,7 @@ class SyntheticCriteo:
         chunk = self._features(rows)
         u = _unit(_mix(self._row_hash(rows) ^ self._key_label))
         labels = (u < self.true_probability(chunk)).astype(np.float32).reshape(-1, 1)
-        return Chunk(chunk.dense, chunk.sparse, labels, chunk.raw_dense)
+        return Chunk(chunk.dense, chunk.sparse, labels, chunk.raw_dense, chunk.inputs)
 
     def _row_hash(self, rows: np.ndarray) -> np.ndarray:
         return _mix(rows.astype(np.uint64) * _GOLDEN + self._key_row)
@@ -197,7 +197,8 @@ class SyntheticCriteo:
         row_hash = self._row_hash(rows)
         raw = self._dense(row_hash)
         sparse = [self._sparse(f, row_hash) for f in range(len(self.sparse_names))]
-        return Chunk(transform_dense(raw), sparse, np.zeros((rows.shape[0], 1), np.float32), raw)
+        inputs = named_inputs(self.dense_names, raw, sparse)
+        return Chunk(transform_dense(raw), sparse, np.zeros((rows.shape[0], 1), np.float32), raw, inputs)
 
     def _dense(self, row_hash: np.ndarray) -> np.ndarray:
         k = len(self.dense_names)
