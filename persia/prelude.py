@@ -51,4 +51,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'persia.prelude' has no attribute '{name}'")
 
 
-__all__ = ["PersiaEmbeddingClientPyClass", "PyPersiaBatchData", "check_pyarray_dtype_valid"]
+__all__ = ["PyPersiaBatchData", "check_pyarray_dtype_valid"]  # and PersiaEmbeddingClientPyClass (lazily)

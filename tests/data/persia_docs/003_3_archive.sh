@@ -1,0 +1,2 @@
+# 003 "Inference", 2. Prepare your model (archive). Fixes: none. The placeholder `/your/model/dir/` is the test's directory; it runs in the model store. TorchServe change (not a typo): `.pth` -> `.pt` (TorchServe 0.12's BaseHandler loads TorchScript only from a .pt file: 'No model weights could be loaded').
+torch-model-archiver --model-name deepctr --version 1.0 --serialized-file /your/model/dir/deepctr_v0.pt --handler /your/model/dir/persia_handler.py
