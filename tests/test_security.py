@@ -563,7 +563,10 @@ SOURCE_DIRS = (
     "tests",
 )
 #: (file, call) pairs allowed to use a forbidden call, with the reason.
-ALLOWED: dict[tuple[str, str], str] = {}
+ALLOWED: dict[tuple[str, str], str] = {
+    ("tests/test_persia_documents.py", "exec"): "runs the PERSIA document snippets kept in this repository "
+    "(tests/data/persia_docs), which issue 17 asks to run as written; no bytes from a network or packet",
+}
 
 
 def _forbidden_calls(tree: ast.AST) -> list[tuple[int, str]]:
