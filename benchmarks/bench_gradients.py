@@ -190,7 +190,9 @@ def main() -> int:
         param_array = np.tile(np.array(params, np.float64), (NUM_FEATURES, 1))
 
         def kernel(p):
-            kernels.apply_gradients(store._weights, store._state, p[0], store._dims, p[1], p[2], kinds, param_array, 0.0)
+            kernels.apply_gradients(
+                store._weights, store._state, p[0], store._dims, p[1], p[2], kinds, param_array, 0.0
+            )
 
         report(
             results,

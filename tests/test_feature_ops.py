@@ -67,9 +67,7 @@ def ref_run(ops: list, rows_in: list) -> list[list[int]]:
         if name == "bucketize":
             rows = [[bisect.bisect_right(param, v) for v in (r if isinstance(r, list) else [r])] for r in rows]
         elif name == "cross":
-            rows = [
-                [ref_fingerprint128(x, y) for x in ref_distinct(rx) for y in ref_distinct(ry)] for rx, ry in rows
-            ]
+            rows = [[ref_fingerprint128(x, y) for x in ref_distinct(rx) for y in ref_distinct(ry)] for rx, ry in rows]
         elif name == "mod":
             rows = [[v % param for v in r] for r in rows]
         elif name == "hash":
@@ -240,7 +238,12 @@ def test_bad_ops_are_config_errors_naming_the_slot_and_the_op(ops, message):
 def test_bucketize_on_an_id_input_is_a_config_error():
     with pytest.raises(ConfigError, match="input 'sparse1' is bucketized .* by slot 'b' but read as ids by slot "):
         EmbeddingConfig.from_dict(
-            {"slots_config": {"sparse1": {"dim": 4}, "b": {"dim": 4, "ops": [{"select": "sparse1"}, {"bucketize": [1]}]}}}
+            {
+                "slots_config": {
+                    "sparse1": {"dim": 4},
+                    "b": {"dim": 4, "ops": [{"select": "sparse1"}, {"bucketize": [1]}]},
+                }
+            }
         )
     with pytest.raises(ConfigError, match="input 'x' is bucketized .* by slot 'a' but read as ids by slot 'c'"):
         EmbeddingConfig.from_dict(

@@ -606,7 +606,6 @@ def _pre_transformed(modulus: int) -> dict:
     c1 = RAW_ROWS["C1"]
     crossed = []
     for xs, ys in zip(c1, raw_tags):  # the cross reads the raw inputs, not the other slots
-
         xs, ys = list(dict.fromkeys(xs)), list(dict.fromkeys(ys))
         pairs = [(x, y) for x in xs for y in ys]
         low = np.array([p[0] for p in pairs], np.uint64)
@@ -631,7 +630,11 @@ def test_raw_inputs_in_json_and_bytes_score_like_the_pre_transformed_ids(tmp_pat
     raw_bytes = encode_batch(
         add_raw_inputs(BatchData(dense=[np.array(dense, np.float32)]), {**RAW_ROWS, "age": np.array(RAW_ROWS["age"])})
     )
-    mixed = {"dense": dense, "sparse": {"C1": RAW_ROWS["C1"]}, "inputs": {k: RAW_ROWS[k] for k in ("age", "tags", "C1")}}
+    mixed = {
+        "dense": dense,
+        "sparse": {"C1": RAW_ROWS["C1"]},
+        "inputs": {k: RAW_ROWS[k] for k in ("age", "tags", "C1")},
+    }
     for body in (json.dumps(raw_json).encode(), raw_bytes):
         answer = parse_response(h.handle([{"body": body}], worker_context(1))[0])
         np.testing.assert_array_equal(answer.scores, expected.scores)
@@ -675,10 +678,17 @@ def test_bad_raw_inputs_are_400s_naming_the_input(tmp_path, tiny_ctr):
         "input 'C1' must be a list with one list of ids per sample": {**RAW_ROWS, "C1": [1, 2, 3]},
     }
     for message, inputs in cases.items():
-        with pytest.raises(PredictionException, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("*", r"\*")) as info:
-            h.handle([{"body": json.dumps({"dense": dense, "inputs": inputs}, allow_nan=True).encode()}], worker_context(1))
+        with pytest.raises(
+            PredictionException,
+            match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("*", r"\*"),
+        ) as info:
+            h.handle(
+                [{"body": json.dumps({"dense": dense, "inputs": inputs}, allow_nan=True).encode()}], worker_context(1)
+            )
         assert info.value.error_code == 400
-    ok = parse_response(h.handle([{"body": json.dumps({"dense": dense, "inputs": RAW_ROWS}).encode()}], worker_context(1))[0])
+    ok = parse_response(
+        h.handle([{"body": json.dumps({"dense": dense, "inputs": RAW_ROWS}).encode()}], worker_context(1))[0]
+    )
     assert len(ok.scores) == 3  # the handler keeps serving
 
 
