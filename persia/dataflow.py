@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedding_server.rpc.sockets import recv_exactly, shutdown_quietly
+
 log = logging.getLogger(__name__)
 
 PROTOCOL = "persia-dataflow"
@@ -71,13 +73,8 @@ class ProtocolError(DataflowError):
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError("the peer closed the connection")
-        got += k
+    if recv_exactly(sock, memoryview(buf)) < n:
+        raise ConnectionError("the peer closed the connection")
     return bytes(buf)
 
 
@@ -432,11 +429,7 @@ class BatchReceiver:
         self._stop.set()
         self.inbox.close()
         with self._lock:
-            for conn in list(self._connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_quietly(list(self._connections))
         self._acceptor.join(timeout=2.0)
         self._server.close()
         for thread in self._threads:

@@ -31,6 +31,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 _logger = logging.getLogger("persia.env")
 
@@ -48,6 +49,15 @@ def _int_env(name: str, environ: Mapping[str, str], default: str | None = None) 
         return int(text.strip())
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
+_TOO_SMALL = {0: "cannot be negative", 1: "should be at least one"}
+
+
+def _check_at_least(name: str, value: int, minimum: Literal[0, 1]) -> None:
+    """Raise ValueError naming the variable when ``value`` is below ``minimum`` (0: an index, 1: a count)."""
+    if value < minimum:
+        raise ValueError(f"{name} {_TOO_SMALL[minimum]}, got {value}")
 
 
 def _flag_env(name: str) -> bool:
@@ -86,26 +96,21 @@ class _Env:
             values.rank = _int_env("RANK", environ)
             values.local_rank = _int_env("LOCAL_RANK", environ)
             values.world_size = _int_env("WORLD_SIZE", environ)
-            if values.rank < 0:
-                raise ValueError(f"RANK cannot be negative, got {values.rank}")
-            if values.local_rank < 0:
-                raise ValueError(f"LOCAL_RANK cannot be negative, got {values.local_rank}")
-            if values.world_size < 1:
-                raise ValueError(f"WORLD_SIZE should be at least one, got {values.world_size}")
+            _check_at_least("RANK", values.rank, 0)
+            _check_at_least("LOCAL_RANK", values.local_rank, 0)
+            _check_at_least("WORLD_SIZE", values.world_size, 1)
             if values.rank >= values.world_size:
                 raise ValueError(f"RANK {values.rank} must be less than WORLD_SIZE {values.world_size}")
         elif "REPLICA_INDEX" in environ:
             values.replica_index = _int_env("REPLICA_INDEX", environ)
-            if values.replica_index < 0:
-                raise ValueError(f"REPLICA_INDEX cannot be negative, got {values.replica_index}")
+            _check_at_least("REPLICA_INDEX", values.replica_index, 0)
             if "REPLICA_SIZE" not in environ:
                 raise ValueError(
                     "REPLICA_SIZE not found, set the environment variable REPLICA_SIZE (with REPLICA_INDEX) before "
                     "starting the PERSIA task"
                 )
             values.replica_size = _int_env("REPLICA_SIZE", environ)
-            if values.replica_size < 1:
-                raise ValueError(f"REPLICA_SIZE should be at least one, got {values.replica_size}")
+            _check_at_least("REPLICA_SIZE", values.replica_size, 1)
             if values.replica_index >= values.replica_size:
                 raise ValueError(
                     f"REPLICA_INDEX {values.replica_index} must be less than REPLICA_SIZE {values.replica_size}"

@@ -34,7 +34,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,28 +48,12 @@ import yaml
 from persia import service
 from persia.launcher import with_parent_death_signal
 from persia.registry import RegistryClient
+from persia.utils import find_free_port
 
 _logger = logging.getLogger("persia.helper")
 
 #: seconds a child gets to exit after SIGTERM before it is killed
 STOP_GRACE_S = 15.0
-MAX_PORT = 65535
-
-
-def find_free_port(port: int = 10000, interval: int = 1) -> int:
-    """The first port from ``port`` (stepping by ``interval``) that can be bound now (PERSIA's).
-
-    Raises:
-        ValueError: none up to 65535.
-    """
-    while port <= MAX_PORT:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-                return port
-            except OSError:
-                port += interval
-    raise ValueError("free port not found")
 
 
 class _Child:

@@ -83,16 +83,17 @@ def _is_port_available(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def find_free_port(port: int = 10000, interval: int = 1) -> int:
-    """The first port from ``port`` on (in steps of ``interval``) that can be bound on 127.0.0.1.
+    """The first port from ``port`` on (in steps of ``interval``) that can be bound on 127.0.0.1,
+    where ctrserve's services bind.
 
     Raises:
         ValueError: no free port up to 65535.
     """
-    while not _is_port_available(port):
+    while port <= MAXIMUM_LOCAL_PORT_NUM:
+        if _is_port_available(port):
+            return port
         port += interval
-        if port > MAXIMUM_LOCAL_PORT_NUM:
-            raise ValueError("free port not found.")
-    return port
+    raise ValueError("free port not found.")
 
 
 __all__ = ["dump_yaml", "find_free_port", "load_yaml", "run_command", "setup_seed"]

@@ -42,10 +42,17 @@ service tests (four features, one of them raw, two tables of dim 8 and one of di
 ``lookup_checks`` (session scope): a :class:`LookupChecks`, random batches for ``server_configs``'
 features and the bit-for-bit comparison of two lookup results.
 
+``registered_servers`` (session scope): a context manager starting a service registry
+(``persia.registry``) and embedding servers (child processes) registered in it as PERSIA's
+embedding parameter servers; yields ``(ServerGroup, RegistryServer)``.
+
 ``pooling_emb`` (session scope): the fast-path tests' embedding config, three tables of dim 4
 (sum, mean and sqrt pooling: ``a``, ``b``, ``c``) and one of dim 16 (``d``).
 
 ``wait_until`` (session scope): polls a predicate until it is truthy, failing after a timeout.
+
+``process_tree`` (session scope): the processes below a pid, and whether processes have exited
+(psutil), for checking that stopping a program leaves nothing behind.
 
 ``huge_page_bytes``: the bytes on huge pages of the memory area holding an array, read from
 ``/proc/self/smaps``; it skips the test where the kernel cannot collapse pages onto huge pages
@@ -53,19 +60,24 @@ features and the bit-for-bit comparison of two lookup results.
 
 ``pairwise_auc`` and ``pairwise_gauc`` (session scope): the AUC and the group AUC by counting
 every (positive, negative) pair in plain Python, references for trainer.metrics.
+
+``farmhash_reference`` (session scope): FarmHash's Fingerprint(uint64) and Fingerprint(uint128)
+written with Python integers, the reference for the FarmHash kernels and the feature ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -76,6 +88,9 @@ from embedding_server.core.config import EmbeddingConfig
 from embedding_server.core.model_spec import MODEL_FILE, SPEC_FILE, DenseModelSpec, version_dir
 from embedding_server.modelroot.hotload import FollowOptions
 from embedding_server.rpc.client import EmbeddingClient, RawEmbedding
+from embedding_server.rpc.launcher import ServerGroup
+from persia.registry import RegistryServer
+from persia.service import EMBEDDING_PARAMETER_SERVER
 from trainer.batch import PyPersiaBatchData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,6 +345,30 @@ def lookup_checks() -> LookupChecks:
     return LookupChecks()
 
 
+@contextlib.contextmanager
+def _registered_servers(
+    emb_path: Path, glob_path: Path, workdir: Path, num_shards: int = 2
+) -> Iterator[tuple[ServerGroup, RegistryServer]]:
+    """A service registry on loopback and ``num_shards`` embedding servers (child processes)
+    registered in it as PERSIA's embedding parameter servers, all stopped when the block ends."""
+    registry = RegistryServer(("127.0.0.1", 0))
+    registry.start()
+    try:
+        with ServerGroup.start(emb_path, glob_path, num_shards=num_shards, workdir=workdir) as group:
+            for index, address in enumerate(group.addresses):
+                registry.entries.put(EMBEDDING_PARAMETER_SERVER, index, address, num_shards)
+            yield group, registry
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="session")
+def registered_servers() -> Callable[..., contextlib.AbstractContextManager[tuple[ServerGroup, RegistryServer]]]:
+    """``with registered_servers(emb_path, glob_path, workdir, num_shards=2) as (group, registry)``:
+    PERSIA's view of a job's embedding servers (``process`` tests only: it starts child processes)."""
+    return _registered_servers
+
+
 @pytest.fixture(scope="session")
 def pooling_emb() -> EmbeddingConfig:
     return EmbeddingConfig.from_dict(
@@ -369,6 +408,30 @@ def polling_follow() -> FollowOptions:
 @pytest.fixture(scope="session")
 def wait_until() -> Callable[..., object]:
     return poll_until
+
+
+class ProcessTree:
+    """The processes a started program started in turn, and whether processes have exited."""
+
+    @staticmethod
+    def descendants(pid: int) -> list[psutil.Process]:
+        """Every process below ``pid`` (children, theirs, ...); none once ``pid`` has exited."""
+        try:
+            return psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    @staticmethod
+    def gone(processes: list[psutil.Process]) -> bool:
+        """Whether every one of ``processes`` has exited (a zombie has: only its reaping is left)."""
+        return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)
+
+
+@pytest.fixture(scope="session")
+def process_tree() -> type[ProcessTree]:
+    """:class:`ProcessTree`: ``descendants(pid)`` and ``gone(processes)``, for checking that
+    stopping a program leaves none of its processes behind."""
+    return ProcessTree
 
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -440,6 +503,40 @@ def pairwise_auc() -> Callable[..., float]:
 def pairwise_gauc() -> Callable[..., float]:
     """``pairwise_gauc(labels, scores, groups, weight)``: GAUC in plain Python (a reference)."""
     return _pairwise_gauc
+
+
+class FarmHashReference:
+    """FarmHash's integer fingerprints, written from farmhash.h with Python integers: the
+    reference for ``embedding_server.core.farmhash`` and for the feature ops' ``hash`` and ``cross``."""
+
+    MASK = (1 << 64) - 1
+    KMUL = 0x9DDFEA08EB382D69
+
+    @classmethod
+    def fingerprint_u64(cls, x: int) -> int:
+        """FarmHash's Fingerprint(uint64)."""
+        b = (x * cls.KMUL) & cls.MASK
+        b ^= b >> 44
+        b = (b * cls.KMUL) & cls.MASK
+        b ^= b >> 41
+        return (b * cls.KMUL) & cls.MASK
+
+    @classmethod
+    def fingerprint_pair(cls, low: int, high: int) -> int:
+        """FarmHash's Fingerprint(uint128) of (low, high)."""
+        a = ((low ^ high) * cls.KMUL) & cls.MASK
+        a ^= a >> 47
+        b = ((high ^ a) * cls.KMUL) & cls.MASK
+        b ^= b >> 44
+        b = (b * cls.KMUL) & cls.MASK
+        b ^= b >> 41
+        return (b * cls.KMUL) & cls.MASK
+
+
+@pytest.fixture(scope="session")
+def farmhash_reference() -> type[FarmHashReference]:
+    """:class:`FarmHashReference`: FarmHash's Fingerprint(uint64) and Fingerprint(uint128) in plain Python."""
+    return FarmHashReference
 
 
 class PushControl:

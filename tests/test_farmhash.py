@@ -1,5 +1,5 @@
 """FarmHash fingerprints (embedding_server/core/farmhash.py) against pyfarmhash and the
-reference integer mixes written out with Python integers."""
+reference integer mixes written out with Python integers (conftest's ``farmhash_reference``)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,6 @@ from embedding_server.core.farmhash import (
 )
 
 pytestmark = pytest.mark.unit
-
-MASK = (1 << 64) - 1
-KMUL = 0x9DDFEA08EB382D69
 
 
 def random_text(rng: random.Random, n: int) -> str:
@@ -100,27 +97,8 @@ def test_non_string_array_is_refused():
         fingerprint64_strings(pa.array([1, 2]))
 
 
-def reference_fingerprint_u64(x: int) -> int:
-    """FarmHash's Fingerprint(uint64), written with Python integers."""
-    b = (x * KMUL) & MASK
-    b ^= b >> 44
-    b = (b * KMUL) & MASK
-    b ^= b >> 41
-    return (b * KMUL) & MASK
-
-
-def reference_fingerprint_pair(low: int, high: int) -> int:
-    """FarmHash's Fingerprint(uint128), written with Python integers."""
-    a = ((low ^ high) * KMUL) & MASK
-    a ^= a >> 47
-    b = ((high ^ a) * KMUL) & MASK
-    b ^= b >> 44
-    b = (b * KMUL) & MASK
-    b ^= b >> 41
-    return (b * KMUL) & MASK
-
-
-def test_u64_mix_matches_the_reference_for_signed_and_unsigned_ids():
+def test_u64_mix_matches_the_reference_for_signed_and_unsigned_ids(farmhash_reference):
+    reference_fingerprint_u64, mask = farmhash_reference.fingerprint_u64, farmhash_reference.MASK
     rng = np.random.default_rng(7)
     ids = rng.integers(0, 2**64, size=2000, dtype=np.uint64)
     ids[:3] = [0, 1, 2**64 - 1]
@@ -130,7 +108,7 @@ def test_u64_mix_matches_the_reference_for_signed_and_unsigned_ids():
     signed = np.array([[-1, 5], [7, -(2**63)]], dtype=np.int64)
     mixed = fingerprint64_u64(signed)
     assert mixed.shape == (2, 2)
-    assert mixed.reshape(-1).tolist() == [reference_fingerprint_u64(int(x) & MASK) for x in signed.reshape(-1)]
+    assert mixed.reshape(-1).tolist() == [reference_fingerprint_u64(int(x) & mask) for x in signed.reshape(-1)]
     np.testing.assert_array_equal(
         fingerprint64_u64(np.array([3, 9], dtype=np.int32)), fingerprint64_u64(np.array([3, 9], dtype=np.uint64))
     )
@@ -138,12 +116,12 @@ def test_u64_mix_matches_the_reference_for_signed_and_unsigned_ids():
         fingerprint64_u64(np.array([1.5]))
 
 
-def test_pairs_match_the_reference_and_check_lengths():
+def test_pairs_match_the_reference_and_check_lengths(farmhash_reference):
     rng = np.random.default_rng(8)
     low = rng.integers(0, 2**64, size=500, dtype=np.uint64)
     high = rng.integers(0, 2**64, size=500, dtype=np.uint64)
     got = fingerprint_pairs(low, high)
-    assert got.tolist() == [reference_fingerprint_pair(int(a), int(b)) for a, b in zip(low, high)]
+    assert got.tolist() == [farmhash_reference.fingerprint_pair(int(a), int(b)) for a, b in zip(low, high)]
     assert fingerprint_pairs(low[:1], high[:1])[0] != fingerprint_pairs(high[:1], low[:1])[0]
     with pytest.raises(ValueError, match="3 low ids but 2 high ids"):
         fingerprint_pairs(np.arange(3), np.arange(2))

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from embedding_server.core.batch import SparseFeature
+from embedding_server.core.batch import KeyedIds, SparseFeature
 from embedding_server.core.config import EmbeddingConfig, GlobalConfig
 from embedding_server.core.errors import ConfigError
 from embedding_server.core.feature_ops import (
     FeatureInputError,
     FeaturePipeline,
+    RawInputs,
     parse_ops,
+    truncate,
+    truncate_rows,
 )
 from embedding_server.core.model_spec import DenseModelSpec
 from embedding_server.rpc.client import InProcessEmbeddingClient
@@ -23,30 +27,9 @@ from embedding_server.rpc.client import InProcessEmbeddingClient
 pytestmark = pytest.mark.unit
 
 MASK = (1 << 64) - 1
-KMUL = 0x9DDFEA08EB382D69
 
 
 # ----------------------------------------------------------------- plain-Python references
-
-
-def ref_fingerprint(x: int) -> int:
-    """FarmHash Fingerprint(uint64), written from farmhash.h with Python integers."""
-    b = (x * KMUL) & MASK
-    b ^= b >> 44
-    b = (b * KMUL) & MASK
-    b ^= b >> 41
-    return (b * KMUL) & MASK
-
-
-def ref_fingerprint128(low: int, high: int) -> int:
-    """FarmHash Fingerprint(uint128) of (low, high), written from farmhash.h."""
-    a = ((low ^ high) * KMUL) & MASK
-    a ^= a >> 47
-    b = ((high ^ a) * KMUL) & MASK
-    b ^= b >> 44
-    b = (b * KMUL) & MASK
-    b ^= b >> 41
-    return (b * KMUL) & MASK
 
 
 def ref_distinct(row: list[int]) -> list[int]:
@@ -57,8 +40,14 @@ def ref_distinct(row: list[int]) -> list[int]:
     return seen
 
 
-def ref_run(ops: list, rows_in: list) -> list[list[int]]:
-    """The chain on Python lists, one row at a time."""
+@pytest.fixture(scope="module")
+def ref_run(farmhash_reference) -> Callable[[list, list], list[list[int]]]:
+    """``ref_run(ops, rows)``: :func:`run_reference` with conftest's ``farmhash_reference``."""
+    return lambda ops, rows_in: run_reference(ops, rows_in, farmhash_reference)
+
+
+def run_reference(ops: list, rows_in: list, farm) -> list[list[int]]:
+    """The chain on Python lists, one row at a time; ``farm`` gives FarmHash's fingerprints."""
     (first, *rest) = ops
     names = [first["select"]] if isinstance(first["select"], str) else first["select"]
     rows = rows_in
@@ -67,11 +56,13 @@ def ref_run(ops: list, rows_in: list) -> list[list[int]]:
         if name == "bucketize":
             rows = [[bisect.bisect_right(param, v) for v in (r if isinstance(r, list) else [r])] for r in rows]
         elif name == "cross":
-            rows = [[ref_fingerprint128(x, y) for x in ref_distinct(rx) for y in ref_distinct(ry)] for rx, ry in rows]
+            rows = [
+                [farm.fingerprint_pair(x, y) for x in ref_distinct(rx) for y in ref_distinct(ry)] for rx, ry in rows
+            ]
         elif name == "mod":
             rows = [[v % param for v in r] for r in rows]
         elif name == "hash":
-            rows = [[ref_fingerprint(v) for v in r] for r in rows]
+            rows = [[farm.fingerprint_u64(v) for v in r] for r in rows]
         elif name == "truncate":
             n, side = param["seq_len"], param.get("side", "left")
             rows = [r[:n] if side == "right" else r[max(0, len(r) - n) :] for r in rows]
@@ -106,7 +97,7 @@ def run(ops: list, inputs: dict) -> SparseFeature:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bucketize_counts_the_boundaries_at_or_below_each_value(seed):
+def test_bucketize_counts_the_boundaries_at_or_below_each_value(seed, ref_run):
     rng = np.random.default_rng(seed)
     boundaries = sorted(set(np.round(rng.normal(size=6), 2).tolist()))
     values = rng.normal(size=(200, 3))
@@ -119,13 +110,13 @@ def test_bucketize_counts_the_boundaries_at_or_below_each_value(seed):
 
 
 @pytest.mark.parametrize("n", [1, 7, 10_000, (1 << 64) - 59])
-def test_mod_is_unsigned_64_bit_modulo(n):
+def test_mod_is_unsigned_64_bit_modulo(n, ref_run):
     rows = random_rows(np.random.default_rng(n % 1000), 100, 5)
     ops = [{"select": "s"}, {"mod": n}]
     assert rows_of(run(ops, {"s": as_feature("s", rows)})) == ref_run(ops, rows)
 
 
-def test_hash_is_farmhash_fingerprint_of_each_id():
+def test_hash_is_farmhash_fingerprint_of_each_id(ref_run):
     rows = random_rows(np.random.default_rng(3), 100, 6)
     rows[0] = [0, 1, MASK]
     ops = [{"select": "s"}, "hash"]
@@ -134,7 +125,7 @@ def test_hash_is_farmhash_fingerprint_of_each_id():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_truncate_cuts_off_the_given_side(side):
+def test_truncate_cuts_off_the_given_side(side, ref_run):
     rows = random_rows(np.random.default_rng(4), 300, 12)
     ops = [{"select": "s"}, {"truncate": {"seq_len": 5, "side": side}}]
     got = rows_of(run(ops, {"s": as_feature("s", rows)}))
@@ -143,7 +134,7 @@ def test_truncate_cuts_off_the_given_side(side):
     assert (long[:5] if side == "right" else long[-5:]) in got
 
 
-def test_cross_pairs_every_distinct_id_of_two_inputs_per_row():
+def test_cross_pairs_every_distinct_id_of_two_inputs_per_row(ref_run):
     rng = np.random.default_rng(5)
     xs = random_rows(rng, 200, 5, high=6)  # few values: repeats within a row
     ys = random_rows(rng, 200, 4, high=1 << 64)
@@ -153,7 +144,7 @@ def test_cross_pairs_every_distinct_id_of_two_inputs_per_row():
     assert any(len(set(r)) < len(r) for r in xs)  # the distinct ids mattered
 
 
-def test_chained_ops_apply_in_order():
+def test_chained_ops_apply_in_order(ref_run):
     rng = np.random.default_rng(6)
     rows = random_rows(rng, 300, 30)
     ops = [{"select": "s"}, "hash", {"mod": 10_000}, {"truncate": {"seq_len": 8, "side": "right"}}, {"mod": 97}]
@@ -321,6 +312,93 @@ def _recis_inputs(n: int) -> dict:
     raw["sparse5"] = as_feature("sparse5", random_rows(rng, n, 20))
     raw["dense2"] = np.array([0.2, 0.7, 1.0][:n])
     return raw
+
+
+# ----------------------------------------------------------------- slots run together
+
+MOD_CUT = [{"mod": 97}, {"truncate": {"seq_len": 3, "side": "right"}}]
+#: slots in an order that interleaves the groups (equal steps) with bucketize and cross slots;
+#: ``a2`` selects the input ``a`` reads too, ``plain`` only selects
+FUSED_SLOTS = {
+    "a": [{"select": "a"}, *MOD_CUT],
+    "b": [{"select": "b"}, *MOD_CUT],
+    "h": [{"select": "h"}, "hash", {"truncate": {"seq_len": 2}}],
+    "d": [{"select": "d"}, {"bucketize": [0.25, 0.5]}, {"mod": 2}],
+    "c": [{"select": "c"}, *MOD_CUT],
+    "a2": [{"select": "a"}, *MOD_CUT],
+    "x": [{"select": ["a", "h"]}, "cross", {"mod": 1000}, {"truncate": {"seq_len": 4, "side": "left"}}],
+    "g": [{"select": "g"}, "hash", {"truncate": {"seq_len": 2}}],
+    "plain": [{"select": "p"}],
+    "l": [{"select": "l"}, {"mod": 97}, {"truncate": {"seq_len": 3, "side": "left"}}],
+}
+
+
+def _fused_inputs(rows: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    raw: dict = {n: as_feature(n, random_rows(rng, rows, 7, high=1 << 64)) for n in ("a", "b", "c", "g", "p", "l")}
+    raw["h"] = as_feature("h", random_rows(rng, rows, 5, high=9))  # repeats: the cross's distinct ids
+    raw["d"] = rng.random((rows, 2))
+    return raw
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_slots_with_equal_steps_run_together_and_give_each_slots_own_result(seed, ref_run):
+    pipeline = FeaturePipeline({slot: parse_ops(ops, slot) for slot, ops in FUSED_SLOTS.items()})
+    raw = _fused_inputs(40, seed)
+    ids_names = [n for n in raw if n != "d"]
+    expected = {}
+    for slot, ops in FUSED_SLOTS.items():
+        names = [ops[0]["select"]] if isinstance(ops[0]["select"], str) else ops[0]["select"]
+        rows = [rows_of(raw[n]) if n != "d" else raw[n].tolist() for n in names]
+        expected[slot] = ref_run(ops, rows[0] if len(rows) == 1 else list(zip(*rows)))
+        alone = FeaturePipeline({slot: parse_ops(ops, slot)}).apply(raw)[0]
+        assert rows_of(alone) == expected[slot], slot
+    assert any(len(r) > 3 for r in rows_of(raw["a"]))  # the truncation cut rows of grouped slots
+    shuffled = [ids_names[k] for k in np.random.default_rng(seed).permutation(len(ids_names))]
+    for order in (ids_names, shuffled):  # the group's inputs together in the layout, or scattered
+        keyed = KeyedIds.from_features([raw[n] for n in order])
+        for inputs in (raw, RawInputs(keyed, {"d": raw["d"]})):
+            got = pipeline.apply_keyed(inputs)
+            assert got.names == tuple(FUSED_SLOTS)
+            assert {f.name: rows_of(f) for f in got} == expected
+            assert [rows_of(f) for f in pipeline.apply(inputs)] == list(expected.values())
+
+
+def test_truncate_rows_cuts_each_feature_as_truncate_does(ref_run):
+    rng = np.random.default_rng(11)
+    features = [as_feature(str(k), random_rows(rng, 30, 9)) for k in range(4)]
+    keyed = KeyedIds.from_features(features)
+    for side in ("left", "right"):
+        ids, offsets = truncate_rows(keyed.ids, keyed.offsets, 4, side)
+        out = KeyedIds(keyed.names, ids, offsets)
+        for f, got in zip(features, out):
+            want_ids, want_offsets = truncate(f.ids, f.offsets, 4, side)
+            assert got.ids.tolist() == want_ids.tolist() and got.offsets.tolist() == want_offsets.tolist()
+            assert rows_of(got) == ref_run([{"select": "s"}, {"truncate": {"seq_len": 4, "side": side}}], rows_of(f))
+    same_ids, same_offsets = truncate_rows(keyed.ids, keyed.offsets, 9, "left")  # nothing to cut
+    assert same_ids is keyed.ids and same_offsets is keyed.offsets
+
+
+def test_raw_inputs_held_as_keyed_ids_give_the_precise_errors():
+    pipeline = FeaturePipeline({slot: parse_ops(ops, slot) for slot, ops in FUSED_SLOTS.items()})
+    raw = _fused_inputs(5, 3)
+
+    def keyed(*leave_out: str) -> KeyedIds:
+        return KeyedIds.from_features([f for n, f in raw.items() if n != "d" and n not in leave_out])
+
+    with pytest.raises(
+        FeatureInputError, match="slot 'c' selects input 'c', which is missing; the inputs are: a, b, d"
+    ):
+        pipeline.apply_keyed(RawInputs(keyed("c"), {"d": raw["d"]}))
+    with pytest.raises(FeatureInputError, match="input 'd' has 4 rows but input 'a' has 5 \\(slot 'd'\\)"):
+        pipeline.apply_keyed(RawInputs(keyed(), {"d": raw["d"][:4]}))
+    as_ids = KeyedIds.from_features([*keyed(), as_feature("d", [[1]] * 5)])
+    with pytest.raises(FeatureInputError, match="slot 'd' bucketizes input 'd': it must be dense values .* got ids"):
+        pipeline.apply_keyed(RawInputs(as_ids, {}))
+    with pytest.raises(FeatureInputError, match="slot 'x': the cross makes .* ids, over the limit of 3"):
+        pipeline.apply_keyed(RawInputs(keyed(), {"d": raw["d"]}), max_ids=3)
+    with pytest.raises(ValueError, match="inputs given both as ids and as dense values: \\['a'\\]"):
+        RawInputs(keyed(), {"d": raw["d"], "a": np.zeros(5)})
 
 
 # ----------------------------------------------------------------- vectorised

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.process
 EMBEDDING_CONFIG = {"slots_config": {"age": {"dim": 8}, "city": {"dim": 4}}}
 
 
-def test_services_run_for_the_block_and_stop_after_it(tmp_path, monkeypatch, wait_until):
+def test_services_run_for_the_block_and_stop_after_it(tmp_path, monkeypatch, wait_until, process_tree):
     monkeypatch.delenv("EMBEDDING_WORKER_SERVICE", raising=False)
     monkeypatch.delenv("PERSIA_EMBEDDING_SERVERS", raising=False)
     out = tmp_path / "loader"
@@ -47,11 +47,11 @@ def test_services_run_for_the_block_and_stop_after_it(tmp_path, monkeypatch, wai
             assert [s["rows"] for s in remote.stats()] == [0, 0]
         wait_until(lambda: all(c.exit_code() is not None for c in ctx.workers), what="the data loaders")
         children = [psutil.Process(c.pid) for c in ctx.registries + ctx.servers]
-        children += [p for c in children for p in c.children(recursive=True)]
+        children += [p for c in ctx.registries + ctx.servers for p in process_tree.descendants(c.pid)]
         assert len(children) == 5  # registry, two launchers, their two servers
     assert [json.loads((tmp_path / f"loader{i}.json").read_text()) for i in (0, 1)] == [[0, 2], [1, 2]]
     assert "EMBEDDING_WORKER_SERVICE" not in os.environ
-    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
+    assert process_tree.gone(children)
 
 
 def test_a_failed_data_loader_is_reported_when_the_block_ends(wait_until):

@@ -19,7 +19,6 @@ from embedding_server.rpc.remote import RemoteEmbeddingClient
 from persia.ctx import InferCtx
 from persia.embedding.data import IDTypeFeature, Label, NonIDTypeFeature, PersiaBatch
 from persia.registry import RegistryServer
-from persia.service import EMBEDDING_PARAMETER_SERVER
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
@@ -31,20 +30,13 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_ctr):
+def cluster(tmp_path_factory, tiny_ctr, registered_servers):
     root = tmp_path_factory.mktemp("infer_ctx")
     emb_path, glob_path = tiny_ctr.write_configs(root / "cfg")
-    registry = RegistryServer(("127.0.0.1", 0))
-    registry.start()
-    try:
-        with ServerGroup.start(emb_path, glob_path, num_shards=2, workdir=root / "embedding") as group:
-            for index, address in enumerate(group.addresses):
-                registry.entries.put(EMBEDDING_PARAMETER_SERVER, index, address, 2)
-            env = Cluster(group, EmbeddingConfig.load(emb_path), registry)
-            yield env
-            env.direct.close()
-    finally:
-        registry.stop()
+    with registered_servers(emb_path, glob_path, root / "embedding", num_shards=2) as (group, registry):
+        env = Cluster(group, EmbeddingConfig.load(emb_path), registry)
+        yield env
+        env.direct.close()
 
 
 def persia_batch(

@@ -33,17 +33,6 @@ def launch(*args: str, env: dict[str, str] | None = None, **kwargs) -> subproces
     return subprocess.Popen([*LAUNCHER, *args], env={**os.environ, **(env or {})}, **kwargs)
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def gone(processes: list[psutil.Process]) -> bool:
-    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)
-
-
 @pytest.fixture()
 def registry(tmp_path, wait_until):
     """A running ``persia-launcher embedding-worker`` on a free port; yields its address."""
@@ -59,7 +48,7 @@ def registry(tmp_path, wait_until):
 
 
 def test_parameter_servers_register_and_serve_lookups_in_shard_order(
-    registry, server_configs, lookup_checks, wait_until, tmp_path
+    registry, server_configs, lookup_checks, wait_until, tmp_path, process_tree
 ):
     emb_path, global_path = server_configs
     env = {"EMBEDDING_WORKER_SERVICE": registry, "PERSIA_EMBEDDING_CONFIG": str(emb_path)}
@@ -91,12 +80,14 @@ def test_parameter_servers_register_and_serve_lookups_in_shard_order(
             batch = lookup_checks.random_batch(rng)
             lookup_checks.assert_same(local.lookup(batch), remote.lookup(batch))
             assert all(s["rows"] > 0 for s in remote.stats())
-        servers = {launcher.pid: descendants(launcher.pid) for launcher in launchers}
+        servers = {launcher.pid: process_tree.descendants(launcher.pid) for launcher in launchers}
         assert all(len(children) == 1 for children in servers.values())
         for launcher in launchers:
             launcher.send_signal(signal.SIGTERM)
         assert [launcher.wait(30) for launcher in launchers] == [0, 0]
-        wait_until(lambda: gone([p for children in servers.values() for p in children]), what="servers to exit")
+        wait_until(
+            lambda: process_tree.gone([p for children in servers.values() for p in children]), what="servers to exit"
+        )
     finally:
         for launcher in launchers:
             if launcher.poll() is None:
@@ -156,7 +147,7 @@ time.sleep(600)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
-def test_stopping_the_launcher_stops_its_child(tmp_path, wait_until, stop):
+def test_stopping_the_launcher_stops_its_child(tmp_path, wait_until, stop, process_tree):
     script = tmp_path / "loader.py"
     script.write_text(SLEEPER)
     launcher = launch("data-loader", str(script))
@@ -168,7 +159,7 @@ def test_stopping_the_launcher_stops_its_child(tmp_path, wait_until, stop):
     # SIGTERM: forwarded, and the launcher exits as its child did (killed by SIGTERM: 128 + 15);
     # SIGKILL: the child gets its parent-death signal
     assert launcher.wait(30) == (143 if stop == signal.SIGTERM else -signal.SIGKILL)
-    wait_until(lambda: gone([child]), timeout=30, what="the data loader to exit")
+    wait_until(lambda: process_tree.gone([child]), timeout=30, what="the data loader to exit")
 
 
 WORKER = """

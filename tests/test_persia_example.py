@@ -105,8 +105,8 @@ def _argv(command: str, **replace: str) -> list[str]:
 class Processes:
     """The job's processes, each in its own session with its output in ``logs/<name>.log``."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], wait_until):
-        self.cwd, self.env, self.wait_until = cwd, env, wait_until
+    def __init__(self, cwd: Path, env: dict[str, str], wait_until, process_tree):
+        self.cwd, self.env, self.wait_until, self.tree = cwd, env, wait_until, process_tree
         self.running: dict[str, subprocess.Popen] = {}
         (cwd / "logs").mkdir(exist_ok=True)
 
@@ -133,18 +133,18 @@ class Processes:
 
     def stop(self, *names: str) -> None:
         """SIGTERM to each launcher (it stops its child); each exits with 0 and leaves no process."""
-        children = {name: _descendants(self.running[name].pid) for name in names}
+        children = {name: self.tree.descendants(self.running[name].pid) for name in names}
         for name in names:
             self.running[name].send_signal(signal.SIGTERM)
         for name in names:
             self.wait(name, timeout=60)
-            self.wait_until(partial(_gone, children[name]), timeout=30, what=f"{name}'s children to exit")
+            self.wait_until(partial(self.tree.gone, children[name]), timeout=30, what=f"{name}'s children to exit")
 
     def kill_all(self) -> None:
         """SIGKILL to whatever is still running (after a failure), children included."""
         for proc in self.running.values():
             if proc.poll() is None:
-                children = _descendants(proc.pid)
+                children = self.tree.descendants(proc.pid)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 for child in children:  # servers run in sessions of their own
@@ -152,17 +152,6 @@ class Processes:
                         child.kill()
                     except psutil.NoSuchProcess:
                         pass
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _gone(processes: list[psutil.Process]) -> bool:
-    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)
 
 
 def _test_auc(log: str) -> float:
@@ -173,7 +162,9 @@ def _test_auc(log: str) -> float:
 
 @pytest.mark.process
 @pytest.mark.timeout(600)
-def test_persia_example_trains_evaluates_dumps_and_serves_through_torchserve(tmp_path, wait_until, pairwise_auc):
+def test_persia_example_trains_evaluates_dumps_and_serves_through_torchserve(
+    tmp_path, wait_until, pairwise_auc, process_tree
+):
     work = tmp_path / "adult-income"
     shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("__pycache__", "data", "checkpoint", "*.txt"))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "LOG_LEVEL": "INFO"}
@@ -185,7 +176,7 @@ def test_persia_example_trains_evaluates_dumps_and_serves_through_torchserve(tmp
     port = str(_free_port())
     registry = f"127.0.0.1:{port}"
     env.update({**ENVIRONMENT, "EMBEDDING_WORKER_SERVICE": registry})
-    jobs = Processes(work, env, wait_until)
+    jobs = Processes(work, env, wait_until, process_tree)
     try:
         for name in ("embedding_worker", "embedding_server0", "embedding_server1"):
             jobs.start(name, _argv(TRAIN[name], **{"--port 8887": f"--port {port}"}))

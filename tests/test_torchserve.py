@@ -42,8 +42,6 @@ from embedding_server.rpc.remote import RemoteEmbeddingClient
 from handler.client import PredictionClient, PredictionError
 from handler.torchserve_keys import TorchServeKey
 from persia.embedding.data import IDTypeFeatureWithSingleID, NonIDTypeFeature, PersiaBatch
-from persia.registry import RegistryServer
-from persia.service import EMBEDDING_PARAMETER_SERVER
 from trainer.criteo import read_criteo
 from trainer.data import concat_chunks, to_batch
 
@@ -554,7 +552,7 @@ def _torch_model_archiver(name: str, serialized: Path, handler: Path, out: Path,
 
 
 @pytest.fixture(scope="module")
-def persia_flow(tmp_path_factory, tiny_ctr) -> PersiaFlow:
+def persia_flow(tmp_path_factory, tiny_ctr, registered_servers) -> PersiaFlow:
     root = tmp_path_factory.mktemp("persia_flow")
     emb_path, glob_path = tiny_ctr.write_configs(root / "cfg", PERSIA_EMB)
     rng = np.random.default_rng(21)
@@ -578,30 +576,21 @@ def persia_flow(tmp_path_factory, tiny_ctr) -> PersiaFlow:
     _torch_model_archiver("deepctr", root / "model.pth", handler_file(), store)
     _torch_model_archiver("deepctr_persia", root / "model.pth", handler_file(), store, root / "serving.yml")
     _torch_model_archiver("adult_income", root / "jit_dense.pt", PERSIA_HANDLER, store)
-    registry = RegistryServer(("127.0.0.1", 0))
-    registry.start()
-    try:
-        with ServerGroup.start(emb_path, glob_path, num_shards=2, workdir=root / "embedding") as group:
-            for index, address in enumerate(group.addresses):
-                registry.entries.put(EMBEDDING_PARAMETER_SERVER, index, address, 2)
-            names = list(PERSIA_EMB["slots_config"])
-            features = [
-                SparseFeature.from_lists(name, [[i] for i in ids[:, k].tolist()]) for k, name in enumerate(names)
-            ]
-            with RemoteEmbeddingClient(EmbeddingConfig.load(emb_path), group.addresses) as direct:
-                direct.lookup(features, insert=True)  # train-mode servers: rows for every id of the data
-                looked_up = direct.lookup(features, insert=False)
-            with torch.no_grad():  # the independent computation: the TorchScript file on direct lookups
-                expected = torch.jit.load(str(root / "jit_dense.pt"))(
-                    [torch.from_numpy(dense)], [looked_up[name] for name in names]
-                )[:, 0].numpy()
-            environment = {"CTRSERVE_EMBEDDING_SERVERS": ",".join(group.addresses)}
-            environment["EMBEDDING_WORKER_SERVICE"] = registry.address
-            models = {name: f"{name}.mar" for name in ("deepctr", "deepctr_persia", "adult_income")}
-            with TorchServeProcess.start(store, root / "torchserve", models=models, environment=environment) as ts:
-                yield PersiaFlow(root, group, ts, data, expected)
-    finally:
-        registry.stop()
+    with registered_servers(emb_path, glob_path, root / "embedding", num_shards=2) as (group, registry):
+        names = list(PERSIA_EMB["slots_config"])
+        features = [SparseFeature.from_lists(name, [[i] for i in ids[:, k].tolist()]) for k, name in enumerate(names)]
+        with RemoteEmbeddingClient(EmbeddingConfig.load(emb_path), group.addresses) as direct:
+            direct.lookup(features, insert=True)  # train-mode servers: rows for every id of the data
+            looked_up = direct.lookup(features, insert=False)
+        with torch.no_grad():  # the independent computation: the TorchScript file on direct lookups
+            expected = torch.jit.load(str(root / "jit_dense.pt"))(
+                [torch.from_numpy(dense)], [looked_up[name] for name in names]
+            )[:, 0].numpy()
+        environment = {"CTRSERVE_EMBEDDING_SERVERS": ",".join(group.addresses)}
+        environment["EMBEDDING_WORKER_SERVICE"] = registry.address
+        models = {name: f"{name}.mar" for name in ("deepctr", "deepctr_persia", "adult_income")}
+        with TorchServeProcess.start(store, root / "torchserve", models=models, environment=environment) as ts:
+            yield PersiaFlow(root, group, ts, data, expected)
 
 
 def test_bare_torchscript_archive_learns_its_features_from_the_embedding_servers(persia_flow):

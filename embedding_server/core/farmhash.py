@@ -224,14 +224,20 @@ def _hash_offsets(data, offsets, out):
         out[i] = _hash64(data, start, offsets[i + 1] - start)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _fingerprint_u64(x):
+    """FarmHash's Fingerprint(uint64); Fingerprint(uint128) ends with the same steps."""
+    b = x * _KMUL
+    b ^= b >> _U44
+    b *= _KMUL
+    b ^= b >> _U41
+    return b * _KMUL
+
+
 @njit(cache=True, nogil=True)
 def _mix_u64(ids, out):
     for i in range(ids.shape[0]):
-        b = ids[i] * _KMUL
-        b ^= b >> _U44
-        b *= _KMUL
-        b ^= b >> _U41
-        out[i] = b * _KMUL
+        out[i] = _fingerprint_u64(ids[i])
 
 
 @njit(cache=True, nogil=True)
@@ -239,11 +245,7 @@ def _mix_pairs(low, high, out):
     for i in range(out.shape[0]):
         a = (low[i] ^ high[i]) * _KMUL
         a ^= a >> _U47
-        b = (high[i] ^ a) * _KMUL
-        b ^= b >> _U44
-        b *= _KMUL
-        b ^= b >> _U41
-        out[i] = b * _KMUL
+        out[i] = _fingerprint_u64(high[i] ^ a)
 
 
 _EMPTY_BYTES = np.zeros(1, dtype=np.uint8)

@@ -58,6 +58,7 @@ import numpy as np
 
 from embedding_server.core.errors import ConfigError
 from embedding_server.rpc import wire
+from embedding_server.rpc.sockets import recv_exactly, shutdown_quietly
 
 log = logging.getLogger("ctrserve.local_lookup")
 
@@ -87,15 +88,12 @@ def _recv_exact(sock: socket.socket, size: int) -> memoryview | None:
     """``size`` bytes (a writable view of fresh memory), or None when the peer closed before
     the first byte. The memory is not zeroed first: a 100k-key answer is 6 MB."""
     view = np.empty(size, np.uint8).data
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:], size - got)
-        if n == 0:
-            if got == 0:
-                return None
-            raise FrameError(f"connection closed after {got} of {size} bytes")
-        got += n
-    return view
+    got = recv_exactly(sock, view)
+    if got == size:
+        return view
+    if got == 0:
+        return None
+    raise FrameError(f"connection closed after {got} of {size} bytes")
 
 
 def read_frame(sock: socket.socket, max_body: int) -> tuple[int, memoryview] | None:
@@ -239,17 +237,10 @@ class LocalLookupServer:
         """Stop accepting, end every connection (a client then falls back to gRPC), remove the file."""
         self._stopping.set()
         if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
+            shutdown_quietly([self._listener])  # wakes accept()
             self._listener.close()
         with self._lock:
-            for conn in list(self._connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_quietly(list(self._connections))
         try:
             os.unlink(self.path)
         except FileNotFoundError:

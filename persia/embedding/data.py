@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -74,7 +75,22 @@ def _check_ids(data: object, name: str) -> None:
         raise PersiaDataError(f"id_type_feature '{name}': expected a 1-D uint64 array, got {describe_value(data)}")
 
 
-class IDTypeFeature:
+_Ids = TypeVar("_Ids", list[np.ndarray], np.ndarray)
+
+
+class _IDFeature(Generic[_Ids]):
+    """What both ID-type features hold: the feature's name and its ids, one entry per sample."""
+
+    def __init__(self, name: str, data: _Ids):
+        self.name = name
+        self.data: _Ids = data
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.data)
+
+
+class IDTypeFeature(_IDFeature[list[np.ndarray]]):
     """A categorical feature: per sample, a (possibly empty) uint64 array of ids (PERSIA's LIL form).
 
     Args:
@@ -97,19 +113,14 @@ class IDTypeFeature:
                 )
             for sample in data:
                 _check_ids(sample, name)
-        self.name = name
-        self.data = data
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.data)
+        super().__init__(name, data)
 
     def to_sparse_feature(self) -> SparseFeature:
         """The feature in ctrserve's flat ``ids``/``offsets`` form."""
         return SparseFeature.from_lists(self.name, self.data)
 
 
-class IDTypeFeatureWithSingleID:
+class IDTypeFeatureWithSingleID(_IDFeature[np.ndarray]):
     """A categorical feature with exactly one id per sample: one uint64 array for the batch,
     checked once (no per-sample arrays, no empty samples).
 
@@ -128,12 +139,7 @@ class IDTypeFeatureWithSingleID:
     def __init__(self, name: str, data: np.ndarray):
         if not skip_check_data():
             _check_ids(data, name)
-        self.name = name
-        self.data = data
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.data)
+        super().__init__(name, data)
 
     def to_sparse_feature(self) -> SparseFeature:
         """The feature in ctrserve's flat ``ids``/``offsets`` form (one id per sample)."""
