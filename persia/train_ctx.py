@@ -142,8 +142,10 @@ class BaseCtx:
 
     def __exit__(self, exc_type, value, trace) -> None:
         global _CURRENT_CXT
-        self._exit()
-        _CURRENT_CXT = self.origin_context
+        try:
+            self._exit()
+        finally:
+            _CURRENT_CXT = self.origin_context
 
 
 class _Engine(trainer_ctx.TrainCtx):

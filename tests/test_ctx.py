@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from embedding_server.core.config import EmbeddingConfig
-from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.errors import InvalidRequestError, ShardUnavailableError
 from embedding_server.core.model_spec import DenseModelSpec
 from embedding_server.core.optimizers import SGD, Adagrad, Adam
 from embedding_server.rpc.launcher import ServerGroup
@@ -436,3 +437,84 @@ def test_remote_shards_train_exactly_like_the_in_process_store(tmp_path):
     for name in local_rows:
         np.testing.assert_array_equal(remote_rows[name], local_rows[name])
     assert sum(s["rows"] for s in stats) > 0
+
+
+def train_ahead(ctx: TrainCtx, batches, **lookahead) -> list[float]:
+    """:func:`train` through ``ctx.lookahead(**lookahead)`` (plain :func:`train` without keywords)."""
+    return train(ctx, ctx.lookahead(**lookahead).iterate(batches) if lookahead else batches)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("lookahead", [{}, {"staleness": 3, "reproducible": True, "buffer_size": 4}])
+def test_background_pushes_train_exactly_like_pushes_made_in_backward(push_control, lookahead):
+    """Slow background pushes change nothing: plain batches wait for them before their lookup,
+    a reproducible lookahead applies them in order at the same points."""
+    rng = np.random.default_rng(11)
+    batches = [make_batch(rng, vocab=12) for _ in range(8)]
+    with _ctx(make_model(), backward_buffer_size=0) as inline:
+        expected = train_ahead(inline, batches, **lookahead), sparse_rows(inline), inline.model.state_dict()
+    with _ctx(make_model(), backward_buffer_size=3, backward_workers_size=4) as ctx:
+        push_control(ctx.client, delay=0.01)
+        losses = train_ahead(ctx, batches, **lookahead)
+        got = losses, sparse_rows(ctx), ctx.model.state_dict()
+        assert ctx.push_stats()["submitted"] == len(batches)
+    assert got[0] == expected[0]
+    assert got[1] == expected[1]
+    for key, value in expected[2].items():
+        assert torch.equal(got[2][key], value), key
+
+
+@pytest.mark.unit
+def test_checkpoint_and_exit_hold_every_queued_push(tmp_path, push_control):
+    rng = np.random.default_rng(12)
+    batches = [make_batch(rng, vocab=12) for _ in range(6)]
+    ahead = {"staleness": 4, "reproducible": True, "buffer_size": 4}
+    with _ctx(make_model(), backward_buffer_size=0) as inline:
+        train_ahead(inline, batches, **ahead)
+        expected = sparse_rows(inline)
+    with _ctx(make_model()) as ctx:
+        pushes = push_control(ctx.client, hold=[len(batches) - 1])
+        train_ahead(ctx, batches, **ahead)
+        assert ctx.push_stats()["in_flight"] >= 1  # the last push is still held
+        threading.Timer(0.1, pushes.release, [len(batches) - 1]).start()  # a slow shard answers
+        ctx.dump_checkpoint(tmp_path / "ckpt")
+    with _ctx(make_model()) as loaded:
+        loaded.load_checkpoint(tmp_path / "ckpt")
+        assert sparse_rows(loaded) == expected
+    with _ctx(make_model()) as ctx:
+        pushes = push_control(ctx.client, hold=[len(batches) - 1])
+        train_ahead(ctx, batches, **ahead)
+        threading.Timer(0.1, pushes.release, [len(batches) - 1]).start()
+    assert ctx.push_stats()["in_flight"] == 0 and len(pushes.applied) == len(batches)
+    assert sparse_rows(ctx) == expected  # leaving the context waited for the held push
+
+
+@pytest.mark.unit
+def test_a_failed_push_is_raised_by_the_next_forward_backward_or_exit(push_control, wait_until):
+    rng = np.random.default_rng(13)
+    batches = [make_batch(rng) for _ in range(6)]
+
+    def step(k: int) -> None:
+        output, target = ctx.forward(batches[k])
+        ctx.backward(F.binary_cross_entropy(output, target))
+
+    with pytest.raises(ShardUnavailableError, match="gradient push 5") as at_exit:
+        with _ctx(make_model()) as ctx:
+            pushes = push_control(ctx.client, hold=[3], fail=[1, 3, 5])
+            step(0)
+            step(1)
+            wait_until(lambda: ctx.push_stats()["failed"] == 1, what="push 1 failing")
+            with pytest.raises(ShardUnavailableError, match="gradient push 1") as in_forward:
+                ctx.forward(batches[2])
+            assert any("training step 1" in note for note in in_forward.value.__notes__)
+            step(2)  # raised once: training goes on
+            step(3)  # its push is held, then fails while the next lookup waits for it
+            threading.Timer(0.1, pushes.release, [3]).start()
+            output, target = ctx.forward(batches[4])
+            loss = F.binary_cross_entropy(output, target)
+            with pytest.raises(ShardUnavailableError, match="gradient push 3"):
+                ctx.backward(loss)
+            ctx.backward(loss)  # raised before doing anything: the step can be taken again
+            step(5)
+    assert any("training step 5" in note for note in at_exit.value.__notes__)
+    assert len(pushes.applied) == 3  # pushes 0, 2, 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -222,10 +224,19 @@ def test_backward_returns_before_its_push_and_the_permit_comes_back_once_it_is_a
         ctx.backward(F.binary_cross_entropy(output, target))  # returns with its push held
         assert ctx.push_stats()["in_flight"] == 1 and pushes.applied == []
         assert engine.stats()["released"] == 0 and engine.stats()["train_started"] == 1
+        # the loop asks for the next batch: with the push still held, batch 1 cannot be looked up
+        taken: list = []
+        getter = threading.Thread(target=lambda: taken.append(next(items)))
+        getter.start()
+        getter.join(0.3)  # bounded look for something that must not happen
+        assert getter.is_alive() and engine.stats()["train_started"] == 1
         pushes.release(0)
         # staleness 1: the next lookup starts only after the push is applied
         wait_until(lambda: engine.stats()["train_started"] == 2, what="lookup 1 after push 0")
+        getter.join()
         assert len(pushes.applied) == 1 and engine.stats()["released"] == 1
+        output, target = ctx.forward(taken[0])
+        ctx.backward(F.binary_cross_entropy(output, target))
         for batch in items:
             output, target = ctx.forward(batch)
             ctx.backward(F.binary_cross_entropy(output, target))

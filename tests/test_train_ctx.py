@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 from embedding_server.core.config import EmbeddingConfig as SlotsConfig
-from embedding_server.core.errors import InvalidRequestError
+from embedding_server.core.errors import InvalidRequestError, ShardUnavailableError
 from persia.ctx import PreprocessMode, TrainCtx, cnt_ctx, eval_ctx
 from persia.embedding import EmbeddingConfig
 from persia.embedding.data import IDTypeFeature, IDTypeFeatureWithSingleID, Label, NonIDTypeFeature, PersiaBatch
@@ -166,3 +168,60 @@ def test_embedding_config_sets_in_process_initialisation():
     looked = ctx.engine.client.lookup(make_batch(np.random.default_rng(5)).sparse[:1], requires_grad=False)
     values = looked.embeddings["user"]
     assert float(values.min()) >= 0.5 and float(values.max()) <= 0.6
+
+
+def table_rows(ctx: TrainCtx) -> list[np.ndarray]:
+    """Every row the batches of :func:`make_batch` can touch (unseen ones read as zeros)."""
+    client = ctx.engine.client
+    return [
+        client.lookup_rows(np.arange(n, dtype=np.uint64), np.full(n, SLOTS.table_of(name).index, np.uint16), 4, False)
+        for name, n in (("user", 50), ("tags", 20))
+    ]
+
+
+def train_and_evaluate(push_control, evaluate: bool, **kwargs) -> tuple[list[np.ndarray], Tensor | None, dict]:
+    """Train 5 batches, a background push of the last one held 0.1 s longer; then (``evaluate``)
+    score a batch in an eval_ctx made before training, and leave. Returns the rows, the scores
+    and the push counters as they were on leaving."""
+    rng = np.random.default_rng(5)
+    model = PersiaModel()
+    scores = None
+    with make_ctx(model, **kwargs) as ctx:
+        background = ctx.engine.backward_buffer_size > 0
+        pushes = push_control(ctx.engine.client, delay=0.005, hold=[4] if background else [])
+        ev = eval_ctx(model=model)  # shares the tables; made before any push
+        for _ in range(5):
+            output, labels = ctx.forward(make_batch(rng))
+            ctx.backward(nn.functional.binary_cross_entropy(output[:, 0], labels[0]))
+        if background:
+            threading.Timer(0.1, pushes.release, [4]).start()
+        if evaluate:
+            with ev:  # its lookups wait for the training context's pushes
+                scores, _ = ev.forward(make_batch(np.random.default_rng(99), requires_grad=False))
+    stats = ctx.engine.push_stats()
+    return table_rows(ctx), scores, stats
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_backward_sizes_are_honoured_and_eval_and_exit_wait_for_every_push(push_control, evaluate):
+    inline_rows, inline_scores, inline_stats = train_and_evaluate(push_control, evaluate, backward_buffer_size=0)
+    assert inline_stats["submitted"] == 0  # pushed in backward itself
+    rows, scores, stats = train_and_evaluate(push_control, evaluate, backward_buffer_size=2, backward_workers_size=3)
+    assert stats == {"submitted": 5, "done": 5, "failed": 0, "in_flight": 0, "waiting": 0}
+    if evaluate:
+        torch.testing.assert_close(scores, inline_scores, rtol=0, atol=0)
+    for got, want in zip(rows, inline_rows):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="backward_workers_size"):
+        make_ctx(PersiaModel(), backward_workers_size=0)
+
+
+def test_a_failed_push_is_raised_on_leaving_the_context(push_control):
+    rng = np.random.default_rng(6)
+    with pytest.raises(ShardUnavailableError, match="gradient push 1"):
+        with make_ctx(PersiaModel()) as ctx:
+            push_control(ctx.engine.client, fail=[1])
+            for _ in range(2):
+                output, labels = ctx.forward(make_batch(rng))
+                ctx.backward(nn.functional.binary_cross_entropy(output[:, 0], labels[0]))
+    assert cnt_ctx() is None

@@ -203,9 +203,10 @@ class TrainCtx:
             self._close_client()
 
     def _close_pusher(self) -> None:
-        pusher, self._pusher = self._pusher, None
-        if pusher is not None:
-            pusher.close()
+        """Wait for every push and stop the pusher's threads (a later backward starts new ones);
+        raises a push failure not raised yet."""
+        if self._pusher is not None:
+            self._pusher.close()
 
     def _close_client(self) -> None:
         close = getattr(self._client, "close", None)
@@ -235,7 +236,7 @@ class TrainCtx:
 
     def push_stats(self) -> dict[str, int]:
         """The gradient pushes' counters (see :meth:`GradientPusher.stats`; zeros before the
-        first asynchronous push)."""
+        first asynchronous push; after :meth:`close`, those of the pushes before it)."""
         if self._pusher is None:
             return {"submitted": 0, "done": 0, "failed": 0, "in_flight": 0, "waiting": 0}
         return self._pusher.stats()
@@ -303,9 +304,11 @@ class TrainCtx:
             if batch.matches(requires_grad, insert):
                 return batch.result()
             batch.release()
-            batch = batch.batch
+            plain = batch.batch
+        else:
+            plain = batch
         self._await_pushes()
-        return self._lookup(batch, requires_grad, insert)
+        return self._lookup(plain, requires_grad, insert)
 
     def _lookup(
         self, batch: PyPersiaBatchData, requires_grad: bool, insert: bool
@@ -353,7 +356,8 @@ class TrainCtx:
 
         Raises:
             RuntimeError: no :meth:`forward` before.
-            Exception: what an earlier batch's background gradient push raised.
+            Exception: what an earlier batch's background gradient push raised (before this
+                step does anything: it can be taken again).
         """
         self._raise_push_failure()
         if self._pending is None:
@@ -387,7 +391,7 @@ class TrainCtx:
                 if after is not None:
                     after()
             return
-        if self._pusher is None:
+        if self._pusher is None or self._pusher.closed:
             self._pusher = GradientPusher(
                 self._client.push_gradients, self.backward_buffer_size, self.backward_workers_size
             )
@@ -439,13 +443,15 @@ class TrainCtx:
         storage layer: the sparse tables to ``<directory>/sparse/`` (manifest last), then the
         dense state as ``<directory>/dense.pt``, published atomically.
 
-        Every gradient :meth:`backward` queued is applied first, so the checkpoint holds it.
+        Every gradient :meth:`backward` queued (on every rank) is applied first, so the
+        checkpoint holds it.
 
         Raises:
             StorageError: an unsupported scheme, an unreachable storage, or a failed write.
             Exception: what a background gradient push raised (nothing is written then).
         """
         self.flush()
+        self._barrier()  # every rank's pushes are applied before rank 0 dumps
         if self.rank == 0:
             storage = open_storage(directory, self.storage_options)
             self._client.dump(_sparse_location(storage), self.storage_options)
@@ -472,6 +478,7 @@ class TrainCtx:
             Exception: what a background gradient push raised (nothing is loaded then).
         """
         self.flush()  # a push still queued must not land on the loaded rows
+        self._barrier()
         storage = open_storage(directory, self.storage_options)
         data = storage.read_bytes(DENSE_STATE_FILE)
         state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
