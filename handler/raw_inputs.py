@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedding_server.core.batch import SparseFeature
+from embedding_server.core.batch import KeyedIds, SparseFeature
 from embedding_server.core.batch_codec import BatchData
 from embedding_server.core.errors import InvalidRequestError
 from embedding_server.core.farmhash import fingerprint64_strings
-from embedding_server.core.feature_ops import FeatureInputError, FeaturePipeline, RawInput
+from embedding_server.core.feature_ops import FeatureInputError, FeaturePipeline, RawInput, RawInputs
 
 #: The batch meta key that names a batch's raw inputs (JSON: ``{"ids": [...], "dense": [...]}``).
 RAW_INPUTS_KEY = "ctrserve.raw_inputs"
@@ -155,8 +155,12 @@ def json_inputs(body: Any, data: BatchData, kinds: Mapping[str, str]) -> None:
     add_raw_inputs(data, parsed)
 
 
-def split_raw_inputs(data: BatchData) -> dict[str, RawInput]:
+def split_raw_inputs(data: BatchData) -> Mapping[str, RawInput]:
     """Take a batch's raw inputs out of it (see :data:`RAW_INPUTS_KEY`); ``{}`` when it has none.
+
+    Returns:
+        input name -> its value; for decoded batch bytes (whose features are one
+        :class:`KeyedIds`) a :class:`RawInputs` holding the id inputs as they were decoded.
 
     Raises:
         InvalidRequestError: the meta entry is malformed or names parts the batch lacks.
@@ -171,7 +175,7 @@ def split_raw_inputs(data: BatchData) -> dict[str, RawInput]:
     if (
         not isinstance(names, dict)
         or set(names) != {"ids", "dense"}
-        or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in names.values())
+        or not all(isinstance(v, list) and all(map(str.__instancecheck__, v)) for v in names.values())
     ):
         raise InvalidRequestError(
             f'batch meta \'{RAW_INPUTS_KEY}\' must be JSON {{"ids": [names], "dense": [names]}}, got {raw!r}'
@@ -183,21 +187,27 @@ def split_raw_inputs(data: BatchData) -> dict[str, RawInput]:
         raise InvalidRequestError(
             f"batch meta '{RAW_INPUTS_KEY}' names {len(dense_names)} dense inputs, the batch has {len(data.dense)} dense parts"
         )
-    by_name = {f.name: f for f in data.sparse}
-    missing = [n for n in ids_names if n not in by_name]
+    sparse = data.sparse
+    sparse_names = sparse.names if isinstance(sparse, KeyedIds) else tuple(f.name for f in sparse)
+    taken, present = set(ids_names), set(sparse_names)
+    missing = [n for n in ids_names if n not in present]
     if missing:
         raise InvalidRequestError(f"batch meta '{RAW_INPUTS_KEY}' names id inputs the batch lacks: {missing}")
-    inputs: dict[str, RawInput] = {n: by_name[n] for n in ids_names}
+    dense: dict[str, np.ndarray] = {}
     first = len(data.dense) - len(dense_names)
     for name, part in zip(dense_names, data.dense[first:]):
         values = np.asarray(part, np.float64)
         if values.size and not np.isfinite(values).all():
             raise InvalidRequestError(f"input '{name}': values must be finite (NaN or infinity given)")
-        inputs[name] = values
+        dense[name] = values
     data.dense = data.dense[:first]
-    taken = set(ids_names)
-    data.sparse = [f for f in data.sparse if f.name not in taken]
-    return inputs
+    if isinstance(sparse, KeyedIds):  # decoded bytes: split the layout, no object per feature
+        kept = [n for n in sparse_names if n not in taken]
+        data.sparse = sparse.select(kept) if kept else []
+        return RawInputs(sparse.select([n for n in sparse_names if n in taken]), dense)
+    inputs: dict[str, RawInput] = {f.name: f for f in sparse if f.name in taken}
+    data.sparse = [f for f in sparse if f.name not in taken]
+    return {**inputs, **dense}
 
 
 class RawFeatures:
@@ -217,31 +227,32 @@ class RawFeatures:
         self.computed = frozenset(pipeline.slot_names)
         self.plain = [n for n in feature_names if n not in self.computed]
         self.known = {**{n: "ids" for n in self.plain}, **pipeline.input_names}
+        self._known = frozenset(self.known)
 
     def features(
         self, inputs: Mapping[str, RawInput], given: Sequence[SparseFeature], max_ids: int | None = None
-    ) -> list[SparseFeature]:
+    ) -> Sequence[SparseFeature]:
         """The request's features: those it gave, those the ops compute, and plain slots read
-        from raw inputs of their names.
+        from raw inputs of their names (one :class:`KeyedIds` when the ops make them all).
 
         Raises:
             InvalidRequestError: an unknown input, a slot both given and computed, an input the
                 ops cannot use (naming it), or a cross over ``max_ids``.
         """
-        unknown = sorted(set(inputs) - set(self.known))
+        unknown = sorted(set(inputs) - self._known)
         if unknown:
             raise InvalidRequestError(
                 f"unknown input{'s' if len(unknown) > 1 else ''} {', '.join(repr(n) for n in unknown)}; the model "
                 f"reads the inputs: {', '.join(self.known) or '(none)'}"
             )
-        given_names = {f.name for f in given}
+        given_names = set(given.names) if isinstance(given, KeyedIds) else {f.name for f in given}
         twice = sorted(given_names & (self.computed | {n for n in self.plain if n in inputs}))
         if twice:
             raise InvalidRequestError(
                 f"feature{'s' if len(twice) > 1 else ''} {', '.join(repr(n) for n in twice)} given as ids and made "
                 "from raw inputs: send one or the other"
             )
-        computed = self.pipeline.apply(inputs, max_ids) if self.computed else []
+        computed = self.pipeline.apply_keyed(inputs, max_ids) if self.computed else []
         read = []
         for name in self.plain:
             value = inputs.get(name)
@@ -252,4 +263,6 @@ class RawFeatures:
                     f"input '{name}' feeds feature '{name}' (no ops): it must be ids, got dense values"
                 )
             read.append(SparseFeature._checked(name, value.ids, value.offsets, value.lengths))
+        if not given and not read and isinstance(computed, KeyedIds):
+            return computed  # the ops made every feature: already the layout the lookup takes
         return [*given, *computed, *read]

@@ -224,7 +224,7 @@ class RequestDecoder:
                 f"batch of {batch_size} samples exceeds the limit of {self.max_batch_size} samples per request (max_batch_size)"
             )
         try:
-            features = data.sparse  # decoded batch bytes already are one KeyedIds
+            features: Sequence[SparseFeature] = data.sparse  # decoded batch bytes already are one KeyedIds
             if RAW_INPUTS_KEY in data.meta:  # raw inputs: the version's feature ops make its features
                 raw = split_raw_inputs(data)
                 features = self.raw_features.features(raw, data.sparse, self.limits.max_ids_per_request)

@@ -695,6 +695,53 @@ def test_bad_raw_inputs_are_400s_naming_the_input(tmp_path, tiny_ctr):
 # ------------------------------------------------------------------------------ PERSIA's forms
 
 
+def test_raw_inputs_in_batch_bytes_stay_one_keyed_layout_and_make_the_transformed_features():
+    from embedding_server.core.batch import KeyedIds
+    from embedding_server.core.batch_codec import BatchData, decode_batch, encode_batch
+    from embedding_server.core.errors import InvalidRequestError
+    from embedding_server.core.feature_ops import RawInputs
+    from handler.raw_inputs import RAW_INPUTS_KEY, add_raw_inputs, split_raw_inputs
+
+    emb = {"slots_config": {**OPS_EMB["slots_config"], "C3": {"dim": 4}}}  # C3: a slot without ops
+    spec = DenseModelSpec.for_config(EmbeddingConfig.from_dict(emb), version=1, step=0, dense_width=2)
+    decoder = RequestDecoder(spec, max_batch_size=16, max_request_bytes=1 << 20)
+    dense = [np.array(_pre_transformed(10)["dense"], np.float32)]
+    c3 = [[7], [], [8, 9]]
+    age = np.array(RAW_ROWS["age"])
+    raw = {"age": age, "tags": RAW_ROWS["tags"], "C1": RAW_ROWS["C1"], "C3": c3}
+    body = encode_batch(add_raw_inputs(BatchData(dense=list(dense)), raw))
+    data = decode_batch(body)
+    inputs = split_raw_inputs(data)
+    assert isinstance(inputs, RawInputs) and isinstance(inputs.ids, KeyedIds)  # no object per input
+    assert inputs.ids.names == ("tags", "C1", "C3") and list(inputs.dense) == ["age"]
+    assert sorted(inputs) == ["C1", "C3", "age", "tags"] and "C1" in inputs and "C2" not in inputs
+    assert RAW_INPUTS_KEY not in data.meta and list(data.sparse) == [] and len(data.dense) == 1
+    np.testing.assert_array_equal(inputs["age"], age[:, None])  # a dense input travels as a [n, 1] part
+    assert inputs["C1"].offsets.tolist() == [0, 1, 3, 3] and inputs["C1"].ids.tolist() == [3, 4, 4]
+
+    transformed = _pre_transformed(10)
+    want = decoder.decode({"body": json.dumps({**transformed, "sparse": {**transformed["sparse"], "C3": c3}})}).sparse
+    given = [SparseFeature.from_lists("C3", c3)]  # C3 given as ids, the rest as raw inputs
+    rest = {n: raw[n] for n in raw if n != "C3"}
+    mixed = encode_batch(add_raw_inputs(BatchData(dense=list(dense), sparse=given), rest))
+    for request in (body, mixed):
+        got = decoder.decode({"body": request}).sparse
+        assert got.names == want.names == tuple(emb["slots_config"])
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+
+    for names, message in (
+        ('{"ids": ["tags", "zz"], "dense": ["age"]}', "names id inputs the batch lacks: ['zz']"),
+        ('{"ids": ["tags", "tags"], "dense": []}', "names an input twice"),
+        ('{"ids": ["tags", 3], "dense": []}', 'must be JSON {"ids": [names], "dense": [names]}'),
+    ):
+        bad = decode_batch(body)
+        bad.meta[RAW_INPUTS_KEY] = names
+        with pytest.raises(InvalidRequestError) as info:
+            split_raw_inputs(bad)
+        assert message in str(info.value)
+
+
 def test_response_format_is_ctrserve_or_persia_and_persia_servers_env_is_the_fallback():
     assert ServingConfig().response_format == "ctrserve"
     assert ServingConfig.from_dict({"response_format": "persia"}).response_format == "persia"
