@@ -74,7 +74,9 @@ class StreamingDataset(IterableDatasetBase):
     registers that address with the service registry as role ``nn-worker``, index = rank (with
     ``PERSIA_NN_WORKER_ADDRS`` set, it binds its rank's entry there and registers nothing).
     It ends when all data loaders have finished; a loader that went away before finishing
-    raises :class:`~persia.dataflow.DataflowError` once its batches are used up.
+    raises :class:`~persia.dataflow.DataflowError` once its batches are used up. Closing it
+    (:meth:`close`, or the end of its batches) deregisters its entry, unless a later worker of
+    the same rank registered there since (a registry that cannot be reached is logged).
 
     Args:
         buffer_size: batches held before senders wait (PERSIA's ``buffer_size``).
@@ -99,14 +101,19 @@ class StreamingDataset(IterableDatasetBase):
         self.receiver = BatchReceiver(
             buffer_size, host, port, decode=PersiaBatch.from_bytes, max_batch_bytes=max_batch_bytes_from_env()
         )
+        #: the address registered as ``nn-worker`` ``rank``, until :meth:`close` deregisters it
+        self._registered: str | None = None
+        self._closing = threading.Lock()
         if nn_worker_addresses_from_env() is None:
             from persia.service import NN_WORKER, register_service
 
+            advertised = self._advertised(host)
             try:
-                register_service(NN_WORKER, self.rank, self._advertised(host), size=self.world_size)
+                register_service(NN_WORKER, self.rank, advertised, size=self.world_size)
             except BaseException:
                 self.receiver.close()
                 raise
+            self._registered = advertised
         _logger.info(f"nn worker {self.rank} receives batches at {self.receiver.address}")
 
     def _advertised(self, host: str) -> str:
@@ -126,8 +133,16 @@ class StreamingDataset(IterableDatasetBase):
         return self.receiver.inbox.stats()
 
     def close(self) -> None:
-        """Stop receiving (senders still sending get an error)."""
+        """Stop receiving (senders still sending get an error) and deregister this worker's
+        address from the service registry (only while its entry still holds it). Closing again
+        does nothing more."""
         self.receiver.close()
+        with self._closing:
+            registered, self._registered = self._registered, None
+        if registered is not None:
+            from persia.service import NN_WORKER, deregister_service
+
+            deregister_service(NN_WORKER, self.rank, registered)
 
     def __iter__(self) -> Iterator[PersiaBatch]:
         raise NotImplementedError(

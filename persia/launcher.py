@@ -18,7 +18,11 @@ docker-compose file, Kubernetes spec or shell script runs unchanged::
 * ``embedding-parameter-server`` runs ctrserve's embedding server (``ctrserve
   embedding-server``) as shard ``--replica-index`` of ``--replica-size``, waits until it is
   healthy and registers it with the service registry (role ``embedding-parameter-server``),
-  again every few seconds so a restarted registry learns it too.
+  again every few seconds so a restarted registry learns it too. When the server stops (a
+  stop signal, or the server exiting) it deregisters it before exiting, so nobody is handed
+  its address afterwards; a registry it cannot reach then is logged, not an error. Each
+  registration carries a ttl (``--registration-ttl``, :data:`REGISTRATION_TTL_S`), so a
+  launcher killed without deregistering (SIGKILL) has its entry dropped once the ttl passes.
 * ``embedding-worker`` runs the service registry (:mod:`persia.registry`) on ``--port``: ctrserve
   needs no embedding worker process, since the nn workers' client routes ids to the parameter
   servers itself; the registry is how the processes find each other.
@@ -68,6 +72,9 @@ _logger = logging.getLogger("persia.launcher")
 GRACE_S = 30.0
 #: seconds between registrations of a running parameter server (keeps a restarted registry current)
 REGISTER_EVERY_S = 5.0
+#: the default ttl of those registrations: a killed launcher's entry is dropped this long after
+#: its last registration; several periods, so a slow registration or two does not drop a live one
+REGISTRATION_TTL_S = 30.0
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -198,6 +205,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _ttl(text: str) -> float:
+    from persia.registry import check_ttl
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    try:
+        check_ttl(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"ttl {value!r}: ")) from None
+    return value
+
+
 def _port(text: str) -> int:
     value = _non_negative(text)
     if value > 65535:
@@ -321,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR|URL",
         help="where checkpoint dumps and loads may go (repeatable; default: the global config's "
         "security.admin_roots, else the working directory, $PERSIA_CKPT_DIR and the temporary directory)",
+    )
+    ps.add_argument(
+        "--registration-ttl",
+        type=_ttl,
+        default=REGISTRATION_TTL_S,
+        metavar="SECONDS",
+        help=f"the registry drops this server's entry when not registered again for this long (default "
+        f"{REGISTRATION_TTL_S:g}; it is registered again every {REGISTER_EVERY_S:g} s or a third of this, whichever "
+        "is shorter); a clean stop deregisters it at once",
     )
     _add_config_flags(ps, "required")
     _add_replica_flags(ps, "embedding parameter server")
@@ -505,7 +535,7 @@ def run_embedding_parameter_server(args: argparse.Namespace) -> int:
         address = _advertised(args, port)
         registering = threading.Thread(
             target=_keep_registered,
-            args=(registry, args.replica_index, args.replica_size, address, sup.stop_requested),
+            args=(registry, args.replica_index, args.replica_size, address, args.registration_ttl, sup.stop_requested),
             name="persia-register",
             daemon=True,
         )
@@ -514,28 +544,28 @@ def run_embedding_parameter_server(args: argparse.Namespace) -> int:
         code = sup.wait()
         sup.stop_requested.set()
         if registering.is_alive():
-            registering.join(timeout=15)
+            # it deregisters on its way out: wait for that before exiting
+            registering.join(timeout=REGISTER_EVERY_S + service.DEREGISTER_TIMEOUT_S + 5.0)
         return code
 
 
-def _keep_registered(registry: str, index: int, size: int, address: str, stop: threading.Event) -> None:
-    """Register the server now and again every :data:`REGISTER_EVERY_S` until ``stop``; a registry
-    that is not reachable is retried (logged once per outage)."""
+def _keep_registered(registry: str, index: int, size: int, address: str, ttl: float, stop: threading.Event) -> None:
+    """Register the server now and again every :data:`REGISTER_EVERY_S` (or a third of ``ttl``,
+    if shorter) until ``stop``, then deregister it (at once when a stop signal sets ``stop``,
+    while the server still drains). A registry that is not reachable is retried (logged once per
+    outage); on the way out it is logged, not raised."""
     from persia.registry import RegistryClient, RegistryError
 
     client = RegistryClient(registry)
+    every = min(REGISTER_EVERY_S, ttl / 3)
+    role = service.EMBEDDING_PARAMETER_SERVER
     reachable: bool | None = None
     while not stop.is_set():
         try:
-            client.register(service.EMBEDDING_PARAMETER_SERVER, index, address, size=size, timeout=REGISTER_EVERY_S)
+            client.register(role, index, address, size=size, timeout=REGISTER_EVERY_S, ttl=ttl)
             if not reachable:
                 _logger.info(
-                    "registered as %s %d of %d at %s with the registry %s",
-                    service.EMBEDDING_PARAMETER_SERVER,
-                    index,
-                    size,
-                    address,
-                    registry,
+                    "registered as %s %d of %d at %s with the registry %s", role, index, size, address, registry
                 )
             reachable = True
         except (TimeoutError, RegistryError) as exc:
@@ -543,7 +573,12 @@ def _keep_registered(registry: str, index: int, size: int, address: str, stop: t
                 _logger.warning("cannot register with the service registry (will keep trying): %s", exc)
             reachable = False
             continue
-        stop.wait(REGISTER_EVERY_S)
+        stop.wait(every)
+    # a registration that failed on its way may still have reached the registry: deregister
+    # whenever one was tried (removing only this server's address, never a replacement's)
+    if reachable is not None:
+        if service.deregister_service(role, index, address, registry=registry):
+            _logger.info("deregistered %s %d at %s from the registry %s", role, index, address, registry)
 
 
 # ------------------------------------------------------------------------------------------ main

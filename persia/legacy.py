@@ -158,6 +158,8 @@ class LegacyTrainCtx:
         self._config: SlotsConfig | None = None
         self._pending: LookupResult | None = None
         self._receiver: Any = None
+        #: ``(rank, address)`` registered as an nn worker, until :meth:`close` deregisters it
+        self._registered: tuple[int, str] | None = None
 
     # ------------------------------------------------------------------ embedding servers
 
@@ -231,6 +233,7 @@ class LegacyTrainCtx:
                 register_service(
                     NN_WORKER, rank or 0, f"{advertised}:{port}", size=size or 1, timeout=min(self.timeout, 60.0)
                 )
+                self._registered = (rank or 0, f"{advertised}:{port}")
             _logger.info(f"TrainCtx receives batches at {self._receiver.address}")
         while True:
             batch = self._receiver.inbox.get(self.timeout)
@@ -348,10 +351,16 @@ class LegacyTrainCtx:
         self.close()
 
     def close(self) -> None:
-        """Stop receiving and close the embedding client."""
+        """Stop receiving (deregistering this nn worker's data address) and close the embedding client."""
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
+        if self._registered is not None:
+            from persia.service import NN_WORKER, deregister_service
+
+            rank, address = self._registered
+            self._registered = None
+            deregister_service(NN_WORKER, rank, address)
         close = getattr(self._client, "close", None)
         if close is not None:
             close()

@@ -8,18 +8,29 @@ until all are there. :mod:`persia.service` holds PERSIA's functions on top of it
 The protocol is small JSON over HTTP/1.1 (``http.server``; no extra dependency), bound to
 127.0.0.1 unless told otherwise:
 
-* ``PUT /v1/services/<role>/<index>`` with ``{"address": "host:port", "size": n | null}``:
-  register (or re-register: the entry is replaced, so a restarted server re-registers under its
-  index with its new address). ``size`` declares how many entries the role has in all.
+* ``PUT /v1/services/<role>/<index>`` with ``{"address": "host:port", "size": n | null, "ttl":
+  s | null}``: register (or re-register: the entry is replaced, so a restarted server
+  re-registers under its index with its new address). ``size`` declares how many entries the
+  role has in all; ``ttl`` (seconds, at most :data:`MAX_TTL_S`) is for a registrant that
+  re-registers periodically: its entry is dropped once it is older than ``ttl``.
+* ``DELETE /v1/services/<role>/<index>`` with ``{"address": "host:port"}``: deregister, only if
+  the entry still holds that address: ``{"removed": true}``; else (the index was registered
+  again by a replacement, or is gone already) nothing changes: ``{"removed": false}``. So a
+  late deregistration of an old instance never removes its replacement.
 * ``GET /v1/services/<role>?count=N&wait=S``: the role's entries, ordered by index, answered as
   soon as ``count`` (or, without it, the declared size, else one) entries exist or after ``S``
   seconds (at most :data:`MAX_WAIT_S`) with what there is: ``{"role", "size", "services":
-  [{"index", "address"}, ...]}``.
+  [{"index", "address", "registered_at", "ttl"}, ...]}`` (``registered_at``: the registry's
+  Unix time of the entry's last registration).
 * ``GET /v1/health``: ``{"status": "SERVING"}``.
 
-Entries live as long as the registry process: they are not tied to a connection, so a client
-that exits or restarts leaves its entry until it registers again. Requests are bounded (a body
-of at most :data:`MAX_BODY_BYTES`, a URL of at most :data:`MAX_URL_BYTES`, at most
+Entries are not tied to a connection. One goes away when its registrant deregisters it (``persia-
+launcher embedding-parameter-server`` does when its server stops, a ``StreamingDataset`` when it
+is closed), or, for an entry registered with a ``ttl``, once it has not been registered again for
+``ttl`` seconds (a registrant killed without deregistering: the launcher registers with a 30 s
+ttl and re-registers every 5 s). An entry registered without ``ttl`` (one-shot registrations such
+as the nn workers') stays until it is deregistered or registered again. Requests are bounded (a
+body of at most :data:`MAX_BODY_BYTES`, a URL of at most :data:`MAX_URL_BYTES`, at most
 :data:`MAX_ROLES` roles and :data:`MAX_INDEX` entries per role, at most :data:`MAX_CONNECTIONS`
 connections at once) and validated; a bad one gets a 4xx answer whose ``error`` names what is
 wrong, and the server keeps serving.
@@ -31,6 +42,8 @@ Example:
     >>> client.register("embedding-parameter-server", 0, "127.0.0.1:8888", size=1)
     >>> client.wait_for("embedding-parameter-server", timeout=5)
     ['127.0.0.1:8888']
+    >>> client.deregister("embedding-parameter-server", 0, "127.0.0.1:8888")
+    True
     >>> server.stop()
 """
 
@@ -45,6 +58,7 @@ import socketserver
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -60,6 +74,8 @@ MAX_CONNECTIONS = 256
 MAX_WAIT_S = 30.0
 #: a connection that sends nothing for this long is closed
 IDLE_TIMEOUT_S = 30.0
+#: the longest ``ttl`` a registration may carry (a day)
+MAX_TTL_S = 86400.0
 
 _ROLE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
@@ -113,41 +129,123 @@ def _check_size(size: object) -> int | None:
     return size
 
 
+def check_ttl(ttl: object) -> float | None:
+    """``ttl`` if it is None (the entry never expires) or a number of seconds above 0, at most
+    :data:`MAX_TTL_S`.
+
+    Raises:
+        ValueError: naming the ttl.
+    """
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL_S:
+        raise ValueError(f"ttl {ttl!r}: must be null or a number of seconds above 0, at most {MAX_TTL_S:g}")
+    return float(ttl)
+
+
+def _check_path_index(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"index {text!r}: must be an integer from 0")
+    return int(text)
+
+
+def _json_fields(body: bytes, allowed: set[str], shape: str) -> dict[str, Any]:
+    """The JSON object ``body`` holds, with ``address`` and no key outside ``allowed``."""
+    try:
+        fields = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+    if not isinstance(fields, dict) or not set(fields) <= allowed or "address" not in fields:
+        raise ValueError(f"body must be {shape}")
+    return fields
+
+
+@dataclass(frozen=True)
+class _Entry:
+    address: str
+    #: Unix time of the registration (answered to readers)
+    registered_at: float
+    #: monotonic time of the registration (what expiry is measured from)
+    renewed: float
+    ttl: float | None
+
+    def expired(self, now: float) -> bool:
+        return self.ttl is not None and now - self.renewed > self.ttl
+
+
 class _Entries:
     """The registrations, under one condition variable that wakes waiting readers."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
-        self.roles: dict[str, dict[int, str]] = {}
+        self.roles: dict[str, dict[int, _Entry]] = {}
         self.sizes: dict[str, int] = {}
 
-    def put(self, role: str, index: int, address: str, size: int | None) -> None:
+    def put(self, role: str, index: int, address: str, size: int | None, ttl: float | None = None) -> None:
         with self.changed:
             if role not in self.roles and len(self.roles) >= MAX_ROLES:
                 raise ValueError(f"role {role!r}: the registry holds {MAX_ROLES} roles already")
             entries = self.roles.setdefault(role, {})
+            self._drop_expired(role, entries, time.monotonic())
             previous = entries.get(index)
-            entries[index] = address
+            entries[index] = _Entry(address, time.time(), time.monotonic(), ttl)
             if size is not None:
                 self.sizes[role] = size
             self.changed.notify_all()
         if previous is None:
             _logger.info("registered %s %d at %s", role, index, address)
-        elif previous != address:
-            _logger.info("re-registered %s %d at %s (was %s)", role, index, address, previous)
+        elif previous.address != address:
+            _logger.info("re-registered %s %d at %s (was %s)", role, index, address, previous.address)
+
+    def remove(self, role: str, index: int, address: str) -> bool:
+        """Remove entry ``index`` of ``role`` if it holds ``address``; whether it did."""
+        with self.changed:
+            entries = self.roles.get(role, {})
+            self._drop_expired(role, entries, time.monotonic())
+            entry = entries.get(index)
+            if entry is None or entry.address != address:
+                held = "nothing" if entry is None else entry.address
+                _logger.info("kept %s %d: deregistering %s, it holds %s", role, index, address, held)
+                return False
+            del entries[index]
+            self.changed.notify_all()
+        _logger.info("deregistered %s %d at %s", role, index, address)
+        return True
+
+    @staticmethod
+    def _drop_expired(role: str, entries: dict[int, _Entry], now: float) -> None:
+        for index in [i for i, entry in entries.items() if entry.expired(now)]:
+            entry = entries.pop(index)
+            _logger.warning(
+                "dropped %s %d at %s: not registered again within its ttl of %g s",
+                role,
+                index,
+                entry.address,
+                entry.ttl,
+            )
 
     def read(self, role: str, count: int | None, wait: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait
         with self.changed:
             while True:
+                now = time.monotonic()
                 entries = self.roles.get(role, {})
+                self._drop_expired(role, entries, now)
                 wanted = count if count is not None else self.sizes.get(role, 1)
-                left = deadline - time.monotonic()
+                left = deadline - now
                 if left <= 0 or all(i in entries for i in range(wanted)):
                     return {
                         "role": role,
                         "size": self.sizes.get(role),
-                        "services": [{"index": i, "address": entries[i]} for i in sorted(entries)],
+                        "services": [
+                            {
+                                "index": i,
+                                "address": entries[i].address,
+                                "registered_at": entries[i].registered_at,
+                                "ttl": entries[i].ttl,
+                            }
+                            for i in sorted(entries)
+                        ],
                     }
                 self.changed.wait(left)
 
@@ -205,48 +303,64 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._answer(HTTPStatus.OK, self.server.entries.read(role, count, min(wait, MAX_WAIT_S)))
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def _entry_request(self) -> tuple[str, str, bytes] | None:
+        """A PUT's or DELETE's ``(role, index text, body)`` once its length and path are right;
+        None when refused."""
         route = self._route()
         if route is None:
-            return
+            return None
         _, parts, _ = route
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
-            self._refuse(HTTPStatus.LENGTH_REQUIRED, "a PUT needs a Content-Length header")
-            return
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, f"a {self.command} needs a Content-Length header")
+            return None
         if int(length) > MAX_BODY_BYTES:
             self.close_connection = True
             self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes: at most {MAX_BODY_BYTES}")
-            return
+            return None
         body = self.rfile.read(int(length))
         if len(parts) != 4 or parts[:2] != ["v1", "services"]:
             self._refuse(HTTPStatus.NOT_FOUND, "no such path: use /v1/services/<role>/<index>")
+            return None
+        return parts[2], parts[3], body
+
+    def do_PUT(self) -> None:  # noqa: N802
+        request = self._entry_request()
+        if request is None:
             return
         try:
-            role = check_role(parts[2])
-            if not parts[3].isdigit():
-                raise ValueError(f"index {parts[3]!r}: must be an integer from 0")
-            index = int(parts[3])
-            try:
-                fields = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"body is not JSON: {exc}") from None
-            if not isinstance(fields, dict) or not set(fields) <= {"address", "size"} or "address" not in fields:
-                raise ValueError('body must be {"address": "host:port", "size": n or null}')
+            role, index = check_role(request[0]), _check_path_index(request[1])
+            fields = _json_fields(
+                request[2], {"address", "size", "ttl"}, '{"address": "host:port", "size": n or null, "ttl": s or null}'
+            )
             size = _check_size(fields.get("size"))
             _check_index(index, size=size)
-            self.server.entries.put(role, index, check_address(fields["address"]), size)
+            address, ttl = check_address(fields["address"]), check_ttl(fields.get("ttl"))
+            self.server.entries.put(role, index, address, size, ttl)
         except ValueError as exc:
             self._refuse(HTTPStatus.BAD_REQUEST, str(exc))
             return
         self._answer(HTTPStatus.OK, {"ok": True})
 
+    def do_DELETE(self) -> None:  # noqa: N802
+        request = self._entry_request()
+        if request is None:
+            return
+        try:
+            role, index = check_role(request[0]), _check_index(_check_path_index(request[1]))
+            fields = _json_fields(request[2], {"address"}, '{"address": "host:port"} (the address to deregister)')
+            removed = self.server.entries.remove(role, index, check_address(fields["address"]))
+        except ValueError as exc:
+            self._refuse(HTTPStatus.BAD_REQUEST, str(exc))
+            return
+        self._answer(HTTPStatus.OK, {"removed": removed})
+
     def _not_allowed(self) -> None:
         self.close_connection = True
-        self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed: use GET or PUT")
+        self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed: use GET, PUT or DELETE")
 
-    do_POST = do_DELETE = do_PATCH = do_HEAD = _not_allowed  # noqa: N815
+    do_POST = do_PATCH = do_HEAD = _not_allowed  # noqa: N815
 
 
 def _one_number(query: dict[str, list[str]], name: str, kind: type) -> Any:
@@ -389,24 +503,64 @@ class RegistryClient:
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 0.5)
 
-    def register(self, role: str, index: int, address: str, size: int | None = None, timeout: float = 60.0) -> None:
+    def register(
+        self,
+        role: str,
+        index: int,
+        address: str,
+        size: int | None = None,
+        timeout: float = 60.0,
+        ttl: float | None = None,
+    ) -> None:
         """Register ``address`` as entry ``index`` of ``role`` (replacing an earlier one).
 
+        Args:
+            ttl: seconds after which the registry drops the entry unless it is registered again
+                (for a registrant that re-registers periodically); None: it stays until
+                deregistered or replaced.
+
         Raises:
-            ValueError: a bad role, index, address or size (checked here before sending).
+            ValueError: a bad role, index, address, size or ttl (checked here before sending).
             RegistryError: the registry refused it.
             TimeoutError: the registry was not reachable within ``timeout`` seconds.
         """
         check_role(role)
         check_address(address)
         _check_index(index, size=_check_size(size))
+        check_ttl(ttl)
         path = f"/v1/services/{role}/{index}"
-        body = {"address": address, "size": size}
+        body = {"address": address, "size": size, "ttl": ttl}
         self._retrying(
             f"registering {role} {index}",
             timeout,
             lambda left: self._request("PUT", path, body, min(left, 10.0) or 0.1),
         )
+
+    def deregister(self, role: str, index: int, address: str, timeout: float = 10.0) -> bool:
+        """Remove entry ``index`` of ``role`` if it still holds ``address``.
+
+        Returns:
+            Whether it was removed (False: the index holds another address, registered by a
+            replacement, or nothing).
+
+        Raises:
+            ValueError: a bad role, index or address (checked here before sending).
+            RegistryError: the registry refused it or answered nonsense.
+            TimeoutError: the registry was not reachable within ``timeout`` seconds.
+        """
+        check_role(role)
+        check_address(address)
+        _check_index(index)
+        path = f"/v1/services/{role}/{index}"
+        answer = self._retrying(
+            f"deregistering {role} {index}",
+            timeout,
+            lambda left: self._request("DELETE", path, {"address": address}, min(left, 10.0) or 0.1),
+        )
+        removed = answer.get("removed")
+        if not isinstance(removed, bool):
+            raise RegistryError(f"registry at {self.address} answered {answer!r}")
+        return removed
 
     def services(self, role: str, count: int | None = None, wait: float = 0.0, timeout: float = 10.0) -> dict[str, Any]:
         """The registry's answer for ``role`` (waiting up to ``wait`` s there for ``count`` entries).

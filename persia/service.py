@@ -21,10 +21,20 @@ Roles registered: ``embedding-parameter-server`` (by ``persia-launcher
 embedding-parameter-server`` once its server is healthy, index = replica index) and
 ``nn-worker`` (by each nn worker's ``StreamingDataset``, index = rank, with its data address).
 
+Entries go away when their registrant deregisters them (:func:`deregister_service`): the
+launcher when its server stops (SIGTERM, SIGINT, SIGHUP or the server exiting), a
+``StreamingDataset`` when it is closed. A deregistration removes the entry only while it holds
+the address given, so a late one from an old instance never removes its replacement. The
+launcher also registers with a ttl (:data:`persia.launcher.REGISTRATION_TTL_S`) and re-registers
+well within it, so the entry of a launcher killed without deregistering (SIGKILL, a lost
+machine) is dropped once the ttl passes; one-shot registrations carry no ttl.
+
 Example:
     >>> register_service("nn-worker", 0, "10.0.0.5:40123", size=1)
     >>> wait_for_services("nn-worker")
     ['10.0.0.5:40123']
+    >>> deregister_service("nn-worker", 0, "10.0.0.5:40123")
+    True
     >>> embedding_server_addresses()        # shard order
     ['127.0.0.1:8888', '127.0.0.1:8889']
 """
@@ -37,7 +47,7 @@ import socket
 import threading
 from functools import cache
 
-from persia.registry import RegistryClient, check_address
+from persia.registry import RegistryClient, RegistryError, check_address
 
 _logger = logging.getLogger("persia.service")
 
@@ -49,6 +59,8 @@ NN_WORKER = "nn-worker"
 PERSIA_DEFAULT_SERVICE = "embedding_worker:8887"
 #: the default where ``embedding_worker`` does not resolve: the registry on this machine
 LOCAL_DEFAULT_SERVICE = "127.0.0.1:8887"
+#: how long a deregistration on the way out keeps trying to reach the registry
+DEREGISTER_TIMEOUT_S = 5.0
 
 _nats_noted = threading.Event()
 
@@ -96,7 +108,15 @@ def _registry() -> RegistryClient:
     return RegistryClient(get_embedding_worker_services()[0])
 
 
-def register_service(role: str, index: int, address: str, *, size: int | None = None, timeout: float = 60.0) -> None:
+def register_service(
+    role: str,
+    index: int,
+    address: str,
+    *,
+    size: int | None = None,
+    timeout: float = 60.0,
+    ttl: float | None = None,
+) -> None:
     """Register ``address`` (``host:port``) as entry ``index`` of ``role`` with the registry; a
     later registration of the same index replaces it (a restarted service registers again).
 
@@ -104,13 +124,42 @@ def register_service(role: str, index: int, address: str, *, size: int | None = 
         size: how many entries ``role`` has in all (ctrserve extension; what
             :func:`wait_for_services` waits for when given no count).
         timeout: how long to keep trying while the registry is not reachable (it may start later).
+        ttl: seconds after which the registry drops the entry unless it is registered again
+            (for a caller that re-registers periodically); None: it stays until deregistered.
 
     Raises:
-        ValueError: a bad role, index, address or size.
+        ValueError: a bad role, index, address, size or ttl.
         TimeoutError: the registry was not reachable in ``timeout`` seconds.
         persia.registry.RegistryError: the registry refused it.
     """
-    _registry().register(role, index, address, size=size, timeout=timeout)
+    _registry().register(role, index, address, size=size, timeout=timeout, ttl=ttl)
+
+
+def deregister_service(
+    role: str, index: int, address: str, *, timeout: float = DEREGISTER_TIMEOUT_S, registry: str | None = None
+) -> bool:
+    """Remove entry ``index`` of ``role`` from the registry if it still holds ``address`` (a
+    replacement registered since keeps its entry). Meant for the way out: a registry that cannot
+    be reached in ``timeout`` seconds, or that refuses, is logged as a warning, never raised.
+
+    Args:
+        registry: the registry's ``host:port`` (ctrserve extension); default: the one
+            :func:`get_embedding_worker_services` names.
+
+    Returns:
+        Whether the entry was removed (False: it holds another address or is gone already, or the
+        registry could not be reached).
+
+    Raises:
+        ValueError: a bad role, index or address, or ``EMBEDDING_WORKER_SERVICE`` is not
+            ``host:port`` (mistakes of the caller, not failures on the way out).
+    """
+    client = _registry() if registry is None else RegistryClient(registry)
+    try:
+        return client.deregister(role, index, address, timeout=timeout)
+    except (TimeoutError, RegistryError, OSError) as exc:
+        _logger.warning("could not deregister %s %d at %s: %s", role, index, address, exc)
+        return False
 
 
 def wait_for_services(role: str, count: int | None = None, timeout: float = 60.0) -> list[str]:

@@ -109,6 +109,8 @@ def test_two_loaders_feed_two_ranks_round_robin_and_end_cleanly(tmp_path, regist
         for loader in range(2):
             assert [k for i, k in got[rank] if i == loader] == list(range(rank, 9, 2))
         assert ranks[rank].stats()["max_depth"] <= 3
+    # the streams' end closed both ranks, and closing deregistered them
+    assert registry.entries.read("nn-worker", None, 0.0)["services"] == []
 
 
 def test_a_full_buffer_blocks_the_sender_and_nothing_is_dropped(tmp_path, registry, wait_until):

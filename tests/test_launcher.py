@@ -1,8 +1,10 @@
 """persia-launcher as real processes: the registry (embedding-worker) and two embedding parameter
 servers that register themselves, found in shard order and answering lookups equal to an
-in-process store's; SIGTERM stopping a launcher and its server with none left behind; the
-data-loader's and nn-worker's environment and exit codes; --help of every sub-command; a bad
-config or entry file as one line and exit code 2."""
+in-process store's; SIGTERM stopping a launcher and its server with none left behind; a parameter
+server launcher deregistering its server when it stops (SIGTERM, SIGINT, the server exiting) and
+a SIGKILLed one's entry dropped once its registration ttl passes; the data-loader's and
+nn-worker's environment and exit codes; --help of every sub-command; a bad config or entry file
+as one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ def test_a_restarted_parameter_server_registers_its_new_address(registry, server
         [old] = RegistryClient(registry).wait_for(PS, timeout=60)
         first.send_signal(signal.SIGTERM)
         assert first.wait(30) == 0
+        assert RegistryClient(registry).services(PS)["services"] == []  # deregistered on the way out
         second = launch(*args, env=env, cwd=tmp_path)
         try:
             wait_until(lambda: RegistryClient(registry).wait_for(PS, timeout=60) != [old], what="re-registration")
@@ -116,6 +119,69 @@ def test_a_restarted_parameter_server_registers_its_new_address(registry, server
     finally:
         if first.poll() is None:
             first.kill()
+
+
+@pytest.mark.parametrize(
+    ("stop", "code"),
+    [("SIGTERM", 0), ("SIGINT", 0), ("the server dies", 128 + signal.SIGKILL)],
+)
+def test_a_stopped_parameter_server_launcher_deregisters_its_server(
+    registry, server_configs, tmp_path, process_tree, stop, code
+):
+    emb_path, global_path = server_configs
+    client = RegistryClient(registry)
+    client.register(PS, 1, "127.0.0.1:7999", size=2)  # shard 1, registered by someone else
+    env = {"EMBEDDING_WORKER_SERVICE": registry}
+    args = [PS, "--port", "0", "--embedding-config", str(emb_path), "--global-config", str(global_path)]
+    launcher = launch(*args, "--replica-index", "0", "--replica-size", "2", env=env, cwd=tmp_path)
+    try:
+        [address, _] = client.wait_for(PS, timeout=60)
+        [server] = process_tree.descendants(launcher.pid)
+        if stop == "the server dies":
+            server.kill()
+        else:
+            launcher.send_signal(getattr(signal, stop))
+        assert launcher.wait(30) == code
+        # gone as soon as the launcher has exited (its ttl of 30 s is far off); shard 1 is kept
+        answer = client.services(PS)["services"]
+        assert [(s["index"], s["address"]) for s in answer] == [(1, "127.0.0.1:7999")], address
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def test_a_killed_parameter_server_launchers_entry_is_dropped_after_its_ttl(
+    registry, server_configs, tmp_path, wait_until, process_tree
+):
+    emb_path, global_path = server_configs
+    client = RegistryClient(registry)
+    env = {"EMBEDDING_WORKER_SERVICE": registry}
+    ttl = 1.0
+    args = [PS, "--port", "0", "--embedding-config", str(emb_path), "--global-config", str(global_path)]
+    launcher = launch(*args, "--registration-ttl", str(ttl), env=env, cwd=tmp_path)
+    try:
+        [address] = client.wait_for(PS, timeout=60)
+        [first] = client.services(PS)["services"]
+        assert first["ttl"] == ttl
+        # alive, it registers again within the ttl: the entry outlives its first registration's ttl
+        wait_until(
+            lambda: client.services(PS)["services"][0]["registered_at"] > first["registered_at"] + ttl,
+            timeout=30,
+            what="registrations renewed past the first one's ttl",
+        )
+        assert client.wait_for(PS, timeout=5) == [address]
+        server = process_tree.descendants(launcher.pid)
+        launcher.kill()  # no chance to deregister
+        assert launcher.wait(30) == -signal.SIGKILL
+        wait_until(lambda: client.services(PS)["services"] == [], timeout=30, what="the entry to expire")
+        with pytest.raises(TimeoutError, match="registered: none"):
+            client.wait_for(PS, timeout=0.3)
+        wait_until(lambda: process_tree.gone(server), timeout=30, what="the orphaned server to exit")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
 
 
 LOADER = """
@@ -189,7 +255,10 @@ def test_nn_worker_runs_file_under_torchrun_with_rank_env(tmp_path):
         ("nn-worker", ["--nproc-per-node", "--nnodes", "--node-rank", "PERSIA_NN_WORKER_ENTRY"]),
         ("data-loader", ["--replica-index", "--replica-size", "PERSIA_DATALOADER_ENTRY"]),
         ("embedding-worker", ["--port", "--embedding-config", "--global-config", "registry", "EMBEDDING_WORKER"]),
-        ("embedding-parameter-server", ["--port", "--embedding-config", "--global-config", "--replica-size"]),
+        (
+            "embedding-parameter-server",
+            ["--port", "--embedding-config", "--global-config", "--replica-size", "--registration-ttl"],
+        ),
     ],
 )
 def test_every_sub_command_has_help(command, flags):

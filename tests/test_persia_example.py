@@ -5,7 +5,8 @@ In a copy of the example folder (nothing is written into the repository), on its
 ``persia-launcher embedding-worker`` (the registry), two ``embedding-parameter-server`` shards,
 ``data-loader data_loader.py`` and ``nn-worker train.py`` as real processes with PERSIA's
 environment variables; the nn worker trains, logs its ``eval_ctx`` test AUC and dumps the
-checkpoint with the TorchScript model. Then an infer-mode embedding server (``job_type: Infer``
+checkpoint with the TorchScript model; once stopped, the parameter servers and the nn worker
+have left the registry (deregistered). Then an infer-mode embedding server (``job_type: Infer``
 with ``infer_config``) serves that checkpoint, the TorchScript model is archived with PERSIA's
 handler, real TorchServe serves it and PERSIA's gRPC client scores the test data. The scores
 must equal the TorchScript file run on embeddings looked up directly from the infer server, and
@@ -38,7 +39,7 @@ from embedding_server.core.batch import SparseFeature
 from embedding_server.core.config import EmbeddingConfig
 from embedding_server.rpc.remote import RemoteEmbeddingClient
 from persia.registry import RegistryClient
-from persia.service import EMBEDDING_PARAMETER_SERVER
+from persia.service import EMBEDDING_PARAMETER_SERVER, NN_WORKER
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "deploy" / "examples" / "persia"
@@ -191,7 +192,12 @@ def test_persia_example_trains_evaluates_dumps_and_serves_through_torchserve(
         assert test_auc > 0.8, train_log[-4000:]  # the continuous features alone give about 0.74
         checkpoint = work / "checkpoint"
         assert {"dense.pt", "opt.pt", "jit_dense.pt"} <= {p.name for p in checkpoint.iterdir()}
-        jobs.stop("embedding_server0", "embedding_server1", "embedding_worker")
+        jobs.stop("embedding_server0", "embedding_server1")
+        # the launchers deregistered their servers on the way out, the nn worker its data address
+        # when its data ended: the registry hands nobody a stopped process's address
+        for role in (EMBEDDING_PARAMETER_SERVER, NN_WORKER):
+            assert RegistryClient(registry).services(role)["services"] == [], role
+        jobs.stop("embedding_worker")
 
         # ----------------------------------------------------------------------------- serving job
         port = str(_free_port())
