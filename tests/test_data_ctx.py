@@ -131,14 +131,20 @@ def test_a_full_buffer_blocks_the_sender_and_nothing_is_dropped(tmp_path, regist
 
 def test_a_loader_that_fails_is_reported_instead_of_ending_the_stream(tmp_path, registry):
     rank = make_rank(0, 1, buffer_size=4)
-    loaders = [start_loader(tmp_path, 0, 2, count=5), start_loader(tmp_path, 1, 2, count=5, fail_after=3)]
+    # the healthy loader's 3 batches fit the buffer, so it finishes before anything is read; had
+    # it batches left when the error stops the reading, it would wait on a full buffer
+    healthy = start_loader(tmp_path, 0, 2, count=3)
+    assert finish(healthy)[0] == 0
+    failing = start_loader(tmp_path, 1, 2, count=5, fail_after=3)
     seen = []
-    with pytest.raises(DataflowError, match="data loader 1 of 2 went away before it finished"):
-        for batch in rank.batches(timeout=60):
-            seen.append(sender_of(batch))
+    try:
+        with pytest.raises(DataflowError, match="data loader 1 of 2 went away before it finished"):
+            for batch in rank.batches(timeout=60):
+                seen.append(sender_of(batch))
+    finally:
+        rank.close()
     assert sorted(k for i, k in seen if i == 1) == [0, 1, 2]  # what it sent before failing arrived
-    assert finish(loaders[0])[0] == 0
-    code, _, err = finish(loaders[1])
+    code, _, err = finish(failing)
     assert code != 0 and "the loader's source broke" in err
 
 
