@@ -6,6 +6,7 @@ from anything this project records.
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
@@ -17,8 +18,15 @@ pytestmark = pytest.mark.unit
 
 
 def small_page_array(nbytes: int) -> np.ndarray:
-    """A fresh float32 array of 16-float rows that commits on 4 KiB pages."""
-    array = np.frombuffer(fresh_buffer(nbytes), np.float32).reshape(-1, 16)
+    """A fresh float32 array of 16-float rows that commits on 4 KiB pages, in a memory area of
+    its own. The kernel merges adjacent areas with equal settings, and smaps reports huge pages
+    per area, so a neighbour on huge pages would count as this array's: the array is the middle
+    of a mapping whose first and last huge page (never touched) carry ``MADV_DONTFORK``, a
+    setting the middle lacks, which keeps the middle an area by itself."""
+    buffer = fresh_buffer(nbytes + 2 * HUGE_PAGE)
+    buffer.madvise(mmap.MADV_DONTFORK, 0, HUGE_PAGE)
+    buffer.madvise(mmap.MADV_DONTFORK, HUGE_PAGE + nbytes, HUGE_PAGE)
+    array = np.frombuffer(buffer, np.float32, count=nbytes // 4, offset=HUGE_PAGE).reshape(-1, 16)
     use_huge_pages(array, False)
     return array
 
