@@ -63,6 +63,11 @@ every (positive, negative) pair in plain Python, references for trainer.metrics.
 
 ``farmhash_reference`` (session scope): FarmHash's Fingerprint(uint64) and Fingerprint(uint128)
 written with Python integers, the reference for the FarmHash kernels and the feature ops.
+
+``rank0_registry``: a service registry served in this process, named by
+``EMBEDDING_WORKER_SERVICE``, with this process as nn-worker rank 0 of 1 (``persia.env``);
+yields the ``RegistryServer``. ``nn_worker_entries`` (session scope): the addresses registered
+as nn workers in such a registry.
 """
 
 from __future__ import annotations
@@ -589,3 +594,27 @@ class PushControl:
 def push_control() -> type[PushControl]:
     """:class:`PushControl`: slow, held or failing gradient pushes of a training context."""
     return PushControl
+
+
+@pytest.fixture()
+def rank0_registry(monkeypatch) -> Iterator[RegistryServer]:
+    from persia import env
+
+    server = RegistryServer(("127.0.0.1", 0))
+    server.start()
+    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", server.address)
+    monkeypatch.delenv("PERSIA_NN_WORKER_ADDRS", raising=False)
+    env.set_env(rank=0, world_size=1, local_rank=0)
+    yield server
+    server.stop()
+    env.reload_env()
+
+
+@pytest.fixture(scope="session")
+def nn_worker_entries() -> Callable[[RegistryServer], list[str]]:
+    from persia.service import NN_WORKER
+
+    def entries(server: RegistryServer) -> list[str]:
+        return [s["address"] for s in server.entries.read(NN_WORKER, None, 0.0)["services"]]
+
+    return entries

@@ -19,8 +19,6 @@ from persia.ctx import TrainCtx, eval_ctx
 from persia.data import DataLoader, Dataloader, IterableDataset, StreamDataset, StreamingDataset
 from persia.embedding.data import IDTypeFeature, IDTypeFeatureWithSingleID, Label, NonIDTypeFeature, PersiaBatch
 from persia.embedding.optim import Adagrad
-from persia.registry import RegistryServer
-from persia.service import NN_WORKER
 
 SLOTS = EmbeddingConfig.from_dict({"slots_config": {"user": {"dim": 4}, "item": {"dim": 4}}})
 BATCH = 32
@@ -64,23 +62,6 @@ def one_rank(monkeypatch):
     env.set_env(rank=0, world_size=1, local_rank=0)
     yield
     env.reload_env()
-
-
-@pytest.fixture()
-def registered_rank(monkeypatch):
-    """Rank 0 of 1 registering with a registry served in this process; yields the registry."""
-    server = RegistryServer(("127.0.0.1", 0))
-    server.start()
-    monkeypatch.setenv("EMBEDDING_WORKER_SERVICE", server.address)
-    monkeypatch.delenv("PERSIA_NN_WORKER_ADDRS", raising=False)
-    env.set_env(rank=0, world_size=1, local_rank=0)
-    yield server
-    server.stop()
-    env.reload_env()
-
-
-def registered(server: RegistryServer) -> list[str]:
-    return [s["address"] for s in server.entries.read(NN_WORKER, None, 0.0)["services"]]
 
 
 def start_loaders(tmp_path: Path, address: str, count: int, size: int = 2) -> list[subprocess.Popen]:
@@ -183,25 +164,25 @@ def eval_batches(count: int, requires_grad: bool = False) -> list[PersiaBatch]:
 
 
 @pytest.mark.unit
-def test_closing_a_streaming_dataset_deregisters_its_address(registered_rank):
+def test_closing_a_streaming_dataset_deregisters_its_address(rank0_registry, nn_worker_entries):
     dataset = StreamingDataset(buffer_size=2)
-    assert registered(registered_rank) == [dataset.address]
+    assert nn_worker_entries(rank0_registry) == [dataset.address]
     dataset.close()
-    assert registered(registered_rank) == []
+    assert nn_worker_entries(rank0_registry) == []
     dataset.close()  # closing again asks nothing more
-    assert registered(registered_rank) == []
+    assert nn_worker_entries(rank0_registry) == []
 
 
 @pytest.mark.unit
-def test_closing_a_replaced_streaming_dataset_keeps_its_replacements_entry(registered_rank):
+def test_closing_a_replaced_streaming_dataset_keeps_its_replacements_entry(rank0_registry, nn_worker_entries):
     old = StreamingDataset(buffer_size=2)
     new = StreamingDataset(buffer_size=2)  # the same rank again (a restarted worker)
     assert old.address != new.address
-    assert registered(registered_rank) == [new.address]
+    assert nn_worker_entries(rank0_registry) == [new.address]
     old.close()
-    assert registered(registered_rank) == [new.address]
+    assert nn_worker_entries(rank0_registry) == [new.address]
     new.close()
-    assert registered(registered_rank) == []
+    assert nn_worker_entries(rank0_registry) == []
 
 
 @pytest.mark.unit
