@@ -105,7 +105,7 @@ def train_streaming(tmp_path: Path, count: int, **loader_args) -> tuple[list[flo
             ctx.backward(loss)
             losses.append(loss.item())
             senders.append(int(batch.non_id_arrays()[0][0, 0]))
-        stats = loader.engine.stats()
+    stats = loader.engine.stats()  # after the context's exit, which waits for every push
     join(procs)
     return losses, senders, stats, model
 
