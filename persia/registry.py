@@ -165,7 +165,7 @@ class _Entry:
     address: str
     #: Unix time of the registration (answered to readers)
     registered_at: float
-    #: monotonic time of the registration (what expiry is measured from)
+    #: monotonic time of the registration (expiry counts from it)
     renewed: float
     ttl: float | None
 

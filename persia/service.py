@@ -57,7 +57,7 @@ EMBEDDING_PARAMETER_SERVER = "embedding-parameter-server"
 NN_WORKER = "nn-worker"
 #: PERSIA's default embedding worker address (a docker-compose / Kubernetes service name)
 PERSIA_DEFAULT_SERVICE = "embedding_worker:8887"
-#: the default where ``embedding_worker`` does not resolve: the registry on this machine
+#: the default where ``embedding_worker`` does not resolve: a registry on the local host
 LOCAL_DEFAULT_SERVICE = "127.0.0.1:8887"
 #: how long a deregistration on the way out keeps trying to reach the registry
 DEREGISTER_TIMEOUT_S = 5.0
